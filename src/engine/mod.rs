@@ -1,0 +1,17 @@
+//! The diffusion engine: models, noise schedule, samplers and file formats.
+//! Nothing in here knows about the GUI; the window, the CLI and the job layer all call into it.
+
+pub mod clip;
+pub mod nn;
+pub mod pipeline;
+pub mod rng;
+pub mod sampler;
+pub mod schedule;
+pub mod single_file;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+/// Every engine call returns this; errors carry the file and the problem in one line.
+pub type Result<T> = anyhow::Result<T>;

@@ -1,0 +1,215 @@
+//! Named tensors loaded from safetensors files, and scoped lookups into them.
+//! Models are built by asking a `WeightScope` for `"down_blocks.0.resnets.0.conv1.weight"` with an
+//! expected shape, so a wrong or incomplete file fails with the tensor's name, never a panic.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::Result;
+
+/// Largest safetensors JSON header we accept; real checkpoints stay far below this.
+pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+/// All tensors of one model component, converted to the compute dtype on load.
+#[derive(Clone)]
+pub struct WeightMap {
+    tensors: HashMap<String, Tensor>,
+    /// What the tensors were read from, for error messages.
+    source: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl WeightMap {
+    pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<String>, dtype: DType, device: &Device) -> Result<Self> {
+        let mut converted = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+            let t = if t.device().same_device(device) { t } else { t.to_device(device)? };
+            converted.insert(name, t);
+        }
+        Ok(Self { tensors: converted, source: source.into(), dtype, device: device.clone() })
+    }
+
+    /// Reads one or more safetensors files (a sharded component is several).
+    pub fn load(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut all = HashMap::new();
+        for p in paths {
+            all.extend(read_safetensors(p)?);
+        }
+        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        Self::new(all, source, dtype, device)
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+    pub fn insert(&mut self, name: String, t: Tensor) {
+        self.tensors.insert(name, t);
+    }
+    pub fn into_map(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+
+    /// Turns the tensors whose names pass `select` into trainable variables. The model built from
+    /// this map afterwards uses them, so `loss.backward()` yields gradients for exactly these.
+    pub fn make_trainable(&mut self, select: impl Fn(&str) -> bool) -> Result<Vec<(String, Var)>> {
+        let mut names: Vec<String> = self.tensors.keys().filter(|n| select(n)).cloned().collect();
+        names.sort();
+        let mut vars = Vec::with_capacity(names.len());
+        for name in names {
+            let var = Var::from_tensor(&self.tensors[&name])?;
+            self.tensors.insert(name.clone(), var.as_tensor().clone());
+            vars.push((name, var));
+        }
+        Ok(vars)
+    }
+
+    pub fn root(&self) -> WeightScope<'_> {
+        WeightScope { map: self, prefix: String::new() }
+    }
+
+    /// Tensor `name`, checked against `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(t) = self.tensors.get(name) else {
+            bail!("{}: tensor `{name}` is missing (is this the right model file?)", self.source);
+        };
+        if t.dims() != shape {
+            bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", self.source, t.dims(), shape);
+        }
+        Ok(t.clone())
+    }
+}
+
+/// A prefix into a `WeightMap`, mirroring the module tree: `scope.at("down_blocks").at(0)`.
+#[derive(Clone)]
+pub struct WeightScope<'a> {
+    map: &'a WeightMap,
+    prefix: String,
+}
+
+impl<'a> WeightScope<'a> {
+    pub fn at(&self, part: impl std::fmt::Display) -> WeightScope<'a> {
+        let prefix = if self.prefix.is_empty() { part.to_string() } else { format!("{}.{part}", self.prefix) };
+        WeightScope { map: self.map, prefix }
+    }
+    /// The module path this scope stands for, e.g. `down_blocks.0.attentions.0.proj_in`.
+    pub fn path(&self) -> &str {
+        &self.prefix
+    }
+    pub fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() { leaf.to_string() } else { format!("{}.{leaf}", self.prefix) }
+    }
+    pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        self.map.get(&self.name(leaf), shape)
+    }
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.map.contains(&self.name(leaf))
+    }
+    pub fn dtype(&self) -> DType {
+        self.map.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.map.device
+    }
+    pub fn map(&self) -> &'a WeightMap {
+        self.map
+    }
+}
+
+/// Reads a safetensors file after checking that its header is sane, so a truncated or hostile file
+/// is reported by name instead of exhausting memory.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if bytes.len() < 8 {
+        bail!("{}: not a safetensors file (only {} bytes)", path.display(), bytes.len());
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    if header_len > MAX_HEADER_BYTES {
+        bail!("{}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})", path.display());
+    }
+    if 8 + header_len > bytes.len() as u64 {
+        bail!("{}: truncated safetensors file (header says {header_len} bytes, file has {})", path.display(), bytes.len());
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: invalid safetensors file: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F64 => DType::F64,
+            safetensors::Dtype::I64 => DType::I64,
+            safetensors::Dtype::U32 => DType::U32,
+            safetensors::Dtype::U8 => DType::U8,
+            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
+        };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+            .with_context(|| format!("{}: tensor `{name}` is malformed", path.display()))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Writes tensors atomically: to a temporary name beside `path`, flushed, then renamed.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut owned = Vec::with_capacity(names.len());
+    for name in names {
+        let t = tensors[name].to_device(&Device::Cpu)?.contiguous()?;
+        owned.push((name.clone(), t));
+    }
+    let views: Vec<(String, candle_core::Tensor)> = owned;
+    let bytes = safetensors::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| anyhow::anyhow!("{}: cannot serialise: {e}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Temporary file + fsync + rename: a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{}: cannot write: {e}", path.display());
+    }
+    Ok(())
+}
