@@ -53,3 +53,96 @@ impl ClipConfig {
         }
     }
 }
+
+use candle_core::{DType, Tensor};
+
+use super::nn::{LayerNorm, Linear, attention, quick_gelu};
+use super::weights::{WeightMap, WeightScope};
+
+#[derive(Clone, Debug)]
+pub struct ClipEncoderLayer {
+    pub layer_norm1: LayerNorm,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub layer_norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl ClipEncoderLayer {
+    fn load(ws: &WeightScope, c: &ClipConfig) -> Result<Self> {
+        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+        let attn = ws.at("self_attn");
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&ws.at("layer_norm1"), d, eps)?,
+            q_proj: Linear::load(&attn.at("q_proj"), d, d, true)?,
+            k_proj: Linear::load(&attn.at("k_proj"), d, d, true)?,
+            v_proj: Linear::load(&attn.at("v_proj"), d, d, true)?,
+            out_proj: Linear::load(&attn.at("out_proj"), d, d, true)?,
+            layer_norm2: LayerNorm::load(&ws.at("layer_norm2"), d, eps)?,
+            fc1: Linear::load(&ws.at("mlp.fc1"), d, c.intermediate_size, true)?,
+            fc2: Linear::load(&ws.at("mlp.fc2"), c.intermediate_size, d, true)?,
+        })
+    }
+}
+
+/// transformers' `CLIPTextModel`, returning `last_hidden_state` (after the final layer norm).
+#[derive(Clone, Debug)]
+pub struct ClipTextModel {
+    pub config: ClipConfig,
+    pub token_embedding: Tensor,
+    pub position_embedding: Tensor,
+    pub layers: Vec<ClipEncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    pub fn load(config: &ClipConfig, weights: &WeightMap) -> Result<Self> {
+        config.validate()?;
+        let ws = weights.root().at("text_model");
+        let emb = ws.at("embeddings");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::load(&ws.at("encoder.layers").at(i), config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            token_embedding: emb.get("token_embedding.weight", &[config.vocab_size, config.hidden_size])?,
+            position_embedding: emb.get("position_embedding.weight", &[config.max_position_embeddings, config.hidden_size])?,
+            layers,
+            final_layer_norm: LayerNorm::load(&ws.at("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?,
+        })
+    }
+
+    /// `input_ids` (B, T) of integer token ids → hidden states (B, T, hidden).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            bail!("{t} tokens exceed the text encoder's {} positions", self.config.max_position_embeddings);
+        }
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let d = self.config.hidden_size;
+        let tokens = self.token_embedding.index_select(&ids, 0)?.reshape((b, t, d))?;
+        let positions = self.position_embedding.narrow(0, 0, t)?;
+        let mut h = tokens.broadcast_add(&positions)?;
+        let mask = causal_mask(t, h.dtype(), h.device())?;
+        let heads = self.config.num_attention_heads;
+        for layer in &self.layers {
+            let n = layer.layer_norm1.forward(&h)?;
+            let a = attention(&layer.q_proj.forward(&n)?, &layer.k_proj.forward(&n)?, &layer.v_proj.forward(&n)?, heads, Some(&mask))?;
+            h = (layer.out_proj.forward(&a)? + h)?;
+            let n = layer.layer_norm2.forward(&h)?;
+            let m = layer.fc1.forward(&n)?;
+            let m = if self.config.hidden_act == "gelu" { m.gelu_erf()? } else { quick_gelu(&m)? };
+            h = (layer.fc2.forward(&m)? + h)?;
+        }
+        self.final_layer_norm.forward(&h)
+    }
+}
+
+/// Additive mask that hides later tokens: 0 on and below the diagonal, a large negative above.
+fn causal_mask(t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(values, (t, t), device)?.to_dtype(dtype)?)
+}

@@ -1,1 +1,190 @@
-//! (to be written)
+//! The layers our models are made of. Every op here has a backward pass in candle 0.11.1
+//! (no `softmax_last_dim`, no fused layer norm), and every linear/conv knows its module path so
+//! adapters can be attached by name.
+
+use candle_core::{D, DType, Tensor};
+
+use super::Result;
+use super::weights::WeightScope;
+
+/// A fully connected layer, `y = x Wᵀ + b`, applied over the last dimension.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// diffusers / transformers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`.
+    pub path: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(ws: &WeightScope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = ws.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(ws.get("bias", &[out_dim])?) } else { None };
+        Ok(Self { path: ws.path().to_string(), weight, bias })
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        // A 2-D matmul against the transposed weight view avoids copying W per batch element.
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_dim();
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// A 2-D convolution (NCHW), square kernel, symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub path: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(ws: &WeightScope, in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = ws.get("weight", &[out_c, in_c, kernel, kernel])?;
+        let bias = Some(ws.get("bias", &[out_c])?);
+        Ok(Self { path: ws.path().to_string(), weight, bias, stride, padding })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, kh, kw) = self.weight.dims4()?;
+        let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
+            // 1×1 convolution as a matmul: much cheaper forward and backward than candle's conv path.
+            let (b, c, h, w) = x.dims4()?;
+            let out_c = self.out_channels();
+            let w2 = self.weight.reshape((out_c, c))?;
+            w2.broadcast_matmul(&x.reshape((b, c, h * w))?)?.reshape((b, out_c, h, w))?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// GroupNorm over NC… tensors, written with plain tensor ops so it has a backward pass.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(ws: &WeightScope, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: ws.get("weight", &[channels])?, bias: ws.get("bias", &[channels])?, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let per_group = x.elem_count() / (b * self.groups);
+        let g = x.reshape((b, self.groups, per_group))?;
+        let mean = g.mean_keepdim(2)?;
+        let centred = g.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(2)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        let mut shape = vec![1; dims.len()];
+        shape[1] = c;
+        Ok(normed.broadcast_mul(&self.weight.reshape(shape.as_slice())?)?.broadcast_add(&self.bias.reshape(shape.as_slice())?)?)
+    }
+}
+
+/// LayerNorm over the last dimension (not candle's fused kernel, which has no backward pass).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(ws: &WeightScope, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: ws.get("weight", &[dim])?, bias: ws.get("bias", &[dim])?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Scaled dot-product attention on `(batch, tokens, heads·head_dim)` tensors.
+/// `mask`, if given, is added to the scores (shape broadcastable to `(batch, heads, n, m)`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let head_dim = inner / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, len, heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+    };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    // candle_nn::ops::softmax is composed of differentiable ops; softmax_last_dim is not.
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?)
+}
+
+/// `x·σ(1.702x)`, CLIP's activation.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Nearest-neighbour upsampling to `(h, w)`; the exact 2× case uses broadcasting so it trains.
+pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, c, xh, xw) = x.dims4()?;
+    if h == 2 * xh && w == 2 * xw {
+        let y = x.reshape((b, c, xh, 1, xw, 1))?.broadcast_as((b, c, xh, 2, xw, 2))?;
+        return Ok(y.reshape((b, c, h, w))?);
+    }
+    Ok(x.upsample_nearest2d(h, w)?)
+}
+
+/// Sinusoidal timestep embedding as diffusers' `Timesteps` module computes it.
+pub fn timestep_embedding(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64, dtype: DType) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let t = timesteps.to_dtype(DType::F32)?.reshape((timesteps.elem_count(), 1))?;
+    let args = t.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    Ok(emb.to_dtype(dtype)?)
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.silu()?)
+}

@@ -144,3 +144,348 @@ impl UNetConfig {
         }
     }
 }
+
+use candle_core::Tensor;
+
+use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear, attention, silu, timestep_embedding, upsample_nearest};
+use super::weights::{WeightMap, WeightScope};
+
+/// diffusers' `ResnetBlock2D` (also used by the VAE, without a time embedding).
+#[derive(Clone, Debug)]
+pub struct ResnetBlock2D {
+    pub norm1: GroupNorm,
+    pub conv1: Conv2d,
+    pub time_emb_proj: Option<Linear>,
+    pub norm2: GroupNorm,
+    pub conv2: Conv2d,
+    pub conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    pub fn load(ws: &WeightScope, in_c: usize, out_c: usize, temb: Option<usize>, groups: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::load(&ws.at("norm1"), groups, in_c, eps)?,
+            conv1: Conv2d::load(&ws.at("conv1"), in_c, out_c, 3, 1, 1)?,
+            time_emb_proj: match temb {
+                Some(t) => Some(Linear::load(&ws.at("time_emb_proj"), t, out_c, true)?),
+                None => None,
+            },
+            norm2: GroupNorm::load(&ws.at("norm2"), groups, out_c, eps)?,
+            conv2: Conv2d::load(&ws.at("conv2"), out_c, out_c, 3, 1, 1)?,
+            conv_shortcut: if in_c != out_c { Some(Conv2d::load(&ws.at("conv_shortcut"), in_c, out_c, 1, 1, 0)?) } else { None },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&silu(temb)?)?;
+            let (b, c) = t.dims2()?;
+            h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
+        }
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((skip + h)?)
+    }
+}
+
+/// diffusers' `Attention` as used in transformer blocks: no q/k/v bias, biased output projection.
+#[derive(Clone, Debug)]
+pub struct CrossAttention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub heads: usize,
+}
+
+impl CrossAttention {
+    pub fn load(ws: &WeightScope, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::load(&ws.at("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(&ws.at("to_k"), context_dim, inner, false)?,
+            to_v: Linear::load(&ws.at("to_v"), context_dim, inner, false)?,
+            to_out: Linear::load(&ws.at("to_out.0"), inner, query_dim, true)?,
+            heads,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let out = attention(&self.to_q.forward(x)?, &self.to_k.forward(ctx)?, &self.to_v.forward(ctx)?, self.heads, None)?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm residuals.
+#[derive(Clone, Debug)]
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: CrossAttention,
+    pub norm2: LayerNorm,
+    pub attn2: CrossAttention,
+    pub norm3: LayerNorm,
+    /// `ff.net.0.proj`: projects to twice the inner width, half of it the GELU gate.
+    pub ff_in: Linear,
+    /// `ff.net.2`.
+    pub ff_out: Linear,
+    pub only_cross_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    pub fn load(ws: &WeightScope, dim: usize, context_dim: usize, heads: usize, only_cross: bool) -> Result<Self> {
+        let head_dim = dim / heads;
+        let inner_ff = dim * 4;
+        let attn1_ctx = if only_cross { context_dim } else { dim };
+        Ok(Self {
+            norm1: LayerNorm::load(&ws.at("norm1"), dim, 1e-5)?,
+            attn1: CrossAttention::load(&ws.at("attn1"), dim, attn1_ctx, heads, head_dim)?,
+            norm2: LayerNorm::load(&ws.at("norm2"), dim, 1e-5)?,
+            attn2: CrossAttention::load(&ws.at("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: LayerNorm::load(&ws.at("norm3"), dim, 1e-5)?,
+            ff_in: Linear::load(&ws.at("ff.net.0.proj"), dim, inner_ff * 2, true)?,
+            ff_out: Linear::load(&ws.at("ff.net.2"), inner_ff, dim, true)?,
+            only_cross_attention: only_cross,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let n1 = self.norm1.forward(x)?;
+        let a1 = if self.only_cross_attention { self.attn1.forward(&n1, Some(context))? } else { self.attn1.forward(&n1, None)? };
+        let x = (a1 + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let half = h.dim(candle_core::D::Minus1)? / 2;
+        let (value, gate) = (h.narrow(candle_core::D::Minus1, 0, half)?, h.narrow(candle_core::D::Minus1, half, half)?);
+        let ff = self.ff_out.forward(&(value * gate.gelu_erf()?)?)?;
+        Ok((ff + x)?)
+    }
+}
+
+/// `proj_in` / `proj_out` are 1×1 convs in SD 1.x and linears in SD 2.x (`use_linear_projection`).
+#[derive(Clone, Debug)]
+pub enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Projection {
+    fn load(ws: &WeightScope, in_dim: usize, out_dim: usize, linear: bool) -> Result<Self> {
+        Ok(if linear { Projection::Linear(Linear::load(ws, in_dim, out_dim, true)?) } else { Projection::Conv(Conv2d::load(ws, in_dim, out_dim, 1, 1, 0)?) })
+    }
+}
+
+/// `Transformer2DModel` (continuous input): GroupNorm, project in, transformer blocks, project out, residual.
+#[derive(Clone, Debug)]
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: Projection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(ws: &WeightScope, channels: usize, heads: usize, layers: usize, context_dim: usize, groups: usize, linear: bool, only_cross: bool) -> Result<Self> {
+        let blocks = (0..layers)
+            .map(|k| BasicTransformerBlock::load(&ws.at("transformer_blocks").at(k), channels, context_dim, heads, only_cross))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(&ws.at("norm"), groups, channels, 1e-6)?,
+            proj_in: Projection::load(&ws.at("proj_in"), channels, channels, linear)?,
+            transformer_blocks: blocks,
+            proj_out: Projection::load(&ws.at("proj_out"), channels, channels, linear)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image = |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?) };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
+        };
+        Ok((out + x)?)
+    }
+}
+
+/// A down or up block: resnets, optional attentions after each, optional resampler.
+#[derive(Clone, Debug)]
+pub struct UNetBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    /// `downsamplers.0.conv` (stride 2) or `upsamplers.0.conv` (after 2× nearest upsampling).
+    pub resample: Option<Conv2d>,
+}
+
+/// diffusers' `UNet2DConditionModel` for SD 1.x / 2.x.
+#[derive(Clone, Debug)]
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    pub conv_in: Conv2d,
+    pub time_linear_1: Linear,
+    pub time_linear_2: Linear,
+    pub down_blocks: Vec<UNetBlock>,
+    pub mid_resnets: Vec<ResnetBlock2D>,
+    pub mid_attentions: Vec<Transformer2DModel>,
+    pub up_blocks: Vec<UNetBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    pub fn load(config: &UNetConfig, weights: &WeightMap) -> Result<Self> {
+        config.validate()?;
+        let ws = weights.root();
+        let boc = &config.block_out_channels;
+        let n = boc.len();
+        let temb = boc[0] * 4;
+        let groups = config.norm_num_groups;
+        let eps = config.norm_eps;
+        let ctx = config.cross_attention_dim;
+        let linear = config.use_linear_projection;
+        let only_cross = config.only_cross_attention;
+        let lpb = config.layers_per_block;
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_c = boc[0];
+        for i in 0..n {
+            let in_c = out_c;
+            out_c = boc[i];
+            let bs = ws.at("down_blocks").at(i);
+            let cross = config.down_block_types[i] == "CrossAttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..lpb {
+                let rin = if j == 0 { in_c } else { out_c };
+                resnets.push(ResnetBlock2D::load(&bs.at("resnets").at(j), rin, out_c, Some(temb), groups, eps)?);
+                if cross {
+                    let layers = config.transformer_layers_per_block.for_block(i, n)?;
+                    attentions.push(Transformer2DModel::load(&bs.at("attentions").at(j), out_c, config.heads(i)?, layers, ctx, groups, linear, only_cross)?);
+                }
+            }
+            let resample = if i + 1 < n { Some(Conv2d::load(&bs.at("downsamplers.0.conv"), out_c, out_c, 3, 2, config.downsample_padding)?) } else { None };
+            down_blocks.push(UNetBlock { resnets, attentions, resample });
+        }
+
+        let mid_c = boc[n - 1];
+        let ms = ws.at("mid_block");
+        let mid_layers = config.transformer_layers_per_block.for_block(n - 1, n)?;
+        let mid_resnets = vec![
+            ResnetBlock2D::load(&ms.at("resnets.0"), mid_c, mid_c, Some(temb), groups, eps)?,
+            ResnetBlock2D::load(&ms.at("resnets.1"), mid_c, mid_c, Some(temb), groups, eps)?,
+        ];
+        let mid_attentions = vec![Transformer2DModel::load(&ms.at("attentions.0"), mid_c, config.heads(n - 1)?, mid_layers, ctx, groups, linear, only_cross)?];
+
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_c = boc[n - 1];
+        for i in 0..n {
+            let rev = n - 1 - i;
+            let prev_out = out_c;
+            out_c = boc[rev];
+            let in_c = boc[rev.saturating_sub(1)];
+            let bs = ws.at("up_blocks").at(i);
+            let cross = config.up_block_types[i] == "CrossAttnUpBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..=lpb {
+                let skip_c = if j == lpb { in_c } else { out_c };
+                let rin = if j == 0 { prev_out } else { out_c };
+                resnets.push(ResnetBlock2D::load(&bs.at("resnets").at(j), rin + skip_c, out_c, Some(temb), groups, eps)?);
+                if cross {
+                    let layers = config.transformer_layers_per_block.for_block(rev, n)?;
+                    attentions.push(Transformer2DModel::load(&bs.at("attentions").at(j), out_c, config.heads(rev)?, layers, ctx, groups, linear, only_cross)?);
+                }
+            }
+            let resample = if i + 1 < n { Some(Conv2d::load(&bs.at("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?) } else { None };
+            up_blocks.push(UNetBlock { resnets, attentions, resample });
+        }
+
+        Ok(Self {
+            config: config.clone(),
+            conv_in: Conv2d::load(&ws.at("conv_in"), config.in_channels, boc[0], 3, 1, 1)?,
+            time_linear_1: Linear::load(&ws.at("time_embedding.linear_1"), boc[0], temb, true)?,
+            time_linear_2: Linear::load(&ws.at("time_embedding.linear_2"), temb, temb, true)?,
+            down_blocks,
+            mid_resnets,
+            mid_attentions,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&ws.at("conv_norm_out"), groups, boc[0], eps)?,
+            conv_out: Conv2d::load(&ws.at("conv_out"), boc[0], config.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    /// Predicts noise (or v) for `sample` (B, C, H, W) at `timesteps` (B or 1 values) given text
+    /// embeddings `context` (B, tokens, cross_attention_dim).
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        let dtype = sample.dtype();
+        let t = if timesteps.elem_count() == 1 { timesteps.reshape(1)?.broadcast_as(b)?.contiguous()? } else { timesteps.clone() };
+        let t_emb = timestep_embedding(&t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift, dtype)?;
+        let temb = self.time_linear_2.forward(&silu(&self.time_linear_1.forward(&t_emb)?)?)?;
+
+        let mut h = self.conv_in.forward(sample)?;
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(down) = &block.resample {
+                h = downsample(down, &h)?;
+                skips.push(h.clone());
+            }
+        }
+
+        h = self.mid_resnets[0].forward(&h, Some(&temb))?;
+        for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
+            h = attn.forward(&h, context)?;
+            h = resnet.forward(&h, Some(&temb))?;
+        }
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip connection per up-block resnet");
+                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+            }
+            if let Some(up) = &block.resample {
+                // Match the next skip's size so latents not divisible by 2ⁿ still line up.
+                let (th, tw) = match skips.last() {
+                    Some(s) => (s.dim(2)?, s.dim(3)?),
+                    None => (h.dim(2)? * 2, h.dim(3)? * 2),
+                };
+                h = up.forward(&upsample_nearest(&h, th, tw)?)?;
+            }
+        }
+        self.conv_out.forward(&silu(&self.conv_norm_out.forward(&h)?)?)
+    }
+}
+
+/// diffusers' `Downsample2D`: stride-2 conv; padding 0 means "pad right and bottom by one".
+pub fn downsample(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    if conv.padding == 0 {
+        let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+        conv.forward(&x)
+    } else {
+        conv.forward(x)
+    }
+}

@@ -21,6 +21,9 @@ pub struct WeightMap {
     source: String,
     dtype: DType,
     device: Device,
+    /// Benchmarks build models of real shapes without their weights: missing tensors become noise,
+    /// remembered here so the same values can be reused (e.g. as trainable variables).
+    synthetic: Option<std::sync::Arc<std::sync::Mutex<HashMap<String, Tensor>>>>,
 }
 
 impl WeightMap {
@@ -31,7 +34,7 @@ impl WeightMap {
             let t = if t.device().same_device(device) { t } else { t.to_device(device)? };
             converted.insert(name, t);
         }
-        Ok(Self { tensors: converted, source: source.into(), dtype, device: device.clone() })
+        Ok(Self { tensors: converted, source: source.into(), dtype, device: device.clone(), synthetic: None })
     }
 
     /// Reads one or more safetensors files (a sharded component is several).
@@ -42,6 +45,17 @@ impl WeightMap {
         }
         let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         Self::new(all, source, dtype, device)
+    }
+
+    /// An empty map that answers every lookup with small random values of the asked shape
+    /// (for benchmarks of configurations whose weights we do not have).
+    pub fn synthetic(dtype: DType, device: &Device) -> Self {
+        Self { tensors: HashMap::new(), source: "synthetic weights".into(), dtype, device: device.clone(), synthetic: Some(Default::default()) }
+    }
+
+    /// The tensors a synthetic map has made up so far.
+    pub fn generated(&self) -> HashMap<String, Tensor> {
+        self.synthetic.as_ref().map(|g| g.lock().unwrap().clone()).unwrap_or_default()
     }
 
     pub fn source(&self) -> &str {
@@ -96,6 +110,11 @@ impl WeightMap {
     /// Tensor `name`, checked against `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some(t) = self.tensors.get(name) else {
+            if let Some(generated) = &self.synthetic {
+                let t = Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?;
+                generated.lock().unwrap().insert(name.to_string(), t.clone());
+                return Ok(t);
+            }
             bail!("{}: tensor `{name}` is missing (is this the right model file?)", self.source);
         };
         if t.dims() != shape {

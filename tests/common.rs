@@ -1,0 +1,40 @@
+//! Shared helpers for the integration tests: where the reference fixtures live, and comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use lora_studio::engine::weights::{WeightMap, read_safetensors};
+
+/// `../shared/fixtures` beside the repository (as CI lays it out), or `LORA_STUDIO_FIXTURES`.
+pub fn fixtures_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("LORA_STUDIO_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    if beside.exists() { beside } else { PathBuf::from("/work/shared/fixtures") }
+}
+
+pub fn sd1_tiny() -> PathBuf {
+    fixtures_dir().join("sd1-tiny")
+}
+
+pub fn reference() -> HashMap<String, Tensor> {
+    read_safetensors(&sd1_tiny().join("reference.safetensors")).expect("reference tensors")
+}
+
+pub fn component(name: &str, file: &str, dtype: DType) -> WeightMap {
+    WeightMap::load(&[sd1_tiny().join("model").join(name).join(file)], dtype, &Device::Cpu).expect("component weights")
+}
+
+/// Asserts max|ours − ref| ≤ 1e-4 · max|ref| (the fixtures' README tolerance).
+pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor) {
+    assert_eq!(ours.dims(), reference.dims(), "{name}: shape");
+    let ours = ours.to_dtype(DType::F64).unwrap();
+    let reference = reference.to_dtype(DType::F64).unwrap();
+    let max_ref = reference.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let max_diff = (ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    eprintln!("{name}: max diff {max_diff:.3e}, max |ref| {max_ref:.3e}, ratio {:.2e}", max_diff / max_ref);
+    assert!(max_diff <= 1e-4 * max_ref, "{name}: max diff {max_diff} exceeds 1e-4 × {max_ref}");
+}

@@ -1,0 +1,107 @@
+//! Gradients through text encoder + UNet match central finite differences (f64), for a chosen
+//! weight of every layer kind. This guards against candle ops that silently record no backward.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use lora_studio::engine::clip::{ClipConfig, ClipTextModel};
+use lora_studio::engine::unet::{UNet2DConditionModel, UNetConfig};
+
+/// One tensor per layer kind the engine has (conv, 1×1 conv, linear in and out of attention,
+/// GEGLU, norms, time embedding, embeddings).
+const CHECKED: &[&str] = &[
+    "unet:conv_in.weight",
+    "unet:time_embedding.linear_1.weight",
+    "unet:down_blocks.0.resnets.0.norm1.weight",
+    "unet:down_blocks.0.resnets.0.conv1.weight",
+    "unet:down_blocks.0.resnets.0.time_emb_proj.bias",
+    "unet:down_blocks.0.attentions.0.norm.bias",
+    "unet:down_blocks.0.attentions.0.proj_in.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.norm1.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+    "unet:down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight",
+    "unet:down_blocks.0.downsamplers.0.conv.weight",
+    "unet:mid_block.attentions.0.transformer_blocks.0.attn1.to_v.weight",
+    "unet:up_blocks.0.resnets.0.conv_shortcut.weight",
+    "unet:up_blocks.0.upsamplers.0.conv.weight",
+    "unet:up_blocks.1.attentions.0.proj_out.weight",
+    "unet:conv_norm_out.weight",
+    "text:text_model.embeddings.token_embedding.weight",
+    "text:text_model.embeddings.position_embedding.weight",
+    "text:text_model.encoder.layers.0.layer_norm1.weight",
+    "text:text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "text:text_model.encoder.layers.0.self_attn.k_proj.weight",
+    "text:text_model.encoder.layers.0.mlp.fc1.weight",
+    "text:text_model.final_layer_norm.bias",
+];
+
+#[test]
+fn gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let r = reference();
+    let mut unet_w = component("unet", "diffusion_pytorch_model.safetensors", DType::F64);
+    let mut text_w = component("text_encoder", "model.safetensors", DType::F64);
+    let unet_vars = unet_w.make_trainable(|n| CHECKED.contains(&format!("unet:{n}").as_str())).unwrap();
+    let text_vars = text_w.make_trainable(|n| CHECKED.contains(&format!("text:{n}").as_str())).unwrap();
+    assert_eq!(unet_vars.len() + text_vars.len(), CHECKED.len(), "every checked tensor exists");
+
+    let unet_cfg = UNetConfig::from_file(&sd1_tiny().join("model/unet/config.json")).unwrap();
+    let text_cfg = ClipConfig::from_file(&sd1_tiny().join("model/text_encoder/config.json")).unwrap();
+    let unet = UNet2DConditionModel::load(&unet_cfg, &unet_w).unwrap();
+    let text = ClipTextModel::load(&text_cfg, &text_w).unwrap();
+
+    // Batch of one, 8×8 latents: small enough to evaluate the loss a few hundred times.
+    let ids = r["input_ids"].narrow(0, 0, 1).unwrap();
+    let sample = r["sample"].narrow(0, 0, 1).unwrap().narrow(2, 0, 8).unwrap().narrow(3, 0, 8).unwrap().to_dtype(DType::F64).unwrap();
+    let t = Tensor::new(&[250f64], &dev).unwrap();
+    // A fixed random projection makes the loss depend on every output element differently.
+    let probe: Vec<f64> = (0..sample.elem_count()).map(|i| ((i * 7919) % 1000) as f64 / 500.0 - 1.0).collect();
+    let probe = Tensor::from_vec(probe, sample.dims(), &dev).unwrap();
+    let loss = || -> Tensor {
+        let ctx = text.forward(&ids).unwrap();
+        let out = unet.forward(&sample, &t, &ctx).unwrap();
+        (out * &probe).unwrap().sum_all().unwrap()
+    };
+
+    let grads = loss().backward().unwrap();
+    let mut failures = Vec::new();
+    for (name, var) in unet_vars.iter().chain(text_vars.iter()) {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient recorded"));
+        let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        // Probe the element with the largest analytic gradient and two fixed ones.
+        let largest = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+        for idx in [largest, 0, g.len() / 2] {
+            let numeric = central_difference(var, idx, &loss);
+            let analytic = g[idx];
+            let err = (numeric - analytic).abs();
+            let scale = analytic.abs().max(numeric.abs()).max(1e-6);
+            if err > 1e-5 + 1e-4 * scale {
+                failures.push(format!("{name}[{idx}]: analytic {analytic:.6e}, numeric {numeric:.6e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "gradient mismatches:\n{}", failures.join("\n"));
+}
+
+fn central_difference(var: &Var, idx: usize, loss: &dyn Fn() -> Tensor) -> f64 {
+    let h = 1e-5;
+    let original = var.as_tensor().copy().unwrap();
+    let shape = original.dims().to_vec();
+    let base: Vec<f64> = original.flatten_all().unwrap().to_vec1().unwrap();
+    let eval = |delta: f64| -> f64 {
+        let mut v = base.clone();
+        v[idx] += delta;
+        var.set(&Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        loss().to_scalar::<f64>().unwrap()
+    };
+    let plus = eval(h);
+    let minus = eval(-h);
+    var.set(&original).unwrap();
+    (plus - minus) / (2.0 * h)
+}
