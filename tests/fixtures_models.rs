@@ -22,7 +22,8 @@ fn text_encoder_matches_reference() {
 fn unet_matches_reference() {
     let r = reference();
     let cfg = UNetConfig::from_file(&sd1_tiny().join("model/unet/config.json")).unwrap();
-    let model = UNet2DConditionModel::load(&cfg, &component("unet", "diffusion_pytorch_model.safetensors", DType::F32)).unwrap();
+    let model = UNet2DConditionModel::load(&cfg, &component("unet", "diffusion_pytorch_model.safetensors", DType::F32))
+        .unwrap();
     let out = model.forward(&r["sample"], &r["timestep"], &r["text_embeddings"]).unwrap();
     assert_close("noise_pred", &out, &r["noise_pred"]);
 }
@@ -31,7 +32,8 @@ fn unet_matches_reference() {
 fn vae_matches_reference() {
     let r = reference();
     let cfg = VaeConfig::from_file(&sd1_tiny().join("model/vae/config.json")).unwrap();
-    let model = AutoencoderKL::load(&cfg, &component("vae", "diffusion_pytorch_model.safetensors", DType::F32)).unwrap();
+    let model =
+        AutoencoderKL::load(&cfg, &component("vae", "diffusion_pytorch_model.safetensors", DType::F32)).unwrap();
     assert_close("vae_decoded", &model.decode(&r["vae_latents"]).unwrap(), &r["vae_decoded"]);
     assert_close("vae_encoded_mean", &model.encode_mean(&r["vae_image"]).unwrap(), &r["vae_encoded_mean"]);
 }

@@ -58,7 +58,15 @@ fn gradients_match_finite_differences() {
 
     // Batch of one, 8×8 latents: small enough to evaluate the loss a few hundred times.
     let ids = r["input_ids"].narrow(0, 0, 1).unwrap();
-    let sample = r["sample"].narrow(0, 0, 1).unwrap().narrow(2, 0, 8).unwrap().narrow(3, 0, 8).unwrap().to_dtype(DType::F64).unwrap();
+    let sample = r["sample"]
+        .narrow(0, 0, 1)
+        .unwrap()
+        .narrow(2, 0, 8)
+        .unwrap()
+        .narrow(3, 0, 8)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let t = Tensor::new(&[250f64], &dev).unwrap();
     // A fixed random projection makes the loss depend on every output element differently.
     let probe: Vec<f64> = (0..sample.elem_count()).map(|i| ((i * 7919) % 1000) as f64 / 500.0 - 1.0).collect();

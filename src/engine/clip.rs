@@ -44,8 +44,12 @@ impl ClipConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
         }
         match self.hidden_act.as_str() {
             "quick_gelu" | "gelu" => Ok(()),
@@ -56,7 +60,7 @@ impl ClipConfig {
 
 use candle_core::{DType, Tensor};
 
-use super::nn::{LayerNorm, Linear, attention, quick_gelu};
+use super::nn::{LayerMut, LayerNorm, Linear, attention, quick_gelu};
 use super::weights::{WeightMap, WeightScope};
 
 #[derive(Clone, Debug)]
@@ -99,6 +103,15 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
+    /// Every linear layer, in module order, for attaching adapters.
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        for l in &mut self.layers {
+            for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.out_proj, &mut l.fc1, &mut l.fc2] {
+                f(LayerMut::Linear(lin));
+            }
+        }
+    }
+
     pub fn load(config: &ClipConfig, weights: &WeightMap) -> Result<Self> {
         config.validate()?;
         let ws = weights.root().at("text_model");
@@ -109,7 +122,8 @@ impl ClipTextModel {
         Ok(Self {
             config: config.clone(),
             token_embedding: emb.get("token_embedding.weight", &[config.vocab_size, config.hidden_size])?,
-            position_embedding: emb.get("position_embedding.weight", &[config.max_position_embeddings, config.hidden_size])?,
+            position_embedding: emb
+                .get("position_embedding.weight", &[config.max_position_embeddings, config.hidden_size])?,
             layers,
             final_layer_norm: LayerNorm::load(&ws.at("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?,
         })
@@ -130,7 +144,13 @@ impl ClipTextModel {
         let heads = self.config.num_attention_heads;
         for layer in &self.layers {
             let n = layer.layer_norm1.forward(&h)?;
-            let a = attention(&layer.q_proj.forward(&n)?, &layer.k_proj.forward(&n)?, &layer.v_proj.forward(&n)?, heads, Some(&mask))?;
+            let a = attention(
+                &layer.q_proj.forward(&n)?,
+                &layer.k_proj.forward(&n)?,
+                &layer.v_proj.forward(&n)?,
+                heads,
+                Some(&mask),
+            )?;
             h = (layer.out_proj.forward(&a)? + h)?;
             let n = layer.layer_norm2.forward(&h)?;
             let m = layer.fc1.forward(&n)?;

@@ -1,7 +1,12 @@
 //! The diffusion engine: models, noise schedule, samplers and file formats.
 //! Nothing in here knows about the GUI; the window, the CLI and the job layer all call into it.
 
+pub mod adapter;
+pub mod bench;
+pub mod blend;
 pub mod clip;
+pub mod formats;
+pub mod mixing;
 pub mod nn;
 pub mod pipeline;
 pub mod rng;

@@ -5,6 +5,7 @@
 use candle_core::{D, DType, Tensor};
 
 use super::Result;
+use super::adapter::AdapterStack;
 use super::weights::WeightScope;
 
 /// A fully connected layer, `y = x Wᵀ + b`, applied over the last dimension.
@@ -12,7 +13,8 @@ use super::weights::WeightScope;
 pub struct Linear {
     /// diffusers / transformers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`.
     pub path: String,
-    pub weight: Tensor,
+    /// The frozen weight (out, in) and whatever adapters are attached to it.
+    pub stack: AdapterStack,
     pub bias: Option<Tensor>,
 }
 
@@ -20,29 +22,25 @@ impl Linear {
     pub fn load(ws: &WeightScope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = ws.get("weight", &[out_dim, in_dim])?;
         let bias = if bias { Some(ws.get("bias", &[out_dim])?) } else { None };
-        Ok(Self { path: ws.path().to_string(), weight, bias })
+        Ok(Self { path: ws.path().to_string(), stack: AdapterStack::new(weight), bias })
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.stack.base
+    }
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight().dims()[1]
     }
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight().dims()[0]
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().unwrap_or(&0);
-        let rows = x.elem_count() / in_dim.max(1);
-        // A 2-D matmul against the transposed weight view avoids copying W per batch element.
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.out_dim();
-        Ok(y.reshape(out_dims)?)
+        let y = self.stack.forward_linear(x)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -50,37 +48,66 @@ impl Linear {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     pub path: String,
-    pub weight: Tensor,
+    /// The frozen weight (out, in, k, k) and whatever adapters are attached to it.
+    pub stack: AdapterStack,
     pub bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
 }
 
 impl Conv2d {
-    pub fn load(ws: &WeightScope, in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+    pub fn load(
+        ws: &WeightScope,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let weight = ws.get("weight", &[out_c, in_c, kernel, kernel])?;
         let bias = Some(ws.get("bias", &[out_c])?);
-        Ok(Self { path: ws.path().to_string(), weight, bias, stride, padding })
+        Ok(Self { path: ws.path().to_string(), stack: AdapterStack::new(weight), bias, stride, padding })
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.stack.base
+    }
     pub fn out_channels(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight().dims()[0]
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, kh, kw) = self.weight.dims4()?;
-        let y = if kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0 {
-            // 1×1 convolution as a matmul: much cheaper forward and backward than candle's conv path.
-            let (b, c, h, w) = x.dims4()?;
-            let out_c = self.out_channels();
-            let w2 = self.weight.reshape((out_c, c))?;
-            w2.broadcast_matmul(&x.reshape((b, c, h * w))?)?.reshape((b, out_c, h, w))?
-        } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-        };
+        let y = self.stack.forward_conv(x, self.stride, self.padding)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?),
             None => Ok(y),
+        }
+    }
+}
+
+/// A layer adapters can attach to, as the model walkers hand them out.
+pub enum LayerMut<'a> {
+    Linear(&'a mut Linear),
+    Conv(&'a mut Conv2d),
+}
+
+impl LayerMut<'_> {
+    pub fn path(&self) -> &str {
+        match self {
+            LayerMut::Linear(l) => &l.path,
+            LayerMut::Conv(c) => &c.path,
+        }
+    }
+    pub fn stack(&mut self) -> &mut AdapterStack {
+        match self {
+            LayerMut::Linear(l) => &mut l.stack,
+            LayerMut::Conv(c) => &mut c.stack,
+        }
+    }
+    pub fn stack_ref(&self) -> &AdapterStack {
+        match self {
+            LayerMut::Linear(l) => &l.stack,
+            LayerMut::Conv(c) => &c.stack,
         }
     }
 }
@@ -110,7 +137,9 @@ impl GroupNorm {
         let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
         let mut shape = vec![1; dims.len()];
         shape[1] = c;
-        Ok(normed.broadcast_mul(&self.weight.reshape(shape.as_slice())?)?.broadcast_add(&self.bias.reshape(shape.as_slice())?)?)
+        Ok(normed
+            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(shape.as_slice())?)?)
     }
 }
 
@@ -172,11 +201,16 @@ pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 }
 
 /// Sinusoidal timestep embedding as diffusers' `Timesteps` module computes it.
-pub fn timestep_embedding(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64, dtype: DType) -> Result<Tensor> {
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    dtype: DType,
+) -> Result<Tensor> {
     let half = dim / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32)
-        .collect();
+    let freqs: Vec<f32> =
+        (0..half).map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
     let t = timesteps.to_dtype(DType::F32)?.reshape((timesteps.elem_count(), 1))?;
     let args = t.broadcast_mul(&freqs)?;

@@ -1,1 +1,330 @@
-//! (to be written)
+//! A whole Stable Diffusion model (text encoder, UNet, VAE, tokenizer, noise schedule) loaded
+//! from a diffusers folder or a single-file checkpoint, and text-to-image generation with it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+
+use std::collections::HashMap;
+
+use super::Result;
+use super::adapter::{BlockWeights, LayerAdapter};
+use super::clip::{ClipConfig, ClipTextModel};
+use super::formats::{CompatibilityReport, Component, MatchedLayer, ModuleIndex, match_layers, read_adapter};
+use super::nn::LayerMut;
+use super::rng::Rng;
+use super::sampler::{Sampler, SamplerKind, guidance};
+use super::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
+use super::single_file;
+use super::tokenizer::ClipTokenizer;
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKL, VaeConfig};
+use super::weights::{WeightMap, read_safetensors};
+
+/// The weights of one model, before the modules are built (training makes some of them trainable).
+pub struct ModelWeights {
+    pub unet_config: UNetConfig,
+    pub text_config: ClipConfig,
+    pub vae_config: VaeConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub tokenizer: ClipTokenizer,
+    pub unet: WeightMap,
+    pub text_encoder: WeightMap,
+    pub vae: WeightMap,
+}
+
+impl ModelWeights {
+    /// A diffusers folder (`model_index.json` + component folders) or a single `.safetensors`
+    /// checkpoint in the original Stable Diffusion layout.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            return Self::load_diffusers(path, dtype, device);
+        }
+        if !path.exists() {
+            bail!("{}: no such file or folder", path.display());
+        }
+        let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        match ext.as_str() {
+            "safetensors" => Self::load_single_file(path, dtype, device),
+            "ckpt" | "pt" | "pth" | "bin" => bail!(
+                "{}: not supported: pickled checkpoints (.{ext}) can run arbitrary code when loaded; convert it to .safetensors first",
+                path.display()
+            ),
+            _ => bail!(
+                "{}: not supported: expected a diffusers model folder or a .safetensors checkpoint",
+                path.display()
+            ),
+        }
+    }
+
+    fn load_diffusers(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !dir.join("model_index.json").exists() {
+            bail!("{}: not a diffusers model folder (no model_index.json)", dir.display());
+        }
+        for component in ["unet", "text_encoder", "vae"] {
+            if !dir.join(component).join("config.json").exists() {
+                bail!(
+                    "{}: the model folder is missing its `{component}` component ({component}/config.json)",
+                    dir.display()
+                );
+            }
+        }
+        let scheduler_file = dir.join("scheduler/scheduler_config.json");
+        let scheduler_config = if scheduler_file.exists() {
+            SchedulerConfig::from_file(&scheduler_file)?
+        } else {
+            SchedulerConfig::default()
+        };
+        let tokenizer = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
+        Ok(Self {
+            unet_config: UNetConfig::from_file(&dir.join("unet/config.json"))?,
+            text_config: ClipConfig::from_file(&dir.join("text_encoder/config.json"))?,
+            vae_config: VaeConfig::from_file(&dir.join("vae/config.json"))?,
+            scheduler_config,
+            tokenizer,
+            unet: WeightMap::load(&component_files(&dir.join("unet"))?, dtype, device)?,
+            text_encoder: WeightMap::load(&component_files(&dir.join("text_encoder"))?, dtype, device)?,
+            vae: WeightMap::load(&component_files(&dir.join("vae"))?, dtype, device)?,
+        })
+    }
+
+    fn load_single_file(path: &Path, _dtype: DType, _device: &Device) -> Result<Self> {
+        let _ = (single_file::PLACEHOLDER, read_safetensors);
+        bail!("{}: single-file checkpoints are not supported yet", path.display())
+    }
+}
+
+/// The safetensors files holding one component: the plain file, an fp16 variant, or shards.
+fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut safetensors = Vec::new();
+    let mut pickled = false;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))? {
+        let p = entry?.path();
+        match p.extension().and_then(|e| e.to_str()) {
+            Some("safetensors") => safetensors.push(p),
+            Some("bin") | Some("ckpt") | Some("pt") => pickled = true,
+            _ => {}
+        }
+    }
+    safetensors.sort();
+    if safetensors.is_empty() {
+        if pickled {
+            bail!(
+                "{}: not supported: only pickled weights (.bin) here; use a safetensors copy of the model",
+                dir.display()
+            );
+        }
+        bail!("{}: no .safetensors weights in this component folder", dir.display());
+    }
+    // Prefer full-precision weights when a folder ships several variants.
+    let full: Vec<PathBuf> = safetensors
+        .iter()
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            !n.contains(".fp16.") && !n.contains(".bf16.") && !n.contains(".non_ema.") && !n.contains(".ema_only.")
+        })
+        .cloned()
+        .collect();
+    if !full.is_empty() {
+        return Ok(full);
+    }
+    let fp16: Vec<PathBuf> = safetensors.iter().filter(|p| p.to_string_lossy().contains(".fp16.")).cloned().collect();
+    Ok(if fp16.is_empty() { safetensors } else { fp16 })
+}
+
+/// A model ready to run.
+pub struct StableDiffusion {
+    pub unet: UNet2DConditionModel,
+    pub text_encoder: ClipTextModel,
+    pub vae: AutoencoderKL,
+    pub tokenizer: ClipTokenizer,
+    pub schedule: NoiseSchedule,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// What to draw, and how.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub sampler: SamplerKind,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl StableDiffusion {
+    /// Every adaptable layer of the text encoder and the UNet.
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(Component, LayerMut<'_>)) {
+        self.text_encoder.visit_layers(&mut |l| f(Component::TextEncoder, l));
+        self.unet.visit_layers(&mut |l| f(Component::Unet, l));
+    }
+
+    /// The model's layer names and shapes, for matching adapter files.
+    pub fn module_index(&mut self) -> ModuleIndex {
+        let mut index = ModuleIndex::default();
+        self.visit_layers(&mut |c, l| index.insert(c, l.path(), l.stack_ref().base.dims().to_vec()));
+        index
+    }
+
+    /// Reads an adapter file, checks it against this model and attaches it under `name` with the
+    /// given slider weight. Returns the compatibility report (its unmatched layers are a warning).
+    pub fn load_adapter(&mut self, name: &str, path: &Path, weight: f64) -> Result<CompatibilityReport> {
+        let parsed = read_adapter(path)?;
+        let (layers, report) =
+            match_layers(&parsed, &self.module_index()).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+        self.attach_adapter(name, layers, weight)?;
+        Ok(report)
+    }
+
+    /// Attaches matched layers under `name` (replacing an adapter of the same name).
+    pub fn attach_adapter(&mut self, name: &str, layers: Vec<MatchedLayer>, weight: f64) -> Result<()> {
+        self.remove_adapter(name);
+        let mut by_layer: HashMap<(Component, String), MatchedLayer> =
+            layers.into_iter().map(|l| ((l.component, l.path.clone()), l)).collect();
+        let mut result = Ok(());
+        self.visit_layers(&mut |c, mut l| {
+            if let Some(m) = by_layer.remove(&(c, l.path().to_string())) {
+                let adapter =
+                    LayerAdapter { name: name.to_string(), delta: m.delta, scale: m.scale, multiplier: weight };
+                if let Err(e) = l.stack().attach(adapter) {
+                    result = Err(e);
+                }
+            }
+        });
+        result?;
+        self.refresh_merges()?;
+        Ok(())
+    }
+
+    pub fn remove_adapter(&mut self, name: &str) -> bool {
+        let mut removed = false;
+        self.visit_layers(&mut |_, mut l| removed |= l.stack().detach(name));
+        removed
+    }
+
+    /// Changes one adapter's slider weight (0 switches it off) and re-merges only the layers it
+    /// touches. Returns how many layers were re-merged.
+    pub fn set_adapter_weight(&mut self, name: &str, weight: f64) -> Result<usize> {
+        self.set_adapter_mix(name, weight, &BlockWeights::default())
+    }
+
+    /// As `set_adapter_weight`, with per-block multipliers (A1111's LoRA Block Weight).
+    pub fn set_adapter_mix(&mut self, name: &str, weight: f64, blocks: &BlockWeights) -> Result<usize> {
+        self.visit_layers(&mut |c, mut l| {
+            let m = weight * blocks.for_layer(c == Component::TextEncoder, l.path());
+            l.stack().set_multiplier(name, m);
+        });
+        self.refresh_merges()
+    }
+
+    /// Merged (inference) or factored (training / comparison) evaluation of every adapter.
+    pub fn set_merged(&mut self, merged: bool) -> Result<()> {
+        self.visit_layers(&mut |_, mut l| {
+            let s = l.stack();
+            if s.merge != merged {
+                s.merge = merged;
+                s.mark_stale();
+            }
+        });
+        self.refresh_merges()?;
+        Ok(())
+    }
+
+    /// Folds changed adapters into the cached weights; returns the number of layers re-merged.
+    pub fn refresh_merges(&mut self) -> Result<usize> {
+        let mut count = 0;
+        let mut result = Ok(());
+        self.visit_layers(&mut |_, mut l| match l.stack().refresh() {
+            Ok(true) => count += 1,
+            Ok(false) => {}
+            Err(e) => result = Err(e),
+        });
+        result.map(|_| count)
+    }
+
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::from_weights(ModelWeights::load(path, DType::F32, device)?)
+    }
+
+    pub fn from_weights(w: ModelWeights) -> Result<Self> {
+        Ok(Self {
+            unet: UNet2DConditionModel::load(&w.unet_config, &w.unet)?,
+            text_encoder: ClipTextModel::load(&w.text_config, &w.text_encoder)?,
+            vae: AutoencoderKL::load(&w.vae_config, &w.vae)?,
+            tokenizer: w.tokenizer,
+            schedule: NoiseSchedule::new(&w.scheduler_config)?,
+            device: w.unet.device().clone(),
+            dtype: w.unet.dtype(),
+            scheduler_config: w.scheduler_config,
+        })
+    }
+
+    pub fn prediction(&self) -> Prediction {
+        self.scheduler_config.prediction()
+    }
+
+    /// Text embeddings (B, 77, d) for the prompts.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        let ids: Vec<u32> = prompts.iter().flat_map(|p| self.tokenizer.encode(p)).collect();
+        let n = ids.len() / prompts.len().max(1);
+        let ids = Tensor::from_vec(ids, (prompts.len(), n), &self.device)?;
+        self.text_encoder.forward(&ids)
+    }
+
+    /// Pixel size that latents must be a multiple of, so every UNet level has whole pixels.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.config.downscale() * (1 << (self.unet.config.block_out_channels.len() - 1))
+    }
+
+    /// Runs the sampler and decodes; `on_step(i, total)` reports progress.
+    pub fn generate(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(usize, usize)) -> Result<image::RgbImage> {
+        let m = self.size_multiple();
+        if req.width == 0 || req.height == 0 || !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) {
+            bail!("image size {}×{} must be a positive multiple of {m} for this model", req.width, req.height);
+        }
+        if req.steps == 0 {
+            bail!("steps must be at least 1");
+        }
+        let guided = req.guidance > 1.0;
+        let context = if guided {
+            self.encode_prompts(&[req.negative.as_str(), req.prompt.as_str()])?
+        } else {
+            self.encode_prompts(&[req.prompt.as_str()])?
+        };
+        let f = self.vae.config.downscale();
+        let shape = (1, self.vae.config.latent_channels, req.height / f, req.width / f);
+        let mut rng = Rng::new(req.seed);
+        let sampler = Sampler::new(req.sampler, &self.schedule, &self.scheduler_config, req.steps)?;
+        let mut x = (rng.randn(shape, &self.device)?.to_dtype(self.dtype)? * sampler.init_noise_sigma())?;
+        let timesteps = sampler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = sampler.scale_model_input(&x, i)?;
+            let input = if guided { Tensor::cat(&[&input, &input], 0)? } else { input };
+            let t_tensor = Tensor::new(&[t as f32], &self.device)?.to_dtype(self.dtype)?;
+            let out = self.unet.forward(&input, &t_tensor, &context)?;
+            let out = if guided { guidance(&out.narrow(0, 0, 1)?, &out.narrow(0, 1, 1)?, req.guidance)? } else { out };
+            x = sampler.step(&out, i, &x, &mut rng)?;
+            on_step(i + 1, timesteps.len());
+        }
+        let decoded = self.vae.decode(&(x / self.vae.config.scaling_factor)?)?;
+        to_image(&decoded.get(0)?)
+    }
+}
+
+/// (3, H, W) in [-1, 1] → an 8-bit RGB image.
+pub fn to_image(t: &Tensor) -> Result<image::RgbImage> {
+    let (c, h, w) = t.dims3()?;
+    if c != 3 {
+        bail!("expected 3 colour channels, got {c}");
+    }
+    let pixels = ((t.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.round()?;
+    let data: Vec<u8> =
+        pixels.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as u8).collect();
+    image::RgbImage::from_raw(w as u32, h as u32, data).context("image buffer size")
+}

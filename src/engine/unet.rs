@@ -93,7 +93,8 @@ fn default_transformer_layers() -> PerBlock {
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid UNet config: {e}", path.display()))?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid UNet config: {e}", path.display()))?;
         cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
@@ -104,7 +105,9 @@ impl UNetConfig {
             bail!("block_out_channels, down_block_types and up_block_types must have the same non-zero length");
         }
         if self.addition_embed_type.is_some() || self.encoder_hid_dim.is_some() {
-            bail!("not supported: this UNet has added conditioning (SDXL or another family); only SD 1.x / 2.x UNets load");
+            bail!(
+                "not supported: this UNet has added conditioning (SDXL or another family); only SD 1.x / 2.x UNets load"
+            );
         }
         if self.class_embed_type.is_some() || self.time_cond_proj_dim.is_some() {
             bail!("not supported: class or time-condition embeddings (upscaler / LCM UNets)");
@@ -147,7 +150,9 @@ impl UNetConfig {
 
 use candle_core::Tensor;
 
-use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear, attention, silu, timestep_embedding, upsample_nearest};
+use super::nn::{
+    Conv2d, GroupNorm, LayerMut, LayerNorm, Linear, attention, silu, timestep_embedding, upsample_nearest,
+};
 use super::weights::{WeightMap, WeightScope};
 
 /// diffusers' `ResnetBlock2D` (also used by the VAE, without a time embedding).
@@ -162,7 +167,25 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    pub fn load(ws: &WeightScope, in_c: usize, out_c: usize, temb: Option<usize>, groups: usize, eps: f64) -> Result<Self> {
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::Conv(&mut self.conv1));
+        if let Some(p) = &mut self.time_emb_proj {
+            f(LayerMut::Linear(p));
+        }
+        f(LayerMut::Conv(&mut self.conv2));
+        if let Some(c) = &mut self.conv_shortcut {
+            f(LayerMut::Conv(c));
+        }
+    }
+
+    pub fn load(
+        ws: &WeightScope,
+        in_c: usize,
+        out_c: usize,
+        temb: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: GroupNorm::load(&ws.at("norm1"), groups, in_c, eps)?,
             conv1: Conv2d::load(&ws.at("conv1"), in_c, out_c, 3, 1, 1)?,
@@ -172,7 +195,11 @@ impl ResnetBlock2D {
             },
             norm2: GroupNorm::load(&ws.at("norm2"), groups, out_c, eps)?,
             conv2: Conv2d::load(&ws.at("conv2"), out_c, out_c, 3, 1, 1)?,
-            conv_shortcut: if in_c != out_c { Some(Conv2d::load(&ws.at("conv_shortcut"), in_c, out_c, 1, 1, 0)?) } else { None },
+            conv_shortcut: if in_c != out_c {
+                Some(Conv2d::load(&ws.at("conv_shortcut"), in_c, out_c, 1, 1, 0)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -203,6 +230,12 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+            f(LayerMut::Linear(l));
+        }
+    }
+
     pub fn load(ws: &WeightScope, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
@@ -216,7 +249,8 @@ impl CrossAttention {
 
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let out = attention(&self.to_q.forward(x)?, &self.to_k.forward(ctx)?, &self.to_v.forward(ctx)?, self.heads, None)?;
+        let out =
+            attention(&self.to_q.forward(x)?, &self.to_k.forward(ctx)?, &self.to_v.forward(ctx)?, self.heads, None)?;
         self.to_out.forward(&out)
     }
 }
@@ -237,6 +271,13 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        self.attn1.visit_layers(f);
+        self.attn2.visit_layers(f);
+        f(LayerMut::Linear(&mut self.ff_in));
+        f(LayerMut::Linear(&mut self.ff_out));
+    }
+
     pub fn load(ws: &WeightScope, dim: usize, context_dim: usize, heads: usize, only_cross: bool) -> Result<Self> {
         let head_dim = dim / heads;
         let inner_ff = dim * 4;
@@ -255,7 +296,11 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let n1 = self.norm1.forward(x)?;
-        let a1 = if self.only_cross_attention { self.attn1.forward(&n1, Some(context))? } else { self.attn1.forward(&n1, None)? };
+        let a1 = if self.only_cross_attention {
+            self.attn1.forward(&n1, Some(context))?
+        } else {
+            self.attn1.forward(&n1, None)?
+        };
         let x = (a1 + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
         let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
@@ -274,8 +319,19 @@ pub enum Projection {
 }
 
 impl Projection {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        match self {
+            Projection::Conv(c) => f(LayerMut::Conv(c)),
+            Projection::Linear(l) => f(LayerMut::Linear(l)),
+        }
+    }
+
     fn load(ws: &WeightScope, in_dim: usize, out_dim: usize, linear: bool) -> Result<Self> {
-        Ok(if linear { Projection::Linear(Linear::load(ws, in_dim, out_dim, true)?) } else { Projection::Conv(Conv2d::load(ws, in_dim, out_dim, 1, 1, 0)?) })
+        Ok(if linear {
+            Projection::Linear(Linear::load(ws, in_dim, out_dim, true)?)
+        } else {
+            Projection::Conv(Conv2d::load(ws, in_dim, out_dim, 1, 1, 0)?)
+        })
     }
 }
 
@@ -289,10 +345,35 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        self.proj_in.visit_layers(f);
+        for b in &mut self.transformer_blocks {
+            b.visit_layers(f);
+        }
+        self.proj_out.visit_layers(f);
+    }
+
     #[allow(clippy::too_many_arguments)]
-    pub fn load(ws: &WeightScope, channels: usize, heads: usize, layers: usize, context_dim: usize, groups: usize, linear: bool, only_cross: bool) -> Result<Self> {
+    pub fn load(
+        ws: &WeightScope,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        context_dim: usize,
+        groups: usize,
+        linear: bool,
+        only_cross: bool,
+    ) -> Result<Self> {
         let blocks = (0..layers)
-            .map(|k| BasicTransformerBlock::load(&ws.at("transformer_blocks").at(k), channels, context_dim, heads, only_cross))
+            .map(|k| {
+                BasicTransformerBlock::load(
+                    &ws.at("transformer_blocks").at(k),
+                    channels,
+                    context_dim,
+                    heads,
+                    only_cross,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: GroupNorm::load(&ws.at("norm"), groups, channels, 1e-6)?,
@@ -313,7 +394,8 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let to_image = |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?) };
+        let to_image =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?) };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
             Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
@@ -346,7 +428,42 @@ pub struct UNet2DConditionModel {
     pub conv_out: Conv2d,
 }
 
+impl UNetBlock {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        for (j, r) in self.resnets.iter_mut().enumerate() {
+            r.visit_layers(f);
+            if let Some(a) = self.attentions.get_mut(j) {
+                a.visit_layers(f);
+            }
+        }
+        if let Some(c) = &mut self.resample {
+            f(LayerMut::Conv(c));
+        }
+    }
+}
+
 impl UNet2DConditionModel {
+    /// Every linear and conv layer, in module order, for attaching adapters.
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::Conv(&mut self.conv_in));
+        f(LayerMut::Linear(&mut self.time_linear_1));
+        f(LayerMut::Linear(&mut self.time_linear_2));
+        for b in &mut self.down_blocks {
+            b.visit_layers(f);
+        }
+        self.mid_resnets[0].visit_layers(f);
+        for a in &mut self.mid_attentions {
+            a.visit_layers(f);
+        }
+        for r in &mut self.mid_resnets[1..] {
+            r.visit_layers(f);
+        }
+        for b in &mut self.up_blocks {
+            b.visit_layers(f);
+        }
+        f(LayerMut::Conv(&mut self.conv_out));
+    }
+
     pub fn load(config: &UNetConfig, weights: &WeightMap) -> Result<Self> {
         config.validate()?;
         let ws = weights.root();
@@ -362,9 +479,9 @@ impl UNet2DConditionModel {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_c = boc[0];
-        for i in 0..n {
+        for (i, &block_c) in boc.iter().enumerate() {
             let in_c = out_c;
-            out_c = boc[i];
+            out_c = block_c;
             let bs = ws.at("down_blocks").at(i);
             let cross = config.down_block_types[i] == "CrossAttnDownBlock2D";
             let mut resnets = Vec::new();
@@ -374,10 +491,23 @@ impl UNet2DConditionModel {
                 resnets.push(ResnetBlock2D::load(&bs.at("resnets").at(j), rin, out_c, Some(temb), groups, eps)?);
                 if cross {
                     let layers = config.transformer_layers_per_block.for_block(i, n)?;
-                    attentions.push(Transformer2DModel::load(&bs.at("attentions").at(j), out_c, config.heads(i)?, layers, ctx, groups, linear, only_cross)?);
+                    attentions.push(Transformer2DModel::load(
+                        &bs.at("attentions").at(j),
+                        out_c,
+                        config.heads(i)?,
+                        layers,
+                        ctx,
+                        groups,
+                        linear,
+                        only_cross,
+                    )?);
                 }
             }
-            let resample = if i + 1 < n { Some(Conv2d::load(&bs.at("downsamplers.0.conv"), out_c, out_c, 3, 2, config.downsample_padding)?) } else { None };
+            let resample = if i + 1 < n {
+                Some(Conv2d::load(&bs.at("downsamplers.0.conv"), out_c, out_c, 3, 2, config.downsample_padding)?)
+            } else {
+                None
+            };
             down_blocks.push(UNetBlock { resnets, attentions, resample });
         }
 
@@ -388,7 +518,16 @@ impl UNet2DConditionModel {
             ResnetBlock2D::load(&ms.at("resnets.0"), mid_c, mid_c, Some(temb), groups, eps)?,
             ResnetBlock2D::load(&ms.at("resnets.1"), mid_c, mid_c, Some(temb), groups, eps)?,
         ];
-        let mid_attentions = vec![Transformer2DModel::load(&ms.at("attentions.0"), mid_c, config.heads(n - 1)?, mid_layers, ctx, groups, linear, only_cross)?];
+        let mid_attentions = vec![Transformer2DModel::load(
+            &ms.at("attentions.0"),
+            mid_c,
+            config.heads(n - 1)?,
+            mid_layers,
+            ctx,
+            groups,
+            linear,
+            only_cross,
+        )?];
 
         let mut up_blocks = Vec::with_capacity(n);
         let mut out_c = boc[n - 1];
@@ -404,13 +543,30 @@ impl UNet2DConditionModel {
             for j in 0..=lpb {
                 let skip_c = if j == lpb { in_c } else { out_c };
                 let rin = if j == 0 { prev_out } else { out_c };
-                resnets.push(ResnetBlock2D::load(&bs.at("resnets").at(j), rin + skip_c, out_c, Some(temb), groups, eps)?);
+                resnets.push(ResnetBlock2D::load(
+                    &bs.at("resnets").at(j),
+                    rin + skip_c,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                )?);
                 if cross {
                     let layers = config.transformer_layers_per_block.for_block(rev, n)?;
-                    attentions.push(Transformer2DModel::load(&bs.at("attentions").at(j), out_c, config.heads(rev)?, layers, ctx, groups, linear, only_cross)?);
+                    attentions.push(Transformer2DModel::load(
+                        &bs.at("attentions").at(j),
+                        out_c,
+                        config.heads(rev)?,
+                        layers,
+                        ctx,
+                        groups,
+                        linear,
+                        only_cross,
+                    )?);
                 }
             }
-            let resample = if i + 1 < n { Some(Conv2d::load(&bs.at("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?) } else { None };
+            let resample =
+                if i + 1 < n { Some(Conv2d::load(&bs.at("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?) } else { None };
             up_blocks.push(UNetBlock { resnets, attentions, resample });
         }
 
@@ -433,8 +589,18 @@ impl UNet2DConditionModel {
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let dtype = sample.dtype();
-        let t = if timesteps.elem_count() == 1 { timesteps.reshape(1)?.broadcast_as(b)?.contiguous()? } else { timesteps.clone() };
-        let t_emb = timestep_embedding(&t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift, dtype)?;
+        let t = if timesteps.elem_count() == 1 {
+            timesteps.reshape(1)?.broadcast_as(b)?.contiguous()?
+        } else {
+            timesteps.clone()
+        };
+        let t_emb = timestep_embedding(
+            &t,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            dtype,
+        )?;
         let temb = self.time_linear_2.forward(&silu(&self.time_linear_1.forward(&t_emb)?)?)?;
 
         let mut h = self.conv_in.forward(sample)?;

@@ -176,9 +176,22 @@ impl AutoencoderKL {
             out_c = c;
             let bs = enc.at("down_blocks").at(i);
             let resnets = (0..config.layers_per_block)
-                .map(|j| ResnetBlock2D::load(&bs.at("resnets").at(j), if j == 0 { in_c } else { out_c }, out_c, None, g, VAE_EPS))
+                .map(|j| {
+                    ResnetBlock2D::load(
+                        &bs.at("resnets").at(j),
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        None,
+                        g,
+                        VAE_EPS,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let resample = if i + 1 < n { Some(Conv2d::load(&bs.at("downsamplers.0.conv"), out_c, out_c, 3, 2, 0)?) } else { None };
+            let resample = if i + 1 < n {
+                Some(Conv2d::load(&bs.at("downsamplers.0.conv"), out_c, out_c, 3, 2, 0)?)
+            } else {
+                None
+            };
             enc_blocks.push(VaeBlock { resnets, resample });
         }
 
@@ -190,9 +203,19 @@ impl AutoencoderKL {
             out_c = boc[n - 1 - i];
             let bs = dec.at("up_blocks").at(i);
             let resnets = (0..=config.layers_per_block)
-                .map(|j| ResnetBlock2D::load(&bs.at("resnets").at(j), if j == 0 { prev } else { out_c }, out_c, None, g, VAE_EPS))
+                .map(|j| {
+                    ResnetBlock2D::load(
+                        &bs.at("resnets").at(j),
+                        if j == 0 { prev } else { out_c },
+                        out_c,
+                        None,
+                        g,
+                        VAE_EPS,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let resample = if i + 1 < n { Some(Conv2d::load(&bs.at("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?) } else { None };
+            let resample =
+                if i + 1 < n { Some(Conv2d::load(&bs.at("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?) } else { None };
             dec_blocks.push(VaeBlock { resnets, resample });
         }
 
@@ -203,8 +226,16 @@ impl AutoencoderKL {
             enc_mid: VaeMidBlock::load(&enc.at("mid_block"), boc[n - 1], g, attn)?,
             enc_norm_out: GroupNorm::load(&enc.at("conv_norm_out"), g, boc[n - 1], VAE_EPS)?,
             enc_conv_out: Conv2d::load(&enc.at("conv_out"), boc[n - 1], 2 * lat, 3, 1, 1)?,
-            quant_conv: if config.use_quant_conv { Some(Conv2d::load(&ws.at("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?) } else { None },
-            post_quant_conv: if config.use_post_quant_conv { Some(Conv2d::load(&ws.at("post_quant_conv"), lat, lat, 1, 1, 0)?) } else { None },
+            quant_conv: if config.use_quant_conv {
+                Some(Conv2d::load(&ws.at("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?)
+            } else {
+                None
+            },
+            post_quant_conv: if config.use_post_quant_conv {
+                Some(Conv2d::load(&ws.at("post_quant_conv"), lat, lat, 1, 1, 0)?)
+            } else {
+                None
+            },
             dec_conv_in: Conv2d::load(&dec.at("conv_in"), lat, boc[n - 1], 3, 1, 1)?,
             dec_mid: VaeMidBlock::load(&dec.at("mid_block"), boc[n - 1], g, attn)?,
             dec_blocks,

@@ -27,7 +27,12 @@ pub struct WeightMap {
 }
 
 impl WeightMap {
-    pub fn new(tensors: HashMap<String, Tensor>, source: impl Into<String>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        tensors: HashMap<String, Tensor>,
+        source: impl Into<String>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let mut converted = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
             let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
@@ -50,7 +55,13 @@ impl WeightMap {
     /// An empty map that answers every lookup with small random values of the asked shape
     /// (for benchmarks of configurations whose weights we do not have).
     pub fn synthetic(dtype: DType, device: &Device) -> Self {
-        Self { tensors: HashMap::new(), source: "synthetic weights".into(), dtype, device: device.clone(), synthetic: Some(Default::default()) }
+        Self {
+            tensors: HashMap::new(),
+            source: "synthetic weights".into(),
+            dtype,
+            device: device.clone(),
+            synthetic: Some(Default::default()),
+        }
     }
 
     /// The tensors a synthetic map has made up so far.
@@ -163,6 +174,11 @@ impl<'a> WeightScope<'a> {
 /// Reads a safetensors file after checking that its header is sane, so a truncated or hostile file
 /// is reported by name instead of exhausting memory.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(read_safetensors_with_metadata(path)?.0)
+}
+
+/// As `read_safetensors`, also returning the header's `__metadata__` strings.
+pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if bytes.len() < 8 {
         bail!("{}: not a safetensors file (only {} bytes)", path.display(), bytes.len());
@@ -172,8 +188,15 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         bail!("{}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})", path.display());
     }
     if 8 + header_len > bytes.len() as u64 {
-        bail!("{}: truncated safetensors file (header says {header_len} bytes, file has {})", path.display(), bytes.len());
+        bail!(
+            "{}: truncated safetensors file (header says {header_len} bytes, file has {})",
+            path.display(),
+            bytes.len()
+        );
     }
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: invalid safetensors file: {e}", path.display()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: invalid safetensors file: {e}", path.display()))?;
     let mut out = HashMap::new();
@@ -192,7 +215,7 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             .with_context(|| format!("{}: tensor `{name}` is malformed", path.display()))?;
         out.insert(name, t);
     }
-    Ok(out)
+    Ok((out, metadata))
 }
 
 /// Writes tensors atomically: to a temporary name beside `path`, flushed, then renamed.

@@ -1,0 +1,144 @@
+//! Timing and memory figures for `lora-studio bench`. Medians over several runs, reported as
+//! JSON so runs against the Python peer (`../shared/peer`) can be compared as ratios.
+
+use std::time::Instant;
+
+use anyhow::bail;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::Result;
+use super::rng::Rng;
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::weights::WeightMap;
+
+/// UNet shapes we benchmark by name; they match the peer's `tiny`, `small` and `sd15` configs.
+pub fn named_unet_config(name: &str) -> Option<UNetConfig> {
+    let json = match name {
+        "sd1-tiny" | "tiny" => {
+            r#"{"in_channels":4,"out_channels":4,"block_out_channels":[32,64],"layers_per_block":1,
+            "down_block_types":["CrossAttnDownBlock2D","DownBlock2D"],"up_block_types":["UpBlock2D","CrossAttnUpBlock2D"],
+            "attention_head_dim":8,"cross_attention_dim":32,"norm_num_groups":8}"#
+        }
+        "small" => {
+            r#"{"in_channels":4,"out_channels":4,"block_out_channels":[64,128,256],"layers_per_block":1,
+            "down_block_types":["DownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"],
+            "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],
+            "attention_head_dim":8,"cross_attention_dim":256,"norm_num_groups":32}"#
+        }
+        "sd15" => {
+            r#"{"in_channels":4,"out_channels":4,"block_out_channels":[320,640,1280,1280],"layers_per_block":2,
+            "down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],
+            "up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],
+            "attention_head_dim":8,"cross_attention_dim":768,"norm_num_groups":32,"sample_size":64}"#
+        }
+        "sd21" => {
+            r#"{"in_channels":4,"out_channels":4,"block_out_channels":[320,640,1280,1280],"layers_per_block":2,
+            "down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],
+            "up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],
+            "attention_head_dim":[5,10,20,20],"cross_attention_dim":1024,"norm_num_groups":32,
+            "use_linear_projection":true,"sample_size":96}"#
+        }
+        _ => return None,
+    };
+    Some(serde_json::from_str(json).expect("built-in configs parse"))
+}
+
+#[derive(Clone, Debug)]
+pub struct UnetBenchOptions {
+    /// A named config (`sd1-tiny`, `small`, `sd15`, `sd21`) or a path to a `unet/config.json`.
+    pub config: String,
+    pub latent: usize,
+    pub batch: usize,
+    pub runs: usize,
+}
+
+impl Default for UnetBenchOptions {
+    fn default() -> Self {
+        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, runs: 5 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UnetBenchReport {
+    pub config: String,
+    pub latent: usize,
+    pub batch: usize,
+    pub runs: usize,
+    pub params_millions: f64,
+    pub forward_s_median: f64,
+    /// Forward plus backward to every UNet weight (the cost of a full fine-tuning step's gradients).
+    pub forward_backward_s_median: f64,
+    pub peak_rss_mib: f64,
+    pub threads: usize,
+}
+
+/// Times the UNet with random weights of the configured shape.
+pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport> {
+    if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 {
+        bail!("--runs, --batch and --latent must be positive");
+    }
+    let config = match named_unet_config(&opts.config) {
+        Some(c) => c,
+        None => UNetConfig::from_file(std::path::Path::new(&opts.config))?,
+    };
+    let synthetic = WeightMap::synthetic(DType::F32, device);
+    UNet2DConditionModel::load(&config, &synthetic)?;
+    // The same weights as variables, so backward computes what a full fine-tuning step would.
+    let mut weights = WeightMap::new(synthetic.generated(), "benchmark weights", DType::F32, device)?;
+    let vars = weights.make_trainable(|_| true)?;
+    let model = UNet2DConditionModel::load(&config, &weights)?;
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+
+    let mut rng = Rng::new(0);
+    let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
+    let context = rng.randn((opts.batch, 77, config.cross_attention_dim), device)?;
+    let t = Tensor::new(&[500f32], device)?;
+
+    let mut fwd = Vec::new();
+    let mut fwd_bwd = Vec::new();
+    // One untimed warm-up of each, then `runs` timed repetitions.
+    for i in 0..=opts.runs {
+        let start = Instant::now();
+        let out = model.forward(&sample, &t, &context)?;
+        let _ = out.sum_all()?.to_scalar::<f32>()?;
+        let f = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let loss = model.forward(&sample, &t, &context)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        drop(grads);
+        let fb = start.elapsed().as_secs_f64();
+        if i > 0 {
+            fwd.push(f);
+            fwd_bwd.push(fb);
+        }
+    }
+    Ok(UnetBenchReport {
+        config: opts.config.clone(),
+        latent: opts.latent,
+        batch: opts.batch,
+        runs: opts.runs,
+        params_millions: params as f64 / 1e6,
+        forward_s_median: median(&mut fwd),
+        forward_backward_s_median: median(&mut fwd_bwd),
+        peak_rss_mib: peak_rss_mib(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}

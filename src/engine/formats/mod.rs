@@ -1,0 +1,357 @@
+//! Adapter files as users trade them. Each naming convention has its own module (`kohya`,
+//! `peft`); this one holds what they share: the parsed adapter, and matching its layers against a
+//! model's real module names with a compatibility report.
+
+pub mod kohya;
+pub mod peft;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::bail;
+use candle_core::Tensor;
+
+use super::Result;
+use super::adapter::Delta;
+use super::weights::read_safetensors_with_metadata;
+
+/// Which model of the pipeline a layer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    pub fn label(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+        }
+    }
+}
+
+/// How a file names its layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Naming {
+    /// kohya sd-scripts / A1111 / ComfyUI / LyCORIS: `lora_unet_down_blocks_0_…`.
+    Kohya,
+    /// diffusers / PEFT: `unet.down_blocks.0.….lora_A.weight`.
+    Peft,
+}
+
+/// Where a parsed layer says it belongs, before matching against a model.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LayerKey {
+    /// A kohya name with the dots flattened to underscores, e.g. `lora_unet_mid_block_attentions_0_proj_in`.
+    Flat(String),
+    /// A real module path.
+    Path(Component, String),
+}
+
+impl std::fmt::Display for LayerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerKey::Flat(n) => f.write_str(n),
+            LayerKey::Path(c, p) => write!(f, "{}.{p}", c.label()),
+        }
+    }
+}
+
+/// One layer's update as read from a file.
+#[derive(Clone, Debug)]
+pub struct ParsedLayer {
+    pub key: LayerKey,
+    pub delta: Delta,
+    /// α as stored; `None` means α = rank (scale 1).
+    pub alpha: Option<f64>,
+}
+
+impl ParsedLayer {
+    pub fn scale(&self) -> f64 {
+        let r = self.delta.rank() as f64;
+        self.alpha.unwrap_or(r) / r
+    }
+}
+
+/// An adapter file, parsed but not yet matched to a model.
+#[derive(Clone, Debug)]
+pub struct ParsedAdapter {
+    pub naming: Naming,
+    /// For GLoRA files: the layout the factors were stored in (they are held in the current one).
+    pub glora_layout: Option<GloraLayout>,
+    pub layers: Vec<ParsedLayer>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads an adapter file in any supported naming, telling them apart by their keys.
+pub fn read_adapter(path: &Path) -> Result<ParsedAdapter> {
+    let (tensors, metadata) = read_safetensors_with_metadata(path)?;
+    parse_adapter(tensors, metadata).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+}
+
+pub fn parse_adapter(tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<ParsedAdapter> {
+    if tensors.is_empty() {
+        bail!("the file holds no tensors");
+    }
+    if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te")) {
+        return kohya::parse(tensors, metadata);
+    }
+    if tensors.keys().any(|k| k.contains(".lora_A.") || k.contains(".lora_B.")) {
+        return peft::parse(tensors, metadata);
+    }
+    if tensors
+        .keys()
+        .any(|k| k.starts_with("model.diffusion_model.") || k.starts_with("conv_in.") || k.starts_with("text_model."))
+    {
+        bail!("this is a base model, not an adapter");
+    }
+    let sample: Vec<&String> = tensors.keys().take(3).collect();
+    bail!("not a recognised adapter file (keys like {sample:?})")
+}
+
+/// A model's adaptable layers: component, module path and weight shape.
+#[derive(Clone, Debug, Default)]
+pub struct ModuleIndex {
+    pub layers: BTreeMap<(Component, String), Vec<usize>>,
+    flat: HashMap<String, (Component, String)>,
+}
+
+impl ModuleIndex {
+    pub fn insert(&mut self, component: Component, path: &str, shape: Vec<usize>) {
+        let flat = path.replace('.', "_");
+        match component {
+            Component::Unet => {
+                self.flat.insert(format!("lora_unet_{flat}"), (component, path.to_string()));
+            }
+            Component::TextEncoder => {
+                // kohya spells SD 1.x/2.x text encoders `lora_te_`; SDXL-style files use `lora_te1_`.
+                self.flat.insert(format!("lora_te_{flat}"), (component, path.to_string()));
+                self.flat.insert(format!("lora_te1_{flat}"), (component, path.to_string()));
+            }
+        }
+        self.layers.insert((component, path.to_string()), shape);
+    }
+
+    pub fn resolve(&self, key: &LayerKey) -> Option<(Component, String)> {
+        match key {
+            LayerKey::Flat(n) => self.flat.get(n).cloned(),
+            LayerKey::Path(c, p) => self.layers.contains_key(&(*c, p.clone())).then(|| (*c, p.clone())),
+        }
+    }
+
+    pub fn shape(&self, component: Component, path: &str) -> Option<&Vec<usize>> {
+        self.layers.get(&(component, path.to_string()))
+    }
+}
+
+/// A layer of an adapter matched to a model layer.
+#[derive(Clone, Debug)]
+pub struct MatchedLayer {
+    pub component: Component,
+    pub path: String,
+    pub delta: Delta,
+    pub scale: f64,
+}
+
+/// What matched when an adapter was checked against a model.
+#[derive(Clone, Debug, Default)]
+pub struct CompatibilityReport {
+    pub matched: usize,
+    pub total: usize,
+    pub unmatched: Vec<String>,
+    pub shape_mismatches: Vec<String>,
+}
+
+impl CompatibilityReport {
+    /// Refuse on any shape mismatch or when fewer than half the layers match.
+    pub fn refused(&self) -> bool {
+        !self.shape_mismatches.is_empty() || self.matched * 2 < self.total
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} of {} adapter layers match the model", self.matched, self.total);
+        if !self.shape_mismatches.is_empty() {
+            s += &format!(
+                "; {} have the wrong shape (first: {})",
+                self.shape_mismatches.len(),
+                self.shape_mismatches[0]
+            );
+        }
+        if !self.unmatched.is_empty() {
+            s += &format!("; {} name no layer of this model (first: {})", self.unmatched.len(), self.unmatched[0]);
+        }
+        s
+    }
+}
+
+/// Matches every layer of `adapter` against `index`. Refuses (with the report in the error) on
+/// shape mismatches or when fewer than half match; otherwise returns the matched layers and the
+/// report, whose unmatched list the caller must show as a warning.
+pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec<MatchedLayer>, CompatibilityReport)> {
+    let mut report = CompatibilityReport { total: adapter.layers.len(), ..Default::default() };
+    let mut matched = Vec::new();
+    for layer in &adapter.layers {
+        let Some((component, path)) = index.resolve(&layer.key) else {
+            report.unmatched.push(layer.key.to_string());
+            continue;
+        };
+        let shape = index.shape(component, &path).expect("resolved layers are indexed");
+        if let Err(e) = layer.delta.check_shapes(shape) {
+            report.shape_mismatches.push(format!("{}: {e}{}", layer.key, shape_hint(&layer.delta, shape)));
+            continue;
+        }
+        report.matched += 1;
+        matched.push(MatchedLayer { component, path, scale: layer.scale(), delta: layer.delta.clone() });
+    }
+    if report.refused() {
+        bail!("adapter does not fit this model: {}", report.summary());
+    }
+    Ok((matched, report))
+}
+
+/// A guess at why shapes differ, in the words a user needs.
+fn shape_hint(delta: &Delta, base: &[usize]) -> String {
+    let input = match delta {
+        Delta::Lora { down, .. } => down.dims()[1],
+        Delta::Glora { a2, .. } => a2.dims()[1],
+    };
+    match (input, base.get(1)) {
+        (1024, Some(768)) => " — an SD 2.x adapter (text context 1024) on an SD 1.x base?".into(),
+        (768, Some(1024)) => " — an SD 1.x adapter (text context 768) on an SD 2.x base?".into(),
+        (2048, _) => " — an SDXL adapter?".into(),
+        _ => String::new(),
+    }
+}
+
+/// One layer of an adapter to write: where it goes, its factors and its α.
+#[derive(Clone, Debug)]
+pub struct ExportLayer {
+    pub component: Component,
+    pub path: String,
+    pub delta: Delta,
+    pub alpha: f64,
+}
+
+impl From<&MatchedLayer> for ExportLayer {
+    fn from(m: &MatchedLayer) -> Self {
+        // scale = α / r, so α = scale · r keeps the file's effective strength.
+        Self {
+            component: m.component,
+            path: m.path.clone(),
+            alpha: m.scale * m.delta.rank() as f64,
+            delta: m.delta.clone(),
+        }
+    }
+}
+
+/// Export options shared by the formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GloraLayout {
+    /// LyCORIS today and ComfyUI: a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in).
+    Current,
+    /// What A1111 reads: a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r).
+    Legacy,
+}
+
+/// Metadata key recording the GLoRA layout, since square weights make shapes ambiguous.
+pub const GLORA_LAYOUT_KEY: &str = "lora_studio_glora_layout";
+
+/// Writes `layers` atomically in the chosen naming, as f32 or f16.
+pub fn write_adapter(
+    path: &Path,
+    naming: Naming,
+    layers: &[ExportLayer],
+    metadata: HashMap<String, String>,
+    dtype: candle_core::DType,
+    glora_layout: GloraLayout,
+) -> Result<()> {
+    let (tensors, metadata) = match naming {
+        Naming::Kohya => kohya::to_tensors(layers, metadata, glora_layout)?,
+        Naming::Peft => peft::to_tensors(layers, metadata)?,
+    };
+    let mut converted = HashMap::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        converted.insert(k, t.to_dtype(dtype)?);
+    }
+    super::weights::write_safetensors(path, &converted, Some(metadata))
+}
+
+/// Reads a scalar α tensor.
+pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(0.0))
+}
+
+/// What `lora-studio adapter info` reports about a file.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub naming: String,
+    pub layers: usize,
+    /// Layer count per algorithm (`lora`, `locon`, `glora`).
+    pub algorithms: BTreeMap<String, usize>,
+    pub glora_layout: Option<String>,
+    /// "SD 1.x", "SD 2.x", "SDXL" or "unknown", from the cross-attention input width.
+    pub family: String,
+    /// Layer count per "rank r, scale α/r".
+    pub ranks: BTreeMap<String, usize>,
+    /// Layer count per target kind (cross-attention, self-attention, feed-forward, …).
+    pub targets: BTreeMap<String, usize>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
+    let mut algorithms = BTreeMap::new();
+    let mut ranks = BTreeMap::new();
+    let mut targets = BTreeMap::new();
+    let mut context_width = None;
+    for l in &parsed.layers {
+        *algorithms.entry(l.delta.algorithm().to_string()).or_insert(0) += 1;
+        *ranks.entry(format!("rank {}, scale {}", l.delta.rank(), l.scale())).or_insert(0) += 1;
+        let name = l.key.to_string().replace('.', "_");
+        let kind = if name.starts_with("lora_te") || name.starts_with("text_encoder") {
+            "text encoder"
+        } else if name.contains("attn2") {
+            "cross-attention"
+        } else if name.contains("attn1") {
+            "self-attention"
+        } else if name.contains("_ff_") {
+            "feed-forward"
+        } else if name.contains("proj_in") || name.contains("proj_out") {
+            "transformer projection"
+        } else {
+            "convolution / other"
+        };
+        *targets.entry(kind.to_string()).or_insert(0) += 1;
+        if name.contains("attn2_to_k") || name.contains("attn2_to_v") {
+            let input = match &l.delta {
+                Delta::Lora { down, .. } => down.dims()[1],
+                Delta::Glora { a2, .. } => a2.dims()[1],
+            };
+            context_width = Some(input);
+        }
+    }
+    let family = match context_width {
+        Some(768) => "SD 1.x",
+        Some(1024) => "SD 2.x",
+        Some(2048) => "SDXL",
+        Some(_) => "other (custom cross-attention width)",
+        None => "unknown (no cross-attention layers)",
+    };
+    let glora_layout = parsed.glora_layout.map(|l| match l {
+        GloraLayout::Current => "current (LyCORIS, ComfyUI)".to_string(),
+        GloraLayout::Legacy => "legacy (A1111)".to_string(),
+    });
+    AdapterSummary {
+        naming: match parsed.naming {
+            Naming::Kohya => "kohya / A1111 / ComfyUI / LyCORIS".into(),
+            Naming::Peft => "diffusers / PEFT".into(),
+        },
+        layers: parsed.layers.len(),
+        algorithms,
+        glora_layout,
+        family: family.into(),
+        ranks,
+        targets,
+        metadata: parsed.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}

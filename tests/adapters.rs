@@ -1,0 +1,239 @@
+//! Adapter math and file formats, checked against plain loops over `Vec<f32>` (no tensor ops),
+//! and export → import round trips in every format.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use lora_studio::engine::adapter::{AdapterStack, Delta, LayerAdapter};
+use lora_studio::engine::formats::{Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter};
+use lora_studio::engine::rng::Rng;
+
+fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
+    rng.randn(shape, &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// C (n×m) = A (n×k) · B (k×m), row-major.
+fn matmul(a: &[f32], b: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut c = vec![0f32; n * m];
+    for i in 0..n {
+        for j in 0..m {
+            c[i * m + j] = (0..k).map(|p| a[i * k + p] * b[p * m + j]).sum();
+        }
+    }
+    c
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// ΔW for GLoRA by loops: W·a1·a2 (contracting W's input channel at each kernel position) + b1·b2.
+#[allow(clippy::too_many_arguments)]
+fn glora_delta_by_loops(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    kk: usize,
+    a1: &[f32],
+    a2: &[f32],
+    b1: &[f32],
+    b2: &[f32],
+    r: usize,
+) -> Vec<f32> {
+    let m = matmul(a1, a2, inp, r, inp); // (in, in)
+    let b2_flat = b2; // (r, in·kk)
+    let bb = matmul(b1, b2_flat, out, r, inp * kk);
+    let mut d = vec![0f32; out * inp * kk];
+    for o in 0..out {
+        for i in 0..inp {
+            for p in 0..kk {
+                let wm: f32 = (0..inp).map(|j| w[(o * inp + j) * kk + p] * m[j * inp + i]).sum();
+                d[(o * inp + i) * kk + p] = wm + bb[(o * inp + i) * kk + p];
+            }
+        }
+    }
+    d
+}
+
+#[test]
+fn lora_and_locon_delta_match_loops_and_merged_equals_unmerged() {
+    let mut rng = Rng::new(1);
+    // Linear LoRA.
+    let (out, inp, r) = (6, 5, 3);
+    let w = randn(&mut rng, &[out, inp]);
+    let (down, up) = (randn(&mut rng, &[r, inp]), randn(&mut rng, &[out, r]));
+    let delta = Delta::Lora { down: down.clone(), up: up.clone() };
+    let expect = matmul(&values(&up), &values(&down), out, r, inp);
+    assert!(max_diff(&values(&delta.delta_weight(&w).unwrap()), &expect) < 1e-5);
+    check_modes_agree(w, delta, false);
+
+    // Conv LoCon, 3×3 kernel.
+    let w = randn(&mut rng, &[out, inp, 3, 3]);
+    let (down, up) = (randn(&mut rng, &[r, inp, 3, 3]), randn(&mut rng, &[out, r, 1, 1]));
+    let delta = Delta::Lora { down: down.clone(), up: up.clone() };
+    let expect = matmul(&values(&up), &values(&down), out, r, inp * 9);
+    assert!(max_diff(&values(&delta.delta_weight(&w).unwrap()), &expect) < 1e-5);
+    check_modes_agree(w, delta, true);
+}
+
+#[test]
+fn glora_delta_matches_loops_and_merged_equals_unmerged() {
+    let mut rng = Rng::new(2);
+    let (out, inp, r) = (7, 5, 2);
+    for kernel in [None, Some(3usize)] {
+        let kk = kernel.map(|k| k * k).unwrap_or(1);
+        let (w, a1, a2, b1, b2) = match kernel {
+            None => (
+                randn(&mut rng, &[out, inp]),
+                randn(&mut rng, &[inp, r]),
+                randn(&mut rng, &[r, inp]),
+                randn(&mut rng, &[out, r]),
+                randn(&mut rng, &[r, inp]),
+            ),
+            Some(k) => (
+                randn(&mut rng, &[out, inp, k, k]),
+                randn(&mut rng, &[inp, r, 1, 1]),
+                randn(&mut rng, &[r, inp, 1, 1]),
+                randn(&mut rng, &[out, r, 1, 1]),
+                randn(&mut rng, &[r, inp, k, k]),
+            ),
+        };
+        let expect =
+            glora_delta_by_loops(&values(&w), out, inp, kk, &values(&a1), &values(&a2), &values(&b1), &values(&b2), r);
+        let delta = Delta::Glora { a1, a2, b1, b2 };
+        let got = values(&delta.delta_weight(&w).unwrap());
+        assert!(max_diff(&got, &expect) < 1e-4, "GLoRA ΔW (kernel {kernel:?})");
+        check_modes_agree(w, delta, kernel.is_some());
+    }
+}
+
+/// Two adapters at different weights: factored and merged forward passes agree to 1e-5.
+fn check_modes_agree(w: Tensor, delta: Delta, conv: bool) {
+    let mut rng = Rng::new(3);
+    let mut stack = AdapterStack::new(w.clone());
+    stack.attach(LayerAdapter { name: "x".into(), delta: delta.clone(), scale: 0.5, multiplier: 0.7 }).unwrap();
+    stack.attach(LayerAdapter { name: "y".into(), delta, scale: 2.0, multiplier: -0.3 }).unwrap();
+    let x = if conv { randn(&mut rng, &[2, w.dims()[1], 6, 6]) } else { randn(&mut rng, &[2, 4, w.dims()[1]]) };
+    let run = |s: &AdapterStack| if conv { s.forward_conv(&x, 1, 1).unwrap() } else { s.forward_linear(&x).unwrap() };
+    stack.merge = false;
+    stack.refresh().unwrap();
+    let unmerged = values(&run(&stack));
+    stack.merge = true;
+    stack.mark_stale();
+    assert!(stack.refresh().unwrap());
+    let merged = values(&run(&stack));
+    let scale = unmerged.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max_diff(&merged, &unmerged) <= 1e-5 * scale.max(1.0),
+        "merged vs unmerged: {}",
+        max_diff(&merged, &unmerged)
+    );
+}
+
+fn sample_layers(rng: &mut Rng) -> Vec<ExportLayer> {
+    vec![
+        ExportLayer {
+            component: Component::Unet,
+            path: "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k".into(),
+            delta: Delta::Lora { down: randn(rng, &[4, 32]), up: randn(rng, &[32, 4]) },
+            alpha: 2.0,
+        },
+        ExportLayer {
+            component: Component::TextEncoder,
+            path: "text_model.encoder.layers.0.mlp.fc1".into(),
+            delta: Delta::Lora { down: randn(rng, &[4, 32]), up: randn(rng, &[69, 4]) },
+            alpha: 4.0,
+        },
+        ExportLayer {
+            component: Component::Unet,
+            path: "down_blocks.0.resnets.0.conv1".into(),
+            delta: Delta::Lora { down: randn(rng, &[4, 32, 3, 3]), up: randn(rng, &[32, 4, 1, 1]) },
+            alpha: 1.0,
+        },
+    ]
+}
+
+fn glora_layer(rng: &mut Rng, square: bool) -> ExportLayer {
+    // `square`: rank = in = out, where only the recorded layout can tell the layouts apart.
+    let (out, inp, r) = if square { (4, 4, 4) } else { (32, 16, 4) };
+    ExportLayer {
+        component: Component::Unet,
+        path: "mid_block.attentions.0.proj_in".into(),
+        delta: Delta::Glora {
+            a1: randn(rng, &[inp, r]),
+            a2: randn(rng, &[r, inp]),
+            b1: randn(rng, &[out, r]),
+            b2: randn(rng, &[r, inp]),
+        },
+        alpha: 1.0,
+    }
+}
+
+fn assert_same_layers(written: &[ExportLayer], path: &std::path::Path) {
+    let parsed = read_adapter(path).unwrap();
+    assert_eq!(parsed.layers.len(), written.len());
+    for w in written {
+        let key = format!("{}.{}", w.component.label(), w.path);
+        let flat = lora_studio::engine::formats::kohya::flat_name(w.component, &w.path);
+        let p = parsed
+            .layers
+            .iter()
+            .find(|p| p.key.to_string() == key || p.key.to_string() == flat)
+            .unwrap_or_else(|| panic!("{key} read back"));
+        assert_eq!(p.scale() * p.delta.rank() as f64, w.alpha, "{key}: α");
+        for (a, b) in p.delta.tensors().iter().zip(w.delta.tensors()) {
+            assert_eq!(a.dims(), b.dims(), "{key}: shape");
+            assert_eq!(values(a), values(b), "{key}: bits");
+        }
+    }
+}
+
+#[test]
+fn kohya_and_peft_files_round_trip_bit_identically() {
+    let dir = tempdir("formats");
+    let mut rng = Rng::new(4);
+    let layers = sample_layers(&mut rng);
+    for naming in [Naming::Kohya, Naming::Peft] {
+        let path = dir.join(format!("{naming:?}.safetensors"));
+        write_adapter(&path, naming, &layers, HashMap::new(), DType::F32, GloraLayout::Current).unwrap();
+        assert_same_layers(&layers, &path);
+    }
+}
+
+#[test]
+fn glora_round_trips_in_both_layouts_even_when_square() {
+    let dir = tempdir("glora");
+    let mut rng = Rng::new(5);
+    for square in [false, true] {
+        let layers = vec![glora_layer(&mut rng, square)];
+        for layout in [GloraLayout::Current, GloraLayout::Legacy] {
+            let path = dir.join(format!("glora-{square}-{layout:?}.safetensors"));
+            write_adapter(&path, Naming::Kohya, &layers, HashMap::new(), DType::F32, layout).unwrap();
+            assert_same_layers(&layers, &path);
+        }
+    }
+    // GLoRA has no PEFT form: refused with a reason, and no file is left behind.
+    let path = dir.join("glora-peft.safetensors");
+    let err = write_adapter(
+        &path,
+        Naming::Peft,
+        &[glora_layer(&mut rng, false)],
+        HashMap::new(),
+        DType::F32,
+        GloraLayout::Current,
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("GLoRA has no PEFT form"));
+    assert!(!path.exists());
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-studio-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

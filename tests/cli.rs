@@ -1,0 +1,139 @@
+//! The `lora-studio` binary as a user runs it: outputs on the fixture model, and one-line errors
+//! with a non-zero exit (never a panic) for bad paths and files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use lora_studio::engine::weights::read_safetensors;
+
+fn studio(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lora-studio")).args(args).output().expect("run lora-studio")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-studio-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A failed run: exit code 1, exactly one line on stderr that mentions `needle`, and no panic.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(needle), "`{needle}` in: {stderr}");
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn forward_reproduces_reference_outputs() {
+    let dir = tempdir("forward");
+    let out = dir.join("out.safetensors");
+    let model = sd1_tiny().join("model");
+    let inputs = sd1_tiny().join("inputs.safetensors");
+    let run = studio(&["forward", "--model", p(&model), "--inputs", p(&inputs), "--output", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = read_safetensors(&out).unwrap();
+    let r = reference();
+    assert_close("text_embeddings", &got["text_embeddings"], &r["text_embeddings"]);
+    assert_close("noise_pred", &got["noise_pred"], &r["noise_pred"]);
+
+    // With both fixture adapters, as diffusers computed them.
+    let a = format!("{}:0.5", p(&sd1_tiny().join("lora_a_kohya.safetensors")));
+    let b = format!("{}:0.8", p(&sd1_tiny().join("lora_b_peft.safetensors")));
+    let run = studio(&[
+        "forward",
+        "--model",
+        p(&model),
+        "--adapter",
+        &a,
+        "--adapter",
+        &b,
+        "--inputs",
+        p(&inputs),
+        "--output",
+        p(&out),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_close("noise_pred_a05_b08", &read_safetensors(&out).unwrap()["noise_pred"], &r["noise_pred_a05_b08"]);
+}
+
+#[test]
+fn generate_writes_a_png() {
+    let dir = tempdir("generate");
+    let png = dir.join("image.png");
+    let model = sd1_tiny().join("model");
+    for sampler in ["ddim", "euler-a"] {
+        let run = studio(&[
+            "generate",
+            "--model",
+            p(&model),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "4",
+            "--seed",
+            "7",
+            "--sampler",
+            sampler,
+            "--out",
+            p(&png),
+        ]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (32, 32), "fixture: sample_size 16 × VAE factor 2");
+    }
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let dir = tempdir("errors");
+    let out = dir.join("x.png");
+    let generate = |model: &Path| studio(&["generate", "--model", p(model), "--prompt", "x", "--out", p(&out)]);
+
+    assert_one_line_error(&generate(&dir.join("does-not-exist")), "no such file or folder");
+
+    let ckpt = dir.join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04 pickled").unwrap();
+    assert_one_line_error(&generate(&ckpt), "not supported: pickled");
+
+    let truncated = dir.join("truncated.safetensors");
+    let bytes = std::fs::read(sd1_tiny().join("model/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert_one_line_error(&generate(&truncated), "truncated.safetensors");
+
+    // A copy of the fixture model whose UNet config lacks a required field.
+    let broken = dir.join("broken-model");
+    copy_dir(&sd1_tiny().join("model"), &broken);
+    let cfg = broken.join("unet/config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("block_out_channels");
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    assert_one_line_error(&generate(&broken), "missing field `block_out_channels`");
+
+    // A model folder missing a component.
+    std::fs::remove_dir_all(broken.join("vae")).unwrap();
+    assert_one_line_error(&generate(&broken), "missing its `vae` component");
+
+    assert!(!out.exists(), "no output file after a failure");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
