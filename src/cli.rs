@@ -11,7 +11,8 @@ use lexopt::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::bench;
-use crate::engine::formats::{match_layers, read_adapter, summarize};
+use crate::engine::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
+use crate::engine::mixing;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::sampler::SamplerKind;
 use crate::engine::weights::{read_safetensors, write_safetensors};
@@ -25,6 +26,9 @@ usage:
                        [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
   lora-studio forward --model PATH [--adapter FILE[:WEIGHT]]... --inputs IN.safetensors --output OUT.safetensors
   lora-studio adapter info FILE [--model PATH]
+  lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... --model PATH --rank N --out C.safetensors
+                       [--format kohya|peft] [--f16]
+  lora-studio adapter merge A.safetensors[:W]... --model DIR --out NEW_MODEL_DIR
   lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]
 ";
 
@@ -179,7 +183,9 @@ fn adapter_command(p: &mut lexopt::Parser) -> Result<()> {
     };
     match what.as_str() {
         "info" => adapter_info(p),
-        other => bail!("unknown adapter command `{other}` (available: info)"),
+        "blend" => adapter_blend(p, false),
+        "merge" => adapter_blend(p, true),
+        other => bail!("unknown adapter command `{other}` (available: info, blend, merge)"),
     }
 }
 
@@ -224,6 +230,158 @@ fn adapter_info(p: &mut lexopt::Parser) -> Result<()> {
         match match_layers(&parsed, &sd.module_index()) {
             Ok((_, report)) => println!("with {}: {}", model.display(), report.summary()),
             Err(e) => println!("with {}: {e:#}", model.display()),
+        }
+    }
+    Ok(())
+}
+
+/// Several adapters at their weights → one adapter of a chosen rank (`blend`), or a whole model
+/// with them folded into its weights (`merge`).
+fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
+    let mut specs: Vec<String> = Vec::new();
+    let (mut model, mut out): (Option<PathBuf>, Option<PathBuf>) = (None, None);
+    let mut rank: Option<usize> = None;
+    let mut naming = Naming::Kohya;
+    let mut dtype = DType::F32;
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("model") => model = Some(p.value()?.into()),
+            Long("out") => out = Some(p.value()?.into()),
+            Long("rank") if !merge => rank = Some(p.value()?.parse()?),
+            Long("format") if !merge => {
+                naming = match p.value()?.string()?.as_str() {
+                    "kohya" => Naming::Kohya,
+                    "peft" | "diffusers" => Naming::Peft,
+                    other => bail!("unknown format `{other}` (kohya or peft)"),
+                }
+            }
+            Long("f16") if !merge => dtype = DType::F16,
+            Value(v) => specs.push(v.string()?),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    if specs.is_empty() {
+        bail!("name at least one adapter file, as FILE[:WEIGHT]");
+    }
+    let model = model.context("--model PATH is required (the base model the adapters were made for)")?;
+    let out = out.context("--out is required")?;
+    let dev = device();
+    let mut sd = StableDiffusion::load(&model, &dev)?;
+    for (i, spec) in specs.iter().enumerate() {
+        let (file, weight) = parse_adapter_spec(spec)?;
+        let report = sd.load_adapter(&format!("adapter{i}"), &file, weight)?;
+        if !report.unmatched.is_empty() {
+            eprintln!("warning: {}: {}", file.display(), report.summary());
+        }
+    }
+    if merge {
+        let written = write_merged_model(&mut sd, &model, &out)?;
+        println!("wrote {} ({written} weights changed)", out.display());
+        return Ok(());
+    }
+    let rank = rank.context("--rank N is required")?;
+    // The live mix's output on a fixed input, to report what the blend loses end to end.
+    let probe = probe_output(&sd)?;
+    let (layers, report) = mixing::blend(&mut sd, rank)?;
+    let mut metadata = HashMap::new();
+    metadata.insert("lora_studio_blend".into(), specs.join(" "));
+    write_adapter(&out, naming, &layers, metadata, dtype, GloraLayout::Current)?;
+    // Swap the live mix for the written file and measure the difference.
+    for i in 0..specs.len() {
+        sd.remove_adapter(&format!("adapter{i}"));
+    }
+    sd.load_adapter("blend", &out, 1.0)?;
+    let blended = probe_output(&sd)?;
+    let scale = probe.abs()?.max_all()?.to_scalar::<f32>()?;
+    let err = (probe - blended)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    println!(
+        "wrote {} ({} layers, rank {rank}): kept energy {:.6} (worst layer {:.6}), max weight error {:.3e}, max UNet output error {:.3e} (relative {:.3e})",
+        out.display(),
+        report.layers,
+        report.kept_energy,
+        report.min_layer_energy,
+        report.max_weight_error,
+        err,
+        err / scale.max(f32::MIN_POSITIVE)
+    );
+    Ok(())
+}
+
+/// UNet output for a seeded latent and a fixed prompt: a yardstick for comparing mixes.
+fn probe_output(sd: &StableDiffusion) -> Result<Tensor> {
+    let mut rng = crate::engine::rng::Rng::new(1234);
+    let c = &sd.unet.config;
+    let side = c.sample_size.unwrap_or(16).min(32);
+    let x = rng.randn((1, c.in_channels, side, side), &sd.device)?;
+    let ctx = sd.encode_prompts(&["a photo of a cat"])?;
+    sd.unet.forward(&x, &Tensor::new(&[500f32], &sd.device)?, &ctx)
+}
+
+/// Copies a diffusers model folder to `out` with the live mix folded into the UNet and text
+/// encoder weights. Written to a temporary folder first and renamed, so `out` is whole or absent.
+fn write_merged_model(sd: &mut StableDiffusion, model: &std::path::Path, out: &std::path::Path) -> Result<usize> {
+    if !model.is_dir() {
+        bail!(
+            "{}: merging into a single-file checkpoint is not supported yet; use a diffusers folder",
+            model.display()
+        );
+    }
+    if out.exists() {
+        bail!("{}: already exists; choose a new folder", out.display());
+    }
+    let merged = mixing::merged_weights(sd)?;
+    let tmp = out.with_file_name(format!(
+        ".{}.partial",
+        out.file_name().context("--out needs a folder name")?.to_string_lossy()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<usize> {
+        copy_tree(model, &tmp)?;
+        let mut changed = 0;
+        for (component, weights) in &merged {
+            let dir = tmp.join(component.label());
+            for file in std::fs::read_dir(&dir)? {
+                let path = file?.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+                    continue;
+                }
+                let (mut tensors, metadata) = crate::engine::weights::read_safetensors_with_metadata(&path)?;
+                let mut touched = false;
+                for (name, w) in weights {
+                    if let Some(old) = tensors.get_mut(name) {
+                        *old = w.to_dtype(old.dtype())?;
+                        touched = true;
+                        changed += 1;
+                    }
+                }
+                if touched {
+                    write_safetensors(&path, &tensors, Some(metadata))?;
+                }
+            }
+        }
+        Ok(changed)
+    })();
+    match result {
+        Ok(n) => {
+            std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot create", out.display()))?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).with_context(|| format!("{}: cannot copy", target.display()))?;
         }
     }
     Ok(())

@@ -137,3 +137,80 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn blend_at_full_rank_and_merge_into_base_reproduce_the_live_mix() {
+    let dir = tempdir("blend");
+    let model = sd1_tiny().join("model");
+    let inputs = sd1_tiny().join("inputs.safetensors");
+    let a = sd1_tiny().join("lora_a_kohya.safetensors");
+    let b = sd1_tiny().join("lora_b_peft.safetensors");
+    let r = reference();
+
+    // Rank 6 = 4 + 2 holds the mix exactly; the blend file alone must give diffusers' A·0.5 + B·0.8.
+    let blend = dir.join("blend.safetensors");
+    let (a05, b08) = (format!("{}:0.5", p(&a)), format!("{}:0.8", p(&b)));
+    let run = studio(&["adapter", "blend", &a05, &b08, "--model", p(&model), "--rank", "6", "--out", p(&blend)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stdout).contains("kept energy 1.000000"));
+    let out = dir.join("out.safetensors");
+    let run =
+        studio(&["forward", "--model", p(&model), "--adapter", p(&blend), "--inputs", p(&inputs), "--output", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_close(
+        "noise_pred_a05_b08 from the blend",
+        &read_safetensors(&out).unwrap()["noise_pred"],
+        &r["noise_pred_a05_b08"],
+    );
+
+    // Adapter A folded into a copy of the base model at 0.7.
+    let merged = dir.join("merged-model");
+    let a07 = format!("{}:0.7", p(&a));
+    let run = studio(&["adapter", "merge", &a07, "--model", p(&model), "--out", p(&merged)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = studio(&["forward", "--model", p(&merged), "--inputs", p(&inputs), "--output", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = read_safetensors(&out).unwrap();
+    assert_close("text_embeddings_a07 from the merged model", &got["text_embeddings"], &r["text_embeddings_a07"]);
+    assert_close("noise_pred_a07 from the merged model", &got["noise_pred"], &r["noise_pred_a07"]);
+}
+
+#[test]
+fn adapter_of_the_wrong_shape_is_refused_with_a_report() {
+    use candle_core::{Device, Tensor};
+    let dir = tempdir("wrong-shape");
+    // A kohya file whose cross-attention keys expect a 1024-wide text context (SD 2.x).
+    let mut tensors = std::collections::HashMap::new();
+    for block in ["down_blocks_0_attentions_0", "up_blocks_1_attentions_0"] {
+        let name = format!("lora_unet_{block}_transformer_blocks_0_attn2_to_k");
+        tensors.insert(
+            format!("{name}.lora_down.weight"),
+            Tensor::zeros((4, 1024), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            format!("{name}.lora_up.weight"),
+            Tensor::zeros((32, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    }
+    let file = dir.join("sd2.safetensors");
+    lora_studio::engine::weights::write_safetensors(&file, &tensors, None).unwrap();
+    let out = dir.join("out.safetensors");
+    let run = studio(&[
+        "forward",
+        "--model",
+        p(&sd1_tiny().join("model")),
+        "--adapter",
+        p(&file),
+        "--inputs",
+        p(&sd1_tiny().join("inputs.safetensors")),
+        "--output",
+        p(&out),
+    ]);
+    assert_one_line_error(&run, "2 have the wrong shape");
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("cross-attention 1024 (SD 2.x), this model's is 32"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(!out.exists());
+}

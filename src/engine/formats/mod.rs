@@ -198,7 +198,7 @@ pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec
         };
         let shape = index.shape(component, &path).expect("resolved layers are indexed");
         if let Err(e) = layer.delta.check_shapes(shape) {
-            report.shape_mismatches.push(format!("{}: {e}{}", layer.key, shape_hint(&layer.delta, shape)));
+            report.shape_mismatches.push(format!("{}: {e}{}", layer.key, shape_hint(&layer.key, &layer.delta, shape)));
             continue;
         }
         report.matched += 1;
@@ -211,17 +211,28 @@ pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec
 }
 
 /// A guess at why shapes differ, in the words a user needs.
-fn shape_hint(delta: &Delta, base: &[usize]) -> String {
+fn shape_hint(key: &LayerKey, delta: &Delta, base: &[usize]) -> String {
     let input = match delta {
         Delta::Lora { down, .. } => down.dims()[1],
         Delta::Glora { a2, .. } => a2.dims()[1],
     };
-    match (input, base.get(1)) {
-        (1024, Some(768)) => " — an SD 2.x adapter (text context 1024) on an SD 1.x base?".into(),
-        (768, Some(1024)) => " — an SD 1.x adapter (text context 768) on an SD 2.x base?".into(),
-        (2048, _) => " — an SDXL adapter?".into(),
-        _ => String::new(),
+    let name = key.to_string().replace('.', "_");
+    let cross = name.contains("attn2_to_k") || name.contains("attn2_to_v");
+    if !cross || base.get(1) == Some(&input) {
+        return String::new();
     }
+    let family = |w: usize| match w {
+        768 => " (SD 1.x)",
+        1024 => " (SD 2.x)",
+        2048 => " (SDXL)",
+        _ => "",
+    };
+    let ours = base.get(1).copied().unwrap_or(0);
+    format!(
+        " — this adapter was trained for a model with cross-attention {input}{}, this model's is {ours}{}",
+        family(input),
+        family(ours)
+    )
 }
 
 /// One layer of an adapter to write: where it goes, its factors and its α.
