@@ -89,9 +89,27 @@ impl ModelWeights {
         })
     }
 
-    fn load_single_file(path: &Path, _dtype: DType, _device: &Device) -> Result<Self> {
-        let _ = (single_file::PLACEHOLDER, read_safetensors);
-        bail!("{}: single-file checkpoints are not supported yet", path.display())
+    fn load_single_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let source = path.display().to_string();
+        let converted = single_file::convert(read_safetensors(path)?, &source)?;
+        let mut scheduler_config = SchedulerConfig::default();
+        if let Some(p) = converted.prediction_hint {
+            scheduler_config.set_prediction(p);
+        }
+        let pad_id = match converted.family {
+            single_file::ModelFamily::Sd1 => super::tokenizer::END_OF_TEXT,
+            single_file::ModelFamily::Sd2 => 0,
+        };
+        Ok(Self {
+            tokenizer: ClipTokenizer::with_pad_id(pad_id),
+            unet_config: converted.unet_config,
+            text_config: converted.text_config,
+            vae_config: converted.vae_config,
+            scheduler_config,
+            unet: WeightMap::new(converted.unet, format!("{source} (UNet)"), dtype, device)?,
+            text_encoder: WeightMap::new(converted.text_encoder, format!("{source} (text encoder)"), dtype, device)?,
+            vae: WeightMap::new(converted.vae, format!("{source} (VAE)"), dtype, device)?,
+        })
     }
 }
 

@@ -1,0 +1,726 @@
+//! Training: LoRA / LoCon / GLoRA adapters (base weights frozen, run factored so W + BA is never
+//! materialised) and full fine-tuning, with AdamW, LR schedules, min-SNR weighting, gradient
+//! accumulation and clipping, exact checkpoints and resume, and validation loss.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::Result;
+use super::adapter::{Delta, LayerAdapter, TargetPreset};
+use super::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
+use super::formats::{Component, ExportLayer, GloraLayout, Naming, write_adapter};
+use super::nn::LayerMut;
+use super::pipeline::StableDiffusion;
+use super::rng::Rng;
+use super::weights::{read_safetensors_with_metadata, write_safetensors};
+
+/// The adapter's name inside the model's adapter stacks while it trains.
+pub const TRAINING_ADAPTER: &str = "training";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Low-rank updates on the targeted linear layers.
+    Lora,
+    /// LoRA on linear and convolution layers.
+    Locon,
+    /// Generalised LoRA: a learned rescaling of W plus a low-rank shift.
+    Glora,
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "lora" => Ok(Self::Lora),
+            "locon" => Ok(Self::Locon),
+            "glora" => Ok(Self::Glora),
+            other => bail!("unknown algorithm `{other}` (lora, locon or glora)"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+    Linear,
+}
+
+/// Everything that defines a training run; saved in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub algorithm: Algorithm,
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: TargetPreset,
+    pub train_text_encoder: bool,
+    pub learning_rate: f64,
+    /// Defaults to `learning_rate`.
+    pub text_encoder_lr: Option<f64>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (none when absent).
+    pub max_grad_norm: Option<f64>,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023); 5 is the usual choice.
+    pub min_snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    /// Probability of training on an empty caption (helps classifier-free guidance).
+    pub caption_dropout: f64,
+    /// Shuffle comma-separated tags, keeping the first `keep_tokens` in place.
+    pub shuffle_tags: bool,
+    pub keep_tokens: usize,
+    pub dataset: DatasetOptions,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: usize,
+    /// Sample image every N steps (0: never).
+    pub sample_every: usize,
+    pub sample_prompt: String,
+    /// Images held out of nothing but used, with fixed noise, for the validation loss.
+    pub validation_images: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::Lora,
+            rank: 4,
+            alpha: 4.0,
+            targets: TargetPreset::Transformer,
+            train_text_encoder: false,
+            learning_rate: 1e-4,
+            text_encoder_lr: None,
+            steps: 500,
+            batch_size: 1,
+            grad_accum: 1,
+            seed: 0,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: Some(1.0),
+            min_snr_gamma: None,
+            noise_offset: 0.0,
+            caption_dropout: 0.0,
+            shuffle_tags: false,
+            keep_tokens: 1,
+            dataset: DatasetOptions::default(),
+            save_every: 0,
+            sample_every: 0,
+            sample_prompt: String::new(),
+            validation_images: 4,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            bail!("rank must be at least 1");
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("alpha must be positive");
+        }
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("steps, batch size and gradient accumulation must be at least 1");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            bail!("learning rate must be a positive number");
+        }
+        if self.dataset.resolution < 8 {
+            bail!("resolution must be at least 8 pixels");
+        }
+        Ok(())
+    }
+
+    /// Learning-rate factor at `step` (0-based): linear warmup, then the schedule.
+    pub fn lr_factor(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = (self.steps - self.warmup_steps.min(self.steps)).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        match self.lr_schedule {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Linear => 1.0 - progress,
+            LrSchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+}
+
+/// One trainable tensor with its optimiser state.
+struct Param {
+    name: String,
+    var: Var,
+    text_encoder: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// A layer's trained factors, for export.
+struct TrainedLayer {
+    component: Component,
+    path: String,
+    /// Parameter names in `Delta` order.
+    params: Vec<String>,
+    glora: bool,
+}
+
+/// One training example: latents (cached) and its caption.
+struct Example {
+    latents: Vec<Tensor>, // [unflipped, flipped] when flipping, else [unflipped]
+    caption: String,
+}
+
+/// Why a step did not update the weights.
+#[derive(Debug)]
+pub struct NonFiniteLoss {
+    pub step: usize,
+}
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the loss became NaN or infinite at step {}: the weights were not updated; lower the learning rate or alpha, and check the images",
+            self.step
+        )
+    }
+}
+impl std::error::Error for NonFiniteLoss {}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub model: StableDiffusion,
+    params: Vec<Param>,
+    layers: Vec<TrainedLayer>,
+    examples: Vec<Example>,
+    /// Cached text embeddings per caption while the text encoder is frozen.
+    embeddings: HashMap<String, Tensor>,
+    rng: Rng,
+    order: Vec<usize>,
+    cursor: usize,
+    /// Optimiser steps done.
+    pub step: usize,
+    /// The loss of every step so far.
+    pub losses: Vec<f32>,
+}
+
+/// Kaiming-uniform initialisation bound for a fan-in, as torch.nn.Linear uses.
+fn kaiming_bound(fan_in: usize) -> f64 {
+    1.0 / (fan_in as f64).sqrt()
+}
+
+fn uniform(rng: &mut Rng, shape: &[usize], bound: f64, device: &candle_core::Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+impl Trainer {
+    /// Attaches a fresh adapter to `model` per the config and loads the dataset's latents.
+    pub fn new(mut model: StableDiffusion, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+        config.validate()?;
+        if dataset.images.is_empty() {
+            bail!(
+                "the dataset has no usable images{}",
+                if dataset.skipped.is_empty() { "" } else { " (all were skipped)" }
+            );
+        }
+        let mut rng = Rng::new(config.seed);
+        let device = model.device.clone();
+        let mut params = Vec::new();
+        let mut layers = Vec::new();
+        let mut error = Ok(());
+        let cfg = config.clone();
+        model.visit_layers(&mut |component, mut layer| {
+            let conv = matches!(layer, LayerMut::Conv(_));
+            let wanted = match component {
+                Component::Unet => {
+                    cfg.targets.targets_unet(layer.path(), conv) && (!conv || cfg.algorithm != Algorithm::Lora)
+                }
+                Component::TextEncoder => cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path()),
+            };
+            if !wanted {
+                return;
+            }
+            let path = layer.path().to_string();
+            let shape = layer.stack_ref().base.dims().to_vec();
+            let result = (|| -> Result<()> {
+                let (out, inp) = (shape[0], shape[1]);
+                let kernel = &shape[2..];
+                let r = cfg.rank.min(out).min(inp).max(1);
+                let fan_in: usize = inp * kernel.iter().product::<usize>();
+                let ones = vec![1usize; kernel.len()];
+                let with = |a: usize, b: usize, tail: &[usize]| -> Vec<usize> { [&[a, b][..], tail].concat() };
+                // LoRA/LoCon: A random, B zero. GLoRA (LyCORIS): a1, b1 random, a2, b2 zero.
+                // Either way ΔW = 0 at step 0: training starts exactly at the base model.
+                let tensors: Vec<(&str, Tensor)> = match cfg.algorithm {
+                    Algorithm::Lora | Algorithm::Locon => vec![
+                        ("lora_down", uniform(&mut rng, &with(r, inp, kernel), kaiming_bound(fan_in), &device)?),
+                        ("lora_up", Tensor::zeros(with(out, r, &ones), DType::F32, &device)?),
+                    ],
+                    Algorithm::Glora => vec![
+                        ("a1", uniform(&mut rng, &with(inp, r, &ones), kaiming_bound(r), &device)?),
+                        ("a2", Tensor::zeros(with(r, inp, &ones), DType::F32, &device)?),
+                        ("b1", uniform(&mut rng, &with(out, r, &ones), kaiming_bound(r), &device)?),
+                        ("b2", Tensor::zeros(with(r, inp, kernel), DType::F32, &device)?),
+                    ],
+                };
+                let mut names = Vec::new();
+                let mut vars = Vec::new();
+                for (leaf, t) in tensors {
+                    let name = format!("{}.{path}.{leaf}", component.label());
+                    let var = Var::from_tensor(&t.to_dtype(model_dtype(&layer))?)?;
+                    vars.push(var.as_tensor().clone());
+                    params.push(Param {
+                        name: name.clone(),
+                        m: var.zeros_like()?,
+                        v: var.zeros_like()?,
+                        var,
+                        text_encoder: component == Component::TextEncoder,
+                    });
+                    names.push(name);
+                }
+                let delta = match cfg.algorithm {
+                    Algorithm::Glora => Delta::Glora {
+                        a1: vars[0].clone(),
+                        a2: vars[1].clone(),
+                        b1: vars[2].clone(),
+                        b2: vars[3].clone(),
+                    },
+                    _ => Delta::Lora { down: vars[0].clone(), up: vars[1].clone() },
+                };
+                let stack = layer.stack();
+                stack.merge = false; // factored: x·Aᵀ·Bᵀ, never W + BA per step
+                stack.attach(LayerAdapter {
+                    name: TRAINING_ADAPTER.into(),
+                    delta,
+                    scale: cfg.alpha / r as f64,
+                    multiplier: 1.0,
+                })?;
+                layers.push(TrainedLayer { component, path, params: names, glora: cfg.algorithm == Algorithm::Glora });
+                Ok(())
+            })();
+            if let Err(e) = result {
+                error = Err(e);
+            }
+        });
+        error?;
+        if params.is_empty() {
+            bail!(
+                "no layer of this model matches the targets `{}` with {:?}",
+                config.targets.label(),
+                config.algorithm
+            );
+        }
+        model.refresh_merges()?;
+        let examples = encode_examples(&model, &config, dataset)?;
+        let mut trainer = Self {
+            config,
+            model,
+            params,
+            layers,
+            examples,
+            embeddings: HashMap::new(),
+            rng,
+            order: Vec::new(),
+            cursor: 0,
+            step: 0,
+            losses: Vec::new(),
+        };
+        trainer.new_epoch();
+        Ok(trainer)
+    }
+
+    pub fn trainable_parameters(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    pub fn trained_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn new_epoch(&mut self) {
+        self.order = (0..self.examples.len()).collect();
+        self.rng.shuffle(&mut self.order);
+        self.cursor = 0;
+    }
+
+    fn next_example(&mut self) -> usize {
+        if self.cursor >= self.order.len() {
+            self.new_epoch();
+        }
+        self.cursor += 1;
+        self.order[self.cursor - 1]
+    }
+
+    /// The caption as trained: tag shuffling and caption dropout applied.
+    fn training_caption(&mut self, caption: &str) -> String {
+        if self.config.caption_dropout > 0.0 && self.rng.uniform() < self.config.caption_dropout {
+            return String::new();
+        }
+        if !self.config.shuffle_tags {
+            return caption.to_string();
+        }
+        let mut tags: Vec<&str> = caption.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+        let keep = self.config.keep_tokens.min(tags.len());
+        self.rng.shuffle(&mut tags[keep..]);
+        tags.join(", ")
+    }
+
+    fn text_embedding(&mut self, caption: &str) -> Result<Tensor> {
+        if self.config.train_text_encoder {
+            return self.model.encode_prompts(&[caption]);
+        }
+        if let Some(e) = self.embeddings.get(caption) {
+            return Ok(e.clone());
+        }
+        let e = self.model.encode_prompts(&[caption])?.detach();
+        self.embeddings.insert(caption.to_string(), e.clone());
+        Ok(e)
+    }
+
+    /// The diffusion loss for a batch, with per-sample timesteps and noise given.
+    fn loss(&self, x0: &Tensor, ctx: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        let schedule = &self.model.schedule;
+        let x_t = schedule.add_noise(x0, noise, timesteps)?;
+        let target = schedule.target(x0, noise, timesteps)?;
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, timesteps.len(), x0.device())?.to_dtype(x0.dtype())?;
+        let pred = self.model.unet.forward(&x_t, &t, ctx)?;
+        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let weights: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| match self.config.min_snr_gamma {
+                Some(gamma) => {
+                    let snr = schedule.snr(t);
+                    let w = match schedule.prediction {
+                        super::schedule::Prediction::Epsilon => snr.min(gamma) / snr,
+                        super::schedule::Prediction::V => snr.min(gamma) / (snr + 1.0),
+                    };
+                    w as f32
+                }
+                None => 1.0,
+            })
+            .collect();
+        let w = Tensor::from_vec(weights, timesteps.len(), x0.device())?.to_dtype(per_sample.dtype())?;
+        Ok((per_sample * w)?.mean_all()?)
+    }
+
+    /// One optimiser step (with gradient accumulation inside). Returns the mean loss.
+    pub fn train_step(&mut self) -> Result<f32> {
+        let device = self.model.device.clone();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let mut total = 0f32;
+        for _ in 0..self.config.grad_accum {
+            let mut x0s = Vec::new();
+            let mut ctxs = Vec::new();
+            let mut timesteps = Vec::new();
+            for _ in 0..self.config.batch_size {
+                let i = self.next_example();
+                let flip = self.examples[i].latents.len() > 1 && self.rng.uniform() < 0.5;
+                x0s.push(self.examples[i].latents[flip as usize].clone());
+                let caption = self.examples[i].caption.clone();
+                let caption = self.training_caption(&caption);
+                ctxs.push(self.text_embedding(&caption)?);
+                timesteps.push(self.rng.below(self.model.schedule.len()));
+            }
+            // Stacking needs one size: a batch from several buckets trains them one at a time.
+            let same_size = x0s.windows(2).all(|w| w[0].dims() == w[1].dims());
+            let groups: Vec<Vec<usize>> =
+                if same_size { vec![(0..x0s.len()).collect()] } else { (0..x0s.len()).map(|i| vec![i]).collect() };
+            for g in groups {
+                let x0 = Tensor::stack(&g.iter().map(|&i| &x0s[i]).collect::<Vec<_>>(), 0)?;
+                let ctx = Tensor::cat(&g.iter().map(|&i| &ctxs[i]).collect::<Vec<_>>(), 0)?;
+                let ts: Vec<usize> = g.iter().map(|&i| timesteps[i]).collect();
+                let mut noise = self.rng.randn(x0.shape(), &device)?.to_dtype(x0.dtype())?;
+                if self.config.noise_offset > 0.0 {
+                    let (b, c, _, _) = x0.dims4()?;
+                    let offset =
+                        (self.rng.randn((b, c, 1, 1), &device)?.to_dtype(x0.dtype())? * self.config.noise_offset)?;
+                    noise = noise.broadcast_add(&offset)?;
+                }
+                let loss = self.loss(&x0, &ctx, &noise, &ts)?;
+                let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(NonFiniteLoss { step: self.step + 1 }.into());
+                }
+                let share = g.len() as f64 / (self.config.batch_size * self.config.grad_accum) as f64;
+                total += value * share as f32;
+                let store = (loss * share)?.backward()?;
+                for (slot, p) in grads.iter_mut().zip(&self.params) {
+                    if let Some(g) = store.get(p.var.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        self.apply_gradients(grads)?;
+        self.step += 1;
+        self.losses.push(total);
+        Ok(total)
+    }
+
+    /// AdamW with decoupled weight decay and optional global-norm clipping.
+    fn apply_gradients(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
+        let mut clip = 1.0;
+        if let Some(max_norm) = self.config.max_grad_norm {
+            let mut sq = 0f64;
+            for g in grads.iter().flatten() {
+                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            let norm = sq.sqrt();
+            if !norm.is_finite() {
+                return Err(NonFiniteLoss { step: self.step + 1 }.into());
+            }
+            if norm > max_norm {
+                clip = max_norm / (norm + 1e-6);
+            }
+        }
+        let c = &self.config;
+        let t = (self.step + 1) as i32;
+        let (b1, b2) = (c.beta1, c.beta2);
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let factor = c.lr_factor(self.step);
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            let g = (g * clip)?;
+            let lr =
+                if p.text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { c.learning_rate } * factor;
+            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&p.m / bc1)? / ((&p.v / bc2)?.sqrt()? + c.eps)?)?;
+            let w = p.var.as_tensor().detach();
+            let next = ((w * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
+            p.var.set(&next)?;
+        }
+        Ok(())
+    }
+
+    /// The learning rate of the UNet group at the current step.
+    pub fn current_lr(&self) -> f64 {
+        self.config.learning_rate * self.config.lr_factor(self.step.saturating_sub(1))
+    }
+
+    /// Loss on the first `validation_images` examples with fixed timesteps and noise: comparable
+    /// across checkpoints, unlike the noisy per-step loss.
+    pub fn validation_loss(&mut self) -> Result<f32> {
+        let n = self.config.validation_images.clamp(1, self.examples.len());
+        let mut rng = Rng::new(0x5eed_0f7a_11);
+        let mut total = 0f32;
+        let device = self.model.device.clone();
+        let count = self.model.schedule.len();
+        for i in 0..n {
+            let x0 = self.examples[i].latents[0].unsqueeze(0)?;
+            let caption = self.examples[i].caption.clone();
+            let ctx = if self.config.train_text_encoder {
+                self.model.encode_prompts(&[caption.as_str()])?
+            } else {
+                self.text_embedding(&caption)?
+            };
+            // Spread timesteps over the schedule so every checkpoint is judged on the same mix.
+            for k in 0..4 {
+                let t = (count * (2 * k + 1)) / 8;
+                let noise = rng.randn(x0.shape(), &device)?.to_dtype(x0.dtype())?;
+                total +=
+                    self.loss(&x0, &ctx.detach(), &noise, &[t])?.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            }
+        }
+        Ok(total / (4 * n) as f32)
+    }
+
+    /// The adapter as trained so far, ready to write.
+    pub fn export_layers(&self) -> Result<Vec<ExportLayer>> {
+        let by_name: HashMap<&str, &Param> = self.params.iter().map(|p| (p.name.as_str(), p)).collect();
+        let mut out = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let t: Vec<Tensor> = l
+                .params
+                .iter()
+                .map(|n| Ok(by_name[n.as_str()].var.as_tensor().detach().copy()?))
+                .collect::<Result<_>>()?;
+            let delta = if l.glora {
+                Delta::Glora { a1: t[0].clone(), a2: t[1].clone(), b1: t[2].clone(), b2: t[3].clone() }
+            } else {
+                Delta::Lora { down: t[0].clone(), up: t[1].clone() }
+            };
+            let r = delta.rank();
+            let alpha = self.config.alpha * (r as f64 / self.config.rank as f64);
+            out.push(ExportLayer { component: l.component, path: l.path.clone(), delta, alpha });
+        }
+        Ok(out)
+    }
+
+    /// kohya's `ss_*` keys plus ours, so A1111 / ComfyUI show what the adapter is.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let c = &self.config;
+        let mut m = HashMap::new();
+        m.insert("ss_network_dim".into(), c.rank.to_string());
+        m.insert("ss_network_alpha".into(), c.alpha.to_string());
+        m.insert("ss_resolution".into(), format!("({}, {})", c.dataset.resolution, c.dataset.resolution));
+        m.insert("ss_steps".into(), self.step.to_string());
+        m.insert("ss_max_train_steps".into(), c.steps.to_string());
+        m.insert("ss_learning_rate".into(), c.learning_rate.to_string());
+        m.insert("ss_seed".into(), c.seed.to_string());
+        m.insert("ss_num_train_images".into(), self.examples.len().to_string());
+        let family = if self.model.unet.config.cross_attention_dim == 1024 { "sd_v2" } else { "sd_v1" };
+        m.insert("ss_base_model_version".into(), family.into());
+        m.insert("ss_v2".into(), (family == "sd_v2").to_string());
+        let mut freq: HashMap<String, usize> = HashMap::new();
+        for e in &self.examples {
+            for tag in e.caption.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                *freq.entry(tag.to_string()).or_insert(0) += 1;
+            }
+        }
+        m.insert("ss_tag_frequency".into(), serde_json::json!({ "dataset": freq }).to_string());
+        if !c.dataset.trigger.is_empty() {
+            m.insert("lora_studio_trigger_words".into(), c.dataset.trigger.clone());
+        }
+        m.insert("lora_studio_algorithm".into(), format!("{:?}", c.algorithm).to_lowercase());
+        m.insert("lora_studio_targets".into(), c.targets.label().into());
+        m
+    }
+
+    /// Writes the adapter file (kohya layout unless told otherwise), atomically.
+    pub fn save_adapter(&self, path: &Path, naming: Naming) -> Result<()> {
+        let layers = self.export_layers()?;
+        for l in &layers {
+            for t in l.delta.tensors() {
+                if t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_nan() {
+                    bail!("refusing to write {}: the adapter contains NaN values", path.display());
+                }
+            }
+        }
+        write_adapter(path, naming, &layers, self.metadata(), DType::F32, GloraLayout::Current)
+    }
+
+    /// Everything needed to continue exactly: parameters, AdamW moments, step, RNG, epoch order,
+    /// config and losses. Written atomically.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let mut tensors = HashMap::new();
+        for p in &self.params {
+            tensors.insert(format!("param/{}", p.name), p.var.as_tensor().detach());
+            tensors.insert(format!("adam_m/{}", p.name), p.m.clone());
+            tensors.insert(format!("adam_v/{}", p.name), p.v.clone());
+        }
+        let state = CheckpointState {
+            step: self.step,
+            rng: self.rng.state(),
+            order: self.order.clone(),
+            cursor: self.cursor,
+            losses: self.losses.clone(),
+            config: self.config.clone(),
+        };
+        let mut metadata = HashMap::new();
+        metadata.insert("lora_studio_checkpoint".into(), serde_json::to_string(&state)?);
+        write_safetensors(path, &tensors, Some(metadata))
+    }
+
+    /// Restores a checkpoint written by `save_checkpoint` for the same model and config.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let (tensors, metadata) = read_safetensors_with_metadata(path)?;
+        let state: CheckpointState = serde_json::from_str(
+            metadata
+                .get("lora_studio_checkpoint")
+                .with_context(|| format!("{}: not a LoRA Studio checkpoint", path.display()))?,
+        )
+        .with_context(|| format!("{}: damaged checkpoint state", path.display()))?;
+        if state.config.algorithm != self.config.algorithm
+            || state.config.rank != self.config.rank
+            || state.config.targets != self.config.targets
+        {
+            bail!(
+                "{}: this checkpoint was made with different adapter settings (algorithm, rank or targets)",
+                path.display()
+            );
+        }
+        let device = self.model.device.clone();
+        for p in &mut self.params {
+            let get = |kind: &str| -> Result<Tensor> {
+                let t = tensors
+                    .get(&format!("{kind}/{}", p.name))
+                    .with_context(|| format!("{}: `{}` is missing", path.display(), p.name))?;
+                if t.dims() != p.var.dims() {
+                    bail!("{}: `{}` has the wrong shape", path.display(), p.name);
+                }
+                Ok(t.to_device(&device)?.to_dtype(p.var.dtype())?)
+            };
+            p.var.set(&get("param")?)?;
+            p.m = get("adam_m")?;
+            p.v = get("adam_v")?;
+        }
+        self.step = state.step;
+        self.rng = Rng::from_state(state.rng);
+        if state.order.len() == self.examples.len() {
+            self.order = state.order;
+            self.cursor = state.cursor;
+        }
+        self.losses = state.losses;
+        // Only the schedule-independent settings are kept from the checkpoint's config: a user
+        // may resume with more steps.
+        let steps = self.config.steps;
+        self.config = TrainConfig { steps, ..state.config };
+        Ok(())
+    }
+}
+
+fn model_dtype(layer: &LayerMut<'_>) -> DType {
+    layer.stack_ref().base.dtype()
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    rng: [u64; 4],
+    order: Vec<usize>,
+    cursor: usize,
+    losses: Vec<f32>,
+    config: TrainConfig,
+}
+
+/// VAE latents (× scaling factor) for every image, centre-cropped (and mirrored when flipping).
+fn encode_examples(model: &StableDiffusion, config: &TrainConfig, dataset: &Dataset) -> Result<Vec<Example>> {
+    let opts = &config.dataset;
+    let f = model.vae.config.downscale();
+    let mut out = Vec::with_capacity(dataset.images.len());
+    for e in &dataset.images {
+        let bytes = std::fs::read(&e.path).with_context(|| format!("{}: cannot read", e.path.display()))?;
+        let img = decode_image(&e.path, &bytes)?;
+        let (w, h) = target_size(e.width, e.height, opts);
+        let (w, h) = (w / f * f, h / f * f);
+        let mut latents = Vec::new();
+        for flip in if opts.flip { vec![false, true] } else { vec![false] } {
+            let pixels = prepare_image(&img, w, h, (0.5, 0.5), flip, &model.device)?.to_dtype(model.dtype)?;
+            let lat = (model.vae.encode_mean(&pixels.unsqueeze(0)?)? * model.vae.config.scaling_factor)?;
+            latents.push(lat.squeeze(0)?.detach());
+        }
+        out.push(Example { latents, caption: e.full_caption(&opts.trigger) });
+    }
+    Ok(out)
+}
+
+/// Default file names for a run's outputs beside `out`.
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
+    out.with_file_name(format!("{stem}.checkpoint.safetensors"))
+}
