@@ -15,16 +15,24 @@ use crate::engine::formats::{GloraLayout, Naming, match_layers, read_adapter, su
 use crate::engine::mixing;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::sampler::SamplerKind;
+use crate::engine::train::TrainConfig;
 use crate::engine::weights::{read_safetensors, write_safetensors};
+use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 const USAGE: &str = "\
 LoRA Studio — train, blend and export LoRA adapters for Stable Diffusion
 
 usage:
   lora-studio                      open the window
-  lora-studio generate --model PATH --prompt TEXT [--negative TEXT] [--seed N] [--steps N]
+  lora-studio generate --model PATH --prompt TEXT [--adapter FILE[:WEIGHT]]... [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
   lora-studio forward --model PATH [--adapter FILE[:WEIGHT]]... --inputs IN.safetensors --output OUT.safetensors
+  lora-studio train --model PATH --data DIR --out FILE.safetensors [--algo lora|locon|glora]
+                    [--rank N --alpha X --targets PRESET --lr X --steps N --batch N --resolution N
+                     --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
+                     --train-text-encoder --flip --buckets --min-snr G --noise-offset X
+                     --lr-schedule constant|cosine|linear --warmup N --grad-accum N
+                     --format kohya|peft --resume CKPT --config train.toml]
   lora-studio adapter info FILE [--model PATH]
   lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... --model PATH --rank N --out C.safetensors
                        [--format kohya|peft] [--f16]
@@ -64,6 +72,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "forward" => forward(&mut parser),
         "bench" => bench_command(&mut parser),
         "adapter" => adapter_command(&mut parser),
+        "train" => train(&mut parser),
         "help" => {
             print!("{USAGE}");
             Ok(())
@@ -79,6 +88,7 @@ fn device() -> Device {
 fn generate(p: &mut lexopt::Parser) -> Result<()> {
     let mut model: Option<PathBuf> = None;
     let mut out: Option<PathBuf> = None;
+    let mut adapters: Vec<String> = Vec::new();
     let mut req = GenerateRequest {
         prompt: String::new(),
         negative: String::new(),
@@ -101,12 +111,14 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
             Long("width") => req.width = p.value()?.parse()?,
             Long("height") => req.height = p.value()?.parse()?,
             Long("out") => out = Some(p.value()?.into()),
+            Long("adapter") => adapters.push(p.value()?.string()?),
             _ => return Err(arg.unexpected().into()),
         }
     }
     let model = model.context("--model PATH is required")?;
     let out = out.context("--out FILE.png is required")?;
-    let sd = StableDiffusion::load(&model, &device())?;
+    let mut sd = StableDiffusion::load(&model, &device())?;
+    load_adapters(&mut sd, &adapters)?;
     let default_side = sd.unet.config.sample_size.unwrap_or(64) * sd.vae.config.downscale();
     if req.width == 0 {
         req.width = default_side;
@@ -142,13 +154,7 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
     let dev = device();
     let inputs = read_safetensors(&inputs_path)?;
     let mut sd = StableDiffusion::from_weights(ModelWeights::load(&model, DType::F32, &dev)?)?;
-    for (i, spec) in adapters.iter().enumerate() {
-        let (file, weight) = parse_adapter_spec(spec)?;
-        let report = sd.load_adapter(&format!("adapter{i}"), &file, weight)?;
-        if !report.unmatched.is_empty() {
-            eprintln!("warning: {}: {}", file.display(), report.summary());
-        }
-    }
+    load_adapters(&mut sd, &adapters)?;
     let mut outputs: HashMap<String, Tensor> = HashMap::new();
     let context = if let Some(ids) = inputs.get("input_ids") {
         let emb = sd.text_encoder.forward(&ids.to_device(&dev)?)?;
@@ -267,13 +273,7 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     let out = out.context("--out is required")?;
     let dev = device();
     let mut sd = StableDiffusion::load(&model, &dev)?;
-    for (i, spec) in specs.iter().enumerate() {
-        let (file, weight) = parse_adapter_spec(spec)?;
-        let report = sd.load_adapter(&format!("adapter{i}"), &file, weight)?;
-        if !report.unmatched.is_empty() {
-            eprintln!("warning: {}: {}", file.display(), report.summary());
-        }
-    }
+    load_adapters(&mut sd, &specs)?;
     if merge {
         let written = write_merged_model(&mut sd, &model, &out)?;
         println!("wrote {} ({written} weights changed)", out.display());
@@ -382,6 +382,173 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
             copy_tree(&entry.path(), &target)?;
         } else {
             std::fs::copy(entry.path(), &target).with_context(|| format!("{}: cannot copy", target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A training job as a TOML file: the trainer's options plus where the model, data and output are.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct TrainFile {
+    model: Option<PathBuf>,
+    data: Vec<PathBuf>,
+    out: Option<PathBuf>,
+    #[serde(flatten)]
+    config: TrainConfig,
+}
+
+fn train(p: &mut lexopt::Parser) -> Result<()> {
+    // A --config file first, then flags override it, whatever their order on the line.
+    let mut args = Vec::new();
+    let mut file = TrainFile::default();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("config") => {
+                let path: PathBuf = p.value()?.into();
+                let text =
+                    std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+                file = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+            }
+            Long(name) => {
+                let name = name.to_string();
+                let flag = matches!(name.as_str(), "train-text-encoder" | "flip" | "buckets" | "random-crop");
+                let value = if flag { None } else { Some(p.value()?.string()?) };
+                args.push((name, value));
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let mut naming = Naming::Kohya;
+    let mut resume = None;
+    let c = &mut file.config;
+    for (name, value) in args {
+        let v = value.unwrap_or_default();
+        let num =
+            |v: &str| -> Result<f64> { v.parse::<f64>().with_context(|| format!("--{name}: `{v}` is not a number")) };
+        let int = |v: &str| -> Result<usize> {
+            v.parse::<usize>().with_context(|| format!("--{name}: `{v}` is not a whole number"))
+        };
+        match name.as_str() {
+            "model" => file.model = Some(v.into()),
+            "data" => file.data.push(v.into()),
+            "out" => file.out = Some(v.into()),
+            "algo" => c.algorithm = v.parse()?,
+            "rank" => c.rank = int(&v)?,
+            "alpha" => c.alpha = num(&v)?,
+            "targets" => c.targets = serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                anyhow::anyhow!(
+                    "--targets: unknown preset `{v}` (cross-attention, attention, transformer, transformer-and-conv)"
+                )
+            })?,
+            "lr" => c.learning_rate = num(&v)?,
+            "text-lr" => c.text_encoder_lr = Some(num(&v)?),
+            "train-text-encoder" => c.train_text_encoder = true,
+            "steps" => c.steps = int(&v)?,
+            "batch" => c.batch_size = int(&v)?,
+            "grad-accum" => c.grad_accum = int(&v)?,
+            "resolution" => c.dataset.resolution = int(&v)?,
+            "seed" => c.seed = v.parse().with_context(|| format!("--seed: `{v}` is not a whole number"))?,
+            "save-every" => c.save_every = int(&v)?,
+            "sample-every" => c.sample_every = int(&v)?,
+            "sample-prompt" => c.sample_prompt = v,
+            "trigger" => c.dataset.trigger = v,
+            "flip" => c.dataset.flip = true,
+            "buckets" => c.dataset.buckets = true,
+            "random-crop" => c.dataset.center_crop = false,
+            "min-snr" => c.min_snr_gamma = Some(num(&v)?),
+            "noise-offset" => c.noise_offset = num(&v)?,
+            "warmup" => c.warmup_steps = int(&v)?,
+            "lr-schedule" => {
+                c.lr_schedule = serde_json::from_value(serde_json::Value::String(v.clone()))
+                    .map_err(|_| anyhow::anyhow!("--lr-schedule: `{v}` (constant, cosine or linear)"))?
+            }
+            "format" => {
+                naming = match v.as_str() {
+                    "kohya" => Naming::Kohya,
+                    "peft" | "diffusers" => Naming::Peft,
+                    other => bail!("--format: unknown format `{other}` (kohya or peft)"),
+                }
+            }
+            "resume" => resume = Some(PathBuf::from(v)),
+            other => bail!("unknown option --{other} for train"),
+        }
+    }
+    let model = file.model.context("--model PATH is required")?;
+    let out = file.out.context("--out FILE.safetensors is required")?;
+    if file.data.is_empty() {
+        bail!("--data DIR is required (a folder of images with .txt captions)");
+    }
+    let spec = TrainJobSpec { model, data: file.data, out, config: file.config, resume, naming };
+    let job = TrainJob::start(spec, || {});
+    let mut checkpoints = Vec::new();
+    let mut failed = None;
+    for event in job.events.iter() {
+        match event {
+            TrainEvent::Preflight { images, warnings } => {
+                eprintln!("{images} images");
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            TrainEvent::Started { total_steps, start_step, parameters, layers } => {
+                eprintln!("training {parameters} parameters in {layers} layers, steps {start_step}→{total_steps}");
+            }
+            TrainEvent::Step { step, total, loss, lr, it_per_s, eta } => {
+                let bar = progress_bar(step, total, 24);
+                let eta = eta.as_secs();
+                eprint!(
+                    "\r{bar} {step}/{total}  loss {loss:.4}  lr {lr:.2e}  {it_per_s:.2} it/s  ETA {}:{:02}:{:02} ",
+                    eta / 3600,
+                    eta / 60 % 60,
+                    eta % 60
+                );
+            }
+            TrainEvent::Checkpoint { step, validation_loss, .. } => {
+                eprintln!("\ncheckpoint at step {step}: validation loss {validation_loss:.5}");
+                checkpoints.push((step, validation_loss));
+            }
+            TrainEvent::Sample { step, .. } => eprintln!("\nsample at step {step}"),
+            TrainEvent::Paused { reason, .. } => {
+                // Unattended: a pause only ever comes from a NaN; report it and stop.
+                let reason = reason.unwrap_or_else(|| "paused".into());
+                failed = Some(reason);
+                job.send(TrainCommand::Stop);
+            }
+            TrainEvent::Resumed { .. } => {}
+            TrainEvent::Finished { step, adapter } => {
+                eprintln!();
+                println!("wrote {} after {step} steps", adapter.display());
+            }
+            TrainEvent::Failed { error } => failed = Some(error),
+        }
+    }
+    job.join();
+    if !checkpoints.is_empty() {
+        let best = checkpoints.iter().map(|c| c.1).fold(f32::INFINITY, f32::min);
+        println!("step      validation loss");
+        for (step, loss) in &checkpoints {
+            println!("{step:<9} {loss:.5}{}", if *loss == best { "  ← best" } else { "" });
+        }
+    }
+    match failed {
+        Some(e) => bail!("{e}"),
+        None => Ok(()),
+    }
+}
+
+fn progress_bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// Attaches `FILE[:WEIGHT]` adapters as `adapter0`, `adapter1`, …; partial matches warn.
+fn load_adapters(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
+    for (i, spec) in specs.iter().enumerate() {
+        let (file, weight) = parse_adapter_spec(spec)?;
+        let report = sd.load_adapter(&format!("adapter{i}"), &file, weight)?;
+        if !report.unmatched.is_empty() {
+            eprintln!("warning: {}: {}", file.display(), report.summary());
         }
     }
     Ok(())

@@ -214,3 +214,69 @@ fn adapter_of_the_wrong_shape_is_refused_with_a_report() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn train_then_info_then_generate_with_the_adapter() {
+    let dir = tempdir("train");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..2u8 {
+        image::RgbImage::from_fn(40, 40, |x, _| image::Rgb([i * 100, x as u8 * 5, 90]))
+            .save(data.join(format!("{i}.png")))
+            .unwrap();
+        std::fs::write(data.join(format!("{i}.txt")), "stripes").unwrap();
+    }
+    std::fs::write(data.join("junk.png"), "junk").unwrap();
+    let adapter = dir.join("out/style.safetensors");
+    let model = sd1_tiny().join("model");
+    let run = studio(&[
+        "train",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+        "--out",
+        p(&adapter),
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--resolution",
+        "32",
+        "--algo",
+        "glora",
+        "--targets",
+        "attention",
+        "--trigger",
+        "zxc",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("junk.png: skipped"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("validation loss") && stdout.contains("← best"), "{stdout}");
+
+    let info = studio(&["adapter", "info", p(&adapter), "--model", p(&model)]);
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success());
+    assert!(text.contains("glora ×32") && text.contains("32 of 32 adapter layers match"), "{text}");
+    assert!(text.contains("lora_studio_trigger_words = zxc"), "{text}");
+
+    let png = dir.join("styled.png");
+    let with = format!("{}:1.0", p(&adapter));
+    let run = studio(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--adapter",
+        &with,
+        "--prompt",
+        "zxc",
+        "--steps",
+        "3",
+        "--out",
+        p(&png),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(png.exists());
+}

@@ -502,17 +502,33 @@ impl Trainer {
         let (b1, b2) = (c.beta1, c.beta2);
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let factor = c.lr_factor(self.step);
-        for (p, g) in self.params.iter_mut().zip(grads) {
-            let Some(g) = g else { continue };
+        // Compute every update first and commit only if all are finite, so a blow-up leaves the
+        // weights and moments exactly as they were.
+        let mut updates = Vec::with_capacity(self.params.len());
+        for (p, g) in self.params.iter().zip(grads) {
+            let Some(g) = g else {
+                updates.push(None);
+                continue;
+            };
             let g = (g * clip)?;
             let lr =
                 if p.text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { c.learning_rate } * factor;
-            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&p.m / bc1)? / ((&p.v / bc2)?.sqrt()? + c.eps)?)?;
+            let m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let w = p.var.as_tensor().detach();
             let next = ((w * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
-            p.var.set(&next)?;
+            if !next.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+                return Err(NonFiniteLoss { step: self.step + 1 }.into());
+            }
+            updates.push(Some((m, v, next)));
+        }
+        for (p, u) in self.params.iter_mut().zip(updates) {
+            if let Some((m, v, next)) = u {
+                p.m = m;
+                p.v = v;
+                p.var.set(&next)?;
+            }
         }
         Ok(())
     }
@@ -526,7 +542,7 @@ impl Trainer {
     /// across checkpoints, unlike the noisy per-step loss.
     pub fn validation_loss(&mut self) -> Result<f32> {
         let n = self.config.validation_images.clamp(1, self.examples.len());
-        let mut rng = Rng::new(0x5eed_0f7a_11);
+        let mut rng = Rng::new(0x005e_ed0f_7a11);
         let mut total = 0f32;
         let device = self.model.device.clone();
         let count = self.model.schedule.len();

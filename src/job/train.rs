@@ -1,0 +1,300 @@
+//! A training run on a worker thread. Commands: pause, resume, stop, save now, sample now.
+//! Events: started, every step (loss, lr, it/s, ETA), samples, checkpoints with validation loss,
+//! paused (with the reason), finished, failed. A panic in the worker becomes `Failed`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::engine::Result;
+use crate::engine::dataset::Dataset;
+use crate::engine::formats::Naming;
+use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
+use crate::engine::sampler::SamplerKind;
+use crate::engine::train::{NonFiniteLoss, TrainConfig, Trainer, checkpoint_path};
+
+/// What to train, on what, and where to put it.
+#[derive(Clone, Debug)]
+pub struct TrainJobSpec {
+    pub model: PathBuf,
+    pub data: Vec<PathBuf>,
+    /// The adapter file; its checkpoint goes beside it (`<name>.checkpoint.safetensors`).
+    pub out: PathBuf,
+    pub config: TrainConfig,
+    pub resume: Option<PathBuf>,
+    pub naming: Naming,
+}
+
+#[derive(Clone, Debug)]
+pub enum TrainCommand {
+    Pause,
+    Resume,
+    /// Finish the current step, save, and end.
+    Stop,
+    SaveNow,
+    SampleNow(String),
+}
+
+#[derive(Clone, Debug)]
+pub enum TrainEvent {
+    /// Pre-flight findings, before any heavy work.
+    Preflight {
+        images: usize,
+        warnings: Vec<String>,
+    },
+    Started {
+        total_steps: usize,
+        start_step: usize,
+        parameters: usize,
+        layers: usize,
+    },
+    Step {
+        step: usize,
+        total: usize,
+        loss: f32,
+        lr: f64,
+        it_per_s: f64,
+        eta: Duration,
+    },
+    Sample {
+        step: usize,
+        prompt: String,
+        image: image::RgbImage,
+    },
+    Checkpoint {
+        step: usize,
+        adapter: PathBuf,
+        checkpoint: PathBuf,
+        validation_loss: f32,
+    },
+    Paused {
+        step: usize,
+        reason: Option<String>,
+    },
+    Resumed {
+        step: usize,
+    },
+    Finished {
+        step: usize,
+        adapter: PathBuf,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// The caller's handle: send commands, drain events. Dropping it stops the run.
+pub struct TrainJob {
+    commands: Sender<TrainCommand>,
+    pub events: Receiver<TrainEvent>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TrainJob {
+    /// Starts the run; `wake` is called after every event (the window requests a repaint).
+    pub fn start(spec: TrainJobSpec, wake: impl Fn() + Send + 'static) -> Self {
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("training".into())
+            .spawn(move || {
+                let events = Events { tx: ev_tx, wake: Box::new(wake) };
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&spec, &cmd_rx, &events)));
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => events.send(TrainEvent::Failed { error: format!("{e:#}") }),
+                    Err(panic) => {
+                        let msg = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        events.send(TrainEvent::Failed { error: format!("the training worker crashed: {msg}") });
+                    }
+                }
+            })
+            .expect("spawn the training thread");
+        Self { commands: cmd_tx, events: ev_rx, thread: Some(thread) }
+    }
+
+    pub fn send(&self, command: TrainCommand) {
+        let _ = self.commands.send(command);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Waits for the worker to end (after `Stop`, or when it finishes on its own).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TrainJob {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.commands.send(TrainCommand::Stop);
+            let _ = t.join();
+        }
+    }
+}
+
+struct Events {
+    tx: Sender<TrainEvent>,
+    wake: Box<dyn Fn() + Send>,
+}
+
+impl Events {
+    fn send(&self, e: TrainEvent) {
+        let _ = self.tx.send(e);
+        (self.wake)();
+    }
+}
+
+fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) -> Result<()> {
+    let cfg = &spec.config;
+    cfg.validate()?;
+    let model = StableDiffusion::load(&spec.model, &Device::Cpu)?;
+    let dataset = Dataset::scan(&spec.data, &cfg.dataset)?;
+    let preflight = dataset.preflight(&cfg.dataset, &|c| model.tokenizer.count_tokens(c));
+    events.send(TrainEvent::Preflight { images: dataset.images.len(), warnings: preflight.warnings() });
+    let mut trainer = Trainer::new(model, cfg.clone(), &dataset)?;
+    let ckpt = checkpoint_path(&spec.out);
+    if let Some(dir) = spec.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+    }
+    if let Some(resume) = &spec.resume {
+        trainer.load_checkpoint(resume)?;
+    } else {
+        // A checkpoint at step 0 means a NaN can always be rolled back.
+        trainer.save_checkpoint(&ckpt)?;
+    }
+    let total = trainer.config.steps;
+    events.send(TrainEvent::Started {
+        total_steps: total,
+        start_step: trainer.step,
+        parameters: trainer.trainable_parameters(),
+        layers: trainer.trained_layers(),
+    });
+    let started = Instant::now();
+    let first_step = trainer.step;
+    let mut paused = false;
+    let mut stop = false;
+    while trainer.step < total && !stop {
+        // Commands: non-blocking while running, blocking while paused.
+        loop {
+            let cmd = if paused {
+                match commands.recv() {
+                    Ok(c) => c,
+                    Err(_) => return Ok(()), // the caller is gone
+                }
+            } else {
+                match commands.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        stop = true;
+                        break;
+                    }
+                }
+            };
+            match cmd {
+                TrainCommand::Pause => {
+                    paused = true;
+                    events.send(TrainEvent::Paused { step: trainer.step, reason: None });
+                }
+                TrainCommand::Resume => {
+                    if paused {
+                        paused = false;
+                        events.send(TrainEvent::Resumed { step: trainer.step });
+                    }
+                }
+                TrainCommand::Stop => {
+                    stop = true;
+                    break;
+                }
+                TrainCommand::SaveNow => save(&mut trainer, spec, &ckpt, events)?,
+                TrainCommand::SampleNow(prompt) => sample(&trainer, &prompt, events)?,
+            }
+            if !paused {
+                break;
+            }
+        }
+        if stop {
+            break;
+        }
+        match trainer.train_step() {
+            Ok(loss) => {
+                let done = trainer.step - first_step;
+                let elapsed = started.elapsed().as_secs_f64();
+                let it_per_s = done as f64 / elapsed.max(1e-9);
+                let eta = Duration::from_secs_f64((total - trainer.step) as f64 / it_per_s.max(1e-9));
+                events.send(TrainEvent::Step {
+                    step: trainer.step,
+                    total,
+                    loss,
+                    lr: trainer.current_lr(),
+                    it_per_s,
+                    eta,
+                });
+            }
+            Err(e) if e.downcast_ref::<NonFiniteLoss>().is_some() => {
+                // Roll back to the last good checkpoint and wait for the user.
+                trainer.load_checkpoint(&ckpt).context("rolling back to the last checkpoint")?;
+                paused = true;
+                events.send(TrainEvent::Paused {
+                    step: trainer.step,
+                    reason: Some(format!("{e}; rolled back to the checkpoint at step {}", trainer.step)),
+                });
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        if cfg.save_every > 0 && trainer.step % cfg.save_every == 0 && trainer.step < total {
+            save(&mut trainer, spec, &ckpt, events)?;
+        }
+        if cfg.sample_every > 0 && trainer.step % cfg.sample_every == 0 && !cfg.sample_prompt.is_empty() {
+            sample(&trainer, &cfg.sample_prompt, events)?;
+        }
+    }
+    save(&mut trainer, spec, &ckpt, events)?;
+    events.send(TrainEvent::Finished { step: trainer.step, adapter: spec.out.clone() });
+    Ok(())
+}
+
+fn save(trainer: &mut Trainer, spec: &TrainJobSpec, ckpt: &std::path::Path, events: &Events) -> Result<()> {
+    trainer.save_checkpoint(ckpt)?;
+    trainer.save_adapter(&spec.out, spec.naming)?;
+    let validation_loss = trainer.validation_loss()?;
+    events.send(TrainEvent::Checkpoint {
+        step: trainer.step,
+        adapter: spec.out.clone(),
+        checkpoint: ckpt.to_path_buf(),
+        validation_loss,
+    });
+    Ok(())
+}
+
+fn sample(trainer: &Trainer, prompt: &str, events: &Events) -> Result<()> {
+    let sd = &trainer.model;
+    let side = trainer.config.dataset.resolution / sd.size_multiple() * sd.size_multiple();
+    let req = GenerateRequest {
+        prompt: prompt.to_string(),
+        negative: String::new(),
+        seed: trainer.config.seed,
+        steps: 20,
+        guidance: 7.5,
+        sampler: SamplerKind::Ddim,
+        width: side.max(sd.size_multiple()),
+        height: side.max(sd.size_multiple()),
+    };
+    let image = sd.generate(&req, &mut |_, _| {})?;
+    events.send(TrainEvent::Sample { step: trainer.step, prompt: prompt.to_string(), image });
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! The training job on its worker thread, driven only through its channels.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use lora_studio::engine::dataset::DatasetOptions;
+use lora_studio::engine::formats::{Naming, read_adapter};
+use lora_studio::engine::train::TrainConfig;
+use lora_studio::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-studio-job-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn make_images(dir: &Path) {
+    for i in 0..3u8 {
+        let img = image::RgbImage::from_fn(40, 40, |x, y| image::Rgb([i * 80, (x * 6) as u8, (y * 6) as u8]));
+        img.save(dir.join(format!("img{i}.png"))).unwrap();
+        std::fs::write(dir.join(format!("img{i}.txt")), "a gradient").unwrap();
+    }
+}
+
+fn spec(dir: &Path, steps: usize, lr: f64) -> TrainJobSpec {
+    TrainJobSpec {
+        model: sd1_tiny().join("model"),
+        data: vec![dir.join("data")],
+        out: dir.join("out/adapter.safetensors"),
+        config: TrainConfig {
+            steps,
+            learning_rate: lr,
+            save_every: 3,
+            dataset: DatasetOptions { resolution: 32, ..Default::default() },
+            ..Default::default()
+        },
+        resume: None,
+        naming: Naming::Kohya,
+    }
+}
+
+fn next(job: &TrainJob) -> TrainEvent {
+    job.events.recv_timeout(Duration::from_secs(120)).expect("an event within two minutes")
+}
+
+#[test]
+fn pause_resume_stop_and_resume_from_checkpoint() {
+    let dir = tempdir("control");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    make_images(&dir.join("data"));
+    let job = TrainJob::start(spec(&dir, 1000, 1e-3), || {});
+    // Run until a couple of steps are done, then pause.
+    loop {
+        if let TrainEvent::Step { step, .. } = next(&job) {
+            if step == 2 {
+                job.send(TrainCommand::Pause);
+                break;
+            }
+        }
+    }
+    let paused_at = loop {
+        match next(&job) {
+            TrainEvent::Paused { step, reason: None } => break step,
+            TrainEvent::Step { .. } | TrainEvent::Checkpoint { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // While paused nothing moves.
+    assert!(job.events.recv_timeout(Duration::from_millis(300)).is_err());
+    job.send(TrainCommand::Resume);
+    assert!(matches!(next(&job), TrainEvent::Resumed { step } if step == paused_at));
+    job.send(TrainCommand::Stop);
+    let mut finished_at = None;
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
+        if let TrainEvent::Finished { step, adapter } = e {
+            assert!(adapter.exists());
+            finished_at = Some(step);
+        }
+    }
+    let finished_at = finished_at.expect("Stop saves and finishes");
+    assert!(finished_at < 1000);
+    job.join();
+
+    // Resume from the checkpoint the stop left behind and run to a new total.
+    let mut s = spec(&dir, finished_at + 2, 1e-3);
+    s.resume = Some(dir.join("out/adapter.checkpoint.safetensors"));
+    let job = TrainJob::start(s, || {});
+    let mut start = None;
+    let mut end = None;
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
+        match e {
+            TrainEvent::Started { start_step, .. } => start = Some(start_step),
+            TrainEvent::Finished { step, .. } => end = Some(step),
+            TrainEvent::Failed { error } => panic!("{error}"),
+            _ => {}
+        }
+    }
+    assert_eq!((start, end), (Some(finished_at), Some(finished_at + 2)));
+}
+
+#[test]
+fn a_nan_loss_pauses_with_the_reason_and_never_writes_a_nan_adapter() {
+    let dir = tempdir("nan");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    make_images(&dir.join("data"));
+    let mut s = spec(&dir, 50, f64::MAX / 4.0);
+    s.config.max_grad_norm = None;
+    s.config.save_every = 1;
+    let job = TrainJob::start(s, || {});
+    let reason = loop {
+        match next(&job) {
+            TrainEvent::Paused { reason: Some(r), .. } => break r,
+            TrainEvent::Failed { error } => panic!("{error}"),
+            _ => {}
+        }
+    };
+    assert!(reason.contains("lower the learning rate"), "{reason}");
+    assert!(reason.contains("rolled back"), "{reason}");
+    job.send(TrainCommand::Stop);
+    while job.events.recv_timeout(Duration::from_secs(60)).is_ok() {}
+    job.join();
+    let adapter = read_adapter(&dir.join("out/adapter.safetensors")).unwrap();
+    for l in adapter.layers {
+        for t in l.delta.tensors() {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{} holds non-finite values", l.key);
+        }
+    }
+}
+
+#[test]
+fn bad_data_fails_with_a_message() {
+    let dir = tempdir("empty");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/readme.png"), "not a picture").unwrap();
+    let job = TrainJob::start(spec(&dir, 5, 1e-3), || {});
+    let error = loop {
+        if let TrainEvent::Failed { error } = next(&job) {
+            break error;
+        }
+    };
+    assert!(error.contains("no usable images"), "{error}");
+}
