@@ -55,11 +55,9 @@ fn pause_resume_stop_and_resume_from_checkpoint() {
     let job = TrainJob::start(spec(&dir, 1000, 1e-3), || {});
     // Run until a couple of steps are done, then pause.
     loop {
-        if let TrainEvent::Step { step, .. } = next(&job) {
-            if step == 2 {
-                job.send(TrainCommand::Pause);
-                break;
-            }
+        if let TrainEvent::Step { step: 2, .. } = next(&job) {
+            job.send(TrainCommand::Pause);
+            break;
         }
     }
     let paused_at = loop {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::Result;
 
 /// transformers' `text_encoder/config.json` (CLIPTextConfig).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 pub struct ClipConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -19,7 +19,7 @@ pub enum Prediction {
 }
 
 /// diffusers' `scheduler/scheduler_config.json` (the fields that define the schedule).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 pub struct SchedulerConfig {
     #[serde(default = "default_steps")]
     pub num_train_timesteps: usize,

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::Result;
 
 /// An int or a per-block list, as diffusers configs allow for head counts.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum PerBlock {
     One(usize),
@@ -27,7 +27,7 @@ impl PerBlock {
 }
 
 /// diffusers' `unet/config.json` (the fields SD 1.x / 2.x use).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 pub struct UNetConfig {
     pub in_channels: usize,
     pub out_channels: usize,

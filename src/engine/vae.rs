@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::Result;
 
 /// diffusers' `vae/config.json`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 pub struct VaeConfig {
     #[serde(default = "default_three")]
     pub in_channels: usize,
