@@ -92,7 +92,11 @@ impl StudioApp {
     pub fn show(&mut self, ui: &mut egui::Ui) {
         self.handle_shortcuts(ui);
 
-        egui::Panel::top("area_tabs").show(ui, |ui| self.tab_bar(ui));
+        egui::Panel::top("area_tabs").show(ui, |ui| {
+            ui.add_space(4.0);
+            self.tab_bar(ui);
+            ui.add_space(2.0);
+        });
         egui::Panel::bottom("status_bar").show(ui, |ui| {
             let now = ui.input(|i| i.time);
             self.memory.refresh(now);
@@ -100,7 +104,8 @@ impl StudioApp {
             ui.ctx().request_repaint_after(MemorySampler::INTERVAL);
             status::status_bar(ui, &self.model_label, &self.device_label, self.job.label(), &self.memory);
         });
-        egui::CentralPanel::default().show(ui, |ui| match self.area {
+        let margin = egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(20, 12));
+        egui::CentralPanel::default().frame(margin).show(ui, |ui| match self.area {
             Area::Dataset => dataset::ui_dataset(ui),
             Area::Training => training::ui_training(ui),
             Area::Playground => playground::ui_playground(ui),
@@ -172,7 +177,7 @@ pub fn run_window(options: WindowOptions) -> anyhow::Result<()> {
 
 /// The title and one-line purpose at the top of each area.
 fn area_heading(ui: &mut egui::Ui, title: &str, purpose: &str) {
-    ui.add_space(8.0);
+    ui.add_space(4.0);
     ui.heading(title);
     ui.label(purpose);
 }
