@@ -6,6 +6,7 @@ pub mod bench;
 pub mod blend;
 pub mod clip;
 pub mod dataset;
+pub mod diffusers_folder;
 pub mod formats;
 pub mod mixing;
 pub mod nn;

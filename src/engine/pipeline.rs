@@ -23,6 +23,7 @@ use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{WeightMap, read_safetensors};
 
 /// The weights of one model, before the modules are built (training makes some of them trainable).
+#[derive(Clone)]
 pub struct ModelWeights {
     pub unet_config: UNetConfig,
     pub text_config: ClipConfig,

@@ -14,7 +14,8 @@ use super::adapter::{Delta, LayerAdapter, TargetPreset};
 use super::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
 use super::formats::{Component, ExportLayer, GloraLayout, Naming, write_adapter};
 use super::nn::LayerMut;
-use super::pipeline::StableDiffusion;
+use super::diffusers_folder::write_model_folder;
+use super::pipeline::{ModelWeights, StableDiffusion};
 use super::rng::Rng;
 use super::weights::{read_safetensors_with_metadata, write_safetensors};
 
@@ -30,6 +31,9 @@ pub enum Algorithm {
     Locon,
     /// Generalised LoRA: a learned rescaling of W plus a low-rank shift.
     Glora,
+    /// Full fine-tuning: the selected base weights themselves train (how the built-in model is
+    /// pretrained). The result is a whole model folder, not an adapter.
+    Full,
 }
 
 impl std::str::FromStr for Algorithm {
@@ -39,7 +43,8 @@ impl std::str::FromStr for Algorithm {
             "lora" => Ok(Self::Lora),
             "locon" => Ok(Self::Locon),
             "glora" => Ok(Self::Glora),
-            other => bail!("unknown algorithm `{other}` (lora, locon or glora)"),
+            "full" => Ok(Self::Full),
+            other => bail!("unknown algorithm `{other}` (lora, locon, glora or full)"),
         }
     }
 }
@@ -90,8 +95,12 @@ pub struct TrainConfig {
     /// Sample image every N steps (0: never).
     pub sample_every: usize,
     pub sample_prompt: String,
-    /// Images held out of nothing but used, with fixed noise, for the validation loss.
+    /// How many of the dataset's images (the first ones) the validation loss uses, with fixed
+    /// timesteps and noise.
     pub validation_images: usize,
+    /// Full fine-tuning only: train the weights whose names (`unet.…`, `text_encoder.…`) start
+    /// with one of these; empty means all UNet weights (and the text encoder's when it trains).
+    pub full_modules: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -125,6 +134,7 @@ impl Default for TrainConfig {
             sample_every: 0,
             sample_prompt: String::new(),
             validation_images: 4,
+            full_modules: Vec::new(),
         }
     }
 }
@@ -216,6 +226,8 @@ pub struct Trainer {
     rng: Rng,
     order: Vec<usize>,
     cursor: usize,
+    /// Full fine-tuning: the model's weights (trainable ones are variables shared with `model`).
+    full: Option<ModelWeights>,
     /// Optimiser steps done.
     pub step: usize,
     /// The loss of every step so far.
@@ -272,7 +284,7 @@ impl Trainer {
                 // LoRA/LoCon: A random, B zero. GLoRA (LyCORIS): a1, b1 random, a2, b2 zero.
                 // Either way ΔW = 0 at step 0: training starts exactly at the base model.
                 let tensors: Vec<(&str, Tensor)> = match cfg.algorithm {
-                    Algorithm::Lora | Algorithm::Locon => vec![
+                    Algorithm::Lora | Algorithm::Locon | Algorithm::Full => vec![
                         ("lora_down", uniform(&mut rng, &with(r, inp, kernel), kaiming_bound(fan_in), &device)?),
                         ("lora_up", Tensor::zeros(with(out, r, &ones), DType::F32, &device)?),
                     ],
@@ -331,6 +343,52 @@ impl Trainer {
             );
         }
         model.refresh_merges()?;
+        Self::assemble(model, config, params, layers, None, rng, dataset)
+    }
+
+    /// Full fine-tuning of `weights`: the selected tensors become variables.
+    pub fn new_full(mut weights: ModelWeights, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+        config.validate()?;
+        if config.algorithm != Algorithm::Full {
+            bail!("new_full is for Algorithm::Full");
+        }
+        let wanted =
+            |name: &str| config.full_modules.is_empty() || config.full_modules.iter().any(|m| name.starts_with(m.as_str()));
+        let mut params = Vec::new();
+        for (component, map) in [("unet", &mut weights.unet), ("text_encoder", &mut weights.text_encoder)] {
+            if component == "text_encoder" && !config.train_text_encoder {
+                continue;
+            }
+            for (name, var) in map.make_trainable(|n| wanted(&format!("{component}.{n}")))? {
+                params.push(Param {
+                    name: format!("{component}.{name}"),
+                    m: var.zeros_like()?,
+                    v: var.zeros_like()?,
+                    var,
+                    text_encoder: component == "text_encoder",
+                });
+            }
+        }
+        if params.is_empty() {
+            bail!("no weight name starts with any of {:?}", config.full_modules);
+        }
+        let model = StableDiffusion::from_weights(weights.clone())?;
+        let rng = Rng::new(config.seed);
+        Self::assemble(model, config, params, Vec::new(), Some(weights), rng, dataset)
+    }
+
+    fn assemble(
+        model: StableDiffusion,
+        config: TrainConfig,
+        params: Vec<Param>,
+        layers: Vec<TrainedLayer>,
+        full: Option<ModelWeights>,
+        rng: Rng,
+        dataset: &Dataset,
+    ) -> Result<Self> {
+        if dataset.images.is_empty() {
+            bail!("the dataset has no usable images{}", if dataset.skipped.is_empty() { "" } else { " (all were skipped)" });
+        }
         let examples = encode_examples(&model, &config, dataset)?;
         let mut trainer = Self {
             config,
@@ -342,11 +400,27 @@ impl Trainer {
             rng,
             order: Vec::new(),
             cursor: 0,
+            full,
             step: 0,
             losses: Vec::new(),
         };
         trainer.new_epoch();
         Ok(trainer)
+    }
+
+    pub fn is_full_finetune(&self) -> bool {
+        self.full.is_some()
+    }
+
+    /// Full fine-tuning: writes the whole model as a diffusers folder (replacing an earlier save).
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        let weights = self.full.as_ref().context("only a full fine-tuning run has a whole model to save")?;
+        for p in &self.params {
+            if !p.var.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+                bail!("refusing to write {}: `{}` contains NaN or infinite values", dir.display(), p.name);
+            }
+        }
+        write_model_folder(weights, dir, DType::F32, None, true)
     }
 
     pub fn trainable_parameters(&self) -> usize {

@@ -1,0 +1,110 @@
+//! Writing a model as a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`,
+//! `scheduler/`, `tokenizer/`), the layout diffusers and our own loader read. Reading lives in
+//! `pipeline::ModelWeights::load`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use candle_core::DType;
+use serde::Serialize;
+
+use super::Result;
+use super::pipeline::ModelWeights;
+use super::weights::{write_atomic, write_safetensors};
+
+fn config_json<T: Serialize>(config: &T, class: &str) -> Result<String> {
+    let mut v = serde_json::to_value(config)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("_class_name".into(), class.into());
+    }
+    Ok(serde_json::to_string_pretty(&v)?)
+}
+
+/// Writes `weights` to a new folder `dir`, whole or not at all: everything goes to a temporary
+/// folder beside it that is renamed at the end. `tokenizer_source`, when given, is a `tokenizer/`
+/// folder to copy (its vocabulary files let diffusers read the result too).
+/// With `replace`, an existing folder at `dir` is swapped out for the new one (kept as
+/// `.<name>.old` until the new one is in place).
+pub fn write_model_folder(
+    weights: &ModelWeights,
+    dir: &Path,
+    dtype: DType,
+    tokenizer_source: Option<&Path>,
+    replace: bool,
+) -> Result<()> {
+    if dir.exists() && !replace {
+        bail!("{}: already exists; choose a new folder", dir.display());
+    }
+    let name = dir.file_name().with_context(|| format!("{}: needs a folder name", dir.display()))?;
+    let tmp = dir.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<()> {
+        for sub in ["unet", "text_encoder", "vae", "scheduler", "tokenizer"] {
+            std::fs::create_dir_all(tmp.join(sub)).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        }
+        let index = serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+        });
+        write_atomic(&tmp.join("model_index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+        write_atomic(&tmp.join("unet/config.json"), config_json(&weights.unet_config, "UNet2DConditionModel")?.as_bytes())?;
+        write_atomic(&tmp.join("vae/config.json"), config_json(&weights.vae_config, "AutoencoderKL")?.as_bytes())?;
+        let mut text = serde_json::to_value(&weights.text_config)?;
+        text["architectures"] = serde_json::json!(["CLIPTextModel"]);
+        text["model_type"] = "clip_text_model".into();
+        write_atomic(&tmp.join("text_encoder/config.json"), serde_json::to_string_pretty(&text)?.as_bytes())?;
+        write_atomic(
+            &tmp.join("scheduler/scheduler_config.json"),
+            config_json(&weights.scheduler_config, "DDIMScheduler")?.as_bytes(),
+        )?;
+        match tokenizer_source.filter(|p| p.is_dir()) {
+            Some(src) => {
+                for entry in std::fs::read_dir(src)? {
+                    let p = entry?.path();
+                    if p.is_file() {
+                        std::fs::copy(&p, tmp.join("tokenizer").join(p.file_name().unwrap()))?;
+                    }
+                }
+            }
+            None => {
+                let pad = if weights.tokenizer.pad_id == 0 { "!" } else { "<|endoftext|>" };
+                let cfg = serde_json::json!({ "model_max_length": 77, "pad_token": pad, "tokenizer_class": "CLIPTokenizer" });
+                write_atomic(&tmp.join("tokenizer/tokenizer_config.json"), cfg.to_string().as_bytes())?;
+            }
+        }
+        for (sub, file, map) in [
+            ("unet", "diffusion_pytorch_model.safetensors", &weights.unet),
+            ("text_encoder", "model.safetensors", &weights.text_encoder),
+            ("vae", "diffusion_pytorch_model.safetensors", &weights.vae),
+        ] {
+            let mut tensors = HashMap::with_capacity(map.len());
+            for name in map.names() {
+                let t = map.tensor(name).expect("listed").detach();
+                tensors.insert(name.clone(), t.to_dtype(dtype)?);
+            }
+            write_safetensors(&tmp.join(sub).join(file), &tensors, None)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let old = dir.with_file_name(format!(".{}.old", name.to_string_lossy()));
+            if dir.exists() {
+                let _ = std::fs::remove_dir_all(&old);
+                std::fs::rename(dir, &old).with_context(|| format!("{}: cannot replace", dir.display()))?;
+            }
+            std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            let _ = std::fs::remove_dir_all(&old);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
