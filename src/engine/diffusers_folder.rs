@@ -52,7 +52,10 @@ pub fn write_model_folder(
             "scheduler": ["diffusers", "DDIMScheduler"],
         });
         write_atomic(&tmp.join("model_index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
-        write_atomic(&tmp.join("unet/config.json"), config_json(&weights.unet_config, "UNet2DConditionModel")?.as_bytes())?;
+        write_atomic(
+            &tmp.join("unet/config.json"),
+            config_json(&weights.unet_config, "UNet2DConditionModel")?.as_bytes(),
+        )?;
         write_atomic(&tmp.join("vae/config.json"), config_json(&weights.vae_config, "AutoencoderKL")?.as_bytes())?;
         let mut text = serde_json::to_value(&weights.text_config)?;
         text["architectures"] = serde_json::json!(["CLIPTextModel"]);
@@ -72,8 +75,9 @@ pub fn write_model_folder(
                 }
             }
             None => {
-                let pad = if weights.tokenizer.pad_id == 0 { "!" } else { "<|endoftext|>" };
-                let cfg = serde_json::json!({ "model_max_length": 77, "pad_token": pad, "tokenizer_class": "CLIPTokenizer" });
+                let pad = if weights.tokenizer.pad_id() == 0 { "!" } else { "<|endoftext|>" };
+                let cfg =
+                    serde_json::json!({ "model_max_length": 77, "pad_token": pad, "tokenizer_class": "CLIPTokenizer" });
                 write_atomic(&tmp.join("tokenizer/tokenizer_config.json"), cfg.to_string().as_bytes())?;
             }
         }

@@ -319,17 +319,18 @@ impl StableDiffusion {
         let f = self.vae.config.downscale();
         let shape = (1, self.vae.config.latent_channels, req.height / f, req.width / f);
         let mut rng = Rng::new(req.seed);
-        let sampler = Sampler::new(req.sampler, &self.schedule, &self.scheduler_config, req.steps)?;
+        let sampler = Sampler::new(req.sampler, &self.schedule, req.steps)?;
         let mut x = (rng.randn(shape, &self.device)?.to_dtype(self.dtype)? * sampler.init_noise_sigma())?;
-        let timesteps = sampler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
+        let total = sampler.timesteps().len();
+        for i in 0..total {
             let input = sampler.scale_model_input(&x, i)?;
             let input = if guided { Tensor::cat(&[&input, &input], 0)? } else { input };
-            let t_tensor = Tensor::new(&[t as f32], &self.device)?.to_dtype(self.dtype)?;
+            // Euler with "linspace" spacing visits fractional timesteps.
+            let t_tensor = Tensor::new(&[sampler.model_timestep(i) as f32], &self.device)?.to_dtype(self.dtype)?;
             let out = self.unet.forward(&input, &t_tensor, &context)?;
             let out = if guided { guidance(&out.narrow(0, 0, 1)?, &out.narrow(0, 1, 1)?, req.guidance)? } else { out };
             x = sampler.step(&out, i, &x, &mut rng)?;
-            on_step(i + 1, timesteps.len());
+            on_step(i + 1, total);
         }
         let decoded = self.vae.decode(&(x / self.vae.config.scaling_factor)?)?;
         to_image(&decoded.get(0)?)

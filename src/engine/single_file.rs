@@ -948,7 +948,7 @@ mod tests {
             let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "{name}: {diff}");
         }
-        assert_eq!(sd.tokenizer.pad_id, crate::engine::tokenizer::END_OF_TEXT);
+        assert_eq!(sd.tokenizer.pad_id(), crate::engine::tokenizer::END_OF_TEXT);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::Result;
 use super::adapter::{Delta, LayerAdapter, TargetPreset};
 use super::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
+use super::diffusers_folder::write_model_folder;
 use super::formats::{Component, ExportLayer, GloraLayout, Naming, write_adapter};
 use super::nn::LayerMut;
-use super::diffusers_folder::write_model_folder;
 use super::pipeline::{ModelWeights, StableDiffusion};
 use super::rng::Rng;
 use super::weights::{read_safetensors_with_metadata, write_safetensors};
@@ -352,8 +352,9 @@ impl Trainer {
         if config.algorithm != Algorithm::Full {
             bail!("new_full is for Algorithm::Full");
         }
-        let wanted =
-            |name: &str| config.full_modules.is_empty() || config.full_modules.iter().any(|m| name.starts_with(m.as_str()));
+        let wanted = |name: &str| {
+            config.full_modules.is_empty() || config.full_modules.iter().any(|m| name.starts_with(m.as_str()))
+        };
         let mut params = Vec::new();
         for (component, map) in [("unet", &mut weights.unet), ("text_encoder", &mut weights.text_encoder)] {
             if component == "text_encoder" && !config.train_text_encoder {
@@ -387,7 +388,10 @@ impl Trainer {
         dataset: &Dataset,
     ) -> Result<Self> {
         if dataset.images.is_empty() {
-            bail!("the dataset has no usable images{}", if dataset.skipped.is_empty() { "" } else { " (all were skipped)" });
+            bail!(
+                "the dataset has no usable images{}",
+                if dataset.skipped.is_empty() { "" } else { " (all were skipped)" }
+            );
         }
         let examples = encode_examples(&model, &config, dataset)?;
         let mut trainer = Self {
@@ -485,7 +489,7 @@ impl Trainer {
             .map(|&t| match self.config.min_snr_gamma {
                 Some(gamma) => {
                     let snr = schedule.snr(t);
-                    let w = match schedule.prediction {
+                    let w = match schedule.prediction() {
                         super::schedule::Prediction::Epsilon => snr.min(gamma) / snr,
                         super::schedule::Prediction::V => snr.min(gamma) / (snr + 1.0),
                     };
