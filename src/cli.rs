@@ -32,7 +32,9 @@ usage:
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
                      --train-text-encoder --flip --buckets --min-snr G --noise-offset X
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N
+                     --random-crop --latent-cache DIR --no-latent-cache
                      --format kohya|peft --resume CKPT --config train.toml]
+                    (--algo full trains the model itself; --out is then a model folder)
   lora-studio adapter info FILE [--model PATH]
   lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... --model PATH --rank N --out C.safetensors
                        [--format kohya|peft] [--f16]
@@ -412,7 +414,10 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             }
             Long(name) => {
                 let name = name.to_string();
-                let flag = matches!(name.as_str(), "train-text-encoder" | "flip" | "buckets" | "random-crop");
+                let flag = matches!(
+                    name.as_str(),
+                    "train-text-encoder" | "flip" | "buckets" | "random-crop" | "no-latent-cache"
+                );
                 let value = if flag { None } else { Some(p.value()?.string()?) };
                 args.push((name, value));
             }
@@ -421,6 +426,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
     }
     let mut naming = Naming::Kohya;
     let mut resume = None;
+    let mut no_cache = false;
     let c = &mut file.config;
     for (name, value) in args {
         let v = value.unwrap_or_default();
@@ -471,6 +477,8 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                 }
             }
             "resume" => resume = Some(PathBuf::from(v)),
+            "latent-cache" => c.latent_cache = Some(PathBuf::from(v)),
+            "no-latent-cache" => no_cache = true,
             other => bail!("unknown option --{other} for train"),
         }
     }
@@ -478,6 +486,10 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
     let out = file.out.context("--out FILE.safetensors is required")?;
     if file.data.is_empty() {
         bail!("--data DIR is required (a folder of images with .txt captions)");
+    }
+    if file.config.latent_cache.is_none() && !no_cache {
+        file.config.latent_cache =
+            directories::ProjectDirs::from("", "", "lora-studio").map(|d| d.cache_dir().join("latents"));
     }
     let spec = TrainJobSpec { model, data: file.data, out, config: file.config, resume, naming };
     let job = TrainJob::start(spec, || {});

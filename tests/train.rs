@@ -152,3 +152,48 @@ fn a_blow_up_stops_the_step_and_keeps_the_weights() {
     assert_eq!(t.step, 0, "no step was counted");
     assert_eq!(snapshot(&t), before, "weights untouched");
 }
+
+#[test]
+fn full_fine_tuning_changes_the_model_and_writes_a_loadable_folder() {
+    use lora_studio::engine::pipeline::ModelWeights;
+    let dir = tempdir("full");
+    make_images(&dir);
+    let mut cfg = config(3, Algorithm::Full);
+    cfg.learning_rate = 1e-3;
+    cfg.full_modules = vec!["unet.up_blocks.".into()];
+    let weights = ModelWeights::load(&sd1_tiny().join("model"), DType::F32, &Device::Cpu).unwrap();
+    let ds = Dataset::scan(&[dir.clone()], &cfg.dataset).unwrap();
+    let mut t = Trainer::new_full(weights, cfg, &ds).unwrap();
+    let before = values(t.model.unet.up_blocks[0].resnets[0].conv1.weight());
+    let frozen_before = values(t.model.unet.down_blocks[0].resnets[0].conv1.weight());
+    for _ in 0..3 {
+        t.train_step().unwrap();
+    }
+    assert_ne!(values(t.model.unet.up_blocks[0].resnets[0].conv1.weight()), before, "selected weights train");
+    assert_eq!(values(t.model.unet.down_blocks[0].resnets[0].conv1.weight()), frozen_before, "others stay frozen");
+    let out = dir.join("finetuned");
+    t.save_model(&out).unwrap();
+    t.save_model(&out).unwrap(); // a second save replaces the first
+    let reloaded = StableDiffusion::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(
+        values(reloaded.unet.up_blocks[0].resnets[0].conv1.weight()),
+        values(t.model.unet.up_blocks[0].resnets[0].conv1.weight())
+    );
+}
+
+#[test]
+fn latents_are_cached_on_disk_and_reused() {
+    let dir = tempdir("cache");
+    make_images(&dir);
+    let cache = dir.join("cache");
+    let mut cfg = config(1, Algorithm::Lora);
+    cfg.latent_cache = Some(cache.clone());
+    cfg.dataset.center_crop = false; // four random crops × two mirrors per image
+    let mut first = trainer(&dir, cfg.clone());
+    let files = std::fs::read_dir(&cache).unwrap().count();
+    assert_eq!(files, 4 * 4 * 2);
+    let a = first.validation_loss().unwrap();
+    let mut second = trainer(&dir, cfg);
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), files, "nothing new was encoded");
+    assert_eq!(second.validation_loss().unwrap(), a, "cached latents are the same latents");
+}

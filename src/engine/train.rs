@@ -101,6 +101,8 @@ pub struct TrainConfig {
     /// Full fine-tuning only: train the weights whose names (`unet.…`, `text_encoder.…`) start
     /// with one of these; empty means all UNet weights (and the text encoder's when it trains).
     pub full_modules: Vec<String>,
+    /// Where VAE latents are cached on disk (none: only in memory).
+    pub latent_cache: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -135,6 +137,7 @@ impl Default for TrainConfig {
             sample_prompt: String::new(),
             validation_images: 4,
             full_modules: Vec::new(),
+            latent_cache: None,
         }
     }
 }
@@ -194,7 +197,8 @@ struct TrainedLayer {
 
 /// One training example: latents (cached) and its caption.
 struct Example {
-    latents: Vec<Tensor>, // [unflipped, flipped] when flipping, else [unflipped]
+    /// One latent per crop × mirror variant; a step uses one of them.
+    latents: Vec<Tensor>,
     caption: String,
 }
 
@@ -513,8 +517,9 @@ impl Trainer {
             let mut timesteps = Vec::new();
             for _ in 0..self.config.batch_size {
                 let i = self.next_example();
-                let flip = self.examples[i].latents.len() > 1 && self.rng.uniform() < 0.5;
-                x0s.push(self.examples[i].latents[flip as usize].clone());
+                let variants = self.examples[i].latents.len();
+                let v = if variants > 1 { self.rng.below(variants) } else { 0 };
+                x0s.push(self.examples[i].latents[v].clone());
                 let caption = self.examples[i].caption.clone();
                 let caption = self.training_caption(&caption);
                 ctxs.push(self.text_embedding(&caption)?);
@@ -792,21 +797,66 @@ struct CheckpointState {
     config: TrainConfig,
 }
 
-/// VAE latents (× scaling factor) for every image, centre-cropped (and mirrored when flipping).
+/// How many random crops of each image are encoded when random cropping is on: latents are
+/// cached, so "random" means one of these per step (kohya, too, cannot cache a fresh crop).
+pub const RANDOM_CROPS: usize = 4;
+
+/// VAE latents (× scaling factor) for every image: one per crop and mirror variant. With a cache
+/// folder, latents are stored there under a key of the file's bytes, the crop, the flip and the
+/// VAE, so a second run on the same images skips the VAE entirely.
 fn encode_examples(model: &StableDiffusion, config: &TrainConfig, dataset: &Dataset) -> Result<Vec<Example>> {
     let opts = &config.dataset;
     let f = model.vae.config.downscale();
+    let vae_key = model.vae.fingerprint()?;
     let mut out = Vec::with_capacity(dataset.images.len());
     for e in &dataset.images {
-        let bytes = std::fs::read(&e.path).with_context(|| format!("{}: cannot read", e.path.display()))?;
-        let img = decode_image(&e.path, &bytes)?;
         let (w, h) = target_size(e.width, e.height, opts);
-        let (w, h) = (w / f * f, h / f * f);
+        let (w, h) = ((w / f * f).max(f), (h / f * f).max(f));
+        let crops: Vec<(f64, f64)> = if opts.center_crop {
+            vec![(0.5, 0.5)]
+        } else {
+            let mut rng = Rng::new(config.seed ^ e.content_hash);
+            (0..RANDOM_CROPS).map(|_| (rng.uniform(), rng.uniform())).collect()
+        };
+        let flips = if opts.flip { vec![false, true] } else { vec![false] };
+        let mut img = None;
         let mut latents = Vec::new();
-        for flip in if opts.flip { vec![false, true] } else { vec![false] } {
-            let pixels = prepare_image(&img, w, h, (0.5, 0.5), flip, &model.device)?.to_dtype(model.dtype)?;
-            let lat = (model.vae.encode_mean(&pixels.unsqueeze(0)?)? * model.vae.config.scaling_factor)?;
-            latents.push(lat.squeeze(0)?.detach());
+        for &crop in &crops {
+            for &flip in &flips {
+                let key = format!(
+                    "{:016x}-{w}x{h}-{:.4}-{:.4}-{}-{vae_key:016x}",
+                    e.content_hash,
+                    crop.0,
+                    crop.1,
+                    if flip { "flip" } else { "plain" }
+                );
+                let cached = config.latent_cache.as_ref().map(|dir| dir.join(format!("{key}.safetensors")));
+                if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
+                    // A damaged cache file is simply recomputed.
+                    if let Ok(t) = super::weights::read_safetensors(path) {
+                        if let Some(l) = t.get("latents") {
+                            latents.push(l.to_device(&model.device)?.to_dtype(model.dtype)?);
+                            continue;
+                        }
+                    }
+                }
+                if img.is_none() {
+                    let bytes = std::fs::read(&e.path).with_context(|| format!("{}: cannot read", e.path.display()))?;
+                    img = Some(decode_image(&e.path, &bytes)?);
+                }
+                let pixels =
+                    prepare_image(img.as_ref().unwrap(), w, h, crop, flip, &model.device)?.to_dtype(model.dtype)?;
+                let lat = (model.vae.encode_mean(&pixels.unsqueeze(0)?)? * model.vae.config.scaling_factor)?;
+                let lat = lat.squeeze(0)?.detach();
+                if let Some(path) = &cached {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+                    }
+                    let tensors = HashMap::from([("latents".to_string(), lat.to_dtype(DType::F32)?)]);
+                    write_safetensors(path, &tensors, None)?;
+                }
+                latents.push(lat);
+            }
         }
         out.push(Example { latents, caption: e.full_caption(&opts.trigger) });
     }

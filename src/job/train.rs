@@ -6,22 +6,23 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::engine::Result;
 use crate::engine::dataset::Dataset;
 use crate::engine::formats::Naming;
-use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
+use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::sampler::SamplerKind;
-use crate::engine::train::{NonFiniteLoss, TrainConfig, Trainer, checkpoint_path};
+use crate::engine::train::{Algorithm, NonFiniteLoss, TrainConfig, Trainer, checkpoint_path};
 
 /// What to train, on what, and where to put it.
 #[derive(Clone, Debug)]
 pub struct TrainJobSpec {
     pub model: PathBuf,
     pub data: Vec<PathBuf>,
-    /// The adapter file; its checkpoint goes beside it (`<name>.checkpoint.safetensors`).
+    /// The adapter file (a model folder for full fine-tuning); its checkpoint goes beside it
+    /// (`<name>.checkpoint.safetensors`).
     pub out: PathBuf,
     pub config: TrainConfig,
     pub resume: Option<PathBuf>,
@@ -160,11 +161,15 @@ impl Events {
 fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) -> Result<()> {
     let cfg = &spec.config;
     cfg.validate()?;
-    let model = StableDiffusion::load(&spec.model, &Device::Cpu)?;
+    let weights = ModelWeights::load(&spec.model, DType::F32, &Device::Cpu)?;
     let dataset = Dataset::scan(&spec.data, &cfg.dataset)?;
-    let preflight = dataset.preflight(&cfg.dataset, &|c| model.tokenizer.count_tokens(c));
+    let preflight = dataset.preflight(&cfg.dataset, &|c| weights.tokenizer.count_tokens(c));
     events.send(TrainEvent::Preflight { images: dataset.images.len(), warnings: preflight.warnings() });
-    let mut trainer = Trainer::new(model, cfg.clone(), &dataset)?;
+    let mut trainer = if cfg.algorithm == Algorithm::Full {
+        Trainer::new_full(weights, cfg.clone(), &dataset)?
+    } else {
+        Trainer::new(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset)?
+    };
     let ckpt = checkpoint_path(&spec.out);
     if let Some(dir) = spec.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
@@ -270,7 +275,11 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
 
 fn save(trainer: &mut Trainer, spec: &TrainJobSpec, ckpt: &std::path::Path, events: &Events) -> Result<()> {
     trainer.save_checkpoint(ckpt)?;
-    trainer.save_adapter(&spec.out, spec.naming)?;
+    if trainer.is_full_finetune() {
+        trainer.save_model(&spec.out)?;
+    } else {
+        trainer.save_adapter(&spec.out, spec.naming)?;
+    }
     let validation_loss = trainer.validation_loss()?;
     events.send(TrainEvent::Checkpoint {
         step: trainer.step,
