@@ -162,7 +162,7 @@ fn full_fine_tuning_changes_the_model_and_writes_a_loadable_folder() {
     cfg.learning_rate = 1e-3;
     cfg.full_modules = vec!["unet.up_blocks.".into()];
     let weights = ModelWeights::load(&sd1_tiny().join("model"), DType::F32, &Device::Cpu).unwrap();
-    let ds = Dataset::scan(&[dir.clone()], &cfg.dataset).unwrap();
+    let ds = Dataset::scan(std::slice::from_ref(&dir), &cfg.dataset).unwrap();
     let mut t = Trainer::new_full(weights, cfg, &ds).unwrap();
     let before = values(t.model.unet.up_blocks[0].resnets[0].conv1.weight());
     let frozen_before = values(t.model.unet.down_blocks[0].resnets[0].conv1.weight());
