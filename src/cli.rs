@@ -40,6 +40,7 @@ usage:
                        [--format kohya|peft] [--f16]
   lora-studio adapter merge A.safetensors[:W]... --model DIR --out NEW_MODEL_DIR
   lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]
+  lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N]
 ";
 
 pub fn main() -> i32 {
@@ -587,8 +588,23 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
             bail!("usage: lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]")
         }
     };
+    if what == "train" {
+        let mut opts = bench::TrainBenchOptions::default();
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("config") => opts.config = p.value()?.string()?,
+                Long("latent") => opts.latent = p.value()?.parse()?,
+                Long("batch") => opts.batch = p.value()?.parse()?,
+                Long("rank") => opts.rank = p.value()?.parse()?,
+                Long("runs") => opts.runs = p.value()?.parse()?,
+                _ => return Err(arg.unexpected().into()),
+            }
+        }
+        println!("{}", serde_json::to_string(&bench::train_step(&opts, &device())?)?);
+        return Ok(());
+    }
     if what != "unet" {
-        bail!("unknown benchmark `{what}` (available: unet)");
+        bail!("unknown benchmark `{what}` (available: unet, train)");
     }
     let mut opts = bench::UnetBenchOptions::default();
     while let Some(arg) = p.next()? {

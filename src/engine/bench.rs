@@ -142,3 +142,108 @@ pub fn peak_rss_mib() -> f64 {
         .map(|kib| kib / 1024.0)
         .unwrap_or(0.0)
 }
+
+#[derive(Clone, Debug)]
+pub struct TrainBenchOptions {
+    pub config: String,
+    pub latent: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub runs: usize,
+}
+
+impl Default for TrainBenchOptions {
+    fn default() -> Self {
+        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, rank: 4, runs: 5 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainBenchReport {
+    pub config: String,
+    pub latent: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub runs: usize,
+    pub lora_parameters: usize,
+    /// Forward, backward and an AdamW update of the LoRA factors (the peer's step).
+    pub train_step_s_median: f64,
+    pub peak_rss_mib: f64,
+    pub threads: usize,
+}
+
+/// A LoRA training step on attention projections (to_q/k/v/out.0), random frozen weights of
+/// the configured shape — what `../shared/peer/bench_lora_train.py` measures.
+pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenchReport> {
+    use super::adapter::{Delta, LayerAdapter, TargetPreset};
+    if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
+        bail!("--runs, --batch, --latent and --rank must be positive");
+    }
+    let config = match named_unet_config(&opts.config) {
+        Some(c) => c,
+        None => UNetConfig::from_file(std::path::Path::new(&opts.config))?,
+    };
+    let mut model = UNet2DConditionModel::load(&config, &WeightMap::synthetic(DType::F32, device))?;
+    let mut rng = Rng::new(0);
+    let mut vars = Vec::new();
+    let mut error = Ok(());
+    model.visit_layers(&mut |mut layer| {
+        if !TargetPreset::Attention.targets_unet(layer.path(), false) {
+            return;
+        }
+        let shape = layer.stack_ref().base.dims().to_vec();
+        let r = (|| -> Result<()> {
+            let down = candle_core::Var::from_tensor(&(rng.randn((opts.rank, shape[1]), device)? * 0.01)?)?;
+            let up = candle_core::Var::zeros((shape[0], opts.rank), DType::F32, device)?;
+            let stack = layer.stack();
+            stack.merge = false;
+            stack.attach(LayerAdapter {
+                name: "bench".into(),
+                delta: Delta::Lora { down: down.as_tensor().clone(), up: up.as_tensor().clone() },
+                scale: 1.0,
+                multiplier: 1.0,
+            })?;
+            vars.push(down);
+            vars.push(up);
+            Ok(())
+        })();
+        if let Err(e) = r {
+            error = Err(e);
+        }
+    });
+    error?;
+    let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let mut moments: Vec<(Tensor, Tensor)> =
+        vars.iter().map(|v| Ok((v.zeros_like()?, v.zeros_like()?))).collect::<Result<_>>()?;
+    let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
+    let noise = rng.randn(sample.shape(), device)?;
+    let context = rng.randn((opts.batch, 77, config.cross_attention_dim), device)?;
+    let t = Tensor::new(&[500f32], device)?;
+    let mut times = Vec::new();
+    for i in 0..=opts.runs {
+        let start = Instant::now();
+        let loss = (model.forward(&sample, &t, &context)? - &noise)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        for (v, (m, s)) in vars.iter().zip(moments.iter_mut()) {
+            let Some(g) = grads.get(v.as_tensor()) else { continue };
+            *m = ((&*m * 0.9)? + (g * 0.1)?)?;
+            *s = ((&*s * 0.999)? + (g.sqr()? * 0.001)?)?;
+            let update = (&*m / (s.sqrt()? + 1e-8)?)?;
+            v.set(&(v.as_tensor().detach() - (update * 1e-4)?)?)?;
+        }
+        if i > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(TrainBenchReport {
+        config: opts.config.clone(),
+        latent: opts.latent,
+        batch: opts.batch,
+        rank: opts.rank,
+        runs: opts.runs,
+        lora_parameters: params,
+        train_step_s_median: median(&mut times),
+        peak_rss_mib: peak_rss_mib(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
