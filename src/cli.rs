@@ -35,6 +35,8 @@ usage:
                      --random-crop --latent-cache DIR --no-latent-cache
                      --format kohya|peft --resume CKPT --config train.toml]
                     (--algo full trains the model itself; --out is then a model folder)
+  lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction]
+                       the same job for kohya sd-scripts (dataset.toml + train.sh)
   lora-studio adapter info FILE [--model PATH]
   lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... --model PATH --rank N --out C.safetensors
                        [--format kohya|peft] [--f16]
@@ -76,6 +78,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "bench" => bench_command(&mut parser),
         "adapter" => adapter_command(&mut parser),
         "train" => train(&mut parser),
+        "export-job" => export_job(&mut parser),
         "help" => {
             print!("{USAGE}");
             Ok(())
@@ -548,6 +551,59 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         Some(e) => bail!("{e}"),
         None => Ok(()),
     }
+}
+
+/// Writes a train.toml job as a kohya sd-scripts job, for running on a GPU cluster.
+fn export_job(p: &mut lexopt::Parser) -> Result<()> {
+    let (mut config, mut out): (Option<PathBuf>, Option<PathBuf>) = (None, None);
+    let (mut gpus, mut v2, mut v_pred) = (1usize, false, false);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Long("config") => config = Some(p.value()?.into()),
+            Long("out") => out = Some(p.value()?.into()),
+            Long("gpus") => gpus = p.value()?.parse()?,
+            Long("v2") => v2 = true,
+            Long("v-prediction") => v_pred = true,
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let config = config.context("--config train.toml is required")?;
+    let out = out.context("--out DIR is required")?;
+    let text = std::fs::read_to_string(&config).with_context(|| format!("{}: cannot read", config.display()))?;
+    let file: TrainFile =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message()))?;
+    let model = file.model.context(format!("{}: `model` is missing", config.display()))?;
+    if file.data.is_empty() {
+        bail!("{}: `data` is missing", config.display());
+    }
+    // A diffusers folder says whether it is SD 2.x and v-prediction; a single file cannot cheaply.
+    if model.join("unet/config.json").exists() {
+        let unet = crate::engine::unet::UNetConfig::from_file(&model.join("unet/config.json"))?;
+        v2 |= unet.cross_attention_dim == 1024;
+        let sched = model.join("scheduler/scheduler_config.json");
+        if sched.exists() {
+            v_pred |= crate::engine::schedule::SchedulerConfig::from_file(&sched)?.prediction()
+                == crate::engine::schedule::Prediction::V;
+        }
+    }
+    let name = file
+        .out
+        .as_ref()
+        .and_then(|o| o.file_stem())
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "adapter".into());
+    let job = crate::engine::kohya_job::KohyaJob {
+        model: &model,
+        data: &file.data,
+        output_name: &name,
+        config: &file.config,
+        gpus,
+        v2,
+        v_prediction: v_pred,
+    };
+    crate::engine::kohya_job::write(&job, &out)?;
+    println!("wrote {} (dataset.toml, train.sh, sample_prompts.txt, MAPPING.md)", out.display());
+    Ok(())
 }
 
 fn progress_bar(done: usize, total: usize, width: usize) -> String {

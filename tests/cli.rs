@@ -280,3 +280,47 @@ fn train_then_info_then_generate_with_the_adapter() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(png.exists());
 }
+
+#[test]
+fn export_job_writes_a_kohya_job_with_the_same_settings() {
+    let dir = tempdir("export-job");
+    let toml_file = dir.join("train.toml");
+    std::fs::write(
+        &toml_file,
+        format!(
+            "model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\nalgorithm = \"glora\"\nrank = 8\nalpha = 4.0\nsteps = 300\n\
+             lr_schedule = \"cosine\"\nmin_snr_gamma = 5.0\n[dataset]\nresolution = 512\nflip = true\ntrigger = \"sks\"\n",
+            p(&sd1_tiny().join("model")),
+            p(&dir)
+        ),
+    )
+    .unwrap();
+    let out = dir.join("kohya");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&out), "--gpus", "2"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    for expected in [
+        "--multi_gpu",
+        "--num_processes 2",
+        "--network_module lycoris.kohya",
+        "algo=glora",
+        "--network_dim 8",
+        "--network_alpha 4",
+        "--max_train_steps 300",
+        "--lr_scheduler cosine",
+        "--min_snr_gamma 5",
+        "--output_name style",
+    ] {
+        assert!(script.contains(expected), "`{expected}` in:\n{script}");
+    }
+    assert!(
+        Command::new("bash").arg("-n").arg(out.join("train.sh")).status().unwrap().success(),
+        "train.sh is valid bash"
+    );
+    let dataset: toml::Value = toml::from_str(&std::fs::read_to_string(out.join("dataset.toml")).unwrap()).unwrap();
+    let subset = &dataset["datasets"][0]["subsets"][0];
+    assert_eq!(dataset["datasets"][0]["resolution"].as_integer(), Some(512));
+    assert_eq!(subset["flip_aug"].as_bool(), Some(true));
+    assert_eq!(subset["class_tokens"].as_str(), Some("sks"));
+    assert!(out.join("MAPPING.md").exists());
+}

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod dataset;
 pub mod diffusers_folder;
 pub mod formats;
+pub mod kohya_job;
 pub mod mixing;
 pub mod nn;
 pub mod pipeline;

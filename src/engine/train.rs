@@ -834,10 +834,11 @@ fn encode_examples(model: &StableDiffusion, config: &TrainConfig, dataset: &Data
                 if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
                     // A damaged cache file is simply recomputed.
                     if let Ok(t) = super::weights::read_safetensors(path)
-                        && let Some(l) = t.get("latents") {
-                            latents.push(l.to_device(&model.device)?.to_dtype(model.dtype)?);
-                            continue;
-                        }
+                        && let Some(l) = t.get("latents")
+                    {
+                        latents.push(l.to_device(&model.device)?.to_dtype(model.dtype)?);
+                        continue;
+                    }
                 }
                 if img.is_none() {
                     let bytes = std::fs::read(&e.path).with_context(|| format!("{}: cannot read", e.path.display()))?;
