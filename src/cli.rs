@@ -87,8 +87,19 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
     }
 }
 
+/// The compute device: the CPU unless `LORA_STUDIO_DEVICE` says `cuda` or `metal` (which needs
+/// a build with the matching cargo feature; otherwise candle says so).
 fn device() -> Device {
-    Device::Cpu
+    let wanted = std::env::var("LORA_STUDIO_DEVICE").unwrap_or_default();
+    let picked = match wanted.as_str() {
+        "cuda" => Device::new_cuda(0),
+        "metal" => Device::new_metal(0),
+        _ => return Device::Cpu,
+    };
+    picked.unwrap_or_else(|e| {
+        eprintln!("warning: LORA_STUDIO_DEVICE={wanted}: {e}; using the CPU");
+        Device::Cpu
+    })
 }
 
 fn generate(p: &mut lexopt::Parser) -> Result<()> {
@@ -495,14 +506,14 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         file.config.latent_cache =
             directories::ProjectDirs::from("", "", "lora-studio").map(|d| d.cache_dir().join("latents"));
     }
-    let spec = TrainJobSpec { model, data: file.data, out, config: file.config, resume, naming };
+    let spec = TrainJobSpec { model, data: file.data, out, config: file.config, resume, naming, device: device() };
     let job = TrainJob::start(spec, || {});
     let mut checkpoints = Vec::new();
     let mut failed = None;
     for event in job.events.iter() {
         match event {
-            TrainEvent::Preflight { images, warnings } => {
-                eprintln!("{images} images");
+            TrainEvent::Preflight { images, buckets, warnings } => {
+                eprintln!("{images} images; {buckets}");
                 for w in warnings {
                     eprintln!("warning: {w}");
                 }
@@ -531,7 +542,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                 failed = Some(reason);
                 job.send(TrainCommand::Stop);
             }
-            TrainEvent::Resumed { .. } => {}
+            TrainEvent::Resumed { .. } | TrainEvent::Snapshot { .. } => {}
             TrainEvent::Finished { step, adapter } => {
                 eprintln!();
                 println!("wrote {} after {step} steps", adapter.display());

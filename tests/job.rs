@@ -40,6 +40,7 @@ fn spec(dir: &Path, steps: usize, lr: f64) -> TrainJobSpec {
         },
         resume: None,
         naming: Naming::Kohya,
+        device: candle_core::Device::Cpu,
     }
 }
 
@@ -63,7 +64,7 @@ fn pause_resume_stop_and_resume_from_checkpoint() {
     let paused_at = loop {
         match next(&job) {
             TrainEvent::Paused { step, reason: None } => break step,
-            TrainEvent::Step { .. } | TrainEvent::Checkpoint { .. } => {}
+            TrainEvent::Step { .. } | TrainEvent::Checkpoint { .. } | TrainEvent::Snapshot { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     };
@@ -73,12 +74,18 @@ fn pause_resume_stop_and_resume_from_checkpoint() {
     assert!(matches!(next(&job), TrainEvent::Resumed { step } if step == paused_at));
     job.send(TrainCommand::Stop);
     let mut finished_at = None;
+    let mut snapshot_layers = 0;
     while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
-        if let TrainEvent::Finished { step, adapter } = e {
-            assert!(adapter.exists());
-            finished_at = Some(step);
+        match e {
+            TrainEvent::Finished { step, adapter } => {
+                assert!(adapter.exists());
+                finished_at = Some(step);
+            }
+            TrainEvent::Snapshot { layers, .. } => snapshot_layers = layers.len(),
+            _ => {}
         }
     }
+    assert!(snapshot_layers > 0, "the final save publishes an in-memory snapshot");
     let finished_at = finished_at.expect("Stop saves and finishes");
     assert!(finished_at < 1000);
     job.join();

@@ -105,6 +105,12 @@ pub struct Preflight {
 }
 
 impl Preflight {
+    /// One line: how many images go to each training size.
+    pub fn bucket_summary(&self) -> String {
+        let parts: Vec<String> = self.buckets.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        format!("training sizes: {}", parts.join(", "))
+    }
+
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if !self.without_caption.is_empty() {

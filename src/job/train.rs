@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::engine::Result;
 use crate::engine::dataset::Dataset;
-use crate::engine::formats::Naming;
+use crate::engine::formats::{ExportLayer, Naming};
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::sampler::SamplerKind;
 use crate::engine::train::{Algorithm, NonFiniteLoss, TrainConfig, Trainer, checkpoint_path};
@@ -27,6 +27,8 @@ pub struct TrainJobSpec {
     pub config: TrainConfig,
     pub resume: Option<PathBuf>,
     pub naming: Naming,
+    /// Where to compute: the CPU, or a GPU when built with candle's `cuda` / `metal` features.
+    pub device: Device,
 }
 
 #[derive(Clone, Debug)]
@@ -44,6 +46,8 @@ pub enum TrainEvent {
     /// Pre-flight findings, before any heavy work.
     Preflight {
         images: usize,
+        /// How many images go to each training size.
+        buckets: String,
         warnings: Vec<String>,
     },
     Started {
@@ -70,6 +74,12 @@ pub enum TrainEvent {
         adapter: PathBuf,
         checkpoint: PathBuf,
         validation_loss: f32,
+    },
+    /// The adapter as it is now, in memory, so the playground can mix it while training goes on
+    /// (sent at every checkpoint; not for full fine-tuning).
+    Snapshot {
+        step: usize,
+        layers: std::sync::Arc<Vec<ExportLayer>>,
     },
     Paused {
         step: usize,
@@ -161,10 +171,14 @@ impl Events {
 fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) -> Result<()> {
     let cfg = &spec.config;
     cfg.validate()?;
-    let weights = ModelWeights::load(&spec.model, DType::F32, &Device::Cpu)?;
+    let weights = ModelWeights::load(&spec.model, DType::F32, &spec.device)?;
     let dataset = Dataset::scan(&spec.data, &cfg.dataset)?;
     let preflight = dataset.preflight(&cfg.dataset, &|c| weights.tokenizer.count_tokens(c));
-    events.send(TrainEvent::Preflight { images: dataset.images.len(), warnings: preflight.warnings() });
+    events.send(TrainEvent::Preflight {
+        images: dataset.images.len(),
+        buckets: preflight.bucket_summary(),
+        warnings: preflight.warnings(),
+    });
     let mut trainer = if cfg.algorithm == Algorithm::Full {
         Trainer::new_full(weights, cfg.clone(), &dataset)?
     } else {
@@ -279,6 +293,7 @@ fn save(trainer: &mut Trainer, spec: &TrainJobSpec, ckpt: &std::path::Path, even
         trainer.save_model(&spec.out)?;
     } else {
         trainer.save_adapter(&spec.out, spec.naming)?;
+        events.send(TrainEvent::Snapshot { step: trainer.step, layers: std::sync::Arc::new(trainer.export_layers()?) });
     }
     let validation_loss = trainer.validation_loss()?;
     events.send(TrainEvent::Checkpoint {
