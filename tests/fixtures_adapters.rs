@@ -56,3 +56,23 @@ fn moving_one_slider_remerges_only_its_layers() {
     let pred = sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
     assert_close("noise_pred_a07 via sliders", &pred, &r["noise_pred_a07"]);
 }
+
+#[test]
+fn per_block_weights_scale_each_part_of_the_model() {
+    use lora_studio::engine::adapter::BlockWeights;
+    let r = reference();
+    let mut sd = model();
+    sd.load_adapter("a", &sd1_tiny().join("lora_a_kohya.safetensors"), 0.7).unwrap();
+    // Text encoder on, every UNet block off: the UNet is the base model fed the adapted text.
+    let te_only = BlockWeights { text_encoder: 1.0, input: 0.0, middle: 0.0, output: 0.0 };
+    sd.set_adapter_mix("a", 0.7, &te_only).unwrap();
+    let emb = sd.text_encoder.forward(&r["input_ids"]).unwrap();
+    assert_close("text encoder keeps its adapter", &emb, &r["text_embeddings_a07"]);
+    let base = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let expect = base.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
+    assert_close("UNet blocks off", &sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap(), &expect);
+    // All blocks at 1 is the plain slider.
+    sd.set_adapter_mix("a", 0.7, &BlockWeights::default()).unwrap();
+    let emb = sd.text_encoder.forward(&r["input_ids"]).unwrap();
+    assert_close("all blocks on", &sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap(), &r["noise_pred_a07"]);
+}
