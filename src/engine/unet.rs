@@ -477,6 +477,11 @@ impl UNet2DConditionModel {
         let only_cross = config.only_cross_attention;
         let lpb = config.layers_per_block;
 
+        // The transformer at down-block level `level` (up blocks and the mid block reuse the levels).
+        let transformer = |scope: &WeightScope, channels: usize, level: usize| -> Result<Transformer2DModel> {
+            let layers = config.transformer_layers_per_block.for_block(level, n)?;
+            Transformer2DModel::load(scope, channels, config.heads(level)?, layers, ctx, groups, linear, only_cross)
+        };
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_c = boc[0];
         for (i, &block_c) in boc.iter().enumerate() {
@@ -490,17 +495,7 @@ impl UNet2DConditionModel {
                 let rin = if j == 0 { in_c } else { out_c };
                 resnets.push(ResnetBlock2D::load(&bs.at("resnets").at(j), rin, out_c, Some(temb), groups, eps)?);
                 if cross {
-                    let layers = config.transformer_layers_per_block.for_block(i, n)?;
-                    attentions.push(Transformer2DModel::load(
-                        &bs.at("attentions").at(j),
-                        out_c,
-                        config.heads(i)?,
-                        layers,
-                        ctx,
-                        groups,
-                        linear,
-                        only_cross,
-                    )?);
+                    attentions.push(transformer(&bs.at("attentions").at(j), out_c, i)?);
                 }
             }
             let resample = if i + 1 < n {
@@ -513,21 +508,11 @@ impl UNet2DConditionModel {
 
         let mid_c = boc[n - 1];
         let ms = ws.at("mid_block");
-        let mid_layers = config.transformer_layers_per_block.for_block(n - 1, n)?;
         let mid_resnets = vec![
             ResnetBlock2D::load(&ms.at("resnets.0"), mid_c, mid_c, Some(temb), groups, eps)?,
             ResnetBlock2D::load(&ms.at("resnets.1"), mid_c, mid_c, Some(temb), groups, eps)?,
         ];
-        let mid_attentions = vec![Transformer2DModel::load(
-            &ms.at("attentions.0"),
-            mid_c,
-            config.heads(n - 1)?,
-            mid_layers,
-            ctx,
-            groups,
-            linear,
-            only_cross,
-        )?];
+        let mid_attentions = vec![transformer(&ms.at("attentions.0"), mid_c, n - 1)?];
 
         let mut up_blocks = Vec::with_capacity(n);
         let mut out_c = boc[n - 1];
@@ -552,17 +537,7 @@ impl UNet2DConditionModel {
                     eps,
                 )?);
                 if cross {
-                    let layers = config.transformer_layers_per_block.for_block(rev, n)?;
-                    attentions.push(Transformer2DModel::load(
-                        &bs.at("attentions").at(j),
-                        out_c,
-                        config.heads(rev)?,
-                        layers,
-                        ctx,
-                        groups,
-                        linear,
-                        only_cross,
-                    )?);
+                    attentions.push(transformer(&bs.at("attentions").at(j), out_c, rev)?);
                 }
             }
             let resample =
