@@ -268,8 +268,11 @@ impl Trainer {
         model.visit_layers(&mut |component, mut layer| {
             let conv = matches!(layer, LayerMut::Conv(_));
             let wanted = match component {
+                // LoCon means "LoRA on the convolutions too", whatever the preset says; LoRA and
+                // GLoRA follow the preset (whose last option includes convolutions).
                 Component::Unet => {
-                    cfg.targets.targets_unet(layer.path(), conv) && (!conv || cfg.algorithm != Algorithm::Lora)
+                    cfg.targets.targets_unet(layer.path(), conv)
+                        || (cfg.algorithm == Algorithm::Locon && TargetPreset::TransformerAndConv.targets_unet(layer.path(), conv))
                 }
                 Component::TextEncoder => cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path()),
             };
@@ -663,8 +666,9 @@ impl Trainer {
             } else {
                 Delta::Lora { down: t[0].clone(), up: t[1].clone() }
             };
-            let r = delta.rank();
-            let alpha = self.config.alpha * (r as f64 / self.config.rank as f64);
+            // The layer trained with scale α / r (r clamped to the layer's size), and the file's α / r
+            // must give the same scale.
+            let alpha = self.config.alpha;
             out.push(ExportLayer { component: l.component, path: l.path.clone(), delta, alpha });
         }
         Ok(out)
