@@ -76,3 +76,42 @@ fn per_block_weights_scale_each_part_of_the_model() {
     let emb = sd.text_encoder.forward(&r["input_ids"]).unwrap();
     assert_close("all blocks on", &sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap(), &r["noise_pred_a07"]);
 }
+
+/// Older kohya files and ComfyUI name UNet layers the original (ldm) way; they load the same.
+#[test]
+fn kohya_files_with_ldm_layer_names_load_the_same() {
+    use lora_studio::engine::formats::ldm_unet_path;
+    use lora_studio::engine::weights::{read_safetensors_with_metadata, write_safetensors};
+    let r = reference();
+    let mut sd = model();
+    let layers = sd.unet.config.layers_per_block;
+    let mut renames = std::collections::HashMap::new();
+    sd.unet.visit_layers(&mut |l| {
+        let ldm = ldm_unet_path(l.path(), layers).unwrap().replace("{up}", "1");
+        renames.insert(
+            format!("lora_unet_{}", l.path().replace('.', "_")),
+            format!("lora_unet_{}", ldm.replace('.', "_")),
+        );
+    });
+    let (tensors, metadata) = read_safetensors_with_metadata(&sd1_tiny().join("lora_a_kohya.safetensors")).unwrap();
+    let mut renamed = std::collections::HashMap::new();
+    let mut changed = 0;
+    for (key, t) in tensors {
+        let (layer, leaf) = key.split_once('.').unwrap();
+        let new = renames.get(layer).cloned().unwrap_or_else(|| layer.to_string());
+        changed += (new != layer) as usize;
+        renamed.insert(format!("{new}.{leaf}"), t);
+    }
+    assert!(changed > 100, "UNet keys were renamed ({changed})");
+    let file = std::env::temp_dir().join(format!("ldm-named-{}.safetensors", std::process::id()));
+    write_safetensors(&file, &renamed, Some(metadata)).unwrap();
+    let report = sd.load_adapter("a", &file, 0.7).unwrap();
+    assert_eq!(report.matched, report.total, "{}", report.summary());
+    let emb = sd.text_encoder.forward(&r["input_ids"]).unwrap();
+    assert_close(
+        "noise_pred_a07 from ldm names",
+        &sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap(),
+        &r["noise_pred_a07"],
+    );
+    let _ = std::fs::remove_file(file);
+}

@@ -186,7 +186,7 @@ impl StableDiffusion {
 
     /// The model's layer names and shapes, for matching adapter files.
     pub fn module_index(&mut self) -> ModuleIndex {
-        let mut index = ModuleIndex::default();
+        let mut index = ModuleIndex::new(Some(self.unet.config.layers_per_block));
         self.visit_layers(&mut |c, l| index.insert(c, l.path(), l.stack_ref().base.dims().to_vec()));
         index
     }

@@ -307,7 +307,8 @@ fn renamed(s: &str, table: &[(&str, &str)]) -> Option<String> {
     table.iter().find(|(from, _)| *from == module).map(|(_, to)| format!("{to}{leaf}"))
 }
 
-fn unet_name(rest: &str, layers: usize) -> Option<String> {
+/// An original-layout UNet parameter name (after `model.diffusion_model.`) in diffusers' naming.
+pub(crate) fn unet_name(rest: &str, layers: usize) -> Option<String> {
     const TOP: &[(&str, &str)] = &[
         ("time_embed.0", "time_embedding.linear_1"),
         ("time_embed.2", "time_embedding.linear_2"),
@@ -1382,4 +1383,38 @@ mod tests {
             }
         }
     }
+}
+
+/// The ldm names that `formats` derives for kohya files agree with this module's mapping.
+#[cfg(test)]
+mod ldm_names {
+    use crate::engine::formats::ldm_unet_path;
+
+    #[test]
+    fn every_adaptable_unet_layer_maps_back_to_itself() {
+        let dir = super::tests_fixture_dir().join("sd1-tiny/model");
+        let mut sd = crate::engine::pipeline::StableDiffusion::load(&dir, &candle_core::Device::Cpu).unwrap();
+        let layers = sd.unet.config.layers_per_block;
+        let mut checked = 0;
+        sd.unet.visit_layers(&mut |l| {
+            let path = l.path().to_string();
+            let ldm = ldm_unet_path(&path, layers).unwrap_or_else(|| panic!("{path} has an ldm name"));
+            let back = [ldm.replace("{up}", "1"), ldm.replace("{up}", "2")]
+                .iter()
+                .filter_map(|n| super::unet_name(&format!("{n}.weight"), layers))
+                .collect::<Vec<_>>();
+            assert!(back.contains(&format!("{path}.weight")), "{path} → {ldm} → {back:?}");
+            checked += 1;
+        });
+        assert!(checked > 40);
+    }
+}
+
+#[cfg(test)]
+fn tests_fixture_dir() -> std::path::PathBuf {
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    if local.is_dir() {
+        return local;
+    }
+    std::env::var("LORA_STUDIO_FIXTURES").map(Into::into).unwrap_or_else(|_| "/work/shared/fixtures".into())
 }

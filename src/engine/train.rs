@@ -272,7 +272,8 @@ impl Trainer {
                 // GLoRA follow the preset (whose last option includes convolutions).
                 Component::Unet => {
                     cfg.targets.targets_unet(layer.path(), conv)
-                        || (cfg.algorithm == Algorithm::Locon && TargetPreset::TransformerAndConv.targets_unet(layer.path(), conv))
+                        || (cfg.algorithm == Algorithm::Locon
+                            && TargetPreset::TransformerAndConv.targets_unet(layer.path(), conv))
                 }
                 Component::TextEncoder => cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path()),
             };
