@@ -115,3 +115,15 @@ fn kohya_files_with_ldm_layer_names_load_the_same() {
     );
     let _ = std::fs::remove_file(file);
 }
+
+#[test]
+fn overdrive_grows_with_the_sliders() {
+    use lora_studio::engine::mixing::overdrive;
+    let mut sd = model();
+    assert_eq!(overdrive(&mut sd).unwrap(), 0.0, "no adapters");
+    sd.load_adapter("a", &sd1_tiny().join("lora_a_kohya.safetensors"), 0.5).unwrap();
+    let half = overdrive(&mut sd).unwrap();
+    sd.set_adapter_weight("a", 1.0).unwrap();
+    let full = overdrive(&mut sd).unwrap();
+    assert!(half > 0.0 && (full / half - 2.0).abs() < 1e-6, "linear in the weight: {half} → {full}");
+}

@@ -122,3 +122,51 @@ pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, Ha
     error?;
     Ok(out)
 }
+
+/// How hard the live mix pushes the model: the largest ‖Σ wᵢ·ΔWᵢ‖ / ‖W‖ (Frobenius) over the
+/// layers the adapters touch. Around 0.1 styles blend; past about 0.5 images tend to fry.
+pub fn overdrive(sd: &mut StableDiffusion) -> Result<f64> {
+    let mut worst = 0f64;
+    let mut error = Ok(());
+    sd.visit_layers(&mut |_, l| {
+        let stack = l.stack_ref();
+        let r = (|| -> Result<Option<f64>> {
+            let Some(delta) = stack.delta_sum()? else { return Ok(None) };
+            let norm = |t: &Tensor| -> Result<f64> {
+                Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt())
+            };
+            let base = norm(&stack.base)?;
+            Ok((base > 0.0).then(|| norm(&delta).unwrap_or(0.0) / base))
+        })();
+        match r {
+            Ok(Some(ratio)) => worst = worst.max(ratio),
+            Ok(None) => {}
+            Err(e) => error = Err(e),
+        }
+    });
+    error?;
+    Ok(worst)
+}
+
+/// "Normalise to a budget": scales slider weights so their absolute values sum to `budget`
+/// (weights already within it are left alone), so stacking styles cannot overdrive the model.
+pub fn normalise_to_budget(weights: &[f64], budget: f64) -> Vec<f64> {
+    let total: f64 = weights.iter().map(|w| w.abs()).sum();
+    if total <= budget || total == 0.0 {
+        return weights.to_vec();
+    }
+    weights.iter().map(|w| w * budget / total).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalise_to_budget;
+
+    #[test]
+    fn budget_scales_only_when_exceeded() {
+        assert_eq!(normalise_to_budget(&[0.3, 0.2], 1.0), vec![0.3, 0.2]);
+        let w = normalise_to_budget(&[1.0, -1.0, 2.0], 2.0);
+        assert!((w.iter().map(|x| x.abs()).sum::<f64>() - 2.0).abs() < 1e-12);
+        assert!((w[2] / w[0] - 2.0).abs() < 1e-12, "proportions kept");
+    }
+}
