@@ -1,12 +1,11 @@
 //! A whole Stable Diffusion model (text encoder, UNet, VAE, tokenizer, noise schedule) loaded
 //! from a diffusers folder or a single-file checkpoint, and text-to-image generation with it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
-
-use std::collections::HashMap;
 
 use super::Result;
 use super::adapter::{BlockWeights, LayerAdapter};
@@ -158,8 +157,8 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub vae: AutoencoderKL,
     pub tokenizer: ClipTokenizer,
+    /// The noise schedule, which also carries the scheduler config it was built from.
     pub schedule: NoiseSchedule,
-    pub scheduler_config: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
 }
@@ -280,12 +279,11 @@ impl StableDiffusion {
             schedule: NoiseSchedule::new(&w.scheduler_config)?,
             device: w.unet.device().clone(),
             dtype: w.unet.dtype(),
-            scheduler_config: w.scheduler_config,
         })
     }
 
     pub fn prediction(&self) -> Prediction {
-        self.scheduler_config.prediction()
+        self.schedule.prediction()
     }
 
     /// Text embeddings (B, 77, d) for the prompts.
