@@ -164,12 +164,20 @@ impl PlaygroundPanel {
         self.done_id < self.next_id
     }
 
+    /// The worker has (or is loading) the window's model.
+    fn model_sent(&self) -> bool {
+        self.sent_model.is_some() && self.sent_model == self.model
+    }
+
     /// Adds an adapter file (or reloads it if it is already in the list, e.g. a new checkpoint).
+    /// Until the Playground has loaded its model (when first shown) the row just waits, so a
+    /// training run does not load a second copy of the model behind the user's back.
     pub fn add_adapter(&mut self, path: &Path) {
-        self.ensure_model();
         if let Some(i) = self.adapters.iter().position(|r| r.path == path) {
-            self.send_add(i);
-            self.mark_changed();
+            if self.model_sent() {
+                self.send_add(i);
+                self.mark_changed();
+            }
             return;
         }
         let stem = path.file_stem().map_or("adapter".into(), |s| s.to_string_lossy().into_owned());
@@ -191,8 +199,10 @@ impl PlaygroundPanel {
             remerged: None,
             dirty: false,
         });
-        self.send_add(self.adapters.len() - 1);
-        self.mark_changed();
+        if self.model_sent() {
+            self.send_add(self.adapters.len() - 1);
+            self.mark_changed();
+        }
     }
 
     pub fn remove_adapter(&mut self, i: usize) {
@@ -226,6 +236,11 @@ impl PlaygroundPanel {
                 self.send(cmd);
             }
         }
+    }
+
+    /// Sum of |weight| over the adapters that are on (the overdrive meter).
+    pub fn total_strength(&self) -> f64 {
+        self.adapters.iter().map(|r| r.effective_weight().abs()).sum()
     }
 
     pub fn request(&self) -> GenerateRequest {
@@ -530,6 +545,8 @@ fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Playgr
     }
     if !p.adapters.is_empty() {
         ui.add_space(6.0);
+        overdrive_meter(ui, p.total_strength());
+        ui.add_space(6.0);
         ui.horizontal(|ui| {
             let label =
                 ui.label("Blend rank").on_hover_text("Rank of the exported adapter: higher keeps more of the mix");
@@ -543,6 +560,22 @@ fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Playgr
             }
         });
     }
+}
+
+/// How hard the adapters push together: the sum of |weight| over those switched on. A rule of
+/// thumb, not a measurement: past about 1.5 stacked adapters tend to burn colours and detail.
+fn overdrive_meter(ui: &mut egui::Ui, total: f64) {
+    let (color, note) = if total <= 1.2 {
+        (egui::Color32::from_rgb(80, 160, 90), "normal")
+    } else if total <= 2.0 {
+        (egui::Color32::from_rgb(220, 170, 50), "strong: watch for artefacts")
+    } else {
+        (egui::Color32::from_rgb(210, 70, 60), "overdriven: images may burn")
+    };
+    let bar = egui::ProgressBar::new((total / 3.0).min(1.0) as f32)
+        .fill(color)
+        .text(format!("Total strength {total:.2}: {note}"));
+    ui.add(bar).on_hover_text("Sum of the absolute weights of the adapters that are on (a rule of thumb)");
 }
 
 fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<PlaygroundAction>) {
