@@ -252,6 +252,49 @@ fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
     h.get_by_label("log scale").click();
     h.run();
     assert!(h.state().training.log_scale);
+    // Opening the Playground loads the model there and the trained adapter onto it.
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.step();
+    run_until(&mut h, TRAIN, "trained adapter loaded", |a| {
+        a.playground.adapters[0].info.is_some() || a.playground.adapters[0].error.is_some()
+    });
+    let row = &h.state().playground.adapters[0];
+    assert!(row.error.is_none(), "{:?}", row.error);
+    assert!(row.info.as_deref().unwrap().contains("lora"), "{:?}", row.info);
+}
+
+#[test]
+fn a_nan_loss_pause_is_explained_in_words() {
+    let dir = tempdir("nan");
+    make_images(&dir.join("data"));
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        app.config.steps = 50;
+        app.config.learning_rate = f64::MAX / 4.0;
+        app.config.max_grad_norm = None;
+        app.config.dataset.resolution = 32;
+        app.training.output = dir.join("nan.safetensors").display().to_string();
+    }
+    // Started directly: the learning-rate field would clamp this absurd rate to its range.
+    h.state_mut().start_training();
+    h.step();
+    run_until(&mut h, TRAIN, "the NaN pause", |a| {
+        matches!(
+            a.training.run,
+            RunState::Paused { reason: Some(_) } | RunState::Failed { .. } | RunState::Finished { .. }
+        )
+    });
+    let run = &h.state().training.run;
+    assert!(matches!(run, RunState::Paused { .. }), "{run:?} after steps {:?}", h.state().training.loss.raw);
+    let text = text_of(&h, "Paused: ");
+    assert!(text.contains("NaN") && text.contains("lower the learning rate"), "{text}");
+    h.get_by_label("Stop").click();
+    h.step();
+    run_until(&mut h, TRAIN, "stopped", |a| matches!(a.training.run, RunState::Finished { .. }));
 }
 
 #[test]
@@ -296,6 +339,7 @@ fn playground_generates_blends_live_and_exports() {
     assert_eq!(first.dimensions(), (32, 32));
     h.run();
 
+    h.get_by_label_contains("Total strength 1.00: normal");
     // Live mode: moving a slider re-renders the same seed once it rests, re-merging its layers.
     h.state_mut().playground.set_weight(0, -1.0);
     h.step();

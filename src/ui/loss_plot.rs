@@ -1,7 +1,7 @@
 //! The live loss plot: raw per-step loss, its exponential moving average, and the validation
 //! loss at each checkpoint; optionally on a log scale.
 
-use egui_plot::{Legend, Line, MarkerShape, Plot, Points};
+use egui_plot::{Line, MarkerShape, Plot, Points};
 
 /// Weight of the newest step in the moving average (about a 20-step window).
 const EMA_WEIGHT: f64 = 0.1;
@@ -48,21 +48,29 @@ fn scaled(points: &[[f64; 2]], log: bool) -> Vec<[f64; 2]> {
     if log { points.iter().filter(|p| p[1] > 0.0).map(|&[x, y]| [x, y.log10()]).collect() } else { points.to_vec() }
 }
 
+const VALIDATION_COLOR: egui::Color32 = egui::Color32::from_rgb(230, 140, 40);
+
+/// The key to the plot's colours, as words on one line (a legend inside the plot hides data).
+pub fn plot_key(ui: &mut egui::Ui) {
+    ui.colored_label(ui.visuals().weak_text_color(), "loss");
+    ui.colored_label(ui.visuals().selection.stroke.color, "moving average");
+    ui.colored_label(VALIDATION_COLOR, "validation");
+}
+
 pub fn loss_plot(ui: &mut egui::Ui, history: &LossHistory, log: bool, height: f32) {
     let raw_color = ui.visuals().weak_text_color();
     let ema_color = ui.visuals().selection.stroke.color;
-    let val_color = egui::Color32::from_rgb(230, 140, 40);
+    let val_color = VALIDATION_COLOR;
     let mut plot = Plot::new("loss_plot")
         .height(height)
-        .legend(Legend::default())
         .x_axis_label("step")
         .y_axis_label(if log { "loss (log scale)" } else { "loss" })
         .allow_scroll(false)
         .include_x(0.0);
+    // The y axis follows the data (a diffusion loss is noisy around a small value; an axis
+    // from 0 would flatten it).
     if log {
         plot = plot.y_axis_formatter(|mark, _| format!("{:.3}", 10f64.powf(mark.value)));
-    } else {
-        plot = plot.include_y(0.0);
     }
     plot.show(ui, |p| {
         p.line(Line::new("loss", scaled(&history.raw, log)).color(raw_color).width(1.0));

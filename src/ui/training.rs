@@ -12,7 +12,7 @@ use crate::engine::formats::Naming;
 use crate::engine::train::{Algorithm, LrSchedule, TrainConfig};
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
-use super::loss_plot::{LossHistory, loss_plot};
+use super::loss_plot::{LossHistory, loss_plot, plot_key};
 
 /// Starting points that set rank, alpha, learning rate and steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,6 +299,9 @@ pub(super) fn ui_training(
     ui.add_space(6.0);
     egui::Panel::left("training_settings").resizable(true).default_size(350.0).show(ui, |ui| {
         egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+            if panel.is_active() {
+                ui.label(RichText::new("Options are locked while a run is in progress.").weak());
+            }
             ui.add_enabled_ui(!panel.is_active(), |ui| settings(ui, panel, config, &mut actions));
         });
     });
@@ -310,12 +313,26 @@ pub(super) fn ui_training(
             ui.add_space(6.0);
             ui.horizontal(|ui| {
                 ui.strong("Loss");
+                ui.separator();
+                plot_key(ui);
+                ui.separator();
                 ui.checkbox(&mut panel.log_scale, "log scale")
                     .on_hover_text("Show the loss on a logarithmic axis, to see small late improvements");
             });
-            loss_plot(ui, &panel.loss, panel.log_scale, 220.0);
-            samples(ui, panel);
-            checkpoints(ui, panel);
+            // The plot takes the height left after a strip of samples and checkpoints.
+            let has_strip = !panel.samples.is_empty() || !panel.checkpoints.is_empty();
+            let reserve = if has_strip { STRIP_HEIGHT + 16.0 } else { 8.0 };
+            loss_plot(ui, &panel.loss, panel.log_scale, (ui.available_height() - reserve).max(180.0));
+            if has_strip {
+                ui.add_space(6.0);
+                ui.horizontal_top(|ui| {
+                    let checkpoints_width = if panel.checkpoints.is_empty() { 0.0 } else { 260.0 };
+                    ui.allocate_ui(egui::vec2(ui.available_width() - checkpoints_width, STRIP_HEIGHT), |ui| {
+                        samples(ui, panel)
+                    });
+                    ui.allocate_ui(egui::vec2(checkpoints_width, STRIP_HEIGHT), |ui| checkpoints(ui, panel));
+                });
+            }
         });
     });
     actions
@@ -519,7 +536,7 @@ fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
         RunState::Running => "Training.".to_owned(),
         RunState::Paused { reason: None } => "Paused.".to_owned(),
         RunState::Paused { reason: Some(r) } => {
-            format!("Paused: {r}. Lower the learning rate, or press Resume to try again.")
+            format!("Paused: {r}. Resume continues from there; Stop saves and ends the run.")
         }
         RunState::Stopping => "Stopping: saving the adapter…".to_owned(),
         RunState::Finished { adapter } => format!("Finished: wrote {}", adapter.display()),
@@ -556,18 +573,29 @@ fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
     }
 }
 
+/// Height of the row of samples and checkpoints under the plot.
+const STRIP_HEIGHT: f32 = 140.0;
+const SAMPLE_SIDE: f32 = 96.0;
+
 fn samples(ui: &mut egui::Ui, panel: &TrainingPanel) {
-    if panel.samples.is_empty() {
-        return;
-    }
-    ui.add_space(6.0);
-    ui.strong("Samples");
+    ui.vertical(|ui| {
+        ui.strong("Samples");
+        if panel.samples.is_empty() {
+            ui.label(RichText::new("Set \"Sample every\" and a prompt to see images as it trains.").weak());
+        }
+        samples_row(ui, panel);
+    });
+}
+
+fn samples_row(ui: &mut egui::Ui, panel: &TrainingPanel) {
     egui::ScrollArea::horizontal().id_salt("samples").show(ui, |ui| {
         ui.horizontal(|ui| {
             for s in panel.samples.iter().rev() {
                 ui.vertical(|ui| {
-                    ui.add(egui::Image::from_texture(&s.texture).fit_to_exact_size(egui::vec2(128.0, 128.0)))
-                        .on_hover_text(&s.prompt);
+                    ui.add(
+                        egui::Image::from_texture(&s.texture).fit_to_exact_size(egui::vec2(SAMPLE_SIDE, SAMPLE_SIDE)),
+                    )
+                    .on_hover_text(&s.prompt);
                     ui.label(format!("step {}", s.step));
                 });
             }
@@ -579,23 +607,30 @@ fn checkpoints(ui: &mut egui::Ui, panel: &TrainingPanel) {
     if panel.checkpoints.is_empty() {
         return;
     }
-    ui.add_space(6.0);
-    ui.strong("Checkpoints");
+    ui.vertical(|ui| {
+        ui.strong("Checkpoints");
+        egui::ScrollArea::vertical()
+            .id_salt("checkpoints")
+            .max_height(STRIP_HEIGHT - 24.0)
+            .show(ui, |ui| checkpoint_grid(ui, panel));
+    });
+}
+
+fn checkpoint_grid(ui: &mut egui::Ui, panel: &TrainingPanel) {
     let best = panel.loss.best_validation().map(|p| p[0] as usize);
-    egui::Grid::new("checkpoints").striped(true).num_columns(3).show(ui, |ui| {
+    egui::Grid::new("checkpoints").striped(true).num_columns(2).show(ui, |ui| {
         ui.label("step");
         ui.label("validation loss");
-        ui.label("adapter");
         ui.end_row();
-        for c in &panel.checkpoints {
-            ui.label(c.step.to_string());
+        // Newest first; the file is the same adapter, rewritten at each save.
+        for c in panel.checkpoints.iter().rev() {
+            ui.label(c.step.to_string()).on_hover_text(c.adapter.display().to_string());
             let text = format!("{:.4}", c.validation_loss);
             if Some(c.step) == best {
                 ui.label(RichText::new(format!("{text}  (best)")).strong());
             } else {
                 ui.label(text);
             }
-            ui.label(c.adapter.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
             ui.end_row();
         }
     });
