@@ -26,8 +26,8 @@ fn main() -> anyhow::Result<()> {
         if let Some(steps) = train {
             app.config.steps = steps;
             app.config.dataset.resolution = 32;
-            app.config.save_every = (steps / 4).max(1);
-            app.config.sample_every = (steps / 4).max(1);
+            app.config.save_every = (steps / 10).max(1);
+            app.config.sample_every = (steps / 10).max(1);
             app.config.sample_prompt = "a gradient".into();
             app.area = lora_studio::ui::Area::Training;
             app.start_training_when_scanned = true;
