@@ -243,6 +243,7 @@ pub(super) fn ui_dataset(ui: &mut egui::Ui, panel: &mut DatasetPanel, opts: &mut
 fn thumbnail_grid(ui: &mut egui::Ui, panel: &mut DatasetPanel) {
     let mut clicked = None;
     egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+        ui.add_space(4.0); // room for the selection outline
         ui.horizontal_wrapped(|ui| {
             for (i, entry) in panel.dataset.images.iter().enumerate() {
                 let selected = panel.selected == Some(i);
@@ -317,7 +318,7 @@ fn preflight_report(ui: &mut egui::Ui, panel: &mut DatasetPanel, opts: &DatasetO
     if warnings.is_empty() {
         ui.label("No problems found.");
     } else {
-        ui.label(format!("{} warnings:", warnings.len()));
+        ui.label(if warnings.len() == 1 { "1 warning:".to_owned() } else { format!("{} warnings:", warnings.len()) });
         for w in warnings {
             ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
         }

@@ -588,6 +588,10 @@ fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Play
         }
         ui.label(RichText::new(&p.image_info).weak());
     });
+    if let Some((step, total)) = p.progress {
+        let fraction = if total == 0 { 0.0 } else { step as f32 / total as f32 };
+        ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
+    }
     match &p.texture {
         Some(tex) => {
             let side = ui.available_width().min(ui.available_height()).max(64.0);
