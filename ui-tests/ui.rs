@@ -362,6 +362,13 @@ fn playground_generates_blends_live_and_exports() {
     assert!(!parsed.layers.is_empty());
     h.run();
 
+    // The switch turns an adapter off (weight 0) without losing its slider.
+    h.get_by_label("on").click();
+    h.run();
+    let row = &h.state().playground.adapters[0];
+    assert!(!row.enabled && row.weight == -1.0 && row.effective_weight() == 0.0);
+    h.get_by_label_contains("Total strength 0.00");
+
     // Per-block weights live under Advanced; Remove takes the adapter out.
     h.get_by_label("Advanced").click();
     h.run();
