@@ -1,13 +1,18 @@
 //! Window tests through egui_kittest: they drive `StudioApp::show` by its accessibility tree,
 //! headless (no display, no GPU).
 
+mod common;
+
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use lora_studio::ui::{Area, StudioApp, WindowOptions};
 
+use common::*;
+
 fn harness(model_label: &str) -> Harness<'static, StudioApp> {
-    let app = StudioApp::new(WindowOptions { model_label: model_label.to_owned() });
+    let ctx = egui::Context::default();
+    let app = StudioApp::new(&ctx, WindowOptions { model_label: model_label.to_owned(), model: None });
     let mut h =
         Harness::builder().with_size([960.0, 640.0]).build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
     h.run();
@@ -75,4 +80,310 @@ fn long_model_paths_keep_their_file_name() {
     let model = h.get_by_label_contains("Model: …");
     let text = model.accesskit_node().value().unwrap_or_default();
     assert!(text.ends_with("v1-5-pruned-emaonly.safetensors"), "model shown as {text:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real panels.
+
+use std::time::Duration;
+
+use lora_studio::ui::{DialogPurpose, ModelState, RunState};
+
+const SCAN: Duration = Duration::from_secs(30);
+const TRAIN: Duration = Duration::from_secs(240);
+
+fn harness_with_model() -> Harness<'static, StudioApp> {
+    let ctx = egui::Context::default();
+    let options = WindowOptions { model_label: String::new(), model: Some(sd1_tiny().join("model")) };
+    let app = StudioApp::new(&ctx, options);
+    let mut h =
+        Harness::builder().with_size([1100.0, 760.0]).build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    h.run();
+    h
+}
+
+fn text_of<S>(h: &Harness<'_, S>, contains: &str) -> String {
+    let all: Vec<String> = h
+        .query_all_by_label_contains(contains)
+        .map(|n| n.accesskit_node().value().or(n.accesskit_node().label()).unwrap_or_default())
+        .collect();
+    assert_eq!(all.len(), 1, "texts containing {contains:?}: {all:?}");
+    all.into_iter().next().unwrap()
+}
+
+#[test]
+fn dropped_folder_is_scanned_with_thumbnails_captions_and_warnings() {
+    let dir = tempdir("dataset");
+    let data = dir.join("data");
+    make_images(&data);
+    std::fs::copy(data.join("img0.png"), data.join("copy.png")).unwrap();
+    image::RgbImage::new(16, 16).save(data.join("tiny.png")).unwrap();
+    std::fs::write(data.join("broken.png"), b"not really a png").unwrap();
+
+    let mut h = harness("");
+    drop_paths(&mut h, std::slice::from_ref(&data));
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning() && !a.dataset.dataset.images.is_empty());
+    assert_eq!(h.state().dataset.dataset.images.len(), 4, "3 images + 1 duplicate");
+    assert_eq!(h.state().dataset.dataset.skipped.len(), 2, "tiny.png and broken.png");
+    run_until(&mut h, SCAN, "thumbnails", |a| a.dataset.thumbnails.ready() == 4);
+    h.run();
+    let counts = text_of(&h, "4 images ·");
+    assert!(counts.contains("2 skipped") && counts.contains("1 duplicate"), "{counts}");
+    // The pre-flight report names skipped files with their reasons and the duplicates.
+    assert!(text_of(&h, "tiny.png: skipped").contains("too small"));
+    h.get_by_label_contains("identical images");
+    h.get_by_label("Captions counted in words (open a model to count tokens).");
+
+    // Select an image, edit its caption, save it to the sidecar.
+    h.get_by_label("img1.png").click();
+    h.run();
+    assert_eq!(h.state().dataset.caption_edit, "a gradient");
+    h.get_by_role_and_label(Role::MultilineTextInput, "Caption text:").focus();
+    h.run();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.run();
+    h.get_by_role_and_label(Role::MultilineTextInput, "Caption text:").type_text("a red gradient, soft");
+    h.run();
+    h.get_by_label("Save caption").click();
+    h.run();
+    assert_eq!(std::fs::read_to_string(data.join("img1.txt")).unwrap(), "a red gradient, soft");
+
+    // Trigger word goes in front of every caption.
+    h.get_by_role_and_label(Role::TextInput, "Trigger word:").focus();
+    h.run();
+    h.get_by_role_and_label(Role::TextInput, "Trigger word:").type_text("sks");
+    h.run();
+    assert_eq!(h.state().config.dataset.trigger, "sks");
+    h.get_by_label("Trained as: sks, a red gradient, soft");
+
+    // Remove the duplicate from the set.
+    h.get_by_label("copy.png").click();
+    h.run();
+    h.get_by_label("Remove from set").click();
+    h.run();
+    assert_eq!(h.state().dataset.dataset.images.len(), 3);
+    assert!(text_of(&h, "3 images ·").contains("0 duplicates"));
+}
+
+#[test]
+fn add_images_dialog_result_joins_the_set() {
+    let dir = tempdir("dialog");
+    make_images(&dir);
+    let mut h = harness("");
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImages, vec![dir.join("img0.png"), dir.join("img2.png")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    assert_eq!(h.state().dataset.dataset.images.len(), 2);
+    // A model gives CLIP token counts in the pre-flight report.
+    h.state_mut().on_paths_chosen(DialogPurpose::OpenModelFolder, vec![sd1_tiny().join("model")]);
+    h.run();
+    h.get_by_label("Captions counted in CLIP tokens.");
+    assert!(h.state().model_label.ends_with("model"));
+}
+
+#[test]
+fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
+    let dir = tempdir("train");
+    make_images(&dir.join("data"));
+    let out = dir.join("out/trained.safetensors");
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    // Presets set rank / alpha / lr / steps.
+    h.get_by_label("Quality").click();
+    h.run();
+    assert_eq!((h.state().config.rank, h.state().config.steps), (32, 3000));
+    h.get_by_label("Quick").click();
+    h.run();
+    assert_eq!(h.state().config.rank, 8);
+    h.get_by_label_contains("scale α/r = 1.000");
+    {
+        let app = h.state_mut();
+        app.config.rank = 4;
+        app.config.alpha = 2.0;
+        app.config.steps = 2000;
+        app.config.learning_rate = 1e-3;
+        app.config.save_every = 4;
+        app.config.dataset.resolution = 32;
+        app.training.output = out.display().to_string();
+    }
+    h.run();
+    h.get_by_label_contains("scale α/r = 0.500");
+
+    h.get_by_label("Start training").click();
+    h.step();
+    run_until(&mut h, TRAIN, "three steps", |a| a.training.loss.raw.len() >= 3);
+    assert!(text_of(&h, "Job: ").starts_with("Job: training"));
+    h.get_by_label_contains("it/s");
+    h.get_by_label_contains("Step ");
+
+    h.get_by_label("Pause").click();
+    h.step();
+    run_until(&mut h, TRAIN, "paused", |a| matches!(a.training.run, RunState::Paused { .. }));
+    let paused_at = h.state().training.step;
+    std::thread::sleep(Duration::from_millis(300));
+    h.step();
+    assert_eq!(h.state().training.step, paused_at, "no steps while paused");
+    assert!(text_of(&h, "Job: ").contains("paused"));
+
+    h.get_by_label("Resume").click();
+    h.step();
+    run_until(&mut h, TRAIN, "more steps", |a| a.training.step >= paused_at + 2);
+    run_until(&mut h, TRAIN, "a checkpoint", |a| !a.training.checkpoints.is_empty());
+
+    h.get_by_label("Stop").click();
+    h.step();
+    run_until(&mut h, TRAIN, "finished", |a| matches!(a.training.run, RunState::Finished { .. }));
+    let app = h.state();
+    assert!(out.is_file(), "adapter written to {}", out.display());
+    assert!(app.training.step < 2000, "stopped early");
+    assert!(app.training.loss.raw.len() >= 5 && !app.training.loss.validation.is_empty());
+    assert!(app.training.checkpoints.iter().all(|c| c.validation_loss.is_finite()));
+    // The trained adapter shows up in the Playground's list.
+    assert_eq!(app.playground.adapters.len(), 1);
+    assert_eq!(app.playground.adapters[0].path, out);
+    // Settled: no spinner, so the accessibility check runs over the whole Training area.
+    run_until(&mut h, TRAIN, "playground idle", |a| !a.playground.busy());
+    h.run();
+    h.get_by_label_contains("Finished: wrote");
+    h.get_by_label_contains("(best)");
+    h.get_by_label("log scale").click();
+    h.run();
+    assert!(h.state().training.log_scale);
+    // Opening the Playground loads the model there and the trained adapter onto it.
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.step();
+    run_until(&mut h, TRAIN, "trained adapter loaded", |a| {
+        a.playground.adapters[0].info.is_some() || a.playground.adapters[0].error.is_some()
+    });
+    let row = &h.state().playground.adapters[0];
+    assert!(row.error.is_none(), "{:?}", row.error);
+    assert!(row.info.as_deref().unwrap().contains("lora"), "{:?}", row.info);
+}
+
+#[test]
+fn a_nan_loss_pause_is_explained_in_words() {
+    let dir = tempdir("nan");
+    make_images(&dir.join("data"));
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        app.config.steps = 50;
+        app.config.learning_rate = f64::MAX / 4.0;
+        app.config.max_grad_norm = None;
+        app.config.dataset.resolution = 32;
+        app.training.output = dir.join("nan.safetensors").display().to_string();
+    }
+    // Started directly: the learning-rate field would clamp this absurd rate to its range.
+    h.state_mut().start_training();
+    h.step();
+    run_until(&mut h, TRAIN, "the NaN pause", |a| {
+        matches!(
+            a.training.run,
+            RunState::Paused { reason: Some(_) } | RunState::Failed { .. } | RunState::Finished { .. }
+        )
+    });
+    let run = &h.state().training.run;
+    assert!(matches!(run, RunState::Paused { .. }), "{run:?} after steps {:?}", h.state().training.loss.raw);
+    let text = text_of(&h, "Paused: ");
+    assert!(text.contains("NaN") && text.contains("lower the learning rate"), "{text}");
+    h.get_by_label("Stop").click();
+    h.step();
+    run_until(&mut h, TRAIN, "stopped", |a| matches!(a.training.run, RunState::Finished { .. }));
+}
+
+#[test]
+fn start_without_images_says_why() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    h.get_by_label("Start training").click();
+    h.run();
+    h.get_by_label("Add training images in the Dataset area first.");
+}
+
+#[test]
+fn playground_generates_blends_live_and_exports() {
+    let dir = tempdir("playground");
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    {
+        let p = &mut h.state_mut().playground;
+        p.prompt = "a gradient".into();
+        p.width = 32;
+        p.height = 32;
+        p.size_chosen = true;
+        p.steps = 3;
+        p.seed = 7;
+    }
+    // An adapter dropped on the Playground joins the list.
+    drop_paths(&mut h, &[sd1_tiny().join("lora_a_kohya.safetensors")]);
+    run_until(&mut h, SCAN, "model and adapter", |a| {
+        a.playground.model_state == ModelState::Ready && a.playground.adapters.first().is_some_and(|r| r.info.is_some())
+    });
+    let info = h.state().playground.adapters[0].info.clone().unwrap();
+    assert!(info.contains("lora") && info.contains("layers"), "{info}");
+    assert!(h.state().playground.adapters[0].error.is_none());
+
+    h.get_by_label("Generate").click();
+    h.step();
+    run_until(&mut h, SCAN, "an image", |a| a.playground.images_made >= 1);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    let first = h.state().playground.image.clone().unwrap();
+    assert_eq!(first.dimensions(), (32, 32));
+    h.run();
+
+    h.get_by_label_contains("Total strength 1.00: normal");
+    // Live mode: moving a slider re-renders the same seed once it rests, re-merging its layers.
+    h.state_mut().playground.set_weight(0, -1.0);
+    h.step();
+    assert_eq!(h.state().playground.images_made, 1, "not before the slider rests");
+    run_until(&mut h, SCAN, "live re-render", |a| a.playground.images_made >= 2);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    let row = &h.state().playground.adapters[0];
+    assert!(row.remerged.is_some_and(|n| n > 0), "re-merged {:?} layers", row.remerged);
+    assert_ne!(h.state().playground.image.as_ref().unwrap(), &first, "weight −1 changes the image");
+
+    // Save the image, export the blend.
+    h.state_mut().on_paths_chosen(DialogPurpose::SaveImage, vec![dir.join("picture")]);
+    assert!(dir.join("picture.png").is_file());
+    let blend = dir.join("blend.safetensors");
+    h.state_mut().playground.blend_rank = 2;
+    h.state_mut().on_paths_chosen(DialogPurpose::ExportBlend, vec![blend.clone()]);
+    run_until(&mut h, SCAN, "export", |a| a.playground.message.as_deref().is_some_and(|m| m.contains("Export")));
+    assert!(blend.is_file(), "{:?}", h.state().playground.message);
+    let parsed = lora_studio::engine::formats::read_adapter(&blend).unwrap();
+    assert!(!parsed.layers.is_empty());
+    h.run();
+
+    // The switch turns an adapter off (weight 0) without losing its slider.
+    h.get_by_label("on").click();
+    h.run();
+    let row = &h.state().playground.adapters[0];
+    assert!(!row.enabled && row.weight == -1.0 && row.effective_weight() == 0.0);
+    h.get_by_label_contains("Total strength 0.00");
+
+    // Per-block weights live under Advanced; Remove takes the adapter out.
+    h.get_by_label("Advanced").click();
+    h.run();
+    h.get_by_label("Remove").click();
+    h.run();
+    assert!(h.state().playground.adapters.is_empty());
+}
+
+#[test]
+fn dice_picks_a_new_seed() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    let before = h.state().playground.seed;
+    h.get_by_label("Random").click();
+    h.run_steps(2);
+    assert_ne!(h.state().playground.seed, before);
 }

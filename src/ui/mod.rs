@@ -6,18 +6,34 @@
 //! shows. Each area's panel is a short free function in its own file.
 
 mod dataset;
+mod dialogs;
+mod loss_plot;
+mod model_worker;
 mod playground;
 mod status;
+mod thumbnails;
 mod training;
 
+use std::path::{Path, PathBuf};
+
+pub use dataset::DatasetPanel;
+pub use dialogs::DialogPurpose;
+pub use loss_plot::LossHistory;
+pub use playground::{AdapterRow, ModelState, PlaygroundPanel};
 pub use status::{MemorySampler, format_bytes, resident_memory_bytes};
+pub use training::{Preset, RunState, TrainingPanel};
+
+use crate::engine::train::TrainConfig;
 
 /// What the caller knows when it opens the window.
 #[derive(Debug, Clone, Default)]
 pub struct WindowOptions {
-    /// The base model shown in the status bar: "built-in", a folder or a file path. Empty means
-    /// no model is loaded yet.
+    /// The base model shown in the status bar when no `model` path is given (e.g. "built-in").
+    /// Empty means no model is loaded yet.
     pub model_label: String,
+    /// The base model to open: a diffusers folder or a single `.safetensors` checkpoint
+    /// (`lora-studio --model PATH`). Used for training, the Playground and token counts.
+    pub model: Option<PathBuf>,
 }
 
 /// The three areas of the app, in tab order.
@@ -50,47 +66,212 @@ impl Area {
     }
 }
 
-/// What the background job layer is doing. Only `Idle` exists until jobs are wired in.
+/// What the background work is doing, for the status bar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum JobState {
     #[default]
     Idle,
+    Scanning,
+    TrainingStarting,
+    Training {
+        step: usize,
+        total: usize,
+    },
+    TrainingPaused {
+        step: usize,
+        total: usize,
+    },
+    TrainingStopping,
+    LoadingModel,
+    Generating {
+        step: usize,
+        total: usize,
+    },
 }
 
 impl JobState {
-    pub fn label(self) -> &'static str {
+    pub fn label(self) -> String {
         match self {
-            JobState::Idle => "idle",
+            JobState::Idle => "idle".into(),
+            JobState::Scanning => "scanning images".into(),
+            JobState::TrainingStarting => "training: starting".into(),
+            JobState::Training { step, total } => format!("training {step}/{total}"),
+            JobState::TrainingPaused { step, total } => format!("training paused at {step}/{total}"),
+            JobState::TrainingStopping => "training: saving".into(),
+            JobState::LoadingModel => "loading model".into(),
+            JobState::Generating { step, total } => format!("generating {step}/{total}"),
         }
     }
 }
 
-/// All state of the window. Plain data; no threads.
-#[derive(Debug)]
+/// All state of the window. Workers (scans, thumbnails, training, the Playground's model) report
+/// through channels that [`StudioApp::poll`] drains every frame without blocking.
 pub struct StudioApp {
     pub area: Area,
-    /// Base model shown in the status bar (see [`WindowOptions::model_label`]).
+    /// Base model shown in the status bar (the model path, or [`WindowOptions::model_label`]).
     pub model_label: String,
+    /// The open base model.
+    pub model: Option<PathBuf>,
     /// Compute device shown in the status bar.
     pub device_label: String,
-    pub job: JobState,
     pub memory: MemorySampler,
+    /// The training options (the Dataset area edits the trigger word, the Training area the rest).
+    pub config: TrainConfig,
+    pub dataset: DatasetPanel,
+    pub training: TrainingPanel,
+    pub playground: PlaygroundPanel,
+    dialogs: dialogs::Dialogs,
+    ctx: egui::Context,
+    /// Start training as soon as the dataset scan is done (scripted runs: `examples/window.rs`).
+    pub start_training_when_scanned: bool,
+    /// A window-wide note (e.g. a dropped file that was not understood).
+    pub notice: Option<String>,
 }
 
 impl StudioApp {
-    pub fn new(options: WindowOptions) -> Self {
-        Self {
+    /// `ctx` is the window's egui context: workers use it to wake the window.
+    pub fn new(ctx: &egui::Context, options: WindowOptions) -> Self {
+        let mut app = Self {
             area: Area::default(),
             model_label: options.model_label,
+            model: None,
             device_label: "CPU".to_owned(),
-            job: JobState::default(),
             memory: MemorySampler::default(),
+            config: TrainConfig::default(),
+            dataset: DatasetPanel::new(ctx),
+            training: TrainingPanel::default(),
+            playground: PlaygroundPanel::new(ctx),
+            dialogs: dialogs::Dialogs::default(),
+            ctx: ctx.clone(),
+            start_training_when_scanned: false,
+            notice: None,
+        };
+        if let Some(model) = options.model {
+            app.set_model(model);
         }
+        app
+    }
+
+    /// Opens a base model: a diffusers folder or a single `.safetensors` checkpoint.
+    pub fn set_model(&mut self, path: PathBuf) {
+        self.model_label = path.display().to_string();
+        let tokenizer_dir = path.join("tokenizer");
+        self.dataset.tokenizer = Some(if tokenizer_dir.is_dir() {
+            crate::engine::tokenizer::ClipTokenizer::from_folder(&tokenizer_dir).unwrap_or_else(|_| {
+                crate::engine::tokenizer::ClipTokenizer::with_pad_id(crate::engine::tokenizer::END_OF_TEXT)
+            })
+        } else {
+            crate::engine::tokenizer::ClipTokenizer::with_pad_id(crate::engine::tokenizer::END_OF_TEXT)
+        });
+        self.playground.set_model(Some(path.clone()));
+        self.model = Some(path);
+    }
+
+    /// What the status bar says the background work is doing.
+    pub fn job(&self) -> JobState {
+        let t = &self.training;
+        match &t.run {
+            RunState::Starting => return JobState::TrainingStarting,
+            RunState::Running => return JobState::Training { step: t.step, total: t.total },
+            RunState::Paused { .. } => return JobState::TrainingPaused { step: t.step, total: t.total },
+            RunState::Stopping => return JobState::TrainingStopping,
+            _ => {}
+        }
+        if self.playground.model_state == ModelState::Loading {
+            return JobState::LoadingModel;
+        }
+        if let Some((step, total)) = self.playground.progress {
+            return JobState::Generating { step, total };
+        }
+        if self.dataset.is_scanning() {
+            return JobState::Scanning;
+        }
+        JobState::Idle
+    }
+
+    /// Drains every worker's channel; never blocks. Called by `App::logic` and at the start of
+    /// [`StudioApp::show`] (tests drive `show` alone).
+    pub fn poll(&mut self, ctx: &egui::Context) {
+        for (purpose, paths) in self.dialogs.poll() {
+            self.on_paths_chosen(purpose, paths);
+        }
+        self.dataset.poll(ctx);
+        for adapter in self.training.poll(ctx) {
+            // A checkpoint or the finished adapter joins (or refreshes in) the Playground.
+            self.playground.add_adapter(&adapter);
+        }
+        self.playground.poll(ctx);
+        if self.start_training_when_scanned && !self.dataset.is_scanning() {
+            self.start_training_when_scanned = false;
+            self.start_training();
+        }
+    }
+
+    /// What happens once a file dialog returns paths (tests call this directly).
+    pub fn on_paths_chosen(&mut self, purpose: DialogPurpose, paths: Vec<PathBuf>) {
+        let Some(first) = paths.first().cloned() else { return };
+        match purpose {
+            DialogPurpose::AddImages | DialogPurpose::AddImageFolder => {
+                let ctx = self.ctx.clone();
+                self.dataset.add_paths(&ctx, paths, &self.config.dataset);
+            }
+            DialogPurpose::OpenModelFolder | DialogPurpose::OpenModelFile => self.set_model(first),
+            DialogPurpose::TrainOutput => {
+                self.training.output = with_extension(first, "safetensors").display().to_string()
+            }
+            DialogPurpose::AddAdapters => {
+                self.playground.ensure_model();
+                paths.iter().for_each(|p| self.playground.add_adapter(p));
+            }
+            DialogPurpose::SaveImage => self.playground.save_image(&with_extension(first, "png")),
+            DialogPurpose::ExportBlend => self.playground.export_blend(with_extension(first, "safetensors")),
+        }
+    }
+
+    /// Files or folders dropped on the window: adapters on the Playground, a model folder or
+    /// checkpoint anywhere (when it is one), images everywhere else.
+    pub fn on_dropped(&mut self, paths: Vec<PathBuf>) {
+        let is_safetensors = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        let (models, rest): (Vec<PathBuf>, Vec<PathBuf>) =
+            paths.into_iter().partition(|p| p.join("model_index.json").is_file());
+        if let Some(model) = models.into_iter().next() {
+            self.set_model(model);
+        }
+        let (weights, images): (Vec<PathBuf>, Vec<PathBuf>) = rest.into_iter().partition(|p| is_safetensors(p));
+        for w in weights {
+            if self.area == Area::Playground {
+                self.playground.ensure_model();
+                self.playground.add_adapter(&w);
+            } else if std::fs::metadata(&w).is_ok_and(|m| m.len() > 1 << 30) {
+                // Over a GiB: a full checkpoint, not an adapter.
+                self.set_model(w);
+            } else {
+                self.notice =
+                    Some(format!("{}: drop adapters on the Playground; to open a model use Open model…", w.display()));
+            }
+        }
+        if !images.is_empty() {
+            self.area = Area::Dataset;
+            let ctx = self.ctx.clone();
+            self.dataset.add_paths(&ctx, images, &self.config.dataset);
+        }
+    }
+
+    /// Starts training with the current options on the dataset's images.
+    pub fn start_training(&mut self) {
+        let images = self.dataset.image_paths();
+        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config);
     }
 
     /// Draws the whole window into `ui`: tab bar, status bar, then the selected area.
     pub fn show(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        self.poll(&ctx);
         self.handle_shortcuts(ui);
+        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
+        if !dropped.is_empty() {
+            self.on_dropped(dropped);
+        }
 
         egui::Panel::top("area_tabs").show(ui, |ui| {
             ui.add_space(4.0);
@@ -102,14 +283,54 @@ impl StudioApp {
             self.memory.refresh(now);
             // Keep the memory figure fresh while the app is otherwise idle.
             ui.ctx().request_repaint_after(MemorySampler::INTERVAL);
-            status::status_bar(ui, &self.model_label, &self.device_label, self.job.label(), &self.memory);
+            let job = self.job().label();
+            status::status_bar(ui, &self.model_label, &self.device_label, &job, &self.memory);
         });
         let margin = egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(20, 12));
-        egui::CentralPanel::default().frame(margin).show(ui, |ui| match self.area {
-            Area::Dataset => dataset::ui_dataset(ui),
-            Area::Training => training::ui_training(ui),
-            Area::Playground => playground::ui_playground(ui),
+        egui::CentralPanel::default().frame(margin).show(ui, |ui| {
+            if let Some(notice) = self.notice.clone() {
+                ui.horizontal(|ui| {
+                    ui.colored_label(ui.visuals().warn_fg_color, notice);
+                    if ui.small_button("Dismiss").clicked() {
+                        self.notice = None;
+                    }
+                });
+            }
+            self.area_panel(ui);
         });
+        drop_hint(&ctx);
+    }
+
+    fn area_panel(&mut self, ui: &mut egui::Ui) {
+        let mut dialogs = Vec::new();
+        match self.area {
+            Area::Dataset => {
+                for action in dataset::ui_dataset(ui, &mut self.dataset, &mut self.config.dataset) {
+                    let dataset::DatasetAction::OpenDialog(p) = action;
+                    dialogs.push(p);
+                }
+            }
+            Area::Training => {
+                let images = self.dataset.image_paths();
+                let warnings = self.dataset.preflight(&self.config.dataset).warnings();
+                let cx = training::TrainingContext { model: self.model.as_deref(), images: &images, warnings };
+                for action in training::ui_training(ui, &mut self.training, &mut self.config, &cx) {
+                    match action {
+                        training::TrainingAction::Start => self.start_training(),
+                        training::TrainingAction::ChooseOutput => dialogs.push(DialogPurpose::TrainOutput),
+                    }
+                }
+            }
+            Area::Playground => {
+                for action in playground::ui_playground(ui, &mut self.playground, &self.model_label) {
+                    let playground::PlaygroundAction::OpenDialog(p) = action;
+                    dialogs.push(p);
+                }
+            }
+        }
+        for purpose in dialogs {
+            self.dialogs.open(ui.ctx(), purpose);
+        }
     }
 
     fn handle_shortcuts(&mut self, ui: &egui::Ui) {
@@ -139,7 +360,28 @@ impl StudioApp {
     }
 }
 
+/// While files are dragged over the window, a veil that says they can be dropped anywhere.
+fn drop_hint(ctx: &egui::Context) {
+    let hovering = ctx.input(|i| !i.raw.hovered_files.is_empty());
+    if !hovering {
+        return;
+    }
+    let painter = ctx.layer_painter(egui::LayerId::new(egui::Order::Foreground, egui::Id::unique("drop_hint")));
+    let rect = ctx.content_rect();
+    painter.rect_filled(rect, 0.0, egui::Color32::from_black_alpha(160));
+    painter.text(
+        rect.center(),
+        egui::Align2::CENTER_CENTER,
+        "Drop images, folders, adapters or a model",
+        egui::FontId::proportional(22.0),
+        egui::Color32::WHITE,
+    );
+}
 impl eframe::App for StudioApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.poll(ctx);
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.show(ui);
     }
@@ -154,6 +396,11 @@ fn icon() -> Option<egui::IconData> {
 
 /// Opens the native window and blocks until it is closed.
 pub fn run_window(options: WindowOptions) -> anyhow::Result<()> {
+    run_window_with(options, |_| {})
+}
+
+/// As [`run_window`], with `setup` run on the app before the first frame (examples, scripts).
+pub fn run_window_with(options: WindowOptions, setup: impl FnOnce(&mut StudioApp) + 'static) -> anyhow::Result<()> {
     let mut viewport = egui::ViewportBuilder::default()
         .with_title("LoRA Studio")
         .with_app_id("lora-studio")
@@ -169,7 +416,9 @@ pub fn run_window(options: WindowOptions) -> anyhow::Result<()> {
         Box::new(|cc| {
             // Dark or light, as the desktop says (this is egui's default; stated so it stays so).
             cc.egui_ctx.set_theme(egui::ThemePreference::System);
-            Ok(Box::new(StudioApp::new(options)))
+            let mut app = StudioApp::new(&cc.egui_ctx, options);
+            setup(&mut app);
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
@@ -182,7 +431,7 @@ fn area_heading(ui: &mut egui::Ui, title: &str, purpose: &str) {
     ui.label(purpose);
 }
 
-/// A plain note that a part is missing, so no placeholder passes for a feature.
-fn not_built_yet(ui: &mut egui::Ui, text: &str) {
-    ui.label(egui::RichText::new(text).italics().weak());
+/// `chosen.png` stays; `chosen` becomes `chosen.<ext>` (save dialogs do not always add it).
+fn with_extension(path: PathBuf, ext: &str) -> PathBuf {
+    if path.extension().is_some() { path } else { path.with_extension(ext) }
 }

@@ -1,13 +1,614 @@
 //! The Playground area: several adapters blended on the frozen base model, one slider each.
+//! The model lives on a worker thread (`model_worker`); this file holds the view state and
+//! sends it commands. In Live mode a slider that stops moving for 300 ms re-renders the same
+//! seed, and only the moved adapter's layers are re-merged.
 
-pub(super) fn ui_playground(ui: &mut egui::Ui) {
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egui::RichText;
+
+use crate::engine::adapter::BlockWeights;
+use crate::engine::pipeline::GenerateRequest;
+use crate::engine::sampler::SamplerKind;
+
+use super::DialogPurpose;
+use super::model_worker::{ModelCommand, ModelEvent, ModelWorker};
+
+/// How long a slider must rest before Live mode re-renders.
+pub const LIVE_DEBOUNCE: Duration = Duration::from_millis(300);
+
+pub struct AdapterRow {
+    /// Unique within the list; the adapter's name in the model's stacks.
+    pub name: String,
+    pub path: PathBuf,
+    pub enabled: bool,
+    /// The slider, −1…2.
+    pub weight: f64,
+    pub blocks: BlockWeights,
+    /// Algorithm, rank, family and trigger words, once the worker has read the file.
+    pub info: Option<String>,
+    pub warning: Option<String>,
+    pub error: Option<String>,
+    /// Layers re-merged the last time its weight changed.
+    pub remerged: Option<usize>,
+    dirty: bool,
+}
+
+impl AdapterRow {
+    /// The weight the model uses: 0 when switched off.
+    pub fn effective_weight(&self) -> f64 {
+        if self.enabled { self.weight } else { 0.0 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelState {
+    None,
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+pub struct PlaygroundPanel {
+    pub prompt: String,
+    pub negative: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub sampler: SamplerKind,
+    pub width: usize,
+    pub height: usize,
+    /// The user set the size; a newly loaded model does not change it.
+    pub size_chosen: bool,
+    pub adapters: Vec<AdapterRow>,
+    pub live: bool,
+    pub image: Option<image::RgbImage>,
+    texture: Option<egui::TextureHandle>,
+    /// "seed 42 · 3.1 s".
+    pub image_info: String,
+    /// Images received so far (tests wait on it).
+    pub images_made: usize,
+    pub model_state: ModelState,
+    /// The model the window has open (`None`: none yet).
+    model: Option<PathBuf>,
+    /// The model the worker was last told to load.
+    sent_model: Option<PathBuf>,
+    worker: ModelWorker,
+    next_id: u64,
+    done_id: u64,
+    /// Denoising step of the image being drawn.
+    pub progress: Option<(usize, usize)>,
+    last_change: Option<Instant>,
+    pub message: Option<String>,
+    /// Rank of an exported blend.
+    pub blend_rank: usize,
+}
+
+impl PlaygroundPanel {
+    pub fn new(ctx: &egui::Context) -> Self {
+        Self {
+            prompt: String::new(),
+            negative: String::new(),
+            seed: 42,
+            steps: 20,
+            guidance: 7.5,
+            sampler: SamplerKind::EulerAncestral,
+            width: 512,
+            height: 512,
+            size_chosen: false,
+            adapters: Vec::new(),
+            live: true,
+            image: None,
+            texture: None,
+            image_info: String::new(),
+            images_made: 0,
+            model_state: ModelState::None,
+            model: None,
+            sent_model: None,
+            worker: ModelWorker::start(ctx),
+            next_id: 0,
+            done_id: 0,
+            progress: None,
+            last_change: None,
+            message: None,
+            blend_rank: 16,
+        }
+    }
+
+    /// The window's model changed; the worker loads it the next time it is needed.
+    pub fn set_model(&mut self, model: Option<PathBuf>) {
+        self.model = model;
+    }
+
+    /// Loads the window's model on the worker if it is not loaded (or another one is), then
+    /// re-adds the adapters to it.
+    pub fn ensure_model(&mut self) {
+        if self.model == self.sent_model {
+            return;
+        }
+        let Some(model) = self.model.clone() else { return };
+        self.sent_model = Some(model.clone());
+        self.model_state = ModelState::Loading;
+        self.push(ModelCommand::Load(model));
+        for i in 0..self.adapters.len() {
+            self.send_add(i);
+        }
+    }
+
+    fn push(&mut self, command: ModelCommand) {
+        self.next_id += 1;
+        self.worker.send(self.next_id, command);
+    }
+
+    fn send(&mut self, command: ModelCommand) {
+        self.ensure_model();
+        self.push(command);
+    }
+
+    fn send_add(&mut self, i: usize) {
+        let row = &mut self.adapters[i];
+        row.error = None;
+        row.dirty = false;
+        let cmd = ModelCommand::AddAdapter {
+            name: row.name.clone(),
+            path: row.path.clone(),
+            weight: row.effective_weight(),
+            blocks: row.blocks,
+        };
+        self.push(cmd);
+    }
+
+    /// The worker has commands it has not finished.
+    pub fn busy(&self) -> bool {
+        self.done_id < self.next_id
+    }
+
+    /// The worker has (or is loading) the window's model.
+    fn model_sent(&self) -> bool {
+        self.sent_model.is_some() && self.sent_model == self.model
+    }
+
+    /// Adds an adapter file (or reloads it if it is already in the list, e.g. a new checkpoint).
+    /// Until the Playground has loaded its model (when first shown) the row just waits, so a
+    /// training run does not load a second copy of the model behind the user's back.
+    pub fn add_adapter(&mut self, path: &Path) {
+        if let Some(i) = self.adapters.iter().position(|r| r.path == path) {
+            if self.model_sent() {
+                self.send_add(i);
+                self.mark_changed();
+            }
+            return;
+        }
+        let stem = path.file_stem().map_or("adapter".into(), |s| s.to_string_lossy().into_owned());
+        let mut name = stem.clone();
+        let mut n = 2;
+        while self.adapters.iter().any(|r| r.name == name) {
+            name = format!("{stem} ({n})");
+            n += 1;
+        }
+        self.adapters.push(AdapterRow {
+            name,
+            path: path.to_path_buf(),
+            enabled: true,
+            weight: 1.0,
+            blocks: BlockWeights::default(),
+            info: None,
+            warning: None,
+            error: None,
+            remerged: None,
+            dirty: false,
+        });
+        if self.model_sent() {
+            self.send_add(self.adapters.len() - 1);
+            self.mark_changed();
+        }
+    }
+
+    pub fn remove_adapter(&mut self, i: usize) {
+        if i < self.adapters.len() {
+            let row = self.adapters.remove(i);
+            self.send(ModelCommand::Remove(row.name));
+            self.mark_changed();
+        }
+    }
+
+    /// Moves a slider (as the UI does): the row is re-merged on the next render.
+    pub fn set_weight(&mut self, i: usize, weight: f64) {
+        if let Some(row) = self.adapters.get_mut(i) {
+            row.weight = weight;
+            row.dirty = true;
+            self.mark_changed();
+        }
+    }
+
+    fn mark_changed(&mut self) {
+        self.last_change = Some(Instant::now());
+    }
+
+    fn flush_weights(&mut self) {
+        for i in 0..self.adapters.len() {
+            if self.adapters[i].dirty {
+                let row = &mut self.adapters[i];
+                row.dirty = false;
+                let cmd =
+                    ModelCommand::SetMix { name: row.name.clone(), weight: row.effective_weight(), blocks: row.blocks };
+                self.send(cmd);
+            }
+        }
+    }
+
+    /// Sum of |weight| over the adapters that are on (the overdrive meter).
+    pub fn total_strength(&self) -> f64 {
+        self.adapters.iter().map(|r| r.effective_weight().abs()).sum()
+    }
+
+    pub fn request(&self) -> GenerateRequest {
+        GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative: self.negative.clone(),
+            seed: self.seed,
+            steps: self.steps,
+            guidance: self.guidance,
+            sampler: self.sampler,
+            width: self.width,
+            height: self.height,
+        }
+    }
+
+    pub fn generate(&mut self) {
+        if self.model.is_none() {
+            self.message = Some("Open a base model first.".into());
+            return;
+        }
+        self.message = None;
+        self.last_change = None;
+        self.flush_weights();
+        self.send(ModelCommand::Generate(self.request()));
+        self.progress = Some((0, self.steps));
+    }
+
+    pub fn export_blend(&mut self, path: PathBuf) {
+        self.flush_weights();
+        let sources = self
+            .adapters
+            .iter()
+            .filter(|r| r.effective_weight() != 0.0)
+            .map(|r| format!("{} × {}", r.name, r.effective_weight()))
+            .collect();
+        self.send(ModelCommand::ExportBlend { path, rank: self.blend_rank, sources });
+    }
+
+    pub fn save_image(&mut self, path: &Path) {
+        let Some(img) = &self.image else { return };
+        self.message = Some(match img.save(path) {
+            Ok(()) => format!("Saved {}", path.display()),
+            Err(e) => format!("{}: cannot save: {e}", path.display()),
+        });
+    }
+
+    /// Drains the worker's events; in Live mode, re-renders once the sliders have rested.
+    pub fn poll(&mut self, ctx: &egui::Context) {
+        for event in self.worker.events.try_iter().collect::<Vec<_>>() {
+            match event {
+                ModelEvent::Loaded { path, seconds, native_size } => {
+                    self.model_state = ModelState::Ready;
+                    // Start at the model's own size unless the user already chose one.
+                    if let Some(side) = native_size.filter(|_| !self.size_chosen) {
+                        self.width = side;
+                        self.height = side;
+                    }
+                    self.image_info = format!("Loaded {} in {seconds:.1} s", path.display());
+                }
+                ModelEvent::LoadFailed { error } => self.model_state = ModelState::Failed(error),
+                ModelEvent::AdapterAdded { name, info, warning } => {
+                    if let Some(row) = self.adapters.iter_mut().find(|r| r.name == name) {
+                        row.info = Some(info);
+                        row.warning = warning;
+                    }
+                }
+                ModelEvent::AdapterFailed { name, error } => {
+                    if let Some(row) = self.adapters.iter_mut().find(|r| r.name == name) {
+                        row.error = Some(error);
+                    }
+                }
+                ModelEvent::Remerged { name, layers } => {
+                    if let Some(row) = self.adapters.iter_mut().find(|r| r.name == name) {
+                        row.remerged = Some(layers);
+                    }
+                }
+                ModelEvent::Progress { step, total } => self.progress = Some((step, total)),
+                ModelEvent::Image { image, seconds, seed } => {
+                    self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
+                    self.image = Some(image);
+                    self.image_info = format!("seed {seed} · {seconds:.1} s");
+                    self.images_made += 1;
+                    self.progress = None;
+                }
+                ModelEvent::GenerateFailed { error } => {
+                    self.message = Some(format!("Could not generate: {error}"));
+                    self.progress = None;
+                }
+                ModelEvent::Exported { path, report } => {
+                    self.message = Some(format!(
+                        "Exported {} (rank {}, keeps {:.1}% of the mix)",
+                        path.display(),
+                        report.rank,
+                        report.kept_energy * 100.0
+                    ))
+                }
+                ModelEvent::ExportFailed { error } => self.message = Some(format!("Could not export: {error}")),
+                ModelEvent::Done { id } => self.done_id = self.done_id.max(id),
+            }
+        }
+        if !self.busy() {
+            self.progress = None;
+        }
+        if let Some(t) = self.last_change {
+            let rested = t.elapsed();
+            if !self.live || self.model.is_none() || self.images_made == 0 {
+                self.last_change = None;
+            } else if rested >= LIVE_DEBOUNCE {
+                self.generate();
+            } else {
+                ctx.request_repaint_after(LIVE_DEBOUNCE - rested);
+            }
+        }
+    }
+}
+
+/// What the panel asks of the rest of the window.
+pub enum PlaygroundAction {
+    OpenDialog(DialogPurpose),
+}
+
+pub(super) fn ui_playground(ui: &mut egui::Ui, p: &mut PlaygroundPanel, model_label: &str) -> Vec<PlaygroundAction> {
+    let mut actions = Vec::new();
     super::area_heading(
         ui,
         "Blend adapters",
         "Load adapters, give each a weight with a slider, and generate images from the base model.",
     );
-    ui.add_space(12.0);
-    super::not_built_yet(ui, "The playground is not built yet. The command line can already generate images:");
-    ui.add_space(4.0);
-    ui.code("lora-studio generate --model PATH --prompt TEXT --out FILE.png");
+    ui.add_space(6.0);
+    p.ensure_model();
+    egui::Panel::left("playground_settings").resizable(true).default_size(380.0).show(ui, |ui| {
+        egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+            model_row(ui, p, model_label, &mut actions);
+            ui.separator();
+            prompt_settings(ui, p);
+            ui.separator();
+            adapters(ui, p, &mut actions);
+        });
+    });
+    egui::CentralPanel::default().show(ui, |ui| image_view(ui, p, &mut actions));
+    actions
+}
+
+fn model_row(ui: &mut egui::Ui, p: &mut PlaygroundPanel, model_label: &str, actions: &mut Vec<PlaygroundAction>) {
+    ui.horizontal(|ui| {
+        ui.strong("Model:");
+        let shown = if model_label.is_empty() { "none open" } else { model_label };
+        ui.label(shown).on_hover_text(model_label);
+    });
+    ui.horizontal(|ui| {
+        ui.menu_button("Open model…", |ui| {
+            if ui.button("Diffusers folder…").clicked() {
+                actions.push(PlaygroundAction::OpenDialog(DialogPurpose::OpenModelFolder));
+                ui.close();
+            }
+            if ui.button("Single .safetensors file…").clicked() {
+                actions.push(PlaygroundAction::OpenDialog(DialogPurpose::OpenModelFile));
+                ui.close();
+            }
+        });
+        match &p.model_state {
+            ModelState::None => {}
+            ModelState::Loading => {
+                ui.spinner();
+                ui.label("loading…");
+            }
+            ModelState::Ready => {
+                ui.label(RichText::new("ready").weak());
+            }
+            ModelState::Failed(e) => {
+                ui.colored_label(ui.visuals().error_fg_color, format!("could not load: {e}"));
+            }
+        }
+    });
+}
+
+fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    let label = ui.label("Prompt");
+    ui.add(egui::TextEdit::multiline(&mut p.prompt).desired_rows(2).desired_width(f32::INFINITY)).labelled_by(label.id);
+    let label = ui.label("Negative prompt");
+    ui.add(egui::TextEdit::singleline(&mut p.negative).desired_width(f32::INFINITY).hint_text("what to avoid"))
+        .labelled_by(label.id);
+    egui::Grid::new("generate_settings").num_columns(2).spacing([10.0, 4.0]).show(ui, |ui| {
+        let label = ui.label("Seed");
+        ui.horizontal(|ui| {
+            ui.add(egui::DragValue::new(&mut p.seed)).labelled_by(label.id);
+            if ui.button("Random").on_hover_text("Pick a random seed (the dice)").clicked() {
+                p.seed = random_seed();
+            }
+        });
+        ui.end_row();
+        let label = ui.label("Steps").on_hover_text("Denoising steps; 20–30 is usual");
+        ui.add(egui::DragValue::new(&mut p.steps).range(1..=150)).labelled_by(label.id);
+        ui.end_row();
+        let label =
+            ui.label("Guidance").on_hover_text("How strongly the image follows the prompt (CFG scale); 1 turns it off");
+        ui.add(egui::DragValue::new(&mut p.guidance).range(1.0..=30.0).speed(0.1)).labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Sampler");
+        egui::ComboBox::from_id_salt("sampler")
+            .selected_text(p.sampler.label())
+            .show_ui(ui, |ui| {
+                for s in SamplerKind::ALL {
+                    ui.selectable_value(&mut p.sampler, s, s.label());
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui
+            .label("Size")
+            .on_hover_text("Width × height in pixels; a multiple of the model's size step (8 × 2^levels)");
+        ui.horizontal(|ui| {
+            let w = ui.add(egui::DragValue::new(&mut p.width).range(8..=2048).speed(8)).labelled_by(label.id);
+            ui.label("×");
+            let h = ui.add(egui::DragValue::new(&mut p.height).range(8..=2048).speed(8)).labelled_by(label.id);
+            p.size_chosen |= w.changed() || h.changed();
+        });
+        ui.end_row();
+    });
+    ui.horizontal(|ui| {
+        let can = p.model.is_some();
+        if ui.add_enabled(can, egui::Button::new(RichText::new("Generate").strong())).clicked() {
+            p.generate();
+        }
+        ui.checkbox(&mut p.live, "Live").on_hover_text("Re-render with the same seed when a slider stops moving");
+        if let Some((step, total)) = p.progress {
+            ui.spinner();
+            ui.label(format!("step {step}/{total}"));
+        }
+    });
+}
+
+fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<PlaygroundAction>) {
+    ui.horizontal(|ui| {
+        ui.strong("Adapters");
+        if ui.button("Add adapter…").on_hover_text("Or drop .safetensors files here").clicked() {
+            actions.push(PlaygroundAction::OpenDialog(DialogPurpose::AddAdapters));
+        }
+    });
+    if p.adapters.is_empty() {
+        ui.label(RichText::new("Drop .safetensors adapters here, or add them with the button.").weak());
+    }
+    let mut remove = None;
+    let mut changed = Vec::new();
+    for (i, row) in p.adapters.iter_mut().enumerate() {
+        ui.push_id(i, |ui| {
+            ui.group(|ui| {
+                ui.horizontal(|ui| {
+                    let name = ui.strong(&row.name).on_hover_text(row.path.display().to_string());
+                    if ui.checkbox(&mut row.enabled, "on").on_hover_text("Switch this adapter on or off").changed() {
+                        changed.push(i);
+                    }
+                    let slider =
+                        ui.add(egui::Slider::new(&mut row.weight, -1.0..=2.0).step_by(0.05)).labelled_by(name.id);
+                    if slider.changed() {
+                        changed.push(i);
+                    }
+                    if ui.button("Remove").clicked() {
+                        remove = Some(i);
+                    }
+                });
+                match (&row.error, &row.info) {
+                    (Some(e), _) => {
+                        ui.colored_label(ui.visuals().error_fg_color, e);
+                    }
+                    (None, Some(info)) => {
+                        ui.label(RichText::new(info).weak());
+                    }
+                    (None, None) => {
+                        ui.label(RichText::new("reading…").weak());
+                    }
+                }
+                if let Some(w) = &row.warning {
+                    ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
+                }
+                egui::CollapsingHeader::new("Advanced").id_salt("advanced").show(ui, |ui| {
+                    ui.label(RichText::new("Per-block weights (A1111 LoRA Block Weight)").weak());
+                    let b = &mut row.blocks;
+                    for (text, value) in [
+                        ("text encoder", &mut b.text_encoder),
+                        ("input blocks", &mut b.input),
+                        ("middle block", &mut b.middle),
+                        ("output blocks", &mut b.output),
+                    ] {
+                        if ui.add(egui::Slider::new(value, -1.0..=2.0).step_by(0.05).text(text)).changed() {
+                            changed.push(i);
+                        }
+                    }
+                });
+            });
+        });
+    }
+    for i in changed {
+        if let Some(row) = p.adapters.get_mut(i) {
+            row.dirty = true;
+        }
+        p.mark_changed();
+    }
+    if let Some(i) = remove {
+        p.remove_adapter(i);
+    }
+    if !p.adapters.is_empty() {
+        ui.add_space(6.0);
+        overdrive_meter(ui, p.total_strength());
+        ui.add_space(6.0);
+        ui.horizontal(|ui| {
+            let label =
+                ui.label("Blend rank").on_hover_text("Rank of the exported adapter: higher keeps more of the mix");
+            ui.add(egui::DragValue::new(&mut p.blend_rank).range(1..=256)).labelled_by(label.id);
+            if ui
+                .button("Export blend…")
+                .on_hover_text("Save the enabled adapters at their weights as one kohya adapter")
+                .clicked()
+            {
+                actions.push(PlaygroundAction::OpenDialog(DialogPurpose::ExportBlend));
+            }
+        });
+    }
+}
+
+/// How hard the adapters push together: the sum of |weight| over those switched on. A rule of
+/// thumb, not a measurement: past about 1.5 stacked adapters tend to burn colours and detail.
+fn overdrive_meter(ui: &mut egui::Ui, total: f64) {
+    let (color, note) = if total <= 1.2 {
+        (egui::Color32::from_rgb(80, 160, 90), "normal")
+    } else if total <= 2.0 {
+        (egui::Color32::from_rgb(220, 170, 50), "strong: watch for artefacts")
+    } else {
+        (egui::Color32::from_rgb(210, 70, 60), "overdriven: images may burn")
+    };
+    let bar = egui::ProgressBar::new((total / 3.0).min(1.0) as f32)
+        .fill(color)
+        .text(format!("Total strength {total:.2}: {note}"));
+    ui.add(bar).on_hover_text("Sum of the absolute weights of the adapters that are on (a rule of thumb)");
+}
+
+fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<PlaygroundAction>) {
+    if let Some(msg) = &p.message {
+        ui.label(msg);
+    }
+    ui.horizontal(|ui| {
+        if ui.add_enabled(p.image.is_some(), egui::Button::new("Save image…")).clicked() {
+            actions.push(PlaygroundAction::OpenDialog(DialogPurpose::SaveImage));
+        }
+        ui.label(RichText::new(&p.image_info).weak());
+    });
+    if let Some((step, total)) = p.progress {
+        let fraction = if total == 0 { 0.0 } else { step as f32 / total as f32 };
+        ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
+    }
+    match &p.texture {
+        Some(tex) => {
+            let side = ui.available_width().min(ui.available_height()).max(64.0);
+            ui.add(
+                egui::Image::from_texture(tex).fit_to_exact_size(egui::vec2(side, side)).maintain_aspect_ratio(true),
+            );
+        }
+        None => {
+            ui.add_space(20.0);
+            ui.label(RichText::new("The image appears here.").weak());
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() % 4_294_967_296
 }

@@ -1,11 +1,663 @@
-//! The Training area: where an adapter is trained on the dataset.
+//! The Training area: presets and every training option (each with a tooltip), Start / Pause /
+//! Resume / Stop driving a `TrainJob`, progress with speed and ETA, the live loss plot, sample
+//! images and checkpoints as they arrive.
 
-pub(super) fn ui_training(ui: &mut egui::Ui) {
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use egui::{Response, RichText};
+
+use crate::engine::adapter::TargetPreset;
+use crate::engine::formats::Naming;
+use crate::engine::train::{Algorithm, LrSchedule, TrainConfig};
+use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
+
+use super::loss_plot::{LossHistory, loss_plot, plot_key};
+
+/// Starting points that set rank, alpha, learning rate and steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    Quick,
+    Balanced,
+    Quality,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 3] = [Preset::Quick, Preset::Balanced, Preset::Quality];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Preset::Quick => "Quick",
+            Preset::Balanced => "Balanced",
+            Preset::Quality => "Quality",
+        }
+    }
+
+    fn tooltip(self) -> &'static str {
+        match self {
+            Preset::Quick => "Rank 8, alpha 8, learning rate 2e-4, 400 steps: a first look in minutes",
+            Preset::Balanced => {
+                "Rank 16, alpha 8, learning rate 1e-4, 1200 steps: a good default for a character or style"
+            }
+            Preset::Quality => "Rank 32, alpha 16, learning rate 5e-5, 3000 steps: slower, finer detail",
+        }
+    }
+
+    pub fn apply(self, c: &mut TrainConfig) {
+        let (rank, alpha, lr, steps) = match self {
+            Preset::Quick => (8, 8.0, 2e-4, 400),
+            Preset::Balanced => (16, 8.0, 1e-4, 1200),
+            Preset::Quality => (32, 16.0, 5e-5, 3000),
+        };
+        c.rank = rank;
+        c.alpha = alpha;
+        c.learning_rate = lr;
+        c.steps = steps;
+    }
+
+    fn matches(self, c: &TrainConfig) -> bool {
+        let mut probe = c.clone();
+        self.apply(&mut probe);
+        probe == *c
+    }
+}
+
+/// Where the run is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunState {
+    Idle,
+    /// Loading the model and the images, before the first step.
+    Starting,
+    Running,
+    Paused {
+        reason: Option<String>,
+    },
+    /// Stop was asked for; the worker finishes the step and saves.
+    Stopping,
+    Finished {
+        adapter: PathBuf,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+pub struct Sample {
+    pub step: usize,
+    pub prompt: String,
+    pub texture: egui::TextureHandle,
+}
+
+pub struct Checkpoint {
+    pub step: usize,
+    pub adapter: PathBuf,
+    pub validation_loss: f32,
+}
+
+pub struct TrainingPanel {
+    /// The adapter file to write; empty means the default beside the dataset.
+    pub output: String,
+    pub naming: Naming,
+    job: Option<TrainJob>,
+    pub run: RunState,
+    pub step: usize,
+    pub total: usize,
+    pub it_per_s: f64,
+    pub eta: Duration,
+    pub lr: f64,
+    pub loss: LossHistory,
+    pub log_scale: bool,
+    pub samples: Vec<Sample>,
+    pub checkpoints: Vec<Checkpoint>,
+    /// What the worker's own pre-flight found.
+    pub job_warnings: Vec<String>,
+    /// Why Start did nothing (no model, no images…).
+    pub message: Option<String>,
+    pub sample_prompt_now: String,
+}
+
+impl Default for TrainingPanel {
+    fn default() -> Self {
+        Self {
+            output: String::new(),
+            naming: Naming::Kohya,
+            job: None,
+            run: RunState::Idle,
+            step: 0,
+            total: 0,
+            it_per_s: 0.0,
+            eta: Duration::ZERO,
+            lr: 0.0,
+            loss: LossHistory::default(),
+            log_scale: false,
+            samples: Vec::new(),
+            checkpoints: Vec::new(),
+            job_warnings: Vec::new(),
+            message: None,
+            sample_prompt_now: String::new(),
+        }
+    }
+}
+
+/// What the panel asks of the rest of the window.
+pub enum TrainingAction {
+    Start,
+    ChooseOutput,
+}
+
+impl TrainingPanel {
+    pub fn is_active(&self) -> bool {
+        matches!(self.run, RunState::Starting | RunState::Running | RunState::Paused { .. } | RunState::Stopping)
+    }
+
+    /// The adapter file a run will write: the chosen one, or `<folder>-lora.safetensors` beside
+    /// the first image's folder.
+    pub fn output_path(&self, images: &[PathBuf]) -> Option<PathBuf> {
+        if !self.output.trim().is_empty() {
+            return Some(PathBuf::from(self.output.trim()));
+        }
+        let folder = images.first()?.parent()?;
+        let name = folder.file_name().map_or("my".into(), |n| n.to_string_lossy().into_owned());
+        Some(folder.parent().unwrap_or(folder).join(format!("{name}-lora.safetensors")))
+    }
+
+    /// Starts a run; says why in `message` when it cannot.
+    pub fn start(&mut self, ctx: &egui::Context, model: Option<&Path>, images: Vec<PathBuf>, config: &TrainConfig) {
+        self.message = None;
+        let Some(model) = model else {
+            self.message = Some("Open a base model first (Playground → Open model…, or --model).".into());
+            return;
+        };
+        if images.is_empty() {
+            self.message = Some("Add training images in the Dataset area first.".into());
+            return;
+        }
+        if let Err(e) = config.validate() {
+            self.message = Some(format!("{e:#}"));
+            return;
+        }
+        let Some(out) = self.output_path(&images) else {
+            self.message = Some("Choose an output file.".into());
+            return;
+        };
+        let spec = TrainJobSpec {
+            model: model.to_path_buf(),
+            data: images,
+            out,
+            config: config.clone(),
+            resume: None,
+            naming: self.naming,
+        };
+        let wake = ctx.clone();
+        self.job = Some(TrainJob::start(spec, move || wake.request_repaint()));
+        self.run = RunState::Starting;
+        self.step = 0;
+        self.total = config.steps;
+        self.it_per_s = 0.0;
+        self.eta = Duration::ZERO;
+        self.loss = LossHistory::default();
+        self.samples.clear();
+        self.checkpoints.clear();
+        self.job_warnings.clear();
+    }
+
+    pub fn send(&mut self, command: TrainCommand) {
+        if let Some(job) = &self.job {
+            if matches!(command, TrainCommand::Stop) {
+                self.run = RunState::Stopping;
+            }
+            job.send(command);
+        }
+    }
+
+    /// Drains the job's events without blocking; returns adapter files written since last time.
+    pub fn poll(&mut self, ctx: &egui::Context) -> Vec<PathBuf> {
+        let mut written = Vec::new();
+        let Some(job) = &self.job else { return written };
+        let events: Vec<TrainEvent> = job.events.try_iter().collect();
+        for event in events {
+            match event {
+                TrainEvent::Preflight { warnings, .. } => self.job_warnings = warnings,
+                TrainEvent::Started { total_steps, start_step, .. } => {
+                    self.total = total_steps;
+                    self.step = start_step;
+                    self.run = RunState::Running;
+                }
+                TrainEvent::Step { step, total, loss, lr, it_per_s, eta } => {
+                    self.step = step;
+                    self.total = total;
+                    self.lr = lr;
+                    self.it_per_s = it_per_s;
+                    self.eta = eta;
+                    self.loss.push(step, loss);
+                    if self.run == RunState::Starting {
+                        self.run = RunState::Running;
+                    }
+                }
+                TrainEvent::Sample { step, prompt, image } => {
+                    let texture = super::thumbnails::rgb_texture(ctx, &format!("sample-{step}"), &image);
+                    self.samples.push(Sample { step, prompt, texture });
+                }
+                TrainEvent::Checkpoint { step, adapter, validation_loss, .. } => {
+                    self.loss.push_validation(step, validation_loss);
+                    self.checkpoints.push(Checkpoint { step, adapter: adapter.clone(), validation_loss });
+                    written.push(adapter);
+                }
+                TrainEvent::Paused { reason, .. } => {
+                    if self.run != RunState::Stopping {
+                        self.run = RunState::Paused { reason }
+                    }
+                }
+                TrainEvent::Resumed { .. } => self.run = RunState::Running,
+                TrainEvent::Finished { adapter, .. } => {
+                    written.push(adapter.clone());
+                    self.run = RunState::Finished { adapter };
+                }
+                TrainEvent::Failed { error } => self.run = RunState::Failed { error },
+            }
+        }
+        if self.job.as_ref().is_some_and(|j| !j.is_running()) && job_done(&self.run) {
+            self.job = None; // the worker has ended: joining is immediate
+        }
+        written.dedup();
+        written
+    }
+}
+
+fn job_done(run: &RunState) -> bool {
+    matches!(run, RunState::Finished { .. } | RunState::Failed { .. })
+}
+
+/// "1:02:03" or "2:05".
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}
+
+pub(super) struct TrainingContext<'a> {
+    pub model: Option<&'a Path>,
+    pub images: &'a [PathBuf],
+    pub warnings: Vec<String>,
+}
+
+pub(super) fn ui_training(
+    ui: &mut egui::Ui,
+    panel: &mut TrainingPanel,
+    config: &mut TrainConfig,
+    cx: &TrainingContext<'_>,
+) -> Vec<TrainingAction> {
+    let mut actions = Vec::new();
     super::area_heading(
         ui,
         "Train an adapter",
-        "Choose a base model and the dataset, set the rank and the number of steps, then follow the loss as it trains.",
+        "Pick a preset or set the options, press Start, and follow the loss as it trains.",
     );
-    ui.add_space(12.0);
-    super::not_built_yet(ui, "Training from the window is not built yet.");
+    ui.add_space(6.0);
+    egui::Panel::left("training_settings").resizable(true).default_size(350.0).show(ui, |ui| {
+        egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+            if panel.is_active() {
+                ui.label(RichText::new("Options are locked while a run is in progress.").weak());
+            }
+            ui.add_enabled_ui(!panel.is_active(), |ui| settings(ui, panel, config, &mut actions));
+        });
+    });
+    egui::CentralPanel::default().show(ui, |ui| {
+        egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+            controls(ui, panel, cx, &mut actions);
+            ui.add_space(6.0);
+            progress(ui, panel);
+            ui.add_space(6.0);
+            ui.horizontal(|ui| {
+                ui.strong("Loss");
+                ui.separator();
+                plot_key(ui);
+                ui.separator();
+                ui.checkbox(&mut panel.log_scale, "log scale")
+                    .on_hover_text("Show the loss on a logarithmic axis, to see small late improvements");
+            });
+            // The plot takes the height left after a strip of samples and checkpoints.
+            let has_strip = !panel.samples.is_empty() || !panel.checkpoints.is_empty();
+            let reserve = if has_strip { STRIP_HEIGHT + 16.0 } else { 8.0 };
+            loss_plot(ui, &panel.loss, panel.log_scale, (ui.available_height() - reserve).max(180.0));
+            if has_strip {
+                ui.add_space(6.0);
+                ui.horizontal_top(|ui| {
+                    let checkpoints_width = if panel.checkpoints.is_empty() { 0.0 } else { 260.0 };
+                    ui.allocate_ui(egui::vec2(ui.available_width() - checkpoints_width, STRIP_HEIGHT), |ui| {
+                        samples(ui, panel)
+                    });
+                    ui.allocate_ui(egui::vec2(checkpoints_width, STRIP_HEIGHT), |ui| checkpoints(ui, panel));
+                });
+            }
+        });
+    });
+    actions
+}
+
+/// A form row: label with tooltip, the widget tied to the label (screen readers, tests).
+fn row(ui: &mut egui::Ui, name: &str, tip: &str, add: impl FnOnce(&mut egui::Ui) -> Response) {
+    let label = ui.label(name).on_hover_text(tip);
+    add(ui).labelled_by(label.id).on_hover_text(tip);
+    ui.end_row();
+}
+
+fn sci(v: f64) -> String {
+    format!("{v:.1e}")
+}
+
+fn settings(ui: &mut egui::Ui, panel: &mut TrainingPanel, c: &mut TrainConfig, actions: &mut Vec<TrainingAction>) {
+    ui.strong("Preset");
+    ui.horizontal(|ui| {
+        for p in Preset::ALL {
+            if ui.selectable_label(p.matches(c), p.label()).on_hover_text(p.tooltip()).clicked() {
+                p.apply(c);
+            }
+        }
+    });
+    ui.add_space(6.0);
+    egui::Grid::new("train_settings").num_columns(2).spacing([12.0, 6.0]).striped(true).show(ui, |ui| {
+        row(ui, "Algorithm", "LoRA: low-rank updates of linear layers. LoCon: also convolutions. GLoRA: a learned rescaling of the weight plus a low-rank shift.", |ui| {
+            egui::ComboBox::from_id_salt("algorithm")
+                .selected_text(format!("{:?}", c.algorithm).replace("Locon", "LoCon").replace("Lora", "LoRA").replace("Glora", "GLoRA"))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut c.algorithm, Algorithm::Lora, "LoRA");
+                    ui.selectable_value(&mut c.algorithm, Algorithm::Locon, "LoCon");
+                    ui.selectable_value(&mut c.algorithm, Algorithm::Glora, "GLoRA");
+                })
+                .response
+        });
+        row(ui, "Targets", "Which layers the adapter changes. Attention + feed-forward is kohya's default; add convolutions for LoCon.", |ui| {
+            egui::ComboBox::from_id_salt("targets")
+                .selected_text(c.targets.label())
+                .show_ui(ui, |ui| {
+                    for t in TargetPreset::ALL {
+                        ui.selectable_value(&mut c.targets, t, t.label());
+                    }
+                })
+                .response
+        });
+        row(ui, "Rank", "Size of the low-rank update. Higher learns more detail but makes bigger files and overfits sooner. 8–32 is usual.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.rank).range(1..=256))
+        });
+        row(ui, "Alpha", "Scales the update by alpha / rank. Alpha = rank gives scale 1; half the rank is a common, gentler choice.", |ui| {
+            ui.horizontal(|ui| {
+                let r = ui.add(egui::DragValue::new(&mut c.alpha).range(0.1..=512.0).speed(0.5));
+                ui.label(RichText::new(format!("scale α/r = {:.3}", c.alpha / c.rank.max(1) as f64)).weak());
+                r
+            })
+            .inner
+        });
+        row(ui, "Learning rate", "How big each update is. 1e-4 is the usual LoRA rate; lower it if the loss jumps or samples fry.", |ui| {
+            ui.add(
+                egui::DragValue::new(&mut c.learning_rate)
+                    .range(1e-7..=1e-1)
+                    .speed(1e-6)
+                    .custom_formatter(|v, _| sci(v))
+                    .custom_parser(|s| s.trim().parse().ok()),
+            )
+        });
+        row(ui, "Steps", "How many optimiser steps to take in total.", |ui| ui.add(egui::DragValue::new(&mut c.steps).range(1..=100_000).speed(10)));
+        row(ui, "Batch size", "Images per step. Larger is smoother but uses more memory.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.batch_size).range(1..=64))
+        });
+        row(ui, "Resolution", "Training size in pixels (the square's side). 512 for SD 1.x, 768 for SD 2.x.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.dataset.resolution).range(8..=2048).speed(8))
+        });
+        row(ui, "Seed", "Fixes the noise and the image order, so a run can be repeated exactly.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.seed))
+        });
+        row(ui, "Flip images", "Mirror images left-right at random: doubles the variety, but not for text or asymmetric subjects.", |ui| {
+            ui.checkbox(&mut c.dataset.flip, "mirror at random")
+        });
+        row(ui, "Train text encoder", "Also adapt the CLIP text encoder: learns new words faster, overfits faster.", |ui| {
+            ui.checkbox(&mut c.train_text_encoder, "also adapt CLIP")
+        });
+        row(ui, "Min-SNR γ", "Re-weights the loss by noise level (Hang et al. 2023); 5 is usual. Often converges faster.", |ui| {
+            ui.horizontal(|ui| {
+                let mut on = c.min_snr_gamma.is_some();
+                let r = ui.checkbox(&mut on, "use");
+                let mut gamma = c.min_snr_gamma.unwrap_or(5.0);
+                ui.add_enabled(on, egui::DragValue::new(&mut gamma).range(0.1..=20.0).speed(0.1)).labelled_by(r.id);
+                c.min_snr_gamma = on.then_some(gamma);
+                r
+            })
+            .inner
+        });
+        row(ui, "Noise offset", "Adds a small constant to the noise so the model learns very dark and very bright images. 0.05–0.1 is usual.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.noise_offset).range(0.0..=1.0).speed(0.005))
+        });
+        row(ui, "LR schedule", "How the learning rate changes over the run, after warmup.", |ui| {
+            egui::ComboBox::from_id_salt("lr_schedule")
+                .selected_text(format!("{:?}", c.lr_schedule).to_lowercase())
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut c.lr_schedule, LrSchedule::Constant, "constant");
+                    ui.selectable_value(&mut c.lr_schedule, LrSchedule::Cosine, "cosine");
+                    ui.selectable_value(&mut c.lr_schedule, LrSchedule::Linear, "linear");
+                })
+                .response
+        });
+        row(ui, "Warmup steps", "Steps over which the learning rate rises from 0, avoiding an early jolt.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.warmup_steps).range(0..=100_000))
+        });
+        row(ui, "Save every", "Write the adapter and a checkpoint (with validation loss) every N steps; 0 saves only at the end.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.save_every).range(0..=100_000).suffix(" steps"))
+        });
+        row(ui, "Sample every", "Draw a sample image with the prompt below every N steps; 0 never.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.sample_every).range(0..=100_000).suffix(" steps"))
+        });
+        row(ui, "Sample prompt", "The prompt for sample images; include your trigger word.", |ui| {
+            ui.add(egui::TextEdit::singleline(&mut c.sample_prompt).hint_text("a photo of sks dog").desired_width(180.0))
+        });
+        row(ui, "Output file", "Where the adapter is written. Empty: beside the dataset folder.", |ui| {
+            ui.horizontal(|ui| {
+                let r = ui.add(egui::TextEdit::singleline(&mut panel.output).hint_text("beside the dataset").desired_width(140.0));
+                if ui.button("Choose…").on_hover_text("Choose where to save the adapter").clicked() {
+                    actions.push(TrainingAction::ChooseOutput);
+                }
+                r
+            })
+            .inner
+        });
+        row(ui, "File format", "kohya: for A1111, ComfyUI, kohya and LyCORIS. PEFT: for diffusers.", |ui| {
+            egui::ComboBox::from_id_salt("naming")
+                .selected_text(match panel.naming {
+                    Naming::Kohya => "kohya / A1111",
+                    Naming::Peft => "diffusers / PEFT",
+                })
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut panel.naming, Naming::Kohya, "kohya / A1111");
+                    ui.selectable_value(&mut panel.naming, Naming::Peft, "diffusers / PEFT");
+                })
+                .response
+        });
+    });
+}
+
+fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'_>, actions: &mut Vec<TrainingAction>) {
+    // What will happen on Start, in one glance.
+    let model = cx.model.map_or("no model open".to_owned(), |m| m.display().to_string());
+    let out = panel.output_path(cx.images).map_or("—".to_owned(), |p| p.display().to_string());
+    ui.label(format!("{} images · model: {model}", cx.images.len()));
+    ui.label(RichText::new(format!("Writes {out}")).weak());
+    if !cx.warnings.is_empty() && !panel.is_active() {
+        egui::CollapsingHeader::new(format!("Pre-flight: {} warnings", cx.warnings.len())).show(ui, |ui| {
+            for w in &cx.warnings {
+                ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
+            }
+        });
+    }
+    ui.horizontal(|ui| {
+        let can_start = !panel.is_active();
+        if ui
+            .add_enabled(can_start, egui::Button::new(RichText::new("Start training").strong()))
+            .on_hover_text("Train with these options on the dataset")
+            .clicked()
+        {
+            actions.push(TrainingAction::Start);
+        }
+        let running = panel.run == RunState::Running;
+        let paused = matches!(panel.run, RunState::Paused { .. });
+        if paused {
+            if ui.button("Resume").clicked() {
+                panel.send(TrainCommand::Resume);
+            }
+        } else if ui.add_enabled(running, egui::Button::new("Pause")).clicked() {
+            panel.send(TrainCommand::Pause);
+        }
+        let stoppable = running || paused || panel.run == RunState::Starting;
+        if ui
+            .add_enabled(stoppable, egui::Button::new("Stop"))
+            .on_hover_text("Finish the current step, save the adapter and end")
+            .clicked()
+        {
+            panel.send(TrainCommand::Stop);
+        }
+        if ui
+            .add_enabled(running || paused, egui::Button::new("Save now"))
+            .on_hover_text("Write the adapter and a checkpoint now")
+            .clicked()
+        {
+            panel.send(TrainCommand::SaveNow);
+        }
+    });
+    if let Some(msg) = &panel.message {
+        ui.colored_label(ui.visuals().error_fg_color, msg);
+    }
+}
+
+fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
+    let state = match &panel.run {
+        RunState::Idle => "Not started.".to_owned(),
+        RunState::Starting => "Loading the model and the images…".to_owned(),
+        RunState::Running => "Training.".to_owned(),
+        RunState::Paused { reason: None } => "Paused.".to_owned(),
+        RunState::Paused { reason: Some(r) } => {
+            format!("Paused: {r}. Resume continues from there; Stop saves and ends the run.")
+        }
+        RunState::Stopping => "Stopping: saving the adapter…".to_owned(),
+        RunState::Finished { adapter } => format!("Finished: wrote {}", adapter.display()),
+        RunState::Failed { error } => format!("Training failed: {error}"),
+    };
+    let color = match panel.run {
+        RunState::Failed { .. } | RunState::Paused { reason: Some(_) } => ui.visuals().error_fg_color,
+        _ => ui.visuals().text_color(),
+    };
+    ui.horizontal(|ui| {
+        if matches!(panel.run, RunState::Starting | RunState::Running | RunState::Stopping) {
+            ui.spinner();
+        }
+        ui.colored_label(color, state);
+    });
+    if panel.total > 0 && panel.run != RunState::Idle {
+        let fraction = panel.step as f32 / panel.total as f32;
+        ui.add(egui::ProgressBar::new(fraction).text(format!("Step {} / {}", panel.step, panel.total)));
+        let mut parts = vec![format!("{:.2} it/s", panel.it_per_s)];
+        if panel.run == RunState::Running {
+            parts.push(format!("ETA {}", format_duration(panel.eta)));
+        }
+        if let Some(&[_, loss]) = panel.loss.raw.last() {
+            parts.push(format!("loss {loss:.4}"));
+        }
+        if let Some(avg) = panel.loss.smoothed() {
+            parts.push(format!("average {avg:.4}"));
+        }
+        parts.push(format!("lr {}", sci(panel.lr)));
+        ui.label(parts.join(" · "));
+    }
+    for w in &panel.job_warnings {
+        ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
+    }
+}
+
+/// Height of the row of samples and checkpoints under the plot.
+const STRIP_HEIGHT: f32 = 140.0;
+const SAMPLE_SIDE: f32 = 96.0;
+
+fn samples(ui: &mut egui::Ui, panel: &TrainingPanel) {
+    ui.vertical(|ui| {
+        ui.strong("Samples");
+        if panel.samples.is_empty() {
+            ui.label(RichText::new("Set \"Sample every\" and a prompt to see images as it trains.").weak());
+        }
+        samples_row(ui, panel);
+    });
+}
+
+fn samples_row(ui: &mut egui::Ui, panel: &TrainingPanel) {
+    egui::ScrollArea::horizontal().id_salt("samples").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            for s in panel.samples.iter().rev() {
+                ui.vertical(|ui| {
+                    ui.add(
+                        egui::Image::from_texture(&s.texture).fit_to_exact_size(egui::vec2(SAMPLE_SIDE, SAMPLE_SIDE)),
+                    )
+                    .on_hover_text(&s.prompt);
+                    ui.label(format!("step {}", s.step));
+                });
+            }
+        });
+    });
+}
+
+fn checkpoints(ui: &mut egui::Ui, panel: &TrainingPanel) {
+    if panel.checkpoints.is_empty() {
+        return;
+    }
+    ui.vertical(|ui| {
+        ui.strong("Checkpoints");
+        egui::ScrollArea::vertical()
+            .id_salt("checkpoints")
+            .max_height(STRIP_HEIGHT - 24.0)
+            .show(ui, |ui| checkpoint_grid(ui, panel));
+    });
+}
+
+fn checkpoint_grid(ui: &mut egui::Ui, panel: &TrainingPanel) {
+    let best = panel.loss.best_validation().map(|p| p[0] as usize);
+    egui::Grid::new("checkpoints").striped(true).num_columns(2).show(ui, |ui| {
+        ui.label("step");
+        ui.label("validation loss");
+        ui.end_row();
+        // Newest first; the file is the same adapter, rewritten at each save.
+        for c in panel.checkpoints.iter().rev() {
+            ui.label(c.step.to_string()).on_hover_text(c.adapter.display().to_string());
+            let text = format!("{:.4}", c.validation_loss);
+            if Some(c.step) == best {
+                ui.label(RichText::new(format!("{text}  (best)")).strong());
+            } else {
+                ui.label(text);
+            }
+            ui.end_row();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_set_rank_alpha_lr_and_steps() {
+        let mut c = TrainConfig::default();
+        Preset::Quality.apply(&mut c);
+        assert_eq!((c.rank, c.alpha, c.steps), (32, 16.0, 3000));
+        assert!(Preset::Quality.matches(&c) && !Preset::Quick.matches(&c));
+    }
+
+    #[test]
+    fn durations_read_as_clock_times() {
+        assert_eq!(format_duration(Duration::from_secs(125)), "2:05");
+        assert_eq!(format_duration(Duration::from_secs(3723)), "1:02:03");
+    }
+
+    #[test]
+    fn default_output_sits_beside_the_dataset_folder() {
+        let p = TrainingPanel::default();
+        let out = p.output_path(&[PathBuf::from("/data/cats/a.png")]).unwrap();
+        assert_eq!(out, PathBuf::from("/data/cats-lora.safetensors"));
+    }
 }

@@ -1,0 +1,234 @@
+//! The Playground's model lives on this worker thread: loading, adapters, slider weights,
+//! generation and blend export all run here, in the order asked, so the window never waits.
+//! Generate requests that pile up while one runs collapse to the newest (live slider mode).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::engine::adapter::BlockWeights;
+use crate::engine::formats::{GloraLayout, Naming, read_adapter, summarize, write_adapter};
+use crate::engine::mixing::{BlendReport, blend};
+use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
+
+pub enum ModelCommand {
+    Load(PathBuf),
+    AddAdapter { name: String, path: PathBuf, weight: f64, blocks: BlockWeights },
+    SetMix { name: String, weight: f64, blocks: BlockWeights },
+    Remove(String),
+    Generate(GenerateRequest),
+    ExportBlend { path: PathBuf, rank: usize, sources: Vec<String> },
+}
+
+pub enum ModelEvent {
+    /// `native_size`: the side the model was trained at (UNet sample size × VAE factor).
+    Loaded {
+        path: PathBuf,
+        seconds: f64,
+        native_size: Option<usize>,
+    },
+    LoadFailed {
+        error: String,
+    },
+    AdapterAdded {
+        name: String,
+        info: String,
+        warning: Option<String>,
+    },
+    AdapterFailed {
+        name: String,
+        error: String,
+    },
+    /// Layers re-merged after a slider moved.
+    Remerged {
+        name: String,
+        layers: usize,
+    },
+    Progress {
+        step: usize,
+        total: usize,
+    },
+    Image {
+        image: image::RgbImage,
+        seconds: f64,
+        seed: u64,
+    },
+    GenerateFailed {
+        error: String,
+    },
+    Exported {
+        path: PathBuf,
+        report: BlendReport,
+    },
+    ExportFailed {
+        error: String,
+    },
+    /// Every command up to and including `id` is done.
+    Done {
+        id: u64,
+    },
+}
+
+pub struct ModelWorker {
+    tx: Sender<(u64, ModelCommand)>,
+    pub events: Receiver<ModelEvent>,
+}
+
+impl ModelWorker {
+    pub fn start(ctx: &egui::Context) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+        let ctx = ctx.clone();
+        // The thread ends when the sender is dropped; it is not joined, so closing the window
+        // never waits for a generation to finish.
+        let _ = std::thread::Builder::new().name("playground model".into()).spawn(move || {
+            let send = |e: ModelEvent| {
+                let _ = ev_tx.send(e);
+                ctx.request_repaint();
+            };
+            worker(&rx, &send);
+        });
+        Self { tx, events: ev_rx }
+    }
+
+    pub fn send(&self, id: u64, command: ModelCommand) {
+        let _ = self.tx.send((id, command));
+    }
+}
+
+fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
+    let mut sd: Option<StableDiffusion> = None;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        // Only the newest generate request matters; it runs after everything else in the batch.
+        let last_id = batch.last().map_or(0, |(id, _)| *id);
+        let mut generate = None;
+        for (_, cmd) in batch {
+            match cmd {
+                ModelCommand::Generate(req) => generate = Some(req),
+                other => handle(&mut sd, other, send),
+            }
+        }
+        if let Some(req) = generate {
+            run_generate(sd.as_ref(), &req, send);
+        }
+        send(ModelEvent::Done { id: last_id });
+    }
+}
+
+fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(ModelEvent)) {
+    match cmd {
+        ModelCommand::Load(path) => {
+            let t = Instant::now();
+            *sd = None; // free the old model first
+            match StableDiffusion::load(&path, &Device::Cpu) {
+                Ok(m) => {
+                    let native_size = m.unet.config.sample_size.map(|s| s * m.vae.config.downscale());
+                    *sd = Some(m);
+                    send(ModelEvent::Loaded { path, seconds: t.elapsed().as_secs_f64(), native_size });
+                }
+                Err(e) => send(ModelEvent::LoadFailed { error: format!("{e:#}") }),
+            }
+        }
+        ModelCommand::AddAdapter { name, path, weight, blocks } => {
+            let Some(model) = sd.as_mut() else {
+                return send(ModelEvent::AdapterFailed { name, error: "no model is open".into() });
+            };
+            let info = read_adapter(&path).map(|parsed| describe(&summarize(&parsed)));
+            let result = info.and_then(|info| {
+                let report = model.load_adapter(&name, &path, weight)?;
+                if blocks != BlockWeights::default() {
+                    model.set_adapter_mix(&name, weight, &blocks)?;
+                }
+                Ok((info, report))
+            });
+            match result {
+                Ok((info, report)) => {
+                    let warning = (report.matched < report.total).then(|| report.summary());
+                    send(ModelEvent::AdapterAdded { name, info, warning })
+                }
+                Err(e) => send(ModelEvent::AdapterFailed { name, error: format!("{e:#}") }),
+            }
+        }
+        ModelCommand::SetMix { name, weight, blocks } => {
+            if let Some(model) = sd.as_mut() {
+                match model.set_adapter_mix(&name, weight, &blocks) {
+                    Ok(layers) => send(ModelEvent::Remerged { name, layers }),
+                    Err(e) => send(ModelEvent::AdapterFailed { name, error: format!("{e:#}") }),
+                }
+            }
+        }
+        ModelCommand::Remove(name) => {
+            if let Some(model) = sd.as_mut() {
+                model.remove_adapter(&name);
+                let _ = model.refresh_merges();
+            }
+        }
+        ModelCommand::Generate(_) => unreachable!("generate requests are batched"),
+        ModelCommand::ExportBlend { path, rank, sources } => {
+            let Some(model) = sd.as_mut() else {
+                return send(ModelEvent::ExportFailed { error: "no model is open".into() });
+            };
+            let result = blend(model, rank).and_then(|(layers, report)| {
+                if layers.is_empty() {
+                    anyhow::bail!("no enabled adapter with a non-zero weight to export");
+                }
+                let mut meta = std::collections::HashMap::new();
+                meta.insert("ss_network_dim".into(), rank.to_string());
+                meta.insert("ss_network_alpha".into(), rank.to_string());
+                meta.insert("lora_studio_blend_of".into(), sources.join("; "));
+                write_adapter(&path, Naming::Kohya, &layers, meta, DType::F32, GloraLayout::Current)?;
+                Ok(report)
+            });
+            match result {
+                Ok(report) => send(ModelEvent::Exported { path, report }),
+                Err(e) => send(ModelEvent::ExportFailed { error: format!("{e:#}") }),
+            }
+        }
+    }
+}
+
+fn run_generate(sd: Option<&StableDiffusion>, req: &GenerateRequest, send: &dyn Fn(ModelEvent)) {
+    let Some(model) = sd else {
+        return send(ModelEvent::GenerateFailed { error: "no model is open".into() });
+    };
+    let t = Instant::now();
+    let mut on_step = |step, total| send(ModelEvent::Progress { step, total });
+    match model.generate(req, &mut on_step) {
+        Ok(image) => send(ModelEvent::Image { image, seconds: t.elapsed().as_secs_f64(), seed: req.seed }),
+        Err(e) => send(ModelEvent::GenerateFailed { error: format!("{e:#}") }),
+    }
+}
+
+/// "LoRA · rank 4 · SD 1.x · triggers: sks" from an adapter file's summary.
+fn describe(s: &crate::engine::formats::AdapterSummary) -> String {
+    let algorithms: Vec<&str> = s.algorithms.keys().map(String::as_str).collect();
+    let ranks: std::collections::BTreeSet<String> =
+        s.ranks.keys().filter_map(|k| k.split(',').next().map(|r| r.trim().to_string())).collect();
+    let mut parts =
+        vec![algorithms.join("+"), ranks.into_iter().collect::<Vec<_>>().join("/"), format!("{} layers", s.layers)];
+    parts.push(s.family.clone());
+    if let Some(t) = s.metadata.get("lora_studio_trigger_words").filter(|t| !t.is_empty()) {
+        parts.push(format!("trigger: {t}"));
+    } else if let Some(tags) = top_tags(s.metadata.get("ss_tag_frequency")) {
+        parts.push(format!("tags: {tags}"));
+    }
+    parts.join(" · ")
+}
+
+/// The three most frequent tags of kohya's `ss_tag_frequency` ({"dataset": {"tag": n}}).
+fn top_tags(json: Option<&String>) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(json?).ok()?;
+    let mut tags: Vec<(String, u64)> = v
+        .as_object()?
+        .values()
+        .filter_map(|d| d.as_object())
+        .flat_map(|d| d.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))))
+        .collect();
+    tags.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let top: Vec<String> = tags.into_iter().take(3).map(|t| t.0).collect();
+    (!top.is_empty()).then(|| top.join(", "))
+}

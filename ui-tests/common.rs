@@ -1,0 +1,74 @@
+//! Helpers for the window tests: fixtures, generated images, dropped files, waiting on workers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+
+/// `../shared/fixtures` beside the repository, else `LORA_STUDIO_FIXTURES`, else `/work/shared/fixtures`.
+pub fn fixtures_dir() -> PathBuf {
+    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    if beside.exists() {
+        return beside;
+    }
+    if let Ok(dir) = std::env::var("LORA_STUDIO_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from("/work/shared/fixtures")
+}
+
+pub fn sd1_tiny() -> PathBuf {
+    fixtures_dir().join("sd1-tiny")
+}
+
+/// A fresh, empty folder for one test.
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-studio-ui-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Three small gradient PNGs (`img0.png`…) with `.txt` captions.
+pub fn make_images(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..3u8 {
+        let img = image::RgbImage::from_fn(40, 40, |x, y| image::Rgb([i * 80, (x * 6) as u8, (y * 6) as u8]));
+        img.save(dir.join(format!("img{i}.png"))).unwrap();
+        std::fs::write(dir.join(format!("img{i}.txt")), "a gradient").unwrap();
+    }
+}
+
+/// A dropped file as egui-winit hands it over (its own type is crate-private).
+#[derive(Debug)]
+pub struct TestFile(pub PathBuf);
+
+impl egui::DroppedFile for TestFile {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        Err("a path, not bytes".into())
+    }
+}
+
+pub fn drop_paths<S>(h: &mut Harness<'_, S>, paths: &[PathBuf]) {
+    for p in paths {
+        h.input_mut().dropped_files.push(Arc::new(TestFile(p.clone())));
+    }
+    h.step();
+}
+
+/// Steps the UI (workers keep running) until `cond` holds; panics after `timeout` of wall time.
+/// `h.run()` cannot be used while a spinner is showing.
+pub fn run_until<S>(h: &mut Harness<'_, S>, timeout: Duration, what: &str, mut cond: impl FnMut(&S) -> bool) {
+    let start = Instant::now();
+    while !cond(h.state()) {
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.step();
+}
