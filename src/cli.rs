@@ -23,7 +23,7 @@ const USAGE: &str = "\
 LoRA Studio — train, blend and export LoRA adapters for Stable Diffusion
 
 usage:
-  lora-studio                      open the window
+  lora-studio [--model PATH]       open the window (also: lora-studio gui --model PATH)
   lora-studio generate --model PATH --prompt TEXT [--adapter FILE[:WEIGHT]]... [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
   lora-studio forward --model PATH [--adapter FILE[:WEIGHT]]... --inputs IN.safetensors --output OUT.safetensors
@@ -70,6 +70,10 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             println!("lora-studio {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
         }
+        Some(Long("model")) => {
+            let model: PathBuf = parser.value()?.into();
+            return crate::ui::run_window(crate::ui::WindowOptions { model: Some(model), ..Default::default() });
+        }
         Some(other) => return Err(other.unexpected().into()),
     };
     match command.as_str() {
@@ -78,6 +82,16 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "bench" => bench_command(&mut parser),
         "adapter" => adapter_command(&mut parser),
         "train" => train(&mut parser),
+        "gui" => {
+            let mut options = crate::ui::WindowOptions::default();
+            while let Some(arg) = parser.next()? {
+                match arg {
+                    Long("model") => options.model = Some(parser.value()?.into()),
+                    _ => return Err(arg.unexpected().into()),
+                }
+            }
+            crate::ui::run_window(options)
+        }
         "export-job" => export_job(&mut parser),
         "help" => {
             print!("{USAGE}");

@@ -187,6 +187,7 @@ impl TrainingPanel {
             config: config.clone(),
             resume: None,
             naming: self.naming,
+            device: candle_core::Device::Cpu,
         };
         let wake = ctx.clone();
         self.job = Some(TrainJob::start(spec, move || wake.request_repaint()));
@@ -249,6 +250,8 @@ impl TrainingPanel {
                     }
                 }
                 TrainEvent::Resumed { .. } => self.run = RunState::Running,
+                // The playground reloads the adapter file written with each checkpoint instead.
+                TrainEvent::Snapshot { .. } => {}
                 TrainEvent::Finished { adapter, .. } => {
                     written.push(adapter.clone());
                     self.run = RunState::Finished { adapter };
