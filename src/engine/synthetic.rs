@@ -278,8 +278,8 @@ fn draw_background(img: &mut RgbImage, colour: Colour, pattern: Pattern, seed: u
                     let t = if size > 1 { y as f32 / (size - 1) as f32 } else { 0.5 };
                     shade(base, TONE * 1.5 * (1.0 - 2.0 * t))
                 }
-                Pattern::Stripes => shade(base, if (y / half) % 2 == 0 { TONE } else { -TONE }),
-                Pattern::Checker => shade(base, if (x / half + y / half) % 2 == 0 { TONE } else { -TONE }),
+                Pattern::Stripes => shade(base, if (y / half).is_multiple_of(2) { TONE } else { -TONE }),
+                Pattern::Checker => shade(base, if (x / half + y / half).is_multiple_of(2) { TONE } else { -TONE }),
                 Pattern::Dots => {
                     let (dx, dy) = ((x % period) as i32 - half as i32, (y % period) as i32 - half as i32);
                     let r = (period as f32 * 0.2).max(1.0);
@@ -436,9 +436,7 @@ pub fn style_scene_sized(style: Style, rng: &mut Rng, size: u32) -> (RgbImage, S
                 for y in 0..h {
                     for x in 0..w {
                         // Distance (in the 8-neighbourhood) to the shape's edge: 0 on the outline.
-                        let near = |d: i32| {
-                            (-d..=d).any(|j| (-d..=d).any(|i| at(x + i, y + j) != at(x, y)))
-                        };
+                        let near = |d: i32| (-d..=d).any(|j| (-d..=d).any(|i| at(x + i, y + j) != at(x, y)));
                         let px = if at(x, y) && near(1) {
                             Some(neon)
                         } else if near(2) {
