@@ -63,3 +63,35 @@ fn synthetic_style_datasets_are_deterministic() {
         assert!(ca.contains(style.name()) || style == Style::Neon && ca.contains("neon"), "{ca}");
     }
 }
+
+/// Generated images are soft and noisy: the analyser should survive a blur and some noise.
+fn degrade(img: &image::RgbImage, rng: &mut Rng) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let mut sum = [0f32; 3];
+        let mut n = 0f32;
+        for j in y.saturating_sub(1)..(y + 2).min(h) {
+            for i in x.saturating_sub(1)..(x + 2).min(w) {
+                let p = img.get_pixel(i, j).0;
+                (0..3).for_each(|c| sum[c] += p[c] as f32);
+                n += 1.0;
+            }
+        }
+        image::Rgb(sum.map(|s| (s / n + (rng.uniform_f32() - 0.5) * 24.0).round().clamp(0.0, 255.0) as u8))
+    })
+}
+
+#[test]
+fn synthetic_analyser_survives_blur_and_noise() {
+    let mut rng = Rng::new(99);
+    let mut noise = Rng::new(100);
+    let js: Vec<_> = (0..100)
+        .map(|_| {
+            let spec = SceneSpec::sample(&mut rng);
+            judge(&degrade(&spec.render(64), &mut noise), &spec)
+        })
+        .collect();
+    let acc = Accuracy::from_judgements(&js);
+    println!("blurred + noisy ground truth over 100 scenes: {acc:?}");
+    assert!(acc.shape_colour >= 0.9 && acc.background_colour >= 0.9, "{acc:?}");
+}

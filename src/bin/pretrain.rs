@@ -677,6 +677,10 @@ struct EvalStats {
     shape: f64,
     /// The analyser on the rendered ground truth of the same prompts (its ceiling).
     ground_truth_shape_colour: f64,
+    /// The analyser on each prompt's neighbour's ground truth (chance level).
+    chance_shape_colour: f64,
+    chance_background_colour: f64,
+    chance_pattern: f64,
     seconds_per_image: f64,
 }
 
@@ -703,6 +707,8 @@ fn evaluate(o: &Options) -> Result<EvalStats> {
     let mut prompts = SceneStream::new(PROMPT_EVAL_SEED);
     let mut judgements = Vec::new();
     let mut truth = Vec::new();
+    let mut chance = Vec::new();
+    let mut previous: Option<image::RgbImage> = None;
     let mut times = Vec::new();
     let mut strip = image::RgbImage::new(o.size * 8, o.size * 2);
     for i in 0..o.eval_prompts {
@@ -723,6 +729,10 @@ fn evaluate(o: &Options) -> Result<EvalStats> {
         let j = judge(&img, &spec);
         let rendered = spec.render(o.size);
         truth.push(judge(&rendered, &spec));
+        if let Some(p) = &previous {
+            chance.push(judge(p, &spec));
+        }
+        previous = Some(rendered.clone());
         if i < 8 {
             image::imageops::replace(&mut strip, &rendered, (i as u32 * o.size) as i64, 0);
             image::imageops::replace(&mut strip, &img, (i as u32 * o.size) as i64, o.size as i64);
@@ -744,6 +754,7 @@ fn evaluate(o: &Options) -> Result<EvalStats> {
     strip.save(o.work.join("eval-samples.png"))?;
     let a = Accuracy::from_judgements(&judgements);
     let gt = Accuracy::from_judgements(&truth);
+    let ch = Accuracy::from_judgements(&chance);
     times.sort_by(f64::total_cmp);
     let stats = EvalStats {
         vae_psnr_db,
@@ -757,6 +768,9 @@ fn evaluate(o: &Options) -> Result<EvalStats> {
         pattern: a.pattern,
         shape: a.shape,
         ground_truth_shape_colour: gt.shape_colour,
+        chance_shape_colour: ch.shape_colour,
+        chance_background_colour: ch.background_colour,
+        chance_pattern: ch.pattern,
         seconds_per_image: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
     };
     println!("eval: {}", serde_json::to_string(&stats)?);
@@ -814,15 +828,16 @@ Scheduler: Stable Diffusion's scaled-linear β schedule, 1000 steps, ε-predicti
 | measure | value |
 |---|---|
 | VAE reconstruction PSNR, {vi} scenes | {psnr:.2} dB |
-| shapes drawn in the asked colour, {np} prompts | {sc:.0} % (analyser on ground truth: {gt:.0} %) |
+| shapes drawn in the asked colour, {np} prompts | {sc:.0} % (analyser on ground truth: {gt:.0} %, chance: {csc:.0} %) |
 | scenes with every shape in the asked colour | {fc:.0} % |
-| background colour as asked | {bc:.0} % |
-| background pattern as asked | {pa:.0} % |
+| background colour as asked | {bc:.0} % (chance: {cbc:.0} %) |
+| background pattern as asked | {pa:.0} % (chance: {cpa:.0} %) |
 | shape as asked | {sh:.0} % |
 | time for one image ({gs} DDIM steps, guidance {g}) | {spi:.2} s |
 
 Colours, backgrounds and shapes are judged by the deterministic analyser in
-`src/engine/synthetic.rs`, which is right on 100 % of rendered ground-truth scenes.
+`src/engine/synthetic.rs`, which is right on 100 % of rendered ground-truth scenes; "chance" is
+the analyser judging each prompt against another prompt's picture.
 
 ## Limits
 
@@ -855,6 +870,9 @@ Colours, backgrounds and shapes are judged by the deterministic analyser in
         np = e.prompts,
         sc = 100.0 * e.shape_colour,
         gt = 100.0 * e.ground_truth_shape_colour,
+        csc = 100.0 * e.chance_shape_colour,
+        cbc = 100.0 * e.chance_background_colour,
+        cpa = 100.0 * e.chance_pattern,
         fc = 100.0 * e.foreground_colour,
         bc = 100.0 * e.background_colour,
         pa = 100.0 * e.pattern,
