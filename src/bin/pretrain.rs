@@ -50,6 +50,7 @@ struct Options {
     vae_minutes: Option<f64>,
     /// Side of the random crops the VAE trains on (it is fully convolutional; 0: whole scenes).
     vae_crop: u32,
+    vae_channels: Vec<usize>,
     steps: usize,
     batch: usize,
     lr: f64,
@@ -79,12 +80,13 @@ impl Default for Options {
             vae_lr: 1e-3,
             vae_minutes: None,
             vae_crop: 32,
+            vae_channels: vec![32, 64, 128],
             steps: 4000,
             batch: 8,
             lr: 3e-4,
             warmup: 100,
             pool: 512,
-            refresh: 64,
+            refresh: 128,
             model_minutes: None,
             text_hidden: 128,
             text_layers: 4,
@@ -98,7 +100,9 @@ impl Default for Options {
 }
 
 const HELP: &str = "pretrain vae|model|eval|all [--work DIR] [--out DIR] [--seed N] [--size PX] [--log-every N]
-  vae:   --vae-steps N --vae-batch N --vae-lr F --vae-minutes M --vae-crop PX
+  vae:   --vae-steps N --vae-batch N --vae-lr F --vae-minutes M --vae-crop PX --vae-channels A,B,C
+         (with --vae-minutes / --model-minutes the step count is re-sized, after the first
+         measured steps, to what fits in that time, so the LR schedule ends on time)
   model: --steps N --batch N --lr F --warmup N --pool N --refresh N --model-minutes M
          --text-hidden N --text-layers N --unet-channels A,B,C
   eval:  --eval-images N --eval-prompts N --gen-steps N --guidance F";
@@ -124,6 +128,9 @@ fn parse() -> Result<(String, Options)> {
             Long("vae-lr") => o.vae_lr = p.value()?.parse()?,
             Long("vae-minutes") => o.vae_minutes = Some(p.value()?.parse()?),
             Long("vae-crop") => o.vae_crop = p.value()?.parse()?,
+            Long("vae-channels") => {
+                o.vae_channels = p.value()?.string()?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?
+            }
             Long("steps") => o.steps = p.value()?.parse()?,
             Long("batch") => o.batch = p.value()?.parse()?,
             Long("lr") => o.lr = p.value()?.parse()?,
@@ -223,19 +230,28 @@ fn initialise(
     WeightMap::new(map, source, DType::F32, &Device::Cpu)
 }
 
-fn vae_config() -> VaeConfig {
-    VaeConfig {
+fn vae_config(o: &Options) -> Result<VaeConfig> {
+    let c = &o.vae_channels;
+    if c.len() != 3 {
+        bail!("--vae-channels takes three numbers (factor 4)");
+    }
+    let groups = c.iter().copied().fold(32, gcd);
+    Ok(VaeConfig {
         in_channels: 3,
         out_channels: 3,
         latent_channels: 4,
-        block_out_channels: vec![32, 64, 128],
+        block_out_channels: c.clone(),
         layers_per_block: 1,
-        norm_num_groups: 32,
+        norm_num_groups: groups,
         scaling_factor: 1.0,
         use_quant_conv: true,
         use_post_quant_conv: true,
         mid_block_add_attention: true,
-    }
+    })
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn text_config(o: &Options) -> ClipConfig {
@@ -351,7 +367,8 @@ fn vae_dir(o: &Options) -> PathBuf {
 
 fn train_vae(o: &Options) -> Result<VaeStats> {
     let device = Device::Cpu;
-    let mut config = vae_config();
+    let mut config = vae_config(o)?;
+    let mut total = o.vae_steps;
     let shapes = tensor_shapes(|m| AutoencoderKL::load(&config, m).map(|_| ()))?;
     let mut rng = Rng::new(o.seed ^ 0x7ae);
     let resnet_out = |n: &str| n.contains("resnets.") && n.ends_with("conv2.weight");
@@ -372,7 +389,8 @@ fn train_vae(o: &Options) -> Result<VaeStats> {
     let start = Instant::now();
     let (mut first, mut last, mut window) = (f32::NAN, f32::NAN, Vec::new());
     let mut done = 0;
-    for step in 0..o.vae_steps {
+    let mut step = 0;
+    while step < total {
         let crop = if o.vae_crop == 0 || o.vae_crop >= o.size { o.size } else { o.vae_crop / 4 * 4 };
         let images: Vec<_> = (0..o.vae_batch)
             .map(|_| {
@@ -388,7 +406,7 @@ fn train_vae(o: &Options) -> Result<VaeStats> {
         let recon = vae.decode(&z)?;
         let mse = recon.sub(&x)?.sqr()?.mean_all()?;
         let loss = (&mse + (z.sqr()?.mean_all()? * 1e-4)?)?;
-        let lr = lr_at(o.vae_lr, step, 50.min(o.vae_steps / 10 + 1), o.vae_steps);
+        let lr = lr_at(o.vae_lr, step, 50.min(o.vae_steps / 10 + 1), total);
         let value = mse.to_scalar::<f32>()?;
         let fwd_s = t_fwd.elapsed().as_secs_f64();
         let gnorm = opt.step(&loss, lr)?;
@@ -404,13 +422,21 @@ fn train_vae(o: &Options) -> Result<VaeStats> {
         }
         window.push(value);
         done = step + 1;
-        if done % o.log_every == 0 || done == o.vae_steps {
+        step += 1;
+        if let Some(m) = o.vae_minutes
+            && done == 20
+        {
+            let s = start.elapsed().as_secs_f64();
+            total = done + ((m * 60.0 - s).max(0.0) * done as f64 / s * 0.97) as usize;
+            println!("vae: {:.3} step/s → {total} steps fit in {m} minutes", done as f64 / s);
+        }
+        if done % o.log_every == 0 || done == total {
             last = window.iter().sum::<f32>() / window.len() as f32;
             window.clear();
             let s = start.elapsed().as_secs_f64();
             println!(
                 "vae step {done}/{} mse {last:.5} (psnr≈{:.1} dB) grad {gnorm:.3} lr {lr:.1e} elapsed {s:.1}s ({:.2} step/s)",
-                o.vae_steps,
+                total,
                 10.0 * (4.0 / last as f64).log10(),
                 done as f64 / s
             );
@@ -548,7 +574,7 @@ fn train_model(o: &Options) -> Result<ModelStats> {
     if f16_bytes > MAX_MODEL_BYTES {
         bail!("the model is over the size limit; use smaller --unet-channels or --text-hidden");
     }
-    let config = TrainConfig {
+    let mut config = TrainConfig {
         algorithm: Algorithm::Full,
         train_text_encoder: true,
         learning_rate: o.lr,
@@ -574,7 +600,7 @@ fn train_model(o: &Options) -> Result<ModelStats> {
     let pool_dir = o.work.join("pool");
     let checkpoint = o.work.join("model.checkpoint.safetensors");
     let mut scenes = SceneStream::new(o.seed ^ 0x7a1e);
-    let build = |resume: bool| -> Result<Trainer> {
+    let build = |config: &TrainConfig, resume: bool| -> Result<Trainer> {
         let ds = Dataset::scan(std::slice::from_ref(&pool_dir), &config.dataset)?;
         let mut t = Trainer::new_full(base.clone(), config.clone(), &ds)?;
         if resume {
@@ -584,7 +610,7 @@ fn train_model(o: &Options) -> Result<ModelStats> {
     };
     let start = Instant::now();
     write_pool(&pool_dir, &mut scenes, o.pool, o.size)?;
-    let mut trainer = build(false)?;
+    let mut trainer = build(&config, false)?;
     println!(
         "model: {} trainable parameters; {} steps of batch {}, a fresh pool of {} scenes every {} steps ({:.1}s to set up)",
         trainer.trainable_parameters(),
@@ -597,26 +623,35 @@ fn train_model(o: &Options) -> Result<ModelStats> {
     let mut scenes_seen = o.pool;
     let mut window = Vec::new();
     let mut refresh_s = 0.0;
-    while trainer.step < o.steps {
+    while trainer.step < config.steps {
         if trainer.step > 0 && trainer.step.is_multiple_of(o.refresh) {
+            if let Some(m) = o.model_minutes
+                && trainer.step == o.refresh
+            {
+                let s = start.elapsed().as_secs_f64();
+                let rate = trainer.step as f64 / s;
+                config.steps = trainer.step + ((m * 60.0 - s).max(0.0) * rate * 0.97) as usize;
+                config.warmup_steps = config.warmup_steps.min(config.steps / 5);
+                println!("model: {rate:.3} step/s → {} steps fit in {m} minutes", config.steps);
+            }
             let t0 = Instant::now();
             trainer.save_checkpoint(&checkpoint)?;
             drop(trainer);
             write_pool(&pool_dir, &mut scenes, o.pool, o.size)?;
-            trainer = build(true)?;
+            trainer = build(&config, true)?;
             scenes_seen += o.pool;
             refresh_s += t0.elapsed().as_secs_f64();
         }
         let loss = trainer.train_step()?;
         window.push(loss);
         let step = trainer.step;
-        if step.is_multiple_of(o.log_every) || step == o.steps {
+        if step.is_multiple_of(o.log_every) || step == config.steps {
             let mean = window.iter().sum::<f32>() / window.len() as f32;
             window.clear();
             let s = start.elapsed().as_secs_f64();
             println!(
                 "model step {step}/{} loss {mean:.4} lr {:.1e} elapsed {s:.1}s ({:.2} step/s, {refresh_s:.0}s in pool refreshes)",
-                o.steps,
+                config.steps,
                 trainer.current_lr(),
                 step as f64 / s
             );
