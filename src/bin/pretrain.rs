@@ -34,8 +34,8 @@ use lora_studio::engine::weights::{WeightMap, read_safetensors, write_safetensor
 /// Seeds of the held-out streams: never used for training.
 const VAE_EVAL_SEED: u64 = 0xe7a1_0000_0000_0001;
 const PROMPT_EVAL_SEED: u64 = 0xe7a1_0000_0000_0002;
-/// Model size limit for the shipped folder (f16).
-const MAX_MODEL_BYTES: usize = 40 * 1024 * 1024;
+/// Model size limit for the shipped folder (f16), in decimal megabytes to be safe.
+const MAX_MODEL_BYTES: usize = 40_000_000;
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -90,7 +90,7 @@ impl Default for Options {
             model_minutes: None,
             text_hidden: 128,
             text_layers: 4,
-            unet_channels: vec![64, 128, 192],
+            unet_channels: vec![64, 128, 160],
             eval_images: 200,
             eval_prompts: 100,
             gen_steps: 20,
@@ -564,12 +564,12 @@ fn train_model(o: &Options) -> Result<ModelStats> {
     let (pu, pt, pv) = (count(&base.unet), count(&base.text_encoder), count(&base.vae));
     let f16_bytes = 2 * (pu + pt + pv);
     println!(
-        "model: UNet {:.2}M, text encoder {:.2}M, VAE {:.2}M parameters = {:.1} MB in f16 (limit {} MB)",
+        "model: UNet {:.2}M, text encoder {:.2}M, VAE {:.2}M parameters = {:.1} MB in f16 (limit {:.0} MB)",
         pu as f64 / 1e6,
         pt as f64 / 1e6,
         pv as f64 / 1e6,
-        f16_bytes as f64 / 1048576.0,
-        MAX_MODEL_BYTES / 1048576
+        f16_bytes as f64 / 1e6,
+        MAX_MODEL_BYTES as f64 / 1e6
     );
     if f16_bytes > MAX_MODEL_BYTES {
         bail!("the model is over the size limit; use smaller --unet-channels or --text-hidden");
@@ -888,7 +888,7 @@ the analyser judging each prompt against another prompt's picture.
         tp = m.text_parameters as f64 / 1e6,
         uc = m.unet_channels,
         up = m.unet_parameters as f64 / 1e6,
-        mb = m.f16_bytes as f64 / 1048576.0,
+        mb = m.f16_bytes as f64 / 1e6,
         vs = v.steps,
         vb = v.batch,
         vmin = v.seconds / 60.0,
