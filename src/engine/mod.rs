@@ -16,6 +16,7 @@ pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod single_file;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod train;
 pub mod unet;
