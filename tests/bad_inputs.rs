@@ -900,3 +900,52 @@ fn a_full_disk_fails_cleanly() {
     let after: Vec<_> = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(before, after, "nothing new on the full disk");
 }
+
+/// A safetensors file of one-element F32 tensors with these names.
+fn st_names(names: &[&str]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    for (i, n) in names.iter().enumerate() {
+        header.insert(
+            n.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}),
+        );
+    }
+    st(&serde_json::Value::Object(header).to_string(), &vec![0u8; 4 * names.len()])
+}
+
+#[test]
+fn hostile_single_file_checkpoints_are_refused() {
+    let dir = tempdir("single-file");
+    let png = dir.join("x.png");
+    let u = "model.diffusion_model.input_blocks";
+    let te = "cond_stage_model.transformer.text_model.final_layer_norm.weight";
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        // Found by fuzzing (single_file_keys): a downsampler at block 0 underflowed the layout
+        // arithmetic (a panic in debug builds, a division by zero in release builds).
+        (
+            "op-at-zero.safetensors",
+            vec![format!("{u}.0.0.op.weight"), format!("{u}.1.0.in_layers.0.weight")],
+            "no resnet blocks",
+        ),
+        (
+            "huge-block-index.safetensors",
+            vec![format!("{u}.18446744073709551615.0.in_layers.0.weight")],
+            "layers per UNet block (limit 64)",
+        ),
+        (
+            "many-blocks.safetensors",
+            vec![format!("{u}.100000.0.in_layers.0.weight")],
+            "layers per UNet block (limit 64)",
+        ),
+    ];
+    for (name, mut names, needle) in cases {
+        names.push(te.to_string());
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let path = dir.join(name);
+        std::fs::write(&path, st_names(&names)).unwrap();
+        let e = format!("{:#}", ModelWeights::load(&path, DType::F32, &Device::Cpu).err().unwrap());
+        assert!(e.contains(name) && e.contains(needle), "{name}: `{needle}` in `{e}`");
+        assert_one_line_error(&generate_with(&path, &png), &[name, needle]);
+        assert_no_output(&png);
+    }
+}
