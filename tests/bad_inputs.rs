@@ -231,7 +231,7 @@ fn cmyk_jpeg(side: u16) -> Vec<u8> {
             put(0b0000, 4, &mut bits);
         }
     }
-    while bits.len() % 8 != 0 {
+    while !bits.len().is_multiple_of(8) {
         bits.push(true);
     }
     for byte in bits.chunks(8) {
@@ -527,7 +527,7 @@ fn append_raw_tensor(file: &Path, name: &str, dtype: &str, shape: &[usize], data
         serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [body.len(), body.len() + data.len()]}),
     );
     let mut json = serde_json::to_string(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
