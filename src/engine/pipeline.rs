@@ -19,7 +19,13 @@ use super::single_file;
 use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
-use super::weights::{WeightMap, read_safetensors};
+use super::weights::{WeightMap, all_finite, read_safetensors};
+
+/// Largest `num_train_timesteps` a scheduler config may ask for (SD uses 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+/// Largest image side `generate` accepts, so a config's `sample_size` or a request cannot ask
+/// for an allocation the machine cannot make.
+pub const MAX_GENERATE_SIDE: usize = 8192;
 
 /// The weights of one model, before the modules are built (training makes some of them trainable).
 #[derive(Clone)]
@@ -76,6 +82,14 @@ impl ModelWeights {
         } else {
             SchedulerConfig::default()
         };
+        // The schedule is built as a table of this many entries; refuse absurd values up front.
+        if scheduler_config.num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            bail!(
+                "{}: num_train_timesteps {} is larger than the limit {MAX_TRAIN_TIMESTEPS}",
+                scheduler_file.display(),
+                scheduler_config.num_train_timesteps
+            );
+        }
         let tokenizer = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
         Ok(Self {
             unet_config: UNetConfig::from_file(&dir.join("unet/config.json"))?,
@@ -305,6 +319,13 @@ impl StableDiffusion {
         if req.width == 0 || req.height == 0 || !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) {
             bail!("image size {}×{} must be a positive multiple of {m} for this model", req.width, req.height);
         }
+        if req.width > MAX_GENERATE_SIDE || req.height > MAX_GENERATE_SIDE {
+            bail!(
+                "image size {}×{} is larger than the limit of {MAX_GENERATE_SIDE} pixels a side",
+                req.width,
+                req.height
+            );
+        }
         if req.steps == 0 {
             bail!("steps must be at least 1");
         }
@@ -330,7 +351,20 @@ impl StableDiffusion {
             x = sampler.step(&out, i, &x, &mut rng)?;
             on_step(i + 1, total);
         }
+        // NaN or ∞ would clamp to a flat, meaningless picture; refuse instead of writing one.
+        if !all_finite(&x)? {
+            bail!(
+                "generation failed: the UNet produced NaN or infinite values (the model's weights or an adapter are broken, or overflow in {:?})",
+                self.dtype
+            );
+        }
         let decoded = self.vae.decode(&(x / self.vae.config.scaling_factor)?)?;
+        if !all_finite(&decoded)? {
+            bail!(
+                "generation failed: the VAE decoder produced NaN or infinite values (its weights are broken, or overflow in {:?})",
+                self.dtype
+            );
+        }
         to_image(&decoded.get(0)?)
     }
 }

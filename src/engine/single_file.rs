@@ -145,6 +145,9 @@ pub fn convert(tensors: HashMap<String, Tensor>, source: &str) -> Result<SingleF
     Ok(SingleFileModel { family, unet, text_encoder, vae, unet_config, text_config, vae_config, prediction_hint })
 }
 
+/// Real SD UNets have 2 (SD 1.x / 2.x) or 3 resnets per block; far more means a broken file.
+const MAX_LAYERS_PER_BLOCK: usize = 64;
+
 /// The few structural facts the renaming needs, all readable from names alone.
 #[derive(Debug, Clone)]
 struct Layout {
@@ -166,15 +169,18 @@ impl Layout {
                     first_op = Some(first_op.map_or(k, |f| f.min(k)));
                 }
             } else if let Some((i, _)) = index_after(n, "first_stage_model.encoder.down.") {
-                vae_blocks = vae_blocks.max(i + 1);
+                vae_blocks = vae_blocks.max(i.saturating_add(1));
             } else if let Some((i, _)) = index_after(n, "cond_stage_model.model.transformer.resblocks.") {
-                open_clip_layers = open_clip_layers.max(i + 1);
+                open_clip_layers = open_clip_layers.max(i.saturating_add(1));
             }
         }
         // The first downsampler sits right after the first block's resnets; a one-block UNet has none.
-        let unet_layers_per_block = first_op.map_or(max_input, |k| k - 1);
+        let unet_layers_per_block = first_op.map_or(max_input, |k| k.saturating_sub(1));
         if unet_layers_per_block == 0 {
             bail!("not supported: the UNet has no resnet blocks in `input_blocks`");
+        }
+        if unet_layers_per_block > MAX_LAYERS_PER_BLOCK {
+            bail!("not supported: {unet_layers_per_block} layers per UNet block (limit {MAX_LAYERS_PER_BLOCK})");
         }
         if family == ModelFamily::Sd2 && open_clip_layers < 2 {
             bail!("the OpenCLIP text encoder needs at least 2 layers (SD 2.x uses the penultimate one)");
@@ -526,7 +532,7 @@ fn prediction_hint(tensors: &HashMap<String, Tensor>, layout: &Layout) -> Result
     let blocks = tensors
         .keys()
         .filter_map(|n| index_after(n, "model.diffusion_model.output_blocks."))
-        .map(|(k, _)| k + 1)
+        .map(|(k, _)| k.saturating_add(1))
         .max()
         .unwrap_or(0);
     let Some(last) = blocks.checked_sub(1) else { return Ok(None) };
@@ -593,8 +599,9 @@ fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) -> Result<UNe
     let ends = |suffix: &'static str| unet.iter().filter(move |(n, _)| n.ends_with(suffix)).map(|(_, t)| t.dims());
     // diffusers' rule: a 2-D proj_in is a Linear (SD 2.x), a 4-D one a 1×1 conv (SD 1.x).
     let use_linear_projection = agreed(ends(".proj_in.weight").map(|d| d.len()), "proj_in rank")? == Some(2);
-    let cross_attention_dim = agreed(ends(".attn2.to_k.weight").map(|d| d[d.len() - 1]), "cross_attention_dim")?
-        .context("no cross-attention (attn2) weights")?;
+    let cross_attention_dim =
+        agreed(ends(".attn2.to_k.weight").map(|d| d.last().copied().unwrap_or(0)), "cross_attention_dim")?
+            .context("no cross-attention (attn2) weights")?;
     let transformers = unet.keys().filter_map(|n| {
         let base = n.strip_suffix(".proj_in.weight")?;
         Some(count(unet, &format!("{base}.transformer_blocks."), ".norm1.weight"))
@@ -629,7 +636,7 @@ fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) -> Result<UNe
                 || (n.contains(".attentions.") && n.ends_with(".norm.weight"))
                 || *n == "conv_norm_out.weight"
         })
-        .map(|(_, t)| t.dims()[0])
+        .map(|(_, t)| t.dims().first().copied().unwrap_or(0))
         .collect();
     let min_block = block_out_channels.iter().copied().min().unwrap_or(0);
 
@@ -717,7 +724,7 @@ fn infer_vae(vae: &HashMap<String, Tensor>) -> Result<VaeConfig> {
                 || n.ends_with(".group_norm.weight")
                 || n.ends_with("conv_norm_out.weight")
         })
-        .map(|(_, t)| t.dims()[0])
+        .map(|(_, t)| t.dims().first().copied().unwrap_or(0))
         .collect();
     let min_block = block_out_channels.iter().copied().min().unwrap_or(0);
     let cfg = VaeConfig {

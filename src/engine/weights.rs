@@ -33,13 +33,17 @@ impl WeightMap {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let source = source.into();
         let mut converted = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
+            if !all_finite(&t)? {
+                bail!("{}: tensor `{name}` contains NaN or infinite values (the file is corrupt)", source);
+            }
             let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
             let t = if t.device().same_device(device) { t } else { t.to_device(device)? };
             converted.insert(name, t);
         }
-        Ok(Self { tensors: converted, source: source.into(), dtype, device: device.clone(), synthetic: None })
+        Ok(Self { tensors: converted, source, dtype, device: device.clone(), synthetic: None })
     }
 
     /// Reads one or more safetensors files (a sharded component is several).
@@ -180,25 +184,26 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 /// As `read_safetensors`, also returning the header's `__metadata__` strings.
 pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    parse_safetensors(&bytes, &path.display().to_string())
+}
+
+/// Parses safetensors bytes (a whole file) after checking the header; errors start with `source`.
+pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     if bytes.len() < 8 {
-        bail!("{}: not a safetensors file (only {} bytes)", path.display(), bytes.len());
+        bail!("{source}: not a safetensors file (only {} bytes)", bytes.len());
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
     if header_len > MAX_HEADER_BYTES {
-        bail!("{}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})", path.display());
+        bail!("{source}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})");
     }
     if 8 + header_len > bytes.len() as u64 {
-        bail!(
-            "{}: truncated safetensors file (header says {header_len} bytes, file has {})",
-            path.display(),
-            bytes.len()
-        );
+        bail!("{source}: truncated safetensors file (header says {header_len} bytes, file has {})", bytes.len());
     }
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: invalid safetensors file: {e}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("{source}: invalid safetensors file: {e}"))?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: invalid safetensors file: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("{source}: invalid safetensors file: {e}"))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
@@ -209,13 +214,32 @@ pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Te
             safetensors::Dtype::I64 => DType::I64,
             safetensors::Dtype::U32 => DType::U32,
             safetensors::Dtype::U8 => DType::U8,
-            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
+            other => bail!("{source}: tensor `{name}` has unsupported dtype {other:?}"),
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .with_context(|| format!("{}: tensor `{name}` is malformed", path.display()))?;
+            .with_context(|| format!("{source}: tensor `{name}` is malformed"))?;
         out.insert(name, t);
     }
     Ok((out, metadata))
+}
+
+/// Whether every element is finite (no NaN, no ±∞). Integer tensors always are.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let t = match t.dtype() {
+        DType::F32 | DType::F64 => t.clone(),
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
+        _ => return Ok(true),
+    };
+    if t.elem_count() == 0 {
+        return Ok(true);
+    }
+    // One pass without allocating: any NaN or ∞ makes the sum non-finite. Only then check
+    // exactly, since finite values can also overflow the sum.
+    if t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+        return Ok(true);
+    }
+    let t = t.to_dtype(DType::F64)?;
+    Ok(t.abs()?.le(f64::MAX)?.to_dtype(DType::U32)?.min_all()?.to_scalar::<u32>()? == 1)
 }
 
 /// Writes tensors atomically: to a temporary name beside `path`, flushed, then renamed.

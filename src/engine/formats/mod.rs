@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use super::Result;
 use super::adapter::Delta;
-use super::weights::read_safetensors_with_metadata;
+use super::weights::{all_finite, parse_safetensors, read_safetensors_with_metadata};
 
 /// Which model of the pipeline a layer belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,15 +90,21 @@ pub fn read_adapter(path: &Path) -> Result<ParsedAdapter> {
     parse_adapter(tensors, metadata).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
 }
 
+/// Parses a whole adapter file held in memory (the fuzzing entry point; `read_adapter` reads a path).
+pub fn parse_adapter_bytes(bytes: &[u8]) -> Result<ParsedAdapter> {
+    let (tensors, metadata) = parse_safetensors(bytes, "adapter")?;
+    parse_adapter(tensors, metadata)
+}
+
 pub fn parse_adapter(tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<ParsedAdapter> {
     if tensors.is_empty() {
         bail!("the file holds no tensors");
     }
     if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te")) {
-        return kohya::parse(tensors, metadata);
+        return validated(kohya::parse(tensors, metadata)?);
     }
     if tensors.keys().any(|k| k.contains(".lora_A.") || k.contains(".lora_B.")) {
-        return peft::parse(tensors, metadata);
+        return validated(peft::parse(tensors, metadata)?);
     }
     if tensors
         .keys()
@@ -108,6 +114,34 @@ pub fn parse_adapter(tensors: HashMap<String, Tensor>, metadata: HashMap<String,
     }
     let sample: Vec<&String> = tensors.keys().take(3).collect();
     bail!("not a recognised adapter file (keys like {sample:?})")
+}
+
+/// Refuses factors that later code could not use safely: other than 2-D (linear) or 4-D (conv),
+/// empty, or holding NaN / ∞, and non-finite α.
+fn validated(adapter: ParsedAdapter) -> Result<ParsedAdapter> {
+    for layer in &adapter.layers {
+        for t in layer.delta.tensors() {
+            let dims = t.dims();
+            if !(dims.len() == 2 || dims.len() == 4) {
+                bail!("layer `{}`: a factor has shape {dims:?}; expected 2 (linear) or 4 (conv) dimensions", layer.key);
+            }
+            if dims.contains(&0) {
+                bail!("layer `{}`: a factor has an empty shape {dims:?}", layer.key);
+            }
+            if !t.dtype().is_float() {
+                bail!("layer `{}`: factors must be floating point, found {:?}", layer.key, t.dtype());
+            }
+            if !all_finite(t)? {
+                bail!("layer `{}`: factors contain NaN or infinite values (the file is corrupt)", layer.key);
+            }
+        }
+        if let Some(alpha) = layer.alpha
+            && !alpha.is_finite()
+        {
+            bail!("layer `{}`: alpha is {alpha}", layer.key);
+        }
+    }
+    Ok(adapter)
 }
 
 /// A model's adaptable layers: component, module path and weight shape.
