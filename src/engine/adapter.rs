@@ -6,6 +6,7 @@ use anyhow::bail;
 use candle_core::Tensor;
 
 use super::Result;
+use super::conv::conv2d;
 
 /// One adapter's update of one layer, stored in LyCORIS' current layout.
 #[derive(Clone, Debug)]
@@ -103,10 +104,10 @@ impl Delta {
     /// ΔW ⊛ x through the factors for a convolution with the base layer's stride and padding.
     pub fn apply_conv(&self, x: &Tensor, base: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
         Ok(match self {
-            Delta::Lora { down, up } => conv1x1(&x.conv2d(down, padding, stride, 1, 1)?, up)?,
+            Delta::Lora { down, up } => conv1x1(&conv2d(x, down, padding, stride)?, up)?,
             Delta::Glora { a1, a2, b1, b2 } => {
                 let mixed = conv1x1(&conv1x1(x, a2)?, a1)?;
-                let rescaled = mixed.conv2d(base, padding, stride, 1, 1)?;
+                let rescaled = conv2d(&mixed, base, padding, stride)?;
                 (rescaled + conv1x1(&b2_conv(x, b2, stride, padding)?, b1)?)?
             }
         })
@@ -114,7 +115,7 @@ impl Delta {
 }
 
 fn b2_conv(x: &Tensor, b2: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    Ok(x.conv2d(b2, padding, stride, 1, 1)?)
+    conv2d(x, b2, padding, stride)
 }
 
 /// x (…, in) · Wᵀ for W (out, in).
@@ -285,7 +286,7 @@ fn conv(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor>
         // 1×1 convolution as a matmul: much cheaper forward and backward than candle's conv path.
         return conv1x1(x, w);
     }
-    Ok(x.conv2d(w, padding, stride, 1, 1)?)
+    conv2d(x, w, padding, stride)
 }
 
 /// Which layers a new adapter trains, by the names users know from kohya and OneTrainer.

@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod bench;
 pub mod blend;
 pub mod clip;
+pub mod conv;
 pub mod dataset;
 pub mod diffusers_folder;
 pub mod formats;
