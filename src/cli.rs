@@ -150,7 +150,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
     let out = out.context("--out FILE.png is required")?;
     let mut sd = StableDiffusion::load(&model, &device())?;
     load_adapters(&mut sd, &adapters)?;
-    let default_side = sd.unet.config.sample_size.unwrap_or(64) * sd.vae.config.downscale();
+    let default_side = sd.unet.config.sample_size.unwrap_or(64).saturating_mul(sd.vae.config.downscale());
     if req.width == 0 {
         req.width = default_side;
     }
@@ -158,8 +158,9 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         req.height = default_side;
     }
     let started = std::time::Instant::now();
-    let img = sd.generate(&req, &mut |i, n| eprint!("\rstep {i}/{n}"))?;
-    eprintln!();
+    let img = sd.generate(&req, &mut |i, n| eprint!("\rstep {i}/{n}"));
+    eprintln!(); // end the progress line before a result or an error
+    let img = img?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
     crate::engine::weights::write_atomic(&out, &png)?;

@@ -270,9 +270,9 @@ fn bad_images() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let bomb = png_with(30000, 30000, &zlib_stored(&[0u8; 64]));
 
     vec![
-        ("zero.png", Vec::new(), "not an image"),
-        ("zero.jpg", Vec::new(), "not an image"),
-        ("zero.webp", Vec::new(), "not an image"),
+        ("zero.png", Vec::new(), "empty file"),
+        ("zero.jpg", Vec::new(), "empty file"),
+        ("zero.webp", Vec::new(), "empty file"),
         ("truncated.png", png[..png.len() / 2].to_vec(), "cannot decode"),
         ("truncated.jpg", jpg[..jpg.len() / 2].to_vec(), "cannot decode"),
         ("truncated.webp", webp[..webp.len() / 2].to_vec(), "cannot decode"),

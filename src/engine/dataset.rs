@@ -14,6 +14,8 @@ pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
 /// Larger images are refused before decoding (a decompression bomb is only a few bytes).
 pub const MAX_IMAGE_SIDE: u32 = 16384;
 pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+/// Image files are read whole; anything bigger than this is not a training image.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 512 << 20;
 
 /// How images become training tensors.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -206,6 +208,13 @@ impl Dataset {
     fn entry(path: &Path, opts: &DatasetOptions) -> std::result::Result<ImageEntry, String> {
         if !is_image(path) {
             return Err("not an image file (expected png, jpg, webp or bmp)".into());
+        }
+        let size = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?.len();
+        if size == 0 {
+            return Err("empty file".into());
+        }
+        if size > MAX_IMAGE_FILE_BYTES {
+            return Err(format!("{size} bytes is larger than the {MAX_IMAGE_FILE_BYTES}-byte limit for an image file"));
         }
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
         // Reading only the header first catches decompression bombs and non-images cheaply.
