@@ -158,8 +158,16 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         req.height = default_side;
     }
     let started = std::time::Instant::now();
-    let img = sd.generate(&req, &mut |i, n| eprint!("\rstep {i}/{n}"));
-    eprintln!(); // end the progress line before a result or an error
+    // Progress only for a person watching; scripts get just the result or the one-line error.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let img = sd.generate(&req, &mut |i, n| {
+        if tty {
+            eprint!("\rstep {i}/{n}");
+        }
+    });
+    if tty {
+        eprintln!(); // end the progress line before a result or an error
+    }
     let img = img?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;

@@ -717,9 +717,9 @@ fn bad_adapters() -> Vec<(&'static str, HashMap<String, Tensor>, &'static str)> 
     kohya_layer(&mut t, TO_Q, Tensor::zeros((4, 32), DType::U8, &Device::Cpu).unwrap(), f32s(&[32, 4], 0.01), None);
     cases.push(("u8-factor.safetensors", t, "floating point"));
 
-    // Names that match no layer of the model at all.
+    // Names that match no layer of the model at all (a Flux adapter's).
     let mut t = HashMap::new();
-    for block in ["lora_unet_input_blocks_1_1_proj_in", "lora_unet_output_blocks_3_1_proj_out"] {
+    for block in ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_3_linear1"] {
         kohya_layer(&mut t, block, f32s(&[4, 32], 0.01), f32s(&[32, 4], 0.01), Some(4.0));
     }
     cases.push((
