@@ -28,7 +28,7 @@ for i, (fg, bg) in enumerate([((220, 40, 40), (30, 30, 160)), ((40, 200, 60), (2
 PY
 out="$work/out/style.safetensors"
 ckpt="$work/out/style.checkpoint.safetensors"
-train=("$bin" train --model "$model" --data "$work/data" --out "$out" --steps 400 --save-every 1 --resolution 32 --no-latent-cache)
+train=("$bin" train --model "$model" --data "$work/data" --out "$out" --steps 150 --save-every 1 --resolution 32 --no-latent-cache)
 killed=0 finished=0 bad=0 adapter_ok=0 checkpoint_ok=0
 for ((i = 1; i <= runs; i++)); do
   resume=()

@@ -279,3 +279,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Removes temporary files that `write_atomic` left for `path` when a process was killed
+/// mid-write (they are never read; this only tidies up). Call it when a job starts.
+pub fn remove_stale_temporaries(path: &Path) {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Some(name) = path.file_name() else { return };
+    let stale = format!(".{}.tmp-", name.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&stale) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}

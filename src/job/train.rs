@@ -188,6 +188,9 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
     if let Some(dir) = spec.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
     }
+    // What a killed earlier run may have left half-written under a temporary name.
+    crate::engine::weights::remove_stale_temporaries(&spec.out);
+    crate::engine::weights::remove_stale_temporaries(&ckpt);
     if let Some(resume) = &spec.resume {
         trainer.load_checkpoint(resume)?;
     } else {
