@@ -315,12 +315,12 @@ fn playground_generates_blends_live_and_exports() {
     h.run_steps(2);
     {
         let p = &mut h.state_mut().playground;
-        p.prompt = "a gradient".into();
-        p.width = 32;
-        p.height = 32;
+        p.request.prompt = "a gradient".into();
+        p.request.width = 32;
+        p.request.height = 32;
         p.size_chosen = true;
-        p.steps = 3;
-        p.seed = 7;
+        p.request.steps = 3;
+        p.request.seed = 7;
     }
     // An adapter dropped on the Playground joins the list.
     drop_paths(&mut h, &[sd1_tiny().join("lora_a_kohya.safetensors")]);
@@ -382,8 +382,8 @@ fn dice_picks_a_new_seed() {
     let mut h = harness_with_model();
     h.get_by_role_and_label(Role::Button, "Playground").click();
     h.run_steps(2);
-    let before = h.state().playground.seed;
+    let before = h.state().playground.request.seed;
     h.get_by_label("Random").click();
     h.run_steps(2);
-    assert_ne!(h.state().playground.seed, before);
+    assert_ne!(h.state().playground.request.seed, before);
 }

@@ -51,14 +51,8 @@ pub enum ModelState {
 }
 
 pub struct PlaygroundPanel {
-    pub prompt: String,
-    pub negative: String,
-    pub seed: u64,
-    pub steps: usize,
-    pub guidance: f64,
-    pub sampler: SamplerKind,
-    pub width: usize,
-    pub height: usize,
+    /// Prompt, seed, steps, guidance, sampler and size, as the model worker takes them.
+    pub request: GenerateRequest,
     /// The user set the size; a newly loaded model does not change it.
     pub size_chosen: bool,
     pub adapters: Vec<AdapterRow>,
@@ -88,14 +82,16 @@ pub struct PlaygroundPanel {
 impl PlaygroundPanel {
     pub fn new(ctx: &egui::Context) -> Self {
         Self {
-            prompt: String::new(),
-            negative: String::new(),
-            seed: 42,
-            steps: 20,
-            guidance: 7.5,
-            sampler: SamplerKind::EulerAncestral,
-            width: 512,
-            height: 512,
+            request: GenerateRequest {
+                prompt: String::new(),
+                negative: String::new(),
+                seed: 42,
+                steps: 20,
+                guidance: 7.5,
+                sampler: SamplerKind::EulerAncestral,
+                width: 512,
+                height: 512,
+            },
             size_chosen: false,
             adapters: Vec::new(),
             live: true,
@@ -243,19 +239,6 @@ impl PlaygroundPanel {
         self.adapters.iter().map(|r| r.effective_weight().abs()).sum()
     }
 
-    pub fn request(&self) -> GenerateRequest {
-        GenerateRequest {
-            prompt: self.prompt.clone(),
-            negative: self.negative.clone(),
-            seed: self.seed,
-            steps: self.steps,
-            guidance: self.guidance,
-            sampler: self.sampler,
-            width: self.width,
-            height: self.height,
-        }
-    }
-
     pub fn generate(&mut self) {
         if self.model.is_none() {
             self.message = Some("Open a base model first.".into());
@@ -264,8 +247,8 @@ impl PlaygroundPanel {
         self.message = None;
         self.last_change = None;
         self.flush_weights();
-        self.send(ModelCommand::Generate(self.request()));
-        self.progress = Some((0, self.steps));
+        self.send(ModelCommand::Generate(self.request.clone()));
+        self.progress = Some((0, self.request.steps));
     }
 
     pub fn export_blend(&mut self, path: PathBuf) {
@@ -295,8 +278,8 @@ impl PlaygroundPanel {
                     self.model_state = ModelState::Ready;
                     // Start at the model's own size unless the user already chose one.
                     if let Some(side) = native_size.filter(|_| !self.size_chosen) {
-                        self.width = side;
-                        self.height = side;
+                        self.request.width = side;
+                        self.request.height = side;
                     }
                     self.image_info = format!("Loaded {} in {seconds:.1} s", path.display());
                 }
@@ -419,32 +402,33 @@ fn model_row(ui: &mut egui::Ui, p: &mut PlaygroundPanel, model_label: &str, acti
 
 fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
     let label = ui.label("Prompt");
-    ui.add(egui::TextEdit::multiline(&mut p.prompt).desired_rows(2).desired_width(f32::INFINITY)).labelled_by(label.id);
+    ui.add(egui::TextEdit::multiline(&mut p.request.prompt).desired_rows(2).desired_width(f32::INFINITY))
+        .labelled_by(label.id);
     let label = ui.label("Negative prompt");
-    ui.add(egui::TextEdit::singleline(&mut p.negative).desired_width(f32::INFINITY).hint_text("what to avoid"))
+    ui.add(egui::TextEdit::singleline(&mut p.request.negative).desired_width(f32::INFINITY).hint_text("what to avoid"))
         .labelled_by(label.id);
     egui::Grid::new("generate_settings").num_columns(2).spacing([10.0, 4.0]).show(ui, |ui| {
         let label = ui.label("Seed");
         ui.horizontal(|ui| {
-            ui.add(egui::DragValue::new(&mut p.seed)).labelled_by(label.id);
+            ui.add(egui::DragValue::new(&mut p.request.seed)).labelled_by(label.id);
             if ui.button("Random").on_hover_text("Pick a random seed (the dice)").clicked() {
-                p.seed = random_seed();
+                p.request.seed = random_seed();
             }
         });
         ui.end_row();
         let label = ui.label("Steps").on_hover_text("Denoising steps; 20–30 is usual");
-        ui.add(egui::DragValue::new(&mut p.steps).range(1..=150)).labelled_by(label.id);
+        ui.add(egui::DragValue::new(&mut p.request.steps).range(1..=150)).labelled_by(label.id);
         ui.end_row();
         let label =
             ui.label("Guidance").on_hover_text("How strongly the image follows the prompt (CFG scale); 1 turns it off");
-        ui.add(egui::DragValue::new(&mut p.guidance).range(1.0..=30.0).speed(0.1)).labelled_by(label.id);
+        ui.add(egui::DragValue::new(&mut p.request.guidance).range(1.0..=30.0).speed(0.1)).labelled_by(label.id);
         ui.end_row();
         let label = ui.label("Sampler");
         egui::ComboBox::from_id_salt("sampler")
-            .selected_text(p.sampler.label())
+            .selected_text(p.request.sampler.label())
             .show_ui(ui, |ui| {
                 for s in SamplerKind::ALL {
-                    ui.selectable_value(&mut p.sampler, s, s.label());
+                    ui.selectable_value(&mut p.request.sampler, s, s.label());
                 }
             })
             .response
@@ -454,9 +438,9 @@ fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             .label("Size")
             .on_hover_text("Width × height in pixels; a multiple of the model's size step (8 × 2^levels)");
         ui.horizontal(|ui| {
-            let w = ui.add(egui::DragValue::new(&mut p.width).range(8..=2048).speed(8)).labelled_by(label.id);
+            let w = ui.add(egui::DragValue::new(&mut p.request.width).range(8..=2048).speed(8)).labelled_by(label.id);
             ui.label("×");
-            let h = ui.add(egui::DragValue::new(&mut p.height).range(8..=2048).speed(8)).labelled_by(label.id);
+            let h = ui.add(egui::DragValue::new(&mut p.request.height).range(8..=2048).speed(8)).labelled_by(label.id);
             p.size_chosen |= w.changed() || h.changed();
         });
         ui.end_row();
