@@ -1,9 +1,12 @@
 //! Adapter math and file formats, checked against plain loops over `Vec<f32>` (no tensor ops),
 //! and export → import round trips in every format.
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use common::tempdir;
 use lora_studio::engine::adapter::{AdapterStack, Delta, LayerAdapter};
 use lora_studio::engine::formats::{Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter};
 use lora_studio::engine::rng::Rng;
@@ -230,10 +233,4 @@ fn glora_round_trips_in_both_layouts_even_when_square() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("GLoRA has no PEFT form"));
     assert!(!path.exists());
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("lora-studio-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

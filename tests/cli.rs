@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -11,12 +11,6 @@ use lora_studio::engine::weights::read_safetensors;
 
 fn studio(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lora-studio")).args(args).output().expect("run lora-studio")
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lora-studio-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A failed run: exit code 1, exactly one line on stderr that mentions `needle`, and no panic.
@@ -123,19 +117,6 @@ fn bad_inputs_give_one_line_errors() {
     assert_one_line_error(&generate(&broken), "missing its `vae` component");
 
     assert!(!out.exists(), "no output file after a failure");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 #[test]

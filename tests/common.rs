@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lora_studio::engine::weights::{WeightMap, read_safetensors};
@@ -37,4 +37,30 @@ pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor) {
     let max_diff = (ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     eprintln!("{name}: max diff {max_diff:.3e}, max |ref| {max_ref:.3e}, ratio {:.2e}", max_diff / max_ref);
     assert!(max_diff <= 1e-4 * max_ref, "{name}: max diff {max_diff} exceeds 1e-4 × {max_ref}");
+}
+
+/// A fresh, empty scratch folder for one test (per process, so parallel test binaries never meet).
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-studio-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copies a folder tree; the copies are writable even when the fixtures are not.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            let mut perms = std::fs::metadata(&target).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            std::fs::set_permissions(&target, perms).unwrap();
+        }
+    }
 }

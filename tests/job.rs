@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -10,13 +10,6 @@ use lora_studio::engine::dataset::DatasetOptions;
 use lora_studio::engine::formats::{Naming, read_adapter};
 use lora_studio::engine::train::TrainConfig;
 use lora_studio::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lora-studio-job-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn make_images(dir: &Path) {
     for i in 0..3u8 {

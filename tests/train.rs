@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
@@ -11,13 +11,6 @@ use lora_studio::engine::adapter::TargetPreset;
 use lora_studio::engine::dataset::{Dataset, DatasetOptions};
 use lora_studio::engine::pipeline::StableDiffusion;
 use lora_studio::engine::train::{Algorithm, NonFiniteLoss, TrainConfig, Trainer};
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lora-studio-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Four 48×48 pictures of a coloured disc on a plain background, with captions.
 fn make_images(dir: &Path) {
