@@ -247,14 +247,8 @@ impl AutoencoderKL {
     /// A hash of the encoder's first convolution: tells VAEs apart for latent cache keys.
     pub fn fingerprint(&self) -> Result<u64> {
         let v: Vec<f32> = self.enc_conv_in.weight().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for x in v {
-            for b in x.to_le_bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        }
-        Ok(h)
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok(super::dataset::fnv1a(&bytes))
     }
 
     /// Images in [-1, 1] (B, 3, H, W) → the latent distribution's mean (B, latent, H/f, W/f),
