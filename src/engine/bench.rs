@@ -225,8 +225,9 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
         let loss = (model.forward(&sample, &t, &context)? - &noise)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         for (v, (m, s)) in vars.iter().zip(moments.iter_mut()) {
-            let Some(g) = grads.get(v.as_tensor()) else { continue };
-            *m = ((&*m * 0.9)? + (g * 0.1)?)?;
+            // Detached, as the trainer does: otherwise the moments keep each step's graph alive.
+            let Some(g) = grads.get(v.as_tensor()).map(Tensor::detach) else { continue };
+            *m = ((&*m * 0.9)? + (&g * 0.1)?)?;
             *s = ((&*s * 0.999)? + (g.sqr()? * 0.001)?)?;
             let update = (&*m / (s.sqrt()? + 1e-8)?)?;
             v.set(&(v.as_tensor().detach() - (update * 1e-4)?)?)?;

@@ -553,10 +553,12 @@ impl Trainer {
                 total += value * share as f32;
                 let store = (loss * share)?.backward()?;
                 for (slot, p) in grads.iter_mut().zip(&self.params) {
-                    if let Some(g) = store.get(p.var.as_tensor()) {
+                    // candle leaves a variable's gradient attached to this step's graph; the
+                    // moments built from it would then keep every step's activations alive.
+                    if let Some(g) = store.get(p.var.as_tensor()).map(Tensor::detach) {
                         *slot = Some(match slot.take() {
                             Some(acc) => (acc + g)?,
-                            None => g.clone(),
+                            None => g,
                         });
                     }
                 }
@@ -618,6 +620,11 @@ impl Trainer {
             }
         }
         Ok(())
+    }
+
+    /// AdamW's first and second moments of each trained parameter (what a checkpoint keeps).
+    pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
+        self.params.iter().map(|p| (p.name.as_str(), &p.m, &p.v))
     }
 
     /// The learning rate of the UNet group at the current step.
