@@ -11,6 +11,7 @@ use lexopt::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::bench;
+use crate::engine::builtin;
 use crate::engine::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
 use crate::engine::mixing;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
@@ -24,10 +25,11 @@ LoRA Studio — train, blend and export LoRA adapters for Stable Diffusion
 
 usage:
   lora-studio [--model PATH]       open the window (also: lora-studio gui --model PATH)
-  lora-studio generate --model PATH --prompt TEXT [--adapter FILE[:WEIGHT]]... [--negative TEXT] [--seed N] [--steps N]
+                                   (without --model: the built-in model in assets/base, everywhere)
+  lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
-  lora-studio forward --model PATH [--adapter FILE[:WEIGHT]]... --inputs IN.safetensors --output OUT.safetensors
-  lora-studio train --model PATH --data DIR --out FILE.safetensors [--algo lora|locon|glora]
+  lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... --inputs IN.safetensors --output OUT.safetensors
+  lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|glora]
                     [--rank N --alpha X --targets PRESET --lr X --steps N --batch N --resolution N
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
                      --train-text-encoder --flip --buckets --min-snr G --noise-offset X
@@ -38,9 +40,9 @@ usage:
   lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction]
                        the same job for kohya sd-scripts (dataset.toml + train.sh)
   lora-studio adapter info FILE [--model PATH]
-  lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... --model PATH --rank N --out C.safetensors
+  lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... [--model PATH] --rank N --out C.safetensors
                        [--format kohya|peft] [--f16]
-  lora-studio adapter merge A.safetensors[:W]... --model DIR --out NEW_MODEL_DIR
+  lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR
   lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]
   lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N]
 ";
@@ -146,7 +148,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    let model = model.context("--model PATH is required")?;
+    let model = builtin::resolve_model(model)?;
     let out = out.context("--out FILE.png is required")?;
     let mut sd = StableDiffusion::load(&model, &device())?;
     load_adapters(&mut sd, &adapters)?;
@@ -188,7 +190,7 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    let model = model.context("--model PATH is required")?;
+    let model = builtin::resolve_model(model)?;
     let inputs_path = inputs.context("--inputs IN.safetensors is required")?;
     let output = output.context("--output OUT.safetensors is required")?;
     let dev = device();
@@ -309,7 +311,7 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     if specs.is_empty() {
         bail!("name at least one adapter file, as FILE[:WEIGHT]");
     }
-    let model = model.context("--model PATH is required (the base model the adapters were made for)")?;
+    let model = builtin::resolve_model(model)?;
     let out = out.context("--out is required")?;
     let dev = device();
     let mut sd = StableDiffusion::load(&model, &dev)?;
@@ -520,7 +522,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             other => bail!("unknown option --{other} for train"),
         }
     }
-    let model = file.model.context("--model PATH is required")?;
+    let model = builtin::resolve_model(file.model)?;
     let out = file.out.context("--out FILE.safetensors is required")?;
     if file.data.is_empty() {
         bail!("--data DIR is required (a folder of images with .txt captions)");

@@ -87,7 +87,7 @@ fn long_model_paths_keep_their_file_name() {
 
 use std::time::Duration;
 
-use lora_studio::ui::{DialogPurpose, ModelState, RunState};
+use lora_studio::ui::{DialogPurpose, GridSettings, MixMode, ModelState, RunState};
 
 const SCAN: Duration = Duration::from_secs(30);
 const TRAIN: Duration = Duration::from_secs(240);
@@ -339,7 +339,12 @@ fn playground_generates_blends_live_and_exports() {
     assert_eq!(first.dimensions(), (32, 32));
     h.run();
 
-    h.get_by_label_contains("Total strength 1.00: normal");
+    // The worker measured the mix's strength after the adapter joined (the fixture's random
+    // adapter is far stronger than a trained one: ‖ΔW‖ ≈ 2.5 ‖W‖, so the meter warns).
+    let ratio = h.state().playground.overdrive.expect("measured");
+    assert!(ratio > 0.5, "{ratio}");
+    h.get_by_label_contains(&format!("Overdrive {ratio:.2} (weights add up to 1.00): overdriven"));
+    h.get_by_label_contains("Warning: stacked adapters overdrive the model");
     // Live mode: moving a slider re-renders the same seed once it rests, re-merging its layers.
     h.state_mut().playground.set_weight(0, -1.0);
     h.step();
@@ -367,7 +372,7 @@ fn playground_generates_blends_live_and_exports() {
     h.run();
     let row = &h.state().playground.adapters[0];
     assert!(!row.enabled && row.weight == -1.0 && row.effective_weight() == 0.0);
-    h.get_by_label_contains("Total strength 0.00");
+    h.get_by_label_contains("add up to 0.00");
 
     // Per-block weights live under Advanced; Remove takes the adapter out.
     h.get_by_label("Advanced").click();
@@ -386,4 +391,77 @@ fn dice_picks_a_new_seed() {
     h.get_by_label("Random").click();
     h.run_steps(2);
     assert_ne!(h.state().playground.request.seed, before);
+}
+
+#[test]
+fn a_failed_training_job_and_a_crashed_playground_worker_leave_the_window_usable() {
+    let dir = tempdir("survive");
+    make_images(&dir.join("data"));
+    let broken = dir.join("broken-model");
+    std::fs::create_dir_all(broken.join("unet")).unwrap();
+    std::fs::write(broken.join("model_index.json"), "{}").unwrap();
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        app.config.steps = 2;
+        app.config.dataset.resolution = 32;
+        app.training.output = dir.join("out.safetensors").display().to_string();
+        app.set_model(broken);
+    }
+    // A job that cannot load its model fails in words, and the window can start another.
+    h.state_mut().start_training();
+    h.step();
+    run_until(&mut h, TRAIN, "the failure", |a| matches!(a.training.run, RunState::Failed { .. }));
+    h.run();
+    let RunState::Failed { error } = &h.state().training.run else { unreachable!() };
+    assert!(error.contains("broken-model"), "{error}");
+    h.state_mut().set_model(sd1_tiny().join("model"));
+    h.get_by_label("Start training").click();
+    h.step();
+    run_until(&mut h, TRAIN, "the restarted run", |a| matches!(a.training.run, RunState::Finished { .. }));
+    assert!(dir.join("out.safetensors").is_file());
+
+    // The Playground's worker panics: the window says so, reloads the model and draws again.
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    {
+        let p = &mut h.state_mut().playground;
+        p.request.prompt = "a gradient".into();
+        (p.request.width, p.request.height, p.request.steps) = (32, 32, 2);
+        p.size_chosen = true;
+    }
+    h.state_mut().playground.add_adapter(&sd1_tiny().join("lora_b_peft.safetensors"));
+    run_until(&mut h, SCAN, "model ready", |a| {
+        a.playground.model_state == ModelState::Ready && a.playground.adapters.iter().all(|r| r.info.is_some())
+    });
+    h.state_mut().playground.inject_worker_panic();
+    run_until(&mut h, SCAN, "the crash report", |a| {
+        a.playground.message.as_deref().is_some_and(|m| m.contains("worker failed"))
+    });
+    h.get_by_label("Generate").click();
+    h.step();
+    run_until(&mut h, SCAN, "an image after the crash", |a| a.playground.images_made >= 1);
+    assert_eq!(h.state().playground.image.as_ref().unwrap().dimensions(), (32, 32));
+    assert!(h.state().playground.adapters.iter().all(|r| r.error.is_none()), "adapters re-added after the reload");
+
+    // Two adapters: budget mode scales them into the budget; the XY grid draws 2 × 3 cells.
+    {
+        let p = &mut h.state_mut().playground;
+        p.set_mix_mode(MixMode::Budget(1.0));
+        assert_eq!(p.mix_weights(), vec![0.5, 0.5]);
+        p.grid = GridSettings { x: 0, y: 1, x_values: "0, 1".into(), y_values: "0, 0.5, 1".into() };
+        p.render_grid();
+    }
+    run_until(&mut h, SCAN, "the grid", |a| a.playground.images_made >= 2);
+    assert_eq!(h.state().playground.image.as_ref().unwrap().dimensions(), (2 * 32 + 4, 3 * 32 + 2 * 4));
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    h.run();
+    h.get_by_label_contains("grid · columns");
+    // A typo in the grid's weights is named.
+    h.state_mut().playground.grid.x_values = "0, x".into();
+    h.state_mut().playground.render_grid();
+    assert_eq!(h.state().playground.message.as_deref(), Some("Grid: `x` is not a number"));
 }

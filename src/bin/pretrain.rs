@@ -3,7 +3,8 @@
 //!     cargo run --release --bin pretrain -- vae   [options]   # AutoencoderKL from scratch
 //!     cargo run --release --bin pretrain -- model [options]   # text encoder + UNet, full training
 //!     cargo run --release --bin pretrain -- eval  [options]   # PSNR, prompt following, timing
-//!     cargo run --release --bin pretrain -- all   [options]   # the three, then the model card
+//!     cargo run --release --bin pretrain -- examples [options] # style datasets + two adapters
+//!     cargo run --release --bin pretrain -- all   [options]   # all four, then the model card
 //!
 //! Intermediate results go to `--work` (default `target/pretrain`); the diffusers folder to `--out`
 //! (default `assets/base`). Everything is seeded; progress lines carry step, loss and elapsed time.
@@ -17,14 +18,18 @@ use candle_core::{DType, Device, Tensor, Var};
 use lexopt::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use lora_studio::engine::adapter::TargetPreset;
 use lora_studio::engine::clip::{ClipConfig, ClipTextModel};
 use lora_studio::engine::dataset::{Dataset, DatasetOptions};
 use lora_studio::engine::diffusers_folder::write_model_folder;
+use lora_studio::engine::formats::Naming;
 use lora_studio::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, to_image};
 use lora_studio::engine::rng::Rng;
 use lora_studio::engine::sampler::SamplerKind;
 use lora_studio::engine::schedule::SchedulerConfig;
-use lora_studio::engine::synthetic::{Accuracy, SceneSpec, SceneStream, images_to_tensor, judge, psnr};
+use lora_studio::engine::synthetic::{
+    Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized,
+};
 use lora_studio::engine::tokenizer::ClipTokenizer;
 use lora_studio::engine::train::{Algorithm, LrSchedule, TrainConfig, Trainer};
 use lora_studio::engine::unet::{UNet2DConditionModel, UNetConfig};
@@ -65,6 +70,12 @@ struct Options {
     eval_prompts: usize,
     gen_steps: usize,
     guidance: f64,
+    examples: PathBuf,
+    example_images: usize,
+    example_steps: usize,
+    example_rank: usize,
+    example_lr: f64,
+    style_prompts: usize,
 }
 
 impl Default for Options {
@@ -95,6 +106,12 @@ impl Default for Options {
             eval_prompts: 100,
             gen_steps: 20,
             guidance: 5.0,
+            examples: PathBuf::from("assets/examples"),
+            example_images: 24,
+            example_steps: 300,
+            example_rank: 8,
+            example_lr: 1e-3,
+            style_prompts: 16,
         }
     }
 }
@@ -105,7 +122,9 @@ const HELP: &str = "pretrain vae|model|eval|all [--work DIR] [--out DIR] [--seed
          measured steps, to what fits in that time, so the LR schedule ends on time)
   model: --steps N --batch N --lr F --warmup N --pool N --refresh N --model-minutes M
          --text-hidden N --text-layers N --unet-channels A,B,C
-  eval:  --eval-images N --eval-prompts N --gen-steps N --guidance F";
+  eval:  --eval-images N --eval-prompts N --gen-steps N --guidance F
+  examples: --examples DIR --example-images N --example-steps N --example-rank N --example-lr F
+         --style-prompts N";
 
 fn parse() -> Result<(String, Options)> {
     let mut p = lexopt::Parser::from_env();
@@ -147,6 +166,12 @@ fn parse() -> Result<(String, Options)> {
             Long("eval-prompts") => o.eval_prompts = p.value()?.parse()?,
             Long("gen-steps") => o.gen_steps = p.value()?.parse()?,
             Long("guidance") => o.guidance = p.value()?.parse()?,
+            Long("examples") => o.examples = p.value()?.into(),
+            Long("example-images") => o.example_images = p.value()?.parse()?,
+            Long("example-steps") => o.example_steps = p.value()?.parse()?,
+            Long("example-rank") => o.example_rank = p.value()?.parse()?,
+            Long("example-lr") => o.example_lr = p.value()?.parse()?,
+            Long("style-prompts") => o.style_prompts = p.value()?.parse::<usize>()?.max(1),
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -170,11 +195,12 @@ fn main() -> Result<()> {
         "vae" => train_vae(&o).map(|_| ()),
         "model" => train_model(&o).map(|_| ()),
         "eval" => evaluate(&o).map(|_| ()),
+        "examples" => make_examples(&o),
         "all" => {
             train_vae(&o)?;
             train_model(&o)?;
             evaluate(&o)?;
-            Ok(())
+            make_examples(&o)
         }
         other => bail!("unknown stage `{other}`\n{HELP}"),
     }
@@ -322,7 +348,8 @@ impl AdamW {
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
         let (bc1, bc2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            // Detached: candle's variable gradients still reference this step's graph.
+            let Some(g) = grads.get(var.as_tensor()).map(Tensor::detach) else { continue };
             let g = (g * clip)?;
             self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -918,5 +945,204 @@ the analyser judging each prompt against another prompt's picture.
     );
     std::fs::write(o.out.join("README.md"), card)?;
     println!("eval: model card written to {}", o.out.join("README.md").display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage 4: example styles
+
+/// Seed of the held-out style prompts (the figure); the datasets use `--seed`.
+const STYLE_EVAL_SEED: u64 = 0xe7a1_0000_0000_0003;
+/// The styles that get a trained adapter; the third dataset is left for the user to train.
+const TRAINED_STYLES: [Style; 2] = [Style::Watercolour, Style::Neon];
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct StyleFigure {
+    style: String,
+    steps: usize,
+    seconds: f64,
+    first_loss: f32,
+    final_loss: f32,
+    /// L1 distance between colour histograms (generated vs the style's own pictures) at
+    /// adapter weight 0, 0.5 and 1.
+    distance: [f64; 3],
+}
+
+/// A joint RGB histogram (8 bins a channel) over all pixels of `images`, summing to 1.
+fn colour_histogram(images: &[image::RgbImage]) -> Vec<f64> {
+    let mut h = vec![0f64; 512];
+    let mut n = 0f64;
+    for img in images {
+        for p in img.pixels() {
+            let [r, g, b] = p.0.map(|c| (c >> 5) as usize);
+            h[r * 64 + g * 8 + b] += 1.0;
+            n += 1.0;
+        }
+    }
+    h.iter_mut().for_each(|x| *x /= n.max(1.0));
+    h
+}
+
+fn l1(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum()
+}
+
+/// Writes the three style datasets (PNG + caption sidecar) and trains a LoRA on two of them with
+/// our own trainer; measures how far each moves generated pictures toward its style.
+fn make_examples(o: &Options) -> Result<()> {
+    let device = Device::Cpu;
+    std::fs::create_dir_all(&o.examples)?;
+    for style in Style::ALL {
+        let dir = o.examples.join(style.name());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut rng = Rng::new(o.seed ^ 0x571e ^ style as u64);
+        for i in 0..o.example_images {
+            let (img, caption) = style_scene_sized(style, &mut rng, o.size);
+            img.save(dir.join(format!("{i:03}.png")))?;
+            std::fs::write(dir.join(format!("{i:03}.txt")), caption)?;
+        }
+        println!("examples: {} images of `{}` in {}", o.example_images, style.name(), dir.display());
+    }
+    let mut figures = Vec::new();
+    for style in TRAINED_STYLES {
+        let name = style.name();
+        let config = TrainConfig {
+            algorithm: Algorithm::Lora,
+            rank: o.example_rank,
+            alpha: o.example_rank as f64,
+            targets: TargetPreset::TransformerAndConv,
+            learning_rate: o.example_lr,
+            steps: o.example_steps,
+            batch_size: 4,
+            seed: o.seed,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_steps: o.example_steps / 20,
+            min_snr_gamma: Some(5.0),
+            caption_dropout: 0.05,
+            dataset: DatasetOptions {
+                resolution: o.size as usize,
+                center_crop: true,
+                flip: false,
+                trigger: name.to_owned(),
+                min_side: 16,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let ds = Dataset::scan(&[o.examples.join(name)], &config.dataset)?;
+        let mut trainer = Trainer::new(StableDiffusion::load(&o.out, &device)?, config.clone(), &ds)?;
+        let start = Instant::now();
+        while trainer.step < config.steps {
+            trainer.train_step()?;
+            if trainer.step.is_multiple_of(o.log_every) {
+                let k = o.log_every.min(trainer.losses.len());
+                let mean = trainer.losses[trainer.losses.len() - k..].iter().sum::<f32>() / k as f32;
+                println!("examples {name}: step {}/{} loss {mean:.4}", trainer.step, config.steps);
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let file = o.examples.join(format!("{name}.safetensors"));
+        trainer.save_adapter(&file, Naming::Kohya)?;
+        let losses = &trainer.losses;
+        let k = (losses.len() / 10).max(1);
+        let avg = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+        let (first_loss, final_loss) = (avg(&losses[..k]), avg(&losses[losses.len() - k..]));
+        drop(trainer);
+
+        // The figure: held-out captions of this style, generated at three adapter weights.
+        let mut rng = Rng::new(STYLE_EVAL_SEED ^ style as u64);
+        let held: Vec<(image::RgbImage, String)> =
+            (0..o.style_prompts).map(|_| style_scene_sized(style, &mut rng, o.size)).collect();
+        let reference = colour_histogram(&held.iter().map(|(img, _)| img.clone()).collect::<Vec<_>>());
+        let mut sd = StableDiffusion::load(&o.out, &device)?;
+        sd.load_adapter(name, &file, 0.0)?;
+        let mut distance = [0.0; 3];
+        let mut strip = image::RgbImage::new(o.size * 8, o.size * 3);
+        for (wi, w) in [0.0, 0.5, 1.0].into_iter().enumerate() {
+            sd.set_adapter_weight(name, w)?;
+            let mut images = Vec::new();
+            for (i, (_, caption)) in held.iter().enumerate() {
+                let req = GenerateRequest {
+                    prompt: format!("{name}, {caption}"),
+                    negative: String::new(),
+                    seed: i as u64,
+                    steps: o.gen_steps,
+                    guidance: o.guidance,
+                    sampler: SamplerKind::Ddim,
+                    width: o.size as usize,
+                    height: o.size as usize,
+                };
+                let img = sd.generate(&req, &mut |_, _| {})?;
+                if i < 8 {
+                    image::imageops::replace(&mut strip, &img, (i as u32 * o.size) as i64, (wi as u32 * o.size) as i64);
+                }
+                images.push(img);
+            }
+            distance[wi] = l1(&colour_histogram(&images), &reference);
+            println!("examples {name}: weight {w}: colour-histogram distance to the style {:.3}", distance[wi]);
+        }
+        strip.save(o.work.join(format!("examples-{name}.png")))?;
+        figures.push(StyleFigure {
+            style: name.to_owned(),
+            steps: config.steps,
+            seconds,
+            first_loss,
+            final_loss,
+            distance,
+        });
+    }
+    std::fs::write(o.work.join("examples.json"), serde_json::to_string_pretty(&figures)?)?;
+    write_examples_card(o, &figures)
+}
+
+fn write_examples_card(o: &Options, figures: &[StyleFigure]) -> Result<()> {
+    let mut rows = String::new();
+    for f in figures {
+        let fall = 100.0 * (1.0 - f.distance[2] / f.distance[0]);
+        rows += &format!(
+            "| `{0}.safetensors` | {1} steps, {2:.0} s, loss {3:.3} → {4:.3} | {5:.3} | {6:.3} | {7:.3} | {fall:.0} % |\n",
+            f.style, f.steps, f.seconds, f.first_loss, f.final_loss, f.distance[0], f.distance[1], f.distance[2]
+        );
+    }
+    let card = format!(
+        r#"# Example styles
+
+Three small style datasets drawn by `src/engine/synthetic.rs` ({n} pictures each, {size}×{size},
+every picture with a `.txt` caption sidecar, kohya's convention), and LoRA adapters trained on two
+of them with LoRA Studio's own trainer on the built-in model (`assets/base`), so the Playground has
+styles to blend on first launch. `mosaic/` has no adapter: it is there for you to train.
+
+| folder | what it looks like |
+|---|---|
+| `watercolour/` | pastel washes, slightly offset and darker where they overlap, on cream paper |
+| `neon/` | bright outlines with a dim glow on black |
+| `mosaic/` | the scene as square tiles with dark grout and per-tile colour jitter |
+
+Made by `cargo run --release --bin pretrain -- examples` (seeded; LoRA rank {rank}, α = rank,
+attention + feed-forward + convolutions, AdamW lr {lr:e} with a cosine schedule, batch 4; the
+style's name is the trigger word). Both files are in the kohya format (`lora_unet_…`), so
+A1111 and ComfyUI read them too.
+
+## Does an adapter move pictures toward its style?
+
+{prompts} held-out captions of each style, generated with the built-in model ({steps} DDIM steps,
+guidance {g}, the same seeds) at adapter weight 0, 0.5 and 1. Each cell is the L1 distance between
+the joint RGB colour histogram (8 bins a channel) of the generated pictures and that of the
+style's own pictures for the same captions (0: the same colours; 2: nothing in common).
+
+| adapter | training | weight 0 | weight 0.5 | weight 1 | fall at weight 1 |
+|---|---|---|---|---|---|
+{rows}"#,
+        n = o.example_images,
+        size = o.size,
+        rank = o.example_rank,
+        lr = o.example_lr,
+        prompts = o.style_prompts,
+        steps = o.gen_steps,
+        g = o.guidance,
+    );
+    std::fs::write(o.examples.join("README.md"), card)?;
+    println!("examples: card written to {}", o.examples.join("README.md").display());
     Ok(())
 }

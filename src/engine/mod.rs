@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod bench;
 pub mod blend;
+pub mod builtin;
 pub mod clip;
 pub mod conv;
 pub mod dataset;

@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 pub use dataset::DatasetPanel;
 pub use dialogs::DialogPurpose;
 pub use loss_plot::LossHistory;
-pub use playground::{AdapterRow, ModelState, PlaygroundPanel};
+pub use playground::{AdapterRow, GridSettings, MixMode, ModelState, PlaygroundPanel, parse_weights};
 pub use status::{MemorySampler, format_bytes, resident_memory_bytes};
 pub use training::{Preset, RunState, TrainingPanel};
 
+use crate::engine::builtin;
 use crate::engine::train::TrainConfig;
 
 /// What the caller knows when it opens the window.
@@ -154,7 +155,11 @@ impl StudioApp {
 
     /// Opens a base model: a diffusers folder or a single `.safetensors` checkpoint.
     pub fn set_model(&mut self, path: PathBuf) {
-        self.model_label = path.display().to_string();
+        self.model_label = if builtin::model_dir().is_some_and(|d| same_path(&d, &path)) {
+            BUILTIN_LABEL.to_owned()
+        } else {
+            path.display().to_string()
+        };
         let tokenizer_dir = path.join("tokenizer");
         self.dataset.tokenizer = Some(if tokenizer_dir.is_dir() {
             crate::engine::tokenizer::ClipTokenizer::from_folder(&tokenizer_dir).unwrap_or_else(|_| {
@@ -394,7 +399,15 @@ fn icon() -> Option<egui::IconData> {
     Some(egui::IconData { rgba: image.into_raw(), width, height })
 }
 
-/// Opens the native window and blocks until it is closed.
+/// What the status bar calls the built-in model.
+pub const BUILTIN_LABEL: &str = "built-in (synthetic shapes, 64 px)";
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b || a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok().is_some_and(|b| a == b))
+}
+
+/// Opens the native window and blocks until it is closed. With no model given it opens the
+/// built-in one and offers the example styles in the Playground (switched off).
 pub fn run_window(options: WindowOptions) -> anyhow::Result<()> {
     run_window_with(options, |_| {})
 }
@@ -416,7 +429,14 @@ pub fn run_window_with(options: WindowOptions, setup: impl FnOnce(&mut StudioApp
         Box::new(|cc| {
             // Dark or light, as the desktop says (this is egui's default; stated so it stays so).
             cc.egui_ctx.set_theme(egui::ThemePreference::System);
+            let builtin_model = if options.model.is_none() { builtin::model_dir() } else { None };
             let mut app = StudioApp::new(&cc.egui_ctx, options);
+            if let Some(dir) = builtin_model {
+                app.set_model(dir);
+                for example in builtin::example_adapters() {
+                    app.playground.offer_adapter(&example);
+                }
+            }
             setup(&mut app);
             Ok(Box::new(app))
         }),

@@ -1,6 +1,8 @@
 //! The Playground's model lives on this worker thread: loading, adapters, slider weights,
 //! generation and blend export all run here, in the order asked, so the window never waits.
 //! Generate requests that pile up while one runs collapse to the newest (live slider mode).
+//! A panic in a command is caught: the window hears about it and the model is reloaded on the
+//! next use, so one bad file or bug never leaves the Playground dead.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,16 +12,47 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::engine::adapter::BlockWeights;
 use crate::engine::formats::{GloraLayout, Naming, read_adapter, summarize, write_adapter};
-use crate::engine::mixing::{BlendReport, blend};
+use crate::engine::mixing::{BlendReport, blend, overdrive};
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
 
 pub enum ModelCommand {
     Load(PathBuf),
-    AddAdapter { name: String, path: PathBuf, weight: f64, blocks: BlockWeights },
-    SetMix { name: String, weight: f64, blocks: BlockWeights },
+    AddAdapter {
+        name: String,
+        path: PathBuf,
+        weight: f64,
+        blocks: BlockWeights,
+    },
+    SetMix {
+        name: String,
+        weight: f64,
+        blocks: BlockWeights,
+    },
     Remove(String),
     Generate(GenerateRequest),
-    ExportBlend { path: PathBuf, rank: usize, sources: Vec<String> },
+    /// The same request at every pair of weights of two adapters, as one grid image (rows: `y`).
+    /// The adapters keep the last cell's weights: the panel sends their own mix right after.
+    XyGrid {
+        request: GenerateRequest,
+        x: GridAxis,
+        y: GridAxis,
+    },
+    ExportBlend {
+        path: PathBuf,
+        rank: usize,
+        sources: Vec<String>,
+    },
+    /// Fault injection for tests: panics on the worker thread.
+    #[doc(hidden)]
+    Panic,
+}
+
+/// One axis of an XY grid: an adapter and the weights to try (its per-block weights kept).
+#[derive(Clone, Debug)]
+pub struct GridAxis {
+    pub name: String,
+    pub values: Vec<f64>,
+    pub blocks: BlockWeights,
 }
 
 pub enum ModelEvent {
@@ -50,6 +83,15 @@ pub enum ModelEvent {
         step: usize,
         total: usize,
     },
+    /// The mix's measured strength, ‖Σ wᵢ·ΔWᵢ‖ / ‖W‖ at its worst layer (`mixing::overdrive`).
+    Overdrive {
+        ratio: f64,
+    },
+    Grid {
+        image: image::RgbImage,
+        seconds: f64,
+        caption: String,
+    },
     Image {
         image: image::RgbImage,
         seconds: f64,
@@ -63,6 +105,10 @@ pub enum ModelEvent {
         report: BlendReport,
     },
     ExportFailed {
+        error: String,
+    },
+    /// A command panicked; the model was dropped and will be reloaded when next needed.
+    Crashed {
         error: String,
     },
     /// Every command up to and including `id` is done.
@@ -106,16 +152,43 @@ fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
         // Only the newest generate request matters; it runs after everything else in the batch.
         let last_id = batch.last().map_or(0, |(id, _)| *id);
         let mut generate = None;
+        let mut mix_changed = false;
         for (_, cmd) in batch {
             match cmd {
                 ModelCommand::Generate(req) => generate = Some(req),
-                other => handle(&mut sd, other, send),
+                other => {
+                    mix_changed |= matches!(
+                        other,
+                        ModelCommand::AddAdapter { .. } | ModelCommand::SetMix { .. } | ModelCommand::Remove(_)
+                    );
+                    guarded(&mut sd, send, |sd| handle(sd, other, send));
+                }
             }
         }
+        if mix_changed {
+            guarded(&mut sd, send, |sd| {
+                if let Some(ratio) = sd.as_mut().and_then(|m| overdrive(m).ok()) {
+                    send(ModelEvent::Overdrive { ratio });
+                }
+            });
+        }
         if let Some(req) = generate {
-            run_generate(sd.as_ref(), &req, send);
+            guarded(&mut sd, send, |sd| run_generate(sd.as_ref(), &req, send));
         }
         send(ModelEvent::Done { id: last_id });
+    }
+}
+
+/// Runs `f`, turning a panic into a `Crashed` event; the model, perhaps half-changed, is dropped.
+fn guarded(sd: &mut Option<StableDiffusion>, send: &dyn Fn(ModelEvent), f: impl FnOnce(&mut Option<StableDiffusion>)) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(sd))) {
+        let error = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        *sd = None;
+        send(ModelEvent::Crashed { error });
     }
 }
 
@@ -168,6 +241,27 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             }
         }
         ModelCommand::Generate(_) => unreachable!("generate requests are batched"),
+        ModelCommand::Panic => panic!("injected fault (test)"),
+        ModelCommand::XyGrid { request, x, y } => {
+            let Some(model) = sd.as_mut() else {
+                return send(ModelEvent::GenerateFailed { error: "no model is open".into() });
+            };
+            let t = Instant::now();
+            match xy_grid(model, &request, &x, &y, send) {
+                Ok(image) => {
+                    let caption = format!(
+                        "columns: {} at {}; rows: {} at {} (seed {})",
+                        x.name,
+                        list(&x.values),
+                        y.name,
+                        list(&y.values),
+                        request.seed
+                    );
+                    send(ModelEvent::Grid { image, seconds: t.elapsed().as_secs_f64(), caption })
+                }
+                Err(e) => send(ModelEvent::GenerateFailed { error: format!("{e:#}") }),
+            }
+        }
         ModelCommand::ExportBlend { path, rank, sources } => {
             let Some(model) = sd.as_mut() else {
                 return send(ModelEvent::ExportFailed { error: "no model is open".into() });
@@ -189,6 +283,39 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             }
         }
     }
+}
+
+fn list(values: &[f64]) -> String {
+    values.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Renders `request` at every (x, y) weight pair into one image, 4 px apart.
+fn xy_grid(
+    model: &mut StableDiffusion,
+    request: &GenerateRequest,
+    x: &GridAxis,
+    y: &GridAxis,
+    send: &dyn Fn(ModelEvent),
+) -> anyhow::Result<image::RgbImage> {
+    if x.name == y.name || x.values.is_empty() || y.values.is_empty() {
+        anyhow::bail!("pick two different adapters and at least one weight for each");
+    }
+    let gap = 4u32;
+    let (w, h) = (request.width as u32, request.height as u32);
+    let (cols, rows) = (x.values.len() as u32, y.values.len() as u32);
+    let mut grid = image::RgbImage::from_pixel(cols * (w + gap) - gap, rows * (h + gap) - gap, image::Rgb([24; 3]));
+    let total = (cols * rows) as usize * request.steps;
+    for (r, &wy) in y.values.iter().enumerate() {
+        model.set_adapter_mix(&y.name, wy, &y.blocks)?;
+        for (c, &wx) in x.values.iter().enumerate() {
+            model.set_adapter_mix(&x.name, wx, &x.blocks)?;
+            let done = (r * x.values.len() + c) * request.steps;
+            let img =
+                model.generate(request, &mut |step, _| send(ModelEvent::Progress { step: done + step, total }))?;
+            image::imageops::replace(&mut grid, &img, (c as u32 * (w + gap)) as i64, (r as u32 * (h + gap)) as i64);
+        }
+    }
+    Ok(grid)
 }
 
 fn run_generate(sd: Option<&StableDiffusion>, req: &GenerateRequest, send: &dyn Fn(ModelEvent)) {

@@ -13,7 +13,7 @@ use crate::engine::pipeline::GenerateRequest;
 use crate::engine::sampler::SamplerKind;
 
 use super::DialogPurpose;
-use super::model_worker::{ModelCommand, ModelEvent, ModelWorker};
+use super::model_worker::{GridAxis, ModelCommand, ModelEvent, ModelWorker};
 
 /// How long a slider must rest before Live mode re-renders.
 pub const LIVE_DEBOUNCE: Duration = Duration::from_millis(300);
@@ -77,6 +77,50 @@ pub struct PlaygroundPanel {
     pub message: Option<String>,
     /// Rank of an exported blend.
     pub blend_rank: usize,
+    /// How slider weights combine (plain sum, or scaled into a budget).
+    pub mix_mode: MixMode,
+    /// The measured strength of the mix (‖Σ wᵢΔWᵢ‖ / ‖W‖ at the worst layer), once known.
+    pub overdrive: Option<f64>,
+    pub grid: GridSettings,
+}
+
+/// How the adapters' slider weights combine.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum MixMode {
+    /// Each adapter at its own slider weight.
+    Sum,
+    /// Weights scaled down together so their absolute values sum to at most the budget.
+    Budget(f64),
+}
+
+/// The XY grid: two adapters (rows of `adapters`) and the weights to try for each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridSettings {
+    pub x: usize,
+    pub y: usize,
+    /// Comma-separated weights, e.g. "0, 0.5, 1".
+    pub x_values: String,
+    pub y_values: String,
+}
+
+impl Default for GridSettings {
+    fn default() -> Self {
+        Self { x: 0, y: 1, x_values: "0, 0.5, 1".into(), y_values: "0, 0.5, 1".into() }
+    }
+}
+
+/// "0, 0.5, 1" → [0.0, 0.5, 1.0]; an error names the piece that is not a number.
+pub fn parse_weights(text: &str) -> Result<Vec<f64>, String> {
+    let values: Vec<f64> = text
+        .split([',', ' ', ';'])
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| t.trim().parse::<f64>().map_err(|_| format!("`{}` is not a number", t.trim())))
+        .collect::<Result<_, _>>()?;
+    match values.len() {
+        0 => Err("give at least one weight".into()),
+        n if n > 8 => Err("at most 8 weights an axis".into()),
+        _ => Ok(values),
+    }
 }
 
 impl PlaygroundPanel {
@@ -109,6 +153,9 @@ impl PlaygroundPanel {
             last_change: None,
             message: None,
             blend_rank: 16,
+            mix_mode: MixMode::Sum,
+            overdrive: None,
+            grid: GridSettings::default(),
         }
     }
 
@@ -143,15 +190,12 @@ impl PlaygroundPanel {
     }
 
     fn send_add(&mut self, i: usize) {
+        let weight = self.mix_weights()[i];
         let row = &mut self.adapters[i];
         row.error = None;
         row.dirty = false;
-        let cmd = ModelCommand::AddAdapter {
-            name: row.name.clone(),
-            path: row.path.clone(),
-            weight: row.effective_weight(),
-            blocks: row.blocks,
-        };
+        let cmd =
+            ModelCommand::AddAdapter { name: row.name.clone(), path: row.path.clone(), weight, blocks: row.blocks };
         self.push(cmd);
     }
 
@@ -201,6 +245,21 @@ impl PlaygroundPanel {
         }
     }
 
+    /// Lists an adapter switched off, for the user to try (the example styles on first launch).
+    pub fn offer_adapter(&mut self, path: &Path) {
+        self.add_adapter(path);
+        if let Some(i) = self.adapters.iter().position(|r| r.path == path) {
+            self.adapters[i].enabled = false;
+            self.adapters[i].dirty = true;
+        }
+    }
+
+    /// Fault injection for tests: makes the worker thread panic.
+    #[doc(hidden)]
+    pub fn inject_worker_panic(&mut self) {
+        self.push(ModelCommand::Panic);
+    }
+
     pub fn remove_adapter(&mut self, i: usize) {
         if i < self.adapters.len() {
             let row = self.adapters.remove(i);
@@ -223,20 +282,70 @@ impl PlaygroundPanel {
     }
 
     fn flush_weights(&mut self) {
-        for i in 0..self.adapters.len() {
-            if self.adapters[i].dirty {
+        // Under a budget one slider moves every weight, so all rows go out together.
+        let all = matches!(self.mix_mode, MixMode::Budget(_)) && self.adapters.iter().any(|r| r.dirty);
+        let weights = self.mix_weights();
+        for (i, weight) in weights.into_iter().enumerate() {
+            if all || self.adapters[i].dirty {
                 let row = &mut self.adapters[i];
                 row.dirty = false;
-                let cmd =
-                    ModelCommand::SetMix { name: row.name.clone(), weight: row.effective_weight(), blocks: row.blocks };
+                let cmd = ModelCommand::SetMix { name: row.name.clone(), weight, blocks: row.blocks };
                 self.send(cmd);
             }
         }
     }
 
-    /// Sum of |weight| over the adapters that are on (the overdrive meter).
+    /// The weight each adapter gets in the model: its slider (0 when off), scaled into the
+    /// budget in budget mode.
+    pub fn mix_weights(&self) -> Vec<f64> {
+        let raw: Vec<f64> = self.adapters.iter().map(AdapterRow::effective_weight).collect();
+        match self.mix_mode {
+            MixMode::Sum => raw,
+            MixMode::Budget(budget) => crate::engine::mixing::normalise_to_budget(&raw, budget),
+        }
+    }
+
+    /// Switches between summing and budget mode: every adapter is re-weighted.
+    pub fn set_mix_mode(&mut self, mode: MixMode) {
+        if self.mix_mode != mode {
+            self.mix_mode = mode;
+            self.adapters.iter_mut().for_each(|r| r.dirty = true);
+            self.mark_changed();
+        }
+    }
+
+    /// Sum of |weight| over the adapters as mixed.
     pub fn total_strength(&self) -> f64 {
-        self.adapters.iter().map(|r| r.effective_weight().abs()).sum()
+        self.mix_weights().iter().map(|w| w.abs()).sum()
+    }
+
+    /// Renders the XY grid of `grid.x` × `grid.y` on the worker.
+    pub fn render_grid(&mut self) {
+        let axis = |i: usize, values: &str, rows: &[AdapterRow]| -> Result<GridAxis, String> {
+            let row = rows.get(i).ok_or("pick two adapters for the grid")?;
+            Ok(GridAxis { name: row.name.clone(), values: parse_weights(values)?, blocks: row.blocks })
+        };
+        let axes = axis(self.grid.x, &self.grid.x_values, &self.adapters)
+            .and_then(|x| Ok((x, axis(self.grid.y, &self.grid.y_values, &self.adapters)?)));
+        let (x, y) = match axes {
+            Ok((x, y)) if x.name != y.name => (x, y),
+            Ok(_) => return self.message = Some("Pick two different adapters for the grid.".into()),
+            Err(e) => return self.message = Some(format!("Grid: {e}")),
+        };
+        self.message = None;
+        self.last_change = None; // the grid is the render the change asked for
+        self.flush_weights();
+        let total = x.values.len() * y.values.len() * self.request.steps;
+        let restore: Vec<usize> = vec![self.grid.x, self.grid.y];
+        self.send(ModelCommand::XyGrid { request: self.request.clone(), x, y });
+        // Put both adapters back at their own weights once the grid is drawn.
+        let weights = self.mix_weights();
+        for i in restore {
+            let row = &self.adapters[i];
+            let cmd = ModelCommand::SetMix { name: row.name.clone(), weight: weights[i], blocks: row.blocks };
+            self.send(cmd);
+        }
+        self.progress = Some((0, total));
     }
 
     pub fn generate(&mut self) {
@@ -301,6 +410,24 @@ impl PlaygroundPanel {
                     }
                 }
                 ModelEvent::Progress { step, total } => self.progress = Some((step, total)),
+                ModelEvent::Overdrive { ratio } => self.overdrive = Some(ratio),
+                ModelEvent::Grid { image, seconds, caption } => {
+                    self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
+                    self.image = Some(image);
+                    self.image_info = format!("grid · {caption} · {seconds:.1} s");
+                    self.images_made += 1;
+                    self.progress = None;
+                }
+                ModelEvent::Crashed { error } => {
+                    // The worker dropped its model; it reloads (with the adapters) when next needed.
+                    self.message = Some(format!(
+                        "The Playground's worker failed ({error}); the model is reloaded for the next image."
+                    ));
+                    self.sent_model = None;
+                    self.model_state = ModelState::None;
+                    self.overdrive = None;
+                    self.progress = None;
+                }
                 ModelEvent::Image { image, seconds, seed } => {
                     self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
                     self.image = Some(image);
@@ -529,7 +656,7 @@ fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Playgr
     }
     if !p.adapters.is_empty() {
         ui.add_space(6.0);
-        overdrive_meter(ui, p.total_strength());
+        mix_controls(ui, p);
         ui.add_space(6.0);
         ui.horizontal(|ui| {
             let label =
@@ -544,22 +671,104 @@ fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Playgr
             }
         });
     }
+    if p.adapters.len() >= 2 {
+        ui.add_space(6.0);
+        xy_grid(ui, p);
+    }
 }
 
-/// How hard the adapters push together: the sum of |weight| over those switched on. A rule of
-/// thumb, not a measurement: past about 1.5 stacked adapters tend to burn colours and detail.
-fn overdrive_meter(ui: &mut egui::Ui, total: f64) {
-    let (color, note) = if total <= 1.2 {
+/// Sum or budget mode, and the overdrive meter.
+fn mix_controls(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    ui.horizontal(|ui| {
+        let label = ui.label("Mix").on_hover_text(
+            "Sum: each adapter at its slider weight. Budget: the weights are scaled down together so their \
+             absolute values add up to at most the budget, so stacking styles cannot fry the image.",
+        );
+        let mut budget_on = matches!(p.mix_mode, MixMode::Budget(_));
+        let mut budget = match p.mix_mode {
+            MixMode::Budget(b) => b,
+            MixMode::Sum => 1.0,
+        };
+        let before = p.mix_mode;
+        egui::ComboBox::from_id_salt("mix_mode")
+            .selected_text(if budget_on { "normalise to a budget" } else { "sum" })
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut budget_on, false, "sum");
+                ui.selectable_value(&mut budget_on, true, "normalise to a budget");
+            })
+            .response
+            .labelled_by(label.id);
+        if budget_on {
+            let l = ui.label("budget");
+            ui.add(egui::DragValue::new(&mut budget).range(0.1..=4.0).speed(0.05)).labelled_by(l.id);
+        }
+        let mode = if budget_on { MixMode::Budget(budget) } else { MixMode::Sum };
+        if mode != before {
+            p.set_mix_mode(mode);
+        }
+    });
+    overdrive_meter(ui, p.total_strength(), p.overdrive);
+}
+
+/// How hard the adapters push the model. Measured as ‖Σ wᵢ·ΔWᵢ‖ / ‖W‖ at the worst layer the
+/// adapters touch (the worker computes it after each change); until then, the sum of |weight|.
+fn overdrive_meter(ui: &mut egui::Ui, total: f64, measured: Option<f64>) {
+    // Around 0.1 styles blend; past about 0.5 the weights are more adapter than model.
+    let level = measured.map_or(total / 1.5 * 0.25, |r| r);
+    let (color, note) = if level <= 0.25 {
         (egui::Color32::from_rgb(80, 160, 90), "normal")
-    } else if total <= 2.0 {
+    } else if level <= 0.5 {
         (egui::Color32::from_rgb(220, 170, 50), "strong: watch for artefacts")
     } else {
         (egui::Color32::from_rgb(210, 70, 60), "overdriven: images may burn")
     };
-    let bar = egui::ProgressBar::new((total / 3.0).min(1.0) as f32)
-        .fill(color)
-        .text(format!("Total strength {total:.2}: {note}"));
-    ui.add(bar).on_hover_text("Sum of the absolute weights of the adapters that are on (a rule of thumb)");
+    let text = match measured {
+        Some(r) => format!("Overdrive {r:.2} (weights add up to {total:.2}): {note}"),
+        None => format!("Weights add up to {total:.2}: {note}"),
+    };
+    ui.add(egui::ProgressBar::new((level / 0.75).min(1.0) as f32).fill(color).text(text)).on_hover_text(
+        "‖Σ weight × ΔW‖ / ‖W‖ at the layer the adapters change most: around 0.1 styles blend, \
+         past 0.5 images tend to burn. Lower the weights or use a budget.",
+    );
+    if level > 0.5 {
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            "Warning: stacked adapters overdrive the model; lower the weights or switch Mix to a budget.",
+        );
+    }
+}
+
+/// Two adapters' weights against each other, rendered with the same seed as one image.
+fn xy_grid(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    egui::CollapsingHeader::new("XY grid").id_salt("xy_grid").show(ui, |ui| {
+        let names: Vec<String> = p.adapters.iter().map(|r| r.name.clone()).collect();
+        let g = &mut p.grid;
+        g.x = g.x.min(names.len() - 1);
+        g.y = g.y.min(names.len() - 1);
+        egui::Grid::new("xy_grid_settings").num_columns(3).show(ui, |ui| {
+            for (axis, index, values) in
+                [("X (columns)", &mut g.x, &mut g.x_values), ("Y (rows)", &mut g.y, &mut g.y_values)]
+            {
+                let label = ui.label(axis);
+                egui::ComboBox::from_id_salt(axis)
+                    .selected_text(names[*index].as_str())
+                    .show_ui(ui, |ui| {
+                        for (i, n) in names.iter().enumerate() {
+                            ui.selectable_value(index, i, n);
+                        }
+                    })
+                    .response
+                    .labelled_by(label.id);
+                ui.add(egui::TextEdit::singleline(values).desired_width(110.0).hint_text("0, 0.5, 1"))
+                    .on_hover_text("Weights to try, separated by commas")
+                    .labelled_by(label.id);
+                ui.end_row();
+            }
+        });
+        if ui.add_enabled(p.model.is_some(), egui::Button::new("Render grid")).clicked() {
+            p.render_grid();
+        }
+    });
 }
 
 fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<PlaygroundAction>) {
