@@ -465,3 +465,60 @@ fn a_failed_training_job_and_a_crashed_playground_worker_leave_the_window_usable
     h.state_mut().playground.render_grid();
     assert_eq!(h.state().playground.message.as_deref(), Some("Grid: `x` is not a number"));
 }
+
+#[test]
+fn the_session_is_saved_and_restored_and_a_broken_file_is_set_aside() {
+    use lora_studio::ui::session;
+    let dir = tempdir("session");
+    make_images(&dir.join("data"));
+    let file = dir.join("config/session.json");
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.config.rank = 7;
+        app.config.dataset.trigger = "sks".into();
+        app.training.output = dir.join("style.safetensors").display().to_string();
+        app.playground.request.prompt = "a red circle".into();
+        app.playground.add_adapter(&sd1_tiny().join("lora_a_kohya.safetensors"));
+        app.playground.set_weight(0, 0.3);
+        app.playground.set_mix_mode(MixMode::Budget(0.8));
+        app.session_file = Some(file.clone());
+        app.autosave(true);
+    }
+    assert!(file.is_file());
+
+    // A fresh window restores all of it.
+    let (saved, warning) = session::load(&file);
+    assert!(warning.is_none());
+    let mut h2 = harness("");
+    h2.state_mut().restore(saved);
+    run_until(&mut h2, SCAN, "scan", |a| !a.dataset.is_scanning());
+    let app = h2.state();
+    assert_eq!(app.model.as_deref(), Some(sd1_tiny().join("model").as_path()));
+    assert_eq!(app.dataset.image_paths().len(), 3);
+    assert_eq!((app.config.rank, app.config.dataset.trigger.as_str()), (7, "sks"));
+    assert_eq!(app.playground.request.prompt, "a red circle");
+    assert_eq!(app.playground.mix_mode, MixMode::Budget(0.8));
+    let row = &app.playground.adapters[0];
+    assert_eq!((row.weight, row.enabled), (0.3, true));
+    assert!(app.notice.is_none());
+
+    // A file from a moved folder: what is gone is named, the rest restored.
+    std::fs::remove_file(dir.join("data/img1.png")).unwrap();
+    let (saved, _) = session::load(&file);
+    let mut h3 = harness("");
+    h3.state_mut().restore(saved);
+    run_until(&mut h3, SCAN, "scan", |a| !a.dataset.is_scanning());
+    assert_eq!(h3.state().dataset.image_paths().len(), 2);
+    assert!(h3.state().notice.as_deref().is_some_and(|n| n.contains("img1.png")), "{:?}", h3.state().notice);
+
+    // A broken file is set aside with a warning; the defaults are used.
+    std::fs::write(&file, "{ not json").unwrap();
+    let (saved, warning) = session::load(&file);
+    assert_eq!(saved, session::Session::default());
+    let warning = warning.expect("a warning");
+    assert!(warning.contains("unreadable") && warning.contains("session.json.broken"), "{warning}");
+    assert!(!file.exists() && dir.join("config/session.json.broken").is_file());
+}

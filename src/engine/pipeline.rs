@@ -178,7 +178,7 @@ pub struct StableDiffusion {
 }
 
 /// What to draw, and how.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerateRequest {
     pub prompt: String,
     pub negative: String,

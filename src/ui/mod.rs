@@ -10,6 +10,7 @@ mod dialogs;
 mod loss_plot;
 mod model_worker;
 mod playground;
+pub mod session;
 mod status;
 mod thumbnails;
 mod training;
@@ -20,6 +21,7 @@ pub use dataset::DatasetPanel;
 pub use dialogs::DialogPurpose;
 pub use loss_plot::LossHistory;
 pub use playground::{AdapterRow, GridSettings, MixMode, ModelState, PlaygroundPanel, parse_weights};
+pub use session::{SavedAdapter, Session};
 pub use status::{MemorySampler, format_bytes, resident_memory_bytes};
 pub use training::{Preset, RunState, TrainingPanel};
 
@@ -127,6 +129,9 @@ pub struct StudioApp {
     pub start_training_when_scanned: bool,
     /// A window-wide note (e.g. a dropped file that was not understood).
     pub notice: Option<String>,
+    /// Where the session is autosaved (the real window only; tests leave it unset).
+    pub session_file: Option<PathBuf>,
+    last_saved: Option<(std::time::Instant, Session)>,
 }
 
 impl StudioApp {
@@ -146,6 +151,8 @@ impl StudioApp {
             ctx: ctx.clone(),
             start_training_when_scanned: false,
             notice: None,
+            session_file: None,
+            last_saved: None,
         };
         if let Some(model) = options.model {
             app.set_model(model);
@@ -382,9 +389,34 @@ fn drop_hint(ctx: &egui::Context) {
         egui::Color32::WHITE,
     );
 }
+impl StudioApp {
+    /// Saves the session when it changed, at most every two seconds (`force`: now).
+    pub fn autosave(&mut self, force: bool) {
+        let Some(path) = self.session_file.clone() else { return };
+        if !force && self.last_saved.as_ref().is_some_and(|(t, _)| t.elapsed() < std::time::Duration::from_secs(2)) {
+            return;
+        }
+        let now = self.session();
+        if self.last_saved.as_ref().is_some_and(|(_, s)| *s == now) {
+            self.last_saved = Some((std::time::Instant::now(), now));
+            return;
+        }
+        if let Err(e) = session::save(&path, &now) {
+            self.notice = Some(format!("Could not save the session: {e}"));
+            self.session_file = None; // say it once, not every two seconds
+        }
+        self.last_saved = Some((std::time::Instant::now(), now));
+    }
+}
+
 impl eframe::App for StudioApp {
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         self.poll(ctx);
+        self.autosave(false);
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        self.autosave(true);
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
@@ -429,14 +461,35 @@ pub fn run_window_with(options: WindowOptions, setup: impl FnOnce(&mut StudioApp
         Box::new(|cc| {
             // Dark or light, as the desktop says (this is egui's default; stated so it stays so).
             cc.egui_ctx.set_theme(egui::ThemePreference::System);
-            let builtin_model = if options.model.is_none() { builtin::model_dir() } else { None };
+            let explicit_model = options.model.is_some();
             let mut app = StudioApp::new(&cc.egui_ctx, options);
-            if let Some(dir) = builtin_model {
+            let (saved, warning) = match session::default_path() {
+                Some(path) => {
+                    app.session_file = Some(path.clone());
+                    session::load(&path)
+                }
+                None => (Session::default(), None),
+            };
+            let first_launch = saved == Session::default();
+            let mut saved = saved;
+            if explicit_model {
+                saved.model = None; // `--model` wins over the last session's
+            }
+            app.restore(saved);
+            if app.model.is_none()
+                && let Some(dir) = builtin::model_dir()
+            {
                 app.set_model(dir);
+            }
+            if first_launch && app.model.as_deref() == builtin::model_dir().as_deref() {
                 for example in builtin::example_adapters() {
                     app.playground.offer_adapter(&example);
                 }
             }
+            if let Some(w) = warning {
+                app.notice = Some(w);
+            }
+            app.last_saved = Some((std::time::Instant::now(), app.session()));
             setup(&mut app);
             Ok(Box::new(app))
         }),

@@ -32,7 +32,7 @@ impl Component {
 }
 
 /// How a file names its layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Naming {
     /// kohya sd-scripts / A1111 / ComfyUI / LyCORIS: `lora_unet_down_blocks_0_…`.
     Kohya,
