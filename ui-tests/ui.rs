@@ -231,6 +231,9 @@ fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
     h.get_by_label("Resume").click();
     h.step();
     run_until(&mut h, TRAIN, "more steps", |a| a.training.step >= paused_at + 2);
+    h.get_by_label("Sample now").click();
+    h.step();
+    run_until(&mut h, TRAIN, "a sample", |a| !a.training.samples.is_empty());
     run_until(&mut h, TRAIN, "a checkpoint", |a| !a.training.checkpoints.is_empty());
 
     h.get_by_label("Stop").click();
@@ -252,9 +255,34 @@ fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
     h.get_by_label("log scale").click();
     h.run();
     assert!(h.state().training.log_scale);
-    // Opening the Playground loads the model there and the trained adapter onto it.
-    h.get_by_role_and_label(Role::Button, "Playground").click();
+    // Each checkpoint kept its own adapter file (kohya's -stepNNNNNNNN naming).
+    let first = h.state().training.checkpoints[0].clone();
+    assert!(
+        first.adapter.file_name().unwrap().to_string_lossy().ends_with(&format!("-step{:08}.safetensors", first.step))
+    );
+    assert!(first.adapter.is_file());
+
+    // "Try" puts a checkpoint's adapter in the Playground and goes there.
+    h.get_by_label(&format!("Try {}", first.step)).click();
     h.step();
+    assert_eq!(h.state().area, Area::Playground);
+    assert_eq!(h.state().playground.adapters.len(), 2);
+    assert_eq!(h.state().playground.adapters[1].path, first.adapter);
+    h.state_mut().playground.remove_adapter(1);
+    h.state_mut().area = Area::Training;
+    h.run();
+
+    // Resume from the checkpoint file: the run continues where it stopped and finishes.
+    let stopped_at = h.state().training.step;
+    h.state_mut().config.steps = stopped_at + 2;
+    h.state_mut()
+        .on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![dir.join("out/trained.checkpoint.safetensors")]);
+    h.step();
+    run_until(&mut h, TRAIN, "the resumed run", |a| matches!(a.training.run, RunState::Finished { .. }));
+    assert_eq!(h.state().training.step, stopped_at + 2);
+    assert!(h.state().training.loss.raw.len() == 2, "a resumed run plots its own steps");
+
+    // Opening the Playground loads the model there and the trained adapter onto it.
     run_until(&mut h, TRAIN, "trained adapter loaded", |a| {
         a.playground.adapters[0].info.is_some() || a.playground.adapters[0].error.is_some()
     });

@@ -876,6 +876,13 @@ fn encode_examples(model: &StableDiffusion, config: &TrainConfig, dataset: &Data
 }
 
 /// Default file names for a run's outputs beside `out`.
+/// The adapter as it was at an intermediate `step`, beside the final one: kohya's naming,
+/// `style-step00000050.safetensors`.
+pub fn step_adapter_path(out: &Path, step: usize) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
+    out.with_file_name(format!("{stem}-step{step:08}.safetensors"))
+}
+
 pub fn checkpoint_path(out: &Path) -> PathBuf {
     let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
     out.with_file_name(format!("{stem}.checkpoint.safetensors"))

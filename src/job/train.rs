@@ -71,7 +71,11 @@ pub enum TrainEvent {
     },
     Checkpoint {
         step: usize,
+        /// The run's adapter file (rewritten at each save).
         adapter: PathBuf,
+        /// This step's adapter, kept: `-stepNNNNNNNN` beside `adapter` for saves before the
+        /// end (kohya's naming), else `adapter` itself.
+        step_adapter: PathBuf,
         checkpoint: PathBuf,
         validation_loss: f32,
     },
@@ -292,16 +296,22 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
 
 fn save(trainer: &mut Trainer, spec: &TrainJobSpec, ckpt: &std::path::Path, events: &Events) -> Result<()> {
     trainer.save_checkpoint(ckpt)?;
+    let mut step_adapter = spec.out.clone();
     if trainer.is_full_finetune() {
         trainer.save_model(&spec.out)?;
     } else {
         trainer.save_adapter(&spec.out, spec.naming)?;
+        if trainer.step < trainer.config.steps {
+            step_adapter = crate::engine::train::step_adapter_path(&spec.out, trainer.step);
+            trainer.save_adapter(&step_adapter, spec.naming)?;
+        }
         events.send(TrainEvent::Snapshot { step: trainer.step, layers: std::sync::Arc::new(trainer.export_layers()?) });
     }
     let validation_loss = trainer.validation_loss()?;
     events.send(TrainEvent::Checkpoint {
         step: trainer.step,
         adapter: spec.out.clone(),
+        step_adapter,
         checkpoint: ckpt.to_path_buf(),
         validation_loss,
     });

@@ -14,6 +14,7 @@ pub enum DialogPurpose {
     OpenModelFolder,
     OpenModelFile,
     TrainOutput,
+    ResumeCheckpoint,
     AddAdapters,
     SaveImage,
     ExportBlend,
@@ -66,6 +67,12 @@ impl Dialogs {
                     .add_filter("safetensors", &["safetensors"])
                     .set_file_name("my-lora.safetensors")
                     .save_file()
+                    .into_iter()
+                    .collect(),
+                DialogPurpose::ResumeCheckpoint => d
+                    .set_title("Resume training from a checkpoint")
+                    .add_filter("training checkpoint", &["safetensors"])
+                    .pick_file()
                     .into_iter()
                     .collect(),
                 DialogPurpose::AddAdapters => d

@@ -29,6 +29,7 @@ impl LossHistory {
 
     pub fn push_validation(&mut self, step: usize, loss: f32) {
         if loss.is_finite() {
+            self.validation.retain(|p| p[0] != step as f64);
             self.validation.push([step as f64, loss as f64]);
         }
     }

@@ -228,6 +228,7 @@ impl StudioApp {
                 self.dataset.add_paths(&ctx, paths, &self.config.dataset);
             }
             DialogPurpose::OpenModelFolder | DialogPurpose::OpenModelFile => self.set_model(first),
+            DialogPurpose::ResumeCheckpoint => self.resume_training(first),
             DialogPurpose::TrainOutput => {
                 self.training.output = with_extension(first, "safetensors").display().to_string()
             }
@@ -269,10 +270,30 @@ impl StudioApp {
         }
     }
 
+    /// A checkpoint's adapter joins the Playground, which comes to the front.
+    pub fn try_adapter(&mut self, adapter: &Path) {
+        self.playground.ensure_model();
+        self.playground.add_adapter(adapter);
+        self.area = Area::Playground;
+    }
+
+    /// Continues an earlier run from its checkpoint, writing to the adapter it belongs to
+    /// (`style.checkpoint.safetensors` → `style.safetensors`) unless an output is chosen.
+    pub fn resume_training(&mut self, checkpoint: PathBuf) {
+        if self.training.output.trim().is_empty() {
+            let name = checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if let Some(stem) = name.strip_suffix(".checkpoint.safetensors") {
+                self.training.output = checkpoint.with_file_name(format!("{stem}.safetensors")).display().to_string();
+            }
+        }
+        let images = self.dataset.image_paths();
+        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, Some(checkpoint));
+    }
+
     /// Starts training with the current options on the dataset's images.
     pub fn start_training(&mut self) {
         let images = self.dataset.image_paths();
-        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config);
+        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, None);
     }
 
     /// Draws the whole window into `ui`: tab bar, status bar, then the selected area.
@@ -325,11 +346,24 @@ impl StudioApp {
             Area::Training => {
                 let images = self.dataset.image_paths();
                 let warnings = self.dataset.preflight(&self.config.dataset).warnings();
-                let cx = training::TrainingContext { model: self.model.as_deref(), images: &images, warnings };
+                let sample_prompt = if self.config.sample_prompt.trim().is_empty() {
+                    let trigger = &self.config.dataset.trigger;
+                    self.dataset.dataset.images.first().map_or(trigger.clone(), |i| i.full_caption(trigger))
+                } else {
+                    self.config.sample_prompt.clone()
+                };
+                let cx = training::TrainingContext {
+                    model: self.model.as_deref(),
+                    images: &images,
+                    warnings,
+                    sample_prompt,
+                };
                 for action in training::ui_training(ui, &mut self.training, &mut self.config, &cx) {
                     match action {
                         training::TrainingAction::Start => self.start_training(),
                         training::TrainingAction::ChooseOutput => dialogs.push(DialogPurpose::TrainOutput),
+                        training::TrainingAction::ChooseResume => dialogs.push(DialogPurpose::ResumeCheckpoint),
+                        training::TrainingAction::Try(adapter) => self.try_adapter(&adapter),
                     }
                 }
             }

@@ -88,8 +88,10 @@ pub struct Sample {
     pub texture: egui::TextureHandle,
 }
 
+#[derive(Clone, Debug)]
 pub struct Checkpoint {
     pub step: usize,
+    /// The adapter exactly as it was at this step (kept beside the run's adapter).
     pub adapter: PathBuf,
     pub validation_loss: f32,
 }
@@ -143,6 +145,10 @@ impl Default for TrainingPanel {
 pub enum TrainingAction {
     Start,
     ChooseOutput,
+    /// Continue an earlier run from its `.checkpoint.safetensors` (a file dialog picks it).
+    ChooseResume,
+    /// Put this checkpoint's adapter in the Playground and go there.
+    Try(PathBuf),
 }
 
 impl TrainingPanel {
@@ -162,7 +168,15 @@ impl TrainingPanel {
     }
 
     /// Starts a run; says why in `message` when it cannot.
-    pub fn start(&mut self, ctx: &egui::Context, model: Option<&Path>, images: Vec<PathBuf>, config: &TrainConfig) {
+    /// `resume`: an earlier run's `.checkpoint.safetensors` to continue from (same options).
+    pub fn start(
+        &mut self,
+        ctx: &egui::Context,
+        model: Option<&Path>,
+        images: Vec<PathBuf>,
+        config: &TrainConfig,
+        resume: Option<PathBuf>,
+    ) {
         self.message = None;
         let Some(model) = model else {
             self.message = Some("Open a base model first (Playground → Open model…, or --model).".into());
@@ -185,7 +199,7 @@ impl TrainingPanel {
             data: images,
             out,
             config: config.clone(),
-            resume: None,
+            resume,
             naming: self.naming,
             device: candle_core::Device::Cpu,
         };
@@ -239,9 +253,11 @@ impl TrainingPanel {
                     let texture = super::thumbnails::rgb_texture(ctx, &format!("sample-{step}"), &image);
                     self.samples.push(Sample { step, prompt, texture });
                 }
-                TrainEvent::Checkpoint { step, adapter, validation_loss, .. } => {
+                TrainEvent::Checkpoint { step, adapter, step_adapter, validation_loss, .. } => {
                     self.loss.push_validation(step, validation_loss);
-                    self.checkpoints.push(Checkpoint { step, adapter: adapter.clone(), validation_loss });
+                    // A stop right after a scheduled save saves the same step again: one row.
+                    self.checkpoints.retain(|c| c.step != step);
+                    self.checkpoints.push(Checkpoint { step, adapter: step_adapter, validation_loss });
                     written.push(adapter);
                 }
                 TrainEvent::Paused { reason, .. } => {
@@ -285,6 +301,8 @@ pub(super) struct TrainingContext<'a> {
     pub model: Option<&'a Path>,
     pub images: &'a [PathBuf],
     pub warnings: Vec<String>,
+    /// What "Sample now" draws: the sample prompt, else the first image's caption.
+    pub sample_prompt: String,
 }
 
 pub(super) fn ui_training(
@@ -333,7 +351,9 @@ pub(super) fn ui_training(
                     ui.allocate_ui(egui::vec2(ui.available_width() - checkpoints_width, STRIP_HEIGHT), |ui| {
                         samples(ui, panel)
                     });
-                    ui.allocate_ui(egui::vec2(checkpoints_width, STRIP_HEIGHT), |ui| checkpoints(ui, panel));
+                    ui.allocate_ui(egui::vec2(checkpoints_width, STRIP_HEIGHT), |ui| {
+                        checkpoints(ui, panel, &mut actions)
+                    });
                 });
             }
         });
@@ -526,6 +546,20 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
         {
             panel.send(TrainCommand::SaveNow);
         }
+        if ui
+            .add_enabled(running || paused, egui::Button::new("Sample now"))
+            .on_hover_text(format!("Draw a sample with the adapter as it is now: \"{}\"", cx.sample_prompt))
+            .clicked()
+        {
+            panel.send(TrainCommand::SampleNow(cx.sample_prompt.clone()));
+        }
+        if ui
+            .add_enabled(can_start, egui::Button::new("Resume from checkpoint…"))
+            .on_hover_text("Continue a stopped or crashed run from its .checkpoint.safetensors, with the same options")
+            .clicked()
+        {
+            actions.push(TrainingAction::ChooseResume);
+        }
     });
     if let Some(msg) = &panel.message {
         ui.colored_label(ui.visuals().error_fg_color, msg);
@@ -606,7 +640,7 @@ fn samples_row(ui: &mut egui::Ui, panel: &TrainingPanel) {
     });
 }
 
-fn checkpoints(ui: &mut egui::Ui, panel: &TrainingPanel) {
+fn checkpoints(ui: &mut egui::Ui, panel: &TrainingPanel, actions: &mut Vec<TrainingAction>) {
     if panel.checkpoints.is_empty() {
         return;
     }
@@ -615,17 +649,18 @@ fn checkpoints(ui: &mut egui::Ui, panel: &TrainingPanel) {
         egui::ScrollArea::vertical()
             .id_salt("checkpoints")
             .max_height(STRIP_HEIGHT - 24.0)
-            .show(ui, |ui| checkpoint_grid(ui, panel));
+            .show(ui, |ui| checkpoint_grid(ui, panel, actions));
     });
 }
 
-fn checkpoint_grid(ui: &mut egui::Ui, panel: &TrainingPanel) {
+fn checkpoint_grid(ui: &mut egui::Ui, panel: &TrainingPanel, actions: &mut Vec<TrainingAction>) {
     let best = panel.loss.best_validation().map(|p| p[0] as usize);
-    egui::Grid::new("checkpoints").striped(true).num_columns(2).show(ui, |ui| {
+    egui::Grid::new("checkpoints").striped(true).num_columns(3).show(ui, |ui| {
         ui.label("step");
         ui.label("validation loss");
+        ui.label("");
         ui.end_row();
-        // Newest first; the file is the same adapter, rewritten at each save.
+        // Newest first; each row's adapter file is kept (kohya's `-stepNNNNNNNN` naming).
         for c in panel.checkpoints.iter().rev() {
             ui.label(c.step.to_string()).on_hover_text(c.adapter.display().to_string());
             let text = format!("{:.4}", c.validation_loss);
@@ -633,6 +668,13 @@ fn checkpoint_grid(ui: &mut egui::Ui, panel: &TrainingPanel) {
                 ui.label(RichText::new(format!("{text}  (best)")).strong());
             } else {
                 ui.label(text);
+            }
+            if ui
+                .button(format!("Try {}", c.step))
+                .on_hover_text("Load this step's adapter in the Playground and go there")
+                .clicked()
+            {
+                actions.push(TrainingAction::Try(c.adapter.clone()));
             }
             ui.end_row();
         }
