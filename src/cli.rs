@@ -45,6 +45,8 @@ usage:
   lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR
   lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]
   lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N]
+  lora-studio bench mix --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N]
+  lora-studio bench generate [--model PATH] [--steps N] [--guidance X] [--runs N]
 ";
 
 pub fn main() -> i32 {
@@ -695,8 +697,39 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
         println!("{}", serde_json::to_string(&bench::train_step(&opts, &device())?)?);
         return Ok(());
     }
+    if what == "generate" {
+        let (mut model, mut steps, mut guidance, mut runs) = (None, 20, 7.5, 5);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("model") => model = Some(p.value()?.into()),
+                Long("steps") => steps = p.value()?.parse()?,
+                Long("guidance") => guidance = p.value()?.parse()?,
+                Long("runs") => runs = p.value()?.parse()?,
+                _ => return Err(arg.unexpected().into()),
+            }
+        }
+        let model = builtin::resolve_model(model)?;
+        println!("{}", serde_json::to_string(&bench::generate(&model, steps, guidance, runs, &device())?)?);
+        return Ok(());
+    }
+    if what == "mix" {
+        let mut opts = bench::MixBenchOptions::default();
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("config") => opts.config = p.value()?.string()?,
+                Long("latent") => opts.latent = p.value()?.parse()?,
+                Long("batch") => opts.batch = p.value()?.parse()?,
+                Long("adapters") => opts.adapters = p.value()?.parse()?,
+                Long("rank") => opts.rank = p.value()?.parse()?,
+                Long("runs") => opts.runs = p.value()?.parse()?,
+                _ => return Err(arg.unexpected().into()),
+            }
+        }
+        println!("{}", serde_json::to_string(&bench::mix(&opts, &device())?)?);
+        return Ok(());
+    }
     if what != "unet" {
-        bail!("unknown benchmark `{what}` (available: unet, train)");
+        bail!("unknown benchmark `{what}` (available: unet, train, mix, generate)");
     }
     let mut opts = bench::UnetBenchOptions::default();
     while let Some(arg) = p.next()? {

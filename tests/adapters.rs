@@ -234,3 +234,45 @@ fn glora_round_trips_in_both_layouts_even_when_square() {
     assert!(format!("{err:#}").contains("GLoRA has no PEFT form"));
     assert!(!path.exists());
 }
+
+#[test]
+fn text_embeddings_are_reused_while_only_unet_weights_move() {
+    use lora_studio::engine::adapter::BlockWeights;
+    use lora_studio::engine::pipeline::{GenerateRequest, StableDiffusion};
+    use lora_studio::engine::sampler::SamplerKind;
+    let model = common::sd1_tiny().join("model");
+    let adapter = common::sd1_tiny().join("lora_a_kohya.safetensors");
+    let req = GenerateRequest {
+        prompt: "a red circle".into(),
+        negative: String::new(),
+        seed: 3,
+        steps: 2,
+        guidance: 5.0,
+        sampler: SamplerKind::Ddim,
+        width: 32,
+        height: 32,
+    };
+    let mut sd = StableDiffusion::load(&model, &Device::Cpu).unwrap();
+    sd.cache_text_embeddings = true;
+    sd.load_adapter("a", &adapter, 0.7).unwrap();
+    sd.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(sd.text_encoder_runs(), 1);
+    // Only the UNet's output blocks change: the embeddings are reused.
+    let unet_only = BlockWeights { output: 0.5, ..BlockWeights::default() };
+    sd.set_adapter_mix("a", 0.7, &unet_only).unwrap();
+    sd.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(sd.text_encoder_runs(), 1, "UNet-only change");
+    // The adapter's text-encoder layers change: the text encoder runs again, and the image is
+    // the one an uncached model draws.
+    sd.set_adapter_mix("a", 0.3, &unet_only).unwrap();
+    let cached = sd.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(sd.text_encoder_runs(), 2, "text-encoder change");
+    let mut fresh = StableDiffusion::load(&model, &Device::Cpu).unwrap();
+    fresh.load_adapter("a", &adapter, 0.3).unwrap();
+    fresh.set_adapter_mix("a", 0.3, &unet_only).unwrap();
+    assert_eq!(cached, fresh.generate(&req, &mut |_, _| {}).unwrap());
+    // Removing the adapter is a text-encoder change too.
+    sd.remove_adapter("a");
+    sd.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(sd.text_encoder_runs(), 3);
+}

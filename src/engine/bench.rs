@@ -248,3 +248,198 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
         threads: candle_core::utils::get_num_threads(),
     })
 }
+
+#[derive(Clone, Debug)]
+pub struct MixBenchOptions {
+    /// A named config or a path to a `unet/config.json`, as for `bench unet`.
+    pub config: String,
+    pub latent: usize,
+    /// 2: one image with classifier-free guidance.
+    pub batch: usize,
+    pub adapters: usize,
+    pub rank: usize,
+    pub runs: usize,
+}
+
+impl Default for MixBenchOptions {
+    fn default() -> Self {
+        Self { config: "sd1-tiny".into(), latent: 16, batch: 2, adapters: 8, rank: 4, runs: 5 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MixBenchReport {
+    pub config: String,
+    pub latent: usize,
+    pub batch: usize,
+    pub adapters: usize,
+    pub rank: usize,
+    /// Layers each adapter touches (attention projections, as kohya's default LoRA).
+    pub layers_per_adapter: usize,
+    /// One sampling step (a UNet forward) with no adapter, and with all of them merged.
+    pub step_s_median_base: f64,
+    pub step_s_median_merged: f64,
+    /// merged / base: the extra cost of sampling with the adapters (merging aims at 1.0).
+    pub step_ratio: f64,
+    /// Moving one adapter's slider: re-merging the layers it touches.
+    pub slider_remerge_ms_median: f64,
+    pub layers_remerged: usize,
+    pub peak_rss_mib: f64,
+    pub threads: usize,
+}
+
+/// Sampling cost with `adapters` random LoRAs merged into a random UNet, and the cost of
+/// moving one slider (`AdapterStack` re-merges only the layers that adapter touches).
+pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
+    use super::adapter::{Delta, LayerAdapter, TargetPreset};
+    use super::nn::LayerMut;
+    if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
+        bail!("--runs, --batch, --latent and --rank must be positive");
+    }
+    let config = match named_unet_config(&opts.config) {
+        Some(c) => c,
+        None => UNetConfig::from_file(std::path::Path::new(&opts.config))?,
+    };
+    let synthetic = WeightMap::synthetic(DType::F32, device);
+    let mut model = UNet2DConditionModel::load(&config, &synthetic)?;
+    let mut rng = Rng::new(1);
+    let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
+    let context = rng.randn((opts.batch, 77, config.cross_attention_dim), device)?;
+    let t = Tensor::new(&[500f32], device)?;
+    let time_steps = |model: &UNet2DConditionModel| -> Result<f64> {
+        let mut v = Vec::new();
+        for i in 0..=opts.runs {
+            let start = Instant::now();
+            let _ = model.forward(&sample, &t, &context)?.sum_all()?.to_scalar::<f32>()?;
+            if i > 0 {
+                v.push(start.elapsed().as_secs_f64());
+            }
+        }
+        Ok(median(&mut v))
+    };
+    let base = time_steps(&model)?;
+
+    // Random adapters of a trained LoRA's size: ‖ΔW‖ a few per cent of ‖W‖.
+    let mut layers_per_adapter = 0;
+    let mut error = Ok(());
+    model.visit_layers(&mut |mut l: LayerMut<'_>| {
+        let conv = matches!(l, LayerMut::Conv(_));
+        if !TargetPreset::Attention.targets_unet(l.path(), conv) {
+            return;
+        }
+        layers_per_adapter += 1;
+        let dims = l.stack_ref().base.dims().to_vec();
+        let (out, inp) = (dims[0], dims[1]);
+        for k in 0..opts.adapters {
+            let r = (|| -> Result<()> {
+                let down = (rng.randn((opts.rank, inp), device)? * (1.0 / (inp as f64).sqrt()))?;
+                let up = (rng.randn((out, opts.rank), device)? * 0.01)?;
+                let delta = Delta::Lora { down, up };
+                l.stack().attach(LayerAdapter { name: format!("style{k}"), delta, scale: 1.0, multiplier: 0.5 })
+            })();
+            if let Err(e) = r {
+                error = Err(e);
+            }
+        }
+    });
+    error?;
+    let refresh = |model: &mut UNet2DConditionModel| -> Result<usize> {
+        let (mut count, mut error) = (0, Ok(()));
+        model.visit_layers(&mut |mut l| match l.stack().refresh() {
+            Ok(true) => count += 1,
+            Ok(false) => {}
+            Err(e) => error = Err(e),
+        });
+        error.map(|()| count)
+    };
+    refresh(&mut model)?;
+    let merged = time_steps(&model)?;
+
+    let mut remerge = Vec::new();
+    let mut layers_remerged = 0;
+    for i in 0..=opts.runs {
+        let weight = 0.3 + 0.1 * i as f64;
+        let start = Instant::now();
+        model.visit_layers(&mut |mut l| {
+            l.stack().set_multiplier("style0", weight);
+        });
+        layers_remerged = refresh(&mut model)?;
+        if i > 0 {
+            remerge.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(MixBenchReport {
+        config: opts.config.clone(),
+        latent: opts.latent,
+        batch: opts.batch,
+        adapters: opts.adapters,
+        rank: opts.rank,
+        layers_per_adapter,
+        step_s_median_base: base,
+        step_s_median_merged: merged,
+        step_ratio: merged / base,
+        slider_remerge_ms_median: median(&mut remerge),
+        layers_remerged,
+        peak_rss_mib: peak_rss_mib(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateBenchReport {
+    pub model: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub runs: usize,
+    /// Prompt to PNG-ready pixels: text encoder, `steps` UNet steps (two with guidance), VAE decode.
+    pub image_s_median: f64,
+    pub peak_rss_mib: f64,
+    pub threads: usize,
+}
+
+/// Time for one image at the model's own size, as the Playground makes it.
+pub fn generate(
+    model: &std::path::Path,
+    steps: usize,
+    guidance: f64,
+    runs: usize,
+    device: &Device,
+) -> Result<GenerateBenchReport> {
+    use super::pipeline::{GenerateRequest, StableDiffusion};
+    if runs == 0 || steps == 0 {
+        bail!("--runs and --steps must be positive");
+    }
+    let sd = StableDiffusion::load(model, device)?;
+    let side = sd.unet.config.sample_size.unwrap_or(64) * sd.vae.config.downscale();
+    let mut times = Vec::new();
+    for i in 0..=runs {
+        let req = GenerateRequest {
+            prompt: "a big red circle on a striped blue background".into(),
+            negative: String::new(),
+            seed: i as u64,
+            steps,
+            guidance,
+            sampler: super::sampler::SamplerKind::Ddim,
+            width: side,
+            height: side,
+        };
+        let start = Instant::now();
+        sd.generate(&req, &mut |_, _| {})?;
+        if i > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(GenerateBenchReport {
+        model: model.display().to_string(),
+        width: side,
+        height: side,
+        steps,
+        guidance,
+        runs,
+        image_s_median: median(&mut times),
+        peak_rss_mib: peak_rss_mib(),
+        threads: candle_core::utils::get_num_threads(),
+    })
+}

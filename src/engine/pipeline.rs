@@ -175,6 +175,21 @@ pub struct StableDiffusion {
     pub schedule: NoiseSchedule,
     pub device: Device,
     pub dtype: DType,
+    /// Keep the last prompts' text embeddings while the text encoder's weights stay as they
+    /// were, so moving UNet-only sliders does not re-run it. Off by default: a trainer's model
+    /// changes its text encoder behind this cache's back.
+    pub cache_text_embeddings: bool,
+    text_cache: TextCache,
+}
+
+/// The last prompts' embeddings, tagged with the text-encoder revision they were made at.
+#[derive(Default)]
+struct TextCache {
+    /// Bumped whenever an adapter change reaches a text-encoder layer.
+    revision: u64,
+    entry: std::sync::Mutex<Option<(u64, Vec<String>, Tensor)>>,
+    /// How many times the text encoder ran (diagnostics and tests).
+    runs: std::sync::atomic::AtomicUsize,
 }
 
 /// What to draw, and how.
@@ -220,8 +235,10 @@ impl StableDiffusion {
         let mut by_layer: HashMap<(Component, String), MatchedLayer> =
             layers.into_iter().map(|l| ((l.component, l.path.clone()), l)).collect();
         let mut result = Ok(());
+        let mut text_changed = false;
         self.visit_layers(&mut |c, mut l| {
             if let Some(m) = by_layer.remove(&(c, l.path().to_string())) {
+                text_changed |= c == Component::TextEncoder;
                 let adapter =
                     LayerAdapter { name: name.to_string(), delta: m.delta, scale: m.scale, multiplier: weight };
                 if let Err(e) = l.stack().attach(adapter) {
@@ -229,14 +246,20 @@ impl StableDiffusion {
                 }
             }
         });
+        self.text_cache.revision += text_changed as u64;
         result?;
         self.refresh_merges()?;
         Ok(())
     }
 
     pub fn remove_adapter(&mut self, name: &str) -> bool {
-        let mut removed = false;
-        self.visit_layers(&mut |_, mut l| removed |= l.stack().detach(name));
+        let (mut removed, mut text_changed) = (false, false);
+        self.visit_layers(&mut |c, mut l| {
+            let detached = l.stack().detach(name);
+            removed |= detached;
+            text_changed |= detached && c == Component::TextEncoder;
+        });
+        self.text_cache.revision += text_changed as u64;
         removed
     }
 
@@ -248,10 +271,12 @@ impl StableDiffusion {
 
     /// As `set_adapter_weight`, with per-block multipliers (A1111's LoRA Block Weight).
     pub fn set_adapter_mix(&mut self, name: &str, weight: f64, blocks: &BlockWeights) -> Result<usize> {
+        let mut text_changed = false;
         self.visit_layers(&mut |c, mut l| {
             let m = weight * blocks.for_layer(c == Component::TextEncoder, l.path());
-            l.stack().set_multiplier(name, m);
+            text_changed |= l.stack().set_multiplier(name, m) && c == Component::TextEncoder;
         });
+        self.text_cache.revision += text_changed as u64;
         self.refresh_merges()
     }
 
@@ -293,7 +318,32 @@ impl StableDiffusion {
             schedule: NoiseSchedule::new(&w.scheduler_config)?,
             device: w.unet.device().clone(),
             dtype: w.unet.dtype(),
+            cache_text_embeddings: false,
+            text_cache: TextCache::default(),
         })
+    }
+
+    /// How many times the text encoder has run for `generate` / `encode_prompts`.
+    pub fn text_encoder_runs(&self) -> usize {
+        self.text_cache.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `encode_prompts`, from the cache when the prompts and the text encoder are unchanged.
+    fn prompt_context(&self, prompts: &[&str]) -> Result<Tensor> {
+        if !self.cache_text_embeddings {
+            return self.encode_prompts(prompts);
+        }
+        let key: Vec<String> = prompts.iter().map(|p| p.to_string()).collect();
+        let mut entry = self.text_cache.entry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((rev, k, t)) = entry.as_ref()
+            && *rev == self.text_cache.revision
+            && *k == key
+        {
+            return Ok(t.clone());
+        }
+        let t = self.encode_prompts(prompts)?;
+        *entry = Some((self.text_cache.revision, key, t.clone()));
+        Ok(t)
     }
 
     pub fn prediction(&self) -> Prediction {
@@ -302,6 +352,7 @@ impl StableDiffusion {
 
     /// Text embeddings (B, 77, d) for the prompts.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        self.text_cache.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ids: Vec<u32> = prompts.iter().flat_map(|p| self.tokenizer.encode(p)).collect();
         let n = ids.len() / prompts.len().max(1);
         let ids = Tensor::from_vec(ids, (prompts.len(), n), &self.device)?;
@@ -331,9 +382,9 @@ impl StableDiffusion {
         }
         let guided = req.guidance > 1.0;
         let context = if guided {
-            self.encode_prompts(&[req.negative.as_str(), req.prompt.as_str()])?
+            self.prompt_context(&[req.negative.as_str(), req.prompt.as_str()])?
         } else {
-            self.encode_prompts(&[req.prompt.as_str()])?
+            self.prompt_context(&[req.prompt.as_str()])?
         };
         let f = self.vae.config.downscale();
         let shape = (1, self.vae.config.latent_channels, req.height / f, req.width / f);

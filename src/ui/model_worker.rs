@@ -198,7 +198,8 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             let t = Instant::now();
             *sd = None; // free the old model first
             match StableDiffusion::load(&path, &Device::Cpu) {
-                Ok(m) => {
+                Ok(mut m) => {
+                    m.cache_text_embeddings = true; // only this worker changes its adapters
                     let native_size = m.unet.config.sample_size.map(|s| s * m.vae.config.downscale());
                     *sd = Some(m);
                     send(ModelEvent::Loaded { path, seconds: t.elapsed().as_secs_f64(), native_size });
