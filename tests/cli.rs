@@ -305,3 +305,37 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
     assert_eq!(subset["class_tokens"].as_str(), Some("sks"));
     assert!(out.join("MAPPING.md").exists());
 }
+
+#[test]
+fn without_model_every_command_uses_the_built_in_model_and_its_example_styles() {
+    let dir = tempdir("builtin");
+    let png = dir.join("x.png");
+    let style = lora_studio::engine::builtin::example_adapters();
+    assert_eq!(style.len(), 2, "two example adapters in assets/examples: {style:?}");
+    let adapter = format!("{}:0.8", p(&style[0]));
+    let out = studio(&[
+        "generate",
+        "--prompt",
+        "a red circle on a blue background",
+        "--steps",
+        "4",
+        "--adapter",
+        &adapter,
+        "--out",
+        p(&png),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64), "the model's own size");
+    // Not a blank or constant picture.
+    let rgb = img.to_rgb8();
+    let first = rgb.get_pixel(0, 0);
+    assert!(rgb.pixels().any(|q| q != first));
+    // An override folder without a model falls back to the next place searched.
+    let out = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
+        .args(["generate", "--prompt", "x", "--out", p(&dir.join("y.png"))])
+        .env(lora_studio::engine::builtin::ASSETS_ENV, p(&dir))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

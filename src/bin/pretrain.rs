@@ -90,7 +90,9 @@ impl Default for Options {
             vae_batch: 8,
             vae_lr: 1e-3,
             vae_minutes: None,
-            vae_crop: 32,
+            // Whole scenes: a VAE trained on 16 px crops scored 24 dB on crops but 15 dB on whole
+            // 64 px scenes (its group norms and mid-block attention saw other statistics).
+            vae_crop: 0,
             vae_channels: vec![32, 64, 128],
             steps: 4000,
             batch: 8,
