@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Ours against the Python peer (diffusers + PEFT on torch, ../shared/peer), run alternately in one
+# session so the ratios mean something on a shared, noisy machine. Prints one JSON line a run.
+# Usage: docs/performance-race.sh [ROUNDS] (PEER=path/to/python, SD15=1 to include SD 1.5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-2}
+peer_py=${PEER:-/opt/peer/bin/python}
+peer=(nice -n 0 "$peer_py" ../shared/peer/bench_lora_train.py --rank 4 --steps 5 --warmup 1)
+studio=target/release/lora-studio
+cargo build --release --quiet
+for round in $(seq "$rounds"); do
+  echo "# round $round"
+  echo -n "ours tiny train: "; $studio bench train --config sd1-tiny --latent 16 --batch 8 --rank 4 --runs 5
+  echo -n "peer tiny train: "; "${peer[@]}" --config tiny --res 16 --batch 8 --mode train 2>/dev/null
+  echo -n "ours built-in train: "; $studio bench train --config assets/base/unet/config.json --latent 16 --batch 8 --rank 4 --runs 5
+  echo -n "peer built-in train: "; "${peer[@]}" --model-dir assets/base --res 16 --batch 8 --mode train 2>/dev/null
+  echo -n "ours built-in mix: "; $studio bench mix --config assets/base/unet/config.json --latent 16 --batch 2 --adapters 8
+  echo -n "peer built-in lora infer: "; "${peer[@]}" --model-dir assets/base --res 16 --mode lora 2>/dev/null
+  echo -n "ours built-in image: "; $studio bench generate --steps 20 --guidance 7.5 --runs 5
+  if [ "${SD15:-0}" = 1 ]; then
+    echo -n "ours sd15 train: "; $studio bench train --config sd15 --latent 32 --batch 1 --rank 4 --runs 2
+    echo -n "peer sd15 train: "; "${peer[@]}" --config sd15 --res 32 --batch 1 --mode train 2>/dev/null
+  fi
+done
