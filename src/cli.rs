@@ -319,7 +319,7 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     let mut sd = StableDiffusion::load(&model, &dev)?;
     load_adapters(&mut sd, &specs)?;
     if merge {
-        let written = write_merged_model(&mut sd, &model, &out)?;
+        let written = crate::engine::diffusers_folder::write_merged_model(&mut sd, &model, &out)?;
         println!("wrote {} ({written} weights changed)", out.display());
         return Ok(());
     }
@@ -359,76 +359,6 @@ fn probe_output(sd: &StableDiffusion) -> Result<Tensor> {
     let x = rng.randn((1, c.in_channels, side, side), &sd.device)?;
     let ctx = sd.encode_prompts(&["a photo of a cat"])?;
     sd.unet.forward(&x, &Tensor::new(&[500f32], &sd.device)?, &ctx)
-}
-
-/// Copies a diffusers model folder to `out` with the live mix folded into the UNet and text
-/// encoder weights. Written to a temporary folder first and renamed, so `out` is whole or absent.
-fn write_merged_model(sd: &mut StableDiffusion, model: &std::path::Path, out: &std::path::Path) -> Result<usize> {
-    if !model.is_dir() {
-        bail!(
-            "{}: merging into a single-file checkpoint is not supported yet; use a diffusers folder",
-            model.display()
-        );
-    }
-    if out.exists() {
-        bail!("{}: already exists; choose a new folder", out.display());
-    }
-    let merged = mixing::merged_weights(sd)?;
-    let tmp = out.with_file_name(format!(
-        ".{}.partial",
-        out.file_name().context("--out needs a folder name")?.to_string_lossy()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<usize> {
-        copy_tree(model, &tmp)?;
-        let mut changed = 0;
-        for (component, weights) in &merged {
-            let dir = tmp.join(component.label());
-            for file in std::fs::read_dir(&dir)? {
-                let path = file?.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-                    continue;
-                }
-                let (mut tensors, metadata) = crate::engine::weights::read_safetensors_with_metadata(&path)?;
-                let mut touched = false;
-                for (name, w) in weights {
-                    if let Some(old) = tensors.get_mut(name) {
-                        *old = w.to_dtype(old.dtype())?;
-                        touched = true;
-                        changed += 1;
-                    }
-                }
-                if touched {
-                    write_safetensors(&path, &tensors, Some(metadata))?;
-                }
-            }
-        }
-        Ok(changed)
-    })();
-    match result {
-        Ok(n) => {
-            std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot create", out.display()))?;
-            Ok(n)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
-}
-
-fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target).with_context(|| format!("{}: cannot copy", target.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// A training job as a TOML file: the trainer's options plus where the model, data and output are.

@@ -393,6 +393,12 @@ fn playground_generates_blends_live_and_exports() {
     assert!(blend.is_file(), "{:?}", h.state().playground.message);
     let parsed = lora_studio::engine::formats::read_adapter(&blend).unwrap();
     assert!(!parsed.layers.is_empty());
+    // Merge into base writes a new model folder that loads.
+    let merged = dir.join("merged-model");
+    h.state_mut().on_paths_chosen(DialogPurpose::MergeIntoBase, vec![merged.clone()]);
+    run_until(&mut h, SCAN, "merge", |a| a.playground.message.as_deref().is_some_and(|m| m.contains("Merged")));
+    let m = lora_studio::engine::pipeline::StableDiffusion::load(&merged, &candle_core::Device::Cpu);
+    assert!(m.is_ok(), "{:?}", h.state().playground.message);
     h.run();
 
     // The switch turns an adapter off (weight 0) without losing its slider.

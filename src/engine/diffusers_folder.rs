@@ -10,7 +10,7 @@ use candle_core::DType;
 use serde::Serialize;
 
 use super::Result;
-use super::pipeline::ModelWeights;
+use super::pipeline::{ModelWeights, StableDiffusion};
 use super::weights::{write_atomic, write_safetensors};
 
 fn config_json<T: Serialize>(config: &T, class: &str) -> Result<String> {
@@ -111,4 +111,74 @@ pub fn write_model_folder(
             Err(e)
         }
     }
+}
+
+/// Copies a diffusers model folder to `out` with the live mix folded into the UNet and text
+/// encoder weights. Written to a temporary folder first and renamed, so `out` is whole or absent.
+pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) -> Result<usize> {
+    if !model.is_dir() {
+        bail!(
+            "{}: merging into a single-file checkpoint is not supported yet; use a diffusers folder",
+            model.display()
+        );
+    }
+    if out.exists() {
+        bail!("{}: already exists; choose a new folder", out.display());
+    }
+    let merged = super::mixing::merged_weights(sd)?;
+    let tmp = out.with_file_name(format!(
+        ".{}.partial",
+        out.file_name().context("the merged model needs a folder name")?.to_string_lossy()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<usize> {
+        copy_tree(model, &tmp)?;
+        let mut changed = 0;
+        for (component, weights) in &merged {
+            let dir = tmp.join(component.label());
+            for file in std::fs::read_dir(&dir)? {
+                let path = file?.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+                    continue;
+                }
+                let (mut tensors, metadata) = super::weights::read_safetensors_with_metadata(&path)?;
+                let mut touched = false;
+                for (name, w) in weights {
+                    if let Some(old) = tensors.get_mut(name) {
+                        *old = w.to_dtype(old.dtype())?;
+                        touched = true;
+                        changed += 1;
+                    }
+                }
+                if touched {
+                    write_safetensors(&path, &tensors, Some(metadata))?;
+                }
+            }
+        }
+        Ok(changed)
+    })();
+    match result {
+        Ok(n) => {
+            std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot create", out.display()))?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).with_context(|| format!("{}: cannot copy", target.display()))?;
+        }
+    }
+    Ok(())
 }

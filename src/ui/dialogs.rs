@@ -15,6 +15,7 @@ pub enum DialogPurpose {
     OpenModelFile,
     TrainOutput,
     ResumeCheckpoint,
+    MergeIntoBase,
     AddAdapters,
     SaveImage,
     ExportBlend,
@@ -66,6 +67,12 @@ impl Dialogs {
                     .set_title("Save the trained adapter as")
                     .add_filter("safetensors", &["safetensors"])
                     .set_file_name("my-lora.safetensors")
+                    .save_file()
+                    .into_iter()
+                    .collect(),
+                DialogPurpose::MergeIntoBase => d
+                    .set_title("Save the merged model as a new folder")
+                    .set_file_name("merged-model")
                     .save_file()
                     .into_iter()
                     .collect(),

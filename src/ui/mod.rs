@@ -229,6 +229,7 @@ impl StudioApp {
             }
             DialogPurpose::OpenModelFolder | DialogPurpose::OpenModelFile => self.set_model(first),
             DialogPurpose::ResumeCheckpoint => self.resume_training(first),
+            DialogPurpose::MergeIntoBase => self.playground.merge_into_base(first),
             DialogPurpose::TrainOutput => {
                 self.training.output = with_extension(first, "safetensors").display().to_string()
             }

@@ -42,6 +42,11 @@ pub enum ModelCommand {
         rank: usize,
         sources: Vec<String>,
     },
+    /// Writes `model` (a diffusers folder) with the live mix folded in, as a new folder `out`.
+    MergeIntoBase {
+        model: PathBuf,
+        out: PathBuf,
+    },
     /// Fault injection for tests: panics on the worker thread.
     #[doc(hidden)]
     Panic,
@@ -106,6 +111,10 @@ pub enum ModelEvent {
     },
     ExportFailed {
         error: String,
+    },
+    Merged {
+        path: PathBuf,
+        tensors: usize,
     },
     /// A command panicked; the model was dropped and will be reloaded when next needed.
     Crashed {
@@ -243,6 +252,15 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
         }
         ModelCommand::Generate(_) => unreachable!("generate requests are batched"),
         ModelCommand::Panic => panic!("injected fault (test)"),
+        ModelCommand::MergeIntoBase { model, out } => {
+            let Some(sd) = sd.as_mut() else {
+                return send(ModelEvent::ExportFailed { error: "no model is open".into() });
+            };
+            match crate::engine::diffusers_folder::write_merged_model(sd, &model, &out) {
+                Ok(tensors) => send(ModelEvent::Merged { path: out, tensors }),
+                Err(e) => send(ModelEvent::ExportFailed { error: format!("{e:#}") }),
+            }
+        }
         ModelCommand::XyGrid { request, x, y } => {
             let Some(model) = sd.as_mut() else {
                 return send(ModelEvent::GenerateFailed { error: "no model is open".into() });

@@ -371,6 +371,16 @@ impl PlaygroundPanel {
         self.send(ModelCommand::ExportBlend { path, rank: self.blend_rank, sources });
     }
 
+    /// Writes the open model with the enabled adapters folded in, as a new diffusers folder.
+    pub fn merge_into_base(&mut self, out: PathBuf) {
+        let Some(model) = self.model.clone() else {
+            self.message = Some("Open a base model first.".into());
+            return;
+        };
+        self.flush_weights();
+        self.send(ModelCommand::MergeIntoBase { model, out });
+    }
+
     pub fn save_image(&mut self, path: &Path) {
         let Some(img) = &self.image else { return };
         self.message = Some(match img.save(path) {
@@ -448,6 +458,10 @@ impl PlaygroundPanel {
                     ))
                 }
                 ModelEvent::ExportFailed { error } => self.message = Some(format!("Could not export: {error}")),
+                ModelEvent::Merged { path, tensors } => {
+                    self.message =
+                        Some(format!("Merged into a new model: {} ({tensors} weights changed)", path.display()))
+                }
                 ModelEvent::Done { id } => self.done_id = self.done_id.max(id),
             }
         }
@@ -668,6 +682,15 @@ fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Playgr
                 .clicked()
             {
                 actions.push(PlaygroundAction::OpenDialog(DialogPurpose::ExportBlend));
+            }
+            if ui
+                .button("Merge into base…")
+                .on_hover_text(
+                    "Save the model with the enabled adapters folded into its weights, as a new diffusers folder",
+                )
+                .clicked()
+            {
+                actions.push(PlaygroundAction::OpenDialog(DialogPurpose::MergeIntoBase));
             }
         });
     }
