@@ -279,13 +279,11 @@ impl StudioApp {
     }
 
     /// Continues an earlier run from its checkpoint, writing to the adapter it belongs to
-    /// (`style.checkpoint.safetensors` → `style.safetensors`) unless an output is chosen.
+    /// (`style.checkpoint.safetensors` → `style.safetensors`), never over another run's adapter.
     pub fn resume_training(&mut self, checkpoint: PathBuf) {
-        if self.training.output.trim().is_empty() {
-            let name = checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if let Some(stem) = name.strip_suffix(".checkpoint.safetensors") {
-                self.training.output = checkpoint.with_file_name(format!("{stem}.safetensors")).display().to_string();
-            }
+        let name = checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(stem) = name.strip_suffix(".checkpoint.safetensors") {
+            self.training.output = checkpoint.with_file_name(format!("{stem}.safetensors")).display().to_string();
         }
         let images = self.dataset.image_paths();
         self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, Some(checkpoint));
@@ -424,6 +422,7 @@ fn drop_hint(ctx: &egui::Context) {
         egui::Color32::WHITE,
     );
 }
+
 impl StudioApp {
     /// Saves the session when it changed, at most every two seconds (`force`: now).
     pub fn autosave(&mut self, force: bool) {
