@@ -149,9 +149,7 @@ fn parse() -> Result<(String, Options)> {
             Long("vae-lr") => o.vae_lr = p.value()?.parse()?,
             Long("vae-minutes") => o.vae_minutes = Some(p.value()?.parse()?),
             Long("vae-crop") => o.vae_crop = p.value()?.parse()?,
-            Long("vae-channels") => {
-                o.vae_channels = p.value()?.string()?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?
-            }
+            Long("vae-channels") => o.vae_channels = parse_list(&p.value()?.string()?)?,
             Long("steps") => o.steps = p.value()?.parse()?,
             Long("batch") => o.batch = p.value()?.parse()?,
             Long("lr") => o.lr = p.value()?.parse()?,
@@ -161,9 +159,7 @@ fn parse() -> Result<(String, Options)> {
             Long("model-minutes") => o.model_minutes = Some(p.value()?.parse()?),
             Long("text-hidden") => o.text_hidden = p.value()?.parse()?,
             Long("text-layers") => o.text_layers = p.value()?.parse()?,
-            Long("unet-channels") => {
-                o.unet_channels = p.value()?.string()?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?
-            }
+            Long("unet-channels") => o.unet_channels = parse_list(&p.value()?.string()?)?,
             Long("eval-images") => o.eval_images = p.value()?.parse()?,
             Long("eval-prompts") => o.eval_prompts = p.value()?.parse()?,
             Long("gen-steps") => o.gen_steps = p.value()?.parse()?,
@@ -182,6 +178,11 @@ fn parse() -> Result<(String, Options)> {
         bail!("--size must be a positive multiple of 16");
     }
     Ok((command, o))
+}
+
+/// "32,64,128" → [32, 64, 128].
+fn parse_list(text: &str) -> Result<Vec<usize>> {
+    text.split(',').map(|s| s.trim().parse().with_context(|| format!("`{s}` is not a number"))).collect()
 }
 
 fn main() -> Result<()> {

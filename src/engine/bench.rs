@@ -44,6 +44,14 @@ pub fn named_unet_config(name: &str) -> Option<UNetConfig> {
     Some(serde_json::from_str(json).expect("built-in configs parse"))
 }
 
+/// A named config, else a path to a `unet/config.json`.
+fn unet_config(name_or_path: &str) -> Result<UNetConfig> {
+    match named_unet_config(name_or_path) {
+        Some(c) => Ok(c),
+        None => UNetConfig::from_file(std::path::Path::new(name_or_path)),
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct UnetBenchOptions {
     /// A named config (`sd1-tiny`, `small`, `sd15`, `sd21`) or a path to a `unet/config.json`.
@@ -78,10 +86,7 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
     if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 {
         bail!("--runs, --batch and --latent must be positive");
     }
-    let config = match named_unet_config(&opts.config) {
-        Some(c) => c,
-        None => UNetConfig::from_file(std::path::Path::new(&opts.config))?,
-    };
+    let config = unet_config(&opts.config)?;
     let synthetic = WeightMap::synthetic(DType::F32, device);
     UNet2DConditionModel::load(&config, &synthetic)?;
     // The same weights as variables, so backward computes what a full fine-tuning step would.
@@ -179,10 +184,7 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
     if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
         bail!("--runs, --batch, --latent and --rank must be positive");
     }
-    let config = match named_unet_config(&opts.config) {
-        Some(c) => c,
-        None => UNetConfig::from_file(std::path::Path::new(&opts.config))?,
-    };
+    let config = unet_config(&opts.config)?;
     let mut model = UNet2DConditionModel::load(&config, &WeightMap::synthetic(DType::F32, device))?;
     let mut rng = Rng::new(0);
     let mut vars = Vec::new();
@@ -296,10 +298,7 @@ pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
     if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
         bail!("--runs, --batch, --latent and --rank must be positive");
     }
-    let config = match named_unet_config(&opts.config) {
-        Some(c) => c,
-        None => UNetConfig::from_file(std::path::Path::new(&opts.config))?,
-    };
+    let config = unet_config(&opts.config)?;
     let synthetic = WeightMap::synthetic(DType::F32, device);
     let mut model = UNet2DConditionModel::load(&config, &synthetic)?;
     let mut rng = Rng::new(1);

@@ -122,11 +122,7 @@ impl TrainJob {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => events.send(TrainEvent::Failed { error: format!("{e:#}") }),
                     Err(panic) => {
-                        let msg = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
+                        let msg = super::panic_message(&*panic);
                         events.send(TrainEvent::Failed { error: format!("the training worker crashed: {msg}") });
                     }
                 }

@@ -191,11 +191,7 @@ fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
 /// Runs `f`, turning a panic into a `Crashed` event; the model, perhaps half-changed, is dropped.
 fn guarded(sd: &mut Option<StableDiffusion>, send: &dyn Fn(ModelEvent), f: impl FnOnce(&mut Option<StableDiffusion>)) {
     if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(sd))) {
-        let error = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into());
+        let error = crate::job::panic_message(&*panic);
         *sd = None;
         send(ModelEvent::Crashed { error });
     }
