@@ -56,6 +56,10 @@ struct Options {
     /// Side of the random crops the VAE trains on (it is fully convolutional; 0: whole scenes).
     vae_crop: u32,
     vae_channels: Vec<usize>,
+    /// A VAE folder to continue from instead of a fresh initialisation.
+    vae_init: Option<PathBuf>,
+    /// Train only the decoder: the latent space (and a UNet trained on it) stays valid.
+    vae_decoder_only: bool,
     steps: usize,
     batch: usize,
     lr: f64,
@@ -63,6 +67,8 @@ struct Options {
     pool: usize,
     refresh: usize,
     model_minutes: Option<f64>,
+    /// A model folder whose UNet and text encoder training continues from.
+    model_init: Option<PathBuf>,
     text_hidden: usize,
     text_layers: usize,
     unet_channels: Vec<usize>,
@@ -94,6 +100,8 @@ impl Default for Options {
             // 64 px scenes (its group norms and mid-block attention saw other statistics).
             vae_crop: 0,
             vae_channels: vec![32, 64, 128],
+            vae_init: None,
+            vae_decoder_only: false,
             steps: 4000,
             batch: 8,
             lr: 3e-4,
@@ -101,6 +109,7 @@ impl Default for Options {
             pool: 512,
             refresh: 128,
             model_minutes: None,
+            model_init: None,
             text_hidden: 128,
             text_layers: 4,
             unet_channels: vec![64, 128, 160],
@@ -120,9 +129,11 @@ impl Default for Options {
 
 const HELP: &str = "pretrain vae|model|eval|all [--work DIR] [--out DIR] [--seed N] [--size PX] [--log-every N]
   vae:   --vae-steps N --vae-batch N --vae-lr F --vae-minutes M --vae-crop PX --vae-channels A,B,C
+         --vae-init VAE_DIR (continue from a trained VAE) --vae-decoder-only (keep its latent space)
          (with --vae-minutes / --model-minutes the step count is re-sized, after the first
          measured steps, to what fits in that time, so the LR schedule ends on time)
   model: --steps N --batch N --lr F --warmup N --pool N --refresh N --model-minutes M
+         --model-init MODEL_DIR (continue its UNet and text encoder)
          --text-hidden N --text-layers N --unet-channels A,B,C
   eval:  --eval-images N --eval-prompts N --gen-steps N --guidance F
   examples: --examples DIR --example-images N --example-steps N --example-rank N --example-lr F
@@ -150,6 +161,9 @@ fn parse() -> Result<(String, Options)> {
             Long("vae-minutes") => o.vae_minutes = Some(p.value()?.parse()?),
             Long("vae-crop") => o.vae_crop = p.value()?.parse()?,
             Long("vae-channels") => o.vae_channels = parse_list(&p.value()?.string()?)?,
+            Long("vae-init") => o.vae_init = Some(p.value()?.into()),
+            Long("vae-decoder-only") => o.vae_decoder_only = true,
+            Long("model-init") => o.model_init = Some(p.value()?.into()),
             Long("steps") => o.steps = p.value()?.parse()?,
             Long("batch") => o.batch = p.value()?.parse()?,
             Long("lr") => o.lr = p.value()?.parse()?,
@@ -397,13 +411,26 @@ fn vae_dir(o: &Options) -> PathBuf {
 
 fn train_vae(o: &Options) -> Result<VaeStats> {
     let device = Device::Cpu;
-    let mut config = vae_config(o)?;
+    let (mut config, mut weights) = match &o.vae_init {
+        Some(dir) => {
+            let config = VaeConfig::from_file(&dir.join("config.json"))?;
+            let weights =
+                WeightMap::load(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F32, &Device::Cpu)?;
+            println!("vae: continuing from {}", dir.display());
+            (config, weights)
+        }
+        None => {
+            let config = vae_config(o)?;
+            let shapes = tensor_shapes(|m| AutoencoderKL::load(&config, m).map(|_| ()))?;
+            let mut rng = Rng::new(o.seed ^ 0x7ae);
+            let resnet_out = |n: &str| n.contains("resnets.") && n.ends_with("conv2.weight");
+            (config.clone(), initialise(&shapes, &resnet_out, &mut rng, "new VAE")?)
+        }
+    };
     let mut total = o.vae_steps;
-    let shapes = tensor_shapes(|m| AutoencoderKL::load(&config, m).map(|_| ()))?;
-    let mut rng = Rng::new(o.seed ^ 0x7ae);
-    let resnet_out = |n: &str| n.contains("resnets.") && n.ends_with("conv2.weight");
-    let mut weights = initialise(&shapes, &resnet_out, &mut rng, "new VAE")?;
-    let vars = weights.make_trainable(|_| true)?;
+    let decoder_only = o.vae_decoder_only;
+    let vars =
+        weights.make_trainable(|n| !decoder_only || n.starts_with("decoder.") || n.starts_with("post_quant_conv."))?;
     let parameters: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let vae = AutoencoderKL::load(&config, &weights)?;
     let mut opt = AdamW::new(vars)?;
@@ -432,7 +459,7 @@ fn train_vae(o: &Options) -> Result<VaeStats> {
             .collect();
         let t_fwd = Instant::now();
         let x = images_to_tensor(&images, &device)?;
-        let z = vae.encode_mean(&x)?;
+        let z = if decoder_only { vae.encode_mean(&x)?.detach() } else { vae.encode_mean(&x)? };
         let recon = vae.decode(&z)?;
         let mse = recon.sub(&x)?.sqr()?.mean_all()?;
         let loss = (&mse + (z.sqr()?.mean_all()? * 1e-4)?)?;
@@ -581,15 +608,22 @@ fn train_model(o: &Options) -> Result<ModelStats> {
             || (n.contains("resnets.") && n.ends_with("conv2.weight"))
             || n.ends_with("proj_out.weight")
     };
-    let base = ModelWeights {
-        unet: initialise(&unet_shapes, &unet_zero, &mut rng, "new UNet")?,
-        text_encoder: initialise(&text_shapes, &|_| false, &mut rng, "new text encoder")?,
-        vae,
-        unet_config: unet_config.clone(),
-        text_config: text_config.clone(),
-        vae_config,
-        scheduler_config: SchedulerConfig::default(),
-        tokenizer: ClipTokenizer::new(),
+    let base = match &o.model_init {
+        Some(dir) => {
+            let init = ModelWeights::load(dir, DType::F32, &Device::Cpu)?;
+            println!("model: continuing the UNet and text encoder of {}", dir.display());
+            ModelWeights { vae, vae_config, ..init }
+        }
+        None => ModelWeights {
+            unet: initialise(&unet_shapes, &unet_zero, &mut rng, "new UNet")?,
+            text_encoder: initialise(&text_shapes, &|_| false, &mut rng, "new text encoder")?,
+            vae,
+            unet_config: unet_config.clone(),
+            text_config: text_config.clone(),
+            vae_config,
+            scheduler_config: SchedulerConfig::default(),
+            tokenizer: ClipTokenizer::new(),
+        },
     };
     let (pu, pt, pv) = (count(&base.unet), count(&base.text_encoder), count(&base.vae));
     let f16_bytes = 2 * (pu + pt + pv);

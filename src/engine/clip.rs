@@ -60,7 +60,8 @@ impl ClipConfig {
 
 use candle_core::{DType, Tensor};
 
-use super::nn::{LayerMut, LayerNorm, Linear, attention, quick_gelu};
+use super::attention::attention;
+use super::nn::{LayerMut, LayerNorm, Linear, quick_gelu};
 use super::weights::{WeightMap, WeightScope};
 
 #[derive(Clone, Debug)]
@@ -140,7 +141,6 @@ impl ClipTextModel {
         let tokens = self.token_embedding.index_select(&ids, 0)?.reshape((b, t, d))?;
         let positions = self.position_embedding.narrow(0, 0, t)?;
         let mut h = tokens.broadcast_add(&positions)?;
-        let mask = causal_mask(t, h.dtype(), h.device())?;
         let heads = self.config.num_attention_heads;
         for layer in &self.layers {
             let n = layer.layer_norm1.forward(&h)?;
@@ -149,7 +149,7 @@ impl ClipTextModel {
                 &layer.k_proj.forward(&n)?,
                 &layer.v_proj.forward(&n)?,
                 heads,
-                Some(&mask),
+                true,
             )?;
             h = (layer.out_proj.forward(&a)? + h)?;
             let n = layer.layer_norm2.forward(&h)?;
@@ -159,10 +159,4 @@ impl ClipTextModel {
         }
         self.final_layer_norm.forward(&h)
     }
-}
-
-/// Additive mask that hides later tokens: 0 on and below the diagonal, a large negative above.
-fn causal_mask(t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 })).collect();
-    Ok(Tensor::from_vec(values, (t, t), device)?.to_dtype(dtype)?)
 }

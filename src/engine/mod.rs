@@ -2,6 +2,7 @@
 //! Nothing in here knows about the GUI; the window, the CLI and the job layer all call into it.
 
 pub mod adapter;
+pub mod attention;
 pub mod bench;
 pub mod blend;
 pub mod builtin;

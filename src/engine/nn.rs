@@ -165,26 +165,6 @@ impl LayerNorm {
     }
 }
 
-/// Scaled dot-product attention on `(batch, tokens, heads·head_dim)` tensors.
-/// `mask`, if given, is added to the scores (shape broadcastable to `(batch, heads, n, m)`).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
-    let (b, n, inner) = q.dims3()?;
-    let m = k.dim(1)?;
-    let head_dim = inner / heads;
-    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-        Ok(t.reshape((b, len, heads, head_dim))?.transpose(1, 2)?.contiguous()?)
-    };
-    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
-    }
-    // candle_nn::ops::softmax is composed of differentiable ops; softmax_last_dim is not.
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?)
-}
-
 /// `x·σ(1.702x)`, CLIP's activation.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)

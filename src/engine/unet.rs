@@ -150,9 +150,8 @@ impl UNetConfig {
 
 use candle_core::Tensor;
 
-use super::nn::{
-    Conv2d, GroupNorm, LayerMut, LayerNorm, Linear, attention, silu, timestep_embedding, upsample_nearest,
-};
+use super::attention::attention;
+use super::nn::{Conv2d, GroupNorm, LayerMut, LayerNorm, Linear, silu, timestep_embedding, upsample_nearest};
 use super::weights::{WeightMap, WeightScope};
 
 /// diffusers' `ResnetBlock2D` (also used by the VAE, without a time embedding).
@@ -250,7 +249,7 @@ impl CrossAttention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let out =
-            attention(&self.to_q.forward(x)?, &self.to_k.forward(ctx)?, &self.to_v.forward(ctx)?, self.heads, None)?;
+            attention(&self.to_q.forward(x)?, &self.to_k.forward(ctx)?, &self.to_v.forward(ctx)?, self.heads, false)?;
         self.to_out.forward(&out)
     }
 }

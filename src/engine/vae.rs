@@ -72,7 +72,8 @@ impl VaeConfig {
 
 use candle_core::Tensor;
 
-use super::nn::{Conv2d, GroupNorm, Linear, attention, silu, upsample_nearest};
+use super::attention::attention;
+use super::nn::{Conv2d, GroupNorm, Linear, silu, upsample_nearest};
 use super::unet::{ResnetBlock2D, downsample};
 use super::weights::{WeightMap, WeightScope};
 
@@ -102,7 +103,7 @@ impl VaeAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let t = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
-        let a = attention(&self.to_q.forward(&t)?, &self.to_k.forward(&t)?, &self.to_v.forward(&t)?, 1, None)?;
+        let a = attention(&self.to_q.forward(&t)?, &self.to_k.forward(&t)?, &self.to_v.forward(&t)?, 1, false)?;
         let out = self.to_out.forward(&a)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
     }
