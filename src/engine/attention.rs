@@ -90,6 +90,15 @@ struct Shared<T>(*mut T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
+impl<T> Shared<T> {
+    // A method, not the field: a closure would capture the bare (unshareable) pointer field.
+    /// # Safety
+    /// `offset` must stay inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut T {
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// A strided matrix view: (pointer, row stride, column stride).
 type View<T> = (*const T, isize, isize);
 
@@ -142,14 +151,14 @@ fn softmax_rows<T: Real>(s: &mut [T], m: usize, first: usize, causal: bool) {
         let (seen, hidden) = row.split_at_mut(visible);
         let sum = T::exp_shifted(seen, T::max_of(seen));
         let inv = T::one() / sum;
-        seen.iter_mut().for_each(|x| *x = *x * inv);
+        seen.iter_mut().for_each(|x| *x *= inv);
         hidden.iter_mut().for_each(|x| *x = T::zero());
     }
 }
 
 /// The element types the fused op runs in, with the two softmax loops that dominate its own time
 /// (the rest is GEMM).
-pub trait Real: 'static + Float + Send + Sync + WithDType {
+pub trait Real: 'static + Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync + WithDType {
     fn max_of(xs: &[Self]) -> Self {
         xs.iter().fold(Self::neg_infinity(), |a, &x| Float::max(a, x))
     }
@@ -158,7 +167,7 @@ pub trait Real: 'static + Float + Send + Sync + WithDType {
         let mut sum = Self::zero();
         for x in xs {
             *x = Float::exp(*x - max);
-            sum = sum + *x;
+            sum += *x;
         }
         sum
     }
@@ -288,7 +297,6 @@ impl FusedAttention {
         let (parallel, threads) = split_threads(items);
         let ld = dims.inner() as isize;
         for_each_item(items, parallel, |item| {
-            let dst = dst;
             let (bh, block) = (item / blocks, item % blocks);
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             let first = block * rows;
@@ -303,7 +311,7 @@ impl FusedAttention {
                     v.as_ptr().add(dims.head(b, dims.m, h)),
                 );
                 self.probabilities(dims, (qh, kh), (first, r), &mut s, threads);
-                let o = dst.0.add(dims.head(b, dims.n, h) + first * dims.inner());
+                let o = dst.at(dims.head(b, dims.n, h) + first * dims.inner());
                 gemm(
                     (r, dims.d, dims.m),
                     (o, ld, 1),
@@ -331,7 +339,6 @@ impl FusedAttention {
         let (ld, m) = (dims.inner() as isize, dims.m as isize);
         let scale = T::from(self.scale).unwrap();
         for_each_item(items, parallel, |bh| {
-            let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             let (qo, ko) = (dims.head(b, dims.n, h), dims.head(b, dims.m, h));
             let mut p = vec![T::zero(); rows * dims.m];
@@ -369,7 +376,7 @@ impl FusedAttention {
                     // dV += Pᵀ · dO
                     gemm(
                         (dims.m, dims.d, r),
-                        (dv_p.0.add(ko), ld, 1),
+                        (dv_p.at(ko), ld, 1),
                         acc,
                         (p.as_ptr(), 1, m),
                         (gh, ld, 1),
@@ -379,7 +386,7 @@ impl FusedAttention {
                     // dQ[rows] = scale · dS · K
                     gemm(
                         (r, dims.d, dims.m),
-                        (dq_p.0.add(qo + row0), ld, 1),
+                        (dq_p.at(qo + row0), ld, 1),
                         false,
                         (dp.as_ptr(), m, 1),
                         (kh, ld, 1),
@@ -389,7 +396,7 @@ impl FusedAttention {
                     // dK += scale · dSᵀ · Q[rows]
                     gemm(
                         (dims.m, dims.d, r),
-                        (dk_p.0.add(ko), ld, 1),
+                        (dk_p.at(ko), ld, 1),
                         acc,
                         (dp.as_ptr(), 1, m),
                         (qh.add(row0), ld, 1),
