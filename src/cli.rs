@@ -253,19 +253,8 @@ fn adapter_info(p: &mut lexopt::Parser) -> Result<()> {
     let parsed = read_adapter(&file)?;
     let s = summarize(&parsed);
     println!("file:       {}", file.display());
-    println!("naming:     {}", s.naming);
-    println!("layers:     {}", s.layers);
-    let algos: Vec<String> = s.algorithms.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
-    println!("algorithm:  {}", algos.join(", "));
-    if let Some(layout) = &s.glora_layout {
-        println!("GLoRA layout: {layout}");
-    }
-    println!("base model: {} (guessed from shapes)", s.family);
-    for (k, v) in &s.ranks {
-        println!("strength:   {k} on {v} layers");
-    }
-    for (k, v) in &s.targets {
-        println!("targets:    {k}: {v} layers");
+    for (label, value) in s.lines() {
+        println!("{:<11} {value}", format!("{label}:"));
     }
     for (k, v) in &s.metadata {
         let v = if v.len() > 120 {

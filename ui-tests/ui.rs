@@ -350,8 +350,23 @@ fn playground_generates_blends_live_and_exports() {
         p.request.steps = 3;
         p.request.seed = 7;
     }
-    // An adapter dropped on the Playground joins the list.
-    drop_paths(&mut h, &[sd1_tiny().join("lora_a_kohya.safetensors")]);
+    // A file dropped on the Playground first shows the format doctor's report; a model's weights
+    // file is refused in words; the adapter joins the list once accepted.
+    let not_adapter = sd1_tiny().join("model/unet/diffusion_pytorch_model.safetensors");
+    drop_paths(&mut h, &[not_adapter.clone(), sd1_tiny().join("lora_a_kohya.safetensors")]);
+    run_until(&mut h, SCAN, "the doctor's reports", |a| a.playground.pending.iter().all(|p| p.check.is_some()));
+    h.run();
+    assert!(h.state().playground.adapters.is_empty(), "nothing joins before it is accepted");
+    h.get_by_label("Check lora_a_kohya.safetensors");
+    h.get_by_label_contains("kohya / A1111 / ComfyUI");
+    h.get_by_label_contains("With the open model:");
+    h.get_by_label_contains("Not an adapter we can use:");
+    h.get_by_label("Dismiss").click();
+    h.run();
+    assert_eq!(h.state().playground.pending.len(), 1);
+    h.get_by_label("Add to list").click();
+    h.run();
+    assert!(h.state().playground.pending.is_empty());
     run_until(&mut h, SCAN, "model and adapter", |a| {
         a.playground.model_state == ModelState::Ready && a.playground.adapters.first().is_some_and(|r| r.info.is_some())
     });

@@ -233,10 +233,7 @@ impl StudioApp {
             DialogPurpose::TrainOutput => {
                 self.training.output = with_extension(first, "safetensors").display().to_string()
             }
-            DialogPurpose::AddAdapters => {
-                self.playground.ensure_model();
-                paths.iter().for_each(|p| self.playground.add_adapter(p));
-            }
+            DialogPurpose::AddAdapters => paths.iter().for_each(|p| self.playground.check_adapter(p)),
             DialogPurpose::SaveImage => self.playground.save_image(&with_extension(first, "png")),
             DialogPurpose::ExportBlend => self.playground.export_blend(with_extension(first, "safetensors")),
         }
@@ -254,8 +251,7 @@ impl StudioApp {
         let (weights, images): (Vec<PathBuf>, Vec<PathBuf>) = rest.into_iter().partition(|p| is_safetensors(p));
         for w in weights {
             if self.area == Area::Playground {
-                self.playground.ensure_model();
-                self.playground.add_adapter(&w);
+                self.playground.check_adapter(&w);
             } else if std::fs::metadata(&w).is_ok_and(|m| m.len() > 1 << 30) {
                 // Over a GiB: a full checkpoint, not an adapter.
                 self.set_model(w);

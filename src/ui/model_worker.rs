@@ -11,12 +11,14 @@ use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::engine::adapter::BlockWeights;
-use crate::engine::formats::{GloraLayout, Naming, read_adapter, summarize, write_adapter};
+use crate::engine::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
 use crate::engine::mixing::{BlendReport, blend, overdrive};
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
 
 pub enum ModelCommand {
     Load(PathBuf),
+    /// The format doctor on a file the user chose, before it joins the list.
+    Inspect(PathBuf),
     AddAdapter {
         name: String,
         path: PathBuf,
@@ -79,6 +81,11 @@ pub enum ModelEvent {
         name: String,
         error: String,
     },
+    /// The format doctor's report on a file (`Err`: it is not an adapter we can read).
+    Inspected {
+        path: PathBuf,
+        check: Result<AdapterCheck, String>,
+    },
     /// Layers re-merged after a slider moved.
     Remerged {
         name: String,
@@ -124,6 +131,16 @@ pub enum ModelEvent {
     Done {
         id: u64,
     },
+}
+
+/// What the format doctor found in an adapter file, and how it fits the open model.
+#[derive(Clone, Debug)]
+pub struct AdapterCheck {
+    pub lines: Vec<(&'static str, String)>,
+    /// "56 of 56 adapter layers match the model", or why none do.
+    pub fit: String,
+    /// The model would refuse it (wrong shapes, or under half its layers match).
+    pub refused: bool,
 }
 
 pub struct ModelWorker {
@@ -211,6 +228,19 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
                 }
                 Err(e) => send(ModelEvent::LoadFailed { error: format!("{e:#}") }),
             }
+        }
+        ModelCommand::Inspect(path) => {
+            let check = read_adapter(&path).map(|parsed| {
+                let (fit, refused) = match sd.as_mut() {
+                    Some(model) => match match_layers(&parsed, &model.module_index()) {
+                        Ok((_, report)) => (report.summary(), report.refused()),
+                        Err(e) => (format!("{e:#}"), true),
+                    },
+                    None => ("no model is open to check it against".into(), false),
+                };
+                AdapterCheck { lines: summarize(&parsed).lines(), fit, refused }
+            });
+            send(ModelEvent::Inspected { path, check: check.map_err(|e| format!("{e:#}")) });
         }
         ModelCommand::AddAdapter { name, path, weight, blocks } => {
             let Some(model) = sd.as_mut() else {

@@ -13,7 +13,7 @@ use crate::engine::pipeline::GenerateRequest;
 use crate::engine::sampler::SamplerKind;
 
 use super::DialogPurpose;
-use super::model_worker::{GridAxis, ModelCommand, ModelEvent, ModelWorker};
+use super::model_worker::{AdapterCheck, GridAxis, ModelCommand, ModelEvent, ModelWorker};
 
 /// How long a slider must rest before Live mode re-renders.
 pub const LIVE_DEBOUNCE: Duration = Duration::from_millis(300);
@@ -42,6 +42,14 @@ impl AdapterRow {
     }
 }
 
+/// An adapter file the user dropped or picked, shown with the format doctor's report until they
+/// add it to the list or cancel.
+pub struct PendingAdapter {
+    pub path: PathBuf,
+    /// `None` while the worker reads it.
+    pub check: Option<Result<AdapterCheck, String>>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelState {
     None,
@@ -56,6 +64,8 @@ pub struct PlaygroundPanel {
     /// The user set the size; a newly loaded model does not change it.
     pub size_chosen: bool,
     pub adapters: Vec<AdapterRow>,
+    /// Files waiting for the user to read their check.
+    pub pending: Vec<PendingAdapter>,
     pub live: bool,
     pub image: Option<image::RgbImage>,
     texture: Option<egui::TextureHandle>,
@@ -138,6 +148,7 @@ impl PlaygroundPanel {
             },
             size_chosen: false,
             adapters: Vec::new(),
+            pending: Vec::new(),
             live: true,
             image: None,
             texture: None,
@@ -242,6 +253,33 @@ impl PlaygroundPanel {
         if self.model_sent() {
             self.send_add(self.adapters.len() - 1);
             self.mark_changed();
+        }
+    }
+
+    /// A file the user chose: the worker runs the format doctor on it and the report is shown; it
+    /// joins the list when the user accepts (`accept_pending`). A file already listed reloads.
+    pub fn check_adapter(&mut self, path: &Path) {
+        if self.adapters.iter().any(|r| r.path == path) {
+            return self.add_adapter(path);
+        }
+        if self.pending.iter().any(|p| p.path == path) {
+            return;
+        }
+        self.ensure_model();
+        self.pending.push(PendingAdapter { path: path.to_path_buf(), check: None });
+        self.push(ModelCommand::Inspect(path.to_path_buf()));
+    }
+
+    pub fn accept_pending(&mut self, i: usize) {
+        if i < self.pending.len() {
+            let p = self.pending.remove(i);
+            self.add_adapter(&p.path);
+        }
+    }
+
+    pub fn dismiss_pending(&mut self, i: usize) {
+        if i < self.pending.len() {
+            self.pending.remove(i);
         }
     }
 
@@ -407,6 +445,11 @@ impl PlaygroundPanel {
                     if let Some(row) = self.adapters.iter_mut().find(|r| r.name == name) {
                         row.info = Some(info);
                         row.warning = warning;
+                    }
+                }
+                ModelEvent::Inspected { path, check } => {
+                    if let Some(p) = self.pending.iter_mut().find(|p| p.path == path) {
+                        p.check = Some(check);
                     }
                 }
                 ModelEvent::AdapterFailed { name, error } => {
@@ -606,7 +649,8 @@ fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Playgr
             actions.push(PlaygroundAction::OpenDialog(DialogPurpose::AddAdapters));
         }
     });
-    if p.adapters.is_empty() {
+    pending_checks(ui, p);
+    if p.adapters.is_empty() && p.pending.is_empty() {
         ui.label(RichText::new("Drop .safetensors adapters here, or add them with the button.").weak());
     }
     let mut remove = None;
@@ -697,6 +741,59 @@ fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<Playgr
     if p.adapters.len() >= 2 {
         ui.add_space(6.0);
         xy_grid(ui, p);
+    }
+}
+
+/// Each file waiting to join: the format doctor's report, then Add to list or Cancel.
+fn pending_checks(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    let (mut accept, mut dismiss) = (None, None);
+    for (i, pending) in p.pending.iter().enumerate() {
+        ui.push_id(("pending", i), |ui| {
+            ui.group(|ui| {
+                let name = pending.path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                ui.strong(format!("Check {name}")).on_hover_text(pending.path.display().to_string());
+                match &pending.check {
+                    None => {
+                        ui.label(RichText::new("reading…").weak());
+                    }
+                    Some(Err(e)) => {
+                        ui.colored_label(ui.visuals().error_fg_color, format!("Not an adapter we can use: {e}"));
+                        if ui.button("Dismiss").clicked() {
+                            dismiss = Some(i);
+                        }
+                    }
+                    Some(Ok(check)) => {
+                        egui::Grid::new("doctor").num_columns(2).show(ui, |ui| {
+                            for (label, value) in &check.lines {
+                                ui.label(RichText::new(*label).weak());
+                                ui.label(value);
+                                ui.end_row();
+                            }
+                        });
+                        let fit = format!("With the open model: {}", check.fit);
+                        if check.refused {
+                            ui.colored_label(ui.visuals().error_fg_color, format!("{fit}. It cannot be used with it."));
+                        } else {
+                            ui.label(fit);
+                        }
+                        ui.horizontal(|ui| {
+                            if ui.add_enabled(!check.refused, egui::Button::new("Add to list")).clicked() {
+                                accept = Some(i);
+                            }
+                            if ui.button("Cancel").clicked() {
+                                dismiss = Some(i);
+                            }
+                        });
+                    }
+                }
+            });
+        });
+    }
+    if let Some(i) = accept {
+        p.accept_pending(i);
+    }
+    if let Some(i) = dismiss {
+        p.dismiss_pending(i);
     }
 }
 

@@ -424,6 +424,22 @@ pub struct AdapterSummary {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl AdapterSummary {
+    /// The format doctor's findings as labelled lines (`adapter info` and the Playground's check).
+    pub fn lines(&self) -> Vec<(&'static str, String)> {
+        let mut lines = vec![("naming", self.naming.clone()), ("layers", self.layers.to_string())];
+        let algos: Vec<String> = self.algorithms.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        lines.push(("algorithm", algos.join(", ")));
+        if let Some(layout) = &self.glora_layout {
+            lines.push(("GLoRA layout", layout.clone()));
+        }
+        lines.push(("base model", format!("{} (guessed from shapes)", self.family)));
+        lines.extend(self.ranks.iter().map(|(k, v)| ("strength", format!("{k} on {v} layers"))));
+        lines.extend(self.targets.iter().map(|(k, v)| ("targets", format!("{k}: {v} layers"))));
+        lines
+    }
+}
+
 pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
     let mut algorithms = BTreeMap::new();
     let mut ranks = BTreeMap::new();
