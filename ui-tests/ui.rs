@@ -165,6 +165,43 @@ fn dropped_folder_is_scanned_with_thumbnails_captions_and_warnings() {
     assert!(text_of(&h, "3 images ·").contains("0 duplicates"));
 }
 
+/// A big folder: the grid asks for the thumbnails in view, not for all of them, and scrolling
+/// down brings the rest.
+#[test]
+fn the_thumbnail_grid_loads_only_what_is_in_view() {
+    let dir = tempdir("many");
+    for i in 0..240 {
+        let v = (i % 251) as u8;
+        image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([v, (x * 4) as u8, (y * 4) as u8]))
+            .save(dir.join(format!("img{i:03}.png")))
+            .unwrap();
+    }
+    let mut h = harness("");
+    drop_paths(&mut h, std::slice::from_ref(&dir));
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning() && !a.dataset.dataset.images.is_empty());
+    assert_eq!(h.state().dataset.dataset.images.len(), 240);
+    h.run();
+    let asked = h.state().dataset.thumbnails.requested();
+    assert!((1..60).contains(&asked), "the first screenful only, not 240: {asked}");
+    h.get_by_label("img000.png");
+    assert!(h.query_by_label("img239.png").is_none(), "the last row is not drawn");
+    // Scroll to the end: the last rows appear and their thumbnails are asked for.
+    h.get_by_label("img000.png").hover();
+    h.run();
+    for _ in 0..30 {
+        h.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -400.0),
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+            modifiers: egui::Modifiers::NONE,
+        });
+        h.run_steps(6);
+    }
+    h.get_by_label("img239.png");
+    assert!(h.state().dataset.thumbnails.requested() > asked);
+}
+
 #[test]
 fn add_images_dialog_result_joins_the_set() {
     let dir = tempdir("dialog");

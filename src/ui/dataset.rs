@@ -240,39 +240,56 @@ pub(super) fn ui_dataset(ui: &mut egui::Ui, panel: &mut DatasetPanel, opts: &mut
     actions
 }
 
+/// The grid draws (and asks the thumbnail worker for) only the rows in view, so a folder of
+/// thousands of images costs no more per frame, nor decodes more up front, than a screenful.
 fn thumbnail_grid(ui: &mut egui::Ui, panel: &mut DatasetPanel) {
     let mut clicked = None;
-    egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
-        ui.add_space(4.0); // room for the selection outline
-        ui.horizontal_wrapped(|ui| {
-            for (i, entry) in panel.dataset.images.iter().enumerate() {
-                let selected = panel.selected == Some(i);
-                let name = file_name(&entry.path);
-                ui.allocate_ui(vec2(THUMBNAIL_SIDE as f32 + 8.0, THUMBNAIL_SIDE as f32 + 30.0), |ui| {
-                    ui.vertical_centered(|ui| {
-                        let side = vec2(THUMBNAIL_SIDE as f32, THUMBNAIL_SIDE as f32);
-                        let image = match panel.thumbnails.get(&entry.path) {
-                            Some(tex) => ui.add(egui::Image::from_texture(tex).max_size(side).sense(Sense::click())),
-                            None => {
-                                let (rect, r) = ui.allocate_exact_size(side, Sense::click());
-                                ui.painter().rect_filled(rect, 4.0, ui.visuals().faint_bg_color);
-                                r
+    let cell = vec2(THUMBNAIL_SIDE as f32 + 8.0, THUMBNAIL_SIDE as f32 + 30.0);
+    let spacing = ui.spacing().item_spacing;
+    let columns = (((ui.available_width() - 8.0 + spacing.x) / (cell.x + spacing.x)).floor() as usize).max(1);
+    let count = panel.dataset.images.len();
+    let rows = count.div_ceil(columns);
+    egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(ui, cell.y, rows, |ui, visible| {
+        for row in visible {
+            ui.horizontal(|ui| {
+                ui.add_space(4.0); // room for the selection outline
+                for i in row * columns..((row + 1) * columns).min(count) {
+                    let entry = &panel.dataset.images[i];
+                    let selected = panel.selected == Some(i);
+                    let name = file_name(&entry.path);
+                    ui.allocate_ui(cell, |ui| {
+                        ui.vertical_centered(|ui| {
+                            let side = vec2(THUMBNAIL_SIDE as f32, THUMBNAIL_SIDE as f32);
+                            let image = match panel.thumbnails.get(&entry.path) {
+                                Some(tex) => {
+                                    ui.add(egui::Image::from_texture(tex).max_size(side).sense(Sense::click()))
+                                }
+                                None => {
+                                    let (rect, r) = ui.allocate_exact_size(side, Sense::click());
+                                    ui.painter().rect_filled(rect, 4.0, ui.visuals().faint_bg_color);
+                                    r
+                                }
+                            };
+                            if selected {
+                                let stroke = Stroke::new(2.0, ui.visuals().selection.stroke.color);
+                                ui.painter().rect_stroke(
+                                    image.rect.expand(2.0),
+                                    4.0,
+                                    stroke,
+                                    egui::StrokeKind::Outside,
+                                );
                             }
-                        };
-                        if selected {
-                            let stroke = Stroke::new(2.0, ui.visuals().selection.stroke.color);
-                            ui.painter().rect_stroke(image.rect.expand(2.0), 4.0, stroke, egui::StrokeKind::Outside);
-                        }
-                        let short: String = name.chars().take(18).collect();
-                        let label =
-                            ui.selectable_label(selected, short).on_hover_text(entry.path.display().to_string());
-                        if image.clicked() || label.clicked() {
-                            clicked = Some(i);
-                        }
+                            let short: String = name.chars().take(18).collect();
+                            let label =
+                                ui.selectable_label(selected, short).on_hover_text(entry.path.display().to_string());
+                            if image.clicked() || label.clicked() {
+                                clicked = Some(i);
+                            }
+                        });
                     });
-                });
-            }
-        });
+                }
+            });
+        }
     });
     if let Some(i) = clicked {
         panel.select(i);

@@ -64,6 +64,11 @@ impl Thumbnails {
         }
     }
 
+    /// How many thumbnails were asked for (only those the grid has shown).
+    pub fn requested(&self) -> usize {
+        self.slots.len()
+    }
+
     /// How many thumbnails are uploaded.
     pub fn ready(&self) -> usize {
         self.slots.values().filter(|s| matches!(s, Slot::Ready(_))).count()
