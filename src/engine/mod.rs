@@ -20,6 +20,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod single_file;
 pub mod synthetic;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 pub mod unet;
