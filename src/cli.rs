@@ -34,7 +34,7 @@ usage:
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
                      --train-text-encoder --flip --buckets --min-snr G --noise-offset X
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N
-                     --random-crop --latent-cache DIR --no-latent-cache
+                     --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
                      --format kohya|peft --resume CKPT --config train.toml]
                     (--algo full trains the model itself; --out is then a model folder)
   lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction]
@@ -44,7 +44,7 @@ usage:
                        [--format kohya|peft] [--f16]
   lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR
   lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]
-  lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N]
+  lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N] [--checkpointing]
   lora-studio bench mix --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N]
   lora-studio bench generate [--model PATH] [--steps N] [--guidance X] [--runs N]
 ";
@@ -377,7 +377,12 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                 let name = name.to_string();
                 let flag = matches!(
                     name.as_str(),
-                    "train-text-encoder" | "flip" | "buckets" | "random-crop" | "no-latent-cache"
+                    "train-text-encoder"
+                        | "flip"
+                        | "buckets"
+                        | "random-crop"
+                        | "no-latent-cache"
+                        | "gradient-checkpointing"
                 );
                 let value = if flag { None } else { Some(p.value()?.string()?) };
                 args.push((name, value));
@@ -425,6 +430,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "random-crop" => c.dataset.center_crop = false,
             "min-snr" => c.min_snr_gamma = Some(num(&v)?),
             "noise-offset" => c.noise_offset = num(&v)?,
+            "gradient-checkpointing" => c.gradient_checkpointing = true,
             "warmup" => c.warmup_steps = int(&v)?,
             "lr-schedule" => {
                 c.lr_schedule = serde_json::from_value(serde_json::Value::String(v.clone()))
@@ -610,6 +616,7 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
                 Long("batch") => opts.batch = p.value()?.parse()?,
                 Long("rank") => opts.rank = p.value()?.parse()?,
                 Long("runs") => opts.runs = p.value()?.parse()?,
+                Long("checkpointing") => opts.checkpointing = true,
                 _ => return Err(arg.unexpected().into()),
             }
         }

@@ -113,3 +113,54 @@ fn central_difference(var: &Var, idx: usize, loss: &dyn Fn() -> Tensor) -> f64 {
     var.set(&original).unwrap();
     (plus - minus) / (2.0 * h)
 }
+
+/// Gradient checkpointing changes where activations live, not the gradients: every checked
+/// weight (inside blocks and outside them, and the text encoder's through the context) gets the
+/// same gradient with it on, through the outer graph plus the checkpoint sink.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    use lora_studio::engine::checkpoint::GradSink;
+    let dev = Device::Cpu;
+    let r = reference();
+    let mut unet_w = component("unet", "diffusion_pytorch_model.safetensors", DType::F64);
+    let mut text_w = component("text_encoder", "model.safetensors", DType::F64);
+    let unet_vars = unet_w.make_trainable(|n| CHECKED.contains(&format!("unet:{n}").as_str())).unwrap();
+    let text_vars = text_w.make_trainable(|n| CHECKED.contains(&format!("text:{n}").as_str())).unwrap();
+    let unet_cfg = UNetConfig::from_file(&sd1_tiny().join("model/unet/config.json")).unwrap();
+    let text_cfg = ClipConfig::from_file(&sd1_tiny().join("model/text_encoder/config.json")).unwrap();
+    let mut unet = UNet2DConditionModel::load(&unet_cfg, &unet_w).unwrap();
+    let text = ClipTextModel::load(&text_cfg, &text_w).unwrap();
+    let ids = r["input_ids"].narrow(0, 0, 2).unwrap();
+    let sample = r["sample"].narrow(0, 0, 2).unwrap().to_dtype(DType::F64).unwrap();
+    let t = Tensor::new(&[250f64, 700.0], &dev).unwrap();
+    let probe: Vec<f64> = (0..sample.elem_count()).map(|i| ((i * 7919) % 1000) as f64 / 500.0 - 1.0).collect();
+    let probe = Tensor::from_vec(probe, sample.dims(), &dev).unwrap();
+    let all: Vec<(String, Var)> = unet_vars.into_iter().chain(text_vars).collect();
+    let from_sink = std::cell::Cell::new(0);
+    let grads = |unet: &UNet2DConditionModel| -> Vec<Tensor> {
+        let ctx = text.forward(&ids).unwrap();
+        let out = unet.forward(&sample, &t, &ctx).unwrap();
+        let store = (out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        all.iter()
+            .map(|(name, v)| {
+                let outer = store.get(v.as_tensor()).cloned();
+                let inner = unet.checkpointing.as_ref().and_then(|s| s.take(v.as_tensor()));
+                from_sink.set(from_sink.get() + inner.is_some() as usize);
+                match (outer, inner) {
+                    (Some(a), Some(b)) => (a + b).unwrap(),
+                    (a, b) => a.or(b).unwrap_or_else(|| panic!("{name}: no gradient")),
+                }
+            })
+            .collect()
+    };
+    let plain = grads(&unet);
+    unet.checkpointing = Some(GradSink::new(all.iter().map(|(_, v)| v.clone()).collect()));
+    let checkpointed = grads(&unet);
+    // The weights inside blocks (most of CHECKED) got theirs through the checkpoints.
+    assert!(from_sink.get() >= 15, "only {} gradients came through the checkpoints", from_sink.get());
+    for ((name, _), (a, b)) in all.iter().zip(plain.iter().zip(&checkpointed)) {
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff <= 1e-9 * scale.max(1.0), "{name}: differs by {diff:e} (scale {scale:e})");
+    }
+}

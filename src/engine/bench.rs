@@ -155,11 +155,12 @@ pub struct TrainBenchOptions {
     pub batch: usize,
     pub rank: usize,
     pub runs: usize,
+    pub checkpointing: bool,
 }
 
 impl Default for TrainBenchOptions {
     fn default() -> Self {
-        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, rank: 4, runs: 5 }
+        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, rank: 4, runs: 5, checkpointing: false }
     }
 }
 
@@ -175,6 +176,7 @@ pub struct TrainBenchReport {
     pub train_step_s_median: f64,
     pub peak_rss_mib: f64,
     pub threads: usize,
+    pub checkpointing: bool,
 }
 
 /// A LoRA training step on attention projections (to_q/k/v/out.0), random frozen weights of
@@ -215,6 +217,9 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
     });
     error?;
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    if opts.checkpointing {
+        model.checkpointing = Some(super::checkpoint::GradSink::new(vars.clone()));
+    }
     let mut moments: Vec<(Tensor, Tensor)> =
         vars.iter().map(|v| Ok((v.zeros_like()?, v.zeros_like()?))).collect::<Result<_>>()?;
     let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
@@ -228,7 +233,14 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
         let grads = loss.backward()?;
         for (v, (m, s)) in vars.iter().zip(moments.iter_mut()) {
             // Detached, as the trainer does: otherwise the moments keep each step's graph alive.
-            let Some(g) = grads.get(v.as_tensor()).map(Tensor::detach) else { continue };
+            let inner = model.checkpointing.as_ref().and_then(|s| s.take(v.as_tensor()));
+            let g = match (grads.get(v.as_tensor()).map(Tensor::detach), inner) {
+                (Some(a), Some(b)) => (a + b)?,
+                (a, b) => match a.or(b) {
+                    Some(g) => g,
+                    None => continue,
+                },
+            };
             *m = ((&*m * 0.9)? + (&g * 0.1)?)?;
             *s = ((&*s * 0.999)? + (g.sqr()? * 0.001)?)?;
             let update = (&*m / (s.sqrt()? + 1e-8)?)?;
@@ -248,6 +260,7 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
         train_step_s_median: median(&mut times),
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
+        checkpointing: opts.checkpointing,
     })
 }
 

@@ -156,6 +156,9 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     if c.noise_offset > 0.0 {
         flag("noise_offset", c.noise_offset.to_string());
     }
+    if c.gradient_checkpointing {
+        flag("gradient_checkpointing", String::new());
+    }
     if c.save_every > 0 {
         flag("save_every_n_steps", c.save_every.to_string());
     }

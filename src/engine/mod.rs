@@ -6,6 +6,7 @@ pub mod attention;
 pub mod bench;
 pub mod blend;
 pub mod builtin;
+pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod dataset;

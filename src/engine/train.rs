@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Result;
 use super::adapter::{Delta, LayerAdapter, TargetPreset};
+use super::checkpoint::GradSink;
 use super::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
 use super::diffusers_folder::write_model_folder;
 use super::formats::{Component, ExportLayer, GloraLayout, Naming, write_adapter};
@@ -103,6 +104,9 @@ pub struct TrainConfig {
     pub full_modules: Vec<String>,
     /// Where VAE latents are cached on disk (none: only in memory).
     pub latent_cache: Option<PathBuf>,
+    /// Recompute each UNet block's activations in the backward pass instead of keeping them
+    /// (kohya's `--gradient_checkpointing`): much less memory, about a third more time.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -138,6 +142,7 @@ impl Default for TrainConfig {
             validation_images: 4,
             full_modules: Vec::new(),
             latent_cache: None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -402,6 +407,10 @@ impl Trainer {
             );
         }
         let examples = encode_examples(&model, &config, dataset)?;
+        let mut model = model;
+        if config.gradient_checkpointing {
+            model.unet.checkpointing = Some(GradSink::new(params.iter().map(|p| p.var.clone()).collect()));
+        }
         let mut trainer = Self {
             config,
             model,
@@ -552,10 +561,14 @@ impl Trainer {
                 let share = g.len() as f64 / (self.config.batch_size * self.config.grad_accum) as f64;
                 total += value * share as f32;
                 let store = (loss * share)?.backward()?;
+                let sink = self.model.unet.checkpointing.clone();
                 for (slot, p) in grads.iter_mut().zip(&self.params) {
                     // candle leaves a variable's gradient attached to this step's graph; the
                     // moments built from it would then keep every step's activations alive.
-                    if let Some(g) = store.get(p.var.as_tensor()).map(Tensor::detach) {
+                    let outer = store.get(p.var.as_tensor()).map(Tensor::detach);
+                    // Uses inside checkpointed blocks arrive through the sink instead.
+                    let inner = sink.as_ref().and_then(|s| s.take(p.var.as_tensor()));
+                    for g in [outer, inner].into_iter().flatten() {
                         *slot = Some(match slot.take() {
                             Some(acc) => (acc + g)?,
                             None => g,

@@ -2,6 +2,7 @@
 //! diffusers folders load by name and adapters address layers by their diffusers path.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -151,6 +152,7 @@ impl UNetConfig {
 use candle_core::Tensor;
 
 use super::attention::attention;
+use super::checkpoint::{GradSink, checkpointed};
 use super::nn::{Conv2d, GroupNorm, LayerMut, LayerNorm, Linear, silu, timestep_embedding, upsample_nearest};
 use super::weights::{WeightMap, WeightScope};
 
@@ -425,6 +427,9 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UNetBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
+    /// Gradient checkpointing of every resnet and transformer block (training only): the sink
+    /// receives the gradients of the trainable weights inside them.
+    pub checkpointing: Option<Arc<GradSink>>,
 }
 
 impl UNetBlock {
@@ -555,6 +560,7 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out: GroupNorm::load(&ws.at("conv_norm_out"), groups, boc[0], eps)?,
             conv_out: Conv2d::load(&ws.at("conv_out"), boc[0], config.out_channels, 3, 1, 1)?,
+            checkpointing: None,
         })
     }
 
@@ -577,13 +583,33 @@ impl UNet2DConditionModel {
         )?;
         let temb = self.time_linear_2.forward(&silu(&self.time_linear_1.forward(&t_emb)?)?)?;
 
+        // Each block directly, or checkpointed (its activations recomputed in the backward pass).
+        let run_resnet = |r: &ResnetBlock2D, x: &Tensor| -> Result<Tensor> {
+            match &self.checkpointing {
+                Some(sink) => {
+                    let r = r.clone();
+                    checkpointed(Arc::new(move |x, t| r.forward(x, Some(t))), x, &temb, sink)
+                }
+                None => r.forward(x, Some(&temb)),
+            }
+        };
+        let run_attention = |a: &Transformer2DModel, x: &Tensor| -> Result<Tensor> {
+            match &self.checkpointing {
+                Some(sink) => {
+                    let a = a.clone();
+                    checkpointed(Arc::new(move |x, c| a.forward(x, c)), x, context, sink)
+                }
+                None => a.forward(x, context),
+            }
+        };
+
         let mut h = self.conv_in.forward(sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&temb))?;
+                h = run_resnet(resnet, &h)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
+                    h = run_attention(attn, &h)?;
                 }
                 skips.push(h.clone());
             }
@@ -593,18 +619,18 @@ impl UNet2DConditionModel {
             }
         }
 
-        h = self.mid_resnets[0].forward(&h, Some(&temb))?;
+        h = run_resnet(&self.mid_resnets[0], &h)?;
         for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
-            h = attn.forward(&h, context)?;
-            h = resnet.forward(&h, Some(&temb))?;
+            h = run_attention(attn, &h)?;
+            h = run_resnet(resnet, &h)?;
         }
 
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip connection per up-block resnet");
-                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
+                h = run_resnet(resnet, &Tensor::cat(&[&h, &skip], 1)?)?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context)?;
+                    h = run_attention(attn, &h)?;
                 }
             }
             if let Some(up) = &block.resample {

@@ -450,6 +450,9 @@ fn settings(ui: &mut egui::Ui, panel: &mut TrainingPanel, c: &mut TrainConfig, a
             })
             .inner
         });
+        row(ui, "Gradient checkpointing", "Recompute activations in the backward pass instead of keeping them: far less memory (SD 1.5 at 512 px), about a third slower.", |ui| {
+            ui.checkbox(&mut c.gradient_checkpointing, "save memory")
+        });
         row(ui, "Noise offset", "Adds a small constant to the noise so the model learns very dark and very bright images. 0.05–0.1 is usual.", |ui| {
             ui.add(egui::DragValue::new(&mut c.noise_offset).range(0.0..=1.0).speed(0.005))
         });
