@@ -2,6 +2,8 @@
 # Ours against the Python peer (diffusers + PEFT on torch, ../shared/peer), run alternately in one
 # session so the ratios mean something on a shared, noisy machine. Prints one JSON line a run.
 # Usage: docs/performance-race.sh [ROUNDS] (PEER=path/to/python, SD15=1 to include SD 1.5).
+# SD 1.5 at 512 px with gradient checkpointing (memory; one run, ~2 min):
+#   target/release/lora-studio bench train --config sd15 --latent 64 --batch 1 --runs 1 --checkpointing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-2}
@@ -21,5 +23,8 @@ for round in $(seq "$rounds"); do
   if [ "${SD15:-0}" = 1 ]; then
     echo -n "ours sd15 train: "; $studio bench train --config sd15 --latent 32 --batch 1 --rank 4 --runs 2
     echo -n "peer sd15 train: "; "${peer[@]}" --config sd15 --res 32 --batch 1 --mode train 2>/dev/null
+    echo -n "ours sd15 infer b1: "; $studio bench unet --config sd15 --latent 64 --batch 1 --runs 2
+    echo -n "peer sd15 infer: "; "${peer[@]}" --config sd15 --res 64 --mode infer --infer-reps 2 2>/dev/null
+    echo -n "ours sd15 mix: "; $studio bench mix --config sd15 --latent 8 --batch 1 --adapters 8 --runs 3
   fi
 done

@@ -81,6 +81,7 @@ pub fn write_model_folder(
                 write_atomic(&tmp.join("tokenizer/tokenizer_config.json"), cfg.to_string().as_bytes())?;
             }
         }
+        complete_tokenizer(&tmp.join("tokenizer"))?;
         for (sub, file, map) in [
             ("unet", "diffusion_pytorch_model.safetensors", &weights.unet),
             ("text_encoder", "model.safetensors", &weights.text_encoder),
@@ -115,6 +116,15 @@ pub fn write_model_folder(
 
 /// Copies a diffusers model folder to `out` with the live mix folded into the UNet and text
 /// encoder weights. Written to a temporary folder first and renamed, so `out` is whole or absent.
+/// Adds `vocab.json` and `merges.txt` where a tokenizer folder lacks them: earlier folders of ours
+/// had neither (the vocabulary lives in the binary), and transformers cannot tokenize without them.
+fn complete_tokenizer(dir: &Path) -> Result<()> {
+    if dir.join("vocab.json").is_file() {
+        return Ok(());
+    }
+    crate::engine::tokenizer::write_vocabulary(dir, |p, b| write_atomic(p, b))
+}
+
 pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) -> Result<usize> {
     if !model.is_dir() {
         bail!(
@@ -133,6 +143,9 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| -> Result<usize> {
         copy_tree(model, &tmp)?;
+        if tmp.join("tokenizer").is_dir() {
+            complete_tokenizer(&tmp.join("tokenizer"))?;
+        }
         let mut changed = 0;
         for (component, weights) in &merged {
             let dir = tmp.join(component.label());

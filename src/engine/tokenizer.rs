@@ -1,6 +1,7 @@
-//! CLIP's byte-pair tokenizer (the vocabulary ships inside `instant-clip-tokenizer`, nothing is
-//! downloaded): a prompt becomes exactly 77 ids, `<|startoftext|>` … `<|endoftext|>` then padding,
-//! as transformers' `CLIPTokenizer` produces them for Stable Diffusion.
+//! CLIP's byte-pair tokenizer (`instant-clip-tokenizer` over CLIP's merge rules, which ship in
+//! the binary, so nothing is downloaded): a prompt becomes exactly 77 ids, `<|startoftext|>` …
+//! `<|endoftext|>` then padding, as transformers' `CLIPTokenizer` produces them for Stable
+//! Diffusion. It also writes `vocab.json` / `merges.txt`, so our model folders load in transformers.
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -20,10 +21,45 @@ pub const END_OF_TEXT: u32 = 49407;
 /// SD 2.x pads with `!`, id 0.
 pub const EXCLAMATION: u32 = 0;
 
+/// CLIP's merge rules: the 48 894 lines of OpenAI's `bpe_simple_vocab_16e6.txt` (MIT) that CLIP
+/// uses, under the `#version: 0.2` header of transformers' `merges.txt`.
+const MERGES: &str = include_str!("clip-merges.txt");
+/// 256 byte tokens, the same with `</w>`, the merges, and the two markers.
+pub const VOCAB_SIZE: usize = 49408;
+
 /// Building the merge table takes a while, so every `ClipTokenizer` shares one.
 fn shared() -> Arc<Tokenizer> {
     static TOKENIZER: OnceLock<Arc<Tokenizer>> = OnceLock::new();
-    TOKENIZER.get_or_init(|| Arc::new(Tokenizer::new())).clone()
+    TOKENIZER
+        .get_or_init(|| {
+            let t = Tokenizer::with_vocabulary(std::io::Cursor::new(MERGES), VOCAB_SIZE as u16);
+            Arc::new(t.expect("the bundled merge rules are valid"))
+        })
+        .clone()
+}
+
+/// CLIP's vocabulary in id order, as OpenAI builds it: the byte alphabet (printable bytes first,
+/// then the rest mapped above U+0100), the same with `</w>`, each merge's result, the markers.
+fn vocabulary() -> Vec<String> {
+    let printable: Vec<u32> = (0x21..=0x7e).chain(0xa1..=0xac).chain(0xae..=0xff).collect();
+    let mut alphabet: Vec<char> = printable.iter().filter_map(|&b| char::from_u32(b)).collect();
+    alphabet.extend(
+        (0..256u32).filter(|b| !printable.contains(b)).enumerate().filter_map(|(n, _)| char::from_u32(256 + n as u32)),
+    );
+    let mut vocab: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+    vocab.extend(alphabet.iter().map(|c| format!("{c}</w>")));
+    vocab.extend(MERGES.lines().skip(1).take(VOCAB_SIZE - 514).map(|l| l.replace(' ', "")));
+    vocab.push("<|startoftext|>".into());
+    vocab.push("<|endoftext|>".into());
+    vocab
+}
+
+/// Writes `vocab.json` and `merges.txt` into `dir`, the files transformers' `CLIPTokenizer` reads.
+pub fn write_vocabulary(dir: &Path, write: impl Fn(&Path, &[u8]) -> Result<()>) -> Result<()> {
+    let map: serde_json::Map<String, serde_json::Value> =
+        vocabulary().into_iter().enumerate().map(|(id, token)| (token, id.into())).collect();
+    write(&dir.join("vocab.json"), serde_json::to_string(&map)?.as_bytes())?;
+    write(&dir.join("merges.txt"), MERGES.as_bytes())
 }
 
 #[derive(Clone)]
@@ -175,6 +211,40 @@ fn lookup_vocab(vocab: &Path, token: &str) -> Result<u32> {
 mod tests {
     use super::super::schedule::test_util::*;
     use super::*;
+
+    /// The written vocabulary gives every token the id our tokenizer gives it.
+    #[test]
+    fn written_vocabulary_matches_the_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("lora-studio-vocab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_vocabulary(&dir, |p, b| Ok(std::fs::write(p, b)?)).unwrap();
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("vocab.json")).unwrap()).unwrap();
+        assert_eq!(vocab.len(), VOCAB_SIZE);
+        assert_eq!(vocab["<|startoftext|>"], START_OF_TEXT);
+        assert_eq!(vocab["<|endoftext|>"], END_OF_TEXT);
+        assert_eq!(vocab["!"], EXCLAMATION);
+        let tok = ClipTokenizer::new();
+        for word in ["a", "red", "circle", "watercolour", "background", "striped", "lora"] {
+            let ids = tok.tokens(word);
+            let pieces: Vec<String> = (0..ids.len()).map(|i| tok.inner.decode([tok_token(&tok, ids[i])])).collect();
+            let joined: Vec<u32> = pieces
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let key = if i + 1 == pieces.len() { format!("{}</w>", p.trim_end()) } else { p.clone() };
+                    vocab[&key]
+                })
+                .collect();
+            assert_eq!(joined, ids, "{word}");
+        }
+        assert_eq!(lookup_vocab(&dir.join("vocab.json"), "<|endoftext|>").unwrap(), END_OF_TEXT);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tok_token(tok: &ClipTokenizer, id: u32) -> instant_clip_tokenizer::Token {
+        instant_clip_tokenizer::Token::from_u16(id as u16, &tok.inner).unwrap()
+    }
 
     #[test]
     fn fixture_prompts_match_transformers() {
