@@ -122,7 +122,7 @@ fn complete_tokenizer(dir: &Path) -> Result<()> {
     if dir.join("vocab.json").is_file() {
         return Ok(());
     }
-    crate::engine::tokenizer::write_vocabulary(dir, |p, b| write_atomic(p, b))
+    crate::engine::tokenizer::write_vocabulary(dir, write_atomic)
 }
 
 pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) -> Result<usize> {
