@@ -69,6 +69,10 @@ struct Options {
     model_minutes: Option<f64>,
     /// A model folder whose UNet and text encoder training continues from.
     model_init: Option<PathBuf>,
+    /// Offset noise (kohya's `--noise_offset`): without it the model reads a picture's overall
+    /// colour from the starting noise's mean instead of the prompt (16×16 latents make that mean
+    /// as large as the signal left at t = 999).
+    noise_offset: f64,
     text_hidden: usize,
     text_layers: usize,
     unet_channels: Vec<usize>,
@@ -110,6 +114,7 @@ impl Default for Options {
             refresh: 128,
             model_minutes: None,
             model_init: None,
+            noise_offset: 0.1,
             text_hidden: 128,
             text_layers: 4,
             unet_channels: vec![64, 128, 160],
@@ -133,7 +138,7 @@ const HELP: &str = "pretrain vae|model|eval|all [--work DIR] [--out DIR] [--seed
          (with --vae-minutes / --model-minutes the step count is re-sized, after the first
          measured steps, to what fits in that time, so the LR schedule ends on time)
   model: --steps N --batch N --lr F --warmup N --pool N --refresh N --model-minutes M
-         --model-init MODEL_DIR (continue its UNet and text encoder)
+         --model-init MODEL_DIR (continue its UNet and text encoder) --noise-offset F (default 0.1)
          --text-hidden N --text-layers N --unet-channels A,B,C
   eval:  --eval-images N --eval-prompts N --gen-steps N --guidance F
   examples: --examples DIR --example-images N --example-steps N --example-rank N --example-lr F
@@ -164,6 +169,7 @@ fn parse() -> Result<(String, Options)> {
             Long("vae-init") => o.vae_init = Some(p.value()?.into()),
             Long("vae-decoder-only") => o.vae_decoder_only = true,
             Long("model-init") => o.model_init = Some(p.value()?.into()),
+            Long("noise-offset") => o.noise_offset = p.value()?.parse()?,
             Long("steps") => o.steps = p.value()?.parse()?,
             Long("batch") => o.batch = p.value()?.parse()?,
             Long("lr") => o.lr = p.value()?.parse()?,
@@ -652,6 +658,7 @@ fn train_model(o: &Options) -> Result<ModelStats> {
         weight_decay: 0.01,
         max_grad_norm: Some(1.0),
         min_snr_gamma: Some(5.0),
+        noise_offset: o.noise_offset,
         caption_dropout: 0.1,
         dataset: DatasetOptions {
             resolution: o.size as usize,
@@ -1058,6 +1065,7 @@ fn make_examples(o: &Options) -> Result<()> {
             lr_schedule: LrSchedule::Cosine,
             warmup_steps: o.example_steps / 20,
             min_snr_gamma: Some(5.0),
+            noise_offset: o.noise_offset,
             caption_dropout: 0.05,
             dataset: DatasetOptions {
                 resolution: o.size as usize,
