@@ -15,6 +15,7 @@ pub mod formats;
 pub mod kohya_job;
 pub mod mixing;
 pub mod nn;
+pub mod normalise;
 pub mod pipeline;
 pub mod rng;
 pub mod sampler;

@@ -1,11 +1,12 @@
-//! The layers our models are made of. Every op here has a backward pass in candle 0.11.1
-//! (no `softmax_last_dim`, no fused layer norm), and every linear/conv knows its module path so
-//! adapters can be attached by name.
+//! The layers our models are made of. Every op here has a backward pass (no candle
+//! `softmax_last_dim`, no candle fused layer norm: the norms use our `normalise` op), and every
+//! linear/conv knows its module path so adapters can be attached by name.
 
 use candle_core::{D, DType, Tensor};
 
 use super::Result;
 use super::adapter::AdapterStack;
+use super::normalise::normalise;
 use super::weights::WeightScope;
 
 /// A fully connected layer, `y = x Wᵀ + b`, applied over the last dimension.
@@ -112,7 +113,7 @@ impl LayerMut<'_> {
     }
 }
 
-/// GroupNorm over NC… tensors, written with plain tensor ops so it has a backward pass.
+/// GroupNorm over NC… tensors (the normalisation is our fused op, which has a backward pass).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     pub weight: Tensor,
@@ -129,12 +130,8 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let per_group = x.elem_count() / (b * self.groups);
-        let g = x.reshape((b, self.groups, per_group))?;
-        let mean = g.mean_keepdim(2)?;
-        let centred = g.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(2)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        // In NC… order each (item, group) is one contiguous run.
+        let normed = normalise(x, x.elem_count() / (b * self.groups), self.eps)?;
         let mut shape = vec![1; dims.len()];
         shape[1] = c;
         Ok(normed
@@ -143,7 +140,7 @@ impl GroupNorm {
     }
 }
 
-/// LayerNorm over the last dimension (not candle's fused kernel, which has no backward pass).
+/// LayerNorm over the last dimension (not candle's fused kernel, which has no backward pass; ours has).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -157,10 +154,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let normed = normalise(x, x.dim(D::Minus1)?, self.eps)?;
         Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
