@@ -207,7 +207,7 @@ fn parse_list(text: &str) -> Result<Vec<usize>> {
 
 fn main() -> Result<()> {
     // SAFETY: first thing in main, no other thread yet.
-    unsafe { lora_studio::engine::threads::configure() };
+    unsafe { lora_studio::engine::cpu::configure() };
     let (command, o) = parse()?;
     std::fs::create_dir_all(&o.work).with_context(|| format!("{}: cannot create", o.work.display()))?;
     println!(
