@@ -331,6 +331,12 @@ fn without_model_every_command_uses_the_built_in_model_and_its_example_styles() 
     let rgb = img.to_rgb8();
     let first = rgb.get_pixel(0, 0);
     assert!(rgb.pixels().any(|q| q != first));
+    // The format doctor knows the example styles are for the built-in model, and they fit it.
+    let info =
+        studio(&["adapter", "info", p(&style[0]), "--model", p(&lora_studio::engine::builtin::model_dir().unwrap())]);
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("base model: LoRA Studio built-in"), "{text}");
+    assert!(text.contains("of 118 adapter layers match the model"), "{text}");
     // An override folder without a model falls back to the next place searched.
     let out = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
         .args(["generate", "--prompt", "x", "--out", p(&dir.join("y.png"))])

@@ -475,6 +475,8 @@ pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
         Some(768) => "SD 1.x",
         Some(1024) => "SD 2.x",
         Some(2048) => "SDXL",
+        // assets/base: the built-in model's text encoder is 128 wide.
+        Some(128) => "LoRA Studio built-in",
         Some(_) => "other (custom cross-attention width)",
         None => "unknown (no cross-attention layers)",
     };
