@@ -178,6 +178,14 @@ fn full_fine_tuning_changes_the_model_and_writes_a_loadable_folder() {
         values(reloaded.unet.up_blocks[0].resnets[0].conv1.weight()),
         values(t.model.unet.up_blocks[0].resnets[0].conv1.weight())
     );
+    // What diffusers and transformers need to read the folder: the VAE's block types (their
+    // defaults describe a one-level VAE) and the tokenizer's vocabulary files.
+    let vae: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("vae/config.json")).unwrap()).unwrap();
+    let levels = vae["block_out_channels"].as_array().unwrap().len();
+    assert_eq!(vae["down_block_types"].as_array().map(Vec::len), Some(levels));
+    assert_eq!(vae["up_block_types"].as_array().map(Vec::len), Some(levels));
+    assert!(out.join("tokenizer/vocab.json").is_file() && out.join("tokenizer/merges.txt").is_file());
 }
 
 #[test]

@@ -21,6 +21,20 @@ fn config_json<T: Serialize>(config: &T, class: &str) -> Result<String> {
     Ok(serde_json::to_string_pretty(&v)?)
 }
 
+/// The VAE's config with the block types spelled out: diffusers' defaults name one block, so a
+/// folder without them builds a one-level VAE there and fails on the first picture.
+fn vae_config_json(config: &crate::engine::vae::VaeConfig) -> Result<String> {
+    let mut v = serde_json::to_value(config)?;
+    if let Some(o) = v.as_object_mut() {
+        let n = config.block_out_channels.len();
+        o.insert("_class_name".into(), "AutoencoderKL".into());
+        o.insert("down_block_types".into(), vec!["DownEncoderBlock2D"; n].into());
+        o.insert("up_block_types".into(), vec!["UpDecoderBlock2D"; n].into());
+        o.insert("act_fn".into(), "silu".into());
+    }
+    Ok(serde_json::to_string_pretty(&v)?)
+}
+
 /// Writes `weights` to a new folder `dir`, whole or not at all: everything goes to a temporary
 /// folder beside it that is renamed at the end. `tokenizer_source`, when given, is a `tokenizer/`
 /// folder to copy (its vocabulary files let diffusers read the result too).
@@ -56,7 +70,7 @@ pub fn write_model_folder(
             &tmp.join("unet/config.json"),
             config_json(&weights.unet_config, "UNet2DConditionModel")?.as_bytes(),
         )?;
-        write_atomic(&tmp.join("vae/config.json"), config_json(&weights.vae_config, "AutoencoderKL")?.as_bytes())?;
+        write_atomic(&tmp.join("vae/config.json"), vae_config_json(&weights.vae_config)?.as_bytes())?;
         let mut text = serde_json::to_value(&weights.text_config)?;
         text["architectures"] = serde_json::json!(["CLIPTextModel"]);
         text["model_type"] = "clip_text_model".into();
