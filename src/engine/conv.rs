@@ -57,10 +57,20 @@ impl CustomOp2 for FastConvGrad {
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let grad = grad.contiguous()?;
+        // Only what the graph needs: LoRA training leaves every base kernel frozen, and the first
+        // layer's input (the noisy latents) needs no gradient either.
+        let (want_x, want_w) = (x.track_op(), w.track_op());
 
         // Kernel gradient, as candle computes it (already a fast convolution).
-        let gw = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?.transpose(0, 1)?;
-        let gw = if gw.dim(2)? != kh || gw.dim(3)? != kw { gw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { gw };
+        let gw = if want_w {
+            let gw = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?.transpose(0, 1)?;
+            Some(if gw.dim(2)? != kh || gw.dim(3)? != kw { gw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { gw })
+        } else {
+            None
+        };
+        if !want_x {
+            return Ok((None, gw));
+        }
 
         // Input gradient: dilate the output gradient by the stride, then a stride-1 convolution
         // with the spatially flipped kernel, its in/out channels swapped.
@@ -77,7 +87,7 @@ impl CustomOp2 for FastConvGrad {
             let wt = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
             g.conv2d(&wt, kh - 1 - p, 1, 1, 1)?
         };
-        Ok((Some(gx), Some(gw)))
+        Ok((Some(gx), gw))
     }
 }
 
@@ -123,6 +133,11 @@ mod tests {
                 assert_eq!(a.dims(), b.dims(), "{name} gradient shape for {:?}", (b, c, o, h, k, p, s));
                 assert!(diff(a, b) < 1e-4, "{name} gradient differs by {} for {:?}", diff(a, b), (b, c, o, h, k, p, s));
             }
+            // A frozen kernel (LoRA training): the input gradient alone, the same as before.
+            let frozen = w.as_tensor().detach();
+            let g3 = (conv2d(&x, &frozen, p, s).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g3.get(&frozen).is_none());
+            assert!(diff(g3.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4);
         }
     }
 }
