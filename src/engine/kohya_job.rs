@@ -232,7 +232,7 @@ const MAPPING: &str = "\
 | LR schedule, warmup | `--lr_scheduler`, `--lr_warmup_steps` |
 | AdamW betas, weight decay, eps | `--optimizer_type AdamW --optimizer_args` |
 | gradient clipping | `--max_grad_norm` |
-| min-SNR γ, noise offset | `--min_snr_gamma`, `--noise_offset` |
+| min-SNR γ, noise offset, gradient checkpointing | `--min_snr_gamma`, `--noise_offset`, `--gradient_checkpointing` |
 | caption dropout, tag shuffle, keep tokens | `caption_dropout_rate`, `shuffle_caption`, `keep_tokens` in dataset.toml |
 | resolution, buckets, flip, random crop | dataset.toml |
 | trigger word | `class_tokens` (kohya uses it for images without captions; put it in your captions too) |
