@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use lora_studio::engine::clip::{ClipConfig, ClipTextModel};
 use lora_studio::engine::unet::{UNet2DConditionModel, UNetConfig};
+use lora_studio::engine::weights::WeightMap;
 
 /// One tensor per layer kind the engine has (conv, 1×1 conv, linear in and out of attention,
 /// GEGLU, norms, time embedding, embeddings).
@@ -41,14 +42,20 @@ const CHECKED: &[&str] = &[
     "text:text_model.final_layer_norm.bias",
 ];
 
-#[test]
-fn gradients_match_finite_differences() {
-    let dev = Device::Cpu;
-    let r = reference();
+/// The fixture's UNet and text encoder weights in f64 with the `CHECKED` tensors made trainable.
+fn checked_weights() -> (WeightMap, WeightMap, Vec<(String, Var)>, Vec<(String, Var)>) {
     let mut unet_w = component("unet", "diffusion_pytorch_model.safetensors", DType::F64);
     let mut text_w = component("text_encoder", "model.safetensors", DType::F64);
     let unet_vars = unet_w.make_trainable(|n| CHECKED.contains(&format!("unet:{n}").as_str())).unwrap();
     let text_vars = text_w.make_trainable(|n| CHECKED.contains(&format!("text:{n}").as_str())).unwrap();
+    (unet_w, text_w, unet_vars, text_vars)
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    let r = reference();
+    let (unet_w, text_w, unet_vars, text_vars) = checked_weights();
     assert_eq!(unet_vars.len() + text_vars.len(), CHECKED.len(), "every checked tensor exists");
 
     let unet_cfg = UNetConfig::from_file(&sd1_tiny().join("model/unet/config.json")).unwrap();
@@ -122,10 +129,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     use lora_studio::engine::checkpoint::GradSink;
     let dev = Device::Cpu;
     let r = reference();
-    let mut unet_w = component("unet", "diffusion_pytorch_model.safetensors", DType::F64);
-    let mut text_w = component("text_encoder", "model.safetensors", DType::F64);
-    let unet_vars = unet_w.make_trainable(|n| CHECKED.contains(&format!("unet:{n}").as_str())).unwrap();
-    let text_vars = text_w.make_trainable(|n| CHECKED.contains(&format!("text:{n}").as_str())).unwrap();
+    let (unet_w, text_w, unet_vars, text_vars) = checked_weights();
     let unet_cfg = UNetConfig::from_file(&sd1_tiny().join("model/unet/config.json")).unwrap();
     let text_cfg = ClipConfig::from_file(&sd1_tiny().join("model/text_encoder/config.json")).unwrap();
     let mut unet = UNet2DConditionModel::load(&unet_cfg, &unet_w).unwrap();
