@@ -423,7 +423,8 @@ fn playground_generates_blends_live_and_exports() {
     // adapter is far stronger than a trained one: ‖ΔW‖ ≈ 2.5 ‖W‖, so the meter warns).
     let ratio = h.state().playground.overdrive.expect("measured");
     assert!(ratio > 0.5, "{ratio}");
-    h.get_by_label_contains(&format!("Overdrive {ratio:.2} (weights add up to 1.00): overdriven"));
+    h.get_by_label_contains(&format!("Overdrive {ratio:.2}: overdriven"));
+    h.get_by_label("Weights add up to 1.00: images may burn.");
     h.get_by_label_contains("Warning: stacked adapters overdrive the model");
     // Live mode: moving a slider re-renders the same seed once it rests, re-merging its layers.
     h.state_mut().playground.set_weight(0, -1.0);

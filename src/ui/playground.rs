@@ -835,21 +835,23 @@ fn mix_controls(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
 fn overdrive_meter(ui: &mut egui::Ui, total: f64, measured: Option<f64>) {
     // Around 0.1 styles blend; past about 0.5 the weights are more adapter than model.
     let level = measured.map_or(total / 1.5 * 0.25, |r| r);
-    let (color, note) = if level <= 0.25 {
-        (egui::Color32::from_rgb(80, 160, 90), "normal")
+    let (color, word, advice) = if level <= 0.25 {
+        (egui::Color32::from_rgb(80, 160, 90), "normal", "styles blend")
     } else if level <= 0.5 {
-        (egui::Color32::from_rgb(220, 170, 50), "strong: watch for artefacts")
+        (egui::Color32::from_rgb(220, 170, 50), "strong", "watch for artefacts")
     } else {
-        (egui::Color32::from_rgb(210, 70, 60), "overdriven: images may burn")
+        (egui::Color32::from_rgb(210, 70, 60), "overdriven", "images may burn")
     };
+    // The bar's text cannot wrap, so it stays short; the sum and the advice go below it.
     let text = match measured {
-        Some(r) => format!("Overdrive {r:.2} (weights add up to {total:.2}): {note}"),
-        None => format!("Weights add up to {total:.2}: {note}"),
+        Some(r) => format!("Overdrive {r:.2}: {word}"),
+        None => format!("Overdrive: {word}"),
     };
     ui.add(egui::ProgressBar::new((level / 0.75).min(1.0) as f32).fill(color).text(text)).on_hover_text(
         "‖Σ weight × ΔW‖ / ‖W‖ at the layer the adapters change most: around 0.1 styles blend, \
          past 0.5 images tend to burn. Lower the weights or use a budget.",
     );
+    ui.small(format!("Weights add up to {total:.2}: {advice}."));
     if level > 0.5 {
         ui.colored_label(
             ui.visuals().warn_fg_color,
