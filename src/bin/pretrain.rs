@@ -26,7 +26,7 @@ use lora_studio::engine::formats::Naming;
 use lora_studio::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, to_image};
 use lora_studio::engine::rng::Rng;
 use lora_studio::engine::sampler::SamplerKind;
-use lora_studio::engine::schedule::SchedulerConfig;
+use lora_studio::engine::schedule::{Prediction, SchedulerConfig, TimestepSpacing};
 use lora_studio::engine::synthetic::{
     Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized,
 };
@@ -69,10 +69,15 @@ struct Options {
     model_minutes: Option<f64>,
     /// A model folder whose UNet and text encoder training continues from.
     model_init: Option<PathBuf>,
-    /// Offset noise (kohya's `--noise_offset`): without it the model reads a picture's overall
-    /// colour from the starting noise's mean instead of the prompt (16×16 latents make that mean
-    /// as large as the signal left at t = 999).
+    /// Offset noise (kohya's `--noise_offset`), a partial cure for what `zero_snr` fixes.
     noise_offset: f64,
+    /// Train for a zero-terminal-SNR schedule with v-prediction (Lin et al. 2024). With SD's
+    /// schedule the model read a picture's colours from the starting noise's mean instead of the
+    /// prompt (16×16 latents make that mean as large as the signal left at t = 999); at zero SNR
+    /// the input at t = 999 is pure noise, so colours can only come from the prompt.
+    zero_snr: bool,
+    /// Min-SNR-γ loss weighting; none by default (for v at zero SNR it weights t = 999 by 0).
+    min_snr_gamma: Option<f64>,
     text_hidden: usize,
     text_layers: usize,
     unet_channels: Vec<usize>,
@@ -114,7 +119,9 @@ impl Default for Options {
             refresh: 128,
             model_minutes: None,
             model_init: None,
-            noise_offset: 0.1,
+            noise_offset: 0.0,
+            zero_snr: true,
+            min_snr_gamma: None,
             text_hidden: 128,
             text_layers: 4,
             unet_channels: vec![64, 128, 160],
@@ -138,7 +145,8 @@ const HELP: &str = "pretrain vae|model|eval|all [--work DIR] [--out DIR] [--seed
          (with --vae-minutes / --model-minutes the step count is re-sized, after the first
          measured steps, to what fits in that time, so the LR schedule ends on time)
   model: --steps N --batch N --lr F --warmup N --pool N --refresh N --model-minutes M
-         --model-init MODEL_DIR (continue its UNet and text encoder) --noise-offset F (default 0.1)
+         --model-init MODEL_DIR (continue its UNet and text encoder) --noise-offset F (default 0)
+         --epsilon (SD's ε schedule instead of zero terminal SNR + v-prediction) --min-snr-gamma F
          --text-hidden N --text-layers N --unet-channels A,B,C
   eval:  --eval-images N --eval-prompts N --gen-steps N --guidance F
   examples: --examples DIR --example-images N --example-steps N --example-rank N --example-lr F
@@ -170,6 +178,8 @@ fn parse() -> Result<(String, Options)> {
             Long("vae-decoder-only") => o.vae_decoder_only = true,
             Long("model-init") => o.model_init = Some(p.value()?.into()),
             Long("noise-offset") => o.noise_offset = p.value()?.parse()?,
+            Long("epsilon") => o.zero_snr = false,
+            Long("min-snr-gamma") => o.min_snr_gamma = Some(p.value()?.parse()?),
             Long("steps") => o.steps = p.value()?.parse()?,
             Long("batch") => o.batch = p.value()?.parse()?,
             Long("lr") => o.lr = p.value()?.parse()?,
@@ -599,6 +609,19 @@ fn weights_from_checkpoint(base: &ModelWeights, checkpoint: &Path) -> Result<Mod
     Ok(w)
 }
 
+/// The noise schedule the model trains for and ships with.
+fn schedule(o: &Options) -> SchedulerConfig {
+    if !o.zero_snr {
+        return SchedulerConfig::default();
+    }
+    let mut s = SchedulerConfig::stable_diffusion(Prediction::V);
+    s.rescale_betas_zero_snr = true;
+    // Trailing spacing starts sampling at t = 999, the one step that is pure noise.
+    s.timestep_spacing = TimestepSpacing::Trailing;
+    s.steps_offset = 0;
+    s
+}
+
 fn count(map: &WeightMap) -> usize {
     map.names().map(|n| map.tensor(n).unwrap().elem_count()).sum()
 }
@@ -633,6 +656,7 @@ fn train_model(o: &Options) -> Result<ModelStats> {
             tokenizer: ClipTokenizer::new(),
         },
     };
+    let base = ModelWeights { scheduler_config: schedule(o), ..base };
     let (pu, pt, pv) = (count(&base.unet), count(&base.text_encoder), count(&base.vae));
     let f16_bytes = 2 * (pu + pt + pv);
     println!(
@@ -657,7 +681,7 @@ fn train_model(o: &Options) -> Result<ModelStats> {
         warmup_steps: o.warmup.min(o.steps / 2),
         weight_decay: 0.01,
         max_grad_norm: Some(1.0),
-        min_snr_gamma: Some(5.0),
+        min_snr_gamma: o.min_snr_gamma,
         noise_offset: o.noise_offset,
         caption_dropout: 0.1,
         dataset: DatasetOptions {

@@ -134,7 +134,11 @@ impl Sampler {
             }
             SamplerKind::EulerAncestral => {
                 // σ(t) = √((1−ᾱ)/ᾱ), linearly interpolated between integer timesteps (np.interp).
-                let sigma = |t: usize| ((1.0 - acp[t]) / acp[t]).sqrt();
+                // A zero-terminal-SNR schedule's last ᾱ is 0 (σ = ∞); diffusers uses 2⁻²⁴ there.
+                let sigma = |t: usize| {
+                    let a = acp[t].max(2f64.powi(-24));
+                    ((1.0 - a) / a).sqrt()
+                };
                 let mut sigmas: Vec<f64> = spaced
                     .iter()
                     .map(|&t| {
@@ -314,6 +318,22 @@ mod tests {
         assert!((e.init_noise_sigma() - sig(999)).abs() < 1e-5);
         assert!(Sampler::new(SamplerKind::Ddim, &s, 0).is_err());
         assert!(Sampler::new(SamplerKind::Ddim, &s, 1001).is_err());
+    }
+
+    /// diffusers' Euler ancestral on a zero-terminal-SNR schedule caps ᾱ at 2⁻²⁴: σ_max = 4096.
+    #[test]
+    fn euler_a_on_zero_terminal_snr() {
+        let mut cfg = SchedulerConfig::stable_diffusion(Prediction::V);
+        cfg.rescale_betas_zero_snr = true;
+        cfg.timestep_spacing = TimestepSpacing::Trailing;
+        let s = NoiseSchedule::new(&cfg).unwrap();
+        let e = Sampler::new(SamplerKind::EulerAncestral, &s, 20).unwrap();
+        assert_eq!(&e.timesteps()[..3], &[999, 949, 899]);
+        // diffusers 0.42.1: init_noise_sigma 4096, sigmas 4096, 40.392, 18.130.
+        assert!((e.init_noise_sigma() - 4096.0).abs() < 1e-3, "{}", e.init_noise_sigma());
+        assert!((e.sigma(1) - 40.3923).abs() < 2e-3 && (e.sigma(2) - 18.1301).abs() < 2e-3);
+        let d = Sampler::new(SamplerKind::Ddim, &s, 20).unwrap();
+        assert_eq!(d.timesteps()[0], 999);
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct SchedulerConfig {
     pub timestep_spacing: TimestepSpacing,
     /// DDIM: whether the step past t = 0 uses ᾱ = 1 (true) or ᾱ₀ (false, as SD configs say).
     pub set_alpha_to_one: bool,
+    /// Shift and scale √ᾱ so the last timestep is pure noise (Lin et al. 2024, "Common Diffusion
+    /// Noise Schedules and Sample Steps are Flawed"); needs v-prediction.
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
 }
 
 /// The file as written, before validation; defaults are diffusers' `DDIMScheduler` defaults.
@@ -129,9 +133,6 @@ impl TryFrom<RawSchedulerConfig> for SchedulerConfig {
                 ));
             }
         };
-        if raw.rescale_betas_zero_snr {
-            return Err("rescale_betas_zero_snr = true is not supported".into());
-        }
         let cfg = SchedulerConfig {
             num_train_timesteps: raw.num_train_timesteps,
             beta_start: raw.beta_start,
@@ -142,6 +143,7 @@ impl TryFrom<RawSchedulerConfig> for SchedulerConfig {
             steps_offset: raw.steps_offset,
             timestep_spacing,
             set_alpha_to_one: raw.set_alpha_to_one,
+            rescale_betas_zero_snr: raw.rescale_betas_zero_snr,
         };
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -170,6 +172,7 @@ impl SchedulerConfig {
             steps_offset: 1,
             timestep_spacing: TimestepSpacing::Leading,
             set_alpha_to_one: false,
+            rescale_betas_zero_snr: false,
         }
     }
 
@@ -207,6 +210,12 @@ impl SchedulerConfig {
         } else if !(self.beta_start > 0.0 && self.beta_end < 1.0 && self.beta_start <= self.beta_end) {
             bail!("beta_start {} / beta_end {} must satisfy 0 < start <= end < 1", self.beta_start, self.beta_end);
         }
+        if self.rescale_betas_zero_snr && self.prediction_type == Prediction::Epsilon {
+            // At zero SNR the input is pure noise, so ε is known and x₀ cannot be recovered from it.
+            bail!(
+                "rescale_betas_zero_snr = true needs prediction_type v_prediction (ε-prediction is undefined at zero SNR)"
+            );
+        }
         Ok(())
     }
 }
@@ -236,6 +245,7 @@ impl NoiseSchedule {
                     .collect()
             }
         };
+        let betas32 = if config.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas32) } else { betas32 };
         let mut acc = 1f64;
         let alphas_cumprod = betas32
             .iter()
@@ -327,6 +337,22 @@ impl NoiseSchedule {
             Prediction::V => self.velocity(x0, noise, timesteps),
         }
     }
+}
+
+/// Lin et al.'s Algorithm 1 in f32, as diffusers computes it: √ᾱ is shifted so its last value is
+/// 0 and scaled so its first is unchanged, then turned back into betas (the last one becomes 1).
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let mut acc = 1f64;
+    let sqrt_bar: Vec<f32> = betas
+        .iter()
+        .map(|&b| {
+            acc *= (1.0 - b) as f64;
+            (acc as f32).sqrt()
+        })
+        .collect();
+    let (first, last) = (sqrt_bar[0], sqrt_bar[sqrt_bar.len() - 1]);
+    let bar: Vec<f32> = sqrt_bar.iter().map(|&s| ((s - last) * (first / (first - last))).powi(2)).collect();
+    std::iter::once(1.0 - bar[0]).chain(bar.windows(2).map(|w| 1.0 - w[1] / w[0])).collect()
 }
 
 /// `torch.linspace(start, end, n, dtype=float32)` on the CPU: f32 arithmetic, the first half
@@ -482,6 +508,37 @@ mod tests {
         assert!(s.add_noise(&x0, &eps, &[1, 2]).is_err());
         assert!(s.add_noise(&x0, &eps, &[1, 2, 1000]).is_err());
         Ok(())
+    }
+
+    /// Zero-terminal-SNR: ᾱ from diffusers 0.42.1's `DDIMScheduler(scaled_linear 0.00085–0.012,
+    /// rescale_betas_zero_snr=True)`, printed by the peer's Python.
+    #[test]
+    fn zero_terminal_snr_matches_diffusers() {
+        let mut cfg = SchedulerConfig::stable_diffusion(Prediction::V);
+        cfg.rescale_betas_zero_snr = true;
+        let s = NoiseSchedule::new(&cfg).unwrap();
+        let diffusers = [
+            (0, 0.9991499781608582),
+            (1, 0.9982334971427917),
+            (100, 0.8867610692977905),
+            (500, 0.2410186380147934),
+            (900, 0.002960391342639923),
+            (998, 1.9679633567193378e-07),
+        ];
+        for (t, want) in diffusers {
+            let got = s.alphas_cumprod()[t];
+            assert!((got - want).abs() <= 1e-6 * want.max(1e-3), "ᾱ[{t}] = {got}, diffusers {want}");
+        }
+        assert_eq!(s.alphas_cumprod()[999], 0.0);
+        assert_eq!(s.snr(999), 0.0);
+        // The weights stay finite: v at zero SNR is −x₀, which min-SNR weights by 0.
+        assert_eq!(s.min_snr_weight(999, 5.0), 0.0);
+        // Written and read back with the flag; ε-prediction cannot use it.
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"rescale_betas_zero_snr\":true"), "{json}");
+        assert_eq!(SchedulerConfig::from_json_str(&json).unwrap(), cfg);
+        let err = SchedulerConfig::from_json_str(r#"{"rescale_betas_zero_snr": true}"#).unwrap_err().to_string();
+        assert!(err.contains("needs prediction_type v_prediction"), "{err}");
     }
 
     #[test]

@@ -503,17 +503,7 @@ impl Trainer {
         let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let weights: Vec<f32> = timesteps
             .iter()
-            .map(|&t| match self.config.min_snr_gamma {
-                Some(gamma) => {
-                    let snr = schedule.snr(t);
-                    let w = match schedule.prediction() {
-                        super::schedule::Prediction::Epsilon => snr.min(gamma) / snr,
-                        super::schedule::Prediction::V => snr.min(gamma) / (snr + 1.0),
-                    };
-                    w as f32
-                }
-                None => 1.0,
-            })
+            .map(|&t| self.config.min_snr_gamma.map_or(1.0, |gamma| schedule.min_snr_weight(t, gamma)) as f32)
             .collect();
         let w = Tensor::from_vec(weights, timesteps.len(), x0.device())?.to_dtype(per_sample.dtype())?;
         Ok((per_sample * w)?.mean_all()?)
