@@ -3,7 +3,11 @@
 //! matmul, re-reads /proc/cpuinfo unless `RAYON_NUM_THREADS` is set (23 % of a built-in LoRA step
 //! in perf); and element-wise ops run on a second pool whose threads spin-wait beside the rayon
 //! pool the GEMMs use. (Keeping glibc from trimming its heap cut page faults by a quarter but
-//! showed no clear time gain, and risks a larger RSS on SD-sized models; not done.)
+//! showed no clear time gain, and risks a larger RSS on SD-sized models; not done.) Also the GEMM
+//! call and work splitting our own CPU kernels (attention, convolution) share.
+
+use num_traits::Float;
+use rayon::prelude::*;
 
 /// Fixes the thread count once (`RAYON_NUM_THREADS`, so nothing re-reads /proc/cpuinfo), runs
 /// candle's element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1`: GEMMs, convolutions
@@ -20,5 +24,79 @@ pub unsafe fn configure() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: as above.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
+/// A raw pointer that worker threads may share; every user writes a disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared<T>(pub(crate) *mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    // A method, not the field: a closure would capture the bare (unshareable) pointer field.
+    /// # Safety
+    /// `offset` must stay inside the buffer.
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut T {
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// A strided matrix view: (pointer, row stride, column stride).
+pub(crate) type View<T> = (*const T, isize, isize);
+
+/// `dst = alpha·dst + beta·(a · b)` (`alpha` read only when `accumulate`), over strided views.
+///
+/// # Safety
+/// Every view must address memory valid for the given sizes and strides; `dst` must not alias
+/// `a` or `b`, and no other thread may touch the part of `dst` written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<T: 'static + Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, isize, isize),
+    accumulate: bool,
+    a: View<T>,
+    b: View<T>,
+    beta: T,
+    threads: usize,
+) {
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2,
+            dst.1,
+            accumulate,
+            a.0,
+            a.2,
+            a.1,
+            b.0,
+            b.2,
+            b.1,
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Work items run in parallel when there are enough of them for every thread; otherwise they run
+/// in turn, each GEMM using all threads.
+pub(crate) fn split_threads(items: usize) -> (bool, usize) {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    if items >= threads { (true, 1) } else { (false, threads) }
+}
+
+pub(crate) fn for_each_item(items: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
+    if parallel {
+        (0..items).into_par_iter().for_each(f);
+    } else {
+        (0..items).for_each(f);
     }
 }
