@@ -37,7 +37,7 @@ usage:
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
                      --format kohya|peft --resume CKPT --config train.toml]
                     (--algo full trains the model itself; --out is then a model folder)
-  lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction]
+  lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction] [--zero-terminal-snr]
                        the same job for kohya sd-scripts (dataset.toml + train.sh)
   lora-studio adapter info FILE [--model PATH]
   lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... [--model PATH] --rank N --out C.safetensors
@@ -519,7 +519,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
 /// Writes a train.toml job as a kohya sd-scripts job, for running on a GPU cluster.
 fn export_job(p: &mut lexopt::Parser) -> Result<()> {
     let (mut config, mut out): (Option<PathBuf>, Option<PathBuf>) = (None, None);
-    let (mut gpus, mut v2, mut v_pred) = (1usize, false, false);
+    let (mut gpus, mut v2, mut v_pred, mut zero_snr) = (1usize, false, false, false);
     while let Some(arg) = p.next()? {
         match arg {
             Long("config") => config = Some(p.value()?.into()),
@@ -527,6 +527,7 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
             Long("gpus") => gpus = p.value()?.parse()?,
             Long("v2") => v2 = true,
             Long("v-prediction") => v_pred = true,
+            Long("zero-terminal-snr") => zero_snr = true,
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -545,8 +546,9 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         v2 |= unet.cross_attention_dim == 1024;
         let sched = model.join("scheduler/scheduler_config.json");
         if sched.exists() {
-            v_pred |= crate::engine::schedule::SchedulerConfig::from_file(&sched)?.prediction()
-                == crate::engine::schedule::Prediction::V;
+            let sched = crate::engine::schedule::SchedulerConfig::from_file(&sched)?;
+            v_pred |= sched.prediction() == crate::engine::schedule::Prediction::V;
+            zero_snr |= sched.rescale_betas_zero_snr;
         }
     }
     let name = file
@@ -563,6 +565,7 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         gpus,
         v2,
         v_prediction: v_pred,
+        zero_terminal_snr: zero_snr,
     };
     crate::engine::kohya_job::write(&job, &out)?;
     println!("wrote {} (dataset.toml, train.sh, sample_prompts.txt, MAPPING.md)", out.display());

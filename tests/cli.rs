@@ -298,6 +298,14 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
         Command::new("bash").arg("-n").arg(out.join("train.sh")).status().unwrap().success(),
         "train.sh is valid bash"
     );
+    // An ε-prediction base gets neither schedule flag; the built-in model's schedule needs both.
+    assert!(!script.contains("--v_parameterization") && !script.contains("--zero_terminal_snr"), "{script}");
+    let zsnr = dir.join("kohya-zsnr");
+    let run =
+        studio(&["export-job", "--config", p(&toml_file), "--out", p(&zsnr), "--v-prediction", "--zero-terminal-snr"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(zsnr.join("train.sh")).unwrap();
+    assert!(script.contains("--v_parameterization") && script.contains("--zero_terminal_snr"), "{script}");
     let dataset: toml::Value = toml::from_str(&std::fs::read_to_string(out.join("dataset.toml")).unwrap()).unwrap();
     let subset = &dataset["datasets"][0]["subsets"][0];
     assert_eq!(dataset["datasets"][0]["resolution"].as_integer(), Some(512));

@@ -946,12 +946,12 @@ circle in the centre on a striped yellow background".
 | UNet (blocks {uc:?}, cross-attention on the lower two levels) | {up:.2} M parameters |
 | weights on disk (f16) | {mb:.1} MB |
 
-Scheduler: Stable Diffusion's scaled-linear β schedule, 1000 steps, ε-prediction.
+Scheduler: {schedule}
 
 ## Training
 
 - VAE: {vs} steps of batch {vb} ({vmin:.0} min); reconstruction MSE {vf:.4} → {vl:.4}, plus 1e-4 × mean(z²).
-- Text encoder + UNet, full training with AdamW (cosine schedule, min-SNR γ = 5, 10 % caption
+- Text encoder + UNet, full training with AdamW (cosine schedule, {weighting}, 10 % caption
   dropout for classifier-free guidance): {ms} steps of batch {mb_} ({mmin:.0} min), {seen} fresh scenes;
   loss {mf:.4} → {ml:.4} (mean of the first and last 10 % of steps).
 
@@ -979,6 +979,13 @@ the analyser judging each prompt against another prompt's picture.
 - Meant as a base for LoRA examples and tests, not for real pictures.
 "#,
         size = o.size,
+        schedule = if o.zero_snr {
+            "Stable Diffusion's scaled-linear β schedule rescaled to zero terminal SNR (diffusers' \
+             `rescale_betas_zero_snr`), 1000 steps, v-prediction, trailing timestep spacing."
+        } else {
+            "Stable Diffusion's scaled-linear β schedule, 1000 steps, ε-prediction."
+        },
+        weighting = o.min_snr_gamma.map_or("uniform loss weights".to_string(), |g| format!("min-SNR γ = {g}")),
         vp = m.vae_parameters as f64 / 1e6,
         sf = v.scaling_factor,
         th = m.text_hidden,

@@ -18,9 +18,12 @@ pub struct KohyaJob<'a> {
     pub output_name: &'a str,
     pub config: &'a TrainConfig,
     pub gpus: usize,
-    /// True for SD 2.x bases (adds `--v2`, and `--v_parameterization` for v-prediction ones).
+    /// True for SD 2.x bases (adds `--v2`).
     pub v2: bool,
+    /// A v-prediction base (`--v_parameterization`).
     pub v_prediction: bool,
+    /// A zero-terminal-SNR schedule (`--zero_terminal_snr`), as the built-in model's.
+    pub zero_terminal_snr: bool,
 }
 
 fn quote(s: &str) -> String {
@@ -169,9 +172,12 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     }
     if job.v2 {
         flag("v2", String::new());
-        if job.v_prediction {
-            flag("v_parameterization", String::new());
-        }
+    }
+    if job.v_prediction {
+        flag("v_parameterization", String::new());
+    }
+    if job.zero_terminal_snr {
+        flag("zero_terminal_snr", String::new());
     }
     flag("max_data_loader_n_workers", "2".into());
     Ok(a)
