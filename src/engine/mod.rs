@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod dataset;
 pub mod diffusers_folder;
 pub mod formats;
+pub mod geglu;
 pub mod kohya_job;
 pub mod mixing;
 pub mod nn;

@@ -305,9 +305,7 @@ impl BasicTransformerBlock {
         let x = (a1 + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
         let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let (value, gate) = (h.narrow(candle_core::D::Minus1, 0, half)?, h.narrow(candle_core::D::Minus1, half, half)?);
-        let ff = self.ff_out.forward(&(value * gate.gelu_erf()?)?)?;
+        let ff = self.ff_out.forward(&super::geglu::geglu(&h)?)?;
         Ok((ff + x)?)
     }
 }
