@@ -139,7 +139,8 @@ impl Default for Options {
     }
 }
 
-const HELP: &str = "pretrain vae|model|eval|all [--work DIR] [--out DIR] [--seed N] [--size PX] [--log-every N]
+const HELP: &str =
+    "pretrain vae|model|checkpoint|eval|examples|all [--work DIR] [--out DIR] [--seed N] [--size PX] [--log-every N]
   vae:   --vae-steps N --vae-batch N --vae-lr F --vae-minutes M --vae-crop PX --vae-channels A,B,C
          --vae-init VAE_DIR (continue from a trained VAE) --vae-decoder-only (keep its latent space)
          (with --vae-minutes / --model-minutes the step count is re-sized, after the first
@@ -230,6 +231,7 @@ fn main() -> Result<()> {
         "vae" => train_vae(&o).map(|_| ()),
         "model" => train_model(&o).map(|_| ()),
         "eval" => evaluate(&o).map(|_| ()),
+        "checkpoint" => checkpoint_folder(&o),
         "examples" => make_examples(&o),
         "all" => {
             train_vae(&o)?;
@@ -626,7 +628,9 @@ fn count(map: &WeightMap) -> usize {
     map.names().map(|n| map.tensor(n).unwrap().elem_count()).sum()
 }
 
-fn train_model(o: &Options) -> Result<ModelStats> {
+/// The model training starts from: the trained VAE, and a new or continued UNet and text
+/// encoder, with the schedule of `o`.
+fn base_weights(o: &Options) -> Result<ModelWeights> {
     let (vae_config, vae) = load_trained_vae(o)?;
     let unet_config = unet_config(o)?;
     let text_config = text_config(o);
@@ -656,7 +660,21 @@ fn train_model(o: &Options) -> Result<ModelStats> {
             tokenizer: ClipTokenizer::new(),
         },
     };
-    let base = ModelWeights { scheduler_config: schedule(o), ..base };
+    Ok(ModelWeights { scheduler_config: schedule(o), ..base })
+}
+
+/// Writes the running (or last) model training's checkpoint as a model folder at `--out`, to
+/// evaluate a run in progress.
+fn checkpoint_folder(o: &Options) -> Result<()> {
+    let base = base_weights(o)?;
+    let trained = weights_from_checkpoint(&base, &o.work.join("model.checkpoint.safetensors"))?;
+    write_model_folder(&trained, &o.out, DType::F16, None, true)?;
+    println!("checkpoint: written to {}", o.out.display());
+    Ok(())
+}
+
+fn train_model(o: &Options) -> Result<ModelStats> {
+    let base = base_weights(o)?;
     let (pu, pt, pv) = (count(&base.unet), count(&base.text_encoder), count(&base.vae));
     let f16_bytes = 2 * (pu + pt + pv);
     println!(
