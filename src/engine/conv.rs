@@ -165,24 +165,16 @@ impl Im2ColConv {
 
     fn run<T: 'static + Float + WithDType + Send + Sync>(&self, d: ConvDims, b: usize, x: &[T], k: &[T]) -> Vec<T> {
         let (ckk, hw) = (d.c * d.kh * d.kw, d.ho * d.wo);
-        let mut out = Vec::with_capacity(b * d.o * hw);
-        // SAFETY: the GEMMs below write every element (they do not read `dst`).
-        #[allow(clippy::uninit_vec)]
-        unsafe {
-            out.set_len(b * d.o * hw)
-        };
+        // Zeroed, not left uninitialised: slices over uninitialised floats are undefined
+        // behaviour, and the fill costs little beside the GEMMs.
+        let mut out = vec![T::zero(); b * d.o * hw];
         let dst = Shared(out.as_mut_ptr());
         // Several images: one per thread, each with a one-thread GEMM; one image: every thread on
         // its im2col rows, then on its GEMM.
         let (parallel, threads) = split_threads(b);
         for_each_item(b, parallel, |i| {
             let img = &x[i * d.c * d.h * d.w..(i + 1) * d.c * d.h * d.w];
-            let mut col = Vec::with_capacity(ckk * hw);
-            // SAFETY: every element is written by `fill_row` before it is read.
-            #[allow(clippy::uninit_vec)]
-            unsafe {
-                col.set_len(ckk * hw)
-            };
+            let mut col = vec![T::zero(); ckk * hw];
             if parallel {
                 col.chunks_exact_mut(hw).enumerate().for_each(|(r, row)| self.fill_row(d, img, r, row));
             } else {
