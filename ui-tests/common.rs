@@ -91,3 +91,13 @@ pub fn run_until<S>(h: &mut Harness<'_, S>, timeout: Duration, what: &str, mut c
     }
     h.step();
 }
+
+/// A Playground request the tiny fixture model draws in moments: 32 px, 3 steps, seed 7.
+pub fn quick_request(p: &mut lora_studio::ui::PlaygroundPanel) {
+    p.request.prompt = "a gradient".into();
+    p.request.width = 32;
+    p.request.height = 32;
+    p.size_chosen = true;
+    p.request.steps = 3;
+    p.request.seed = 7;
+}

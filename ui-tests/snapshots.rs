@@ -115,17 +115,8 @@ fn playground_with_two_adapters_and_an_image() {
     }
     std::fs::copy(sd1_tiny().join("model/model_index.json"), model.join("model_index.json")).unwrap();
     let Some(mut h) = harness(Some(model)) else { return };
-    {
-        let app = h.state_mut();
-        app.area = Area::Playground;
-        let p = &mut app.playground;
-        p.request.prompt = "a gradient".into();
-        p.request.width = 32;
-        p.request.height = 32;
-        p.size_chosen = true;
-        p.request.steps = 3;
-        p.request.seed = 7;
-    }
+    h.state_mut().area = Area::Playground;
+    quick_request(&mut h.state_mut().playground);
     h.run_steps(2);
     for file in ["lora_a_kohya.safetensors", "lora_b_peft.safetensors"] {
         h.state_mut().try_adapter(&sd1_tiny().join(file));

@@ -89,7 +89,8 @@ use std::time::Duration;
 
 use lora_studio::ui::{DialogPurpose, GridSettings, MixMode, ModelState, RunState};
 
-const SCAN: Duration = Duration::from_secs(30);
+// Generous: CI runs the window tests side by side on two cores.
+const SCAN: Duration = Duration::from_secs(90);
 const TRAIN: Duration = Duration::from_secs(240);
 
 fn harness_with_model() -> Harness<'static, StudioApp> {
@@ -378,15 +379,7 @@ fn playground_generates_blends_live_and_exports() {
     let mut h = harness_with_model();
     h.get_by_role_and_label(Role::Button, "Playground").click();
     h.run_steps(2);
-    {
-        let p = &mut h.state_mut().playground;
-        p.request.prompt = "a gradient".into();
-        p.request.width = 32;
-        p.request.height = 32;
-        p.size_chosen = true;
-        p.request.steps = 3;
-        p.request.seed = 7;
-    }
+    quick_request(&mut h.state_mut().playground);
     // A file dropped on the Playground first shows the format doctor's report; a model's weights
     // file is refused in words; the adapter joins the list once accepted.
     let not_adapter = sd1_tiny().join("model/unet/diffusion_pytorch_model.safetensors");
