@@ -42,8 +42,11 @@ const CHECKED: &[&str] = &[
     "text:text_model.final_layer_norm.bias",
 ];
 
+/// Named trainable tensors.
+type Vars = Vec<(String, Var)>;
+
 /// The fixture's UNet and text encoder weights in f64 with the `CHECKED` tensors made trainable.
-fn checked_weights() -> (WeightMap, WeightMap, Vec<(String, Var)>, Vec<(String, Var)>) {
+fn checked_weights() -> (WeightMap, WeightMap, Vars, Vars) {
     let mut unet_w = component("unet", "diffusion_pytorch_model.safetensors", DType::F64);
     let mut text_w = component("text_encoder", "model.safetensors", DType::F64);
     let unet_vars = unet_w.make_trainable(|n| CHECKED.contains(&format!("unet:{n}").as_str())).unwrap();
