@@ -1,6 +1,9 @@
 //! Shared helpers for the integration tests: where the reference fixtures live, and comparisons.
 #![allow(dead_code)]
 
+#[path = "support/scratch.rs"]
+mod scratch;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -39,31 +42,9 @@ pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor) {
     assert!(max_diff <= 1e-4 * max_ref, "{name}: max diff {max_diff} exceeds 1e-4 × {max_ref}");
 }
 
-/// Tests leave their folders for a look after a failure; those of test processes that have
-/// ended are removed here, so repeated runs do not fill the temp folder (a full run left ~1 GB).
-fn remove_stale(prefix: &str) {
-    // Whether a process has ended is read from /proc; without it nothing is removed.
-    if !std::path::Path::new("/proc/self").exists() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// A fresh, empty scratch folder for one test (per process, so parallel test binaries never meet).
+/// A fresh, empty scratch folder for one test.
 pub fn tempdir(name: &str) -> PathBuf {
-    let base = format!("lora-studio-test-{name}-");
-    remove_stale(&base);
-    let d = std::env::temp_dir().join(format!("{base}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch::fresh_dir(&format!("lora-studio-test-{name}-"))
 }
 
 /// Copies a folder tree; the copies are writable even when the fixtures are not.

@@ -1,6 +1,9 @@
 //! Helpers for the window tests: fixtures, generated images, dropped files, waiting on workers.
 #![allow(dead_code)]
 
+#[path = "../tests/support/scratch.rs"]
+mod scratch;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,31 +26,9 @@ pub fn sd1_tiny() -> PathBuf {
     fixtures_dir().join("sd1-tiny")
 }
 
-/// Tests leave their folders for a look after a failure; those of test processes that have
-/// ended are removed here, so repeated runs do not fill the temp folder (a full run left ~1 GB).
-fn remove_stale(prefix: &str) {
-    // Whether a process has ended is read from /proc; without it nothing is removed.
-    if !std::path::Path::new("/proc/self").exists() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// A fresh, empty folder for one test.
 pub fn tempdir(name: &str) -> PathBuf {
-    let base = format!("lora-studio-ui-{name}-");
-    remove_stale(&base);
-    let d = std::env::temp_dir().join(format!("{base}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch::fresh_dir(&format!("lora-studio-ui-{name}-"))
 }
 
 /// Three small gradient PNGs (`img0.png`…) with `.txt` captions.
