@@ -31,7 +31,7 @@ use lora_studio::engine::synthetic::{
     Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized,
 };
 use lora_studio::engine::tokenizer::ClipTokenizer;
-use lora_studio::engine::train::{Algorithm, LrSchedule, TrainConfig, Trainer};
+use lora_studio::engine::train::{Algorithm, LrSchedule, TimestepBias, TrainConfig, Trainer};
 use lora_studio::engine::unet::{UNet2DConditionModel, UNetConfig};
 use lora_studio::engine::vae::{AutoencoderKL, VaeConfig};
 use lora_studio::engine::weights::{WeightMap, read_safetensors, write_safetensors};
@@ -78,6 +78,11 @@ struct Options {
     zero_snr: bool,
     /// Min-SNR-γ loss weighting; none by default (for v at zero SNR it weights t = 999 by 0).
     min_snr_gamma: Option<f64>,
+    /// Draw the noisiest `portion` of timesteps `multiplier` times as often (none when 1).
+    late_bias: f64,
+    late_portion: f64,
+    /// Text encoder learning rate (defaults to `lr`).
+    text_lr: Option<f64>,
     text_hidden: usize,
     text_layers: usize,
     unet_channels: Vec<usize>,
@@ -122,6 +127,9 @@ impl Default for Options {
             noise_offset: 0.0,
             zero_snr: true,
             min_snr_gamma: None,
+            late_bias: 1.0,
+            late_portion: 0.2,
+            text_lr: None,
             text_hidden: 128,
             text_layers: 4,
             unet_channels: vec![64, 128, 160],
@@ -148,6 +156,8 @@ const HELP: &str =
   model: --steps N --batch N --lr F --warmup N --pool N --refresh N --model-minutes M
          --model-init MODEL_DIR (continue its UNet and text encoder) --noise-offset F (default 0)
          --epsilon (SD's ε schedule instead of zero terminal SNR + v-prediction) --min-snr-gamma F
+         --late-bias F --late-portion F (draw the noisiest fraction of timesteps F times as often)
+         --text-lr F (text encoder learning rate; default --lr)
          --text-hidden N --text-layers N --unet-channels A,B,C
   eval:  --eval-images N --eval-prompts N --gen-steps N --guidance F
   examples: --examples DIR --example-images N --example-steps N --example-rank N --example-lr F
@@ -181,6 +191,9 @@ fn parse() -> Result<(String, Options)> {
             Long("noise-offset") => o.noise_offset = p.value()?.parse()?,
             Long("epsilon") => o.zero_snr = false,
             Long("min-snr-gamma") => o.min_snr_gamma = Some(p.value()?.parse()?),
+            Long("late-bias") => o.late_bias = p.value()?.parse()?,
+            Long("late-portion") => o.late_portion = p.value()?.parse()?,
+            Long("text-lr") => o.text_lr = Some(p.value()?.parse()?),
             Long("steps") => o.steps = p.value()?.parse()?,
             Long("batch") => o.batch = p.value()?.parse()?,
             Long("lr") => o.lr = p.value()?.parse()?,
@@ -701,6 +714,10 @@ fn train_model(o: &Options) -> Result<ModelStats> {
         max_grad_norm: Some(1.0),
         min_snr_gamma: o.min_snr_gamma,
         noise_offset: o.noise_offset,
+        timestep_bias: if o.late_bias == 1.0 { TimestepBias::None } else { TimestepBias::Later },
+        timestep_bias_multiplier: o.late_bias,
+        timestep_bias_portion: o.late_portion,
+        text_encoder_lr: o.text_lr,
         caption_dropout: 0.1,
         dataset: DatasetOptions {
             resolution: o.size as usize,

@@ -58,6 +58,18 @@ pub enum LrSchedule {
     Linear,
 }
 
+/// Which end of the noise schedule training draws more often (diffusers' `--timestep_bias_strategy`):
+/// the `portion` of timesteps at that end is drawn `multiplier` times as often as the rest.
+/// `Later` (the noisiest steps) is where a picture's layout and colours are decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimestepBias {
+    #[default]
+    None,
+    Earlier,
+    Later,
+}
+
 /// Everything that defines a training run; saved in every checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -85,6 +97,10 @@ pub struct TrainConfig {
     /// Min-SNR-γ loss weighting (Hang et al. 2023); 5 is the usual choice.
     pub min_snr_gamma: Option<f64>,
     pub noise_offset: f64,
+    pub timestep_bias: TimestepBias,
+    pub timestep_bias_multiplier: f64,
+    /// Fraction of the schedule (at the biased end) drawn more often.
+    pub timestep_bias_portion: f64,
     /// Probability of training on an empty caption (helps classifier-free guidance).
     pub caption_dropout: f64,
     /// Shuffle comma-separated tags, keeping the first `keep_tokens` in place.
@@ -132,6 +148,9 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             min_snr_gamma: None,
             noise_offset: 0.0,
+            timestep_bias: TimestepBias::None,
+            timestep_bias_multiplier: 1.0,
+            timestep_bias_portion: 0.25,
             caption_dropout: 0.0,
             shuffle_tags: false,
             keep_tokens: 1,
@@ -164,7 +183,29 @@ impl TrainConfig {
         if self.dataset.resolution < 8 {
             bail!("resolution must be at least 8 pixels");
         }
+        if !(self.timestep_bias_multiplier > 0.0 && self.timestep_bias_multiplier.is_finite()) {
+            bail!("timestep bias multiplier must be a positive number");
+        }
+        if !(self.timestep_bias_portion > 0.0 && self.timestep_bias_portion < 1.0) {
+            bail!("timestep bias portion must be between 0 and 1");
+        }
         Ok(())
+    }
+
+    /// Draws a training timestep in `0..len` under `timestep_bias`.
+    pub fn sample_timestep(&self, rng: &mut Rng, len: usize) -> usize {
+        let biased = ((len as f64 * self.timestep_bias_portion).round() as usize).clamp(1, len);
+        if self.timestep_bias == TimestepBias::None || biased == len {
+            return rng.below(len);
+        }
+        let weight = self.timestep_bias_multiplier * biased as f64;
+        let in_biased = rng.uniform() * (weight + (len - biased) as f64) < weight;
+        match (self.timestep_bias, in_biased) {
+            (TimestepBias::Later, true) => len - biased + rng.below(biased),
+            (TimestepBias::Later, false) => rng.below(len - biased),
+            (_, true) => rng.below(biased),
+            (_, false) => biased + rng.below(len - biased),
+        }
     }
 
     /// Learning-rate factor at `step` (0-based): linear warmup, then the schedule.
@@ -526,7 +567,7 @@ impl Trainer {
                 let caption = self.examples[i].caption.clone();
                 let caption = self.training_caption(&caption);
                 ctxs.push(self.text_embedding(&caption)?);
-                timesteps.push(self.rng.below(self.model.schedule.len()));
+                timesteps.push(self.config.sample_timestep(&mut self.rng, self.model.schedule.len()));
             }
             // Stacking needs one size: a batch from several buckets trains them one at a time.
             let same_size = x0s.windows(2).all(|w| w[0].dims() == w[1].dims());
@@ -889,4 +930,34 @@ pub fn step_adapter_path(out: &Path, step: usize) -> PathBuf {
 pub fn checkpoint_path(out: &Path) -> PathBuf {
     let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
     out.with_file_name(format!("{stem}.checkpoint.safetensors"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share_of_late_steps(bias: TimestepBias, multiplier: f64) -> f64 {
+        let config = TrainConfig {
+            timestep_bias: bias,
+            timestep_bias_multiplier: multiplier,
+            timestep_bias_portion: 0.2,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(7);
+        let draws = 40_000;
+        let late = (0..draws).filter(|_| config.sample_timestep(&mut rng, 1000) >= 800).count();
+        late as f64 / draws as f64
+    }
+
+    #[test]
+    fn timestep_bias_draws_the_chosen_end_more_often() {
+        // Last 20 % drawn 4× as often: 0.8 / (0.8 + 0.8) = one half of all draws.
+        assert!((share_of_late_steps(TimestepBias::Later, 4.0) - 0.5).abs() < 0.015);
+        assert!((share_of_late_steps(TimestepBias::None, 4.0) - 0.2).abs() < 0.015);
+        // Earlier: the first 20 % gets half, so the last 20 % gets 0.2 / 1.6 of all draws.
+        assert!((share_of_late_steps(TimestepBias::Earlier, 4.0) - 0.125).abs() < 0.015);
+        let mut rng = Rng::new(1);
+        let config = TrainConfig { timestep_bias: TimestepBias::Later, ..Default::default() };
+        assert!((0..1000).all(|_| config.sample_timestep(&mut rng, 1000) < 1000));
+    }
 }
