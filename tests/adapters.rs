@@ -122,7 +122,9 @@ fn check_modes_agree(w: Tensor, delta: Delta, conv: bool) {
     stack.attach(LayerAdapter { name: "x".into(), delta: delta.clone(), scale: 0.5, multiplier: 0.7 }).unwrap();
     stack.attach(LayerAdapter { name: "y".into(), delta, scale: 2.0, multiplier: -0.3 }).unwrap();
     let x = if conv { randn(&mut rng, &[2, w.dims()[1], 6, 6]) } else { randn(&mut rng, &[2, 4, w.dims()[1]]) };
-    let run = |s: &AdapterStack| if conv { s.forward_conv(&x, 1, 1).unwrap() } else { s.forward_linear(&x).unwrap() };
+    let run = |s: &AdapterStack| {
+        if conv { s.forward_conv(&x, None, 1, 1).unwrap() } else { s.forward_linear(&x, None).unwrap() }
+    };
     stack.merge = false;
     stack.refresh().unwrap();
     let unmerged = values(&run(&stack));

@@ -6,7 +6,8 @@ use anyhow::bail;
 use candle_core::Tensor;
 
 use super::Result;
-use super::conv::conv2d;
+use super::conv::{conv2d, conv2d_bias};
+use super::frozen;
 
 /// One adapter's update of one layer, stored in LyCORIS' current layout.
 #[derive(Clone, Debug)]
@@ -120,20 +121,12 @@ fn b2_conv(x: &Tensor, b2: &Tensor, stride: usize, padding: usize) -> Result<Ten
 
 /// x (…, in) · Wᵀ for W (out, in).
 fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inp = *dims.last().unwrap();
-    let y = x.reshape((x.elem_count() / inp, inp))?.matmul(&w.t()?)?;
-    let mut out = dims;
-    *out.last_mut().unwrap() = w.dims()[0];
-    Ok(y.reshape(out)?)
+    frozen::linear(x, w, None)
 }
 
 /// A 1×1 convolution as a matmul (w: (out, in, 1, 1) or (out, in)).
 fn conv1x1(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (b, c, h, wd) = x.dims4()?;
-    let out = w.dims()[0];
-    let w2 = w.reshape((out, c))?;
-    Ok(w2.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, out, h, wd))?)
+    frozen::pointwise(x, w, None)
 }
 
 /// One adapter attached to one layer.
@@ -255,24 +248,24 @@ impl AdapterStack {
         }
     }
 
-    /// y = x·Wᵀ (+ adapters), for a linear layer; `x` is (…, in).
-    pub fn forward_linear(&self, x: &Tensor) -> Result<Tensor> {
+    /// y = x·Wᵀ + b (+ adapters), for a linear layer; `x` is (…, in).
+    pub fn forward_linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         if let Some(w) = self.direct_weight() {
-            return matmul_last(x, w);
+            return frozen::linear(x, w, bias);
         }
-        let mut y = matmul_last(x, &self.base)?;
+        let mut y = frozen::linear(x, &self.base, bias)?;
         for a in self.active() {
             y = (y + (a.delta.apply_linear(x, &self.base)? * a.coefficient())?)?;
         }
         Ok(y)
     }
 
-    /// y = W ⊛ x (+ adapters), for a convolution.
-    pub fn forward_conv(&self, x: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    /// y = W ⊛ x + b (+ adapters), for a convolution; `bias` is (out).
+    pub fn forward_conv(&self, x: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
         if let Some(w) = self.direct_weight() {
-            return conv(x, w, stride, padding);
+            return conv(x, w, bias, stride, padding);
         }
-        let mut y = conv(x, &self.base, stride, padding)?;
+        let mut y = conv(x, &self.base, bias, stride, padding)?;
         for a in self.active() {
             y = (y + (a.delta.apply_conv(x, &self.base, stride, padding)? * a.coefficient())?)?;
         }
@@ -280,13 +273,13 @@ impl AdapterStack {
     }
 }
 
-fn conv(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let dims = w.dims();
     if dims[2] == 1 && dims[3] == 1 && stride == 1 && padding == 0 {
         // 1×1 convolution as a matmul: much cheaper forward and backward than candle's conv path.
-        return conv1x1(x, w);
+        return frozen::pointwise(x, w, bias);
     }
-    conv2d(x, w, padding, stride)
+    conv2d_bias(x, w, bias, padding, stride)
 }
 
 /// Which layers a new adapter trains, by the names users know from kohya and OneTrainer.

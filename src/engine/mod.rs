@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod dataset;
 pub mod diffusers_folder;
 pub mod formats;
+pub mod frozen;
 pub mod geglu;
 pub mod kohya_job;
 pub mod mixing;

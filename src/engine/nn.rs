@@ -6,6 +6,7 @@ use candle_core::{D, DType, Tensor};
 
 use super::Result;
 use super::adapter::AdapterStack;
+use super::frozen::affine;
 use super::normalise::normalise;
 use super::weights::WeightScope;
 
@@ -37,11 +38,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.stack.forward_linear(x)?;
-        match &self.bias {
-            Some(b) => Ok(y.broadcast_add(b)?),
-            None => Ok(y),
-        }
+        self.stack.forward_linear(x, self.bias.as_ref())
     }
 }
 
@@ -78,11 +75,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.stack.forward_conv(x, self.stride, self.padding)?;
-        match &self.bias {
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?),
-            None => Ok(y),
-        }
+        self.stack.forward_conv(x, self.bias.as_ref(), self.stride, self.padding)
     }
 }
 
@@ -134,9 +127,7 @@ impl GroupNorm {
         let normed = normalise(x, x.elem_count() / (b * self.groups), self.eps)?;
         let mut shape = vec![1; dims.len()];
         shape[1] = c;
-        Ok(normed
-            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(shape.as_slice())?)?)
+        affine(&normed, Some(&self.weight.reshape(shape.as_slice())?), Some(&self.bias.reshape(shape.as_slice())?))
     }
 }
 
@@ -155,7 +146,7 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let normed = normalise(x, x.dim(D::Minus1)?, self.eps)?;
-        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        affine(&normed, Some(&self.weight), Some(&self.bias))
     }
 }
 

@@ -153,6 +153,7 @@ use candle_core::Tensor;
 
 use super::attention::attention;
 use super::checkpoint::{GradSink, checkpointed};
+use super::frozen;
 use super::nn::{Conv2d, GroupNorm, LayerMut, LayerNorm, Linear, silu, timestep_embedding, upsample_nearest};
 use super::weights::{WeightMap, WeightScope};
 
@@ -209,7 +210,7 @@ impl ResnetBlock2D {
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&silu(temb)?)?;
             let (b, c) = t.dims2()?;
-            h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
+            h = frozen::add(&h, &t.reshape((b, c, 1, 1))?)?;
         }
         let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.conv_shortcut {

@@ -1,0 +1,418 @@
+//! Ops whose second operand is frozen (a base weight, a bias, a norm's scale and shift, a time
+//! embedding), fast to train through on the CPU. candle 0.11.1's backward computes and keeps a
+//! gradient for every operand of a matmul or broadcast op, wanted or not: a weight-sized GEMM for
+//! each frozen linear, and for each bias add a zero-filled activation-sized buffer plus an add.
+//! Here the backward returns the input's gradient alone; the forward fuses the bias (or the scale
+//! and shift) into one pass. Anything else (a trained operand, another device or dtype, an odd
+//! broadcast) takes candle's own ops.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::Result;
+use super::cpu::{Shared, for_each_item, gemm, split_threads};
+
+/// Elements below which the element-wise pass runs on one thread.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// `x · Wᵀ + b` over the last dimension of `x`, for W (out, in).
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let inp = *dims.last().expect("linear: a scalar input");
+    let out = w.dim(0)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap() = out;
+    if !fast_linear(x, w, bias, inp) {
+        let y = x.reshape((x.elem_count() / inp, inp))?.matmul(&w.t()?)?.reshape(shape)?;
+        return Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    let op = FrozenLinear { weight: w.contiguous()?, bias: contiguous(bias)?, channels_first: false };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// A 1×1 convolution as a matmul, `W · x[b] + b` for x (B, in, H, W) and W (out, in[, 1, 1]).
+pub fn pointwise(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let out = w.dim(0)?;
+    let w = w.reshape((out, c))?;
+    if !fast_linear(x, &w, bias, c) {
+        let y = w.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, out, h, wd))?;
+        return Ok(match bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, out, 1, 1))?)?,
+            None => y,
+        });
+    }
+    let op = FrozenLinear { weight: w.contiguous()?, bias: contiguous(bias)?, channels_first: true };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// Whether `linear`/`pointwise` can take the frozen path: W (out, `inp`) and the bias untrained.
+fn fast_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, inp: usize) -> bool {
+    let out = w.dims()[0];
+    let frozen = !w.track_op() && bias.is_none_or(|b| !b.track_op());
+    let bias_fits = bias.is_none_or(|b| b.dims() == [out] && b.dtype() == x.dtype());
+    frozen && bias_fits && fast_kind(x) && w.dtype() == x.dtype() && w.dims() == [out, inp]
+}
+
+fn contiguous(t: Option<&Tensor>) -> Result<Option<Tensor>> {
+    Ok(t.map(|t| t.contiguous()).transpose()?)
+}
+
+/// `x · scale + shift`, with `scale` and `shift` (either may be absent) broadcast to `x`'s shape.
+pub fn affine(x: &Tensor, scale: Option<&Tensor>, shift: Option<&Tensor>) -> Result<Tensor> {
+    let pattern = |c: Option<&Tensor>| c.map(|c| Broadcast::of(x.dims(), c.dims()));
+    let (ps, pt) = (pattern(scale), pattern(shift));
+    let frozen = scale.is_none_or(|c| !c.track_op()) && shift.is_none_or(|c| !c.track_op());
+    let same_dtype = [scale, shift].iter().flatten().all(|c| c.dtype() == x.dtype());
+    let broadcast = match (ps, pt) {
+        (Some(Some(a)), Some(Some(b))) if a == b => Some(a),
+        (Some(Some(a)), None) | (None, Some(Some(a))) => Some(a),
+        (None, None) => return Ok(x.clone()),
+        _ => None,
+    };
+    let Some(broadcast) = broadcast.filter(|_| frozen && same_dtype && fast_kind(x)) else {
+        let y = match scale {
+            Some(s) => x.broadcast_mul(s)?,
+            None => x.clone(),
+        };
+        return Ok(match shift {
+            Some(t) => y.broadcast_add(t)?,
+            None => y,
+        });
+    };
+    let flat = |c: Option<&Tensor>| c.map(|c| c.flatten_all()?.contiguous()).transpose();
+    let op = FrozenAffine { scale: flat(scale)?, shift: flat(shift)?, broadcast };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+/// `x + c`, `c` broadcast (a bias, a time embedding).
+pub fn add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    affine(x, None, Some(c))
+}
+
+fn fast_kind(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("frozen op: the input is not contiguous");
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Reads a frozen operand's contiguous data inside a `cpu_fwd`.
+fn with_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("frozen op: an operand is not on the CPU");
+    };
+    Ok(f(contiguous_slice::<T>(cpu, layout)?))
+}
+
+/// `y = x·Wᵀ + b` on rows of `x`, or with `channels_first` `y[b] = W·x[b] + b` on (B, in, S).
+struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    channels_first: bool,
+}
+
+impl FrozenLinear {
+    /// `x` holds `items` rows of `inp` (channels last), or `items` (in, `plane`) blocks.
+    fn run<T: WithDType + Float>(&self, x: &[T], items: usize, plane: usize) -> candle_core::Result<Vec<T>> {
+        let (out, inp) = self.weight.dims2()?;
+        let mut y = vec![T::zero(); items * out * plane];
+        if let Some(b) = &self.bias {
+            with_data::<T, _>(b, |b| {
+                if self.channels_first {
+                    for (o, row) in y.chunks_exact_mut(plane).enumerate() {
+                        row.fill(b[o % out]);
+                    }
+                } else {
+                    y.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(b));
+                }
+            })?;
+        }
+        let accumulate = self.bias.is_some();
+        with_data::<T, _>(&self.weight, |w| {
+            if !self.channels_first {
+                let threads = candle_core::utils::get_num_threads().max(1);
+                // SAFETY: x is (items, in), w is (out, in) read as its transpose (in, out), y is
+                // (items, out); all contiguous and distinct.
+                unsafe {
+                    gemm(
+                        (items, out, inp),
+                        (y.as_mut_ptr(), out as isize, 1),
+                        accumulate,
+                        (x.as_ptr(), inp as isize, 1),
+                        (w.as_ptr(), 1, inp as isize),
+                        T::one(),
+                        threads,
+                    )
+                }
+                return;
+            }
+            let dst = Shared(y.as_mut_ptr());
+            let (parallel, threads) = split_threads(items);
+            for_each_item(items, parallel, |i| {
+                // SAFETY: item i writes its own (out, plane) block of y; w is (out, in) and x's
+                // block i is (in, plane), all contiguous.
+                unsafe {
+                    gemm(
+                        (out, plane, inp),
+                        (dst.at(i * out * plane), plane as isize, 1),
+                        accumulate,
+                        (w.as_ptr(), inp as isize, 1),
+                        (x.as_ptr().add(i * inp * plane), plane as isize, 1),
+                        T::one(),
+                        threads,
+                    )
+                }
+            });
+        })?;
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.weight.dim(0)?;
+        let mut dims = l.dims().to_vec();
+        let (items, plane) = if self.channels_first {
+            dims[1] = out;
+            (dims[0], dims[2..].iter().product())
+        } else {
+            let rows = dims[..dims.len() - 1].iter().product();
+            *dims.last_mut().unwrap() = out;
+            (rows, 1)
+        };
+        let y = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l)?, items, plane)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l)?, items, plane)?),
+            _ => candle_core::bail!("frozen-linear: f32 or f64 expected"),
+        };
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = self.weight.dim(0)?;
+        let gx = if self.channels_first {
+            let (b, plane) = (grad.dim(0)?, grad.elem_count() / (grad.dim(0)? * out));
+            self.weight.t()?.broadcast_matmul(&grad.reshape((b, out, plane))?)?
+        } else {
+            grad.reshape((grad.elem_count() / out, out))?.matmul(&self.weight)?
+        };
+        Ok(Some(gx.reshape(x.shape())?))
+    }
+}
+
+/// How a broadcast operand lines up with the input: its elements, in order, are the input's
+/// dimensions `j..=k`, so input element `i` takes operand element `(i / inner) % len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Broadcast {
+    len: usize,
+    inner: usize,
+}
+
+impl Broadcast {
+    /// `None` when `c` varies along dimensions that are not one contiguous run of `x`'s.
+    fn of(x: &[usize], c: &[usize]) -> Option<Self> {
+        if c.len() > x.len() {
+            return None;
+        }
+        let padded: Vec<usize> = std::iter::repeat_n(1, x.len() - c.len()).chain(c.iter().copied()).collect();
+        let varying: Vec<usize> = (0..x.len()).filter(|&i| padded[i] != 1).collect();
+        let (Some(&j), Some(&k)) = (varying.first(), varying.last()) else {
+            return Some(Self { len: 1, inner: x.iter().product() });
+        };
+        if (j..=k).any(|i| padded[i] != x[i]) {
+            return None;
+        }
+        Some(Self { len: x[j..=k].iter().product(), inner: x[k + 1..].iter().product() })
+    }
+}
+
+struct FrozenAffine {
+    scale: Option<Tensor>,
+    shift: Option<Tensor>,
+    broadcast: Broadcast,
+}
+
+/// `y = x·scale + shift` for one block of `len · inner` elements.
+fn affine_block<T: Float>(y: &mut [T], x: &[T], scale: Option<&[T]>, shift: Option<&[T]>, inner: usize) {
+    for (l, (ys, xs)) in y.chunks_exact_mut(inner).zip(x.chunks_exact(inner)).enumerate() {
+        let s = scale.map_or(T::one(), |s| s[l]);
+        let t = shift.map_or(T::zero(), |t| t[l]);
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            *y = x * s + t;
+        }
+    }
+}
+
+impl FrozenAffine {
+    fn run<T: WithDType + Float>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
+        let data = |c: &Option<Tensor>| c.as_ref().map(|c| with_data::<T, _>(c, |d| d.to_vec())).transpose();
+        let (scale, shift) = (data(&self.scale)?, data(&self.shift)?);
+        let (scale, shift) = (scale.as_deref(), shift.as_deref());
+        let Broadcast { len, inner } = self.broadcast;
+        let mut y = vec![T::zero(); x.len()];
+        let block = len * inner;
+        if inner == 1 {
+            // Along the last dimension: one row of `len` per block.
+            let row = |(ys, xs): (&mut [T], &[T])| {
+                for (i, (y, &x)) in ys.iter_mut().zip(xs).enumerate() {
+                    *y = x * scale.map_or(T::one(), |s| s[i]) + shift.map_or(T::zero(), |t| t[i]);
+                }
+            };
+            if x.len() >= PARALLEL_MIN {
+                y.par_chunks_exact_mut(block).zip(x.par_chunks_exact(block)).for_each(row);
+            } else {
+                y.chunks_exact_mut(block).zip(x.chunks_exact(block)).for_each(row);
+            }
+        } else if x.len() >= PARALLEL_MIN {
+            y.par_chunks_exact_mut(block)
+                .zip(x.par_chunks_exact(block))
+                .for_each(|(ys, xs)| affine_block(ys, xs, scale, shift, inner));
+        } else {
+            y.chunks_exact_mut(block)
+                .zip(x.chunks_exact(block))
+                .for_each(|(ys, xs)| affine_block(ys, xs, scale, shift, inner));
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for FrozenAffine {
+    fn name(&self) -> &'static str {
+        "frozen-affine"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l)?)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l)?)?),
+            _ => candle_core::bail!("frozen-affine: f32 or f64 expected"),
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match &self.scale {
+            None => Ok(Some(grad.clone())),
+            Some(scale) => {
+                let op = FrozenAffine { scale: Some(scale.clone()), shift: None, broadcast: self.broadcast };
+                Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+    use crate::engine::rng::Rng;
+
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn broadcast_patterns() {
+        assert_eq!(Broadcast::of(&[2, 3, 4, 5], &[1, 3, 1, 1]), Some(Broadcast { len: 3, inner: 20 }));
+        assert_eq!(Broadcast::of(&[2, 3, 4, 5], &[2, 3, 1, 1]), Some(Broadcast { len: 6, inner: 20 }));
+        assert_eq!(Broadcast::of(&[2, 3, 4, 5], &[5]), Some(Broadcast { len: 5, inner: 1 }));
+        assert_eq!(Broadcast::of(&[2, 3, 4, 5], &[3, 1, 1]), Some(Broadcast { len: 3, inner: 20 }));
+        assert_eq!(Broadcast::of(&[2, 3, 4, 5], &[1]), Some(Broadcast { len: 1, inner: 120 }));
+        // Varies along dimensions 1 and 3 but not 2: not one run.
+        assert_eq!(Broadcast::of(&[2, 3, 4, 5], &[3, 1, 5]), None);
+        assert_eq!(Broadcast::of(&[2, 3], &[2, 3, 1]), None);
+    }
+
+    /// Same values and input gradients as candle's ops; frozen operands get no gradient.
+    #[test]
+    fn match_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(3);
+        for dtype in [DType::F32, DType::F64] {
+            let tol = if dtype == DType::F32 { 1e-4 } else { 1e-10 };
+            let x = Var::from_tensor(&rng.randn((2, 3, 4, 5), &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let probe = rng.randn((2, 3, 4, 7), &dev).unwrap().to_dtype(dtype).unwrap();
+            let w = rng.randn((7, 5), &dev).unwrap().to_dtype(dtype).unwrap();
+            let b = rng.randn(7, &dev).unwrap().to_dtype(dtype).unwrap();
+            for bias in [None, Some(&b)] {
+                let ours = linear(&x, &w, bias).unwrap();
+                let mut theirs = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+                if let Some(b) = bias {
+                    theirs = theirs.broadcast_add(b).unwrap();
+                }
+                assert!(diff(&ours, &theirs) < tol);
+                let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                assert!(diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < tol);
+                assert!(g1.get(&w).is_none());
+            }
+            // A 1×1 convolution on NCHW (batch 2 and 1: per-image and all-threads GEMMs).
+            for batch in [2, 1] {
+                let x = Var::from_tensor(&x.narrow(0, 0, batch).unwrap()).unwrap();
+                let probe = rng.randn((batch, 6, 4, 5), &dev).unwrap().to_dtype(dtype).unwrap();
+                let w = rng.randn((6, 3, 1, 1), &dev).unwrap().to_dtype(dtype).unwrap();
+                let b = rng.randn(6, &dev).unwrap().to_dtype(dtype).unwrap();
+                for bias in [None, Some(&b)] {
+                    let ours = pointwise(&x, &w, bias).unwrap();
+                    let mut theirs = x.conv2d(&w, 0, 1, 1, 1).unwrap();
+                    if let Some(b) = bias {
+                        theirs = theirs.broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap()).unwrap();
+                    }
+                    assert!(diff(&ours, &theirs) < tol);
+                    let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert!(diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < tol);
+                }
+            }
+            let probe = rng.randn((2, 3, 4, 5), &dev).unwrap().to_dtype(dtype).unwrap();
+            for shape in [vec![1usize, 3, 1, 1], vec![2, 3, 1, 1], vec![5], vec![4, 5]] {
+                let s = rng.randn(shape.as_slice(), &dev).unwrap().to_dtype(dtype).unwrap();
+                let t = rng.randn(shape.as_slice(), &dev).unwrap().to_dtype(dtype).unwrap();
+                for (scale, shift) in [(Some(&s), Some(&t)), (None, Some(&t)), (Some(&s), None)] {
+                    let ours = affine(&x, scale, shift).unwrap();
+                    let mut theirs = x.as_tensor().clone();
+                    if let Some(s) = scale {
+                        theirs = theirs.broadcast_mul(s).unwrap();
+                    }
+                    if let Some(t) = shift {
+                        theirs = theirs.broadcast_add(t).unwrap();
+                    }
+                    assert!(diff(&ours, &theirs) < tol, "{shape:?}");
+                    let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert!(diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < tol, "{shape:?}");
+                }
+            }
+        }
+    }
+
+    /// A trained weight or bias keeps candle's path, so its gradient still arrives.
+    #[test]
+    fn trained_operands_still_get_gradients() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(4);
+        let x = rng.randn((3, 5), &dev).unwrap();
+        let w = Var::from_tensor(&rng.randn((2, 5), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&rng.randn(2, &dev).unwrap()).unwrap();
+        let g = linear(&x, &w, Some(&b)).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&w).is_some() && g.get(&b).is_some());
+        let s = Var::from_tensor(&rng.randn(5, &dev).unwrap()).unwrap();
+        let g = affine(&x, Some(&s), None).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&s).is_some());
+    }
+}
