@@ -128,10 +128,11 @@ impl Im2ColConv {
         k: &[T],
     ) -> candle_core::Result<Vec<T>> {
         let (ckk, hw) = (d.c * d.kh * d.kw, d.ho * d.wo);
-        // Zeroed (or the bias), not left uninitialised: slices over uninitialised floats are
-        // undefined behaviour, and the fill costs little beside the GEMMs.
-        let mut out = vec![T::zero(); b * d.o * hw];
+        // Starts as the bias, or uninitialised: the GEMMs then write every element through raw
+        // pointers (gemm zeroes its destination itself when told not to read it).
+        let len = b * d.o * hw;
         let bias = self.bias.as_ref().map(|t| t.to_vec1::<T>()).transpose()?;
+        let mut out = if bias.is_some() { vec![T::zero(); len] } else { Vec::with_capacity(len) };
         if let Some(bias) = &bias {
             for (o, plane) in out.chunks_exact_mut(hw).enumerate() {
                 plane.fill(bias[o % d.o]);
@@ -163,6 +164,8 @@ impl Im2ColConv {
                 );
             }
         });
+        // SAFETY: image i's GEMM wrote its whole (o, hw) block, so all `len` elements.
+        unsafe { out.set_len(len) };
         Ok(out)
     }
 }

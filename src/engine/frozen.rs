@@ -125,7 +125,8 @@ impl FrozenLinear {
     /// `x` holds `items` rows of `inp` (channels last), or `items` (in, `plane`) blocks.
     fn run<T: WithDType + Float>(&self, x: &[T], items: usize, plane: usize) -> candle_core::Result<Vec<T>> {
         let (out, inp) = self.weight.dims2()?;
-        let mut y = vec![T::zero(); items * out * plane];
+        let len = items * out * plane;
+        let mut y = if self.bias.is_some() { vec![T::zero(); len] } else { Vec::with_capacity(len) };
         if let Some(b) = &self.bias {
             with_data::<T, _>(b, |b| {
                 if self.channels_first {
@@ -174,6 +175,9 @@ impl FrozenLinear {
                 }
             });
         })?;
+        // SAFETY: the GEMMs above wrote all `len` elements (through raw pointers: no reference
+        // to uninitialised memory was made).
+        unsafe { y.set_len(len) };
         Ok(y)
     }
 }
@@ -205,8 +209,9 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let out = self.weight.dim(0)?;
         let gx = if self.channels_first {
-            let (b, plane) = (grad.dim(0)?, grad.elem_count() / (grad.dim(0)? * out));
-            self.weight.t()?.broadcast_matmul(&grad.reshape((b, out, plane))?)?
+            // Wᵀ·g[b] per image through the same op (candle's broadcast_matmul copies W per image).
+            let op = FrozenLinear { weight: self.weight.t()?.contiguous()?, bias: None, channels_first: true };
+            grad.contiguous()?.apply_op1_no_bwd(&op)?
         } else {
             grad.reshape((grad.elem_count() / out, out))?.matmul(&self.weight)?
         };

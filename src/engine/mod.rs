@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;
+pub mod silu;
 pub mod single_file;
 pub mod synthetic;
 pub mod tokenizer;

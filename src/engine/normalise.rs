@@ -85,9 +85,14 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result
     Ok(&s.as_slice::<T>()?[start..end])
 }
 
-/// A contiguous CPU tensor's elements.
-fn values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.flatten_all()?.to_vec1::<T>()
+/// Runs `f` on a CPU tensor's elements, in place when contiguous (no copy).
+fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("normalise: a tensor is not on the CPU");
+    };
+    Ok(f(slice::<T>(cpu, layout)?))
 }
 
 impl CustomOp1 for Normalise {
@@ -105,18 +110,22 @@ impl CustomOp1 for Normalise {
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = match x.dtype() {
-            DType::F32 => {
-                let dx = self.backward(&values::<f32>(x)?, &values::<f32>(y)?, &values::<f32>(g)?);
-                Tensor::from_vec(dx, x.shape(), x.device())?
-            }
-            DType::F64 => {
-                let dx = self.backward(&values::<f64>(x)?, &values::<f64>(y)?, &values::<f64>(g)?);
-                Tensor::from_vec(dx, x.shape(), x.device())?
-            }
+        fn run<T: WithDType + Float>(
+            op: &Normalise,
+            x: &Tensor,
+            y: &Tensor,
+            g: &Tensor,
+        ) -> candle_core::Result<Tensor> {
+            let dx = with_values::<T, _>(x, |x| {
+                with_values::<T, _>(y, |y| with_values::<T, _>(g, |g| op.backward(x, y, g)))
+            })???;
+            Tensor::from_vec(dx, x.shape(), x.device())
+        }
+        Ok(Some(match x.dtype() {
+            DType::F32 => run::<f32>(self, x, y, g)?,
+            DType::F64 => run::<f64>(self, x, y, g)?,
             other => candle_core::bail!("normalise: no backward for {other:?}"),
-        };
-        Ok(Some(dx))
+        }))
     }
 }
 
