@@ -43,7 +43,7 @@ usage:
   lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... [--model PATH] --rank N --out C.safetensors
                        [--format kohya|peft] [--f16]
   lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR
-  lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]
+  lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N] [--forward-only]
   lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N] [--checkpointing]
   lora-studio bench mix --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N]
   lora-studio bench generate [--model PATH] [--steps N] [--guidance X] [--runs N]
@@ -607,7 +607,9 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
     let what = match p.next()? {
         Some(Value(v)) => v.string()?,
         _ => {
-            bail!("usage: lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N]")
+            bail!(
+                "usage: lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N] [--forward-only]"
+            )
         }
     };
     if what == "train" {
@@ -667,6 +669,7 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
             Long("latent") => opts.latent = p.value()?.parse()?,
             Long("batch") => opts.batch = p.value()?.parse()?,
             Long("runs") => opts.runs = p.value()?.parse()?,
+            Long("forward-only") => opts.forward_only = true,
             _ => return Err(arg.unexpected().into()),
         }
     }

@@ -59,11 +59,13 @@ pub struct UnetBenchOptions {
     pub latent: usize,
     pub batch: usize,
     pub runs: usize,
+    /// Inference only: frozen weights (as generation runs them), no backward pass.
+    pub forward_only: bool,
 }
 
 impl Default for UnetBenchOptions {
     fn default() -> Self {
-        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, runs: 5 }
+        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, runs: 5, forward_only: false }
     }
 }
 
@@ -74,9 +76,11 @@ pub struct UnetBenchReport {
     pub batch: usize,
     pub runs: usize,
     pub params_millions: f64,
+    /// With `forward_only` the weights are frozen, as in generation; else they are variables.
     pub forward_s_median: f64,
-    /// Forward plus backward to every UNet weight (the cost of a full fine-tuning step's gradients).
-    pub forward_backward_s_median: f64,
+    /// Forward plus backward to every UNet weight (the cost of a full fine-tuning step's
+    /// gradients); none with `forward_only`.
+    pub forward_backward_s_median: Option<f64>,
     pub peak_rss_mib: f64,
     pub threads: usize,
 }
@@ -88,12 +92,16 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
     }
     let config = unet_config(&opts.config)?;
     let synthetic = WeightMap::synthetic(DType::F32, device);
-    UNet2DConditionModel::load(&config, &synthetic)?;
-    // The same weights as variables, so backward computes what a full fine-tuning step would.
-    let mut weights = WeightMap::new(synthetic.generated(), "benchmark weights", DType::F32, device)?;
-    let vars = weights.make_trainable(|_| true)?;
-    let model = UNet2DConditionModel::load(&config, &weights)?;
-    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let frozen = UNet2DConditionModel::load(&config, &synthetic)?;
+    let (model, params) = if opts.forward_only {
+        (frozen, synthetic.generated().values().map(Tensor::elem_count).sum::<usize>())
+    } else {
+        // The same weights as variables, so backward computes what a full fine-tuning step would.
+        drop(frozen);
+        let mut weights = WeightMap::new(synthetic.generated(), "benchmark weights", DType::F32, device)?;
+        let vars = weights.make_trainable(|_| true)?;
+        (UNet2DConditionModel::load(&config, &weights)?, vars.iter().map(|(_, v)| v.elem_count()).sum())
+    };
 
     let mut rng = Rng::new(0);
     let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
@@ -108,14 +116,18 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
         let out = model.forward(&sample, &t, &context)?;
         let _ = out.sum_all()?.to_scalar::<f32>()?;
         let f = start.elapsed().as_secs_f64();
+        if i > 0 {
+            fwd.push(f);
+        }
+        if opts.forward_only {
+            continue;
+        }
         let start = Instant::now();
         let loss = model.forward(&sample, &t, &context)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         drop(grads);
-        let fb = start.elapsed().as_secs_f64();
         if i > 0 {
-            fwd.push(f);
-            fwd_bwd.push(fb);
+            fwd_bwd.push(start.elapsed().as_secs_f64());
         }
     }
     Ok(UnetBenchReport {
@@ -125,7 +137,7 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
         runs: opts.runs,
         params_millions: params as f64 / 1e6,
         forward_s_median: median(&mut fwd),
-        forward_backward_s_median: median(&mut fwd_bwd),
+        forward_backward_s_median: (!fwd_bwd.is_empty()).then(|| median(&mut fwd_bwd)),
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
     })
