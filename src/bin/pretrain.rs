@@ -1020,7 +1020,12 @@ the analyser judging each prompt against another prompt's picture.
         } else {
             "Stable Diffusion's scaled-linear β schedule, 1000 steps, ε-prediction."
         },
-        weighting = o.min_snr_gamma.map_or("uniform loss weights".to_string(), |g| format!("min-SNR γ = {g}")),
+        weighting = o.min_snr_gamma.map_or("uniform loss weights".to_string(), |g| format!("min-SNR γ = {g}"))
+            + &if o.late_bias == 1.0 {
+                String::new()
+            } else {
+                format!(", the noisiest {:.0} % of timesteps drawn {}× as often", 100.0 * o.late_portion, o.late_bias)
+            },
         vp = m.vae_parameters as f64 / 1e6,
         sf = v.scaling_factor,
         th = m.text_hidden,
