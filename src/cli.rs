@@ -33,6 +33,7 @@ usage:
                     [--rank N --alpha X --targets PRESET --lr X --steps N --batch N --resolution N
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
                      --train-text-encoder --flip --buckets --min-snr G --noise-offset X
+                     --timestep-bias none|earlier|later --timestep-bias-multiplier X --timestep-bias-portion X
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
                      --format kohya|peft --resume CKPT --config train.toml]
@@ -430,6 +431,12 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "random-crop" => c.dataset.center_crop = false,
             "min-snr" => c.min_snr_gamma = Some(num(&v)?),
             "noise-offset" => c.noise_offset = num(&v)?,
+            "timestep-bias" => {
+                c.timestep_bias = serde_json::from_value(serde_json::Value::String(v.clone()))
+                    .map_err(|_| anyhow::anyhow!("--timestep-bias: `{v}` (none, earlier or later)"))?
+            }
+            "timestep-bias-multiplier" => c.timestep_bias_multiplier = num(&v)?,
+            "timestep-bias-portion" => c.timestep_bias_portion = num(&v)?,
             "gradient-checkpointing" => c.gradient_checkpointing = true,
             "warmup" => c.warmup_steps = int(&v)?,
             "lr-schedule" => {

@@ -230,12 +230,19 @@ fn train_then_info_then_generate_with_the_adapter() {
         "attention",
         "--trigger",
         "zxc",
+        "--timestep-bias",
+        "later",
+        "--timestep-bias-multiplier",
+        "3",
     ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("junk.png: skipped"), "{stderr}");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("validation loss") && stdout.contains("← best"), "{stdout}");
+
+    let sideways = studio(&["train", "--timestep-bias", "sideways", "--data", p(&data), "--out", p(&adapter)]);
+    assert_one_line_error(&sideways, "--timestep-bias: `sideways` (none, earlier or later)");
 
     let info = studio(&["adapter", "info", p(&adapter), "--model", p(&model)]);
     let text = String::from_utf8_lossy(&info.stdout);

@@ -98,6 +98,7 @@ pub struct TrainConfig {
     pub min_snr_gamma: Option<f64>,
     pub noise_offset: f64,
     pub timestep_bias: TimestepBias,
+    /// How many times as often the biased part is drawn (used only with a bias).
     pub timestep_bias_multiplier: f64,
     /// Fraction of the schedule (at the biased end) drawn more often.
     pub timestep_bias_portion: f64,
@@ -149,7 +150,7 @@ impl Default for TrainConfig {
             min_snr_gamma: None,
             noise_offset: 0.0,
             timestep_bias: TimestepBias::None,
-            timestep_bias_multiplier: 1.0,
+            timestep_bias_multiplier: 2.0,
             timestep_bias_portion: 0.25,
             caption_dropout: 0.0,
             shuffle_tags: false,

@@ -9,7 +9,7 @@ use egui::{Response, RichText};
 
 use crate::engine::adapter::TargetPreset;
 use crate::engine::formats::Naming;
-use crate::engine::train::{Algorithm, LrSchedule, TrainConfig};
+use crate::engine::train::{Algorithm, LrSchedule, TimestepBias, TrainConfig};
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 use super::loss_plot::{LossHistory, loss_plot, plot_key};
@@ -455,6 +455,22 @@ fn settings(ui: &mut egui::Ui, panel: &mut TrainingPanel, c: &mut TrainConfig, a
         });
         row(ui, "Noise offset", "Adds a small constant to the noise so the model learns very dark and very bright images. 0.05–0.1 is usual.", |ui| {
             ui.add(egui::DragValue::new(&mut c.noise_offset).range(0.0..=1.0).speed(0.005))
+        });
+        row(ui, "Timestep bias", "Train the noisiest steps (later: composition and colours) or the least noisy ones (earlier: fine detail) more often: that quarter of the schedule is drawn this many times as often.", |ui| {
+            ui.horizontal(|ui| {
+                let r = egui::ComboBox::from_id_salt("timestep_bias")
+                    .selected_text(format!("{:?}", c.timestep_bias).to_lowercase())
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(&mut c.timestep_bias, TimestepBias::None, "none");
+                        ui.selectable_value(&mut c.timestep_bias, TimestepBias::Earlier, "earlier");
+                        ui.selectable_value(&mut c.timestep_bias, TimestepBias::Later, "later");
+                    })
+                    .response;
+                let on = c.timestep_bias != TimestepBias::None;
+                ui.add_enabled(on, egui::DragValue::new(&mut c.timestep_bias_multiplier).range(1.0..=10.0).speed(0.1).suffix("×"));
+                r
+            })
+            .inner
         });
         row(ui, "LR schedule", "How the learning rate changes over the run, after warmup.", |ui| {
             egui::ComboBox::from_id_salt("lr_schedule")
