@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, W
 use num_traits::Float;
 
 use super::Result;
-use super::cpu::{Shared, for_each_item, gemm, split_threads};
+use super::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads};
 
 /// Attention over `(batch, tokens, heads·head_dim)` queries and `(batch, keys, heads·head_dim)`
 /// keys and values; `causal` hides later keys from each query (CLIP's text encoder).
@@ -372,13 +372,6 @@ impl FusedAttention {
     }
 }
 
-fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused attention: the inputs must be contiguous");
-    };
-    Ok(&s.as_slice::<T>()?[start..end])
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -397,15 +390,15 @@ impl CustomOp3 for FusedAttention {
         let storage = match s1 {
             CpuStorage::F32(_) => CpuStorage::F32(self.forward(
                 dims,
-                contiguous_slice::<f32>(s1, l1)?,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
+                contiguous_slice::<f32>(s1, l1, "fused attention")?,
+                contiguous_slice(s2, l2, "fused attention")?,
+                contiguous_slice(s3, l3, "fused attention")?,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(self.forward(
                 dims,
-                contiguous_slice::<f64>(s1, l1)?,
-                contiguous_slice(s2, l2)?,
-                contiguous_slice(s3, l3)?,
+                contiguous_slice::<f64>(s1, l1, "fused attention")?,
+                contiguous_slice(s2, l2, "fused attention")?,
+                contiguous_slice(s3, l3, "fused attention")?,
             )),
             _ => candle_core::bail!("fused attention: f32 or f64 only"),
         };
@@ -432,7 +425,7 @@ impl CustomOp3 for FusedAttention {
                         let candle_core::Storage::Cpu(cpu) = &**s else {
                             candle_core::bail!("fused attention: not on the CPU");
                         };
-                        slices.push(contiguous_slice::<$t>(cpu, l)?);
+                        slices.push(contiguous_slice::<$t>(cpu, l, "fused attention")?);
                     }
                     self.backward(dims, slices[0], slices[1], slices[2], slices[3], slices[4])
                 };

@@ -6,6 +6,7 @@
 //! showed no clear time gain, and risks a larger RSS on SD-sized models; not done.) Also the GEMM
 //! call and work splitting our own CPU kernels (attention, convolution) share.
 
+use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -99,4 +100,26 @@ pub(crate) fn for_each_item(items: usize, parallel: bool, f: impl Fn(usize) + Sy
     } else {
         (0..items).for_each(f);
     }
+}
+
+/// A contiguous CPU storage's elements, for our ops' `cpu_fwd` (`op` names the op in the error).
+pub(crate) fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+/// Runs `f` on a CPU tensor's elements, in place (copied first only if not contiguous).
+pub(crate) fn with_cpu_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("a CPU op got a tensor on another device");
+    };
+    Ok(f(contiguous_slice::<T>(cpu, layout, "a CPU op")?))
 }

@@ -6,12 +6,12 @@
 //! and shift) into one pass. Anything else (a trained operand, another device or dtype, an odd
 //! broadcast) takes candle's own ops.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use super::Result;
-use super::cpu::{Shared, for_each_item, gemm, split_threads};
+use super::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads, with_cpu_data};
 
 /// Elements below which the element-wise pass runs on one thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -98,22 +98,6 @@ fn fast_kind(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("frozen op: the input is not contiguous");
-    };
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
-/// Reads a frozen operand's contiguous data inside a `cpu_fwd`.
-fn with_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("frozen op: an operand is not on the CPU");
-    };
-    Ok(f(contiguous_slice::<T>(cpu, layout)?))
-}
-
 /// `y = x·Wᵀ + b` on rows of `x`, or with `channels_first` `y[b] = W·x[b] + b` on (B, in, S).
 struct FrozenLinear {
     weight: Tensor,
@@ -128,7 +112,7 @@ impl FrozenLinear {
         let len = items * out * plane;
         let mut y = if self.bias.is_some() { vec![T::zero(); len] } else { Vec::with_capacity(len) };
         if let Some(b) = &self.bias {
-            with_data::<T, _>(b, |b| {
+            with_cpu_data::<T, _>(b, |b| {
                 if self.channels_first {
                     for (o, row) in y.chunks_exact_mut(plane).enumerate() {
                         row.fill(b[o % out]);
@@ -139,7 +123,7 @@ impl FrozenLinear {
             })?;
         }
         let accumulate = self.bias.is_some();
-        with_data::<T, _>(&self.weight, |w| {
+        with_cpu_data::<T, _>(&self.weight, |w| {
             if !self.channels_first {
                 let threads = candle_core::utils::get_num_threads().max(1);
                 // SAFETY: x is (items, in), w is (out, in) read as its transpose (in, out), y is
@@ -199,8 +183,12 @@ impl CustomOp1 for FrozenLinear {
             (rows, 1)
         };
         let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l)?, items, plane)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l)?, items, plane)?),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l, self.name())?, items, plane)?)
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l, self.name())?, items, plane)?)
+            }
             _ => candle_core::bail!("frozen-linear: f32 or f64 expected"),
         };
         Ok((y, Shape::from(dims)))
@@ -264,7 +252,7 @@ fn affine_block<T: Float>(y: &mut [T], x: &[T], scale: Option<&[T]>, shift: Opti
 
 impl FrozenAffine {
     fn run<T: WithDType + Float>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
-        let data = |c: &Option<Tensor>| c.as_ref().map(|c| with_data::<T, _>(c, |d| d.to_vec())).transpose();
+        let data = |c: &Option<Tensor>| c.as_ref().map(|c| with_cpu_data::<T, _>(c, |d| d.to_vec())).transpose();
         let (scale, shift) = (data(&self.scale)?, data(&self.shift)?);
         let (scale, shift) = (scale.as_deref(), shift.as_deref());
         let Broadcast { len, inner } = self.broadcast;
@@ -302,8 +290,8 @@ impl CustomOp1 for FrozenAffine {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l)?)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l)?)?),
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l, self.name())?)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l, self.name())?)?),
             _ => candle_core::bail!("frozen-affine: f32 or f64 expected"),
         };
         Ok((y, l.shape().clone()))

@@ -7,6 +7,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::Result;
+use super::cpu::contiguous_slice;
 
 /// `h[..., :F] · gelu_erf(h[..., F:])` for `h` of last dimension 2F.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
@@ -74,13 +75,6 @@ fn backward<T: Gelu>(h: &[T], grad: &[T], f: usize) -> Vec<T> {
     out
 }
 
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("geglu: the input must be contiguous"),
-    }
-}
-
 struct Geglu;
 
 impl CustomOp1 for Geglu {
@@ -93,8 +87,8 @@ impl CustomOp1 for Geglu {
         let f = dims[dims.len() - 1] / 2;
         *dims.last_mut().unwrap() = f;
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(forward(slice::<f32>(s, l)?, f)),
-            CpuStorage::F64(_) => CpuStorage::F64(forward(slice::<f64>(s, l)?, f)),
+            CpuStorage::F32(_) => CpuStorage::F32(forward(contiguous_slice::<f32>(s, l, "geglu")?, f)),
+            CpuStorage::F64(_) => CpuStorage::F64(forward(contiguous_slice::<f64>(s, l, "geglu")?, f)),
             _ => candle_core::bail!("geglu: f32 or f64 expected"),
         };
         Ok((out, Shape::from(dims)))
@@ -121,12 +115,16 @@ impl CustomOp2 for GegluGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let f = gl.dims()[gl.dims().len() - 1];
         let out = match (hs, gs) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(backward(slice::<f32>(hs, hl)?, slice::<f32>(gs, gl)?, f))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(backward(slice::<f64>(hs, hl)?, slice::<f64>(gs, gl)?, f))
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(backward(
+                contiguous_slice::<f32>(hs, hl, "geglu")?,
+                contiguous_slice::<f32>(gs, gl, "geglu")?,
+                f,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(backward(
+                contiguous_slice::<f64>(hs, hl, "geglu")?,
+                contiguous_slice::<f64>(gs, gl, "geglu")?,
+                f,
+            )),
             _ => candle_core::bail!("geglu-grad: f32 or f64 of one dtype expected"),
         };
         Ok((out, hl.shape().clone()))

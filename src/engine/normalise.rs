@@ -7,6 +7,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::Result;
+use super::cpu::{contiguous_slice, with_cpu_data};
 
 /// `x` normalised over each run of `chunk` contiguous elements (its shape unchanged).
 pub fn normalise(x: &Tensor, chunk: usize, eps: f64) -> Result<Tensor> {
@@ -78,23 +79,6 @@ impl Normalise {
     }
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("normalise: the input must be contiguous");
-    };
-    Ok(&s.as_slice::<T>()?[start..end])
-}
-
-/// Runs `f` on a CPU tensor's elements, in place when contiguous (no copy).
-fn with_values<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("normalise: a tensor is not on the CPU");
-    };
-    Ok(f(slice::<T>(cpu, layout)?))
-}
-
 impl CustomOp1 for Normalise {
     fn name(&self) -> &'static str {
         "normalise"
@@ -102,8 +86,8 @@ impl CustomOp1 for Normalise {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(slice::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward(slice::<f64>(s, l)?)),
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward(contiguous_slice::<f32>(s, l, "normalise")?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward(contiguous_slice::<f64>(s, l, "normalise")?)),
             _ => candle_core::bail!("normalise: f32 or f64 only"),
         };
         Ok((out, l.shape().clone()))
@@ -116,8 +100,8 @@ impl CustomOp1 for Normalise {
             y: &Tensor,
             g: &Tensor,
         ) -> candle_core::Result<Tensor> {
-            let dx = with_values::<T, _>(x, |x| {
-                with_values::<T, _>(y, |y| with_values::<T, _>(g, |g| op.backward(x, y, g)))
+            let dx = with_cpu_data::<T, _>(x, |x| {
+                with_cpu_data::<T, _>(y, |y| with_cpu_data::<T, _>(g, |g| op.backward(x, y, g)))
             })???;
             Tensor::from_vec(dx, x.shape(), x.device())
         }

@@ -7,6 +7,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::Result;
+use super::cpu::contiguous_slice;
 
 /// Elements per work item (small tensors stay on one thread).
 const CHUNK: usize = 1 << 14;
@@ -22,13 +23,6 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 fn sigmoid<T: Float>(x: T) -> T {
     T::one() / (T::one() + (-x).exp())
-}
-
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("silu: the input is not contiguous");
-    };
-    Ok(&s.as_slice::<T>()?[a..b])
 }
 
 fn forward<T: Float + Send + Sync>(x: &[T]) -> Vec<T> {
@@ -62,8 +56,8 @@ impl CustomOp1 for Silu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(forward(slice::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(forward(slice::<f64>(s, l)?)),
+            CpuStorage::F32(_) => CpuStorage::F32(forward(contiguous_slice::<f32>(s, l, "silu")?)),
+            CpuStorage::F64(_) => CpuStorage::F64(forward(contiguous_slice::<f64>(s, l, "silu")?)),
             _ => candle_core::bail!("silu: f32 or f64 expected"),
         };
         Ok((y, l.shape().clone()))
@@ -90,12 +84,14 @@ impl CustomOp2 for SiluGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match (xs, gs) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(backward(slice::<f32>(xs, xl)?, slice::<f32>(gs, gl)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(backward(slice::<f64>(xs, xl)?, slice::<f64>(gs, gl)?))
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(backward(
+                contiguous_slice::<f32>(xs, xl, "silu")?,
+                contiguous_slice::<f32>(gs, gl, "silu")?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(backward(
+                contiguous_slice::<f64>(xs, xl, "silu")?,
+                contiguous_slice::<f64>(gs, gl, "silu")?,
+            )),
             _ => candle_core::bail!("silu gradient: f32 or f64 of one dtype expected"),
         };
         Ok((out, xl.shape().clone()))
