@@ -4,7 +4,7 @@
 //! in perf); and element-wise ops run on a second pool whose threads spin-wait beside the rayon
 //! pool the GEMMs use. (Keeping glibc from trimming its heap cut page faults by a quarter but
 //! showed no clear time gain, and risks a larger RSS on SD-sized models; not done.) Also the GEMM
-//! call and work splitting our own CPU kernels (attention, convolution) share.
+//! call, work splitting and storage access our own CPU kernels share.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 use num_traits::Float;
