@@ -94,8 +94,9 @@ pub fn add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
     affine(x, None, Some(c))
 }
 
+/// f32/f64 on the CPU, and not empty (the kernels split the data into non-empty blocks).
 fn fast_kind(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
+    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64) && x.elem_count() > 0
 }
 
 /// `y = x·Wᵀ + b` on rows of `x`, or with `channels_first` `y[b] = W·x[b] + b` on (B, in, S).
@@ -329,6 +330,14 @@ mod tests {
         // Varies along dimensions 1 and 3 but not 2: not one run.
         assert_eq!(Broadcast::of(&[2, 3, 4, 5], &[3, 1, 5]), None);
         assert_eq!(Broadcast::of(&[2, 3], &[2, 3, 1]), None);
+        // Empty inputs take candle's path instead of splitting into empty blocks.
+        let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let bias = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(add(&empty, &bias).unwrap().dims(), [0, 3]);
+        assert_eq!(
+            linear(&empty, &Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(), None).unwrap().dims(),
+            [0, 2]
+        );
     }
 
     /// Same values and input gradients as candle's ops; frozen operands get no gradient.
