@@ -9,7 +9,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::Result;
-use super::cpu::{Shared, for_each_item, gemm, split_threads};
+use super::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads};
 
 /// `conv2d(x, w)` (square padding and stride, no dilation or groups) that trains fast on the CPU.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -18,21 +18,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
 
 /// `conv2d(x, w) + bias` (bias (out)): a frozen bias is added inside the GEMM, for free.
 pub fn conv2d_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let fused = bias.filter(|b| !b.track_op() && b.dtype() == x.dtype() && b.dims() == [w.dims()[0]]);
-    let y = match ours(x, w, padding, stride, 1)? {
+    let fusable = bias.filter(|b| !b.track_op() && b.dtype() == x.dtype() && b.dims() == [w.dims()[0]]);
+    let (y, fused) = match ours(x, w, padding, stride, 1)? {
         // Records our backward (below) when x or w needs a gradient.
         Some((x, w, mut op)) => {
-            op.bias = fused.map(|b| b.contiguous()).transpose()?;
-            return match (bias, fused) {
-                (Some(b), None) => Ok(x.apply_op2(&w, op)?.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?),
-                _ => Ok(x.apply_op2(&w, op)?),
-            };
+            op.bias = fusable.map(|b| b.contiguous()).transpose()?;
+            (x.apply_op2(&w, op)?, fusable.is_some())
         }
-        None => x.conv2d(w, padding, stride, 1, 1)?,
+        None => (x.conv2d(w, padding, stride, 1, 1)?, false),
     };
     Ok(match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
-        None => y,
+        Some(b) if !fused => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+        _ => y,
     })
 }
 
@@ -200,15 +197,15 @@ impl CustomOp2 for Im2ColConv {
         let out_side = |n: usize, k: usize| (n + 2 * self.padding - self.dilation * (k - 1) - 1) / self.stride + 1;
         let d = ConvDims { c, h, w, o, kh, kw, ho: out_side(h, kh), wo: out_side(w, kw) };
         let shape = Shape::from((b, o, d.ho, d.wo));
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
-            candle_core::bail!("conv2d-im2col: inputs must be contiguous");
-        };
+        let name = self.name();
         Ok(match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(k)) => {
-                (CpuStorage::F32(self.run(d, b, &x[x0..x1], &k[w0..w1])?), shape)
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (x, k) = (contiguous_slice::<f32>(xs, xl, name)?, contiguous_slice::<f32>(ws, wl, name)?);
+                (CpuStorage::F32(self.run(d, b, x, k)?), shape)
             }
-            (CpuStorage::F64(x), CpuStorage::F64(k)) => {
-                (CpuStorage::F64(self.run(d, b, &x[x0..x1], &k[w0..w1])?), shape)
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (x, k) = (contiguous_slice::<f64>(xs, xl, name)?, contiguous_slice::<f64>(ws, wl, name)?);
+                (CpuStorage::F64(self.run(d, b, x, k)?), shape)
             }
             _ => candle_core::bail!("conv2d-im2col: f32 or f64 inputs of one dtype expected"),
         })
@@ -289,13 +286,10 @@ impl candle_core::CustomOp1 for FlipTranspose {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (o, i, kh, kw) = l.shape().dims4()?;
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("conv kernel flip: the kernel is not contiguous");
-        };
         let dims = (o, i, kh * kw);
         let out = match s {
-            CpuStorage::F32(w) => CpuStorage::F32(Self::run(&w[a..b], dims)),
-            CpuStorage::F64(w) => CpuStorage::F64(Self::run(&w[a..b], dims)),
+            CpuStorage::F32(_) => CpuStorage::F32(Self::run(contiguous_slice::<f32>(s, l, self.name())?, dims)),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::run(contiguous_slice::<f64>(s, l, self.name())?, dims)),
             _ => candle_core::bail!("conv kernel flip: f32 or f64 expected"),
         };
         Ok((out, Shape::from((i, o, kh, kw))))
