@@ -171,3 +171,38 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert!(diff <= 1e-9 * scale.max(1.0), "{name}: differs by {diff:e} (scale {scale:e})");
     }
 }
+
+/// A layer training one LoRA runs it fused with its frozen base weight (`frozen::lora_linear`):
+/// the gradients of its input and both factors match central differences.
+#[test]
+fn lora_layer_gradients_match_finite_differences() {
+    use lora_studio::engine::adapter::{AdapterStack, Delta, LayerAdapter};
+    let dev = Device::Cpu;
+    let values = |n: usize, seed: usize| -> Vec<f64> {
+        (0..n).map(|i| (((i + seed) * 7919) % 1000) as f64 / 500.0 - 1.0).collect()
+    };
+    let tensor =
+        |shape: &[usize], seed: usize| Tensor::from_vec(values(shape.iter().product(), seed), shape, &dev).unwrap();
+    let x = Var::from_tensor(&tensor(&[2, 3, 6], 1)).unwrap();
+    let down = Var::from_tensor(&tensor(&[2, 6], 2)).unwrap();
+    let up = Var::from_tensor(&tensor(&[5, 2], 3)).unwrap();
+    let bias = tensor(&[5], 4);
+    let probe = tensor(&[2, 3, 5], 5);
+    let mut stack = AdapterStack::new(tensor(&[5, 6], 6));
+    stack.merge = false;
+    let delta = Delta::Lora { down: down.as_tensor().clone(), up: up.as_tensor().clone() };
+    stack.attach(LayerAdapter { name: "trained".into(), delta, scale: 0.5, multiplier: 1.5 }).unwrap();
+    let loss = || (stack.forward_linear(&x, Some(&bias)).unwrap() * &probe).unwrap().sum_all().unwrap();
+    let grads = loss().backward().unwrap();
+    for (name, var) in [("x", &x), ("down", &down), ("up", &up)] {
+        let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for idx in [0, g.len() / 2, g.len() - 1] {
+            let numeric = central_difference(var, idx, &loss);
+            assert!(
+                (numeric - g[idx]).abs() < 1e-6 + 1e-6 * numeric.abs(),
+                "{name}[{idx}]: analytic {}, numeric {numeric}",
+                g[idx]
+            );
+        }
+    }
+}

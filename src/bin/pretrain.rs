@@ -1135,7 +1135,12 @@ fn make_examples(o: &Options) -> Result<()> {
             seed: o.seed,
             lr_schedule: LrSchedule::Cosine,
             warmup_steps: o.example_steps / 20,
-            min_snr_gamma: Some(5.0),
+            // With zero terminal SNR, min-SNR weights t = 999 by 0, and that step is where a
+            // style's overall palette (watercolour's cream paper) has to come from.
+            min_snr_gamma: o.min_snr_gamma,
+            timestep_bias: if o.late_bias == 1.0 { TimestepBias::None } else { TimestepBias::Later },
+            timestep_bias_multiplier: o.late_bias,
+            timestep_bias_portion: o.late_portion,
             noise_offset: o.noise_offset,
             caption_dropout: 0.05,
             dataset: DatasetOptions {

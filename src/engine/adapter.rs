@@ -253,8 +253,13 @@ impl AdapterStack {
         if let Some(w) = self.direct_weight() {
             return frozen::linear(x, w, bias);
         }
+        let active: Vec<_> = self.active().collect();
+        if let [LayerAdapter { delta: Delta::Lora { down, up }, .. }] = active.as_slice() {
+            // Training's usual case, one LoRA in one op.
+            return frozen::lora_linear(x, &self.base, bias, down, up, active[0].coefficient());
+        }
         let mut y = frozen::linear(x, &self.base, bias)?;
-        for a in self.active() {
+        for a in active {
             y = (y + (a.delta.apply_linear(x, &self.base)? * a.coefficient())?)?;
         }
         Ok(y)

@@ -6,7 +6,7 @@
 //! and shift) into one pass. Anything else (a trained operand, another device or dtype, an odd
 //! broadcast) takes candle's own ops.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -208,6 +208,255 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// `x · Wᵀ + b + c · (x · Aᵀ) · Bᵀ`: a frozen linear layer with one LoRA (down A (r, in), up
+/// B (out, r)) in a single op. Composed from candle ops, the branch costs three output-sized
+/// tensors forward (up-projection, scaled, sum) and as many zero-filled gradient buffers and
+/// adds backward; at the small widths of attention layers those passes cost more than the GEMMs.
+/// Falls back to the composed form when the fast path does not apply.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    down: &Tensor,
+    up: &Tensor,
+    c: f64,
+) -> Result<Tensor> {
+    let inp = *x.dims().last().expect("lora_linear: a scalar input");
+    let r = down.dim(0)?;
+    let fits = fast_linear(x, w, bias, inp)
+        && down.dims() == [r, inp]
+        && up.dims() == [w.dim(0)?, r]
+        && down.dtype() == x.dtype()
+        && up.dtype() == x.dtype();
+    if !fits {
+        let branch = linear(&linear(x, down, None)?, up, None)?;
+        return Ok((linear(x, w, bias)? + (branch * c)?)?);
+    }
+    let op = FrozenLora { weight: w.contiguous()?, bias: contiguous(bias)?, coefficient: c };
+    Ok(x.contiguous()?.apply_op3(&down.contiguous()?, &up.contiguous()?, op)?)
+}
+
+struct FrozenLora {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    coefficient: f64,
+}
+
+/// Sizes of one `FrozenLora` call: `rows` of `inp` in, `out` out, rank `r`.
+#[derive(Clone, Copy)]
+struct LoraDims {
+    rows: usize,
+    inp: usize,
+    out: usize,
+    r: usize,
+}
+
+/// A vector of `len` elements that `fill` writes in full through the pointer it is given.
+///
+/// # Safety
+/// `fill` must write every element.
+unsafe fn written<T>(len: usize, fill: impl FnOnce(*mut T)) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(v.as_mut_ptr());
+    // SAFETY: the caller's `fill` wrote all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}
+
+impl FrozenLora {
+    fn dims(&self, x: &Layout, down: &Layout) -> LoraDims {
+        let inp = *x.dims().last().unwrap_or(&0);
+        LoraDims { rows: x.shape().elem_count() / inp.max(1), inp, out: self.weight.dims()[0], r: down.dims()[0] }
+    }
+
+    /// `x·Aᵀ` (rows, r): what the up-projection sees, recomputed in the backward (it is small).
+    fn hidden<T: WithDType + Float>(d: LoraDims, x: &[T], a: &[T], threads: usize) -> Vec<T> {
+        // SAFETY: x is (rows, in), A (r, in) read as Aᵀ, h (rows, r) written in full.
+        unsafe {
+            written(d.rows * d.r, |h| {
+                gemm(
+                    (d.rows, d.r, d.inp),
+                    (h, d.r as isize, 1),
+                    false,
+                    (x.as_ptr(), d.inp as isize, 1),
+                    (a.as_ptr(), 1, d.inp as isize),
+                    T::one(),
+                    threads,
+                )
+            })
+        }
+    }
+
+    fn forward<T: WithDType + Float>(&self, d: LoraDims, x: &[T], a: &[T], b: &[T]) -> candle_core::Result<Vec<T>> {
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let c = T::from(self.coefficient).expect("a finite coefficient");
+        let h = Self::hidden(d, x, a, threads);
+        let mut y = match &self.bias {
+            Some(bias) => with_cpu_data::<T, _>(bias, |bias| bias.repeat(d.rows))?,
+            None => Vec::with_capacity(d.rows * d.out),
+        };
+        let accumulate = self.bias.is_some();
+        with_cpu_data::<T, _>(&self.weight, |w| {
+            let y = y.as_mut_ptr();
+            // SAFETY: y is (rows, out); x (rows, in); W (out, in) read as Wᵀ; h (rows, r); B (out, r)
+            // read as Bᵀ. The first GEMM writes all of y (or adds to the bias rows), the second adds.
+            unsafe {
+                gemm(
+                    (d.rows, d.out, d.inp),
+                    (y, d.out as isize, 1),
+                    accumulate,
+                    (x.as_ptr(), d.inp as isize, 1),
+                    (w.as_ptr(), 1, d.inp as isize),
+                    T::one(),
+                    threads,
+                );
+                gemm(
+                    (d.rows, d.out, d.r),
+                    (y, d.out as isize, 1),
+                    true,
+                    (h.as_ptr(), d.r as isize, 1),
+                    (b.as_ptr(), 1, d.r as isize),
+                    c,
+                    threads,
+                );
+            }
+        })?;
+        // SAFETY: written in full above (the bias rows, or the first GEMM without accumulation).
+        unsafe { y.set_len(d.rows * d.out) };
+        Ok(y)
+    }
+
+    /// Gradients of x, A and B from the output's gradient `g` (rows, out).
+    #[allow(clippy::type_complexity)]
+    fn backward<T: WithDType + Float>(
+        &self,
+        d: LoraDims,
+        x: &[T],
+        a: &[T],
+        b: &[T],
+        g: &[T],
+    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let c = T::from(self.coefficient).expect("a finite coefficient");
+        let (inp, out, r) = (d.inp as isize, d.out as isize, d.r as isize);
+        let h = Self::hidden(d, x, a, threads);
+        // SAFETY (all GEMMs below): every view addresses its own contiguous buffer with the sizes
+        // named; each output is written in full by its first GEMM.
+        let gh = unsafe {
+            written(d.rows * d.r, |gh| {
+                gemm(
+                    (d.rows, d.r, d.out),
+                    (gh, r, 1),
+                    false,
+                    (g.as_ptr(), out, 1),
+                    (b.as_ptr(), r, 1),
+                    T::one(),
+                    threads,
+                )
+            })
+        };
+        let gx = with_cpu_data::<T, _>(&self.weight, |w| unsafe {
+            written(d.rows * d.inp, |gx| {
+                gemm(
+                    (d.rows, d.inp, d.out),
+                    (gx, inp, 1),
+                    false,
+                    (g.as_ptr(), out, 1),
+                    (w.as_ptr(), inp, 1),
+                    T::one(),
+                    threads,
+                );
+                gemm((d.rows, d.inp, d.r), (gx, inp, 1), true, (gh.as_ptr(), r, 1), (a.as_ptr(), inp, 1), c, threads);
+            })
+        })?;
+        let ga = unsafe {
+            written(d.r * d.inp, |ga| {
+                gemm((d.r, d.inp, d.rows), (ga, inp, 1), false, (gh.as_ptr(), 1, r), (x.as_ptr(), inp, 1), c, threads)
+            })
+        };
+        let gb = unsafe {
+            written(d.out * d.r, |gb| {
+                gemm((d.out, d.r, d.rows), (gb, r, 1), false, (g.as_ptr(), 1, out), (h.as_ptr(), r, 1), c, threads)
+            })
+        };
+        Ok((gx, ga, gb))
+    }
+}
+
+impl CustomOp3 for FrozenLora {
+    fn name(&self) -> &'static str {
+        "frozen-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1, l2);
+        let name = self.name();
+        let y = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward(
+                d,
+                contiguous_slice::<f32>(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+            )?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward(
+                d,
+                contiguous_slice::<f64>(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+            )?),
+            _ => candle_core::bail!("frozen-lora: f32 or f64 expected"),
+        };
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().unwrap() = d.out;
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, down, up, g) = (x.contiguous()?, down.contiguous()?, up.contiguous()?, grad.contiguous()?);
+        let d = self.dims(x.layout(), down.layout());
+        let dev = x.device();
+        macro_rules! run {
+            ($t:ty) => {{
+                let guards: Vec<_> = [&x, &down, &up, &g].iter().map(|t| t.storage_and_layout()).collect();
+                let mut s = Vec::new();
+                for (storage, layout) in &guards {
+                    let candle_core::Storage::Cpu(cpu) = &**storage else {
+                        candle_core::bail!("frozen-lora: not on the CPU");
+                    };
+                    s.push(contiguous_slice::<$t>(cpu, layout, self.name())?);
+                }
+                let (gx, ga, gb) = self.backward(d, s[0], s[1], s[2], s[3])?;
+                (
+                    Tensor::from_vec(gx, x.shape(), dev)?,
+                    Tensor::from_vec(ga, down.shape(), dev)?,
+                    Tensor::from_vec(gb, up.shape(), dev)?,
+                )
+            }};
+        }
+        let (gx, ga, gb) = match x.dtype() {
+            DType::F32 => run!(f32),
+            DType::F64 => run!(f64),
+            other => candle_core::bail!("frozen-lora: no backward for {other:?}"),
+        };
+        Ok((Some(gx), Some(ga), Some(gb)))
+    }
+}
+
 /// How a broadcast operand lines up with the input: its elements, in order, are the input's
 /// dimensions `j..=k`, so input element `i` takes operand element `(i / inner) % len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,6 +647,36 @@ mod tests {
                     let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                     let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                     assert!(diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < tol, "{shape:?}");
+                }
+            }
+        }
+    }
+
+    /// The fused LoRA layer: same values and gradients (input, down, up) as the composed form.
+    #[test]
+    fn lora_linear_matches_composed() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(5);
+        for dtype in [DType::F32, DType::F64] {
+            let tol = if dtype == DType::F32 { 1e-4 } else { 1e-10 };
+            let t = |rng: &mut Rng, shape: &[usize]| rng.randn(shape, &dev).unwrap().to_dtype(dtype).unwrap();
+            let x = Var::from_tensor(&t(&mut rng, &[2, 3, 5])).unwrap();
+            let down = Var::from_tensor(&t(&mut rng, &[4, 5])).unwrap();
+            let up = Var::from_tensor(&t(&mut rng, &[7, 4])).unwrap();
+            let (w, b, probe) = (t(&mut rng, &[7, 5]), t(&mut rng, &[7]), t(&mut rng, &[2, 3, 7]));
+            for bias in [None, Some(&b)] {
+                let ours = lora_linear(&x, &w, bias, &down, &up, 0.75).unwrap();
+                let branch =
+                    x.broadcast_matmul(&down.t().unwrap()).unwrap().broadcast_matmul(&up.t().unwrap()).unwrap();
+                let mut theirs = (x.broadcast_matmul(&w.t().unwrap()).unwrap() + (branch * 0.75).unwrap()).unwrap();
+                if let Some(b) = bias {
+                    theirs = theirs.broadcast_add(b).unwrap();
+                }
+                assert!(diff(&ours, &theirs) < tol);
+                let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                for v in [x.as_tensor(), down.as_tensor(), up.as_tensor()] {
+                    assert!(diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < tol);
                 }
             }
         }
