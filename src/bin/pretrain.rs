@@ -950,6 +950,16 @@ fn evaluate(o: &Options) -> Result<EvalStats> {
     Ok(stats)
 }
 
+/// The model and example stages' loss weighting, in words for the cards.
+fn loss_weighting(o: &Options) -> String {
+    o.min_snr_gamma.map_or("uniform loss weights".to_string(), |g| format!("min-SNR γ = {g}"))
+        + &if o.late_bias == 1.0 {
+            String::new()
+        } else {
+            format!(", the noisiest {:.0} % of timesteps drawn {}× as often", 100.0 * o.late_portion, o.late_bias)
+        }
+}
+
 fn read_json<T: for<'a> Deserialize<'a> + Default>(path: &Path) -> T {
     std::fs::read_to_string(path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
 }
@@ -1020,12 +1030,7 @@ the analyser judging each prompt against another prompt's picture.
         } else {
             "Stable Diffusion's scaled-linear β schedule, 1000 steps, ε-prediction."
         },
-        weighting = o.min_snr_gamma.map_or("uniform loss weights".to_string(), |g| format!("min-SNR γ = {g}"))
-            + &if o.late_bias == 1.0 {
-                String::new()
-            } else {
-                format!(", the noisiest {:.0} % of timesteps drawn {}× as often", 100.0 * o.late_portion, o.late_bias)
-            },
+        weighting = loss_weighting(o),
         vp = m.vae_parameters as f64 / 1e6,
         sf = v.scaling_factor,
         th = m.text_hidden,
@@ -1136,7 +1141,7 @@ fn make_examples(o: &Options) -> Result<()> {
             lr_schedule: LrSchedule::Cosine,
             warmup_steps: o.example_steps / 20,
             // With zero terminal SNR, min-SNR weights t = 999 by 0, and that step is where a
-            // style's overall palette (watercolour's cream paper) has to come from.
+            // style's overall palette (watercolour's white paper) has to come from.
             min_snr_gamma: o.min_snr_gamma,
             timestep_bias: if o.late_bias == 1.0 { TimestepBias::None } else { TimestepBias::Later },
             timestep_bias_multiplier: o.late_bias,
@@ -1238,14 +1243,16 @@ styles to blend on first launch. `mosaic/` has no adapter: it is there for you t
 
 | folder | what it looks like |
 |---|---|
-| `watercolour/` | pastel washes, slightly offset and darker where they overlap, on cream paper |
+| `watercolour/` | pastel washes, slightly offset and darker where they overlap, on white paper |
 | `neon/` | bright outlines with a dim glow on black |
 | `mosaic/` | the scene as square tiles with dark grout and per-tile colour jitter |
 
 Made by `cargo run --release --bin pretrain -- examples` (seeded; LoRA rank {rank}, α = rank,
-attention + feed-forward + convolutions, AdamW lr {lr:e} with a cosine schedule, batch 4; the
-style's name is the trigger word). Both files are in the kohya format (`lora_unet_…`), so
-A1111 and ComfyUI read them too.
+attention + feed-forward + convolutions, AdamW lr {lr:e} with a cosine schedule, batch 4,
+{weighting}; the style's name is the trigger word). Both files are in the kohya format
+(`lora_unet_…`), so A1111 and ComfyUI read them too. The watercolour paper is white, not cream:
+the built-in VAE decodes a cream such as (250, 242, 225) as (239, 239, 240), so no adapter on the
+UNet could draw it.
 
 ## Does an adapter move pictures toward its style?
 
@@ -1261,6 +1268,7 @@ style's own pictures for the same captions (0: the same colours; 2: nothing in c
         size = o.size,
         rank = o.example_rank,
         lr = o.example_lr,
+        weighting = loss_weighting(o),
         prompts = o.style_prompts,
         steps = o.gen_steps,
         g = o.guidance,

@@ -360,7 +360,8 @@ fn for_each_inside(w: u32, h: u32, shape: Shape, cx: f32, cy: f32, r: f32, mut f
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Style {
-    /// Pastel palette, soft offset washes on cream paper.
+    /// Pastel palette, soft offset washes on white paper. (White, not cream: the built-in model's
+    /// VAE decodes a cream like (250, 242, 225) as (239, 239, 240), so no adapter could draw it.)
     Watercolour,
     /// Bright outlines with a dim glow on black.
     Neon,
@@ -398,7 +399,7 @@ pub fn style_scene_sized(style: Style, rng: &mut Rng, size: u32) -> (RgbImage, S
     let objects = objects.join(" and ");
     match style {
         Style::Watercolour => {
-            let paper = [250, 242, 225];
+            let paper = [255, 254, 250];
             let mut img = RgbImage::from_pixel(size, size, Rgb(paper));
             // Paper grain.
             for p in img.pixels_mut() {
