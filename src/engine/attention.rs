@@ -1,7 +1,7 @@
 //! Scaled dot-product attention. On the CPU (f32 and f64) it is one fused op: per head, two GEMMs
 //! and a softmax read straight from the `(batch, tokens, heads·dim)` layout, and a backward pass
-//! that recomputes the probabilities instead of keeping them (as flash attention does), so training
-//! holds no `tokens × tokens` tensor per layer. Elsewhere it is composed from candle ops.
+//! that recomputes the probabilities of large layers instead of keeping them (as flash attention
+//! does), so training holds no big `tokens × tokens` tensor. Elsewhere it is composed from candle ops.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
@@ -20,14 +20,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     if causal && m != n {
         anyhow::bail!("attention: a causal mask needs as many keys as queries ({m} vs {n})");
     }
-    let fused = matches!(q.device(), Device::Cpu)
+    let fusable = matches!(q.device(), Device::Cpu)
         && matches!(q.dtype(), DType::F32 | DType::F64)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype();
-    if !fused {
+    if !fusable {
         return attention_reference(q, k, v, heads, causal);
     }
-    let op = FusedAttention { heads, causal, scale: 1.0 / ((inner / heads) as f64).sqrt() };
+    let probabilities_bytes = b * heads * n * m * q.dtype().size_in_bytes();
+    let keep = (q.track_op() || k.track_op() || v.track_op()) && probabilities_bytes <= KEEP_PROBABILITIES_BYTES;
+    fused(q, k, v, heads, causal, keep)
+}
+
+/// The fused op; `keep` stores the probabilities for the backward instead of recomputing them.
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, keep: bool) -> Result<Tensor> {
+    let inner = q.dim(2)?;
+    let op = FusedAttention {
+        heads,
+        causal,
+        scale: 1.0 / ((inner / heads) as f64).sqrt(),
+        kept: keep.then(|| std::sync::Mutex::new(None)),
+    };
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
@@ -54,10 +67,17 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, cau
     Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?)
 }
 
+/// Training keeps a layer's probabilities from the forward pass when they take at most this much
+/// (small models, where recomputing them cost more than the memory: about a tenth of a `tiny`
+/// LoRA step); larger layers (SD-sized self-attention) recompute them in the backward.
+const KEEP_PROBABILITIES_BYTES: usize = 16 << 20;
+
 struct FusedAttention {
     heads: usize,
     causal: bool,
     scale: f64,
+    /// `Some` when the forward keeps the probabilities, `(batch, heads, queries, keys)`.
+    kept: Option<std::sync::Mutex<Option<CpuStorage>>>,
 }
 
 /// Sizes of one call: batch, queries, keys, heads, head dim.
@@ -250,9 +270,12 @@ impl FusedAttention {
         softmax_rows(s, dims.m, first, self.causal);
     }
 
-    fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    /// The output, and the probabilities when `self.kept` asks for them.
+    fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Option<Vec<T>>) {
         let mut out = vec![T::zero(); q.len()];
         let dst = Shared(out.as_mut_ptr());
+        let mut kept = self.kept.as_ref().map(|_| vec![T::zero(); dims.b * dims.heads * dims.n * dims.m]);
+        let kept_at = kept.as_mut().map(|p| Shared(p.as_mut_ptr()));
         let rows = dims.rows();
         let blocks = dims.n.div_ceil(rows);
         let items = dims.b * dims.heads * blocks;
@@ -263,7 +286,16 @@ impl FusedAttention {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             let first = block * rows;
             let r = rows.min(dims.n - first);
-            let mut s = vec![T::zero(); r * dims.m];
+            let mut scratch = Vec::new();
+            let s: &mut [T] = match kept_at {
+                // SAFETY: rows `first..first + r` of head (b, h) in the (b, heads, n, m) buffer,
+                // written by this item alone.
+                Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at((bh * dims.n + first) * dims.m), r * dims.m) },
+                None => {
+                    scratch.resize(r * dims.m, T::zero());
+                    &mut scratch
+                }
+            };
             // SAFETY: the offsets stay inside the (b, len, heads·d) buffers; each item writes its
             // own rows of its own head.
             unsafe {
@@ -272,7 +304,7 @@ impl FusedAttention {
                     k.as_ptr().add(dims.head(b, dims.m, h)),
                     v.as_ptr().add(dims.head(b, dims.m, h)),
                 );
-                self.probabilities(dims, (qh, kh), (first, r), &mut s, threads);
+                self.probabilities(dims, (qh, kh), (first, r), s, threads);
                 let o = dst.at(dims.head(b, dims.n, h) + first * dims.inner());
                 gemm(
                     (r, dims.d, dims.m),
@@ -285,12 +317,20 @@ impl FusedAttention {
                 );
             }
         });
-        out
+        (out, kept)
     }
 
-    /// Gradients of q, k, v from the output `o` and its gradient `g`.
+    /// Gradients of q, k, v from the output `o` and its gradient `g`; the probabilities are
+    /// recomputed unless the forward `kept` them.
     #[allow(clippy::too_many_arguments)]
-    fn backward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T], o: &[T], g: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    fn backward<T: Real>(
+        &self,
+        dims: Dims,
+        (q, k, v): (&[T], &[T], &[T]),
+        o: &[T],
+        g: &[T],
+        kept: Option<&[T]>,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (mut dq, mut dk, mut dv) = (vec![T::zero(); q.len()], vec![T::zero(); k.len()], vec![T::zero(); v.len()]);
         let (dq_p, dk_p, dv_p) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
         let rows = dims.rows();
@@ -303,18 +343,24 @@ impl FusedAttention {
         for_each_item(items, parallel, |bh| {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             let (qo, ko) = (dims.head(b, dims.n, h), dims.head(b, dims.m, h));
-            let mut p = vec![T::zero(); rows * dims.m];
+            let mut scratch = if kept.is_none() { vec![T::zero(); rows * dims.m] } else { Vec::new() };
             let mut dp = vec![T::zero(); rows * dims.m];
             for block in 0..blocks {
                 let first = block * rows;
                 let r = rows.min(dims.n - first);
-                let (p, dp) = (&mut p[..r * dims.m], &mut dp[..r * dims.m]);
+                let dp = &mut dp[..r * dims.m];
                 let row0 = first * dims.inner();
                 // SAFETY: offsets stay inside their buffers; each item writes only its own head.
                 unsafe {
                     let (qh, kh, vh) = (q.as_ptr().add(qo), k.as_ptr().add(ko), v.as_ptr().add(ko));
                     let gh = g.as_ptr().add(qo + row0);
-                    self.probabilities(dims, (qh, kh), (first, r), p, threads);
+                    let p: &[T] = match kept {
+                        Some(all) => &all[(bh * dims.n + first) * dims.m..][..r * dims.m],
+                        None => {
+                            self.probabilities(dims, (qh, kh), (first, r), &mut scratch[..r * dims.m], threads);
+                            &scratch[..r * dims.m]
+                        }
+                    };
                     // dP = dO · Vᵀ
                     gemm(
                         (r, dims.m, dims.d),
@@ -387,21 +433,31 @@ impl CustomOp3 for FusedAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1, l2);
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(
-                dims,
-                contiguous_slice::<f32>(s1, l1, "fused attention")?,
-                contiguous_slice(s2, l2, "fused attention")?,
-                contiguous_slice(s3, l3, "fused attention")?,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward(
-                dims,
-                contiguous_slice::<f64>(s1, l1, "fused attention")?,
-                contiguous_slice(s2, l2, "fused attention")?,
-                contiguous_slice(s3, l3, "fused attention")?,
-            )),
+        let name = "fused attention";
+        let (storage, kept) = match s1 {
+            CpuStorage::F32(_) => {
+                let (out, kept) = self.forward(
+                    dims,
+                    contiguous_slice::<f32>(s1, l1, name)?,
+                    contiguous_slice(s2, l2, name)?,
+                    contiguous_slice(s3, l3, name)?,
+                );
+                (CpuStorage::F32(out), kept.map(CpuStorage::F32))
+            }
+            CpuStorage::F64(_) => {
+                let (out, kept) = self.forward(
+                    dims,
+                    contiguous_slice::<f64>(s1, l1, name)?,
+                    contiguous_slice(s2, l2, name)?,
+                    contiguous_slice(s3, l3, name)?,
+                );
+                (CpuStorage::F64(out), kept.map(CpuStorage::F64))
+            }
             _ => candle_core::bail!("fused attention: f32 or f64 only"),
         };
+        if let (Some(slot), Some(kept)) = (&self.kept, kept) {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
+        }
         Ok((storage, l1.shape().clone()))
     }
 
@@ -427,7 +483,12 @@ impl CustomOp3 for FusedAttention {
                         };
                         slices.push(contiguous_slice::<$t>(cpu, l, "fused attention")?);
                     }
-                    self.backward(dims, slices[0], slices[1], slices[2], slices[3], slices[4])
+                    let kept = self.kept.as_ref().map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
+                    let kept = match kept.as_deref() {
+                        Some(Some(p)) => Some(p.as_slice::<$t>()?),
+                        _ => None,
+                    };
+                    self.backward(dims, (slices[0], slices[1], slices[2]), slices[3], slices[4], kept)
                 };
                 let dev = q.device();
                 (
@@ -490,16 +551,23 @@ mod tests {
             let k = Var::from_tensor(&random((b, m, heads * d), 2)).unwrap();
             let v = Var::from_tensor(&random((b, m, heads * d), 3)).unwrap();
             let probe = random((b, n, heads * d), 4);
-            let fused = attention(&q, &k, &v, heads, causal).unwrap();
-            let reference = attention_reference(&q, &k, &v, heads, causal).unwrap();
-            assert!(max_diff(&fused, &reference) < 1e-4, "forward {:?}", (b, n, m, heads, d, causal));
-            let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let gr = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, r) = (gf.get(var).unwrap(), gr.get(var).unwrap());
-                let scale =
-                    r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
-                assert!(max_diff(a, r) / scale < 1e-4, "d{name} {:?}: {}", (b, n, m, heads, d, causal), max_diff(a, r));
+            for keep in [true, false] {
+                let fused = fused(&q, &k, &v, heads, causal, keep).unwrap();
+                let reference = attention_reference(&q, &k, &v, heads, causal).unwrap();
+                assert!(max_diff(&fused, &reference) < 1e-4, "forward {:?}", (b, n, m, heads, d, causal));
+                let gf = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let gr = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                    let (a, r) = (gf.get(var).unwrap(), gr.get(var).unwrap());
+                    let scale =
+                        r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                    assert!(
+                        max_diff(a, r) / scale < 1e-4,
+                        "d{name} {:?}: {}",
+                        (b, n, m, heads, d, causal, keep),
+                        max_diff(a, r)
+                    );
+                }
             }
         }
     }
