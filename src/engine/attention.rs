@@ -242,16 +242,18 @@ impl FusedAttention {
         Dims { b, n, m: k.dims()[1], heads: self.heads, d: inner / self.heads }
     }
 
-    /// Scores block `S = scale · Q[rows] · Kᵀ` for one head, softmaxed, into `s`.
+    /// Scores block `S = scale · Q[rows] · Kᵀ` for one head, softmaxed, written in full to `s`
+    /// (`rows × m`, which may be uninitialised).
     ///
     /// # Safety
-    /// `q` and `k` must be the head's base pointers inside buffers of the sizes in `dims`.
+    /// `q` and `k` must be the head's base pointers inside buffers of the sizes in `dims`; `s`
+    /// must be valid for `rows × m` writes that nothing else touches.
     unsafe fn probabilities<T: Real>(
         &self,
         dims: Dims,
         (q, k): (*const T, *const T),
         (first, rows): (usize, usize),
-        s: &mut [T],
+        s: *mut T,
         threads: usize,
     ) {
         let ld = dims.inner() as isize;
@@ -259,7 +261,7 @@ impl FusedAttention {
         unsafe {
             gemm(
                 (rows, dims.m, dims.d),
-                (s.as_mut_ptr(), dims.m as isize, 1),
+                (s, dims.m as isize, 1),
                 false,
                 (q.add(first * dims.inner()), ld, 1),
                 (k, 1, ld),
@@ -267,15 +269,22 @@ impl FusedAttention {
                 threads,
             );
         }
-        softmax_rows(s, dims.m, first, self.causal);
+        // SAFETY: the GEMM above wrote all `rows × m` elements.
+        softmax_rows(unsafe { std::slice::from_raw_parts_mut(s, rows * dims.m) }, dims.m, first, self.causal);
     }
 
     /// The output, and the probabilities when `self.kept` asks for them.
     fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Option<Vec<T>>) {
-        let mut out = vec![T::zero(); q.len()];
+        let kept_len = dims.b * dims.heads * dims.n * dims.m;
+        if dims.m == 0 || dims.d == 0 {
+            // No key to attend to: the GEMMs below would write nothing.
+            return (vec![T::zero(); q.len()], self.kept.as_ref().map(|_| vec![T::zero(); kept_len]));
+        }
+        // Filled in full by the loop below (every query row of every head), so not zeroed first.
+        let mut out = Vec::with_capacity(q.len());
         let dst = Shared(out.as_mut_ptr());
-        let mut kept = self.kept.as_ref().map(|_| vec![T::zero(); dims.b * dims.heads * dims.n * dims.m]);
-        let kept_at = kept.as_mut().map(|p| Shared(p.as_mut_ptr()));
+        let mut kept = self.kept.as_ref().map(|_| Vec::with_capacity(kept_len));
+        let kept_at = kept.as_mut().map(|p: &mut Vec<T>| Shared(p.as_mut_ptr()));
         let rows = dims.rows();
         let blocks = dims.n.div_ceil(rows);
         let items = dims.b * dims.heads * blocks;
@@ -287,13 +296,13 @@ impl FusedAttention {
             let first = block * rows;
             let r = rows.min(dims.n - first);
             let mut scratch = Vec::new();
-            let s: &mut [T] = match kept_at {
+            let s: *mut T = match kept_at {
                 // SAFETY: rows `first..first + r` of head (b, h) in the (b, heads, n, m) buffer,
                 // written by this item alone.
-                Some(p) => unsafe { std::slice::from_raw_parts_mut(p.at((bh * dims.n + first) * dims.m), r * dims.m) },
+                Some(p) => unsafe { p.at((bh * dims.n + first) * dims.m) },
                 None => {
-                    scratch.resize(r * dims.m, T::zero());
-                    &mut scratch
+                    scratch.reserve_exact(r * dims.m);
+                    scratch.as_mut_ptr()
                 }
             };
             // SAFETY: the offsets stay inside the (b, len, heads·d) buffers; each item writes its
@@ -306,17 +315,16 @@ impl FusedAttention {
                 );
                 self.probabilities(dims, (qh, kh), (first, r), s, threads);
                 let o = dst.at(dims.head(b, dims.n, h) + first * dims.inner());
-                gemm(
-                    (r, dims.d, dims.m),
-                    (o, ld, 1),
-                    false,
-                    (s.as_ptr(), dims.m as isize, 1),
-                    (vh, ld, 1),
-                    T::one(),
-                    threads,
-                );
+                gemm((r, dims.d, dims.m), (o, ld, 1), false, (s, dims.m as isize, 1), (vh, ld, 1), T::one(), threads);
             }
         });
+        // SAFETY: the loop wrote every element of both (through raw pointers).
+        unsafe {
+            out.set_len(q.len());
+            if let Some(p) = kept.as_mut() {
+                p.set_len(kept_len);
+            }
+        }
         (out, kept)
     }
 
@@ -331,7 +339,12 @@ impl FusedAttention {
         g: &[T],
         kept: Option<&[T]>,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let (mut dq, mut dk, mut dv) = (vec![T::zero(); q.len()], vec![T::zero(); k.len()], vec![T::zero(); v.len()]);
+        if dims.n == 0 || dims.m == 0 || dims.d == 0 {
+            return (vec![T::zero(); q.len()], vec![T::zero(); k.len()], vec![T::zero(); v.len()]);
+        }
+        // Filled in full below (dQ by each block, dK and dV by the first), so not zeroed first.
+        let (mut dq, mut dk, mut dv) =
+            (Vec::with_capacity(q.len()), Vec::with_capacity(k.len()), Vec::with_capacity(v.len()));
         let (dq_p, dk_p, dv_p) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
         let rows = dims.rows();
         let blocks = dims.n.div_ceil(rows);
@@ -343,7 +356,7 @@ impl FusedAttention {
         for_each_item(items, parallel, |bh| {
             let (b, h) = (bh / dims.heads, bh % dims.heads);
             let (qo, ko) = (dims.head(b, dims.n, h), dims.head(b, dims.m, h));
-            let mut scratch = if kept.is_none() { vec![T::zero(); rows * dims.m] } else { Vec::new() };
+            let mut scratch: Vec<T> = Vec::with_capacity(if kept.is_none() { rows * dims.m } else { 0 });
             let mut dp = vec![T::zero(); rows * dims.m];
             for block in 0..blocks {
                 let first = block * rows;
@@ -357,8 +370,8 @@ impl FusedAttention {
                     let p: &[T] = match kept {
                         Some(all) => &all[(bh * dims.n + first) * dims.m..][..r * dims.m],
                         None => {
-                            self.probabilities(dims, (qh, kh), (first, r), &mut scratch[..r * dims.m], threads);
-                            &scratch[..r * dims.m]
+                            self.probabilities(dims, (qh, kh), (first, r), scratch.as_mut_ptr(), threads);
+                            std::slice::from_raw_parts(scratch.as_ptr(), r * dims.m)
                         }
                     };
                     // dP = dO · Vᵀ
@@ -414,6 +427,12 @@ impl FusedAttention {
                 }
             }
         });
+        // SAFETY: the loop wrote every element of all three (through raw pointers).
+        unsafe {
+            dq.set_len(q.len());
+            dk.set_len(k.len());
+            dv.set_len(v.len());
+        }
         (dq, dk, dv)
     }
 }
