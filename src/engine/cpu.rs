@@ -2,9 +2,10 @@
 //! candle 0.11.1 cost real time on a laptop's few cores: `get_num_threads()`, asked on every
 //! matmul, re-reads /proc/cpuinfo unless `RAYON_NUM_THREADS` is set (23 % of a built-in LoRA step
 //! in perf); and element-wise ops run on a second pool whose threads spin-wait beside the rayon
-//! pool the GEMMs use. (Keeping glibc from trimming its heap cut page faults by a quarter but
-//! showed no clear time gain, and risks a larger RSS on SD-sized models; not done.) Also the GEMM
-//! call, work splitting and storage access our own CPU kernels share.
+//! pool the GEMMs use. And glibc maps every block over its mmap threshold afresh, so the kernel
+//! zeroes its pages on each use (an SD 1.5 step allocates convolution-kernel-sized blocks of up
+//! to 59 MB per layer; page faults were a tenth of its profile). Also the GEMM call, work
+//! splitting and storage access our own CPU kernels share.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
 use num_traits::Float;
@@ -12,11 +13,13 @@ use rayon::prelude::*;
 
 /// Fixes the thread count once (`RAYON_NUM_THREADS`, so nothing re-reads /proc/cpuinfo), runs
 /// candle's element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1`: GEMMs, convolutions
-/// and our fused ops keep every core). A value the user set is kept. Measured with `lora-studio bench` (docs/performance.md).
+/// and our fused ops keep every core), and keeps freed blocks for reuse. A value the user set is
+/// kept. Measured with `lora-studio bench` (docs/performance.md).
 ///
 /// # Safety
 /// Call it first thing in `main`, before any other thread exists (it sets environment variables).
 pub unsafe fn configure() {
+    reuse_freed_blocks();
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = candle_core::utils::get_num_threads();
         // SAFETY: the caller promises no other thread is running yet.
@@ -27,6 +30,31 @@ pub unsafe fn configure() {
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }
+
+/// glibc: blocks up to 256 MiB come from the heap and the heap is not trimmed after each free, so
+/// a step reuses the last step's pages instead of faulting in zeroed ones. SD 1.5 LoRA step,
+/// alternating: page faults 2.96 M -> 1.04 M, 3.99 -> 3.26 s, peak RSS 4067 -> 4035 MiB. (A fixed
+/// 32 MiB threshold, tried in session 3, left the largest blocks mapped afresh and gained
+/// nothing.) Skipped when the user tunes glibc through the environment.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn reuse_freed_blocks() {
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    if std::env::vars_os().any(|(k, _)| k.to_string_lossy().starts_with("MALLOC_") || k == "GLIBC_TUNABLES") {
+        return;
+    }
+    // SAFETY: mallopt only sets allocator parameters (an older glibc may refuse one: harmless).
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 256 << 20);
+        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn reuse_freed_blocks() {}
 
 /// A raw pointer that worker threads may share; every user writes a disjoint part.
 #[derive(Clone, Copy)]
