@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, W
 use num_traits::Float;
 
 use super::Result;
-use super::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads};
+use super::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads, with_cpu_slices};
 
 /// Attention over `(batch, tokens, heads·head_dim)` queries and `(batch, keys, heads·head_dim)`
 /// keys and values; `causal` hides later keys from each query (CLIP's text encoder).
@@ -493,22 +493,15 @@ impl CustomOp3 for FusedAttention {
         let dims = Dims { b: q.dim(0)?, n: q.dim(1)?, m: k.dim(1)?, heads: self.heads, d: q.dim(2)? / self.heads };
         macro_rules! run {
             ($t:ty) => {{
-                let (dq, dk, dv) = {
-                    let vecs: Vec<_> = [&q, &k, &v, &o, &g].iter().map(|t| t.storage_and_layout()).collect();
-                    let mut slices = Vec::new();
-                    for (s, l) in &vecs {
-                        let candle_core::Storage::Cpu(cpu) = &**s else {
-                            candle_core::bail!("fused attention: not on the CPU");
-                        };
-                        slices.push(contiguous_slice::<$t>(cpu, l, "fused attention")?);
-                    }
-                    let kept = self.kept.as_ref().map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
-                    let kept = match kept.as_deref() {
-                        Some(Some(p)) => Some(p.as_slice::<$t>()?),
-                        _ => None,
-                    };
-                    self.backward(dims, (slices[0], slices[1], slices[2]), slices[3], slices[4], kept)
+                let kept = self.kept.as_ref().map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
+                let kept = match kept.as_deref() {
+                    Some(Some(p)) => Some(p.as_slice::<$t>()?),
+                    _ => None,
                 };
+                let (dq, dk, dv) =
+                    with_cpu_slices::<$t, _, 5>([&q, &k, &v, &o, &g], "fused attention", |[q, k, v, o, g]| {
+                        self.backward(dims, (q, k, v), o, g, kept)
+                    })?;
                 let dev = q.device();
                 (
                     Tensor::from_vec(dq, q.shape(), dev)?,

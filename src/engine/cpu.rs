@@ -142,6 +142,24 @@ pub(crate) fn contiguous_slice<'a, T: WithDType>(
     Ok(&s.as_slice::<T>()?[start..end])
 }
 
+/// Runs `f` on the elements of several contiguous CPU tensors at once (a backward pass's inputs).
+pub(crate) fn with_cpu_slices<T: WithDType, R, const N: usize>(
+    tensors: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[T]; N]) -> R,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("{op}: a tensor is not on the CPU");
+        };
+        slices.push(contiguous_slice::<T>(cpu, layout, op)?);
+    }
+    let slices: [&[T]; N] = slices.try_into().unwrap_or_else(|_| unreachable!("one slice per tensor"));
+    Ok(f(slices))
+}
+
 /// Runs `f` on a CPU tensor's elements, in place (copied first only if not contiguous).
 pub(crate) fn with_cpu_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;

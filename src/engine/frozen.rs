@@ -11,7 +11,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::Result;
-use super::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads, with_cpu_data};
+use super::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads, with_cpu_data, with_cpu_slices};
 
 /// Elements below which the element-wise pass runs on one thread.
 const PARALLEL_MIN: usize = 1 << 15;
@@ -223,7 +223,11 @@ pub fn lora_linear(
 ) -> Result<Tensor> {
     let inp = *x.dims().last().expect("lora_linear: a scalar input");
     let r = down.dim(0)?;
+    // Every size non-zero: the kernels write their outputs through GEMMs alone.
     let fits = fast_linear(x, w, bias, inp)
+        && r > 0
+        && inp > 0
+        && w.dim(0)? > 0
         && down.dims() == [r, inp]
         && up.dims() == [w.dim(0)?, r]
         && down.dtype() == x.dtype()
@@ -432,15 +436,9 @@ impl CustomOp3 for FrozenLora {
         let dev = x.device();
         macro_rules! run {
             ($t:ty) => {{
-                let guards: Vec<_> = [&x, &down, &up, &g].iter().map(|t| t.storage_and_layout()).collect();
-                let mut s = Vec::new();
-                for (storage, layout) in &guards {
-                    let candle_core::Storage::Cpu(cpu) = &**storage else {
-                        candle_core::bail!("frozen-lora: not on the CPU");
-                    };
-                    s.push(contiguous_slice::<$t>(cpu, layout, self.name())?);
-                }
-                let (gx, ga, gb) = self.backward(d, s[0], s[1], s[2], s[3])?;
+                let (gx, ga, gb) = with_cpu_slices::<$t, _, 4>([&x, &down, &up, &g], self.name(), |[x, a, b, g]| {
+                    self.backward(d, x, a, b, g)
+                })??;
                 (
                     Tensor::from_vec(gx, x.shape(), dev)?,
                     Tensor::from_vec(ga, down.shape(), dev)?,
