@@ -254,9 +254,11 @@ impl AdapterStack {
             return frozen::linear(x, w, bias);
         }
         let active: Vec<_> = self.active().collect();
-        if let [LayerAdapter { delta: Delta::Lora { down, up }, .. }] = active.as_slice() {
+        if let [a @ LayerAdapter { delta: Delta::Lora { down, up }, .. }] = active.as_slice() {
             // Training's usual case, one LoRA in one op.
-            return frozen::lora_linear(x, &self.base, bias, down, up, active[0].coefficient());
+            if let Some(y) = frozen::lora_linear(x, &self.base, bias, down, up, a.coefficient())? {
+                return Ok(y);
+            }
         }
         let mut y = frozen::linear(x, &self.base, bias)?;
         for a in active {

@@ -212,7 +212,7 @@ impl CustomOp1 for FrozenLinear {
 /// B (out, r)) in a single op. Composed from candle ops, the branch costs three output-sized
 /// tensors forward (up-projection, scaled, sum) and as many zero-filled gradient buffers and
 /// adds backward; at the small widths of attention layers those passes cost more than the GEMMs.
-/// Falls back to the composed form when the fast path does not apply.
+/// `None` when the fused path does not apply (the caller composes the layer itself).
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
@@ -220,7 +220,7 @@ pub fn lora_linear(
     down: &Tensor,
     up: &Tensor,
     c: f64,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let inp = *x.dims().last().expect("lora_linear: a scalar input");
     let r = down.dim(0)?;
     // Every size non-zero: the kernels write their outputs through GEMMs alone.
@@ -233,11 +233,10 @@ pub fn lora_linear(
         && down.dtype() == x.dtype()
         && up.dtype() == x.dtype();
     if !fits {
-        let branch = linear(&linear(x, down, None)?, up, None)?;
-        return Ok((linear(x, w, bias)? + (branch * c)?)?);
+        return Ok(None);
     }
     let op = FrozenLora { weight: w.contiguous()?, bias: contiguous(bias)?, coefficient: c };
-    Ok(x.contiguous()?.apply_op3(&down.contiguous()?, &up.contiguous()?, op)?)
+    Ok(Some(x.contiguous()?.apply_op3(&down.contiguous()?, &up.contiguous()?, op)?))
 }
 
 struct FrozenLora {
@@ -663,7 +662,7 @@ mod tests {
             let up = Var::from_tensor(&t(&mut rng, &[7, 4])).unwrap();
             let (w, b, probe) = (t(&mut rng, &[7, 5]), t(&mut rng, &[7]), t(&mut rng, &[2, 3, 7]));
             for bias in [None, Some(&b)] {
-                let ours = lora_linear(&x, &w, bias, &down, &up, 0.75).unwrap();
+                let ours = lora_linear(&x, &w, bias, &down, &up, 0.75).unwrap().expect("the fused path");
                 let branch =
                     x.broadcast_matmul(&down.t().unwrap()).unwrap().broadcast_matmul(&up.t().unwrap()).unwrap();
                 let mut theirs = (x.broadcast_matmul(&w.t().unwrap()).unwrap() + (branch * 0.75).unwrap()).unwrap();
