@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Crash safety: runs the CLI trainer and kills it with SIGKILL at random moments, N times, then
-# checks that every adapter and checkpoint on disk still loads, and that resuming finishes the job.
+# checks that every adapter and checkpoint on disk still loads, that resuming finishes the job and
+# tidies every temporary file, and that every `-stepN` adapter is there; then does the same to
+# `adapter blend` and `adapter merge`.
 #
 #   packaging/kill-test.sh [RUNS] [MODEL]      (defaults: 100, ../shared/fixtures/sd1-tiny/model)
 #
@@ -53,10 +55,52 @@ PY
     then checkpoint_ok=$((checkpoint_ok + 1)); else bad=$((bad + 1)); echo "run $i: checkpoint is damaged"; fi
   fi
 done
+# What the kills left before anything tidies: temporary files are allowed here (a kill mid-write),
+# and the resume below must remove them.
+tmp_before=$(find "$work/out" -name '.*.tmp-*' | wc -l)
 # Resuming finishes the job.
 "${train[@]}" --resume "$ckpt" > "$work/final.log" 2>&1 && done_ok=yes || done_ok=no
 leftovers=$(find "$work/out" -name '.*.tmp-*' | wc -l)
+# Every step before the last keeps its own adapter (--save-every 1), and each one loads.
+missing=0 step_bad=0
+for ((s = 1; s < 150; s++)); do
+  f=$(printf '%s/out/style-step%08d.safetensors' "$work" "$s")
+  if [ ! -f "$f" ]; then missing=$((missing + 1)); echo "step $s: no adapter"
+  elif ! "$bin" adapter info "$f" > /dev/null 2>&1; then step_bad=$((step_bad + 1)); echo "step $s: adapter does not load"; fi
+done
 echo "runs: $runs, killed: $killed, finished before the kill: $finished"
-echo "adapter loads: $adapter_ok, checkpoint intact: $checkpoint_ok, damaged files: $bad, temporary files left: $leftovers"
+echo "adapter loads: $adapter_ok, checkpoint intact: $checkpoint_ok, damaged files: $bad"
+echo "temporary files before the final resume: $tmp_before, after it: $leftovers"
+echo "step adapters missing: $missing, not loading: $step_bad"
 echo "resume to the end: $done_ok ($(tail -1 "$work/final.log" 2> /dev/null))"
-[ "$bad" -eq 0 ] && [ "$done_ok" = yes ]
+
+# `adapter blend` and `adapter merge`, killed at random moments: the file or folder they write is
+# whole or absent, and the next run of either tidies what a killed one left.
+mkdir -p "$work/mix"
+blend=("$bin" adapter blend "$out:0.7" --model "$model" --rank 4 --out "$work/mix/blend.safetensors")
+mix_kills=0 mix_bad=0
+for ((i = 1; i <= runs / 10 + 1; i++)); do
+  rm -rf "$work/mix/merged"
+  for cmd in blend merge; do
+    if [ "$cmd" = blend ]; then "${blend[@]}" > /dev/null 2>&1 & else
+      "$bin" adapter merge "$out:0.7" --model "$model" --out "$work/mix/merged" > /dev/null 2>&1 &
+    fi
+    pid=$!
+    sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.2f", r / 32767 * 1.5 }')"
+    kill -9 "$pid" 2> /dev/null && mix_kills=$((mix_kills + 1))
+    wait "$pid" 2> /dev/null || true
+  done
+  if [ -f "$work/mix/blend.safetensors" ] && ! "$bin" adapter info "$work/mix/blend.safetensors" > /dev/null 2>&1; then
+    mix_bad=$((mix_bad + 1)); echo "blend $i: the blend does not load"
+  fi
+  if [ -d "$work/mix/merged" ] && ! "$bin" generate --model "$work/mix/merged" --prompt x --steps 1 --out "$work/mix/x.png" > /dev/null 2>&1; then
+    mix_bad=$((mix_bad + 1)); echo "merge $i: the merged model does not load"
+  fi
+done
+rm -rf "$work/mix/merged"
+"${blend[@]}" > /dev/null 2>&1 && "$bin" adapter merge "$out:0.7" --model "$model" --out "$work/mix/merged" > /dev/null 2>&1 \
+  && mix_done=yes || mix_done=no
+mix_left=$(find "$work/mix" -maxdepth 1 -name '.*' | wc -l)
+echo "blend/merge kills: $mix_kills, damaged outputs: $mix_bad, temporaries left after a clean run: $mix_left, clean run: $mix_done"
+[ "$bad" -eq 0 ] && [ "$done_ok" = yes ] && [ "$leftovers" -eq 0 ] && [ "$missing" -eq 0 ] && [ "$step_bad" -eq 0 ] \
+  && [ "$mix_bad" -eq 0 ] && [ "$mix_left" -eq 0 ] && [ "$mix_done" = yes ]

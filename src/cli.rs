@@ -17,7 +17,7 @@ use crate::engine::mixing;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::sampler::SamplerKind;
 use crate::engine::train::TrainConfig;
-use crate::engine::weights::{read_safetensors, write_safetensors};
+use crate::engine::weights::{all_finite, read_safetensors, write_safetensors};
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 const USAGE: &str = "\
@@ -36,7 +36,7 @@ usage:
                      --timestep-bias none|earlier|later --timestep-bias-multiplier X --timestep-bias-portion X
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
-                     --format kohya|peft --resume CKPT --config train.toml]
+                     --format kohya|peft --resume CKPT --overwrite --config train.toml]
                     (--algo full trains the model itself; --out is then a model folder)
   lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction] [--zero-terminal-snr]
                        the same job for kohya sd-scripts (dataset.toml + train.sh)
@@ -319,15 +319,30 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     let (layers, report) = mixing::blend(&mut sd, rank)?;
     let mut metadata = HashMap::new();
     metadata.insert("lora_studio_blend".into(), specs.join(" "));
-    write_adapter(&out, naming, &layers, metadata, dtype, GloraLayout::Current)?;
-    // Swap the live mix for the written file and measure the difference.
-    for i in 0..specs.len() {
-        sd.remove_adapter(&format!("adapter{i}"));
-    }
-    sd.load_adapter("blend", &out, 1.0)?;
-    let blended = probe_output(&sd)?;
-    let scale = probe.abs()?.max_all()?.to_scalar::<f32>()?;
-    let err = (probe - blended)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    // Written under a temporary name and read back through the model; only a blend that loads
+    // and gives finite outputs replaces `out` (an existing good file is never swapped for a bad one).
+    crate::engine::weights::tidy_temporaries_beside(&out);
+    let mut measured = None;
+    crate::engine::weights::write_checked(
+        &out,
+        |tmp| write_adapter(tmp, naming, &layers, metadata, dtype, GloraLayout::Current),
+        |tmp| {
+            // Swap the live mix for the written file and measure the difference.
+            for i in 0..specs.len() {
+                sd.remove_adapter(&format!("adapter{i}"));
+            }
+            sd.load_adapter("blend", tmp, 1.0).map_err(|e| anyhow::anyhow!("{}: the blend does not load back: {e:#}", out.display()))?;
+            let blended = probe_output(&sd)?;
+            if !all_finite(&blended)? {
+                bail!("{}: the blend makes the model's output NaN or infinite (lower the weights); nothing was written", out.display());
+            }
+            let scale = probe.abs()?.max_all()?.to_scalar::<f32>()?;
+            let err = (&probe - blended)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            measured = Some((err, scale));
+            Ok(())
+        },
+    )?;
+    let (err, scale) = measured.expect("checked before the rename");
     println!(
         "wrote {} ({} layers, rank {rank}): kept energy {:.6} (worst layer {:.6}), max weight error {:.3e}, max UNet output error {:.3e} (relative {:.3e})",
         out.display(),
@@ -362,6 +377,59 @@ struct TrainFile {
     config: TrainConfig,
 }
 
+impl TrainFile {
+    /// Reads a train.toml. A key that names no option (`stepz`, `learning_rat`) is refused with the
+    /// closest valid name: ignored, it would leave the default in force without a word.
+    fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        // Every option's name, from the defaults (JSON keeps the `None` ones, as null).
+        let mut known = serde_json::to_value(TrainConfig::default())?;
+        for k in ["model", "data", "out"] {
+            known[k] = serde_json::Value::Null;
+        }
+        check_keys(&table, &known, "").map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+    }
+}
+
+/// Refuses keys of `table` that `known` (an object of option names) lacks, recursing into tables.
+fn check_keys(table: &toml::Table, known: &serde_json::Value, prefix: &str) -> Result<()> {
+    let names: Vec<&String> = known.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    for (key, value) in table {
+        match known.get(key) {
+            None => {
+                let closest = names.iter().min_by_key(|n| edit_distance(key, n)).map(|n| format!("; did you mean `{prefix}{n}`?"));
+                bail!("unknown option `{prefix}{key}`{}", closest.unwrap_or_default());
+            }
+            Some(inner @ serde_json::Value::Object(_)) => {
+                if let toml::Value::Table(t) = value {
+                    check_keys(t, inner, &format!("{prefix}{key}."))?;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Levenshtein distance, for suggesting the option a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 fn train(p: &mut lexopt::Parser) -> Result<()> {
     // A --config file first, then flags override it, whatever their order on the line.
     let mut args = Vec::new();
@@ -370,9 +438,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         match arg {
             Long("config") => {
                 let path: PathBuf = p.value()?.into();
-                let text =
-                    std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-                file = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+                file = TrainFile::read(&path)?;
             }
             Long(name) => {
                 let name = name.to_string();
@@ -384,6 +450,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                         | "random-crop"
                         | "no-latent-cache"
                         | "gradient-checkpointing"
+                        | "overwrite"
                 );
                 let value = if flag { None } else { Some(p.value()?.string()?) };
                 args.push((name, value));
@@ -394,11 +461,17 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
     let mut naming = Naming::Kohya;
     let mut resume = None;
     let mut no_cache = false;
+    let mut overwrite = false;
     let c = &mut file.config;
     for (name, value) in args {
         let v = value.unwrap_or_default();
-        let num =
-            |v: &str| -> Result<f64> { v.parse::<f64>().with_context(|| format!("--{name}: `{v}` is not a number")) };
+        let num = |v: &str| -> Result<f64> {
+            match v.parse::<f64>() {
+                Ok(x) if x.is_finite() => Ok(x),
+                Ok(_) => bail!("--{name}: `{v}` is not a finite number"),
+                Err(_) => bail!("--{name}: `{v}` is not a number"),
+            }
+        };
         let int = |v: &str| -> Result<usize> {
             v.parse::<usize>().with_context(|| format!("--{name}: `{v}` is not a whole number"))
         };
@@ -453,6 +526,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "resume" => resume = Some(PathBuf::from(v)),
             "latent-cache" => c.latent_cache = Some(PathBuf::from(v)),
             "no-latent-cache" => no_cache = true,
+            "overwrite" => overwrite = true,
             other => bail!("unknown option --{other} for train"),
         }
     }
@@ -465,11 +539,37 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         file.config.latent_cache =
             directories::ProjectDirs::from("", "", "lora-studio").map(|d| d.cache_dir().join("latents"));
     }
-    let spec = TrainJobSpec { model, data: file.data, out, config: file.config, resume, naming, device: device() };
+    let spec = TrainJobSpec {
+        model,
+        data: file.data,
+        out,
+        config: file.config,
+        resume,
+        naming,
+        device: device(),
+        overwrite,
+        in_use: Vec::new(),
+    };
+    let checkpoint = crate::engine::train::checkpoint_path(&spec.out);
     let job = TrainJob::start(spec, || {});
     let mut checkpoints = Vec::new();
     let mut failed = None;
-    for event in job.events.iter() {
+    // Ctrl-C / SIGTERM: stop and save instead of losing the run (a second one quits at once).
+    let stop_requests = crate::job::signals::stop_requests().unwrap_or_else(crossbeam_channel::never);
+    let mut signalled = false;
+    let mut last_step = (0, 0);
+    loop {
+        let event = crossbeam_channel::select! {
+            recv(job.events) -> event => match event {
+                Ok(event) => event,
+                Err(_) => break,
+            },
+            recv(stop_requests) -> _ => {
+                signalled = true;
+                job.send(TrainCommand::Stop);
+                continue;
+            }
+        };
         match event {
             TrainEvent::Preflight { images, buckets, warnings } => {
                 eprintln!("{images} images; {buckets}");
@@ -478,9 +578,11 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                 }
             }
             TrainEvent::Started { total_steps, start_step, parameters, layers } => {
+                last_step = (start_step, total_steps);
                 eprintln!("training {parameters} parameters in {layers} layers, steps {start_step}→{total_steps}");
             }
             TrainEvent::Step { step, total, loss, lr, it_per_s, eta } => {
+                last_step = (step, total);
                 let bar = progress_bar(step, total, 24);
                 let eta = eta.as_secs();
                 eprint!(
@@ -505,6 +607,13 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             TrainEvent::Finished { step, adapter } => {
                 eprintln!();
                 println!("wrote {} after {step} steps", adapter.display());
+                if signalled && step < last_step.1 {
+                    failed = Some(format!(
+                        "stopped at step {step} of {} by a signal; saved: --resume {} to go on",
+                        last_step.1,
+                        checkpoint.display()
+                    ));
+                }
             }
             TrainEvent::Failed { error } => failed = Some(error),
         }
@@ -540,9 +649,8 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
     }
     let config = config.context("--config train.toml is required")?;
     let out = out.context("--out DIR is required")?;
-    let text = std::fs::read_to_string(&config).with_context(|| format!("{}: cannot read", config.display()))?;
-    let file: TrainFile =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message()))?;
+    let file = TrainFile::read(&config)?;
+    file.config.validate().map_err(|e| anyhow::anyhow!("{}: {e:#}", config.display()))?;
     let model = file.model.context(format!("{}: `model` is missing", config.display()))?;
     if file.data.is_empty() {
         bail!("{}: `data` is missing", config.display());

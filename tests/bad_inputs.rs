@@ -13,7 +13,7 @@ use common::*;
 use lora_studio::engine::dataset::{Dataset, DatasetOptions, decode_image, prepare_image};
 use lora_studio::engine::formats::read_adapter;
 use lora_studio::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
-use lora_studio::engine::weights::{read_safetensors, write_safetensors};
+use lora_studio::engine::weights::{read_safetensors, read_safetensors_with_metadata, write_safetensors};
 
 // ---------------------------------------------------------------------------------------------
 // Running the binary
@@ -241,6 +241,13 @@ fn bad_images() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let riff_len = (corrupt_webp.len() - 8) as u32;
     corrupt_webp[4..8].copy_from_slice(&riff_len.to_le_bytes());
 
+    // A JPEG cut inside its image data: headers whole, so the decoder alone fills the rest with grey.
+    let detailed = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(256, 256, |x, y| {
+        image::Rgb([(x * 7 ^ y * 13) as u8, (x * y) as u8, (x + 3 * y) as u8])
+    }));
+    let big_jpg = encode(&detailed, image::ImageFormat::Jpeg);
+    let cut_jpg = big_jpg[..big_jpg.len() * 9 / 10].to_vec();
+
     // Decompression bomb: a valid 30000×30000 header and a tiny (valid) IDAT.
     let bomb = png_with(30000, 30000, &zlib_stored(&[0u8; 64]));
 
@@ -251,6 +258,7 @@ fn bad_images() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         ("truncated.png", png[..png.len() / 2].to_vec(), "cannot decode"),
         ("truncated.jpg", jpg[..jpg.len() / 2].to_vec(), "cannot decode"),
         ("truncated.webp", webp[..webp.len() / 2].to_vec(), "cannot decode"),
+        ("cut-in-the-data.jpg", cut_jpg, "truncated JPEG"),
         ("corrupt.png", corrupt_png, "cannot decode"),
         ("corrupt.jpg", corrupt_jpg, "cannot decode"),
         ("corrupt.webp", corrupt_webp, "cannot decode"),
@@ -679,6 +687,12 @@ fn bad_adapters() -> Vec<(&'static str, HashMap<String, Tensor>, &'static str)> 
 
     let mut t = HashMap::new();
     good(&mut t);
+    kohya_layer(&mut t, TO_Q, f32s(&[4, 32], 0.01), f32s(&[32, 4], 0.01), None);
+    t.insert(format!("{TO_Q}.alpha"), f32s(&[4], 4.0));
+    cases.push(("vector-alpha.safetensors", t, "alpha holds 4 numbers"));
+
+    let mut t = HashMap::new();
+    good(&mut t);
     kohya_layer(&mut t, TO_Q, f32s(&[128], 0.01), f32s(&[32, 4], 0.01), None);
     cases.push(("one-dim-factor.safetensors", t, "expected 2 (linear) or 4 (conv) dimensions"));
 
@@ -923,4 +937,503 @@ fn hostile_single_file_checkpoints_are_refused() {
         assert_one_line_error(&generate_with(&path, &png), &[name, needle]);
         assert_no_output(&png);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Half-precision adapters (issue 16, item 1)
+
+/// A copy of an adapter file with every floating-point tensor stored in `dtype`.
+fn converted_copy(file: &Path, dtype: DType, out: &Path) {
+    let (tensors, metadata) = read_safetensors_with_metadata(file).unwrap();
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if t.dtype().is_float() { t.to_dtype(dtype).unwrap() } else { t };
+            (k, t)
+        })
+        .collect();
+    write_safetensors(out, &tensors, Some(metadata)).unwrap();
+}
+
+/// max|ours − ref| / max|ref|.
+fn relative_error(ours: &Tensor, reference: &Tensor) -> f64 {
+    let ours = ours.to_dtype(DType::F64).unwrap();
+    let reference = reference.to_dtype(DType::F64).unwrap();
+    let max_ref = reference.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let diff = (ours - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    diff / max_ref
+}
+
+/// Nearly every shared LoRA is stored in f16: every float dtype safetensors allows loads, and the
+/// outputs match diffusers' / LyCORIS' f32 references within the storage dtype's rounding.
+#[test]
+fn half_precision_adapters_load_and_match_the_references() {
+    let dir = tempdir("half-precision");
+    let base = reference();
+    let lyco = read_safetensors(&sd1_tiny().join("adapters/reference.safetensors")).unwrap();
+    let inputs = read_safetensors(&sd1_tiny().join("inputs.safetensors")).unwrap();
+    // (files with their weights, text-embedding reference, noise reference, inputs)
+    let a = sd1_tiny().join("lora_a_kohya.safetensors");
+    let b = sd1_tiny().join("lora_b_peft.safetensors");
+    let locon = sd1_tiny().join("adapters/lyco_locon.safetensors");
+    let glora = sd1_tiny().join("adapters/lyco_glora.safetensors");
+    let cases: Vec<(Vec<(PathBuf, f64)>, Option<&Tensor>, &Tensor, &HashMap<String, Tensor>)> = vec![
+        (vec![(a.clone(), 0.7)], Some(&base["text_embeddings_a07"]), &base["noise_pred_a07"], &base),
+        (vec![(a, 0.5), (b, 0.8)], None, &base["noise_pred_a05_b08"], &base),
+        (vec![(locon, 0.7)], Some(&lyco["text_embeddings_lyco_locon"]), &lyco["noise_pred_lyco_locon"], &inputs),
+        (vec![(glora, 0.7)], Some(&lyco["text_embeddings_lyco_glora"]), &lyco["noise_pred_lyco_glora"], &inputs),
+    ];
+    // The worst relative error each storage dtype may add: a few units of its rounding (f16 keeps
+    // 11 significant bits, bf16 8) on top of the fixtures' 1e-4.
+    for (dtype, tolerance) in [(DType::F64, 1e-4), (DType::F32, 1e-4), (DType::F16, 2e-3), (DType::BF16, 1.6e-2)] {
+        for (files, emb_ref, pred_ref, inputs) in &cases {
+            let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+            for (i, (file, weight)) in files.iter().enumerate() {
+                let copy = dir.join(format!("{dtype:?}-{}", file_name(file)));
+                converted_copy(file, dtype, &copy);
+                let report = sd
+                    .load_adapter(&format!("a{i}"), &copy, *weight)
+                    .unwrap_or_else(|e| panic!("{dtype:?} copy of {} does not load: {e:#}", file_name(file)));
+                assert_eq!(report.matched, report.total, "{}", report.summary());
+            }
+            let emb = sd.text_encoder.forward(&inputs["input_ids"]).unwrap();
+            let pred = sd.unet.forward(&inputs["sample"], &inputs["timestep"], &emb).unwrap();
+            let what = format!("{dtype:?} {}", file_name(&files[0].0));
+            if let Some(emb_ref) = emb_ref {
+                let e = relative_error(&emb, emb_ref);
+                eprintln!("{what}: text embeddings {e:.2e}");
+                assert!(e <= tolerance, "{what}: text embeddings off by {e:.2e} (allowed {tolerance:.0e})");
+            }
+            let e = relative_error(&pred, pred_ref);
+            eprintln!("{what}: noise prediction {e:.2e}");
+            assert!(e <= tolerance, "{what}: noise prediction off by {e:.2e} (allowed {tolerance:.0e})");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs that must never replace good files (issue 16, items 2 and 6)
+
+/// No `.NAME.tmp-PID` file or `.NAME.partial-PID` folder left in `dir`.
+fn assert_no_temporaries(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.contains(".tmp-") && !name.contains(".partial"), "{name} left in {}", dir.display());
+    }
+}
+
+#[test]
+fn a_blend_that_overflows_never_replaces_a_good_file() {
+    let dir = tempdir("bad-blend");
+    let model = sd1_tiny().join("model");
+    let keep = dir.join("keep.safetensors");
+    let out = blend_to(&keep);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let good = std::fs::read(&keep).unwrap();
+    let huge = format!("{}:1e300", p(&sd1_tiny().join("lora_a_kohya.safetensors")));
+    let out = studio(&["adapter", "blend", &huge, "--model", p(&model), "--rank", "6", "--out", p(&keep)]);
+    assert_one_line_error(&out, &["keep.safetensors", "NaN or infinite", "nothing was written"]);
+    assert!(std::fs::read(&keep).unwrap() == good, "keep.safetensors was replaced");
+    assert_no_temporaries(&dir);
+
+    // The same for a merged model: no folder, no partial folder.
+    let merged = dir.join("merged");
+    let out = studio(&["adapter", "merge", &huge, "--model", p(&model), "--out", p(&merged)]);
+    assert_one_line_error(&out, &["merged", "NaN or infinite", "nothing was written"]);
+    assert!(!merged.exists());
+    assert_no_temporaries(&dir);
+
+    // An f16 blend is checked by loading it back, and other commands use it.
+    let half = dir.join("half.safetensors");
+    let a = format!("{}:0.5", p(&sd1_tiny().join("lora_a_kohya.safetensors")));
+    let out = studio(&["adapter", "blend", &a, "--model", p(&model), "--rank", "4", "--f16", "--out", p(&half)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (tensors, _) = read_safetensors_with_metadata(&half).unwrap();
+    assert!(tensors.values().any(|t| t.dtype() == DType::F16), "the blend is stored in f16");
+    let spec = format!("{}:0.7", p(&half));
+    let inputs = sd1_tiny().join("inputs.safetensors");
+    let result = dir.join("forward.safetensors");
+    let out = studio(&[
+        "forward", "--model", p(&model), "--adapter", &spec, "--inputs", p(&inputs), "--output", p(&result),
+    ]);
+    assert!(out.status.success(), "forward with an f16 adapter: {}", stderr(&out));
+}
+
+/// Temporary files of killed runs are tidied by the next command that writes in that folder;
+/// those of a process still running are kept.
+#[test]
+fn temporaries_of_killed_processes_are_tidied_on_start() {
+    let dir = tempdir("tidy");
+    // A process that has ended: its PID is free (or reused by something that is not us, which
+    // `tidy_temporaries` cannot tell apart; a fresh child's PID is the surest dead one).
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let alive = std::process::id();
+    let stale_file = dir.join(format!(".keep.safetensors.tmp-{dead}"));
+    let stale_step = dir.join(format!(".keep-step00000006.safetensors.tmp-{dead}"));
+    let stale_merge = dir.join(format!(".merged.partial-{dead}"));
+    let live_file = dir.join(format!(".other.safetensors.tmp-{alive}"));
+    std::fs::write(&stale_file, b"x").unwrap();
+    std::fs::write(&stale_step, b"x").unwrap();
+    std::fs::create_dir_all(stale_merge.join("unet")).unwrap();
+    std::fs::write(&live_file, b"x").unwrap();
+    let out = blend_to(&dir.join("keep.safetensors"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stale_file.exists() && !stale_step.exists() && !stale_merge.exists(), "stale temporaries tidied");
+    assert!(live_file.exists(), "a running process's temporary file is kept");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training outputs (issue 16, items 3, 4 and 11)
+
+/// Three small captioned images in `dir/data`.
+fn small_dataset(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..3u8 {
+        let img = image::RgbImage::from_fn(40, 40, |x, y| image::Rgb([i * 80, (x * 6) as u8, (y * 6) as u8]));
+        img.save(data.join(format!("img{i}.png"))).unwrap();
+        std::fs::write(data.join(format!("img{i}.txt")), "a gradient").unwrap();
+    }
+    data
+}
+
+fn train_run(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train", "--model", p(model), "--data", p(data), "--out", p(out), "--steps", "2", "--resolution", "32",
+        "--no-latent-cache",
+    ];
+    args.extend_from_slice(extra);
+    studio(&args)
+}
+
+#[test]
+fn training_never_writes_over_its_inputs_or_an_earlier_run() {
+    let dir = tempdir("train-outputs");
+    let model = model_copy(&dir, "model");
+    let data = small_dataset(&dir);
+    let unchanged = |path: &Path, before: &[u8]| {
+        assert!(std::fs::read(path).unwrap() == before, "{} was changed", path.display());
+    };
+
+    // The base model's own files, a training image and a caption: refused, even with --overwrite.
+    for (target, needle) in [
+        (model.join(UNET_FILE), "base model"),
+        (data.join("img0.png"), "training data"),
+        (data.join("img0.txt"), "training data"),
+    ] {
+        let before = std::fs::read(&target).unwrap();
+        for extra in [&[][..], &["--overwrite"][..]] {
+            let out = train_run(&model, &data, &target, extra);
+            assert_one_line_error(&out, &[&file_name(&target), needle]);
+            unchanged(&target, &before);
+        }
+    }
+    assert_no_temporaries(&model.join("unet"));
+
+    // An existing folder as --out: refused before the first step (it used to train, then fail).
+    let folder = dir.join("folder");
+    std::fs::create_dir_all(&folder).unwrap();
+    let out = train_run(&model, &data, &folder, &[]);
+    assert_one_line_error(&out, &["folder", "is a folder"]);
+
+    // A file of the user's that is not an adapter we wrote: refused unless --overwrite.
+    let theirs = dir.join("theirs.safetensors");
+    write_safetensors(&theirs, &HashMap::from([("x".to_string(), f32s(&[2], 1.0))]), None).unwrap();
+    let before = std::fs::read(&theirs).unwrap();
+    assert_one_line_error(&train_run(&model, &data, &theirs, &[]), &["theirs.safetensors", "--overwrite"]);
+    unchanged(&theirs, &before);
+
+    // Running the same command again: refused, the checkpoint untouched; --resume or --overwrite go on.
+    let style = dir.join("style.safetensors");
+    let first = train_run(&model, &data, &style, &[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let ckpt = dir.join("style.checkpoint.safetensors");
+    let saved = std::fs::read(&ckpt).unwrap();
+    let again = train_run(&model, &data, &style, &[]);
+    assert_one_line_error(&again, &["a run of 2 steps exists", "--resume", "--overwrite"]);
+    unchanged(&ckpt, &saved);
+    let over = train_run(&model, &data, &style, &["--overwrite"]);
+    assert!(over.status.success(), "{}", stderr(&over));
+}
+
+// ---------------------------------------------------------------------------------------------
+// export-job's script (issue 16, item 9)
+
+/// Values from a train.toml reach `train.sh` as data, never as shell code: the script is run with
+/// a stand-in `accelerate` that records its arguments, which must be the values exactly.
+#[test]
+fn export_job_quotes_every_value_for_the_shell() {
+    let dir = tempdir("export-hostile");
+    let hostile = [
+        "$(touch pwned1)",
+        "`touch pwned2`",
+        "a;touch pwned3",
+        "it's \"quoted\" \\ and $HOME",
+        "line\nbreak && touch pwned4",
+        "$SD_SCRIPTS/$(touch pwned5)",
+        "$JOB_DIR/x'$(touch pwned6)'",
+    ];
+    for (i, value) in hostile.iter().enumerate() {
+        let case = dir.join(format!("case{i}"));
+        std::fs::create_dir_all(&case).unwrap();
+        let toml_file = case.join("train.toml");
+        let text = format!(
+            "model = {}\ndata = [{}]\nout = {}\nsample_prompt = {}\n[dataset]\ntrigger = {}\n",
+            toml_quoted(value),
+            toml_quoted(value),
+            toml_quoted(&format!("{value}.safetensors")),
+            toml_quoted(value),
+            toml_quoted(value),
+        );
+        std::fs::write(&toml_file, text).unwrap();
+        let job = case.join("job");
+        let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&job)]);
+        assert!(run.status.success(), "{value:?}: {}", stderr(&run));
+        // A stand-in `accelerate` that writes its arguments, NUL-separated.
+        let bin = case.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let fake = bin.join("accelerate");
+        std::fs::write(&fake, "#!/bin/sh\nprintf '%s\\0' \"$@\" > \"$ARGS_OUT\"\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let args_out = case.join("args.bin");
+        let path = format!("{}:{}", p(&bin), std::env::var("PATH").unwrap_or_default());
+        let ran = Command::new("bash")
+            .arg(job.join("train.sh"))
+            .current_dir(&case)
+            .env("PATH", path)
+            .env("ARGS_OUT", &args_out)
+            .env("SD_SCRIPTS", "/sd-scripts")
+            .output()
+            .unwrap();
+        assert!(ran.status.success(), "{value:?}: train.sh failed: {}", String::from_utf8_lossy(&ran.stderr));
+        let args: Vec<String> = String::from_utf8(std::fs::read(&args_out).unwrap())
+            .unwrap()
+            .split('\0')
+            .map(str::to_string)
+            .collect();
+        let after = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
+        assert_eq!(after("--pretrained_model_name_or_path").as_deref(), Some(*value), "{args:?}");
+        let stem = Path::new(&format!("{value}.safetensors")).file_stem().unwrap().to_string_lossy().into_owned();
+        assert_eq!(after("--output_name"), Some(stem), "{args:?}");
+        assert!(args.contains(&"/sd-scripts/train_network.py".to_string()), "our own variables expand: {args:?}");
+        for entry in std::fs::read_dir(&case).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with("pwned"), "{value:?}: the script ran code from a value ({name})");
+        }
+    }
+}
+
+fn toml_quoted(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// α (issue 16, item 12)
+
+/// kohya, A1111 and ComfyUI read a missing or zero α, or an empty α tensor, as α = rank.
+#[test]
+fn zero_or_empty_alpha_means_alpha_equals_rank() {
+    let dir = tempdir("alpha");
+    let r = reference();
+    let (tensors, metadata) = read_safetensors_with_metadata(&sd1_tiny().join("lora_a_kohya.safetensors")).unwrap();
+    let with_alpha = |f: &dyn Fn(&str, &Tensor) -> Option<Tensor>, name: &str| -> PathBuf {
+        let mut out = HashMap::new();
+        for (k, t) in &tensors {
+            match k.strip_suffix(".alpha") {
+                Some(layer) => {
+                    if let Some(a) = f(layer, t) {
+                        out.insert(k.clone(), a);
+                    }
+                }
+                None => {
+                    out.insert(k.clone(), t.clone());
+                }
+            }
+        }
+        let path = dir.join(name);
+        write_safetensors(&path, &out, Some(metadata.clone())).unwrap();
+        path
+    };
+    let rank_of = |layer: &str| tensors[&format!("{layer}.lora_down.weight")].dims()[0] as f32;
+    let files = [
+        with_alpha(&|layer, _| Some(Tensor::new(rank_of(layer), &Device::Cpu).unwrap()), "alpha-rank.safetensors"),
+        with_alpha(&|_, _| None, "no-alpha.safetensors"),
+        with_alpha(&|_, _| Some(Tensor::new(0f32, &Device::Cpu).unwrap()), "alpha-zero.safetensors"),
+        with_alpha(&|_, _| Some(Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap()), "alpha-empty.safetensors"),
+    ];
+    let mut outputs = Vec::new();
+    for file in &files {
+        let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+        sd.load_adapter("a", file, 0.7).unwrap();
+        let emb = sd.text_encoder.forward(&r["input_ids"]).unwrap();
+        outputs.push(sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap());
+    }
+    let effect = relative_error(&outputs[0], &r["noise_pred"]);
+    assert!(effect > 1e-2, "the adapter changes the output ({effect:.2e})");
+    for (file, out) in files.iter().zip(&outputs).skip(1) {
+        let e = relative_error(out, &outputs[0]);
+        assert!(e < 1e-6, "{} differs from α = rank by {e:.2e}", file_name(file));
+    }
+    let info = studio(&["adapter", "info", p(&files[2])]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("scale 1"), "{}", String::from_utf8_lossy(&info.stdout));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options (issue 16, item 13)
+
+#[test]
+fn misspelt_options_and_non_finite_numbers_are_refused() {
+    let dir = tempdir("options");
+    let data = small_dataset(&dir);
+    let out = dir.join("style.safetensors");
+    for (text, needle) in [
+        ("stepz = 3\n", "unknown option `stepz`; did you mean `steps`?"),
+        ("learning_rat = 0.1\n", "unknown option `learning_rat`; did you mean `learning_rate`?"),
+        ("[dataset]\nresolutoin = 32\n", "unknown option `dataset.resolutoin`; did you mean `dataset.resolution`?"),
+        ("learning_rate = nan\n", "learning rate must be a finite number"),
+        ("noise_offset = inf\n", "noise offset must be a finite number"),
+    ] {
+        let toml_file = dir.join("train.toml");
+        let paths = format!("model = {}\ndata = [{}]\n", toml_quoted(p(&sd1_tiny().join("model"))), toml_quoted(p(&data)));
+        std::fs::write(&toml_file, paths + text).unwrap();
+        let run = studio(&["train", "--config", p(&toml_file), "--out", p(&out)]);
+        assert_one_line_error(&run, &[needle]);
+        // export-job reads the same file the same way.
+        let export = studio(&["export-job", "--config", p(&toml_file), "--out", p(&dir.join("job"))]);
+        assert_one_line_error(&export, &[needle]);
+        assert!(!dir.join("job").exists());
+        assert_no_output(&out);
+    }
+    for (flag, value) in [("--lr", "NaN"), ("--alpha", "inf"), ("--noise-offset", "-inf"), ("--min-snr", "nan")] {
+        let run = studio(&["train", flag, value, "--data", p(&data), "--out", p(&out)]);
+        assert_one_line_error(&run, &[flag, "not a finite number"]);
+    }
+    let png = dir.join("x.png");
+    for value in ["NaN", "inf"] {
+        let run = studio(&[
+            "generate", "--model", p(&sd1_tiny().join("model")), "--prompt", "x", "--guidance", value, "--out", p(&png),
+        ]);
+        assert_one_line_error(&run, &["guidance must be a finite number"]);
+        assert_no_output(&png);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Folders and captions (issue 16, items 7 and 15)
+
+/// A link that leads back up (`a -> .`) is followed once: the scan ends, each image counts once,
+/// and the link is reported.
+#[test]
+fn a_symlink_loop_in_the_dataset_is_scanned_once() {
+    let dir = tempdir("symlink-loop");
+    let data = small_dataset(&dir);
+    std::os::unix::fs::symlink(".", data.join("a")).unwrap();
+    std::os::unix::fs::symlink("..", data.join("up")).unwrap();
+    let started = std::time::Instant::now();
+    let ds = Dataset::scan(std::slice::from_ref(&data), &DatasetOptions::default()).unwrap();
+    assert!(started.elapsed().as_secs() < 10, "scanning took {:?}", started.elapsed());
+    assert_eq!(ds.images.len(), 3, "{:?}", ds.images.iter().map(|e| &e.path).collect::<Vec<_>>());
+    let loop_note = ds.skipped.iter().find(|s| file_name(&s.path) == "a").expect("the loop link is reported");
+    assert!(loop_note.reason.contains("already scanned"), "{}", loop_note.reason);
+}
+
+/// Captions saved as UTF-16 (Windows' Notepad) are read; a caption file that is there but is not
+/// text we can read is named, and never called missing.
+#[test]
+fn captions_in_utf16_are_read_and_unreadable_ones_are_named() {
+    let dir = tempdir("captions");
+    let data = small_dataset(&dir);
+    let utf16 = |text: &str, le: bool| -> Vec<u8> {
+        let mut out = if le { vec![0xFF, 0xFE] } else { vec![0xFE, 0xFF] };
+        for u in text.encode_utf16() {
+            out.extend(if le { u.to_le_bytes() } else { u.to_be_bytes() });
+        }
+        out
+    };
+    std::fs::write(data.join("img0.txt"), utf16("café, watercolour", true)).unwrap();
+    std::fs::write(data.join("img1.txt"), utf16("a blue boat", false)).unwrap();
+    std::fs::write(data.join("img2.txt"), b"caf\xe9 au lait").unwrap(); // Latin-1
+    let ds = Dataset::scan(std::slice::from_ref(&data), &DatasetOptions::default()).unwrap();
+    let caption = |name: &str| ds.images.iter().find(|e| file_name(&e.path) == name).map(|e| e.caption.clone());
+    assert_eq!(caption("img0.png").as_deref(), Some("café, watercolour"));
+    assert_eq!(caption("img1.png").as_deref(), Some("a blue boat"));
+    assert_eq!(caption("img2.png"), None, "the image with an unreadable caption is not trained on");
+    let skipped = ds.skipped.iter().find(|s| file_name(&s.path) == "img2.png").expect("img2.png is reported");
+    assert!(skipped.reason.contains("img2.txt") && skipped.reason.contains("not UTF-8"), "{}", skipped.reason);
+    let preflight = ds.preflight(&DatasetOptions::default(), &|c| c.len());
+    assert!(preflight.without_caption.is_empty(), "no image is said to lack a caption: {:?}", preflight.without_caption);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which files make a component (issue 16, item 10)
+
+fn load_error(model: &Path) -> String {
+    match ModelWeights::load(model, DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", model.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A stray `.safetensors` beside a component's weights (a user's backup) is never read; shards are
+/// read from their index; a folder that does not say which file is the model is refused.
+#[test]
+fn component_weights_come_from_their_own_file_or_index_only() {
+    let dir = tempdir("shards");
+    let model = model_copy(&dir, "model");
+    let unet_file = model.join(UNET_FILE);
+    let original = read_safetensors(&unet_file).unwrap();
+    let name = original.keys().find(|k| k.starts_with("conv_in.weight")).unwrap().clone();
+    let expect = original[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let loaded = |model: &Path| -> Vec<f32> {
+        let w = ModelWeights::load(model, DType::F32, &Device::Cpu).unwrap();
+        w.unet.tensor(&name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+
+    // A backup with other values beside the real file: ignored.
+    let zeros: HashMap<String, Tensor> = original.iter().map(|(k, t)| (k.clone(), t.zeros_like().unwrap())).collect();
+    write_safetensors(&model.join("unet/backup.safetensors"), &zeros, None).unwrap();
+    assert_eq!(loaded(&model), expect, "the backup was read");
+
+    // Shards with their index, instead of the one file: read from the index (the backup still ignored).
+    let mut names: Vec<&String> = original.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [first, second].iter().enumerate() {
+        let shard = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: HashMap<String, Tensor> = part.iter().map(|k| ((*k).clone(), original[*k].clone())).collect();
+        write_safetensors(&model.join("unet").join(&shard), &tensors, None).unwrap();
+        for k in *part {
+            weight_map.insert((*k).clone(), shard.clone().into());
+        }
+    }
+    std::fs::remove_file(&unet_file).unwrap();
+    let index = model.join("unet/diffusion_pytorch_model.safetensors.index.json");
+    std::fs::write(&index, serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string()).unwrap();
+    assert_eq!(loaded(&model), expect, "the shards were read");
+
+    // A shard the index lists but the folder lacks.
+    std::fs::remove_file(model.join("unet/diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap();
+    let e = load_error(&model);
+    assert!(e.contains("diffusion_pytorch_model-00002-of-00002.safetensors is missing"), "{e}");
+
+    // No index and no file of the expected name, several candidates: refused with the list.
+    std::fs::remove_file(&index).unwrap();
+    let e = load_error(&model);
+    assert!(
+        e.contains("several weight files") && e.contains("backup.safetensors") && e.contains("00001-of-00002"),
+        "{e}"
+    );
+
+    // Two files that both hold a tensor (the index points at both): refused, naming both.
+    let mut weight_map = serde_json::Map::new();
+    weight_map.insert(name.clone(), "backup.safetensors".into());
+    weight_map.insert("x".into(), "diffusion_pytorch_model-00001-of-00002.safetensors".into());
+    write_safetensors(&model.join("unet/diffusion_pytorch_model-00001-of-00002.safetensors"), &original, None).unwrap();
+    std::fs::write(&index, serde_json::json!({ "weight_map": weight_map }).to_string()).unwrap();
+    let e = load_error(&model);
+    assert!(e.contains("is in both"), "{e}");
 }

@@ -346,7 +346,7 @@ fn a_nan_loss_pause_is_explained_in_words() {
         app.training.output = dir.join("nan.safetensors").display().to_string();
     }
     // Started directly: the learning-rate field would clamp this absurd rate to its range.
-    h.state_mut().start_training();
+    h.state_mut().start_training(false);
     h.step();
     run_until(&mut h, TRAIN, "the NaN pause", |a| {
         matches!(
@@ -492,7 +492,7 @@ fn a_failed_training_job_and_a_crashed_playground_worker_leave_the_window_usable
         app.set_model(broken);
     }
     // A job that cannot load its model fails in words, and the window can start another.
-    h.state_mut().start_training();
+    h.state_mut().start_training(false);
     h.step();
     run_until(&mut h, TRAIN, "the failure", |a| matches!(a.training.run, RunState::Failed { .. }));
     h.run();

@@ -44,6 +44,18 @@ impl Delta {
         }
     }
 
+    /// The same update with every factor in `dtype`. Files store factors in f16, bf16, f32 or f64;
+    /// the layer computes in its own dtype, and candle refuses mixed dtypes in one op.
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Delta> {
+        let cast = |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        Ok(match self {
+            Delta::Lora { down, up } => Delta::Lora { down: cast(down)?, up: cast(up)? },
+            Delta::Glora { a1, a2, b1, b2 } => {
+                Delta::Glora { a1: cast(a1)?, a2: cast(a2)?, b1: cast(b1)?, b2: cast(b2)? }
+            }
+        })
+    }
+
     /// Checks the factors against the base weight's shape, naming what does not fit.
     pub fn check_shapes(&self, base: &[usize]) -> Result<()> {
         let (out, inp) = (base[0], base[1]);
@@ -167,8 +179,9 @@ impl AdapterStack {
         self.adapters.iter().filter(|a| a.multiplier != 0.0)
     }
 
-    pub fn attach(&mut self, adapter: LayerAdapter) -> Result<()> {
+    pub fn attach(&mut self, mut adapter: LayerAdapter) -> Result<()> {
         adapter.delta.check_shapes(self.base.dims())?;
+        adapter.delta = adapter.delta.to_dtype(self.base.dtype())?;
         self.adapters.retain(|a| a.name != adapter.name);
         self.adapters.push(adapter);
         self.stale = true;

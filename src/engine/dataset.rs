@@ -2,7 +2,7 @@
 //! `.txt` / `.caption` sidecars, a trigger word, resize + crop (or aspect-ratio buckets), flips.
 //! Unreadable or tiny images are skipped with the reason; nothing here panics on bad files.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -167,36 +167,75 @@ pub fn decode_image(path: &Path, bytes: &[u8]) -> Result<image::DynamicImage> {
     if reader.format().is_none() {
         bail!("{}: not an image (unrecognised contents)", path.display());
     }
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        bail!("{}: cannot decode: truncated JPEG (the file ends before its image data does)", path.display());
+    }
     reader.decode().map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", path.display()))
 }
 
-/// Caption from `<stem>.txt` or `<stem>.caption` beside the image.
-fn sidecar_caption(path: &Path) -> Option<(String, PathBuf)> {
+/// Caption from `<stem>.txt` or `<stem>.caption` beside the image: UTF-8 (a byte-order mark is
+/// dropped) or UTF-16 with a byte-order mark, as Windows' Notepad saves it. A caption file that is
+/// there but cannot be read as text is an error naming it, never "no caption".
+fn sidecar_caption(path: &Path) -> std::result::Result<Option<(String, PathBuf)>, String> {
     for ext in ["txt", "caption"] {
         let p = path.with_extension(ext);
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            return Some((text.trim().to_string(), p));
+        if !p.exists() {
+            continue;
         }
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let bytes = std::fs::read(&p).map_err(|e| format!("cannot read its caption {name}: {e}"))?;
+        let text = decode_caption(&bytes)
+            .ok_or_else(|| format!("its caption {name} is not UTF-8 text (re-save it as UTF-8)"))?;
+        return Ok(Some((text.trim().to_string(), p)));
     }
-    None
+    Ok(None)
+}
+
+/// Caption bytes as text: UTF-8 (with or without a byte-order mark) or UTF-16 with one.
+pub fn decode_caption(bytes: &[u8]) -> Option<String> {
+    let utf16 = |bytes: &[u8], read: fn([u8; 2]) -> u16| -> Option<String> {
+        if bytes.len() % 2 != 0 {
+            return None;
+        }
+        let units: Vec<u16> = bytes.chunks_exact(2).map(|c| read([c[0], c[1]])).collect();
+        String::from_utf16(&units).ok()
+    };
+    match bytes {
+        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8(rest.to_vec()).ok(),
+        [0xFF, 0xFE, rest @ ..] => utf16(rest, u16::from_le_bytes),
+        [0xFE, 0xFF, rest @ ..] => utf16(rest, u16::from_be_bytes),
+        _ => String::from_utf8(bytes.to_vec()).ok(),
+    }
+}
+
+/// Whether a JPEG's data runs to its end-of-image marker after the last scan. The decoder fills a
+/// truncated file's missing rows with grey and says nothing; PNG's decoder refuses them itself.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    // Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so FF DA is
+    // a real start-of-scan and FF D9 a real end-of-image.
+    let Some(last_scan) = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) else { return false };
+    bytes[last_scan..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 impl Dataset {
     /// Collects images from files and folders (recursively). Bad files become `skipped` entries.
     pub fn scan(paths: &[PathBuf], opts: &DatasetOptions) -> Result<Self> {
         let mut files = Vec::new();
+        let mut ds = Dataset::default();
+        let mut visited = HashSet::new();
         for p in paths {
             if p.is_dir() {
-                collect_images(p, &mut files)?;
+                collect_images(p, &mut visited, &mut files, &mut ds.skipped)?;
             } else if p.exists() {
                 files.push(p.clone());
             } else {
                 bail!("{}: no such file or folder", p.display());
             }
         }
+        // The same file reached twice (a folder given twice, or through a link) is one image.
+        let mut seen = HashSet::new();
+        files.retain(|f| seen.insert(f.canonicalize().unwrap_or_else(|_| f.clone())));
         files.sort();
-        files.dedup();
-        let mut ds = Dataset::default();
         for path in files {
             match Self::entry(&path, opts) {
                 Ok(e) => ds.images.push(e),
@@ -232,7 +271,7 @@ impl Dataset {
             return Err(format!("{width}×{height} is too small (minimum side {})", opts.min_side));
         }
         decode_image(path, &bytes).map_err(|e| format!("{e:#}").replacen(&format!("{}: ", path.display()), "", 1))?;
-        let (caption, caption_file) = match sidecar_caption(path) {
+        let (caption, caption_file) = match sidecar_caption(path)? {
             Some((c, f)) => (c, Some(f)),
             None => (opts.default_caption.clone(), None),
         };
@@ -265,11 +304,30 @@ impl Dataset {
     }
 }
 
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Images under `dir`, recursively. Each folder is read once (by its real path), so a link that
+/// leads back up (`a -> .`) is not followed round and round; it is reported in `skipped`.
+fn collect_images(
+    dir: &Path,
+    visited: &mut HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<()> {
+    let real = dir.canonicalize().with_context(|| format!("{}: cannot read folder", dir.display()))?;
+    if !visited.insert(real.clone()) {
+        skipped.push(Skipped {
+            path: dir.to_path_buf(),
+            reason: format!("leads to {}, which is already scanned (a link back, or the same folder twice); not read again", real.display()),
+        });
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))? {
-        let p = entry?.path();
+        entries.push(entry?.path());
+    }
+    entries.sort();
+    for p in entries {
         if p.is_dir() {
-            collect_images(&p, out)?;
+            collect_images(&p, visited, out, skipped)?;
         } else if is_image(&p) {
             out.push(p);
         }

@@ -3,7 +3,7 @@
 //! `pipeline::ModelWeights::load`.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::DType;
@@ -51,8 +51,7 @@ pub fn write_model_folder(
         bail!("{}: already exists; choose a new folder", dir.display());
     }
     let name = dir.file_name().with_context(|| format!("{}: needs a folder name", dir.display()))?;
-    let tmp = dir.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = partial_path(dir, name);
     let result = (|| -> Result<()> {
         for sub in ["unet", "text_encoder", "vae", "scheduler", "tokenizer"] {
             std::fs::create_dir_all(tmp.join(sub)).with_context(|| format!("{}: cannot create", tmp.display()))?;
@@ -139,6 +138,20 @@ fn complete_tokenizer(dir: &Path) -> Result<()> {
     crate::engine::tokenizer::write_vocabulary(dir, write_atomic)
 }
 
+/// The folder a model is written into before it is renamed to `dir`: `.NAME.partial-PID`, so
+/// that a killed run's leftovers are recognised and tidied by the next command that writes here.
+fn partial_path(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
+    super::weights::tidy_temporaries_beside(dir);
+    let tmp = dir.with_file_name(format!(
+        ".{}{}{}",
+        name.to_string_lossy(),
+        super::weights::PARTIAL_MARK,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    tmp
+}
+
 pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) -> Result<usize> {
     if !model.is_dir() {
         bail!(
@@ -150,11 +163,7 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
         bail!("{}: already exists; choose a new folder", out.display());
     }
     let merged = super::mixing::merged_weights(sd)?;
-    let tmp = out.with_file_name(format!(
-        ".{}.partial",
-        out.file_name().context("the merged model needs a folder name")?.to_string_lossy()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = partial_path(out, out.file_name().context("the merged model needs a folder name")?);
     let result = (|| -> Result<usize> {
         copy_tree(model, &tmp)?;
         if tmp.join("tokenizer").is_dir() {
@@ -172,7 +181,15 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
                 let mut touched = false;
                 for (name, w) in weights {
                     if let Some(old) = tensors.get_mut(name) {
-                        *old = w.to_dtype(old.dtype())?;
+                        let stored = w.to_dtype(old.dtype())?;
+                        if !super::weights::all_finite(&stored)? {
+                            bail!(
+                                "{}: the mix makes `{name}` NaN or infinite in {:?} (lower the adapter weights); nothing was written",
+                                out.display(),
+                                old.dtype()
+                            );
+                        }
+                        *old = stored;
                         touched = true;
                         changed += 1;
                     }

@@ -26,8 +26,24 @@ pub struct KohyaJob<'a> {
     pub zero_terminal_snr: bool,
 }
 
-fn quote(s: &str) -> String {
+/// A value quoted for POSIX sh: in single quotes nothing is special, and a single quote itself is
+/// written as `'\''` (close, escaped quote, reopen). Plain words stay as they are, for reading.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@%".contains(c)) {
+        return s.to_string();
+    }
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The script's own variables, the only arguments written for the shell to expand.
+const SCRIPT_VARIABLES: [&str; 2] = ["$SD_SCRIPTS/", "$JOB_DIR/"];
+
+/// One argument of `train.sh`: our own `$SD_SCRIPTS/…` / `$JOB_DIR/…` paths in double quotes (the
+/// rest of such a path is ours too), every other value quoted so the shell runs nothing in it.
+fn shell_arg(arg: &str) -> String {
+    let ours = SCRIPT_VARIABLES.iter().any(|v| arg.starts_with(v))
+        && arg.chars().all(|c| c.is_ascii_alphanumeric() || "$_-./".contains(c));
+    if ours { format!("\"{arg}\"") } else { shell_quote(arg) }
 }
 
 fn toml_string(s: &str) -> String {
@@ -190,13 +206,7 @@ pub fn write(job: &KohyaJob, dir: &Path) -> Result<()> {
     // One flag and its values per line.
     let mut lines: Vec<String> = Vec::new();
     for arg in &cmd {
-        let arg = if arg.starts_with('$') {
-            format!("\"{arg}\"") // our own variables, expanded by the shell
-        } else if arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,/:".contains(c)) {
-            arg.clone()
-        } else {
-            quote(arg)
-        };
+        let arg = shell_arg(arg);
         match lines.last_mut() {
             Some(line) if !arg.starts_with("--") || line == "accelerate" => {
                 line.push(' ');

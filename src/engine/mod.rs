@@ -16,6 +16,7 @@ pub mod formats;
 pub mod frozen;
 pub mod geglu;
 pub mod kohya_job;
+pub mod memory;
 pub mod mixing;
 pub mod nn;
 pub mod normalise;

@@ -97,9 +97,9 @@ impl ModelWeights {
             vae_config: VaeConfig::from_file(&dir.join("vae/config.json"))?,
             scheduler_config,
             tokenizer,
-            unet: WeightMap::load(&component_files(&dir.join("unet"))?, dtype, device)?,
-            text_encoder: WeightMap::load(&component_files(&dir.join("text_encoder"))?, dtype, device)?,
-            vae: WeightMap::load(&component_files(&dir.join("vae"))?, dtype, device)?,
+            unet: WeightMap::load(&component_files(&dir.join("unet"), "diffusion_pytorch_model")?, dtype, device)?,
+            text_encoder: WeightMap::load(&component_files(&dir.join("text_encoder"), "model")?, dtype, device)?,
+            vae: WeightMap::load(&component_files(&dir.join("vae"), "diffusion_pytorch_model")?, dtype, device)?,
         })
     }
 
@@ -127,8 +127,11 @@ impl ModelWeights {
     }
 }
 
-/// The safetensors files holding one component: the plain file, an fp16 variant, or shards.
-fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The safetensors files holding one component, as diffusers names them: `{base}.safetensors`, or
+/// the shards its index (`{base}.safetensors.index.json`) lists; full precision before the `fp16`
+/// and `bf16` variants. Other `.safetensors` files beside them (a user's backup) are never read:
+/// a folder with several and none of these names is refused with the list.
+fn component_files(dir: &Path, base: &str) -> Result<Vec<PathBuf>> {
     let mut safetensors = Vec::new();
     let mut pickled = false;
     for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))? {
@@ -140,29 +143,69 @@ fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     safetensors.sort();
-    if safetensors.is_empty() {
-        if pickled {
-            bail!(
-                "{}: not supported: only pickled weights (.bin) here; use a safetensors copy of the model",
-                dir.display()
-            );
+    for variant in ["", ".fp16", ".bf16"] {
+        // diffusers writes `{base}.safetensors.index.fp16.json`; some tools `{base}.fp16.safetensors.index.json`.
+        for index in [
+            dir.join(format!("{base}.safetensors.index{variant}.json")),
+            dir.join(format!("{base}{variant}.safetensors.index.json")),
+        ] {
+            if index.is_file() {
+                return shards_from_index(&index);
+            }
         }
-        bail!("{}: no .safetensors weights in this component folder", dir.display());
+        let file = dir.join(format!("{base}{variant}.safetensors"));
+        if file.is_file() {
+            return Ok(vec![file]);
+        }
     }
-    // Prefer full-precision weights when a folder ships several variants.
-    let full: Vec<PathBuf> = safetensors
-        .iter()
-        .filter(|p| {
-            let n = p.file_name().unwrap().to_string_lossy();
-            !n.contains(".fp16.") && !n.contains(".bf16.") && !n.contains(".non_ema.") && !n.contains(".ema_only.")
-        })
-        .cloned()
-        .collect();
-    if !full.is_empty() {
-        return Ok(full);
+    match safetensors.len() {
+        0 if pickled => bail!(
+            "{}: not supported: only pickled weights (.bin) here; use a safetensors copy of the model",
+            dir.display()
+        ),
+        0 => bail!("{}: no .safetensors weights in this component folder", dir.display()),
+        1 => Ok(safetensors),
+        _ => {
+            let names: Vec<String> =
+                safetensors.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+            bail!(
+                "{}: several weight files ({}) and no {base}.safetensors or {base}.safetensors.index.json to say which to use; keep only the model's own file in the folder",
+                dir.display(),
+                names.join(", ")
+            )
+        }
     }
-    let fp16: Vec<PathBuf> = safetensors.iter().filter(|p| p.to_string_lossy().contains(".fp16.")).cloned().collect();
-    Ok(if fp16.is_empty() { safetensors } else { fp16 })
+}
+
+/// The shard files a `*.safetensors.index.json` lists in its `weight_map`, each checked to exist.
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid shard index", index.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: no `weight_map` in the shard index", index.display()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let name = file.as_str().with_context(|| format!("{}: `{tensor}` maps to no file name", index.display()))?;
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            bail!("{}: shard `{name}` is not a file name in this folder", index.display());
+        }
+        let path = dir.join(name);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                bail!("{}: shard {name} is missing", index.display());
+            }
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: the shard index lists no files", index.display());
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// A model ready to run.
@@ -379,6 +422,9 @@ impl StableDiffusion {
         }
         if req.steps == 0 {
             bail!("steps must be at least 1");
+        }
+        if !req.guidance.is_finite() {
+            bail!("guidance must be a finite number, not {}", req.guidance);
         }
         let guided = req.guidance > 1.0;
         let context = if guided {

@@ -70,6 +70,11 @@ pub enum TimestepBias {
     Later,
 }
 
+/// The largest training resolution accepted (SDXL trains at 1024; buckets reach 2× a side).
+pub const MAX_RESOLUTION: usize = 2048;
+/// The largest batch accepted (kohya's presets stay far below; the memory check refines it).
+pub const MAX_BATCH: usize = 256;
+
 /// Everything that defines a training run; saved in every checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -169,6 +174,29 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
+        // NaN and ∞ pass every `<` and `>` below unnoticed, or poison the run; name the option.
+        let numbers = [
+            ("alpha", Some(self.alpha)),
+            ("learning rate", Some(self.learning_rate)),
+            ("text encoder learning rate", self.text_encoder_lr),
+            ("weight decay", Some(self.weight_decay)),
+            ("beta1", Some(self.beta1)),
+            ("beta2", Some(self.beta2)),
+            ("eps", Some(self.eps)),
+            ("max gradient norm", self.max_grad_norm),
+            ("min-SNR gamma", self.min_snr_gamma),
+            ("noise offset", Some(self.noise_offset)),
+            ("timestep bias multiplier", Some(self.timestep_bias_multiplier)),
+            ("timestep bias portion", Some(self.timestep_bias_portion)),
+            ("caption dropout", Some(self.caption_dropout)),
+        ];
+        for (name, value) in numbers {
+            if let Some(v) = value
+                && !v.is_finite()
+            {
+                bail!("{name} must be a finite number, not {v}");
+            }
+        }
         if self.rank == 0 {
             bail!("rank must be at least 1");
         }
@@ -183,6 +211,13 @@ impl TrainConfig {
         }
         if self.dataset.resolution < 8 {
             bail!("resolution must be at least 8 pixels");
+        }
+        // Beyond what any Stable Diffusion model is trained at; the memory check says what fits.
+        if self.dataset.resolution > MAX_RESOLUTION {
+            bail!("resolution {} is above the limit of {MAX_RESOLUTION} pixels", self.dataset.resolution);
+        }
+        if self.batch_size > MAX_BATCH {
+            bail!("batch size {} is above the limit of {MAX_BATCH}", self.batch_size);
         }
         if !(self.timestep_bias_multiplier > 0.0 && self.timestep_bias_multiplier.is_finite()) {
             bail!("timestep bias multiplier must be a positive number");
@@ -931,6 +966,131 @@ pub fn step_adapter_path(out: &Path, step: usize) -> PathBuf {
 pub fn checkpoint_path(out: &Path) -> PathBuf {
     let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
     out.with_file_name(format!("{stem}.checkpoint.safetensors"))
+}
+
+/// Whether `path` is an adapter LoRA Studio wrote (training, blends and exports mark their files
+/// with `lora_studio_*` metadata): how an output we may replace is told from a user's own file.
+pub fn is_our_adapter(path: &Path) -> bool {
+    let metadata = super::weights::read_metadata(path).ok().flatten().unwrap_or_default();
+    !metadata.contains_key("lora_studio_checkpoint") && metadata.keys().any(|k| k.starts_with("lora_studio_"))
+}
+
+/// An earlier run's checkpoint where a new run would write its own: the caller decides whether to
+/// go on (`--resume`) or start again (`--overwrite`).
+#[derive(Debug)]
+pub struct ExistingRun {
+    pub checkpoint: PathBuf,
+    pub step: usize,
+}
+
+impl std::fmt::Display for ExistingRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: a run of {} steps exists: --resume {} to go on, --overwrite to start again",
+            self.checkpoint.display(),
+            self.step,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for ExistingRun {}
+
+/// The step an existing checkpoint file reached, if it is one of ours.
+pub fn checkpoint_step(path: &Path) -> Option<usize> {
+    let metadata = super::weights::read_metadata(path).ok()??;
+    let state: serde_json::Value = serde_json::from_str(metadata.get("lora_studio_checkpoint")?).ok()?;
+    state.get("step")?.as_u64().map(|s| s as usize)
+}
+
+/// Where a run will write, checked before any slow work so that nothing a user owns is replaced:
+/// the adapter (or, for full fine-tuning, the model folder) `out`, its checkpoint and step adapters.
+pub struct RunOutputs<'a> {
+    pub out: &'a Path,
+    pub model: &'a Path,
+    /// Dataset folders or image files.
+    pub data: &'a [PathBuf],
+    /// Files that are in use elsewhere (adapters loaded in the Playground).
+    pub in_use: &'a [PathBuf],
+    pub resume: Option<&'a Path>,
+    pub full_finetune: bool,
+    /// Replace an existing output or run.
+    pub overwrite: bool,
+}
+
+impl RunOutputs<'_> {
+    /// Refuses an output that is an input (the model's files, a dataset image or caption, the
+    /// checkpoint being resumed, an adapter in use), a folder where a file goes, a file that is not
+    /// an adapter we wrote, and an earlier run's checkpoint (`ExistingRun`) unless `overwrite`; then
+    /// makes sure the output folder exists and can be written.
+    pub fn check(&self) -> Result<()> {
+        let out = self.out;
+        let shown = out.display();
+        // Paths compared as the file system sees them (symlinks, `..`); an output that does not
+        // exist yet is its folder's real path plus its name.
+        let real = |p: &Path| -> PathBuf {
+            if let Ok(c) = p.canonicalize() {
+                return c;
+            }
+            match (p.parent().filter(|d| !d.as_os_str().is_empty()), p.file_name()) {
+                (Some(dir), Some(name)) => dir.canonicalize().map(|d| d.join(name)).unwrap_or_else(|_| p.to_path_buf()),
+                (None, Some(name)) => std::env::current_dir().map(|d| d.join(name)).unwrap_or_else(|_| p.to_path_buf()),
+                _ => p.to_path_buf(),
+            }
+        };
+        let ckpt = checkpoint_path(out);
+        let mut written = vec![(real(out), out.to_path_buf())];
+        if !self.full_finetune {
+            written.push((real(&ckpt), ckpt.clone()));
+        }
+        let model = real(self.model);
+        for (target, shown) in &written {
+            if target == &model || target.starts_with(&model) && model.is_dir() {
+                bail!("{}: this is the base model's own file; choose another output", shown.display());
+            }
+            for input in self.data {
+                let input = real(input);
+                let inside = target == &input || input.is_dir() && target.starts_with(&input);
+                let ext = target.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+                let dataset_file = super::dataset::IMAGE_EXTENSIONS.contains(&ext.as_str()) || ext == "txt" || ext == "caption";
+                if inside && (dataset_file || target.is_dir()) {
+                    bail!("{}: this is part of the training data; choose another output", shown.display());
+                }
+            }
+            // An adapter of ours in the list is an earlier run's (the run-exists check covers it).
+            if self.in_use.iter().any(|u| &real(u) == target) && !is_our_adapter(target) {
+                bail!("{}: this adapter is in use in the Playground; choose another output", shown.display());
+            }
+            if self.resume.is_some_and(|r| &real(r) == target && shown != &ckpt) {
+                bail!("{}: this is the checkpoint being resumed; choose another output", shown.display());
+            }
+        }
+        if !self.full_finetune {
+            if out.is_dir() {
+                bail!("{shown}: is a folder; the output is an adapter file, such as {}", out.join("style.safetensors").display());
+            }
+            if out.exists() && !self.overwrite {
+                if !is_our_adapter(out) {
+                    bail!("{shown}: already exists and is not an adapter LoRA Studio wrote; choose another output, or --overwrite to replace it");
+                }
+            }
+            if self.resume.is_none() && !self.overwrite && ckpt.exists() {
+                let step = checkpoint_step(&ckpt).unwrap_or(0);
+                return Err(ExistingRun { checkpoint: ckpt, step }.into());
+            }
+        } else if out.exists() && !self.overwrite && self.resume.is_none() {
+            bail!("{shown}: already exists; choose a new folder, or --overwrite to replace it");
+        }
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+        }
+        // A write that would fail at the end of the run fails now instead.
+        let probe = super::weights::temporary_path(&ckpt)?;
+        std::fs::write(&probe, b"").with_context(|| format!("{shown}: cannot write there"))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

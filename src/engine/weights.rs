@@ -49,8 +49,15 @@ impl WeightMap {
     /// Reads one or more safetensors files (a sharded component is several).
     pub fn load(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         let mut all = HashMap::new();
+        let mut from: HashMap<String, &Path> = HashMap::new();
         for p in paths {
-            all.extend(read_safetensors(p)?);
+            for (name, t) in read_safetensors(p)? {
+                // Shards split a model; a tensor in two of them would make one silently win.
+                if let Some(first) = from.insert(name.clone(), p) {
+                    bail!("tensor `{name}` is in both {} and {}; the files do not belong together", first.display(), p.display());
+                }
+                all.insert(name, t);
+            }
         }
         let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         Self::new(all, source, dtype, device)
@@ -187,6 +194,32 @@ pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Te
     parse_safetensors(&bytes, &path.display().to_string())
 }
 
+/// A safetensors file's `__metadata__` strings, reading only its header (cheap on a 2 GB model).
+/// `None` when the file is not safetensors at all.
+pub fn read_metadata(path: &Path) -> Result<Option<HashMap<String, String>>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut len = [0u8; 8];
+    if f.read_exact(&mut len).is_err() {
+        return Ok(None);
+    }
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_BYTES || len > f.metadata()?.len() {
+        return Ok(None);
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)?;
+    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return Ok(None);
+    };
+    let metadata = header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Ok(Some(metadata))
+}
+
 /// Parses safetensors bytes (a whole file) after checking the header; errors start with `source`.
 pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     if bytes.len() < 8 {
@@ -261,36 +294,85 @@ pub fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
-/// Temporary file + fsync + rename: a crash leaves either the old file or the new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+/// The temporary name a write to `path` goes through: `.NAME.tmp-PID` beside it, so a kill
+/// leaves a file that `tidy_temporaries` can tell is garbage (its process is gone).
+pub fn temporary_path(path: &Path) -> Result<PathBuf> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("{}: cannot write: {e}", path.display());
-    }
-    Ok(())
+    Ok(dir.join(format!(".{}{TEMPORARY_MARK}{}", file_name.to_string_lossy(), std::process::id())))
 }
 
-/// Removes temporary files that `write_atomic` left for `path` when a process was killed
-/// mid-write (they are never read; this only tidies up). Call it when a job starts.
-pub fn remove_stale_temporaries(path: &Path) {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let Some(name) = path.file_name() else { return };
-    let stale = format!(".{}.tmp-", name.to_string_lossy());
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&stale) {
-                let _ = std::fs::remove_file(entry.path());
+const TEMPORARY_MARK: &str = ".tmp-";
+/// Folders written whole (merged models) go through `.NAME.partial-PID`.
+pub const PARTIAL_MARK: &str = ".partial-";
+
+/// Temporary file + fsync + rename: a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_checked(path, |tmp| Ok(std::fs::write(tmp, bytes)?), |_| Ok(()))
+}
+
+/// Writes `path` through its temporary name: `write` fills the temporary file, `check` reads it
+/// back, and only a file that passes replaces `path` (a good file is never swapped for a bad
+/// one). On any failure the temporary file is removed and `path` is left as it was.
+pub fn write_checked(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+    check: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let tmp = temporary_path(path)?;
+    let io = |e: anyhow::Error| -> anyhow::Error {
+        // I/O errors name the destination as the user knows it, not the temporary name (nested
+        // writes, such as an adapter written through here, report their innermost cause).
+        match e.root_cause().downcast_ref::<std::io::Error>() {
+            Some(cause) => anyhow::Error::new(std::io::Error::new(cause.kind(), cause.to_string()))
+                .context(format!("{}: cannot write", path.display())),
+            None => e,
+        }
+    };
+    let result = (|| -> Result<()> {
+        write(&tmp).map_err(io)?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io(e.into()))?;
+        check(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| io(e.into()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Whether process `pid` is still running (Linux: /proc; elsewhere assume it is, and keep its files).
+fn process_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes, in `dir`, the temporary files (`.NAME.tmp-PID`) and partial folders
+/// (`.NAME.partial-PID`) that killed processes left behind. Those of running processes (another
+/// LoRA Studio writing beside us) are kept. Every command that writes calls it on start.
+pub fn tidy_temporaries(dir: &Path) {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            continue;
+        }
+        for mark in [TEMPORARY_MARK, PARTIAL_MARK] {
+            let Some((_, pid)) = name.rsplit_once(mark) else { continue };
+            let Ok(pid) = pid.parse::<u32>() else { continue };
+            if pid == std::process::id() || process_alive(pid) {
+                continue;
             }
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         }
     }
+}
+
+/// `tidy_temporaries` for the folder `path` is written in.
+pub fn tidy_temporaries_beside(path: &Path) {
+    tidy_temporaries(path.parent().unwrap_or(Path::new(".")));
 }

@@ -14,7 +14,7 @@ use crate::engine::dataset::Dataset;
 use crate::engine::formats::{ExportLayer, Naming};
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::sampler::SamplerKind;
-use crate::engine::train::{Algorithm, NonFiniteLoss, TrainConfig, Trainer, checkpoint_path};
+use crate::engine::train::{Algorithm, NonFiniteLoss, RunOutputs, TrainConfig, Trainer, checkpoint_path};
 
 /// What to train, on what, and where to put it.
 #[derive(Clone, Debug)]
@@ -29,6 +29,10 @@ pub struct TrainJobSpec {
     pub naming: Naming,
     /// Where to compute: the CPU, or a GPU when built with candle's `cuda` / `metal` features.
     pub device: Device,
+    /// Replace an existing output, or an earlier run's checkpoint, instead of refusing.
+    pub overwrite: bool,
+    /// Adapter files in use elsewhere (the Playground's), which the run must not write over.
+    pub in_use: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -171,7 +175,22 @@ impl Events {
 fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) -> Result<()> {
     let cfg = &spec.config;
     cfg.validate()?;
+    // Before the slow loading: a run that could not write its outputs fails now, not at the end.
+    RunOutputs {
+        out: &spec.out,
+        model: &spec.model,
+        data: &spec.data,
+        in_use: &spec.in_use,
+        resume: spec.resume.as_deref(),
+        full_finetune: cfg.algorithm == Algorithm::Full,
+        overwrite: spec.overwrite,
+    }
+    .check()?;
     let weights = ModelWeights::load(&spec.model, DType::F32, &spec.device)?;
+    // The weights are in memory now; what the step needs beyond them must fit in what is left.
+    if let Some(available) = crate::engine::memory::available_bytes() {
+        crate::engine::memory::check_training_fits(&weights.unet_config, &weights.vae_config, cfg, available)?;
+    }
     let dataset = Dataset::scan(&spec.data, &cfg.dataset)?;
     let preflight = dataset.preflight(&cfg.dataset, &|c| weights.tokenizer.count_tokens(c));
     events.send(TrainEvent::Preflight {
@@ -185,14 +204,18 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         Trainer::new(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset)?
     };
     let ckpt = checkpoint_path(&spec.out);
-    if let Some(dir) = spec.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
-    }
     // What a killed earlier run may have left half-written under a temporary name.
-    crate::engine::weights::remove_stale_temporaries(&spec.out);
-    crate::engine::weights::remove_stale_temporaries(&ckpt);
+    crate::engine::weights::tidy_temporaries_beside(&spec.out);
     if let Some(resume) = &spec.resume {
         trainer.load_checkpoint(resume)?;
+        // A run killed by an older version between its checkpoint and its step adapter.
+        let step = trainer.step;
+        if !trainer.is_full_finetune() && cfg.save_every > 0 && step > 0 && step % cfg.save_every == 0 && step < cfg.steps {
+            let step_adapter = crate::engine::train::step_adapter_path(&spec.out, step);
+            if !step_adapter.exists() {
+                trainer.save_adapter(&step_adapter, spec.naming)?;
+            }
+        }
     } else {
         // A checkpoint at step 0 means a NaN can always be rolled back.
         trainer.save_checkpoint(&ckpt)?;
@@ -291,7 +314,8 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
 }
 
 fn save(trainer: &mut Trainer, spec: &TrainJobSpec, ckpt: &std::path::Path, events: &Events) -> Result<()> {
-    trainer.save_checkpoint(ckpt)?;
+    // The adapters first and the checkpoint last: a kill in between resumes from the previous
+    // checkpoint and writes these again, so no `-stepN` file is ever skipped.
     let mut step_adapter = spec.out.clone();
     if trainer.is_full_finetune() {
         trainer.save_model(&spec.out)?;
@@ -303,6 +327,7 @@ fn save(trainer: &mut Trainer, spec: &TrainJobSpec, ckpt: &std::path::Path, even
         }
         events.send(TrainEvent::Snapshot { step: trainer.step, layers: std::sync::Arc::new(trainer.export_layers()?) });
     }
+    trainer.save_checkpoint(ckpt)?;
     let validation_loss = trainer.validation_loss()?;
     events.send(TrainEvent::Checkpoint {
         step: trainer.step,

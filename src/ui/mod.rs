@@ -215,7 +215,7 @@ impl StudioApp {
         self.playground.poll(ctx);
         if self.start_training_when_scanned && !self.dataset.is_scanning() {
             self.start_training_when_scanned = false;
-            self.start_training();
+            self.start_training(false);
         }
     }
 
@@ -282,13 +282,16 @@ impl StudioApp {
             self.training.output = checkpoint.with_file_name(format!("{stem}.safetensors")).display().to_string();
         }
         let images = self.dataset.image_paths();
-        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, Some(checkpoint));
+        let in_use = self.playground.adapter_paths();
+        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, Some(checkpoint), in_use, false);
     }
 
-    /// Starts training with the current options on the dataset's images.
-    pub fn start_training(&mut self) {
+    /// Starts training with the current options on the dataset's images. `overwrite`: replace an
+    /// earlier run's outputs (only after the panel asked).
+    pub fn start_training(&mut self, overwrite: bool) {
         let images = self.dataset.image_paths();
-        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, None);
+        let in_use = self.playground.adapter_paths();
+        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, None, in_use, overwrite);
     }
 
     /// Draws the whole window into `ui`: tab bar, status bar, then the selected area.
@@ -355,7 +358,9 @@ impl StudioApp {
                 };
                 for action in training::ui_training(ui, &mut self.training, &mut self.config, &cx) {
                     match action {
-                        training::TrainingAction::Start => self.start_training(),
+                        training::TrainingAction::Start => self.start_training(false),
+                        training::TrainingAction::StartOver => self.start_training(true),
+                        training::TrainingAction::ResumeExisting(checkpoint) => self.resume_training(checkpoint),
                         training::TrainingAction::ChooseOutput => dialogs.push(DialogPurpose::TrainOutput),
                         training::TrainingAction::ChooseResume => dialogs.push(DialogPurpose::ResumeCheckpoint),
                         training::TrainingAction::Try(adapter) => self.try_adapter(&adapter),

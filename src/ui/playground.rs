@@ -298,6 +298,11 @@ impl PlaygroundPanel {
         self.push(ModelCommand::Panic);
     }
 
+    /// The adapter files in the list (a training run must not write over them).
+    pub fn adapter_paths(&self) -> Vec<PathBuf> {
+        self.adapters.iter().map(|a| a.path.clone()).collect()
+    }
+
     pub fn remove_adapter(&mut self, i: usize) {
         if i < self.adapters.len() {
             let row = self.adapters.remove(i);

@@ -9,7 +9,7 @@ use egui::{Response, RichText};
 
 use crate::engine::adapter::TargetPreset;
 use crate::engine::formats::Naming;
-use crate::engine::train::{Algorithm, LrSchedule, TimestepBias, TrainConfig};
+use crate::engine::train::{Algorithm, ExistingRun, LrSchedule, RunOutputs, TimestepBias, TrainConfig};
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 use super::loss_plot::{LossHistory, loss_plot, plot_key};
@@ -115,6 +115,9 @@ pub struct TrainingPanel {
     pub job_warnings: Vec<String>,
     /// Why Start did nothing (no model, no images…).
     pub message: Option<String>,
+    /// An earlier run's checkpoint where Start would write: the panel asks whether to resume it
+    /// or start again over it.
+    pub existing_run: Option<ExistingRun>,
     pub sample_prompt_now: String,
 }
 
@@ -136,6 +139,7 @@ impl Default for TrainingPanel {
             checkpoints: Vec::new(),
             job_warnings: Vec::new(),
             message: None,
+            existing_run: None,
             sample_prompt_now: String::new(),
         }
     }
@@ -149,6 +153,10 @@ pub enum TrainingAction {
     ChooseResume,
     /// Put this checkpoint's adapter in the Playground and go there.
     Try(PathBuf),
+    /// Start again over an earlier run's outputs (the user said so).
+    StartOver,
+    /// Continue the earlier run found at Start.
+    ResumeExisting(PathBuf),
 }
 
 impl TrainingPanel {
@@ -169,6 +177,9 @@ impl TrainingPanel {
 
     /// Starts a run; says why in `message` when it cannot.
     /// `resume`: an earlier run's `.checkpoint.safetensors` to continue from (same options).
+    /// `in_use`: the Playground's adapter files, which the run must not write over.
+    /// `overwrite`: replace an earlier run's outputs (asked for through `existing_run` first).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &mut self,
         ctx: &egui::Context,
@@ -176,8 +187,11 @@ impl TrainingPanel {
         images: Vec<PathBuf>,
         config: &TrainConfig,
         resume: Option<PathBuf>,
+        in_use: Vec<PathBuf>,
+        overwrite: bool,
     ) {
         self.message = None;
+        self.existing_run = None;
         let Some(model) = model else {
             self.message = Some("Open a base model first (Playground → Open model…, or --model).".into());
             return;
@@ -194,6 +208,23 @@ impl TrainingPanel {
             self.message = Some("Choose an output file.".into());
             return;
         };
+        // The outputs are checked here too (the worker checks again) so the window can ask.
+        let outputs = RunOutputs {
+            out: &out,
+            model,
+            data: &images,
+            in_use: &in_use,
+            resume: resume.as_deref(),
+            full_finetune: config.algorithm == Algorithm::Full,
+            overwrite,
+        };
+        if let Err(e) = outputs.check() {
+            match e.downcast::<ExistingRun>() {
+                Ok(existing) => self.existing_run = Some(existing),
+                Err(e) => self.message = Some(format!("{e:#}")),
+            }
+            return;
+        }
         let spec = TrainJobSpec {
             model: model.to_path_buf(),
             data: images,
@@ -202,6 +233,8 @@ impl TrainingPanel {
             resume,
             naming: self.naming,
             device: candle_core::Device::Cpu,
+            overwrite,
+            in_use,
         };
         let wake = ctx.clone();
         self.job = Some(TrainJob::start(spec, move || wake.request_repaint()));
@@ -582,6 +615,32 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
     });
     if let Some(msg) = &panel.message {
         ui.colored_label(ui.visuals().error_fg_color, msg);
+    }
+    if let Some(existing) = &panel.existing_run {
+        let checkpoint = existing.checkpoint.clone();
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            format!(
+                "An earlier run of {} steps is saved at {}. Resume it, or start again and replace it?",
+                existing.step,
+                checkpoint.display()
+            ),
+        );
+        ui.horizontal(|ui| {
+            if ui.button("Resume it").on_hover_text("Continue the earlier run from its checkpoint").clicked() {
+                actions.push(TrainingAction::ResumeExisting(checkpoint));
+            }
+            if ui
+                .button("Start again")
+                .on_hover_text("Train from scratch; the earlier run's adapter and checkpoint are replaced")
+                .clicked()
+            {
+                actions.push(TrainingAction::StartOver);
+            }
+            if ui.button("Cancel").clicked() {
+                panel.existing_run = None;
+            }
+        });
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::bail;
 use candle_core::Tensor;
 
 use super::{
-    Component, ExportLayer, GLORA_LAYOUT_KEY, GloraLayout, LayerKey, Naming, ParsedAdapter, ParsedLayer, scalar,
+    Component, ExportLayer, GLORA_LAYOUT_KEY, GloraLayout, LayerKey, Naming, ParsedAdapter, ParsedLayer, alpha_scalar,
 };
 use crate::engine::Result;
 use crate::engine::adapter::Delta;
@@ -25,7 +25,7 @@ pub fn parse(tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>
     let mut layers = Vec::with_capacity(groups.len());
     let mut glora_layout = None;
     for (name, mut g) in groups {
-        let alpha = g.remove("alpha").map(|t| scalar(&t)).transpose()?;
+        let alpha = g.remove("alpha").map(|t| alpha_scalar(&name, &t)).transpose()?.flatten();
         let delta = if let (Some(down), Some(up)) = (g.remove("lora_down.weight"), g.remove("lora_up.weight")) {
             Delta::Lora { down, up }
         } else if g.contains_key("a1.weight") {

@@ -68,9 +68,13 @@ pub struct ParsedLayer {
 }
 
 impl ParsedLayer {
+    /// α / r. A missing or zero α means α = r (scale 1), as kohya, A1111 and ComfyUI read it.
     pub fn scale(&self) -> f64 {
         let r = self.delta.rank() as f64;
-        self.alpha.unwrap_or(r) / r
+        match self.alpha {
+            Some(a) if a != 0.0 => a / r,
+            _ => 1.0,
+        }
     }
 }
 
@@ -397,14 +401,28 @@ pub fn write_adapter(
     };
     let mut converted = HashMap::with_capacity(tensors.len());
     for (k, t) in tensors {
-        converted.insert(k, t.to_dtype(dtype)?);
+        let t = t.to_dtype(dtype)?;
+        // A NaN/∞ file would be refused on load; never write one (f16 overflows past 65504).
+        if !all_finite(&t)? {
+            bail!(
+                "{}: tensor `{k}` would be NaN or infinite in {dtype:?} (are the weights too large?); nothing was written",
+                path.display()
+            );
+        }
+        converted.insert(k, t);
     }
     super::weights::write_safetensors(path, &converted, Some(metadata))
 }
 
-/// Reads a scalar α tensor.
-pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(0.0))
+/// Reads a layer's α tensor: one number (shape `[]` or `[1]`). An empty tensor reads as no α.
+/// More than one number is refused: no tool stores α per element, so the file is not what it seems.
+pub(crate) fn alpha_scalar(layer: &str, t: &Tensor) -> Result<Option<f64>> {
+    let values = t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    match values.as_slice() {
+        [] => Ok(None),
+        [a] => Ok(Some(*a)),
+        _ => bail!("layer `{layer}`: alpha holds {} numbers (shape {:?}); it must be one number", values.len(), t.dims()),
+    }
 }
 
 /// What `lora-studio adapter info` reports about a file.
