@@ -255,9 +255,10 @@ fn adapter_info(p: &mut lexopt::Parser) -> Result<()> {
     let s = summarize(&parsed);
     println!("file:       {}", file.display());
     for (label, value) in s.lines() {
-        println!("{:<11} {value}", format!("{label}:"));
+        println!("{:<11} {}", format!("{label}:"), printable(&value));
     }
     for (k, v) in &s.metadata {
+        let (k, v) = (printable(k), printable(v));
         let v = if v.len() > 120 {
             format!("{}…", &v[..v.char_indices().nth(120).map(|(i, _)| i).unwrap_or(v.len())])
         } else {
@@ -577,6 +578,12 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                     eprintln!("warning: {w}");
                 }
             }
+            TrainEvent::Encoding { done, total } => {
+                eprint!("\rencoding images {done}/{total}");
+                if done == total {
+                    eprintln!();
+                }
+            }
             TrainEvent::Started { total_steps, start_step, parameters, layers } => {
                 last_step = (start_step, total_steps);
                 eprintln!("training {parameters} parameters in {layers} layers, steps {start_step}→{total_steps}");
@@ -707,15 +714,25 @@ fn load_adapters(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
 /// `FILE[:WEIGHT]`; the weight defaults to 1. A colon followed by something that is not a number
 /// belongs to the file name.
 fn parse_adapter_spec(spec: &str) -> Result<(PathBuf, f64)> {
-    if let Some((file, w)) = spec.rsplit_once(':')
-        && let Ok(weight) = w.parse::<f64>()
-    {
-        if !weight.is_finite() {
-            bail!("adapter weight in `{spec}` must be a finite number");
+    if let Some((file, w)) = spec.rsplit_once(':') {
+        if let Ok(weight) = w.parse::<f64>() {
+            if !weight.is_finite() {
+                bail!("adapter weight in `{spec}` must be a finite number");
+            }
+            return Ok((PathBuf::from(file), weight));
         }
-        return Ok((PathBuf::from(file), weight));
+        // `style.safetensors:0,5`: a decimal comma, not part of a file name that exists.
+        if !std::path::Path::new(spec).exists() && w.replace(',', ".").parse::<f64>().is_ok() {
+            bail!("adapter weight `{w}` in `{spec}` is not a number (use a dot: {})", w.replace(',', "."));
+        }
     }
     Ok((PathBuf::from(spec), 1.0))
+}
+
+/// Text from a file (metadata of a downloaded adapter) made safe to print: control characters,
+/// which could move the cursor or recolour the terminal, are shown as `\u{…}` escapes.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect()
 }
 
 fn bench_command(p: &mut lexopt::Parser) -> Result<()> {

@@ -426,16 +426,16 @@ fn bad_safetensors() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         ("header-1gb.safetensors", with_len(1 << 30, br#"{"w":{}}"#), "header claims 1073741824 bytes (limit"),
         ("header-u64max.safetensors", with_len(u64::MAX, b"{}"), "limit"),
         ("not-json.safetensors", st("this is not JSON at all", &[]), "invalid safetensors file"),
-        ("truncated-data.safetensors", st(one, &[0u8; 8]), "invalid safetensors file"),
+        ("truncated-data.safetensors", st(one, &[0u8; 8]), "tensor `w` claims bytes 0..16 of a 8-byte data section"),
         (
             "shape-lies.safetensors",
             st(r#"{"w":{"dtype":"F32","shape":[1000,1000],"data_offsets":[0,16]}}"#, &[0u8; 16]),
-            "invalid safetensors file",
+            "tensor `w` has 16 bytes of data, but its shape [1000, 1000] in F32 needs 4000000",
         ),
         (
             "offsets-past-end.safetensors",
             st(r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,1600000]}}"#, &[0u8; 16]),
-            "invalid safetensors file",
+            "tensor `w` claims bytes 0..1600000 of a 16-byte data section",
         ),
         (
             "offsets-overlap.safetensors",
@@ -448,7 +448,15 @@ fn bad_safetensors() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         (
             "shape-overflow.safetensors",
             st(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,16]}}"#, &[0u8; 16]),
-            "invalid safetensors file",
+            "tensor `w` has 16 bytes of data",
+        ),
+        (
+            "duplicate-key.safetensors",
+            st(
+                r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[1],"data_offsets":[16,20]},"a":{"dtype":"F32","shape":[1],"data_offsets":[16,20]}}"#,
+                &[0u8; 20],
+            ),
+            "the header names tensor `a` twice",
         ),
         (
             "int8.safetensors",
@@ -1436,4 +1444,128 @@ fn component_weights_come_from_their_own_file_or_index_only() {
     std::fs::write(&index, serde_json::json!({ "weight_map": weight_map }).to_string()).unwrap();
     let e = load_error(&model);
     assert!(e.contains("is in both"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals (issue 16, item 5)
+
+/// Starts a long `train`, waits until it is stepping, sends `signal` (`count` = 2: a second one as
+/// soon as the first is handled), and returns its output and adapter path. Its stderr is read as it
+/// comes.
+fn train_and_signal(dir: &Path, signal: &str, count: usize) -> (Output, PathBuf) {
+    use std::io::Read;
+    let data = small_dataset(dir);
+    let out = dir.join("long.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
+        .args([
+            "train", "--model", p(&sd1_tiny().join("model")), "--data", p(&data), "--out", p(&out), "--steps", "100000",
+            "--resolution", "32", "--no-latent-cache",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    // Wait for a few steps (the progress line shows "5/100000").
+    let started = std::time::Instant::now();
+    while !String::from_utf8_lossy(&seen.lock().unwrap()).contains(" 5/100000") {
+        assert!(started.elapsed().as_secs() < 120, "no steps: {}", String::from_utf8_lossy(&seen.lock().unwrap()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    let mut kill = Command::new("kill");
+    kill.arg(format!("-{signal}"));
+    kill.arg(&pid).status().unwrap();
+    if count > 1 {
+        // The second once the first has been handled (signals sent together merge into one),
+        // while the run is still finishing its step and saving.
+        while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("stopping:") {
+            assert!(started.elapsed().as_secs() < 120, "the first signal was not handled");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Command::new("kill").arg(format!("-{signal}")).arg(&pid).status().unwrap();
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let mut stdout = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+    let stderr = seen.lock().unwrap().clone();
+    (Output { status, stdout, stderr }, out)
+}
+
+/// The first SIGINT or SIGTERM stops and saves the run (with the default `--save-every 0` it used
+/// to lose everything); the checkpoint resumes where it stopped.
+#[test]
+fn a_signal_stops_and_saves_the_run() {
+    for signal in ["INT", "TERM"] {
+        let dir = tempdir(&format!("signal-{signal}"));
+        let (run, out) = train_and_signal(&dir, signal, 1);
+        let err = stderr(&run);
+        assert_eq!(run.status.code(), Some(1), "{signal}: {err}");
+        let last = err.trim_end().lines().last().unwrap_or_default();
+        assert!(last.contains("stopped at step") && last.contains("--resume"), "{signal}: {err}");
+        let ckpt = dir.join("long.checkpoint.safetensors");
+        let (_, metadata) = read_safetensors_with_metadata(&ckpt).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&metadata["lora_studio_checkpoint"]).unwrap();
+        let step = state["step"].as_u64().unwrap();
+        assert!(step >= 5, "{signal}: the checkpoint is at step {step}, not where the run stopped");
+        assert!(last.contains(&format!("stopped at step {step} of 100000")), "{signal}: {last}");
+        read_adapter(&out).unwrap();
+    }
+}
+
+/// A second signal quits at once, without saving.
+#[test]
+fn a_second_signal_quits_at_once() {
+    let dir = tempdir("signal-twice");
+    let (run, _) = train_and_signal(&dir, "INT", 2);
+    assert_eq!(run.status.code(), Some(130), "{}", stderr(&run));
+    assert!(stderr(&run).contains("quitting without saving"), "{}", stderr(&run));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory (issue 16, item 8)
+
+/// Options past sane bounds are refused; a step that would not fit in memory is refused before any
+/// work, with a size that fits — and that size then trains.
+#[test]
+fn a_run_that_cannot_fit_in_memory_is_refused_with_what_fits() {
+    let dir = tempdir("memory");
+    let data = small_dataset(&dir);
+    let model = sd1_tiny().join("model");
+    let out = dir.join("style.safetensors");
+    let run = |limit: Option<&str>, extra: &[&str]| -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora-studio"));
+        cmd.args(["train", "--model", p(&model), "--data", p(&data), "--out", p(&out), "--steps", "1", "--no-latent-cache"]);
+        cmd.args(extra);
+        if let Some(limit) = limit {
+            cmd.env("LORA_STUDIO_MEMORY_LIMIT", limit);
+        }
+        cmd.output().unwrap()
+    };
+    assert_one_line_error(&run(None, &["--resolution", "8192"]), &["resolution 8192 is above the limit of 2048"]);
+    assert_one_line_error(&run(None, &["--batch", "100000"]), &["batch size 100000 is above the limit of 256"]);
+    // 20 MB for the step: a batch of 256 at 32 px needs far more.
+    let limit = Some("20000000");
+    let refused = run(limit, &["--resolution", "32", "--batch", "256"]);
+    assert_one_line_error(&refused, &["a training step at batch 256 and 32 px needs about", "fits at 32 px"]);
+    assert_no_output(&out);
+    let err = stderr(&refused);
+    let fits: String = err.split("--batch ").nth(1).unwrap().chars().take_while(char::is_ascii_digit).collect();
+    assert!(fits.parse::<usize>().unwrap() < 256, "{err}");
+    let trained = run(limit, &["--resolution", "32", "--batch", &fits]);
+    assert!(trained.status.success(), "the suggested --batch {fits} trains: {}", stderr(&trained));
 }

@@ -109,6 +109,9 @@ pub struct Preflight {
 impl Preflight {
     /// One line: how many images go to each training size.
     pub fn bucket_summary(&self) -> String {
+        if self.buckets.is_empty() {
+            return "no usable images".into();
+        }
         let parts: Vec<String> = self.buckets.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         format!("training sizes: {}", parts.join(", "))
     }

@@ -333,7 +333,18 @@ fn uniform(rng: &mut Rng, shape: &[usize], bound: f64, device: &candle_core::Dev
 
 impl Trainer {
     /// Attaches a fresh adapter to `model` per the config and loads the dataset's latents.
-    pub fn new(mut model: StableDiffusion, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+    pub fn new(model: StableDiffusion, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+        Self::new_reporting(model, config, dataset, &|_, _| {})
+    }
+
+    /// As `new`, calling `encoded(done, total)` as the images' latents are encoded (the slow part
+    /// of starting a run on a large dataset).
+    pub fn new_reporting(
+        mut model: StableDiffusion,
+        config: TrainConfig,
+        dataset: &Dataset,
+        encoded: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
         config.validate()?;
         if dataset.images.is_empty() {
             bail!(
@@ -433,11 +444,21 @@ impl Trainer {
             );
         }
         model.refresh_merges()?;
-        Self::assemble(model, config, params, layers, None, rng, dataset)
+        Self::assemble(model, config, params, layers, None, rng, dataset, encoded)
     }
 
     /// Full fine-tuning of `weights`: the selected tensors become variables.
-    pub fn new_full(mut weights: ModelWeights, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+    pub fn new_full(weights: ModelWeights, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+        Self::new_full_reporting(weights, config, dataset, &|_, _| {})
+    }
+
+    /// As `new_full`, reporting the encoding of the images as `new_reporting` does.
+    pub fn new_full_reporting(
+        mut weights: ModelWeights,
+        config: TrainConfig,
+        dataset: &Dataset,
+        encoded: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
         config.validate()?;
         if config.algorithm != Algorithm::Full {
             bail!("new_full is for Algorithm::Full");
@@ -465,7 +486,7 @@ impl Trainer {
         }
         let model = StableDiffusion::from_weights(weights.clone())?;
         let rng = Rng::new(config.seed);
-        Self::assemble(model, config, params, Vec::new(), Some(weights), rng, dataset)
+        Self::assemble(model, config, params, Vec::new(), Some(weights), rng, dataset, encoded)
     }
 
     fn assemble(
@@ -476,6 +497,7 @@ impl Trainer {
         full: Option<ModelWeights>,
         rng: Rng,
         dataset: &Dataset,
+        encoded: &dyn Fn(usize, usize),
     ) -> Result<Self> {
         if dataset.images.is_empty() {
             bail!(
@@ -483,7 +505,7 @@ impl Trainer {
                 if dataset.skipped.is_empty() { "" } else { " (all were skipped)" }
             );
         }
-        let examples = encode_examples(&model, &config, dataset)?;
+        let examples = encode_examples(&model, &config, dataset, encoded)?;
         let mut model = model;
         if config.gradient_checkpointing {
             model.unet.checkpointing = Some(GradSink::new(params.iter().map(|p| p.var.clone()).collect()));
@@ -845,6 +867,19 @@ impl Trainer {
                 path.display()
             );
         }
+        // Trained layers that the checkpoint lacks, or has in another shape, mean another model.
+        let differing = self
+            .params
+            .iter()
+            .filter(|p| tensors.get(&format!("param/{}", p.name)).is_none_or(|t| t.dims() != p.var.dims()))
+            .count();
+        if differing > 0 {
+            bail!(
+                "{}: this checkpoint is for another model ({differing} of its {} trained weights do not fit this one); resume with the model it was trained on",
+                path.display(),
+                self.params.len()
+            );
+        }
         let device = self.model.device.clone();
         for p in &mut self.params {
             let get = |kind: &str| -> Result<Tensor> {
@@ -896,12 +931,18 @@ pub const RANDOM_CROPS: usize = 4;
 /// VAE latents (× scaling factor) for every image: one per crop and mirror variant. With a cache
 /// folder, latents are stored there under a key of the file's bytes, the crop, the flip and the
 /// VAE, so a second run on the same images skips the VAE entirely.
-fn encode_examples(model: &StableDiffusion, config: &TrainConfig, dataset: &Dataset) -> Result<Vec<Example>> {
+fn encode_examples(
+    model: &StableDiffusion,
+    config: &TrainConfig,
+    dataset: &Dataset,
+    encoded: &dyn Fn(usize, usize),
+) -> Result<Vec<Example>> {
     let opts = &config.dataset;
     let f = model.vae.config.downscale();
     let vae_key = model.vae.fingerprint()?;
     let mut out = Vec::with_capacity(dataset.images.len());
-    for e in &dataset.images {
+    for (i, e) in dataset.images.iter().enumerate() {
+        encoded(i, dataset.images.len());
         let (w, h) = target_size(e.width, e.height, opts);
         let (w, h) = ((w / f * f).max(f), (h / f * f).max(f));
         let crops: Vec<(f64, f64)> = if opts.center_crop {
@@ -924,9 +965,13 @@ fn encode_examples(model: &StableDiffusion, config: &TrainConfig, dataset: &Data
                 );
                 let cached = config.latent_cache.as_ref().map(|dir| dir.join(format!("{key}.safetensors")));
                 if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
-                    // A damaged cache file is simply recomputed.
+                    // A damaged entry (unreadable, another shape, NaN or ∞) is encoded again and
+                    // replaced; used, it would train on garbage or blame the learning rate for a NaN.
+                    let expected = [model.vae.config.latent_channels, h / f, w / f];
                     if let Ok(t) = super::weights::read_safetensors(path)
                         && let Some(l) = t.get("latents")
+                        && l.dims() == expected
+                        && super::weights::all_finite(l)?
                     {
                         latents.push(l.to_device(&model.device)?.to_dtype(model.dtype)?);
                         continue;
@@ -952,6 +997,7 @@ fn encode_examples(model: &StableDiffusion, config: &TrainConfig, dataset: &Data
         }
         out.push(Example { latents, caption: e.full_caption(&opts.trigger) });
     }
+    encoded(dataset.images.len(), dataset.images.len());
     Ok(out)
 }
 

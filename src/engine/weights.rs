@@ -232,6 +232,22 @@ pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, 
     if 8 + header_len > bytes.len() as u64 {
         bail!("{source}: truncated safetensors file (header says {header_len} bytes, file has {})", bytes.len());
     }
+    // A key written twice would make one of the two silently win (and later errors blame the
+    // other), so the raw header is read for its keys first.
+    let header_bytes = &bytes[8..8 + header_len as usize];
+    if let Ok(HeaderKeys(keys)) = serde_json::from_slice::<HeaderKeys>(header_bytes) {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = keys.iter().find(|k| !seen.insert(k.as_str())) {
+            bail!("{source}: the header names tensor `{dup}` twice");
+        }
+    }
+    // The library's own check of each tensor's extent names no tensor; ours says which and how.
+    let data_len = (bytes.len() - 8 - header_len as usize) as u64;
+    if let Ok(serde_json::Value::Object(entries)) = serde_json::from_slice::<serde_json::Value>(header_bytes) {
+        for (name, entry) in entries.iter().filter(|(k, _)| *k != "__metadata__") {
+            check_extent(entry, data_len).map_err(|e| anyhow::anyhow!("{source}: tensor `{name}` {e}"))?;
+        }
+    }
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("{source}: invalid safetensors file: {e}"))?;
     let metadata = header.metadata().clone().unwrap_or_default();
@@ -254,6 +270,67 @@ pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, 
         out.insert(name, t);
     }
     Ok((out, metadata))
+}
+
+/// Checks one header entry's byte range against its shape and dtype and the data section's size.
+/// Entries whose fields are malformed are left to the library's parser, which names them.
+fn check_extent(entry: &serde_json::Value, data_len: u64) -> Result<()> {
+    let (Some(dtype), Some(shape), Some(offsets)) = (
+        entry.get("dtype").and_then(|d| d.as_str()),
+        entry.get("shape").and_then(|s| s.as_array()),
+        entry.get("data_offsets").and_then(|o| o.as_array()),
+    ) else {
+        return Ok(());
+    };
+    let bytes_per_element: u64 = match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return Ok(()),
+    };
+    let (Some(start), Some(end)) = (offsets.first().and_then(|v| v.as_u64()), offsets.get(1).and_then(|v| v.as_u64()))
+    else {
+        return Ok(());
+    };
+    let dims: Option<Vec<u64>> = shape.iter().map(|d| d.as_u64()).collect();
+    let Some(dims) = dims else { return Ok(()) };
+    if start > end || end > data_len {
+        bail!("claims bytes {start}..{end} of a {data_len}-byte data section (the file is truncated or damaged)");
+    }
+    let needed = dims.iter().try_fold(bytes_per_element, |n, &d| n.checked_mul(d));
+    if needed != Some(end - start) {
+        bail!(
+            "has {} bytes of data, but its shape {dims:?} in {dtype} needs {}",
+            end - start,
+            needed.map_or("more than any file holds".to_string(), |n| n.to_string())
+        );
+    }
+    Ok(())
+}
+
+/// The keys of a safetensors header in the order written, duplicates kept.
+struct HeaderKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for HeaderKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = HeaderKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<HeaderKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(HeaderKeys(keys))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 /// Whether every element is finite (no NaN, no ±∞). Integer tensors always are.

@@ -54,6 +54,11 @@ pub enum TrainEvent {
         buckets: String,
         warnings: Vec<String>,
     },
+    /// The images' latents being encoded before the first step (`done` of `total` images).
+    Encoding {
+        done: usize,
+        total: usize,
+    },
     Started {
         total_steps: usize,
         start_step: usize,
@@ -198,10 +203,18 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         buckets: preflight.bucket_summary(),
         warnings: preflight.warnings(),
     });
+    // A progress event a second at most: thousands of images take a minute to encode.
+    let last = std::cell::Cell::new(None::<Instant>);
+    let encoded = |done: usize, total: usize| {
+        if done == total || last.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last.set(Some(Instant::now()));
+            events.send(TrainEvent::Encoding { done, total });
+        }
+    };
     let mut trainer = if cfg.algorithm == Algorithm::Full {
-        Trainer::new_full(weights, cfg.clone(), &dataset)?
+        Trainer::new_full_reporting(weights, cfg.clone(), &dataset, &encoded)?
     } else {
-        Trainer::new(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset)?
+        Trainer::new_reporting(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset, &encoded)?
     };
     let ckpt = checkpoint_path(&spec.out);
     // What a killed earlier run may have left half-written under a temporary name.

@@ -132,6 +132,12 @@ pub struct StudioApp {
     /// Where the session is autosaved (the real window only; tests leave it unset).
     pub session_file: Option<PathBuf>,
     last_saved: Option<(std::time::Instant, Session)>,
+    /// The window was asked to close while training: the question is on screen.
+    pub confirm_quit: bool,
+    /// Close the window once the run has stopped and saved.
+    pub quit_after_stop: bool,
+    /// SIGINT / SIGTERM while the window is open (the real window only).
+    stop_requests: Option<crossbeam_channel::Receiver<()>>,
 }
 
 impl StudioApp {
@@ -153,6 +159,9 @@ impl StudioApp {
             notice: None,
             session_file: None,
             last_saved: None,
+            confirm_quit: false,
+            quit_after_stop: false,
+            stop_requests: None,
         };
         if let Some(model) = options.model {
             app.set_model(model);
@@ -298,6 +307,8 @@ impl StudioApp {
     pub fn show(&mut self, ui: &mut egui::Ui) {
         let ctx = ui.ctx().clone();
         self.poll(&ctx);
+        self.guard_close(&ctx);
+        self.quit_dialog(&ctx);
         self.handle_shortcuts(ui);
         let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
         if !dropped.is_empty() {
@@ -444,6 +455,58 @@ impl StudioApp {
     }
 }
 
+impl StudioApp {
+    /// A close of the window (or SIGINT / SIGTERM) while a run trains: never drop the run. The
+    /// window asks first; a signal stops and saves at once. The window closes once the run ends.
+    pub fn guard_close(&mut self, ctx: &egui::Context) {
+        let signalled = self.stop_requests.as_ref().is_some_and(|rx| rx.try_recv().is_ok());
+        if signalled {
+            if self.training.is_active() {
+                self.training.send(crate::job::TrainCommand::Stop);
+                self.quit_after_stop = true;
+            } else {
+                ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            }
+        }
+        if ctx.input(|i| i.viewport().close_requested()) && self.training.is_active() && !self.quit_after_stop {
+            ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
+            self.confirm_quit = true;
+        }
+        if self.quit_after_stop && !self.training.is_active() {
+            self.quit_after_stop = false;
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+    }
+
+    /// The question asked when the window is closed during a run.
+    fn quit_dialog(&mut self, ctx: &egui::Context) {
+        if !self.confirm_quit {
+            return;
+        }
+        let modal = egui::Modal::new(egui::Id::unique("quit_while_training")).show(ctx, |ui| {
+            ui.heading("Training is running");
+            ui.label(format!(
+                "Step {} of {}. Closing now would lose the steps since the last save.",
+                self.training.step, self.training.total
+            ));
+            ui.add_space(8.0);
+            ui.horizontal(|ui| {
+                if ui.button("Stop, save and quit").on_hover_text("Finish this step, save the adapter and a checkpoint, then close").clicked() {
+                    self.training.send(crate::job::TrainCommand::Stop);
+                    self.quit_after_stop = true;
+                    self.confirm_quit = false;
+                }
+                if ui.button("Keep training").clicked() {
+                    self.confirm_quit = false;
+                }
+            });
+        });
+        if modal.should_close() {
+            self.confirm_quit = false;
+        }
+    }
+}
+
 impl eframe::App for StudioApp {
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         self.poll(ctx);
@@ -525,6 +588,7 @@ pub fn run_window_with(options: WindowOptions, setup: impl FnOnce(&mut StudioApp
                 app.notice = Some(w);
             }
             app.last_saved = Some((std::time::Instant::now(), app.session()));
+            app.stop_requests = crate::job::signals::stop_requests();
             setup(&mut app);
             Ok(Box::new(app))
         }),

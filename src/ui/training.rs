@@ -118,6 +118,8 @@ pub struct TrainingPanel {
     /// An earlier run's checkpoint where Start would write: the panel asks whether to resume it
     /// or start again over it.
     pub existing_run: Option<ExistingRun>,
+    /// Images encoded so far while a run starts (done, total).
+    pub encoding: Option<(usize, usize)>,
     pub sample_prompt_now: String,
 }
 
@@ -140,6 +142,7 @@ impl Default for TrainingPanel {
             job_warnings: Vec::new(),
             message: None,
             existing_run: None,
+            encoding: None,
             sample_prompt_now: String::new(),
         }
     }
@@ -247,6 +250,7 @@ impl TrainingPanel {
         self.samples.clear();
         self.checkpoints.clear();
         self.job_warnings.clear();
+        self.encoding = None;
     }
 
     pub fn send(&mut self, command: TrainCommand) {
@@ -266,6 +270,7 @@ impl TrainingPanel {
         for event in events {
             match event {
                 TrainEvent::Preflight { warnings, .. } => self.job_warnings = warnings,
+                TrainEvent::Encoding { done, total } => self.encoding = Some((done, total)),
                 TrainEvent::Started { total_steps, start_step, .. } => {
                     self.total = total_steps;
                     self.step = start_step;
@@ -647,7 +652,10 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
 fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
     let state = match &panel.run {
         RunState::Idle => "Not started.".to_owned(),
-        RunState::Starting => "Loading the model and the images…".to_owned(),
+        RunState::Starting => match panel.encoding {
+            Some((done, total)) => format!("Encoding image {done}/{total}…"),
+            None => "Loading the model and the images…".to_owned(),
+        },
         RunState::Running => "Training.".to_owned(),
         RunState::Paused { reason: None } => "Paused.".to_owned(),
         RunState::Paused { reason: Some(r) } => {
