@@ -1569,3 +1569,96 @@ fn a_run_that_cannot_fit_in_memory_is_refused_with_what_fits() {
     let trained = run(limit, &["--resolution", "32", "--batch", &fits]);
     assert!(trained.status.success(), "the suggested --batch {fits} trains: {}", stderr(&trained));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The latent cache (issue 16, item 16)
+
+/// A cache entry of the wrong shape, or holding NaN, is encoded again and replaced, not trained on.
+#[test]
+fn damaged_latent_cache_entries_are_encoded_again() {
+    let dir = tempdir("latent-cache");
+    let data = small_dataset(&dir);
+    let cache = dir.join("cache");
+    let model = sd1_tiny().join("model");
+    let train = |out: &str| {
+        studio(&[
+            "train", "--model", p(&model), "--data", p(&data), "--out", p(&dir.join(out)), "--steps", "2",
+            "--resolution", "32", "--latent-cache", p(&cache),
+        ])
+    };
+    let first = train("first.safetensors");
+    assert!(first.status.success(), "{}", stderr(&first));
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    assert_eq!(entries.len(), 3, "one entry per image: {entries:?}");
+    let good = read_safetensors(&entries[0]).unwrap()["latents"].clone();
+    let shape = good.dims().to_vec();
+    // One entry of another shape, one full of NaN.
+    let wrong = Tensor::zeros((shape[0], shape[1] + 2, shape[2]), DType::F32, &Device::Cpu).unwrap();
+    write_safetensors(&entries[0], &HashMap::from([("latents".to_string(), wrong)]), None).unwrap();
+    let nan = Tensor::full(f32::NAN, shape.as_slice(), &Device::Cpu).unwrap();
+    write_safetensors(&entries[1], &HashMap::from([("latents".to_string(), nan)]), None).unwrap();
+    let second = train("second.safetensors");
+    assert!(second.status.success(), "{}", stderr(&second));
+    for entry in &entries[..2] {
+        let t = read_safetensors(entry).unwrap()["latents"].clone();
+        assert_eq!(t.dims(), shape.as_slice(), "{} was encoded again", entry.display());
+        assert!(t.to_vec3::<f32>().unwrap().iter().flatten().flatten().all(|v| v.is_finite()), "{} is finite", entry.display());
+    }
+    // The same adapter as from a clean cache: nothing of the bad entries reached training.
+    let a = read_safetensors(&dir.join("first.safetensors")).unwrap();
+    let b = read_safetensors(&dir.join("second.safetensors")).unwrap();
+    for (k, t) in &a {
+        assert!(relative_error(&b[k], t) < 1e-5, "{k} differs");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages (issue 16, item 17)
+
+#[test]
+fn messages_say_what_is_wrong() {
+    let dir = tempdir("messages");
+    let data = small_dataset(&dir);
+    let tiny = sd1_tiny().join("model");
+
+    // A checkpoint of another model (the built-in one) resumed on sd1-tiny.
+    let builtin_run = dir.join("builtin.safetensors");
+    let run = studio(&[
+        "train", "--data", p(&data), "--out", p(&builtin_run), "--steps", "1", "--resolution", "32", "--no-latent-cache",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    // Encoding shows progress.
+    assert!(stderr(&run).contains("encoding images 3/3"), "{}", stderr(&run));
+    let ckpt = dir.join("builtin.checkpoint.safetensors");
+    let run = studio(&[
+        "train", "--model", p(&tiny), "--data", p(&data), "--out", p(&dir.join("other.safetensors")), "--resume",
+        p(&ckpt), "--steps", "2", "--resolution", "32", "--no-latent-cache",
+    ]);
+    assert_last_line_error(&run, &["this checkpoint is for another model"]);
+
+    // A decimal comma in an adapter weight.
+    let adapter = format!("{}:0,5", p(&sd1_tiny().join("lora_a_kohya.safetensors")));
+    let png = dir.join("x.png");
+    let run = studio(&["generate", "--model", p(&tiny), "--adapter", &adapter, "--prompt", "x", "--out", p(&png)]);
+    assert_one_line_error(&run, &["`0,5`", "is not a number (use a dot: 0.5)"]);
+
+    // Control characters in a downloaded file's metadata never reach the terminal.
+    let (tensors, mut metadata) = read_safetensors_with_metadata(&sd1_tiny().join("lora_a_kohya.safetensors")).unwrap();
+    metadata.insert("ss_output_name".into(), "\x1b[2J\x1b[31mred\x07".into());
+    let hostile = dir.join("hostile.safetensors");
+    write_safetensors(&hostile, &tensors, Some(metadata)).unwrap();
+    let info = studio(&["adapter", "info", p(&hostile)]);
+    let shown = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "control characters printed: {shown:?}");
+    assert!(shown.contains("\\u{1b}[31mred\\u{7}"), "{shown}");
+
+    // An empty dataset says so instead of "training sizes: " and nothing.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = studio(&["train", "--model", p(&tiny), "--data", p(&empty), "--out", p(&dir.join("e.safetensors"))]);
+    let err = stderr(&run);
+    assert!(!err.contains("training sizes: \n"), "{err}");
+    assert_last_line_error(&run, &["no usable images"]);
+}
