@@ -332,10 +332,14 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
             for i in 0..specs.len() {
                 sd.remove_adapter(&format!("adapter{i}"));
             }
-            sd.load_adapter("blend", tmp, 1.0).map_err(|e| anyhow::anyhow!("{}: the blend does not load back: {e:#}", out.display()))?;
+            sd.load_adapter("blend", tmp, 1.0)
+                .map_err(|e| anyhow::anyhow!("{}: the blend does not load back: {e:#}", out.display()))?;
             let blended = probe_output(&sd)?;
             if !all_finite(&blended)? {
-                bail!("{}: the blend makes the model's output NaN or infinite (lower the weights); nothing was written", out.display());
+                bail!(
+                    "{}: the blend makes the model's output NaN or infinite (lower the weights); nothing was written",
+                    out.display()
+                );
             }
             let scale = probe.abs()?.max_all()?.to_scalar::<f32>()?;
             let err = (&probe - blended)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -391,7 +395,9 @@ impl TrainFile {
             known[k] = serde_json::Value::Null;
         }
         check_keys(&table, &known, "").map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))
     }
 }
 
@@ -401,7 +407,10 @@ fn check_keys(table: &toml::Table, known: &serde_json::Value, prefix: &str) -> R
     for (key, value) in table {
         match known.get(key) {
             None => {
-                let closest = names.iter().min_by_key(|n| edit_distance(key, n)).map(|n| format!("; did you mean `{prefix}{n}`?"));
+                let closest = names
+                    .iter()
+                    .min_by_key(|n| edit_distance(key, n))
+                    .map(|n| format!("; did you mean `{prefix}{n}`?"));
                 bail!("unknown option `{prefix}{key}`{}", closest.unwrap_or_default());
             }
             Some(inner @ serde_json::Value::Object(_)) => {

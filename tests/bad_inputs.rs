@@ -243,7 +243,7 @@ fn bad_images() -> Vec<(&'static str, Vec<u8>, &'static str)> {
 
     // A JPEG cut inside its image data: headers whole, so the decoder alone fills the rest with grey.
     let detailed = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(256, 256, |x, y| {
-        image::Rgb([(x * 7 ^ y * 13) as u8, (x * y) as u8, (x + 3 * y) as u8])
+        image::Rgb([((x * 7) ^ (y * 13)) as u8, (x * y) as u8, (x + 3 * y) as u8])
     }));
     let big_jpg = encode(&detailed, image::ImageFormat::Jpeg);
     let cut_jpg = big_jpg[..big_jpg.len() * 9 / 10].to_vec();
@@ -985,7 +985,8 @@ fn half_precision_adapters_load_and_match_the_references() {
     let b = sd1_tiny().join("lora_b_peft.safetensors");
     let locon = sd1_tiny().join("adapters/lyco_locon.safetensors");
     let glora = sd1_tiny().join("adapters/lyco_glora.safetensors");
-    let cases: Vec<(Vec<(PathBuf, f64)>, Option<&Tensor>, &Tensor, &HashMap<String, Tensor>)> = vec![
+    type Case<'a> = (Vec<(PathBuf, f64)>, Option<&'a Tensor>, &'a Tensor, &'a HashMap<String, Tensor>);
+    let cases: Vec<Case> = vec![
         (vec![(a.clone(), 0.7)], Some(&base["text_embeddings_a07"]), &base["noise_pred_a07"], &base),
         (vec![(a, 0.5), (b, 0.8)], None, &base["noise_pred_a05_b08"], &base),
         (vec![(locon, 0.7)], Some(&lyco["text_embeddings_lyco_locon"]), &lyco["noise_pred_lyco_locon"], &inputs),
@@ -1061,9 +1062,8 @@ fn a_blend_that_overflows_never_replaces_a_good_file() {
     let spec = format!("{}:0.7", p(&half));
     let inputs = sd1_tiny().join("inputs.safetensors");
     let result = dir.join("forward.safetensors");
-    let out = studio(&[
-        "forward", "--model", p(&model), "--adapter", &spec, "--inputs", p(&inputs), "--output", p(&result),
-    ]);
+    let out =
+        studio(&["forward", "--model", p(&model), "--adapter", &spec, "--inputs", p(&inputs), "--output", p(&result)]);
     assert!(out.status.success(), "forward with an f16 adapter: {}", stderr(&out));
 }
 
@@ -1109,7 +1109,17 @@ fn small_dataset(dir: &Path) -> PathBuf {
 
 fn train_run(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
-        "train", "--model", p(model), "--data", p(data), "--out", p(out), "--steps", "2", "--resolution", "32",
+        "train",
+        "--model",
+        p(model),
+        "--data",
+        p(data),
+        "--out",
+        p(out),
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
         "--no-latent-cache",
     ];
     args.extend_from_slice(extra);
@@ -1217,11 +1227,8 @@ fn export_job_quotes_every_value_for_the_shell() {
             .output()
             .unwrap();
         assert!(ran.status.success(), "{value:?}: train.sh failed: {}", String::from_utf8_lossy(&ran.stderr));
-        let args: Vec<String> = String::from_utf8(std::fs::read(&args_out).unwrap())
-            .unwrap()
-            .split('\0')
-            .map(str::to_string)
-            .collect();
+        let args: Vec<String> =
+            String::from_utf8(std::fs::read(&args_out).unwrap()).unwrap().split('\0').map(str::to_string).collect();
         let after = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].clone());
         assert_eq!(after("--pretrained_model_name_or_path").as_deref(), Some(*value), "{args:?}");
         let stem = Path::new(&format!("{value}.safetensors")).file_stem().unwrap().to_string_lossy().into_owned();
@@ -1305,7 +1312,8 @@ fn misspelt_options_and_non_finite_numbers_are_refused() {
         ("noise_offset = inf\n", "noise offset must be a finite number"),
     ] {
         let toml_file = dir.join("train.toml");
-        let paths = format!("model = {}\ndata = [{}]\n", toml_quoted(p(&sd1_tiny().join("model"))), toml_quoted(p(&data)));
+        let paths =
+            format!("model = {}\ndata = [{}]\n", toml_quoted(p(&sd1_tiny().join("model"))), toml_quoted(p(&data)));
         std::fs::write(&toml_file, paths + text).unwrap();
         let run = studio(&["train", "--config", p(&toml_file), "--out", p(&out)]);
         assert_one_line_error(&run, &[needle]);
@@ -1322,7 +1330,15 @@ fn misspelt_options_and_non_finite_numbers_are_refused() {
     let png = dir.join("x.png");
     for value in ["NaN", "inf"] {
         let run = studio(&[
-            "generate", "--model", p(&sd1_tiny().join("model")), "--prompt", "x", "--guidance", value, "--out", p(&png),
+            "generate",
+            "--model",
+            p(&sd1_tiny().join("model")),
+            "--prompt",
+            "x",
+            "--guidance",
+            value,
+            "--out",
+            p(&png),
         ]);
         assert_one_line_error(&run, &["guidance must be a finite number"]);
         assert_no_output(&png);
@@ -1372,7 +1388,11 @@ fn captions_in_utf16_are_read_and_unreadable_ones_are_named() {
     let skipped = ds.skipped.iter().find(|s| file_name(&s.path) == "img2.png").expect("img2.png is reported");
     assert!(skipped.reason.contains("img2.txt") && skipped.reason.contains("not UTF-8"), "{}", skipped.reason);
     let preflight = ds.preflight(&DatasetOptions::default(), &|c| c.len());
-    assert!(preflight.without_caption.is_empty(), "no image is said to lack a caption: {:?}", preflight.without_caption);
+    assert!(
+        preflight.without_caption.is_empty(),
+        "no image is said to lack a caption: {:?}",
+        preflight.without_caption
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1458,8 +1478,18 @@ fn train_and_signal(dir: &Path, signal: &str, count: usize) -> (Output, PathBuf)
     let out = dir.join("long.safetensors");
     let mut child = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
         .args([
-            "train", "--model", p(&sd1_tiny().join("model")), "--data", p(&data), "--out", p(&out), "--steps", "100000",
-            "--resolution", "32", "--no-latent-cache",
+            "train",
+            "--model",
+            p(&sd1_tiny().join("model")),
+            "--data",
+            p(&data),
+            "--out",
+            p(&out),
+            "--steps",
+            "100000",
+            "--resolution",
+            "32",
+            "--no-latent-cache",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1549,7 +1579,18 @@ fn a_run_that_cannot_fit_in_memory_is_refused_with_what_fits() {
     let out = dir.join("style.safetensors");
     let run = |limit: Option<&str>, extra: &[&str]| -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora-studio"));
-        cmd.args(["train", "--model", p(&model), "--data", p(&data), "--out", p(&out), "--steps", "1", "--no-latent-cache"]);
+        cmd.args([
+            "train",
+            "--model",
+            p(&model),
+            "--data",
+            p(&data),
+            "--out",
+            p(&out),
+            "--steps",
+            "1",
+            "--no-latent-cache",
+        ]);
         cmd.args(extra);
         if let Some(limit) = limit {
             cmd.env("LORA_STUDIO_MEMORY_LIMIT", limit);
@@ -1582,8 +1623,19 @@ fn damaged_latent_cache_entries_are_encoded_again() {
     let model = sd1_tiny().join("model");
     let train = |out: &str| {
         studio(&[
-            "train", "--model", p(&model), "--data", p(&data), "--out", p(&dir.join(out)), "--steps", "2",
-            "--resolution", "32", "--latent-cache", p(&cache),
+            "train",
+            "--model",
+            p(&model),
+            "--data",
+            p(&data),
+            "--out",
+            p(&dir.join(out)),
+            "--steps",
+            "2",
+            "--resolution",
+            "32",
+            "--latent-cache",
+            p(&cache),
         ])
     };
     let first = train("first.safetensors");
@@ -1603,7 +1655,11 @@ fn damaged_latent_cache_entries_are_encoded_again() {
     for entry in &entries[..2] {
         let t = read_safetensors(entry).unwrap()["latents"].clone();
         assert_eq!(t.dims(), shape.as_slice(), "{} was encoded again", entry.display());
-        assert!(t.to_vec3::<f32>().unwrap().iter().flatten().flatten().all(|v| v.is_finite()), "{} is finite", entry.display());
+        assert!(
+            t.to_vec3::<f32>().unwrap().iter().flatten().flatten().all(|v| v.is_finite()),
+            "{} is finite",
+            entry.display()
+        );
     }
     // The same adapter as from a clean cache: nothing of the bad entries reached training.
     let a = read_safetensors(&dir.join("first.safetensors")).unwrap();
@@ -1625,15 +1681,36 @@ fn messages_say_what_is_wrong() {
     // A checkpoint of another model (the built-in one) resumed on sd1-tiny.
     let builtin_run = dir.join("builtin.safetensors");
     let run = studio(&[
-        "train", "--data", p(&data), "--out", p(&builtin_run), "--steps", "1", "--resolution", "32", "--no-latent-cache",
+        "train",
+        "--data",
+        p(&data),
+        "--out",
+        p(&builtin_run),
+        "--steps",
+        "1",
+        "--resolution",
+        "32",
+        "--no-latent-cache",
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
     // Encoding shows progress.
     assert!(stderr(&run).contains("encoding images 3/3"), "{}", stderr(&run));
     let ckpt = dir.join("builtin.checkpoint.safetensors");
     let run = studio(&[
-        "train", "--model", p(&tiny), "--data", p(&data), "--out", p(&dir.join("other.safetensors")), "--resume",
-        p(&ckpt), "--steps", "2", "--resolution", "32", "--no-latent-cache",
+        "train",
+        "--model",
+        p(&tiny),
+        "--data",
+        p(&data),
+        "--out",
+        p(&dir.join("other.safetensors")),
+        "--resume",
+        p(&ckpt),
+        "--steps",
+        "2",
+        "--resolution",
+        "32",
+        "--no-latent-cache",
     ]);
     assert_last_line_error(&run, &["this checkpoint is for another model"]);
 

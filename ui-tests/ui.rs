@@ -602,3 +602,67 @@ fn the_session_is_saved_and_restored_and_a_broken_file_is_set_aside() {
     assert!(warning.contains("unreadable") && warning.contains("session.json.broken"), "{warning}");
     assert!(!file.exists() && dir.join("config/session.json.broken").is_file());
 }
+
+/// Start where an earlier run saved asks "resume or start again" instead of resetting it, and
+/// closing the window during a run asks before anything is lost.
+#[test]
+fn an_earlier_run_is_replaced_only_when_asked_and_closing_mid_run_asks_first() {
+    let dir = tempdir("existing-run");
+    make_images(&dir.join("data"));
+    let out = dir.join("style.safetensors");
+    let ckpt = dir.join("style.checkpoint.safetensors");
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        app.config.steps = 2;
+        app.config.dataset.resolution = 32;
+        app.training.output = out.display().to_string();
+    }
+    h.state_mut().start_training(false);
+    run_until(&mut h, TRAIN, "the first run", |a| matches!(a.training.run, RunState::Finished { .. }));
+    let saved = std::fs::read(&ckpt).unwrap();
+
+    // Start again on the same output: a question, and nothing written.
+    h.get_by_label("Start training").click();
+    h.run();
+    let question = text_of(&h, "An earlier run of 2 steps");
+    assert!(question.contains("style.checkpoint.safetensors"), "{question}");
+    assert!(matches!(h.state().training.run, RunState::Finished { .. }), "no run started");
+    assert!(std::fs::read(&ckpt).unwrap() == saved, "the checkpoint is untouched");
+    h.get_by_label("Cancel").click();
+    h.run();
+    assert!(h.state().training.existing_run.is_none());
+
+    // "Start again" replaces it, with a long run this time.
+    h.state_mut().config.steps = 100_000;
+    h.get_by_label("Start training").click();
+    h.run();
+    h.get_by_label("Start again").click();
+    h.run_steps(2);
+    run_until(&mut h, TRAIN, "the new run steps", |a| a.training.step >= 1 && a.training.run == RunState::Running);
+
+    // Closing the window now asks; "Keep training" keeps it running.
+    let close = |h: &mut Harness<'static, StudioApp>| {
+        h.input_mut().viewports.entry(egui::ViewportId::ROOT).or_default().events.push(egui::ViewportEvent::Close);
+        h.run_steps(2);
+    };
+    close(&mut h);
+    assert!(h.state().confirm_quit, "the window asks before closing");
+    h.get_by_label("Training is running");
+    h.get_by_label("Keep training").click();
+    h.run_steps(2);
+    assert!(!h.state().confirm_quit && h.state().training.is_active(), "still training");
+    // "Stop, save and quit" stops and saves the run, then lets the window close.
+    close(&mut h);
+    h.get_by_label("Stop, save and quit").click();
+    h.run_steps(2);
+    assert!(h.state().quit_after_stop);
+    run_until(&mut h, TRAIN, "the run stopped", |a| !a.training.is_active());
+    h.run_steps(2);
+    let step = lora_studio::engine::train::checkpoint_step(&ckpt).unwrap();
+    assert!((1..100_000).contains(&step), "the checkpoint holds the stopped run (step {step})");
+    assert!(!h.state().quit_after_stop, "the close went ahead once the run had stopped");
+}

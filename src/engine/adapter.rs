@@ -47,7 +47,8 @@ impl Delta {
     /// The same update with every factor in `dtype`. Files store factors in f16, bf16, f32 or f64;
     /// the layer computes in its own dtype, and candle refuses mixed dtypes in one op.
     pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Delta> {
-        let cast = |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        let cast =
+            |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
         Ok(match self {
             Delta::Lora { down, up } => Delta::Lora { down: cast(down)?, up: cast(up)? },
             Delta::Glora { a1, a2, b1, b2 } => {

@@ -197,7 +197,7 @@ fn sidecar_caption(path: &Path) -> std::result::Result<Option<(String, PathBuf)>
 /// Caption bytes as text: UTF-8 (with or without a byte-order mark) or UTF-16 with one.
 pub fn decode_caption(bytes: &[u8]) -> Option<String> {
     let utf16 = |bytes: &[u8], read: fn([u8; 2]) -> u16| -> Option<String> {
-        if bytes.len() % 2 != 0 {
+        if !bytes.len().is_multiple_of(2) {
             return None;
         }
         let units: Vec<u16> = bytes.chunks_exact(2).map(|c| read([c[0], c[1]])).collect();
@@ -319,7 +319,10 @@ fn collect_images(
     if !visited.insert(real.clone()) {
         skipped.push(Skipped {
             path: dir.to_path_buf(),
-            reason: format!("leads to {}, which is already scanned (a link back, or the same folder twice); not read again", real.display()),
+            reason: format!(
+                "leads to {}, which is already scanned (a link back, or the same folder twice); not read again",
+                real.display()
+            ),
         });
         return Ok(());
     }

@@ -16,7 +16,14 @@ pub const MEMORY_LIMIT_VAR: &str = "LORA_STUDIO_MEMORY_LIMIT";
 /// Bytes of f32 activations kept for the backward pass of one UNet step. The CPU attention works
 /// in blocks of query rows (`engine::attention`), so no `tokens × tokens` buffer is counted; the
 /// composed attention other devices use would need one per layer on top.
-pub fn unet_step_bytes(unet: &UNetConfig, vae: &VaeConfig, batch: usize, height: usize, width: usize, checkpointing: bool) -> f64 {
+pub fn unet_step_bytes(
+    unet: &UNetConfig,
+    vae: &VaeConfig,
+    batch: usize,
+    height: usize,
+    width: usize,
+    checkpointing: bool,
+) -> f64 {
     let f = vae.downscale().max(1);
     let (lh, lw) = ((height / f).max(1) as f64, (width / f).max(1) as f64);
     let levels = unet.block_out_channels.len();
@@ -88,7 +95,8 @@ pub fn check_training_fits(unet: &UNetConfig, vae: &VaeConfig, config: &TrainCon
     }
     let largest_batch = (1..config.batch_size).rev().find(|&b| step(b, res) <= available);
     let multiple = 64;
-    let largest_res = (1..=res / multiple).rev().map(|k| k * multiple).find(|&r| step(config.batch_size, r) <= available);
+    let largest_res =
+        (1..=res / multiple).rev().map(|k| k * multiple).find(|&r| step(config.batch_size, r) <= available);
     let mut advice = Vec::new();
     if let Some(b) = largest_batch {
         advice.push(format!("--batch {b} fits at {res} px"));

@@ -489,6 +489,7 @@ impl Trainer {
         Self::assemble(model, config, params, Vec::new(), Some(weights), rng, dataset, encoded)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         model: StableDiffusion,
         config: TrainConfig,
@@ -1097,9 +1098,17 @@ impl RunOutputs<'_> {
             }
             for input in self.data {
                 let input = real(input);
-                let inside = target == &input || input.is_dir() && target.starts_with(&input);
+                // An image given alone brings its caption files with it.
+                let captions = if input.is_file() {
+                    vec![input.with_extension("txt"), input.with_extension("caption")]
+                } else {
+                    vec![]
+                };
+                let inside =
+                    target == &input || captions.contains(target) || input.is_dir() && target.starts_with(&input);
                 let ext = target.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-                let dataset_file = super::dataset::IMAGE_EXTENSIONS.contains(&ext.as_str()) || ext == "txt" || ext == "caption";
+                let dataset_file =
+                    super::dataset::IMAGE_EXTENSIONS.contains(&ext.as_str()) || ext == "txt" || ext == "caption";
                 if inside && (dataset_file || target.is_dir()) {
                     bail!("{}: this is part of the training data; choose another output", shown.display());
                 }
@@ -1114,12 +1123,15 @@ impl RunOutputs<'_> {
         }
         if !self.full_finetune {
             if out.is_dir() {
-                bail!("{shown}: is a folder; the output is an adapter file, such as {}", out.join("style.safetensors").display());
+                bail!(
+                    "{shown}: is a folder; the output is an adapter file, such as {}",
+                    out.join("style.safetensors").display()
+                );
             }
-            if out.exists() && !self.overwrite {
-                if !is_our_adapter(out) {
-                    bail!("{shown}: already exists and is not an adapter LoRA Studio wrote; choose another output, or --overwrite to replace it");
-                }
+            if out.exists() && !self.overwrite && !is_our_adapter(out) {
+                bail!(
+                    "{shown}: already exists and is not an adapter LoRA Studio wrote; choose another output, or --overwrite to replace it"
+                );
             }
             if self.resume.is_none() && !self.overwrite && ckpt.exists() {
                 let step = checkpoint_step(&ckpt).unwrap_or(0);
@@ -1129,7 +1141,8 @@ impl RunOutputs<'_> {
             bail!("{shown}: already exists; choose a new folder, or --overwrite to replace it");
         }
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
         }
         // A write that would fail at the end of the run fails now instead.
         let probe = super::weights::temporary_path(&ckpt)?;

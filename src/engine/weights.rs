@@ -54,7 +54,11 @@ impl WeightMap {
             for (name, t) in read_safetensors(p)? {
                 // Shards split a model; a tensor in two of them would make one silently win.
                 if let Some(first) = from.insert(name.clone(), p) {
-                    bail!("tensor `{name}` is in both {} and {}; the files do not belong together", first.display(), p.display());
+                    bail!(
+                        "tensor `{name}` is in both {} and {}; the files do not belong together",
+                        first.display(),
+                        p.display()
+                    );
                 }
                 all.insert(name, t);
             }

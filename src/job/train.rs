@@ -223,7 +223,12 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         trainer.load_checkpoint(resume)?;
         // A run killed by an older version between its checkpoint and its step adapter.
         let step = trainer.step;
-        if !trainer.is_full_finetune() && cfg.save_every > 0 && step > 0 && step % cfg.save_every == 0 && step < cfg.steps {
+        if !trainer.is_full_finetune()
+            && cfg.save_every > 0
+            && step > 0
+            && step % cfg.save_every == 0
+            && step < cfg.steps
+        {
             let step_adapter = crate::engine::train::step_adapter_path(&spec.out, step);
             if !step_adapter.exists() {
                 trainer.save_adapter(&step_adapter, spec.naming)?;

@@ -491,7 +491,11 @@ impl StudioApp {
             ));
             ui.add_space(8.0);
             ui.horizontal(|ui| {
-                if ui.button("Stop, save and quit").on_hover_text("Finish this step, save the adapter and a checkpoint, then close").clicked() {
+                if ui
+                    .button("Stop, save and quit")
+                    .on_hover_text("Finish this step, save the adapter and a checkpoint, then close")
+                    .clicked()
+                {
                     self.training.send(crate::job::TrainCommand::Stop);
                     self.quit_after_stop = true;
                     self.confirm_quit = false;

@@ -421,7 +421,9 @@ pub(crate) fn alpha_scalar(layer: &str, t: &Tensor) -> Result<Option<f64>> {
     match values.as_slice() {
         [] => Ok(None),
         [a] => Ok(Some(*a)),
-        _ => bail!("layer `{layer}`: alpha holds {} numbers (shape {:?}); it must be one number", values.len(), t.dims()),
+        _ => {
+            bail!("layer `{layer}`: alpha holds {} numbers (shape {:?}); it must be one number", values.len(), t.dims())
+        }
     }
 }
 
