@@ -79,14 +79,14 @@ echo "resume to the end: $done_ok ($(tail -1 "$work/final.log" 2> /dev/null))"
 mkdir -p "$work/mix"
 blend=("$bin" adapter blend "$out:0.7" --model "$model" --rank 4 --out "$work/mix/blend.safetensors")
 mix_kills=0 mix_bad=0
-for ((i = 1; i <= runs / 10 + 1; i++)); do
+for ((i = 1; i <= runs / 2 + 1; i++)); do
   rm -rf "$work/mix/merged"
   for cmd in blend merge; do
     if [ "$cmd" = blend ]; then "${blend[@]}" > /dev/null 2>&1 & else
       "$bin" adapter merge "$out:0.7" --model "$model" --out "$work/mix/merged" > /dev/null 2>&1 &
     fi
     pid=$!
-    sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.2f", r / 32767 * 1.5 }')"
+    sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.3f", 0.02 + r / 32767 * 0.18 }')"
     kill -9 "$pid" 2> /dev/null && mix_kills=$((mix_kills + 1))
     wait "$pid" 2> /dev/null || true
   done
@@ -98,9 +98,10 @@ for ((i = 1; i <= runs / 10 + 1; i++)); do
   fi
 done
 rm -rf "$work/mix/merged"
+mix_tmp=$(find "$work/mix" -mindepth 1 -maxdepth 1 -name '.*' | wc -l)
 "${blend[@]}" > /dev/null 2>&1 && "$bin" adapter merge "$out:0.7" --model "$model" --out "$work/mix/merged" > /dev/null 2>&1 \
   && mix_done=yes || mix_done=no
-mix_left=$(find "$work/mix" -maxdepth 1 -name '.*' | wc -l)
-echo "blend/merge kills: $mix_kills, damaged outputs: $mix_bad, temporaries left after a clean run: $mix_left, clean run: $mix_done"
+mix_left=$(find "$work/mix" -mindepth 1 -maxdepth 1 -name '.*' | wc -l)
+echo "blend/merge kills: $mix_kills, damaged outputs: $mix_bad, temporaries the kills left: $mix_tmp, left after a clean run: $mix_left, clean run: $mix_done"
 [ "$bad" -eq 0 ] && [ "$done_ok" = yes ] && [ "$leftovers" -eq 0 ] && [ "$missing" -eq 0 ] && [ "$step_bad" -eq 0 ] \
   && [ "$mix_bad" -eq 0 ] && [ "$mix_left" -eq 0 ] && [ "$mix_done" = yes ]

@@ -407,10 +407,13 @@ fn check_keys(table: &toml::Table, known: &serde_json::Value, prefix: &str) -> R
     for (key, value) in table {
         match known.get(key) {
             None => {
+                // Only a near miss is suggested (a third of the letters wrong at most).
                 let closest = names
                     .iter()
-                    .min_by_key(|n| edit_distance(key, n))
-                    .map(|n| format!("; did you mean `{prefix}{n}`?"));
+                    .map(|n| (edit_distance(key, n), n))
+                    .min()
+                    .filter(|(d, _)| *d <= (key.chars().count() / 3).max(2))
+                    .map(|(_, n)| format!("; did you mean `{prefix}{n}`?"));
                 bail!("unknown option `{prefix}{key}`{}", closest.unwrap_or_default());
             }
             Some(inner @ serde_json::Value::Object(_)) => {

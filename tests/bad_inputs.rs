@@ -1739,3 +1739,31 @@ fn messages_say_what_is_wrong() {
     assert!(!err.contains("training sizes: \n"), "{err}");
     assert_last_line_error(&run, &["no usable images"]);
 }
+
+/// An adapter the Playground has loaded is never a training output, even with "overwrite", unless
+/// it is an earlier run of ours (which the run-exists question covers).
+#[test]
+fn an_adapter_in_use_is_not_a_training_output() {
+    use lora_studio::engine::train::RunOutputs;
+    let dir = tempdir("in-use");
+    let data = small_dataset(&dir);
+    let theirs = dir.join("downloaded.safetensors");
+    std::fs::copy(sd1_tiny().join("lora_a_kohya.safetensors"), &theirs).unwrap();
+    let check = |out: &Path, overwrite: bool| {
+        RunOutputs {
+            out,
+            model: &sd1_tiny().join("model"),
+            data: std::slice::from_ref(&data),
+            in_use: std::slice::from_ref(&theirs),
+            resume: None,
+            full_finetune: false,
+            overwrite,
+        }
+        .check()
+    };
+    for overwrite in [false, true] {
+        let e = format!("{:#}", check(&theirs, overwrite).unwrap_err());
+        assert!(e.contains("downloaded.safetensors") && e.contains("in use in the Playground"), "{e}");
+    }
+    check(&dir.join("new.safetensors"), false).unwrap();
+}

@@ -21,7 +21,7 @@ pub fn stop_requests() -> Option<Receiver<()>> {
         let sender = tx.clone();
         let installed = ctrlc::set_handler(move || {
             if RECEIVED.fetch_add(1, Ordering::SeqCst) == 0 {
-                eprintln!("\nstopping: finishing this step and saving (press Ctrl-C again to quit at once)");
+                eprintln!("\nstopping: finishing the current step and saving (press Ctrl-C again to quit at once)");
                 let _ = sender.send(());
             } else {
                 eprintln!("\nquitting without saving");
