@@ -48,7 +48,8 @@ pub fn unet_step_bytes(
         bytes /= levels.max(1) as f64 * 2.0;
     }
     // Gradients of the kept activations, and the allocator's slack, live alongside them during
-    // the backward pass (measured on sd1-tiny at 128 and 256 px: peak RSS 193 and 580 MB).
+    // the backward pass. Checked against measured peaks: sd1-tiny at 128 and 256 px (193 and
+    // 580 MB RSS), SD 1.5 at 512 px (2560 MiB over the weights; this gives 3102, see the test).
     bytes * 2.0
 }
 
@@ -128,4 +129,33 @@ pub fn check_training_fits(unet: &UNetConfig, vae: &VaeConfig, config: &TrainCon
 fn step_with_checkpointing(unet: &UNetConfig, vae: &VaeConfig, config: &TrainConfig) -> f64 {
     let res = config.dataset.resolution;
     unet_step_bytes(unet, vae, config.batch_size, res, res, true).max(vae_encode_bytes(vae, res, res))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The estimate against measured peaks (peak RSS minus the f32 weights, `bench train`, CPU,
+    /// 2 threads, 2026-12-05): SD 1.5 at 512 px, batch 1, no checkpointing: 5839 − 3279 MiB. It
+    /// may err on the generous side, not by more than a small factor either way.
+    #[test]
+    fn the_estimate_is_near_a_measured_sd15_step() {
+        let unet = crate::engine::bench::named_unet_config("sd15").unwrap();
+        let vae: VaeConfig = serde_json::from_str(
+            r#"{"latent_channels":4,"block_out_channels":[128,256,512,512],"layers_per_block":2}"#,
+        )
+        .unwrap();
+        let measured = (5839.0 - 3279.0) * 1024.0 * 1024.0;
+        let estimated = unet_step_bytes(&unet, &vae, 1, 512, 512, false);
+        let ratio = estimated / measured;
+        eprintln!("SD 1.5, 512 px: estimate {:.0} MiB, {ratio:.2}× the measured step", estimated / 1048576.0);
+        assert!(
+            (0.8..=1.6).contains(&ratio),
+            "estimate {:.0} MiB is {ratio:.2}× the measured step",
+            estimated / 1048576.0
+        );
+        // Linear in the batch, and far less with checkpointing.
+        assert!((unet_step_bytes(&unet, &vae, 4, 512, 512, false) / estimated - 4.0).abs() < 1e-9);
+        assert!(unet_step_bytes(&unet, &vae, 1, 512, 512, true) < estimated / 4.0);
+    }
 }
