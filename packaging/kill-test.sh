@@ -4,13 +4,13 @@
 # tidies every temporary file, and that every `-stepN` adapter is there; then does the same to
 # `adapter blend` and `adapter merge`.
 #
-#   packaging/kill-test.sh [RUNS] [MODEL]      (defaults: 100, ../shared/fixtures/sd1-tiny/model)
+#   packaging/kill-test.sh [RUNS] [MODEL]      (defaults: 100, tests/fixtures/sd1-tiny/model)
 #
 # Prints the counts at the end; exits non-zero if any file on disk failed to load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-100}
-model=${2:-../shared/fixtures/sd1-tiny/model}
+model=${2:-tests/fixtures/sd1-tiny/model}
 bin=target/release/lora-studio
 [ -x "$bin" ] || cargo build --release --quiet
 work=$(mktemp -d)

@@ -10,14 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use lora_studio::engine::weights::{WeightMap, read_safetensors};
 
-/// `../shared/fixtures` beside the repository (as CI lays it out), or `LORA_STUDIO_FIXTURES`.
-pub fn fixtures_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("LORA_STUDIO_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    if beside.exists() { beside } else { PathBuf::from("/work/shared/fixtures") }
-}
+pub use lora_studio::engine::builtin::fixtures_dir;
 
 pub fn sd1_tiny() -> PathBuf {
     fixtures_dir().join("sd1-tiny")

@@ -1,5 +1,5 @@
 //! Adapters loaded from the fixture's kohya and PEFT files reproduce diffusers' outputs with the
-//! adapters applied (`../shared/fixtures/sd1-tiny/reference.safetensors`), merged and unmerged.
+//! adapters applied (`tests/fixtures/sd1-tiny/reference.safetensors`), merged and unmerged.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The UNet, text encoder and VAE reproduce the reference diffusers/transformers outputs
-//! stored in `../shared/fixtures/sd1-tiny` (see its README).
+//! stored in `tests/fixtures/sd1-tiny` (see its README).
 
 mod common;
 

@@ -10,17 +10,7 @@ use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
 
-/// `../shared/fixtures` beside the repository, else `LORA_STUDIO_FIXTURES`, else `/work/shared/fixtures`.
-pub fn fixtures_dir() -> PathBuf {
-    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    if beside.exists() {
-        return beside;
-    }
-    if let Ok(dir) = std::env::var("LORA_STUDIO_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    PathBuf::from("/work/shared/fixtures")
-}
+pub use lora_studio::engine::builtin::fixtures_dir;
 
 pub fn sd1_tiny() -> PathBuf {
     fixtures_dir().join("sd1-tiny")

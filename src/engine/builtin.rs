@@ -67,3 +67,14 @@ pub fn resolve_model(explicit: Option<PathBuf>) -> Result<PathBuf> {
         ),
     }
 }
+
+/// The reference fixtures the tests compare against (tensors computed with diffusers,
+/// transformers, PEFT and LyCORIS, see `tests/fixtures/README.md`): the copy in the repository's
+/// `tests/fixtures`, or the folder `LORA_STUDIO_FIXTURES` names. The one place tests find them.
+#[doc(hidden)]
+pub fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("LORA_STUDIO_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
+}

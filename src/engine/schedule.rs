@@ -369,22 +369,9 @@ fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
 /// Test helpers shared by the engine's fixture tests.
 #[cfg(test)]
 pub(crate) mod test_util {
-    use std::path::PathBuf;
-
     use candle_core::{DType, Tensor};
 
-    /// The shared fixtures folder: `$LORA_STUDIO_FIXTURES`, else `../shared/fixtures` beside the
-    /// crate (CI's layout), else `/work/shared/fixtures`.
-    pub(crate) fn fixtures_dir() -> PathBuf {
-        if let Some(dir) = std::env::var_os("LORA_STUDIO_FIXTURES") {
-            return PathBuf::from(dir);
-        }
-        let beside = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-        if beside.is_dir() {
-            return beside;
-        }
-        PathBuf::from("/work/shared/fixtures")
-    }
+    pub(crate) use crate::engine::builtin::fixtures_dir;
 
     /// `crate::engine::weights::read_safetensors` of `sd1-tiny/reference.safetensors`.
     pub(crate) fn sd1_reference() -> std::collections::HashMap<String, Tensor> {

@@ -746,23 +746,12 @@ fn infer_vae(vae: &HashMap<String, Tensor>) -> Result<VaeConfig> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-
     use candle_core::Device;
 
     use super::*;
     use crate::engine::weights::read_safetensors;
 
-    fn fixtures() -> PathBuf {
-        let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-        if local.is_dir() {
-            return local;
-        }
-        match std::env::var("LORA_STUDIO_FIXTURES") {
-            Ok(p) => PathBuf::from(p),
-            Err(_) => PathBuf::from("/work/shared/fixtures"),
-        }
-    }
+    use crate::engine::builtin::fixtures_dir as fixtures;
 
     struct Fixture {
         unet: HashMap<String, Tensor>,
@@ -1399,7 +1388,7 @@ mod ldm_names {
 
     #[test]
     fn every_adaptable_unet_layer_maps_back_to_itself() {
-        let dir = super::tests_fixture_dir().join("sd1-tiny/model");
+        let dir = crate::engine::builtin::fixtures_dir().join("sd1-tiny/model");
         let mut sd = crate::engine::pipeline::StableDiffusion::load(&dir, &candle_core::Device::Cpu).unwrap();
         let layers = sd.unet.config.layers_per_block;
         let mut checked = 0;
@@ -1415,13 +1404,4 @@ mod ldm_names {
         });
         assert!(checked > 40);
     }
-}
-
-#[cfg(test)]
-fn tests_fixture_dir() -> std::path::PathBuf {
-    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    if local.is_dir() {
-        return local;
-    }
-    std::env::var("LORA_STUDIO_FIXTURES").map(Into::into).unwrap_or_else(|_| "/work/shared/fixtures".into())
 }
