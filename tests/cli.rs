@@ -62,9 +62,11 @@ fn forward_reproduces_reference_outputs() {
 #[test]
 fn generate_writes_a_png() {
     let dir = tempdir("generate");
-    let png = dir.join("image.png");
     let model = sd1_tiny().join("model");
+    let mut pictures = Vec::new();
     for sampler in ["ddim", "euler-a"] {
+        // Each sampler its own file, so neither run can pass on the other's picture.
+        let png = dir.join(format!("image-{sampler}.png"));
         let run = studio(&[
             "generate",
             "--model",
@@ -83,7 +85,9 @@ fn generate_writes_a_png() {
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         let img = image::open(&png).unwrap();
         assert_eq!((img.width(), img.height()), (32, 32), "fixture: sample_size 16 × VAE factor 2");
+        pictures.push(img.to_rgb8().into_raw());
     }
+    assert_ne!(pictures[0], pictures[1], "DDIM and Euler ancestral draw different pictures");
 }
 
 #[test]
@@ -351,7 +355,7 @@ fn without_model_every_command_uses_the_built_in_model_and_its_example_styles() 
         studio(&["adapter", "info", p(&style[0]), "--model", p(&lora_studio::engine::builtin::model_dir().unwrap())]);
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(text.contains("base model: LoRA Studio built-in"), "{text}");
-    assert!(text.contains("of 118 adapter layers match the model"), "{text}");
+    assert!(text.contains(": 118 of 118 adapter layers match the model"), "{text}");
     // An override folder without a model falls back to the next place searched.
     let out = Command::new(env!("CARGO_BIN_EXE_lora-studio"))
         .args(["generate", "--prompt", "x", "--out", p(&dir.join("y.png"))])

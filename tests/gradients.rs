@@ -188,7 +188,11 @@ fn lora_layer_gradients_match_finite_differences() {
     let up = Var::from_tensor(&tensor(&[5, 2], 3)).unwrap();
     let bias = tensor(&[5], 4);
     let probe = tensor(&[2, 3, 5], 5);
-    let mut stack = AdapterStack::new(tensor(&[5, 6], 6));
+    let weight = tensor(&[5, 6], 6);
+    // The fused op applies to this layer (it falls back to the composed form with `None`).
+    let fused = lora_studio::engine::frozen::lora_linear(&x, &weight, Some(&bias), &down, &up, 0.75).unwrap();
+    assert!(fused.is_some(), "the fused LoRA op is taken for an f64 linear layer");
+    let mut stack = AdapterStack::new(weight);
     stack.merge = false;
     let delta = Delta::Lora { down: down.as_tensor().clone(), up: up.as_tensor().clone() };
     stack.attach(LayerAdapter { name: "trained".into(), delta, scale: 0.5, multiplier: 1.5 }).unwrap();

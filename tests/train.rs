@@ -11,6 +11,7 @@ use lora_studio::engine::adapter::TargetPreset;
 use lora_studio::engine::dataset::{Dataset, DatasetOptions};
 use lora_studio::engine::pipeline::StableDiffusion;
 use lora_studio::engine::train::{Algorithm, NonFiniteLoss, TrainConfig, Trainer};
+use lora_studio::engine::weights::{read_safetensors, write_safetensors};
 
 /// Four 48×48 pictures of a coloured disc on a plain background, with captions.
 fn make_images(dir: &Path) {
@@ -200,7 +201,16 @@ fn latents_are_cached_on_disk_and_reused() {
     let files = std::fs::read_dir(&cache).unwrap().count();
     assert_eq!(files, 4 * 4 * 2);
     let a = first.validation_loss().unwrap();
-    let mut second = trainer(&dir, cfg);
+    let mut second = trainer(&dir, cfg.clone());
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), files, "nothing new was encoded");
     assert_eq!(second.validation_loss().unwrap(), a, "cached latents are the same latents");
+    // The cache is really read: entries replaced by other (valid) latents change the loss.
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        let path = entry.unwrap().path();
+        let latents = read_safetensors(&path).unwrap()["latents"].clone();
+        let other = (latents.ones_like().unwrap() * 0.5).unwrap();
+        write_safetensors(&path, &std::collections::HashMap::from([("latents".to_string(), other)]), None).unwrap();
+    }
+    let mut third = trainer(&dir, cfg);
+    assert_ne!(third.validation_loss().unwrap(), a, "the altered cache entries were used");
 }

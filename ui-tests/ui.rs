@@ -457,6 +457,14 @@ fn playground_generates_blends_live_and_exports() {
     // Per-block weights live under Advanced; Remove takes the adapter out.
     h.get_by_label("Advanced").click();
     h.run();
+    h.get_by_label("Per-block weights (A1111 LoRA Block Weight)");
+    for block in ["text encoder", "input blocks", "middle block", "output blocks"] {
+        // The slider (its value) and its text share the label.
+        let values: Vec<String> = h.get_all_by_label(block).filter_map(|n| n.value()).collect();
+        assert_eq!(values, ["1.00"], "{block}: one slider, at 1");
+    }
+    let blocks = &h.state().playground.adapters[0].blocks;
+    assert_eq!((blocks.text_encoder, blocks.input, blocks.middle, blocks.output), (1.0, 1.0, 1.0, 1.0));
     h.get_by_label("Remove").click();
     h.run();
     assert!(h.state().playground.adapters.is_empty());

@@ -709,7 +709,7 @@ mod tests {
     }
 
     #[test]
-    fn layer_sized_blend_is_quick() {
+    fn layer_sized_blend_at_full_rank_is_exact() {
         let mut rng = Rng(0x1234_5678);
         let (out, n) = (1280, 320);
         let cases: Vec<Case> = (0..4).map(|i| random_case(&mut rng, out, 4, n, 0.5 + i as f64 * 0.25)).collect();

@@ -774,9 +774,15 @@ mod tests {
     #[test]
     fn presets_set_rank_alpha_lr_and_steps() {
         let mut c = TrainConfig::default();
-        Preset::Quality.apply(&mut c);
-        assert_eq!((c.rank, c.alpha, c.steps), (32, 16.0, 3000));
-        assert!(Preset::Quality.matches(&c) && !Preset::Quick.matches(&c));
+        for (preset, expected) in [
+            (Preset::Quick, (8, 8.0, 2e-4, 400)),
+            (Preset::Balanced, (16, 8.0, 1e-4, 1200)),
+            (Preset::Quality, (32, 16.0, 5e-5, 3000)),
+        ] {
+            preset.apply(&mut c);
+            assert_eq!((c.rank, c.alpha, c.learning_rate, c.steps), expected, "{preset:?}");
+            assert!(Preset::ALL.iter().all(|&p| p.matches(&c) == (p == preset)), "{preset:?} alone matches");
+        }
     }
 
     #[test]
