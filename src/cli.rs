@@ -10,14 +10,14 @@ use candle_core::{DType, Device, Tensor};
 use lexopt::prelude::*;
 
 use crate::engine::Result;
+use crate::engine::adapters::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
+use crate::engine::adapters::mix;
 use crate::engine::bench;
 use crate::engine::builtin;
-use crate::engine::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
-use crate::engine::mixing;
+use crate::engine::diffusion::sampler::SamplerKind;
+use crate::engine::io::weights::{all_finite, read_safetensors, write_safetensors};
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
-use crate::engine::sampler::SamplerKind;
-use crate::engine::train::TrainConfig;
-use crate::engine::weights::{all_finite, read_safetensors, write_safetensors};
+use crate::engine::train::trainer::TrainConfig;
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 const USAGE: &str = "\
@@ -176,7 +176,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
     let img = img?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    crate::engine::weights::write_atomic(&out, &png)?;
+    crate::engine::io::weights::write_atomic(&out, &png)?;
     println!("wrote {} ({}×{}, {:.2} s)", out.display(), req.width, req.height, started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -310,21 +310,21 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     let mut sd = StableDiffusion::load(&model, &dev)?;
     load_adapters(&mut sd, &specs)?;
     if merge {
-        let written = crate::engine::diffusers_folder::write_merged_model(&mut sd, &model, &out)?;
+        let written = crate::engine::io::diffusers_folder::write_merged_model(&mut sd, &model, &out)?;
         println!("wrote {} ({written} weights changed)", out.display());
         return Ok(());
     }
     let rank = rank.context("--rank N is required")?;
     // The live mix's output on a fixed input, to report what the blend loses end to end.
     let probe = probe_output(&sd)?;
-    let (layers, report) = mixing::blend(&mut sd, rank)?;
+    let (layers, report) = mix::blend(&mut sd, rank)?;
     let mut metadata = HashMap::new();
     metadata.insert("lora_studio_blend".into(), specs.join(" "));
     // Written under a temporary name and read back through the model; only a blend that loads
     // and gives finite outputs replaces `out` (an existing good file is never swapped for a bad one).
-    crate::engine::weights::tidy_temporaries_beside(&out);
+    crate::engine::io::weights::tidy_temporaries_beside(&out);
     let mut measured = None;
-    crate::engine::weights::write_checked(
+    crate::engine::io::weights::write_checked(
         &out,
         |tmp| write_adapter(tmp, naming, &layers, metadata, dtype, GloraLayout::Current),
         |tmp| {
@@ -563,7 +563,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         overwrite,
         in_use: Vec::new(),
     };
-    let checkpoint = crate::engine::train::checkpoint_path(&spec.out);
+    let checkpoint = crate::engine::train::trainer::checkpoint_path(&spec.out);
     let job = TrainJob::start(spec, || {});
     let mut checkpoints = Vec::new();
     let mut failed = None;
@@ -676,12 +676,12 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
     }
     // A diffusers folder says whether it is SD 2.x and v-prediction; a single file cannot cheaply.
     if model.join("unet/config.json").exists() {
-        let unet = crate::engine::unet::UNetConfig::from_file(&model.join("unet/config.json"))?;
+        let unet = crate::engine::models::unet::UNetConfig::from_file(&model.join("unet/config.json"))?;
         v2 |= unet.cross_attention_dim == 1024;
         let sched = model.join("scheduler/scheduler_config.json");
         if sched.exists() {
-            let sched = crate::engine::schedule::SchedulerConfig::from_file(&sched)?;
-            v_pred |= sched.prediction() == crate::engine::schedule::Prediction::V;
+            let sched = crate::engine::diffusion::schedule::SchedulerConfig::from_file(&sched)?;
+            v_pred |= sched.prediction() == crate::engine::diffusion::schedule::Prediction::V;
             zero_snr |= sched.rescale_betas_zero_snr;
         }
     }
@@ -691,7 +691,7 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         .and_then(|o| o.file_stem())
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "adapter".into());
-    let job = crate::engine::kohya_job::KohyaJob {
+    let job = crate::engine::train::kohya_export::KohyaJob {
         model: &model,
         data: &file.data,
         output_name: &name,
@@ -701,7 +701,7 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         v_prediction: v_pred,
         zero_terminal_snr: zero_snr,
     };
-    crate::engine::kohya_job::write(&job, &out)?;
+    crate::engine::train::kohya_export::write(&job, &out)?;
     println!("wrote {} (dataset.toml, train.sh, sample_prompts.txt, MAPPING.md)", out.display());
     Ok(())
 }

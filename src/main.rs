@@ -1,5 +1,5 @@
 fn main() {
     // SAFETY: first thing in main, no other thread yet.
-    unsafe { lora_studio::engine::cpu::configure() };
+    unsafe { lora_studio::engine::kernels::cpu::configure() };
     std::process::exit(lora_studio::cli::main());
 }

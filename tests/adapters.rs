@@ -7,8 +7,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::tempdir;
-use lora_studio::engine::adapter::{AdapterStack, Delta, LayerAdapter};
-use lora_studio::engine::formats::{Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter};
+use lora_studio::engine::adapters::formats::{
+    Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter,
+};
+use lora_studio::engine::adapters::stack::{AdapterStack, Delta, LayerAdapter};
 use lora_studio::engine::rng::Rng;
 
 fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
@@ -184,7 +186,7 @@ fn assert_same_layers(written: &[ExportLayer], path: &std::path::Path) {
     assert_eq!(parsed.layers.len(), written.len());
     for w in written {
         let key = format!("{}.{}", w.component.label(), w.path);
-        let flat = lora_studio::engine::formats::kohya::flat_name(w.component, &w.path);
+        let flat = lora_studio::engine::adapters::formats::kohya::flat_name(w.component, &w.path);
         let p = parsed
             .layers
             .iter()
@@ -239,9 +241,9 @@ fn glora_round_trips_in_both_layouts_even_when_square() {
 
 #[test]
 fn text_embeddings_are_reused_while_only_unet_weights_move() {
-    use lora_studio::engine::adapter::BlockWeights;
+    use lora_studio::engine::adapters::stack::BlockWeights;
+    use lora_studio::engine::diffusion::sampler::SamplerKind;
     use lora_studio::engine::pipeline::{GenerateRequest, StableDiffusion};
-    use lora_studio::engine::sampler::SamplerKind;
     let model = common::sd1_tiny().join("model");
     let adapter = common::sd1_tiny().join("lora_a_kohya.safetensors");
     let req = GenerateRequest {

@@ -10,10 +10,10 @@ use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use lora_studio::engine::dataset::{Dataset, DatasetOptions, decode_image, prepare_image};
-use lora_studio::engine::formats::read_adapter;
+use lora_studio::engine::adapters::formats::read_adapter;
+use lora_studio::engine::io::weights::{read_safetensors, read_safetensors_with_metadata, write_safetensors};
 use lora_studio::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
-use lora_studio::engine::weights::{read_safetensors, read_safetensors_with_metadata, write_safetensors};
+use lora_studio::engine::train::dataset::{Dataset, DatasetOptions, decode_image, prepare_image};
 
 // ---------------------------------------------------------------------------------------------
 // Running the binary
@@ -647,7 +647,7 @@ fn non_finite_output_is_refused_by_the_engine() {
         seed: 1,
         steps: 1,
         guidance: 1.0,
-        sampler: lora_studio::engine::sampler::SamplerKind::Ddim,
+        sampler: lora_studio::engine::diffusion::sampler::SamplerKind::Ddim,
         width: 32,
         height: 32,
     };
@@ -1744,7 +1744,7 @@ fn messages_say_what_is_wrong() {
 /// it is an earlier run of ours (which the run-exists question covers).
 #[test]
 fn an_adapter_in_use_is_not_a_training_output() {
-    use lora_studio::engine::train::RunOutputs;
+    use lora_studio::engine::train::trainer::RunOutputs;
     let dir = tempdir("in-use");
     let data = small_dataset(&dir);
     let theirs = dir.join("downloaded.safetensors");

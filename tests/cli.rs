@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
-use lora_studio::engine::weights::read_safetensors;
+use lora_studio::engine::io::weights::read_safetensors;
 
 fn studio(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lora-studio")).args(args).output().expect("run lora-studio")
@@ -178,7 +178,7 @@ fn adapter_of_the_wrong_shape_is_refused_with_a_report() {
         );
     }
     let file = dir.join("sd2.safetensors");
-    lora_studio::engine::weights::write_safetensors(&file, &tensors, None).unwrap();
+    lora_studio::engine::io::weights::write_safetensors(&file, &tensors, None).unwrap();
     let out = dir.join("out.safetensors");
     let run = studio(&[
         "forward",

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use lora_studio::engine::weights::{WeightMap, read_safetensors};
+use lora_studio::engine::io::weights::{WeightMap, read_safetensors};
 
 pub use lora_studio::engine::builtin::fixtures_dir;
 

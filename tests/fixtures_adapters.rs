@@ -59,7 +59,7 @@ fn moving_one_slider_remerges_only_its_layers() {
 
 #[test]
 fn per_block_weights_scale_each_part_of_the_model() {
-    use lora_studio::engine::adapter::BlockWeights;
+    use lora_studio::engine::adapters::stack::BlockWeights;
     let r = reference();
     let mut sd = model();
     sd.load_adapter("a", &sd1_tiny().join("lora_a_kohya.safetensors"), 0.7).unwrap();
@@ -80,8 +80,8 @@ fn per_block_weights_scale_each_part_of_the_model() {
 /// Older kohya files and ComfyUI name UNet layers the original (ldm) way; they load the same.
 #[test]
 fn kohya_files_with_ldm_layer_names_load_the_same() {
-    use lora_studio::engine::formats::ldm_unet_path;
-    use lora_studio::engine::weights::{read_safetensors_with_metadata, write_safetensors};
+    use lora_studio::engine::adapters::formats::ldm_unet_path;
+    use lora_studio::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
     let r = reference();
     let mut sd = model();
     let layers = sd.unet.config.layers_per_block;
@@ -118,7 +118,7 @@ fn kohya_files_with_ldm_layer_names_load_the_same() {
 
 #[test]
 fn overdrive_grows_with_the_sliders() {
-    use lora_studio::engine::mixing::overdrive;
+    use lora_studio::engine::adapters::mix::overdrive;
     let mut sd = model();
     assert_eq!(overdrive(&mut sd).unwrap(), 0.0, "no adapters");
     sd.load_adapter("a", &sd1_tiny().join("lora_a_kohya.safetensors"), 0.5).unwrap();

@@ -5,9 +5,9 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use lora_studio::engine::clip::{ClipConfig, ClipTextModel};
-use lora_studio::engine::unet::{UNet2DConditionModel, UNetConfig};
-use lora_studio::engine::vae::{AutoencoderKL, VaeConfig};
+use lora_studio::engine::models::clip::{ClipConfig, ClipTextModel};
+use lora_studio::engine::models::unet::{UNet2DConditionModel, UNetConfig};
+use lora_studio::engine::models::vae::{AutoencoderKL, VaeConfig};
 
 #[test]
 fn text_encoder_matches_reference() {

@@ -5,9 +5,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use lora_studio::engine::clip::{ClipConfig, ClipTextModel};
-use lora_studio::engine::unet::{UNet2DConditionModel, UNetConfig};
-use lora_studio::engine::weights::WeightMap;
+use lora_studio::engine::io::weights::WeightMap;
+use lora_studio::engine::models::clip::{ClipConfig, ClipTextModel};
+use lora_studio::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 
 /// One tensor per layer kind the engine has (conv, 1×1 conv, linear in and out of attention,
 /// GEGLU, norms, time embedding, embeddings).
@@ -129,7 +129,7 @@ fn central_difference(var: &Var, idx: usize, loss: &dyn Fn() -> Tensor) -> f64 {
 /// same gradient with it on, through the outer graph plus the checkpoint sink.
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
-    use lora_studio::engine::checkpoint::GradSink;
+    use lora_studio::engine::kernels::recompute::GradSink;
     let dev = Device::Cpu;
     let r = reference();
     let (unet_w, text_w, unet_vars, text_vars) = checked_weights();
@@ -176,7 +176,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 /// the gradients of its input and both factors match central differences.
 #[test]
 fn lora_layer_gradients_match_finite_differences() {
-    use lora_studio::engine::adapter::{AdapterStack, Delta, LayerAdapter};
+    use lora_studio::engine::adapters::stack::{AdapterStack, Delta, LayerAdapter};
     let dev = Device::Cpu;
     let values = |n: usize, seed: usize| -> Vec<f64> {
         (0..n).map(|i| (((i + seed) * 7919) % 1000) as f64 / 500.0 - 1.0).collect()
@@ -190,7 +190,7 @@ fn lora_layer_gradients_match_finite_differences() {
     let probe = tensor(&[2, 3, 5], 5);
     let weight = tensor(&[5, 6], 6);
     // The fused op applies to this layer (it falls back to the composed form with `None`).
-    let fused = lora_studio::engine::frozen::lora_linear(&x, &weight, Some(&bias), &down, &up, 0.75).unwrap();
+    let fused = lora_studio::engine::kernels::frozen::lora_linear(&x, &weight, Some(&bias), &down, &up, 0.75).unwrap();
     assert!(fused.is_some(), "the fused LoRA op is taken for an f64 linear layer");
     let mut stack = AdapterStack::new(weight);
     stack.merge = false;

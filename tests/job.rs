@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use lora_studio::engine::dataset::DatasetOptions;
-use lora_studio::engine::formats::{Naming, read_adapter};
-use lora_studio::engine::train::TrainConfig;
+use lora_studio::engine::adapters::formats::{Naming, read_adapter};
+use lora_studio::engine::train::dataset::DatasetOptions;
+use lora_studio::engine::train::trainer::TrainConfig;
 use lora_studio::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 fn make_images(dir: &Path) {

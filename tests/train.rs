@@ -7,11 +7,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use lora_studio::engine::adapter::TargetPreset;
-use lora_studio::engine::dataset::{Dataset, DatasetOptions};
+use lora_studio::engine::adapters::stack::TargetPreset;
+use lora_studio::engine::io::weights::{read_safetensors, write_safetensors};
 use lora_studio::engine::pipeline::StableDiffusion;
-use lora_studio::engine::train::{Algorithm, NonFiniteLoss, TrainConfig, Trainer};
-use lora_studio::engine::weights::{read_safetensors, write_safetensors};
+use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
+use lora_studio::engine::train::trainer::{Algorithm, NonFiniteLoss, TrainConfig, Trainer};
 
 /// Four 48×48 pictures of a coloured disc on a plain background, with captions.
 fn make_images(dir: &Path) {
@@ -82,7 +82,7 @@ fn forty_lora_steps_lower_the_evaluation_loss_and_leave_the_base_untouched() {
     assert_eq!(base_before, base_after, "base weights are frozen");
     // The adapter written to disk reloads onto a fresh model.
     let out = dir.join("trained.safetensors");
-    t.save_adapter(&out, lora_studio::engine::formats::Naming::Kohya).unwrap();
+    t.save_adapter(&out, lora_studio::engine::adapters::formats::Naming::Kohya).unwrap();
     let mut fresh = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
     let report = fresh.load_adapter("trained", &out, 1.0).unwrap();
     assert_eq!(report.matched, t.trained_layers());

@@ -437,7 +437,7 @@ fn playground_generates_blends_live_and_exports() {
     h.state_mut().on_paths_chosen(DialogPurpose::ExportBlend, vec![blend.clone()]);
     run_until(&mut h, SCAN, "export", |a| a.playground.message.as_deref().is_some_and(|m| m.contains("Export")));
     assert!(blend.is_file(), "{:?}", h.state().playground.message);
-    let parsed = lora_studio::engine::formats::read_adapter(&blend).unwrap();
+    let parsed = lora_studio::engine::adapters::formats::read_adapter(&blend).unwrap();
     assert!(!parsed.layers.is_empty());
     // Merge into base writes a new model folder that loads.
     let merged = dir.join("merged-model");
@@ -670,7 +670,7 @@ fn an_earlier_run_is_replaced_only_when_asked_and_closing_mid_run_asks_first() {
     assert!(h.state().quit_after_stop);
     run_until(&mut h, TRAIN, "the run stopped", |a| !a.training.is_active());
     h.run_steps(2);
-    let step = lora_studio::engine::train::checkpoint_step(&ckpt).unwrap();
+    let step = lora_studio::engine::train::trainer::checkpoint_step(&ckpt).unwrap();
     assert!((1..100_000).contains(&step), "the checkpoint holds the stopped run (step {step})");
     assert!(!h.state().quit_after_stop, "the close went ahead once the run had stopped");
 }

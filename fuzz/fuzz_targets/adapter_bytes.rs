@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use libfuzzer_sys::fuzz_target;
-use lora_studio::engine::formats::{Component, ModuleIndex, match_layers, parse_adapter_bytes, summarize};
+use lora_studio::engine::adapters::formats::{Component, ModuleIndex, match_layers, parse_adapter_bytes, summarize};
 
 fn index() -> ModuleIndex {
     let mut index = ModuleIndex::default();

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use libfuzzer_sys::fuzz_target;
-use lora_studio::engine::single_file;
+use lora_studio::engine::io::single_file;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

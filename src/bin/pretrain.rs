@@ -18,23 +18,23 @@ use candle_core::{DType, Device, Tensor, Var};
 use lexopt::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use lora_studio::engine::adapter::TargetPreset;
-use lora_studio::engine::clip::{ClipConfig, ClipTextModel};
-use lora_studio::engine::dataset::{Dataset, DatasetOptions};
-use lora_studio::engine::diffusers_folder::write_model_folder;
-use lora_studio::engine::formats::Naming;
+use lora_studio::engine::adapters::formats::Naming;
+use lora_studio::engine::adapters::stack::TargetPreset;
+use lora_studio::engine::diffusion::sampler::SamplerKind;
+use lora_studio::engine::diffusion::schedule::{Prediction, SchedulerConfig, TimestepSpacing};
+use lora_studio::engine::io::diffusers_folder::write_model_folder;
+use lora_studio::engine::io::weights::{WeightMap, read_safetensors, write_safetensors};
+use lora_studio::engine::models::clip::{ClipConfig, ClipTextModel};
+use lora_studio::engine::models::tokenizer::ClipTokenizer;
+use lora_studio::engine::models::unet::{UNet2DConditionModel, UNetConfig};
+use lora_studio::engine::models::vae::{AutoencoderKL, VaeConfig};
 use lora_studio::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, to_image};
 use lora_studio::engine::rng::Rng;
-use lora_studio::engine::sampler::SamplerKind;
-use lora_studio::engine::schedule::{Prediction, SchedulerConfig, TimestepSpacing};
 use lora_studio::engine::synthetic::{
     Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized,
 };
-use lora_studio::engine::tokenizer::ClipTokenizer;
-use lora_studio::engine::train::{Algorithm, LrSchedule, TimestepBias, TrainConfig, Trainer};
-use lora_studio::engine::unet::{UNet2DConditionModel, UNetConfig};
-use lora_studio::engine::vae::{AutoencoderKL, VaeConfig};
-use lora_studio::engine::weights::{WeightMap, read_safetensors, write_safetensors};
+use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
+use lora_studio::engine::train::trainer::{Algorithm, LrSchedule, TimestepBias, TrainConfig, Trainer};
 
 /// Seeds of the held-out streams: never used for training.
 const VAE_EVAL_SEED: u64 = 0xe7a1_0000_0000_0001;
@@ -231,7 +231,7 @@ fn parse_list(text: &str) -> Result<Vec<usize>> {
 
 fn main() -> Result<()> {
     // SAFETY: first thing in main, no other thread yet.
-    unsafe { lora_studio::engine::cpu::configure() };
+    unsafe { lora_studio::engine::kernels::cpu::configure() };
     let (command, o) = parse()?;
     std::fs::create_dir_all(&o.work).with_context(|| format!("{}: cannot create", o.work.display()))?;
     println!(

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::Result;
 use super::rng::Rng;
-use super::unet::{UNet2DConditionModel, UNetConfig};
-use super::weights::WeightMap;
+use crate::engine::io::weights::WeightMap;
+use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 
 /// UNet shapes we benchmark by name; they match the peer's `tiny`, `small` and `sd15` configs.
 pub fn named_unet_config(name: &str) -> Option<UNetConfig> {
@@ -194,7 +194,7 @@ pub struct TrainBenchReport {
 /// A LoRA training step on attention projections (to_q/k/v/out.0), random frozen weights of
 /// the configured shape — what `../shared/peer/bench_lora_train.py` measures.
 pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenchReport> {
-    use super::adapter::{Delta, LayerAdapter, TargetPreset};
+    use crate::engine::adapters::stack::{Delta, LayerAdapter, TargetPreset};
     if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
         bail!("--runs, --batch, --latent and --rank must be positive");
     }
@@ -230,7 +230,7 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
     error?;
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     if opts.checkpointing {
-        model.checkpointing = Some(super::checkpoint::GradSink::new(vars.clone()));
+        model.checkpointing = Some(crate::engine::kernels::recompute::GradSink::new(vars.clone()));
     }
     let mut moments: Vec<(Tensor, Tensor)> =
         vars.iter().map(|v| Ok((v.zeros_like()?, v.zeros_like()?))).collect::<Result<_>>()?;
@@ -318,8 +318,8 @@ pub struct MixBenchReport {
 /// Sampling cost with `adapters` random LoRAs merged into a random UNet, and the cost of
 /// moving one slider (`AdapterStack` re-merges only the layers that adapter touches).
 pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
-    use super::adapter::{Delta, LayerAdapter, TargetPreset};
-    use super::nn::LayerMut;
+    use crate::engine::adapters::stack::{Delta, LayerAdapter, TargetPreset};
+    use crate::engine::models::nn::LayerMut;
     if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
         bail!("--runs, --batch, --latent and --rank must be positive");
     }
@@ -445,7 +445,7 @@ pub fn generate(
             seed: i as u64,
             steps,
             guidance,
-            sampler: super::sampler::SamplerKind::Ddim,
+            sampler: crate::engine::diffusion::sampler::SamplerKind::Ddim,
             width: side,
             height: side,
         };

@@ -8,18 +8,20 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 
 use super::Result;
-use super::adapter::{BlockWeights, LayerAdapter};
-use super::clip::{ClipConfig, ClipTextModel};
-use super::formats::{CompatibilityReport, Component, MatchedLayer, ModuleIndex, match_layers, read_adapter};
-use super::nn::LayerMut;
 use super::rng::Rng;
-use super::sampler::{Sampler, SamplerKind, guidance};
-use super::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
-use super::single_file;
-use super::tokenizer::ClipTokenizer;
-use super::unet::{UNet2DConditionModel, UNetConfig};
-use super::vae::{AutoencoderKL, VaeConfig};
-use super::weights::{WeightMap, all_finite, read_safetensors};
+use crate::engine::adapters::formats::{
+    CompatibilityReport, Component, MatchedLayer, ModuleIndex, match_layers, read_adapter,
+};
+use crate::engine::adapters::stack::{BlockWeights, LayerAdapter};
+use crate::engine::diffusion::sampler::{Sampler, SamplerKind, guidance};
+use crate::engine::diffusion::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
+use crate::engine::io::single_file;
+use crate::engine::io::weights::{WeightMap, all_finite, read_safetensors};
+use crate::engine::models::clip::{ClipConfig, ClipTextModel};
+use crate::engine::models::nn::LayerMut;
+use crate::engine::models::tokenizer::ClipTokenizer;
+use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
 
 /// Largest `num_train_timesteps` a scheduler config may ask for (SD uses 1000).
 pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
@@ -111,7 +113,7 @@ impl ModelWeights {
             scheduler_config.set_prediction(p);
         }
         let pad_id = match converted.family {
-            single_file::ModelFamily::Sd1 => super::tokenizer::END_OF_TEXT,
+            single_file::ModelFamily::Sd1 => crate::engine::models::tokenizer::END_OF_TEXT,
             single_file::ModelFamily::Sd2 => 0,
         };
         Ok(Self {

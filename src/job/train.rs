@@ -10,11 +10,11 @@ use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::engine::Result;
-use crate::engine::dataset::Dataset;
-use crate::engine::formats::{ExportLayer, Naming};
+use crate::engine::adapters::formats::{ExportLayer, Naming};
+use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
-use crate::engine::sampler::SamplerKind;
-use crate::engine::train::{Algorithm, NonFiniteLoss, RunOutputs, TrainConfig, Trainer, checkpoint_path};
+use crate::engine::train::dataset::Dataset;
+use crate::engine::train::trainer::{Algorithm, NonFiniteLoss, RunOutputs, TrainConfig, Trainer, checkpoint_path};
 
 /// What to train, on what, and where to put it.
 #[derive(Clone, Debug)]
@@ -193,8 +193,8 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
     .check()?;
     let weights = ModelWeights::load(&spec.model, DType::F32, &spec.device)?;
     // The weights are in memory now; what the step needs beyond them must fit in what is left.
-    if let Some(available) = crate::engine::memory::available_bytes() {
-        crate::engine::memory::check_training_fits(&weights.unet_config, &weights.vae_config, cfg, available)?;
+    if let Some(available) = crate::engine::train::memory::available_bytes() {
+        crate::engine::train::memory::check_training_fits(&weights.unet_config, &weights.vae_config, cfg, available)?;
     }
     let dataset = Dataset::scan(&spec.data, &cfg.dataset)?;
     let preflight = dataset.preflight(&cfg.dataset, &|c| weights.tokenizer.count_tokens(c));
@@ -218,7 +218,7 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
     };
     let ckpt = checkpoint_path(&spec.out);
     // What a killed earlier run may have left half-written under a temporary name.
-    crate::engine::weights::tidy_temporaries_beside(&spec.out);
+    crate::engine::io::weights::tidy_temporaries_beside(&spec.out);
     if let Some(resume) = &spec.resume {
         trainer.load_checkpoint(resume)?;
         // A run killed by an older version between its checkpoint and its step adapter.
@@ -229,7 +229,7 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
             && step % cfg.save_every == 0
             && step < cfg.steps
         {
-            let step_adapter = crate::engine::train::step_adapter_path(&spec.out, step);
+            let step_adapter = crate::engine::train::trainer::step_adapter_path(&spec.out, step);
             if !step_adapter.exists() {
                 trainer.save_adapter(&step_adapter, spec.naming)?;
             }
@@ -340,7 +340,7 @@ fn save(trainer: &mut Trainer, spec: &TrainJobSpec, ckpt: &std::path::Path, even
     } else {
         trainer.save_adapter(&spec.out, spec.naming)?;
         if trainer.step < trainer.config.steps {
-            step_adapter = crate::engine::train::step_adapter_path(&spec.out, trainer.step);
+            step_adapter = crate::engine::train::trainer::step_adapter_path(&spec.out, trainer.step);
             trainer.save_adapter(&step_adapter, spec.naming)?;
         }
         events.send(TrainEvent::Snapshot { step: trainer.step, layers: std::sync::Arc::new(trainer.export_layers()?) });

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use crossbeam_channel::Receiver;
 use egui::{Align, Layout, RichText, Sense, Shape, Stroke, UiBuilder, vec2};
 
-use crate::engine::dataset::{Dataset, DatasetOptions, Preflight};
-use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::models::tokenizer::ClipTokenizer;
+use crate::engine::train::dataset::{Dataset, DatasetOptions, Preflight};
 
 use super::thumbnails::{THUMBNAIL_SIDE, Thumbnails};
 
@@ -148,7 +148,7 @@ impl DatasetPanel {
         let Some(entry) = self.selected.and_then(|i| self.dataset.images.get_mut(i)) else { return };
         let file = entry.caption_file.clone().unwrap_or_else(|| entry.path.with_extension("txt"));
         let text = self.caption_edit.trim().to_string();
-        match crate::engine::weights::write_atomic(&file, text.as_bytes()) {
+        match crate::engine::io::weights::write_atomic(&file, text.as_bytes()) {
             Ok(()) => {
                 entry.caption = text;
                 entry.caption_file = Some(file);

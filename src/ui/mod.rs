@@ -26,7 +26,7 @@ pub use status::{MemorySampler, format_bytes, resident_memory_bytes};
 pub use training::{Preset, RunState, TrainingPanel};
 
 use crate::engine::builtin;
-use crate::engine::train::TrainConfig;
+use crate::engine::train::trainer::TrainConfig;
 
 /// What the caller knows when it opens the window.
 #[derive(Debug, Clone, Default)]
@@ -178,11 +178,13 @@ impl StudioApp {
         };
         let tokenizer_dir = path.join("tokenizer");
         self.dataset.tokenizer = Some(if tokenizer_dir.is_dir() {
-            crate::engine::tokenizer::ClipTokenizer::from_folder(&tokenizer_dir).unwrap_or_else(|_| {
-                crate::engine::tokenizer::ClipTokenizer::with_pad_id(crate::engine::tokenizer::END_OF_TEXT)
+            crate::engine::models::tokenizer::ClipTokenizer::from_folder(&tokenizer_dir).unwrap_or_else(|_| {
+                crate::engine::models::tokenizer::ClipTokenizer::with_pad_id(
+                    crate::engine::models::tokenizer::END_OF_TEXT,
+                )
             })
         } else {
-            crate::engine::tokenizer::ClipTokenizer::with_pad_id(crate::engine::tokenizer::END_OF_TEXT)
+            crate::engine::models::tokenizer::ClipTokenizer::with_pad_id(crate::engine::models::tokenizer::END_OF_TEXT)
         });
         self.playground.set_model(Some(path.clone()));
         self.model = Some(path);

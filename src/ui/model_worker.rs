@@ -10,9 +10,9 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::engine::adapter::BlockWeights;
-use crate::engine::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
-use crate::engine::mixing::{BlendReport, blend, overdrive};
+use crate::engine::adapters::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
+use crate::engine::adapters::mix::{BlendReport, blend, overdrive};
+use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
 
 pub enum ModelCommand {
@@ -282,7 +282,7 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             let Some(sd) = sd.as_mut() else {
                 return send(ModelEvent::ExportFailed { error: "no model is open".into() });
             };
-            match crate::engine::diffusers_folder::write_merged_model(sd, &model, &out) {
+            match crate::engine::io::diffusers_folder::write_merged_model(sd, &model, &out) {
                 Ok(tensors) => send(ModelEvent::Merged { path: out, tensors }),
                 Err(e) => send(ModelEvent::ExportFailed { error: format!("{e:#}") }),
             }
@@ -376,7 +376,7 @@ fn run_generate(sd: Option<&StableDiffusion>, req: &GenerateRequest, send: &dyn 
 }
 
 /// "LoRA · rank 4 · SD 1.x · triggers: sks" from an adapter file's summary.
-fn describe(s: &crate::engine::formats::AdapterSummary) -> String {
+fn describe(s: &crate::engine::adapters::formats::AdapterSummary) -> String {
     let algorithms: Vec<&str> = s.algorithms.keys().map(String::as_str).collect();
     let ranks: std::collections::BTreeSet<String> =
         s.ranks.keys().filter_map(|k| k.split(',').next().map(|r| r.trim().to_string())).collect();

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use egui::RichText;
 
-use crate::engine::adapter::BlockWeights;
+use crate::engine::adapters::stack::BlockWeights;
+use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::pipeline::GenerateRequest;
-use crate::engine::sampler::SamplerKind;
 
 use super::DialogPurpose;
 use super::model_worker::{AdapterCheck, GridAxis, ModelCommand, ModelEvent, ModelWorker};
@@ -344,7 +344,7 @@ impl PlaygroundPanel {
         let raw: Vec<f64> = self.adapters.iter().map(AdapterRow::effective_weight).collect();
         match self.mix_mode {
             MixMode::Sum => raw,
-            MixMode::Budget(budget) => crate::engine::mixing::normalise_to_budget(&raw, budget),
+            MixMode::Budget(budget) => crate::engine::adapters::mix::normalise_to_budget(&raw, budget),
         }
     }
 

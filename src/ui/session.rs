@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::adapter::BlockWeights;
-use crate::engine::formats::Naming;
+use crate::engine::adapters::formats::Naming;
+use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::pipeline::GenerateRequest;
-use crate::engine::train::TrainConfig;
+use crate::engine::train::trainer::TrainConfig;
 
 use super::StudioApp;
 use super::playground::MixMode;
@@ -96,7 +96,7 @@ pub fn save(path: &Path, session: &Session) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    crate::engine::weights::write_atomic(path, &json).map_err(|e| format!("{e:#}"))
+    crate::engine::io::weights::write_atomic(path, &json).map_err(|e| format!("{e:#}"))
 }
 
 impl StudioApp {

@@ -81,7 +81,7 @@ impl Thumbnails {
 
 fn thumbnail(path: &Path) -> Option<egui::ColorImage> {
     let bytes = std::fs::read(path).ok()?;
-    let image = crate::engine::dataset::decode_image(path, &bytes).ok()?;
+    let image = crate::engine::train::dataset::decode_image(path, &bytes).ok()?;
     let small = image.thumbnail(THUMBNAIL_SIDE, THUMBNAIL_SIDE).to_rgba8();
     let size = [small.width() as usize, small.height() as usize];
     Some(egui::ColorImage::from_rgba_unmultiplied(size, small.as_raw()))

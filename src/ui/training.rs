@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use egui::{Response, RichText};
 
-use crate::engine::adapter::TargetPreset;
-use crate::engine::formats::Naming;
-use crate::engine::train::{Algorithm, ExistingRun, LrSchedule, RunOutputs, TimestepBias, TrainConfig};
+use crate::engine::adapters::formats::Naming;
+use crate::engine::adapters::stack::TargetPreset;
+use crate::engine::train::trainer::{Algorithm, ExistingRun, LrSchedule, RunOutputs, TimestepBias, TrainConfig};
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 use super::loss_plot::{LossHistory, loss_plot, plot_key};

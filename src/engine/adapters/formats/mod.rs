@@ -1,0 +1,520 @@
+//! Adapter files as users trade them. Each naming convention has its own module (`kohya`,
+//! `peft`); this one holds what they share: the parsed adapter, and matching its layers against a
+//! model's real module names with a compatibility report.
+
+pub mod kohya;
+pub mod peft;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::bail;
+use candle_core::Tensor;
+
+use crate::engine::Result;
+use crate::engine::adapters::stack::Delta;
+use crate::engine::io::weights::{all_finite, parse_safetensors, read_safetensors_with_metadata};
+
+/// Which model of the pipeline a layer belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    pub fn label(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+        }
+    }
+}
+
+/// How a file names its layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Naming {
+    /// kohya sd-scripts / A1111 / ComfyUI / LyCORIS: `lora_unet_down_blocks_0_…`.
+    Kohya,
+    /// diffusers / PEFT: `unet.down_blocks.0.….lora_A.weight`.
+    Peft,
+}
+
+/// Where a parsed layer says it belongs, before matching against a model.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LayerKey {
+    /// A kohya name with the dots flattened to underscores, e.g. `lora_unet_mid_block_attentions_0_proj_in`.
+    Flat(String),
+    /// A real module path.
+    Path(Component, String),
+}
+
+impl std::fmt::Display for LayerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerKey::Flat(n) => f.write_str(n),
+            LayerKey::Path(c, p) => write!(f, "{}.{p}", c.label()),
+        }
+    }
+}
+
+/// One layer's update as read from a file.
+#[derive(Clone, Debug)]
+pub struct ParsedLayer {
+    pub key: LayerKey,
+    pub delta: Delta,
+    /// α as stored; `None` means α = rank (scale 1).
+    pub alpha: Option<f64>,
+}
+
+impl ParsedLayer {
+    /// α / r. A missing or zero α means α = r (scale 1), as kohya, A1111 and ComfyUI read it.
+    pub fn scale(&self) -> f64 {
+        let r = self.delta.rank() as f64;
+        match self.alpha {
+            Some(a) if a != 0.0 => a / r,
+            _ => 1.0,
+        }
+    }
+}
+
+/// An adapter file, parsed but not yet matched to a model.
+#[derive(Clone, Debug)]
+pub struct ParsedAdapter {
+    pub naming: Naming,
+    /// For GLoRA files: the layout the factors were stored in (they are held in the current one).
+    pub glora_layout: Option<GloraLayout>,
+    pub layers: Vec<ParsedLayer>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads an adapter file in any supported naming, telling them apart by their keys.
+pub fn read_adapter(path: &Path) -> Result<ParsedAdapter> {
+    let (tensors, metadata) = read_safetensors_with_metadata(path)?;
+    parse_adapter(tensors, metadata).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+}
+
+/// Parses a whole adapter file held in memory (the fuzzing entry point; `read_adapter` reads a path).
+pub fn parse_adapter_bytes(bytes: &[u8]) -> Result<ParsedAdapter> {
+    let (tensors, metadata) = parse_safetensors(bytes, "adapter")?;
+    parse_adapter(tensors, metadata)
+}
+
+pub fn parse_adapter(tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<ParsedAdapter> {
+    if tensors.is_empty() {
+        bail!("the file holds no tensors");
+    }
+    if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te")) {
+        return validated(kohya::parse(tensors, metadata)?);
+    }
+    if tensors.keys().any(|k| k.contains(".lora_A.") || k.contains(".lora_B.")) {
+        return validated(peft::parse(tensors, metadata)?);
+    }
+    if tensors
+        .keys()
+        .any(|k| k.starts_with("model.diffusion_model.") || k.starts_with("conv_in.") || k.starts_with("text_model."))
+    {
+        bail!("this is a base model, not an adapter");
+    }
+    let sample: Vec<&String> = tensors.keys().take(3).collect();
+    bail!("not a recognised adapter file (keys like {sample:?})")
+}
+
+/// Refuses factors that later code could not use safely: other than 2-D (linear) or 4-D (conv),
+/// empty, or holding NaN / ∞, and non-finite α.
+fn validated(adapter: ParsedAdapter) -> Result<ParsedAdapter> {
+    for layer in &adapter.layers {
+        for t in layer.delta.tensors() {
+            let dims = t.dims();
+            if !(dims.len() == 2 || dims.len() == 4) {
+                bail!("layer `{}`: a factor has shape {dims:?}; expected 2 (linear) or 4 (conv) dimensions", layer.key);
+            }
+            if dims.contains(&0) {
+                bail!("layer `{}`: a factor has an empty shape {dims:?}", layer.key);
+            }
+            if !t.dtype().is_float() {
+                bail!("layer `{}`: factors must be floating point, found {:?}", layer.key, t.dtype());
+            }
+            if !all_finite(t)? {
+                bail!("layer `{}`: factors contain NaN or infinite values (the file is corrupt)", layer.key);
+            }
+        }
+        if let Some(alpha) = layer.alpha
+            && !alpha.is_finite()
+        {
+            bail!("layer `{}`: alpha is {alpha}", layer.key);
+        }
+    }
+    Ok(adapter)
+}
+
+/// A model's adaptable layers: component, module path and weight shape.
+#[derive(Clone, Debug, Default)]
+pub struct ModuleIndex {
+    pub layers: BTreeMap<(Component, String), Vec<usize>>,
+    flat: HashMap<String, (Component, String)>,
+    /// The UNet's layers per block, to name layers the original (ldm) way too.
+    pub layers_per_block: Option<usize>,
+}
+
+/// The original Stable Diffusion (ldm) module path of a diffusers UNet module, as older kohya
+/// files and ComfyUI name layers (`input_blocks.1.1.proj_in` for `down_blocks.0.attentions.0.proj_in`).
+pub fn ldm_unet_path(path: &str, layers: usize) -> Option<String> {
+    let top = [
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_in", "input_blocks.0.0"),
+        ("conv_out", "out.2"),
+    ];
+    if let Some((_, ldm)) = top.iter().find(|(d, _)| *d == path) {
+        return Some(ldm.to_string());
+    }
+    let resnet = |rest: &str| -> Option<String> {
+        let (j, leaf) = rest.split_once('.')?;
+        let leaf = match leaf {
+            "conv1" => "in_layers.2",
+            "time_emb_proj" => "emb_layers.1",
+            "conv2" => "out_layers.3",
+            "conv_shortcut" => "skip_connection",
+            _ => return None,
+        };
+        Some(format!("{j}|0.{leaf}"))
+    };
+    let member = |rest: &str| -> Option<(usize, String)> {
+        // "resnets.J.leaf" | "attentions.J.inner" → (J, "0.leaf" | "1.inner")
+        if let Some(r) = rest.strip_prefix("resnets.") {
+            let s = resnet(r)?;
+            let (j, m) = s.split_once('|')?;
+            return Some((j.parse().ok()?, m.to_string()));
+        }
+        let r = rest.strip_prefix("attentions.")?;
+        let (j, inner) = r.split_once('.')?;
+        Some((j.parse().ok()?, format!("1.{inner}")))
+    };
+    if let Some(rest) = path.strip_prefix("down_blocks.") {
+        let (b, rest) = rest.split_once('.')?;
+        let b: usize = b.parse().ok()?;
+        if rest == "downsamplers.0.conv" {
+            return Some(format!("input_blocks.{}.0.op", (b + 1) * (layers + 1)));
+        }
+        let (j, m) = member(rest)?;
+        return Some(format!("input_blocks.{}.{m}", 1 + b * (layers + 1) + j));
+    }
+    if let Some(rest) = path.strip_prefix("mid_block.") {
+        return match member(rest)? {
+            (0, m) if m.starts_with("0.") => Some(format!("middle_block.0.{}", &m[2..])),
+            (1, m) if m.starts_with("0.") => Some(format!("middle_block.2.{}", &m[2..])),
+            (0, m) => Some(format!("middle_block.1.{}", &m[2..])),
+            _ => None,
+        };
+    }
+    if let Some(rest) = path.strip_prefix("up_blocks.") {
+        let (b, rest) = rest.split_once('.')?;
+        let b: usize = b.parse().ok()?;
+        let k0 = b * (layers + 1);
+        if rest == "upsamplers.0.conv" {
+            // Beside the last resnet: after its attention when the block has one.
+            return Some(format!("output_blocks.{}.{{up}}.conv", k0 + layers));
+        }
+        let (j, m) = member(rest)?;
+        return Some(format!("output_blocks.{}.{m}", k0 + j));
+    }
+    None
+}
+
+impl ModuleIndex {
+    /// An empty index; with the UNet's layers per block it also knows the ldm names.
+    pub fn new(layers_per_block: Option<usize>) -> Self {
+        Self { layers_per_block, ..Default::default() }
+    }
+
+    pub fn insert(&mut self, component: Component, path: &str, shape: Vec<usize>) {
+        let flat = path.replace('.', "_");
+        match component {
+            Component::Unet => {
+                self.flat.insert(format!("lora_unet_{flat}"), (component, path.to_string()));
+                if let Some(ldm) = self.layers_per_block.and_then(|l| ldm_unet_path(path, l)) {
+                    // The upsampler's position depends on whether its block has attention.
+                    for ldm in [ldm.replace("{up}", "1"), ldm.replace("{up}", "2")] {
+                        self.flat
+                            .entry(format!("lora_unet_{}", ldm.replace('.', "_")))
+                            .or_insert((component, path.to_string()));
+                    }
+                }
+            }
+            Component::TextEncoder => {
+                // kohya spells SD 1.x/2.x text encoders `lora_te_`; SDXL-style files use `lora_te1_`.
+                self.flat.insert(format!("lora_te_{flat}"), (component, path.to_string()));
+                self.flat.insert(format!("lora_te1_{flat}"), (component, path.to_string()));
+            }
+        }
+        self.layers.insert((component, path.to_string()), shape);
+    }
+
+    pub fn resolve(&self, key: &LayerKey) -> Option<(Component, String)> {
+        match key {
+            LayerKey::Flat(n) => self.flat.get(n).cloned(),
+            LayerKey::Path(c, p) => self.layers.contains_key(&(*c, p.clone())).then(|| (*c, p.clone())),
+        }
+    }
+
+    pub fn shape(&self, component: Component, path: &str) -> Option<&Vec<usize>> {
+        self.layers.get(&(component, path.to_string()))
+    }
+}
+
+/// A layer of an adapter matched to a model layer.
+#[derive(Clone, Debug)]
+pub struct MatchedLayer {
+    pub component: Component,
+    pub path: String,
+    pub delta: Delta,
+    pub scale: f64,
+}
+
+/// What matched when an adapter was checked against a model.
+#[derive(Clone, Debug, Default)]
+pub struct CompatibilityReport {
+    pub matched: usize,
+    pub total: usize,
+    pub unmatched: Vec<String>,
+    pub shape_mismatches: Vec<String>,
+}
+
+impl CompatibilityReport {
+    /// Refuse on any shape mismatch or when fewer than half the layers match.
+    pub fn refused(&self) -> bool {
+        !self.shape_mismatches.is_empty() || self.matched * 2 < self.total
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} of {} adapter layers match the model", self.matched, self.total);
+        if !self.shape_mismatches.is_empty() {
+            s += &format!(
+                "; {} have the wrong shape (first: {})",
+                self.shape_mismatches.len(),
+                self.shape_mismatches[0]
+            );
+        }
+        if !self.unmatched.is_empty() {
+            s += &format!("; {} name no layer of this model (first: {})", self.unmatched.len(), self.unmatched[0]);
+        }
+        s
+    }
+}
+
+/// Matches every layer of `adapter` against `index`. Refuses (with the report in the error) on
+/// shape mismatches or when fewer than half match; otherwise returns the matched layers and the
+/// report, whose unmatched list the caller must show as a warning.
+pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec<MatchedLayer>, CompatibilityReport)> {
+    let mut report = CompatibilityReport { total: adapter.layers.len(), ..Default::default() };
+    let mut matched = Vec::new();
+    for layer in &adapter.layers {
+        let Some((component, path)) = index.resolve(&layer.key) else {
+            report.unmatched.push(layer.key.to_string());
+            continue;
+        };
+        let shape = index.shape(component, &path).expect("resolved layers are indexed");
+        if let Err(e) = layer.delta.check_shapes(shape) {
+            report.shape_mismatches.push(format!("{}: {e}{}", layer.key, shape_hint(&layer.key, &layer.delta, shape)));
+            continue;
+        }
+        report.matched += 1;
+        matched.push(MatchedLayer { component, path, scale: layer.scale(), delta: layer.delta.clone() });
+    }
+    if report.refused() {
+        bail!("adapter does not fit this model: {}", report.summary());
+    }
+    Ok((matched, report))
+}
+
+/// A guess at why shapes differ, in the words a user needs.
+fn shape_hint(key: &LayerKey, delta: &Delta, base: &[usize]) -> String {
+    let input = match delta {
+        Delta::Lora { down, .. } => down.dims()[1],
+        Delta::Glora { a2, .. } => a2.dims()[1],
+    };
+    let name = key.to_string().replace('.', "_");
+    let cross = name.contains("attn2_to_k") || name.contains("attn2_to_v");
+    if !cross || base.get(1) == Some(&input) {
+        return String::new();
+    }
+    let family = |w: usize| match w {
+        768 => " (SD 1.x)",
+        1024 => " (SD 2.x)",
+        2048 => " (SDXL)",
+        _ => "",
+    };
+    let ours = base.get(1).copied().unwrap_or(0);
+    format!(
+        " — this adapter was trained for a model with cross-attention {input}{}, this model's is {ours}{}",
+        family(input),
+        family(ours)
+    )
+}
+
+/// One layer of an adapter to write: where it goes, its factors and its α.
+#[derive(Clone, Debug)]
+pub struct ExportLayer {
+    pub component: Component,
+    pub path: String,
+    pub delta: Delta,
+    pub alpha: f64,
+}
+
+impl From<&MatchedLayer> for ExportLayer {
+    fn from(m: &MatchedLayer) -> Self {
+        // scale = α / r, so α = scale · r keeps the file's effective strength.
+        Self {
+            component: m.component,
+            path: m.path.clone(),
+            alpha: m.scale * m.delta.rank() as f64,
+            delta: m.delta.clone(),
+        }
+    }
+}
+
+/// Export options shared by the formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GloraLayout {
+    /// LyCORIS today and ComfyUI: a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in).
+    Current,
+    /// What A1111 reads: a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r).
+    Legacy,
+}
+
+/// Metadata key recording the GLoRA layout, since square weights make shapes ambiguous.
+pub const GLORA_LAYOUT_KEY: &str = "lora_studio_glora_layout";
+
+/// Writes `layers` atomically in the chosen naming, as f32 or f16.
+pub fn write_adapter(
+    path: &Path,
+    naming: Naming,
+    layers: &[ExportLayer],
+    metadata: HashMap<String, String>,
+    dtype: candle_core::DType,
+    glora_layout: GloraLayout,
+) -> Result<()> {
+    let (tensors, metadata) = match naming {
+        Naming::Kohya => kohya::to_tensors(layers, metadata, glora_layout)?,
+        Naming::Peft => peft::to_tensors(layers, metadata)?,
+    };
+    let mut converted = HashMap::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        let t = t.to_dtype(dtype)?;
+        // A NaN/∞ file would be refused on load; never write one (f16 overflows past 65504).
+        if !all_finite(&t)? {
+            bail!(
+                "{}: tensor `{k}` would be NaN or infinite in {dtype:?} (are the weights too large?); nothing was written",
+                path.display()
+            );
+        }
+        converted.insert(k, t);
+    }
+    crate::engine::io::weights::write_safetensors(path, &converted, Some(metadata))
+}
+
+/// Reads a layer's α tensor: one number (shape `[]` or `[1]`). An empty tensor reads as no α.
+/// More than one number is refused: no tool stores α per element, so the file is not what it seems.
+pub(crate) fn alpha_scalar(layer: &str, t: &Tensor) -> Result<Option<f64>> {
+    let values = t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    match values.as_slice() {
+        [] => Ok(None),
+        [a] => Ok(Some(*a)),
+        _ => {
+            bail!("layer `{layer}`: alpha holds {} numbers (shape {:?}); it must be one number", values.len(), t.dims())
+        }
+    }
+}
+
+/// What `lora-studio adapter info` reports about a file.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdapterSummary {
+    pub naming: String,
+    pub layers: usize,
+    /// Layer count per algorithm (`lora`, `locon`, `glora`).
+    pub algorithms: BTreeMap<String, usize>,
+    pub glora_layout: Option<String>,
+    /// "SD 1.x", "SD 2.x", "SDXL" or "unknown", from the cross-attention input width.
+    pub family: String,
+    /// Layer count per "rank r, scale α/r".
+    pub ranks: BTreeMap<String, usize>,
+    /// Layer count per target kind (cross-attention, self-attention, feed-forward, …).
+    pub targets: BTreeMap<String, usize>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl AdapterSummary {
+    /// The format doctor's findings as labelled lines (`adapter info` and the Playground's check).
+    pub fn lines(&self) -> Vec<(&'static str, String)> {
+        let mut lines = vec![("naming", self.naming.clone()), ("layers", self.layers.to_string())];
+        let algos: Vec<String> = self.algorithms.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        lines.push(("algorithm", algos.join(", ")));
+        if let Some(layout) = &self.glora_layout {
+            lines.push(("GLoRA layout", layout.clone()));
+        }
+        lines.push(("base model", format!("{} (guessed from shapes)", self.family)));
+        lines.extend(self.ranks.iter().map(|(k, v)| ("strength", format!("{k} on {v} layers"))));
+        lines.extend(self.targets.iter().map(|(k, v)| ("targets", format!("{k}: {v} layers"))));
+        lines
+    }
+}
+
+pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
+    let mut algorithms = BTreeMap::new();
+    let mut ranks = BTreeMap::new();
+    let mut targets = BTreeMap::new();
+    let mut context_width = None;
+    for l in &parsed.layers {
+        *algorithms.entry(l.delta.algorithm().to_string()).or_insert(0) += 1;
+        *ranks.entry(format!("rank {}, scale {}", l.delta.rank(), l.scale())).or_insert(0) += 1;
+        let name = l.key.to_string().replace('.', "_");
+        let kind = if name.starts_with("lora_te") || name.starts_with("text_encoder") {
+            "text encoder"
+        } else if name.contains("attn2") {
+            "cross-attention"
+        } else if name.contains("attn1") {
+            "self-attention"
+        } else if name.contains("_ff_") {
+            "feed-forward"
+        } else if name.contains("proj_in") || name.contains("proj_out") {
+            "transformer projection"
+        } else {
+            "convolution / other"
+        };
+        *targets.entry(kind.to_string()).or_insert(0) += 1;
+        if name.contains("attn2_to_k") || name.contains("attn2_to_v") {
+            let input = match &l.delta {
+                Delta::Lora { down, .. } => down.dims()[1],
+                Delta::Glora { a2, .. } => a2.dims()[1],
+            };
+            context_width = Some(input);
+        }
+    }
+    let family = match context_width {
+        Some(768) => "SD 1.x",
+        Some(1024) => "SD 2.x",
+        Some(2048) => "SDXL",
+        // assets/base: the built-in model's text encoder is 128 wide.
+        Some(128) => "LoRA Studio built-in",
+        Some(_) => "other (custom cross-attention width)",
+        None => "unknown (no cross-attention layers)",
+    };
+    let glora_layout = parsed.glora_layout.map(|l| match l {
+        GloraLayout::Current => "current (LyCORIS, ComfyUI)".to_string(),
+        GloraLayout::Legacy => "legacy (A1111)".to_string(),
+    });
+    AdapterSummary {
+        naming: match parsed.naming {
+            Naming::Kohya => "kohya / A1111 / ComfyUI / LyCORIS".into(),
+            Naming::Peft => "diffusers / PEFT".into(),
+        },
+        layers: parsed.layers.len(),
+        algorithms,
+        glora_layout,
+        family: family.into(),
+        ranks,
+        targets,
+        metadata: parsed.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}

@@ -1,0 +1,389 @@
+//! The adapter math, in one place: low-rank updates (LoRA, LoCon, GLoRA) and the per-layer
+//! `AdapterStack` that holds a frozen base weight plus any number of weighted adapters, run either
+//! factored (for training) or merged into a cached weight (zero extra cost at inference).
+
+use anyhow::bail;
+use candle_core::Tensor;
+
+use crate::engine::Result;
+use crate::engine::kernels::conv::{conv2d, conv2d_bias};
+use crate::engine::kernels::frozen;
+
+/// One adapter's update of one layer, stored in LyCORIS' current layout.
+#[derive(Clone, Debug)]
+pub enum Delta {
+    /// ΔW = up · down. Linear: down (r, in), up (out, r). Conv (LoCon): down (r, in, kh, kw),
+    /// up (out, r, 1, 1).
+    Lora { down: Tensor, up: Tensor },
+    /// GLoRA, ΔW = W·a1·a2 + b1·b2: a learned rescaling of the frozen weight plus a low-rank shift.
+    /// Linear: a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in). Conv: a1 (in, r, 1, 1),
+    /// a2 (r, in, 1, 1), b1 (out, r, 1, 1), b2 (r, in, kh, kw).
+    Glora { a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor },
+}
+
+impl Delta {
+    pub fn rank(&self) -> usize {
+        match self {
+            Delta::Lora { down, .. } => down.dims()[0],
+            Delta::Glora { a2, .. } => a2.dims()[0],
+        }
+    }
+
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Delta::Lora { down, .. } if down.rank() == 4 => "locon",
+            Delta::Lora { .. } => "lora",
+            Delta::Glora { .. } => "glora",
+        }
+    }
+
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Delta::Lora { down, up } => vec![down, up],
+            Delta::Glora { a1, a2, b1, b2 } => vec![a1, a2, b1, b2],
+        }
+    }
+
+    /// The same update with every factor in `dtype`. Files store factors in f16, bf16, f32 or f64;
+    /// the layer computes in its own dtype, and candle refuses mixed dtypes in one op.
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Delta> {
+        let cast =
+            |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        Ok(match self {
+            Delta::Lora { down, up } => Delta::Lora { down: cast(down)?, up: cast(up)? },
+            Delta::Glora { a1, a2, b1, b2 } => {
+                Delta::Glora { a1: cast(a1)?, a2: cast(a2)?, b1: cast(b1)?, b2: cast(b2)? }
+            }
+        })
+    }
+
+    /// Checks the factors against the base weight's shape, naming what does not fit.
+    pub fn check_shapes(&self, base: &[usize]) -> Result<()> {
+        let (out, inp) = (base[0], base[1]);
+        let kernel: &[usize] = &base[2..];
+        let ok = match self {
+            Delta::Lora { down, up } => {
+                let r = down.dims()[0];
+                down.dims()[1] == inp
+                    && &down.dims()[2..] == kernel
+                    && up.dims()[0] == out
+                    && up.dims()[1] == r
+                    && up.dims()[2..].iter().all(|&d| d == 1)
+            }
+            Delta::Glora { a1, a2, b1, b2 } => {
+                let r = a2.dims()[0];
+                a1.dims()[..2] == [inp, r]
+                    && a2.dims()[1] == inp
+                    && b1.dims()[..2] == [out, r]
+                    && b2.dims()[..2] == [r, inp]
+                    && &b2.dims()[2..] == kernel
+            }
+        };
+        if !ok {
+            let shapes: Vec<String> = self.tensors().iter().map(|t| format!("{:?}", t.dims())).collect();
+            bail!("{} factors {} do not fit a layer of shape {:?}", self.algorithm(), shapes.join(" "), base);
+        }
+        Ok(())
+    }
+
+    /// The full-size ΔW (unscaled), for merging and for exporting blends.
+    pub fn delta_weight(&self, base: &Tensor) -> Result<Tensor> {
+        let shape = base.dims().to_vec();
+        let (out, inp) = (shape[0], shape[1]);
+        let flat = |t: &Tensor| -> Result<Tensor> { Ok(t.flatten_from(1)?) };
+        Ok(match self {
+            Delta::Lora { down, up } => flat(up)?.matmul(&flat(down)?)?.reshape(shape)?,
+            Delta::Glora { a1, a2, b1, b2 } => {
+                let m = flat(a1)?.matmul(&flat(a2)?)?; // (in, in)
+                // W·M contracts W's input channel with M, for every kernel position.
+                let kk: usize = shape[2..].iter().product();
+                let w = base.reshape((out, inp, kk))?.transpose(1, 2)?.reshape((out * kk, inp))?;
+                let wm = w.matmul(&m)?.reshape((out, kk, inp))?.transpose(1, 2)?.reshape(shape.as_slice())?;
+                (wm + flat(b1)?.matmul(&flat(b2)?)?.reshape(shape.as_slice())?)?
+            }
+        })
+    }
+
+    /// ΔW·x through the factors for a linear layer (x: (…, in)), never materialising ΔW.
+    pub fn apply_linear(&self, x: &Tensor, base: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Delta::Lora { down, up } => matmul_last(&matmul_last(x, down)?, up)?,
+            Delta::Glora { a1, a2, b1, b2 } => {
+                let rescaled = matmul_last(&matmul_last(&matmul_last(x, a2)?, a1)?, base)?;
+                (rescaled + matmul_last(&matmul_last(x, b2)?, b1)?)?
+            }
+        })
+    }
+
+    /// ΔW ⊛ x through the factors for a convolution with the base layer's padding and stride (in
+    /// that order, as every convolution here and in candle takes them).
+    pub fn apply_conv(&self, x: &Tensor, base: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+        Ok(match self {
+            Delta::Lora { down, up } => conv1x1(&conv2d(x, down, padding, stride)?, up)?,
+            Delta::Glora { a1, a2, b1, b2 } => {
+                let mixed = conv1x1(&conv1x1(x, a2)?, a1)?;
+                let rescaled = conv2d(&mixed, base, padding, stride)?;
+                (rescaled + conv1x1(&conv2d(x, b2, padding, stride)?, b1)?)?
+            }
+        })
+    }
+}
+
+/// x (…, in) · Wᵀ for W (out, in).
+fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    frozen::linear(x, w, None)
+}
+
+/// A 1×1 convolution as a matmul (w: (out, in, 1, 1) or (out, in)).
+fn conv1x1(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    frozen::pointwise(x, w, None)
+}
+
+/// One adapter attached to one layer.
+#[derive(Clone, Debug)]
+pub struct LayerAdapter {
+    /// The adapter's name in the stack (one per loaded file or training run).
+    pub name: String,
+    pub delta: Delta,
+    /// α / r, fixed by the file.
+    pub scale: f64,
+    /// The user's slider weight times any per-block weight; 0 when the adapter is switched off.
+    pub multiplier: f64,
+}
+
+impl LayerAdapter {
+    pub fn coefficient(&self) -> f64 {
+        self.scale * self.multiplier
+    }
+}
+
+/// A frozen base weight with the adapters attached to it.
+#[derive(Clone, Debug)]
+pub struct AdapterStack {
+    pub base: Tensor,
+    pub adapters: Vec<LayerAdapter>,
+    /// Merged mode folds the adapters into a cached weight; unmerged runs them factored (training).
+    pub merge: bool,
+    merged: Option<Tensor>,
+    stale: bool,
+}
+
+impl AdapterStack {
+    pub fn new(base: Tensor) -> Self {
+        Self { base, adapters: Vec::new(), merge: true, merged: None, stale: false }
+    }
+
+    fn active(&self) -> impl Iterator<Item = &LayerAdapter> {
+        self.adapters.iter().filter(|a| a.multiplier != 0.0)
+    }
+
+    pub fn attach(&mut self, mut adapter: LayerAdapter) -> Result<()> {
+        adapter.delta.check_shapes(self.base.dims())?;
+        adapter.delta = adapter.delta.to_dtype(self.base.dtype())?;
+        self.adapters.retain(|a| a.name != adapter.name);
+        self.adapters.push(adapter);
+        self.stale = true;
+        Ok(())
+    }
+
+    pub fn detach(&mut self, name: &str) -> bool {
+        let before = self.adapters.len();
+        self.adapters.retain(|a| a.name != name);
+        let removed = self.adapters.len() != before;
+        self.stale |= removed;
+        removed
+    }
+
+    /// Sets one adapter's multiplier; returns whether anything changed (and so needs re-merging).
+    pub fn set_multiplier(&mut self, name: &str, multiplier: f64) -> bool {
+        let mut changed = false;
+        for a in self.adapters.iter_mut().filter(|a| a.name == name) {
+            if a.multiplier != multiplier {
+                a.multiplier = multiplier;
+                changed = true;
+            }
+        }
+        self.stale |= changed;
+        changed
+    }
+
+    pub fn mark_stale(&mut self) {
+        self.stale = true;
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// Recomputes the merged weight if an adapter changed since the last merge. Returns whether
+    /// it did any work.
+    pub fn refresh(&mut self) -> Result<bool> {
+        if !self.stale {
+            return Ok(false);
+        }
+        self.merged = if self.merge && self.active().next().is_some() { Some(self.merged_weight()?) } else { None };
+        self.stale = false;
+        Ok(true)
+    }
+
+    /// W + Σ cᵢ·ΔWᵢ.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let mut w = self.base.clone();
+        for a in self.active() {
+            w = (w + (a.delta.delta_weight(&self.base)? * a.coefficient())?)?;
+        }
+        Ok(w)
+    }
+
+    /// Σ cᵢ·ΔWᵢ alone (what a blend exports).
+    pub fn delta_sum(&self) -> Result<Option<Tensor>> {
+        let mut sum: Option<Tensor> = None;
+        for a in self.active() {
+            let d = (a.delta.delta_weight(&self.base)? * a.coefficient())?;
+            sum = Some(match sum {
+                Some(s) => (s + d)?,
+                None => d,
+            });
+        }
+        Ok(sum)
+    }
+
+    /// The weight to use directly, or `None` when the adapters must run factored.
+    fn direct_weight(&self) -> Option<&Tensor> {
+        if self.active().next().is_none() {
+            return Some(&self.base);
+        }
+        match (&self.merged, self.merge && !self.stale) {
+            (Some(m), true) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// y = x·Wᵀ + b (+ adapters), for a linear layer; `x` is (…, in).
+    pub fn forward_linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(w) = self.direct_weight() {
+            return frozen::linear(x, w, bias);
+        }
+        let active: Vec<_> = self.active().collect();
+        if let [a @ LayerAdapter { delta: Delta::Lora { down, up }, .. }] = active.as_slice() {
+            // Training's usual case, one LoRA in one op.
+            if let Some(y) = frozen::lora_linear(x, &self.base, bias, down, up, a.coefficient())? {
+                return Ok(y);
+            }
+        }
+        let mut y = frozen::linear(x, &self.base, bias)?;
+        for a in active {
+            y = (y + (a.delta.apply_linear(x, &self.base)? * a.coefficient())?)?;
+        }
+        Ok(y)
+    }
+
+    /// y = W ⊛ x + b (+ adapters), for a convolution; `bias` is (out).
+    pub fn forward_conv(&self, x: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+        if let Some(w) = self.direct_weight() {
+            return conv(x, w, bias, padding, stride);
+        }
+        let mut y = conv(x, &self.base, bias, padding, stride)?;
+        for a in self.active() {
+            y = (y + (a.delta.apply_conv(x, &self.base, padding, stride)? * a.coefficient())?)?;
+        }
+        Ok(y)
+    }
+}
+
+fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let dims = w.dims();
+    if dims[2] == 1 && dims[3] == 1 && stride == 1 && padding == 0 {
+        // 1×1 convolution as a matmul: much cheaper forward and backward than candle's conv path.
+        return frozen::pointwise(x, w, bias);
+    }
+    conv2d_bias(x, w, bias, padding, stride)
+}
+
+/// Which layers a new adapter trains, by the names users know from kohya and OneTrainer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetPreset {
+    /// attn2 to_q / to_k / to_v / to_out.0.
+    CrossAttention,
+    /// attn1 and attn2 projections.
+    Attention,
+    /// Attention, feed-forward and linear proj_in/proj_out: kohya's default LoRA targets.
+    Transformer,
+    /// The transformer linears plus every resnet, downsampler and upsampler convolution (LoCon).
+    TransformerAndConv,
+}
+
+impl TargetPreset {
+    pub const ALL: [TargetPreset; 4] =
+        [Self::CrossAttention, Self::Attention, Self::Transformer, Self::TransformerAndConv];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::CrossAttention => "cross-attention only",
+            Self::Attention => "all attention",
+            Self::Transformer => "attention + feed-forward",
+            Self::TransformerAndConv => "attention + feed-forward + convolutions",
+        }
+    }
+
+    /// Whether the UNet layer at `path` is a target (`conv` tells a convolution from a linear).
+    pub fn targets_unet(self, path: &str, conv: bool) -> bool {
+        let leaf_in = |leaves: &[&str]| leaves.iter().any(|l| path.ends_with(l));
+        let attn = [".to_q", ".to_k", ".to_v", ".to_out.0"];
+        let in_attn = |which: &str| path.contains(which) && leaf_in(&attn);
+        let transformer = in_attn(".attn1.")
+            || in_attn(".attn2.")
+            || leaf_in(&[".ff.net.0.proj", ".ff.net.2"])
+            || (!conv && leaf_in(&[".proj_in", ".proj_out"]));
+        match self {
+            Self::CrossAttention => in_attn(".attn2."),
+            Self::Attention => in_attn(".attn1.") || in_attn(".attn2."),
+            Self::Transformer => transformer,
+            Self::TransformerAndConv => {
+                transformer
+                    || (conv && leaf_in(&[".conv1", ".conv2", ".conv_shortcut", ".proj_in", ".proj_out"]))
+                    || (conv && (path.contains(".downsamplers.") || path.contains(".upsamplers.")))
+            }
+        }
+    }
+
+    /// Text-encoder targets (when the text encoder is trained): attention projections and MLP.
+    pub fn targets_text_encoder(path: &str) -> bool {
+        ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"].iter().any(|l| path.ends_with(l))
+    }
+}
+
+/// A1111 "LoRA Block Weight" groups: how strongly an adapter acts in each part of the model.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlockWeights {
+    pub text_encoder: f64,
+    /// `down_blocks` (A1111's IN).
+    pub input: f64,
+    /// `mid_block` (MID).
+    pub middle: f64,
+    /// `up_blocks` (OUT).
+    pub output: f64,
+}
+
+impl Default for BlockWeights {
+    fn default() -> Self {
+        Self { text_encoder: 1.0, input: 1.0, middle: 1.0, output: 1.0 }
+    }
+}
+
+impl BlockWeights {
+    /// The multiplier for a layer; UNet layers outside the three groups (conv_in, time embedding,
+    /// conv_out) follow the input group, as A1111's BASE does.
+    pub fn for_layer(&self, text_encoder: bool, path: &str) -> f64 {
+        if text_encoder {
+            self.text_encoder
+        } else if path.starts_with("mid_block.") {
+            self.middle
+        } else if path.starts_with("up_blocks.") || path.starts_with("conv_out") || path.starts_with("conv_norm_out") {
+            self.output
+        } else {
+            self.input
+        }
+    }
+}

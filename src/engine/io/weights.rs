@@ -1,0 +1,459 @@
+//! Named tensors loaded from safetensors files, and scoped lookups into them.
+//! Models are built by asking a `WeightScope` for `"down_blocks.0.resnets.0.conv1.weight"` with an
+//! expected shape, so a wrong or incomplete file fails with the tensor's name, never a panic.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::engine::Result;
+
+/// Largest safetensors JSON header we accept; real checkpoints stay far below this.
+pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+
+/// All tensors of one model component, converted to the compute dtype on load.
+#[derive(Clone)]
+pub struct WeightMap {
+    tensors: HashMap<String, Tensor>,
+    /// What the tensors were read from, for error messages.
+    source: String,
+    dtype: DType,
+    device: Device,
+    /// Benchmarks build models of real shapes without their weights: missing tensors become noise,
+    /// remembered here so the same values can be reused (e.g. as trainable variables).
+    synthetic: Option<std::sync::Arc<std::sync::Mutex<HashMap<String, Tensor>>>>,
+}
+
+impl WeightMap {
+    pub fn new(
+        tensors: HashMap<String, Tensor>,
+        source: impl Into<String>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let source = source.into();
+        let mut converted = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            if !all_finite(&t)? {
+                bail!("{}: tensor `{name}` contains NaN or infinite values (the file is corrupt)", source);
+            }
+            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+            let t = if t.device().same_device(device) { t } else { t.to_device(device)? };
+            converted.insert(name, t);
+        }
+        Ok(Self { tensors: converted, source, dtype, device: device.clone(), synthetic: None })
+    }
+
+    /// Reads one or more safetensors files (a sharded component is several).
+    pub fn load(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut all = HashMap::new();
+        let mut from: HashMap<String, &Path> = HashMap::new();
+        for p in paths {
+            for (name, t) in read_safetensors(p)? {
+                // Shards split a model; a tensor in two of them would make one silently win.
+                if let Some(first) = from.insert(name.clone(), p) {
+                    bail!(
+                        "tensor `{name}` is in both {} and {}; the files do not belong together",
+                        first.display(),
+                        p.display()
+                    );
+                }
+                all.insert(name, t);
+            }
+        }
+        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        Self::new(all, source, dtype, device)
+    }
+
+    /// An empty map that answers every lookup with small random values of the asked shape
+    /// (for benchmarks of configurations whose weights we do not have).
+    pub fn synthetic(dtype: DType, device: &Device) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            source: "synthetic weights".into(),
+            dtype,
+            device: device.clone(),
+            synthetic: Some(Default::default()),
+        }
+    }
+
+    /// The tensors a synthetic map has made up so far.
+    pub fn generated(&self) -> HashMap<String, Tensor> {
+        self.synthetic.as_ref().map(|g| g.lock().unwrap().clone()).unwrap_or_default()
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+    pub fn insert(&mut self, name: String, t: Tensor) {
+        self.tensors.insert(name, t);
+    }
+    pub fn into_map(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+
+    /// Turns the tensors whose names pass `select` into trainable variables. The model built from
+    /// this map afterwards uses them, so `loss.backward()` yields gradients for exactly these.
+    pub fn make_trainable(&mut self, select: impl Fn(&str) -> bool) -> Result<Vec<(String, Var)>> {
+        let mut names: Vec<String> = self.tensors.keys().filter(|n| select(n)).cloned().collect();
+        names.sort();
+        let mut vars = Vec::with_capacity(names.len());
+        for name in names {
+            let var = Var::from_tensor(&self.tensors[&name])?;
+            self.tensors.insert(name.clone(), var.as_tensor().clone());
+            vars.push((name, var));
+        }
+        Ok(vars)
+    }
+
+    pub fn root(&self) -> WeightScope<'_> {
+        WeightScope { map: self, prefix: String::new() }
+    }
+
+    /// Tensor `name`, checked against `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(t) = self.tensors.get(name) else {
+            if let Some(generated) = &self.synthetic {
+                let t = Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?;
+                generated.lock().unwrap().insert(name.to_string(), t.clone());
+                return Ok(t);
+            }
+            bail!("{}: tensor `{name}` is missing (is this the right model file?)", self.source);
+        };
+        if t.dims() != shape {
+            bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", self.source, t.dims(), shape);
+        }
+        Ok(t.clone())
+    }
+}
+
+/// A prefix into a `WeightMap`, mirroring the module tree: `scope.at("down_blocks").at(0)`.
+#[derive(Clone)]
+pub struct WeightScope<'a> {
+    map: &'a WeightMap,
+    prefix: String,
+}
+
+impl<'a> WeightScope<'a> {
+    pub fn at(&self, part: impl std::fmt::Display) -> WeightScope<'a> {
+        let prefix = if self.prefix.is_empty() { part.to_string() } else { format!("{}.{part}", self.prefix) };
+        WeightScope { map: self.map, prefix }
+    }
+    /// The module path this scope stands for, e.g. `down_blocks.0.attentions.0.proj_in`.
+    pub fn path(&self) -> &str {
+        &self.prefix
+    }
+    pub fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() { leaf.to_string() } else { format!("{}.{leaf}", self.prefix) }
+    }
+    pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        self.map.get(&self.name(leaf), shape)
+    }
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.map.contains(&self.name(leaf))
+    }
+    pub fn dtype(&self) -> DType {
+        self.map.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.map.device
+    }
+    pub fn map(&self) -> &'a WeightMap {
+        self.map
+    }
+}
+
+/// Reads a safetensors file after checking that its header is sane, so a truncated or hostile file
+/// is reported by name instead of exhausting memory.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(read_safetensors_with_metadata(path)?.0)
+}
+
+/// As `read_safetensors`, also returning the header's `__metadata__` strings.
+pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    parse_safetensors(&bytes, &path.display().to_string())
+}
+
+/// A safetensors file's `__metadata__` strings, reading only its header (cheap on a 2 GB model).
+/// `None` when the file is not safetensors at all.
+pub fn read_metadata(path: &Path) -> Result<Option<HashMap<String, String>>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut len = [0u8; 8];
+    if f.read_exact(&mut len).is_err() {
+        return Ok(None);
+    }
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_BYTES || len > f.metadata()?.len() {
+        return Ok(None);
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)?;
+    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return Ok(None);
+    };
+    let metadata = header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Ok(Some(metadata))
+}
+
+/// Parses safetensors bytes (a whole file) after checking the header; errors start with `source`.
+pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    if bytes.len() < 8 {
+        bail!("{source}: not a safetensors file (only {} bytes)", bytes.len());
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    if header_len > MAX_HEADER_BYTES {
+        bail!("{source}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})");
+    }
+    if 8 + header_len > bytes.len() as u64 {
+        bail!("{source}: truncated safetensors file (header says {header_len} bytes, file has {})", bytes.len());
+    }
+    // A key written twice would make one of the two silently win (and later errors blame the
+    // other), so the raw header is read for its keys first.
+    let header_bytes = &bytes[8..8 + header_len as usize];
+    if let Ok(HeaderKeys(keys)) = serde_json::from_slice::<HeaderKeys>(header_bytes) {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = keys.iter().find(|k| !seen.insert(k.as_str())) {
+            bail!("{source}: the header names tensor `{dup}` twice");
+        }
+    }
+    // The library's own check of each tensor's extent names no tensor; ours says which and how.
+    let data_len = (bytes.len() - 8 - header_len as usize) as u64;
+    if let Ok(serde_json::Value::Object(entries)) = serde_json::from_slice::<serde_json::Value>(header_bytes) {
+        for (name, entry) in entries.iter().filter(|(k, _)| *k != "__metadata__") {
+            check_extent(entry, data_len).map_err(|e| anyhow::anyhow!("{source}: tensor `{name}` {e}"))?;
+        }
+    }
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("{source}: invalid safetensors file: {e}"))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("{source}: invalid safetensors file: {e}"))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F64 => DType::F64,
+            safetensors::Dtype::I64 => DType::I64,
+            safetensors::Dtype::U32 => DType::U32,
+            safetensors::Dtype::U8 => DType::U8,
+            other => bail!("{source}: tensor `{name}` has unsupported dtype {other:?}"),
+        };
+        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+            .with_context(|| format!("{source}: tensor `{name}` is malformed"))?;
+        out.insert(name, t);
+    }
+    Ok((out, metadata))
+}
+
+/// Checks one header entry's byte range against its shape and dtype and the data section's size.
+/// Entries whose fields are malformed are left to the library's parser, which names them.
+fn check_extent(entry: &serde_json::Value, data_len: u64) -> Result<()> {
+    let (Some(dtype), Some(shape), Some(offsets)) = (
+        entry.get("dtype").and_then(|d| d.as_str()),
+        entry.get("shape").and_then(|s| s.as_array()),
+        entry.get("data_offsets").and_then(|o| o.as_array()),
+    ) else {
+        return Ok(());
+    };
+    let bytes_per_element: u64 = match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return Ok(()),
+    };
+    let (Some(start), Some(end)) = (offsets.first().and_then(|v| v.as_u64()), offsets.get(1).and_then(|v| v.as_u64()))
+    else {
+        return Ok(());
+    };
+    let dims: Option<Vec<u64>> = shape.iter().map(|d| d.as_u64()).collect();
+    let Some(dims) = dims else { return Ok(()) };
+    if start > end || end > data_len {
+        bail!("claims bytes {start}..{end} of a {data_len}-byte data section (the file is truncated or damaged)");
+    }
+    let needed = dims.iter().try_fold(bytes_per_element, |n, &d| n.checked_mul(d));
+    if needed != Some(end - start) {
+        bail!(
+            "has {} bytes of data, but its shape {dims:?} in {dtype} needs {}",
+            end - start,
+            needed.map_or("more than any file holds".to_string(), |n| n.to_string())
+        );
+    }
+    Ok(())
+}
+
+/// The keys of a safetensors header in the order written, duplicates kept.
+struct HeaderKeys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for HeaderKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = HeaderKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<HeaderKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(HeaderKeys(keys))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+/// Whether every element is finite (no NaN, no ±∞). Integer tensors always are.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let t = match t.dtype() {
+        DType::F32 | DType::F64 => t.clone(),
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
+        _ => return Ok(true),
+    };
+    if t.elem_count() == 0 {
+        return Ok(true);
+    }
+    // One pass without allocating: any NaN or ∞ makes the sum non-finite. Only then check
+    // exactly, since finite values can also overflow the sum.
+    if t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+        return Ok(true);
+    }
+    let t = t.to_dtype(DType::F64)?;
+    Ok(t.abs()?.le(f64::MAX)?.to_dtype(DType::U32)?.min_all()?.to_scalar::<u32>()? == 1)
+}
+
+/// Writes tensors atomically: to a temporary name beside `path`, flushed, then renamed.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut owned = Vec::with_capacity(names.len());
+    for name in names {
+        let t = tensors[name].to_device(&Device::Cpu)?.contiguous()?;
+        owned.push((name.clone(), t));
+    }
+    let views: Vec<(String, candle_core::Tensor)> = owned;
+    let bytes = safetensors::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| anyhow::anyhow!("{}: cannot serialise: {e}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// The temporary name a write to `path` goes through: `.NAME.tmp-PID` beside it, so a kill
+/// leaves a file that `tidy_temporaries` can tell is garbage (its process is gone).
+pub fn temporary_path(path: &Path) -> Result<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
+    Ok(dir.join(format!(".{}{TEMPORARY_MARK}{}", file_name.to_string_lossy(), std::process::id())))
+}
+
+const TEMPORARY_MARK: &str = ".tmp-";
+/// Folders written whole (merged models) go through `.NAME.partial-PID`.
+pub const PARTIAL_MARK: &str = ".partial-";
+
+/// Temporary file + fsync + rename: a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_checked(path, |tmp| Ok(std::fs::write(tmp, bytes)?), |_| Ok(()))
+}
+
+/// Writes `path` through its temporary name: `write` fills the temporary file, `check` reads it
+/// back, and only a file that passes replaces `path` (a good file is never swapped for a bad
+/// one). On any failure the temporary file is removed and `path` is left as it was.
+pub fn write_checked(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+    check: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let tmp = temporary_path(path)?;
+    let io = |e: anyhow::Error| -> anyhow::Error {
+        // I/O errors name the destination as the user knows it, not the temporary name (nested
+        // writes, such as an adapter written through here, report their innermost cause).
+        match e.root_cause().downcast_ref::<std::io::Error>() {
+            Some(cause) => anyhow::Error::new(std::io::Error::new(cause.kind(), cause.to_string()))
+                .context(format!("{}: cannot write", path.display())),
+            None => e,
+        }
+    };
+    let result = (|| -> Result<()> {
+        write(&tmp).map_err(io)?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io(e.into()))?;
+        check(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| io(e.into()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Whether process `pid` is still running (Linux: /proc; elsewhere assume it is, and keep its files).
+fn process_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes, in `dir`, the temporary files (`.NAME.tmp-PID`) and partial folders
+/// (`.NAME.partial-PID`) that killed processes left behind. Those of running processes (another
+/// LoRA Studio writing beside us) are kept. Every command that writes calls it on start.
+pub fn tidy_temporaries(dir: &Path) {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            continue;
+        }
+        for mark in [TEMPORARY_MARK, PARTIAL_MARK] {
+            let Some((_, pid)) = name.rsplit_once(mark) else { continue };
+            let Ok(pid) = pid.parse::<u32>() else { continue };
+            if pid == std::process::id() || process_alive(pid) {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
+}
+
+/// `tidy_temporaries` for the folder `path` is written in.
+pub fn tidy_temporaries_beside(path: &Path) {
+    tidy_temporaries(path.parent().unwrap_or(Path::new(".")));
+}

@@ -1,0 +1,12 @@
+//! CPU kernels with their own backward passes where candle's are missing, wrong or slow:
+//! fused attention, convolution, frozen-weight ops, GEGLU, SiLU, normalisation, and gradient
+//! recomputation; `cpu` holds the thread settings and the GEMM and storage helpers they share.
+
+pub mod attention;
+pub mod conv;
+pub mod cpu;
+pub mod frozen;
+pub mod geglu;
+pub mod normalise;
+pub mod recompute;
+pub mod silu;

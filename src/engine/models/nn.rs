@@ -1,0 +1,189 @@
+//! The layers our models are made of. Every op here has a backward pass (no candle
+//! `softmax_last_dim`, no candle fused layer norm: the norms use our `normalise` op), and every
+//! linear/conv knows its module path so adapters can be attached by name.
+
+use candle_core::{D, DType, Tensor};
+
+use crate::engine::Result;
+use crate::engine::adapters::stack::AdapterStack;
+use crate::engine::io::weights::WeightScope;
+use crate::engine::kernels::frozen::affine;
+use crate::engine::kernels::normalise::normalise;
+
+/// A fully connected layer, `y = x Wᵀ + b`, applied over the last dimension.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// diffusers / transformers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`.
+    pub path: String,
+    /// The frozen weight (out, in) and whatever adapters are attached to it.
+    pub stack: AdapterStack,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(ws: &WeightScope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = ws.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(ws.get("bias", &[out_dim])?) } else { None };
+        Ok(Self { path: ws.path().to_string(), stack: AdapterStack::new(weight), bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.stack.base
+    }
+    pub fn in_dim(&self) -> usize {
+        self.weight().dims()[1]
+    }
+    pub fn out_dim(&self) -> usize {
+        self.weight().dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.stack.forward_linear(x, self.bias.as_ref())
+    }
+}
+
+/// A 2-D convolution (NCHW), square kernel, symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub path: String,
+    /// The frozen weight (out, in, k, k) and whatever adapters are attached to it.
+    pub stack: AdapterStack,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(
+        ws: &WeightScope,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = ws.get("weight", &[out_c, in_c, kernel, kernel])?;
+        let bias = Some(ws.get("bias", &[out_c])?);
+        Ok(Self { path: ws.path().to_string(), stack: AdapterStack::new(weight), bias, stride, padding })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.stack.base
+    }
+    pub fn out_channels(&self) -> usize {
+        self.weight().dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.stack.forward_conv(x, self.bias.as_ref(), self.padding, self.stride)
+    }
+}
+
+/// A layer adapters can attach to, as the model walkers hand them out.
+pub enum LayerMut<'a> {
+    Linear(&'a mut Linear),
+    Conv(&'a mut Conv2d),
+}
+
+impl LayerMut<'_> {
+    pub fn path(&self) -> &str {
+        match self {
+            LayerMut::Linear(l) => &l.path,
+            LayerMut::Conv(c) => &c.path,
+        }
+    }
+    pub fn stack(&mut self) -> &mut AdapterStack {
+        match self {
+            LayerMut::Linear(l) => &mut l.stack,
+            LayerMut::Conv(c) => &mut c.stack,
+        }
+    }
+    pub fn stack_ref(&self) -> &AdapterStack {
+        match self {
+            LayerMut::Linear(l) => &l.stack,
+            LayerMut::Conv(c) => &c.stack,
+        }
+    }
+}
+
+/// GroupNorm over NC… tensors (the normalisation is our fused op, which has a backward pass).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(ws: &WeightScope, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: ws.get("weight", &[channels])?, bias: ws.get("bias", &[channels])?, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        // In NC… order each (item, group) is one contiguous run.
+        let normed = normalise(x, x.elem_count() / (b * self.groups), self.eps)?;
+        let mut shape = vec![1; dims.len()];
+        shape[1] = c;
+        affine(&normed, Some(&self.weight.reshape(shape.as_slice())?), Some(&self.bias.reshape(shape.as_slice())?))
+    }
+}
+
+/// LayerNorm over the last dimension (not candle's fused kernel, which has no backward pass; ours has).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(ws: &WeightScope, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: ws.get("weight", &[dim])?, bias: ws.get("bias", &[dim])?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let normed = normalise(x, x.dim(D::Minus1)?, self.eps)?;
+        affine(&normed, Some(&self.weight), Some(&self.bias))
+    }
+}
+
+/// `x·σ(1.702x)`, CLIP's activation.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Nearest-neighbour upsampling to `(h, w)`; the exact 2× case uses broadcasting so it trains.
+pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (b, c, xh, xw) = x.dims4()?;
+    if h == 2 * xh && w == 2 * xw {
+        let y = x.reshape((b, c, xh, 1, xw, 1))?.broadcast_as((b, c, xh, 2, xw, 2))?;
+        return Ok(y.reshape((b, c, h, w))?);
+    }
+    Ok(x.upsample_nearest2d(h, w)?)
+}
+
+/// Sinusoidal timestep embedding as diffusers' `Timesteps` module computes it.
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    dtype: DType,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> =
+        (0..half).map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - freq_shift)).exp() as f32).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
+    let t = timesteps.to_dtype(DType::F32)?.reshape((timesteps.elem_count(), 1))?;
+    let args = t.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    Ok(emb.to_dtype(dtype)?)
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    crate::engine::kernels::silu::silu(x)
+}

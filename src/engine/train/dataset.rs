@@ -1,0 +1,392 @@
+//! Training images as kohya users lay them out: image files and folders, captions in same-name
+//! `.txt` / `.caption` sidecars, a trigger word, resize + crop (or aspect-ratio buckets), flips.
+//! Unreadable or tiny images are skipped with the reason; nothing here panics on bad files.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{Device, Tensor};
+
+use crate::engine::Result;
+
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+/// Larger images are refused before decoding (a decompression bomb is only a few bytes).
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+/// Image files are read whole; anything bigger than this is not a training image.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 512 << 20;
+
+/// How images become training tensors.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct DatasetOptions {
+    /// Target side in pixels (the square's side; with buckets, √ of the target area).
+    pub resolution: usize,
+    /// Centre crop (true) or a random crop each time the image is used.
+    pub center_crop: bool,
+    /// Aspect-ratio buckets with sides in multiples of `bucket_step`, instead of square crops.
+    pub buckets: bool,
+    pub bucket_step: usize,
+    /// Mirror images left-right at random.
+    pub flip: bool,
+    /// Prepended to every caption (kohya's "trigger word" / class token).
+    pub trigger: String,
+    /// Used for images without a sidecar caption.
+    pub default_caption: String,
+    /// Images whose short side is below this are skipped.
+    pub min_side: u32,
+}
+
+impl Default for DatasetOptions {
+    fn default() -> Self {
+        Self {
+            resolution: 512,
+            center_crop: true,
+            buckets: false,
+            bucket_step: 64,
+            flip: false,
+            trigger: String::new(),
+            default_caption: String::new(),
+            min_side: 32,
+        }
+    }
+}
+
+/// One usable training image.
+#[derive(Clone, Debug)]
+pub struct ImageEntry {
+    pub path: PathBuf,
+    /// The caption as found (sidecar or default), without the trigger word.
+    pub caption: String,
+    pub caption_file: Option<PathBuf>,
+    pub width: u32,
+    pub height: u32,
+    /// FNV-1a of the file's bytes: duplicate detection and latent cache keys.
+    pub content_hash: u64,
+}
+
+impl ImageEntry {
+    /// The caption the model is trained on: trigger word first, as kohya does.
+    pub fn full_caption(&self, trigger: &str) -> String {
+        match (trigger.trim(), self.caption.trim()) {
+            ("", c) => c.to_string(),
+            (t, "") => t.to_string(),
+            (t, c) => format!("{t}, {c}"),
+        }
+    }
+}
+
+/// A file that will not be used, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Dataset {
+    pub images: Vec<ImageEntry>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Checks the user should see before training starts.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Preflight {
+    pub images: usize,
+    pub without_caption: Vec<PathBuf>,
+    /// Captions over 75 CLIP tokens (they are cut off), with their token counts.
+    pub long_captions: Vec<(PathBuf, usize)>,
+    /// Groups of byte-identical images.
+    pub duplicates: Vec<Vec<PathBuf>>,
+    /// Images smaller than the training size (they are upscaled, which blurs).
+    pub upscaled: Vec<PathBuf>,
+    /// Images per bucket "W×H".
+    pub buckets: BTreeMap<String, usize>,
+    pub skipped: Vec<Skipped>,
+}
+
+impl Preflight {
+    /// One line: how many images go to each training size.
+    pub fn bucket_summary(&self) -> String {
+        if self.buckets.is_empty() {
+            return "no usable images".into();
+        }
+        let parts: Vec<String> = self.buckets.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        format!("training sizes: {}", parts.join(", "))
+    }
+
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.without_caption.is_empty() {
+            w.push(format!(
+                "{} images have no caption file (.txt or .caption); they use the default caption",
+                self.without_caption.len()
+            ));
+        }
+        for (p, n) in &self.long_captions {
+            w.push(format!("{}: caption is {n} tokens; only the first 75 are used", p.display()));
+        }
+        for group in &self.duplicates {
+            let names: Vec<String> = group.iter().map(|p| p.display().to_string()).collect();
+            w.push(format!("identical images: {}", names.join(", ")));
+        }
+        if !self.upscaled.is_empty() {
+            w.push(format!("{} images are smaller than the training size and will be upscaled", self.upscaled.len()));
+        }
+        for s in &self.skipped {
+            w.push(format!("{}: skipped: {}", s.path.display(), s.reason));
+        }
+        w
+    }
+}
+
+/// FNV-1a: a fast, stable content hash for cache keys and duplicate detection (not cryptographic).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Decodes an image with explicit limits, naming the file in any error.
+pub fn decode_image(path: &Path, bytes: &[u8]) -> Result<image::DynamicImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    if reader.format().is_none() {
+        bail!("{}: not an image (unrecognised contents)", path.display());
+    }
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        bail!("{}: cannot decode: truncated JPEG (the file ends before its image data does)", path.display());
+    }
+    reader.decode().map_err(|e| anyhow::anyhow!("{}: cannot decode: {e}", path.display()))
+}
+
+/// Caption from `<stem>.txt` or `<stem>.caption` beside the image: UTF-8 (a byte-order mark is
+/// dropped) or UTF-16 with a byte-order mark, as Windows' Notepad saves it. A caption file that is
+/// there but cannot be read as text is an error naming it, never "no caption".
+fn sidecar_caption(path: &Path) -> std::result::Result<Option<(String, PathBuf)>, String> {
+    for ext in ["txt", "caption"] {
+        let p = path.with_extension(ext);
+        if !p.exists() {
+            continue;
+        }
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let bytes = std::fs::read(&p).map_err(|e| format!("cannot read its caption {name}: {e}"))?;
+        let text = decode_caption(&bytes)
+            .ok_or_else(|| format!("its caption {name} is not UTF-8 text (re-save it as UTF-8)"))?;
+        return Ok(Some((text.trim().to_string(), p)));
+    }
+    Ok(None)
+}
+
+/// Caption bytes as text: UTF-8 (with or without a byte-order mark) or UTF-16 with one.
+pub fn decode_caption(bytes: &[u8]) -> Option<String> {
+    let utf16 = |bytes: &[u8], read: fn([u8; 2]) -> u16| -> Option<String> {
+        if !bytes.len().is_multiple_of(2) {
+            return None;
+        }
+        let units: Vec<u16> = bytes.chunks_exact(2).map(|c| read([c[0], c[1]])).collect();
+        String::from_utf16(&units).ok()
+    };
+    match bytes {
+        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8(rest.to_vec()).ok(),
+        [0xFF, 0xFE, rest @ ..] => utf16(rest, u16::from_le_bytes),
+        [0xFE, 0xFF, rest @ ..] => utf16(rest, u16::from_be_bytes),
+        _ => String::from_utf8(bytes.to_vec()).ok(),
+    }
+}
+
+/// Whether a JPEG's data runs to its end-of-image marker after the last scan. The decoder fills a
+/// truncated file's missing rows with grey and says nothing; PNG's decoder refuses them itself.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    // Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so FF DA is
+    // a real start-of-scan and FF D9 a real end-of-image.
+    let Some(last_scan) = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) else { return false };
+    bytes[last_scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+impl Dataset {
+    /// Collects images from files and folders (recursively). Bad files become `skipped` entries.
+    pub fn scan(paths: &[PathBuf], opts: &DatasetOptions) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut ds = Dataset::default();
+        let mut visited = HashSet::new();
+        for p in paths {
+            if p.is_dir() {
+                collect_images(p, &mut visited, &mut files, &mut ds.skipped)?;
+            } else if p.exists() {
+                files.push(p.clone());
+            } else {
+                bail!("{}: no such file or folder", p.display());
+            }
+        }
+        // The same file reached twice (a folder given twice, or through a link) is one image.
+        let mut seen = HashSet::new();
+        files.retain(|f| seen.insert(f.canonicalize().unwrap_or_else(|_| f.clone())));
+        files.sort();
+        for path in files {
+            match Self::entry(&path, opts) {
+                Ok(e) => ds.images.push(e),
+                Err(reason) => ds.skipped.push(Skipped { path, reason }),
+            }
+        }
+        Ok(ds)
+    }
+
+    fn entry(path: &Path, opts: &DatasetOptions) -> std::result::Result<ImageEntry, String> {
+        if !is_image(path) {
+            return Err("not an image file (expected png, jpg, webp or bmp)".into());
+        }
+        let size = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?.len();
+        if size == 0 {
+            return Err("empty file".into());
+        }
+        if size > MAX_IMAGE_FILE_BYTES {
+            return Err(format!("{size} bytes is larger than the {MAX_IMAGE_FILE_BYTES}-byte limit for an image file"));
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+        // Reading only the header first catches decompression bombs and non-images cheaply.
+        let reader =
+            image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+        if reader.format().is_none() {
+            return Err("not an image (unrecognised contents)".into());
+        }
+        let (width, height) = reader.into_dimensions().map_err(|e| format!("cannot decode: {e}"))?;
+        if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE {
+            return Err(format!("{width}×{height} is larger than {MAX_IMAGE_SIDE} pixels on a side"));
+        }
+        if width.min(height) < opts.min_side {
+            return Err(format!("{width}×{height} is too small (minimum side {})", opts.min_side));
+        }
+        decode_image(path, &bytes).map_err(|e| format!("{e:#}").replacen(&format!("{}: ", path.display()), "", 1))?;
+        let (caption, caption_file) = match sidecar_caption(path)? {
+            Some((c, f)) => (c, Some(f)),
+            None => (opts.default_caption.clone(), None),
+        };
+        Ok(ImageEntry { path: path.to_path_buf(), caption, caption_file, width, height, content_hash: fnv1a(&bytes) })
+    }
+
+    /// The pre-flight report; `count_tokens` is the model's tokenizer.
+    pub fn preflight(&self, opts: &DatasetOptions, count_tokens: &dyn Fn(&str) -> usize) -> Preflight {
+        let mut pf = Preflight { images: self.images.len(), skipped: self.skipped.clone(), ..Default::default() };
+        let mut by_hash: HashMap<u64, Vec<PathBuf>> = HashMap::new();
+        for e in &self.images {
+            if e.caption_file.is_none() {
+                pf.without_caption.push(e.path.clone());
+            }
+            let n = count_tokens(&e.full_caption(&opts.trigger));
+            if n > 75 {
+                pf.long_captions.push((e.path.clone(), n));
+            }
+            by_hash.entry(e.content_hash).or_default().push(e.path.clone());
+            let (bw, bh) = target_size(e.width, e.height, opts);
+            if (e.width as usize) < bw || (e.height as usize) < bh {
+                pf.upscaled.push(e.path.clone());
+            }
+            *pf.buckets.entry(format!("{bw}×{bh}")).or_insert(0) += 1;
+        }
+        let mut dups: Vec<Vec<PathBuf>> = by_hash.into_values().filter(|g| g.len() > 1).collect();
+        dups.sort();
+        pf.duplicates = dups;
+        pf
+    }
+}
+
+/// Images under `dir`, recursively. Each folder is read once (by its real path), so a link that
+/// leads back up (`a -> .`) is not followed round and round; it is reported in `skipped`.
+fn collect_images(
+    dir: &Path,
+    visited: &mut HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<()> {
+    let real = dir.canonicalize().with_context(|| format!("{}: cannot read folder", dir.display()))?;
+    if !visited.insert(real.clone()) {
+        skipped.push(Skipped {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "leads to {}, which is already scanned (a link back, or the same folder twice); not read again",
+                real.display()
+            ),
+        });
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))? {
+        entries.push(entry?.path());
+    }
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_images(&p, visited, out, skipped)?;
+        } else if is_image(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The training size for an image: the square, or the bucket whose aspect ratio is closest.
+pub fn target_size(width: u32, height: u32, opts: &DatasetOptions) -> (usize, usize) {
+    let res = opts.resolution;
+    if !opts.buckets {
+        return (res, res);
+    }
+    let step = opts.bucket_step.max(8);
+    let area = (res * res) as f64;
+    let aspect = width as f64 / height as f64;
+    let mut best = (res, res);
+    let mut best_err = f64::INFINITY;
+    let mut w = step;
+    while w <= res * 2 {
+        // The tallest height in steps that keeps w·h within the target area.
+        let h = ((area / w as f64) as usize / step * step).max(step);
+        let err = ((w as f64 / h as f64).ln() - aspect.ln()).abs();
+        if h <= res * 2 && err < best_err {
+            best = (w, h);
+            best_err = err;
+        }
+        w += step;
+    }
+    best
+}
+
+/// Resizes so the image covers `(w, h)` and crops to it; `crop_offset` in [0,1]² picks the window
+/// (0.5, 0.5 is the centre). Returns (3, h, w) in [-1, 1].
+pub fn prepare_image(
+    img: &image::DynamicImage,
+    w: usize,
+    h: usize,
+    crop_offset: (f64, f64),
+    flip: bool,
+    device: &Device,
+) -> Result<Tensor> {
+    let rgb = img.to_rgb8();
+    let (iw, ih) = (rgb.width() as f64, rgb.height() as f64);
+    let scale = (w as f64 / iw).max(h as f64 / ih);
+    let (rw, rh) = (((iw * scale).round() as u32).max(w as u32), ((ih * scale).round() as u32).max(h as u32));
+    let resized = image::imageops::resize(&rgb, rw, rh, image::imageops::FilterType::CatmullRom);
+    let x0 = ((rw as usize - w) as f64 * crop_offset.0).round() as u32;
+    let y0 = ((rh as usize - h) as f64 * crop_offset.1).round() as u32;
+    let mut crop = image::imageops::crop_imm(&resized, x0, y0, w as u32, h as u32).to_image();
+    if flip {
+        image::imageops::flip_horizontal_in_place(&mut crop);
+    }
+    let data: Vec<f32> = crop.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
+    Ok(Tensor::from_vec(data, (h, w, 3), device)?.permute((2, 0, 1))?.contiguous()?)
+}

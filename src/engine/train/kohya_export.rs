@@ -1,0 +1,259 @@
+//! Exporting a training job for kohya's sd-scripts (`train_network.py` under `accelerate`), for
+//! users who outgrow one machine: the same data and hyperparameters as a dataset TOML and a
+//! launch script. The mapping is documented in the files it writes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+use crate::engine::Result;
+use crate::engine::adapters::stack::TargetPreset;
+use crate::engine::io::weights::write_atomic;
+use crate::engine::train::trainer::{Algorithm, LrSchedule, TrainConfig};
+
+/// What to export: the job as our trainer would run it.
+pub struct KohyaJob<'a> {
+    pub model: &'a Path,
+    pub data: &'a [PathBuf],
+    pub output_name: &'a str,
+    pub config: &'a TrainConfig,
+    pub gpus: usize,
+    /// True for SD 2.x bases (adds `--v2`).
+    pub v2: bool,
+    /// A v-prediction base (`--v_parameterization`).
+    pub v_prediction: bool,
+    /// A zero-terminal-SNR schedule (`--zero_terminal_snr`), as the built-in model's.
+    pub zero_terminal_snr: bool,
+}
+
+/// A value quoted for POSIX sh: in single quotes nothing is special, and a single quote itself is
+/// written as `'\''` (close, escaped quote, reopen). Plain words stay as they are, for reading.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@%".contains(c)) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The script's own variables, the only arguments written for the shell to expand.
+const SCRIPT_VARIABLES: [&str; 2] = ["$SD_SCRIPTS/", "$JOB_DIR/"];
+
+/// One argument of `train.sh`: our own `$SD_SCRIPTS/…` / `$JOB_DIR/…` paths in double quotes (the
+/// rest of such a path is ours too), every other value quoted so the shell runs nothing in it.
+fn shell_arg(arg: &str) -> String {
+    let ours = SCRIPT_VARIABLES.iter().any(|v| arg.starts_with(v))
+        && arg.chars().all(|c| c.is_ascii_alphanumeric() || "$_-./".contains(c));
+    if ours { format!("\"{arg}\"") } else { shell_quote(arg) }
+}
+
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialise")
+}
+
+/// The dataset config file kohya's `--dataset_config` reads.
+pub fn dataset_toml(job: &KohyaJob) -> String {
+    let c = job.config;
+    let d = &c.dataset;
+    let mut t = String::new();
+    t += "# Written by LoRA Studio for kohya sd-scripts (--dataset_config).\n[general]\n";
+    t += &format!(
+        "shuffle_caption = {}\nkeep_tokens = {}\ncaption_extension = \".txt\"\n",
+        c.shuffle_tags, c.keep_tokens
+    );
+    t += &format!("caption_dropout_rate = {}\n\n[[datasets]]\n", c.caption_dropout);
+    t += &format!("resolution = {}\nbatch_size = {}\n", d.resolution, c.batch_size);
+    t += &format!("enable_bucket = {}\n", d.buckets);
+    if d.buckets {
+        t += &format!("bucket_reso_steps = {}\nbucket_no_upscale = false\n", d.bucket_step);
+    }
+    for dir in job.data {
+        t += "\n  [[datasets.subsets]]\n";
+        t += &format!("  image_dir = {}\n  num_repeats = 1\n", toml_string(&dir.display().to_string()));
+        if !d.trigger.is_empty() {
+            // kohya uses class_tokens only for images without a caption file; we prepend the
+            // trigger to every caption, so MAPPING.md asks users to put it in their captions.
+            t += &format!("  class_tokens = {}\n", toml_string(&d.trigger));
+        }
+        t += &format!("  flip_aug = {}\n  random_crop = {}\n", d.flip, !d.center_crop);
+    }
+    t
+}
+
+/// The `accelerate launch train_network.py …` command line.
+pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
+    let c = job.config;
+    let mut a: Vec<String> = vec!["accelerate".into(), "launch".into()];
+    if job.gpus > 1 {
+        a.extend(["--multi_gpu".into(), "--num_processes".into(), job.gpus.to_string()]);
+    }
+    a.extend(["--mixed_precision".into(), "bf16".into(), "$SD_SCRIPTS/train_network.py".into()]);
+    let mut flag = |k: &str, v: String| {
+        a.push(format!("--{k}"));
+        if !v.is_empty() {
+            a.push(v);
+        }
+    };
+    flag("pretrained_model_name_or_path", job.model.display().to_string());
+    flag("dataset_config", "$JOB_DIR/dataset.toml".into());
+    flag("output_dir", "$JOB_DIR/output".into());
+    flag("output_name", job.output_name.into());
+    flag("save_model_as", "safetensors".into());
+    flag("network_dim", c.rank.to_string());
+    flag("network_alpha", c.alpha.to_string());
+    let mut net_args: Vec<String> = Vec::new();
+    match (c.algorithm, c.targets) {
+        (Algorithm::Full, _) => {
+            bail!("full fine-tuning maps to kohya's train_db.py / fine_tune.py, not train_network.py")
+        }
+        (Algorithm::Lora, TargetPreset::Transformer) => flag("network_module", "networks.lora".into()),
+        (Algorithm::Lora, TargetPreset::TransformerAndConv) | (Algorithm::Locon, _) => {
+            flag("network_module", "lycoris.kohya".into());
+            net_args.extend(["algo=locon".into(), format!("conv_dim={}", c.rank), format!("conv_alpha={}", c.alpha)]);
+        }
+        (Algorithm::Glora, _) => {
+            flag("network_module", "lycoris.kohya".into());
+            net_args.push("algo=glora".into());
+        }
+        (Algorithm::Lora, _) => {
+            // LyCORIS' closest preset: attention only (kohya has no cross-attention-only switch).
+            flag("network_module", "lycoris.kohya".into());
+            net_args.extend(["algo=lora".into(), "preset=attn-only".into()]);
+        }
+    }
+    if c.algorithm == Algorithm::Glora && c.targets == TargetPreset::TransformerAndConv {
+        net_args.push(format!("conv_dim={}", c.rank));
+    }
+    if !net_args.is_empty() {
+        a.push("--network_args".into());
+        a.extend(net_args);
+    }
+    let mut flag = |k: &str, v: String| {
+        a.push(format!("--{k}"));
+        if !v.is_empty() {
+            a.push(v);
+        }
+    };
+    flag("learning_rate", c.learning_rate.to_string());
+    flag("unet_lr", c.learning_rate.to_string());
+    if c.train_text_encoder {
+        flag("text_encoder_lr", c.text_encoder_lr.unwrap_or(c.learning_rate).to_string());
+    } else {
+        flag("network_train_unet_only", String::new());
+        flag("cache_latents", String::new());
+    }
+    flag("max_train_steps", c.steps.to_string());
+    flag("gradient_accumulation_steps", c.grad_accum.to_string());
+    flag("seed", c.seed.to_string());
+    flag(
+        "lr_scheduler",
+        match c.lr_schedule {
+            LrSchedule::Constant if c.warmup_steps > 0 => "constant_with_warmup",
+            LrSchedule::Constant => "constant",
+            LrSchedule::Cosine => "cosine",
+            LrSchedule::Linear => "linear",
+        }
+        .into(),
+    );
+    if c.warmup_steps > 0 {
+        flag("lr_warmup_steps", c.warmup_steps.to_string());
+    }
+    flag("optimizer_type", "AdamW".into());
+    a.push("--optimizer_args".into());
+    a.push(format!("weight_decay={}", c.weight_decay));
+    a.push(format!("betas={},{}", c.beta1, c.beta2));
+    a.push(format!("eps={}", c.eps));
+    let mut flag = |k: &str, v: String| {
+        a.push(format!("--{k}"));
+        if !v.is_empty() {
+            a.push(v);
+        }
+    };
+    flag("max_grad_norm", c.max_grad_norm.unwrap_or(0.0).to_string());
+    if let Some(g) = c.min_snr_gamma {
+        flag("min_snr_gamma", g.to_string());
+    }
+    if c.noise_offset > 0.0 {
+        flag("noise_offset", c.noise_offset.to_string());
+    }
+    if c.gradient_checkpointing {
+        flag("gradient_checkpointing", String::new());
+    }
+    if c.save_every > 0 {
+        flag("save_every_n_steps", c.save_every.to_string());
+    }
+    if c.sample_every > 0 && !c.sample_prompt.is_empty() {
+        flag("sample_every_n_steps", c.sample_every.to_string());
+        flag("sample_prompts", "$JOB_DIR/sample_prompts.txt".into());
+        flag("sample_sampler", "ddim".into());
+    }
+    if job.v2 {
+        flag("v2", String::new());
+    }
+    if job.v_prediction {
+        flag("v_parameterization", String::new());
+    }
+    if job.zero_terminal_snr {
+        flag("zero_terminal_snr", String::new());
+    }
+    flag("max_data_loader_n_workers", "2".into());
+    Ok(a)
+}
+
+/// Writes `dataset.toml`, `train.sh`, `sample_prompts.txt` and `MAPPING.md` into `dir`.
+pub fn write(job: &KohyaJob, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+    let cmd = command_line(job)?;
+    // One flag and its values per line.
+    let mut lines: Vec<String> = Vec::new();
+    for arg in &cmd {
+        let arg = shell_arg(arg);
+        match lines.last_mut() {
+            Some(line) if !arg.starts_with("--") || line == "accelerate" => {
+                line.push(' ');
+                line.push_str(&arg);
+            }
+            _ => lines.push(arg),
+        }
+    }
+    let script = format!(
+        "#!/usr/bin/env bash\n# Written by LoRA Studio; see MAPPING.md for how each setting carries over.\n# Run with kohya sd-scripts' Python environment active: SD_SCRIPTS=/path/to/sd-scripts ./train.sh\nset -euo pipefail\nJOB_DIR=\"$(cd \"$(dirname \"$0\")\" && pwd)\"\nSD_SCRIPTS=\"${{SD_SCRIPTS:-.}}\"\n{}\n",
+        lines.join(" \\\n  ")
+    );
+    write_atomic(&dir.join("dataset.toml"), dataset_toml(job).as_bytes())?;
+    write_atomic(&dir.join("train.sh"), script.as_bytes())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("train.sh"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let res = job.config.dataset.resolution;
+    let prompt = format!("{} --w {res} --h {res} --d {} --s 20 --l 7.5\n", job.config.sample_prompt, job.config.seed);
+    write_atomic(&dir.join("sample_prompts.txt"), prompt.as_bytes())?;
+    write_atomic(&dir.join("MAPPING.md"), MAPPING.as_bytes())?;
+    Ok(())
+}
+
+const MAPPING: &str = "\
+# LoRA Studio → kohya sd-scripts
+
+| LoRA Studio | sd-scripts |
+|---|---|
+| rank, alpha | `--network_dim`, `--network_alpha` (LoCon also `conv_dim`/`conv_alpha`) |
+| LoRA, targets attention + feed-forward | `--network_module networks.lora` (its default targets) |
+| LoRA, attention or cross-attention only | `lycoris.kohya` with `preset=attn-only` (kohya has no cross-attention-only switch: this trains self-attention too) |
+| LoCon, or LoRA + convolutions | `lycoris.kohya`, `algo=locon` |
+| GLoRA | `lycoris.kohya`, `algo=glora` |
+| learning rate, text encoder lr | `--unet_lr`, `--text_encoder_lr`; UNet only: `--network_train_unet_only` |
+| steps, batch, gradient accumulation | `--max_train_steps`, `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
+| LR schedule, warmup | `--lr_scheduler`, `--lr_warmup_steps` |
+| AdamW betas, weight decay, eps | `--optimizer_type AdamW --optimizer_args` |
+| gradient clipping | `--max_grad_norm` |
+| min-SNR γ, noise offset, gradient checkpointing | `--min_snr_gamma`, `--noise_offset`, `--gradient_checkpointing` |
+| caption dropout, tag shuffle, keep tokens | `caption_dropout_rate`, `shuffle_caption`, `keep_tokens` in dataset.toml |
+| resolution, buckets, flip, random crop | dataset.toml |
+| trigger word | `class_tokens` (kohya uses it for images without captions; put it in your captions too) |
+| several GPUs | `accelerate launch --multi_gpu --num_processes N` |
+
+Differences: kohya's sampler, mixed precision (bf16 here) and data loader order differ from
+ours, so the two runs are the same recipe, not the same numbers.
+";

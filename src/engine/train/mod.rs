@@ -1,0 +1,7 @@
+//! Training: the dataset and its pre-flight checks, the trainer (adapters or full fine-tuning,
+//! checkpoints, latent cache), the memory a step needs, and the same job for kohya's sd-scripts.
+
+pub mod dataset;
+pub mod kohya_export;
+pub mod memory;
+pub mod trainer;

@@ -1,0 +1,1184 @@
+//! Training: LoRA / LoCon / GLoRA adapters (base weights frozen, run factored so W + BA is never
+//! materialised) and full fine-tuning, with AdamW, LR schedules, min-SNR weighting, gradient
+//! accumulation and clipping, exact checkpoints and resume, and validation loss.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Result;
+use crate::engine::adapters::formats::{Component, ExportLayer, GloraLayout, Naming, write_adapter};
+use crate::engine::adapters::stack::{Delta, LayerAdapter, TargetPreset};
+use crate::engine::io::diffusers_folder::write_model_folder;
+use crate::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
+use crate::engine::kernels::recompute::GradSink;
+use crate::engine::models::nn::LayerMut;
+use crate::engine::pipeline::{ModelWeights, StableDiffusion};
+use crate::engine::rng::Rng;
+use crate::engine::train::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
+
+/// The adapter's name inside the model's adapter stacks while it trains.
+pub const TRAINING_ADAPTER: &str = "training";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Low-rank updates on the targeted linear layers.
+    Lora,
+    /// LoRA on linear and convolution layers.
+    Locon,
+    /// Generalised LoRA: a learned rescaling of W plus a low-rank shift.
+    Glora,
+    /// Full fine-tuning: the selected base weights themselves train (how the built-in model is
+    /// pretrained). The result is a whole model folder, not an adapter.
+    Full,
+}
+
+impl std::str::FromStr for Algorithm {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "lora" => Ok(Self::Lora),
+            "locon" => Ok(Self::Locon),
+            "glora" => Ok(Self::Glora),
+            "full" => Ok(Self::Full),
+            other => bail!("unknown algorithm `{other}` (lora, locon, glora or full)"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+    Linear,
+}
+
+/// Which end of the noise schedule training draws more often (diffusers' `--timestep_bias_strategy`):
+/// the `portion` of timesteps at that end is drawn `multiplier` times as often as the rest.
+/// `Later` (the noisiest steps) is where a picture's layout and colours are decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimestepBias {
+    #[default]
+    None,
+    Earlier,
+    Later,
+}
+
+/// The largest training resolution accepted (SDXL trains at 1024; buckets reach 2× a side).
+pub const MAX_RESOLUTION: usize = 2048;
+/// The largest batch accepted (kohya's presets stay far below; the memory check refines it).
+pub const MAX_BATCH: usize = 256;
+
+/// Everything that defines a training run; saved in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub algorithm: Algorithm,
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: TargetPreset,
+    pub train_text_encoder: bool,
+    pub learning_rate: f64,
+    /// Defaults to `learning_rate`.
+    pub text_encoder_lr: Option<f64>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (none when absent).
+    pub max_grad_norm: Option<f64>,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023); 5 is the usual choice.
+    pub min_snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    pub timestep_bias: TimestepBias,
+    /// How many times as often the biased part is drawn (used only with a bias).
+    pub timestep_bias_multiplier: f64,
+    /// Fraction of the schedule (at the biased end) drawn more often.
+    pub timestep_bias_portion: f64,
+    /// Probability of training on an empty caption (helps classifier-free guidance).
+    pub caption_dropout: f64,
+    /// Shuffle comma-separated tags, keeping the first `keep_tokens` in place.
+    pub shuffle_tags: bool,
+    pub keep_tokens: usize,
+    pub dataset: DatasetOptions,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: usize,
+    /// Sample image every N steps (0: never).
+    pub sample_every: usize,
+    pub sample_prompt: String,
+    /// How many of the dataset's images (the first ones) the validation loss uses, with fixed
+    /// timesteps and noise.
+    pub validation_images: usize,
+    /// Full fine-tuning only: train the weights whose names (`unet.…`, `text_encoder.…`) start
+    /// with one of these; empty means all UNet weights (and the text encoder's when it trains).
+    pub full_modules: Vec<String>,
+    /// Where VAE latents are cached on disk (none: only in memory).
+    pub latent_cache: Option<PathBuf>,
+    /// Recompute each UNet block's activations in the backward pass instead of keeping them
+    /// (kohya's `--gradient_checkpointing`): much less memory, about a third more time.
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::Lora,
+            rank: 4,
+            alpha: 4.0,
+            targets: TargetPreset::Transformer,
+            train_text_encoder: false,
+            learning_rate: 1e-4,
+            text_encoder_lr: None,
+            steps: 500,
+            batch_size: 1,
+            grad_accum: 1,
+            seed: 0,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: Some(1.0),
+            min_snr_gamma: None,
+            noise_offset: 0.0,
+            timestep_bias: TimestepBias::None,
+            timestep_bias_multiplier: 2.0,
+            timestep_bias_portion: 0.25,
+            caption_dropout: 0.0,
+            shuffle_tags: false,
+            keep_tokens: 1,
+            dataset: DatasetOptions::default(),
+            save_every: 0,
+            sample_every: 0,
+            sample_prompt: String::new(),
+            validation_images: 4,
+            full_modules: Vec::new(),
+            latent_cache: None,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        // NaN and ∞ pass every `<` and `>` below unnoticed, or poison the run; name the option.
+        let numbers = [
+            ("alpha", Some(self.alpha)),
+            ("learning rate", Some(self.learning_rate)),
+            ("text encoder learning rate", self.text_encoder_lr),
+            ("weight decay", Some(self.weight_decay)),
+            ("beta1", Some(self.beta1)),
+            ("beta2", Some(self.beta2)),
+            ("eps", Some(self.eps)),
+            ("max gradient norm", self.max_grad_norm),
+            ("min-SNR gamma", self.min_snr_gamma),
+            ("noise offset", Some(self.noise_offset)),
+            ("timestep bias multiplier", Some(self.timestep_bias_multiplier)),
+            ("timestep bias portion", Some(self.timestep_bias_portion)),
+            ("caption dropout", Some(self.caption_dropout)),
+        ];
+        for (name, value) in numbers {
+            if let Some(v) = value
+                && !v.is_finite()
+            {
+                bail!("{name} must be a finite number, not {v}");
+            }
+        }
+        if self.rank == 0 {
+            bail!("rank must be at least 1");
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("alpha must be positive");
+        }
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("steps, batch size and gradient accumulation must be at least 1");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            bail!("learning rate must be a positive number");
+        }
+        if self.dataset.resolution < 8 {
+            bail!("resolution must be at least 8 pixels");
+        }
+        // Beyond what any Stable Diffusion model is trained at; the memory check says what fits.
+        if self.dataset.resolution > MAX_RESOLUTION {
+            bail!("resolution {} is above the limit of {MAX_RESOLUTION} pixels", self.dataset.resolution);
+        }
+        if self.batch_size > MAX_BATCH {
+            bail!("batch size {} is above the limit of {MAX_BATCH}", self.batch_size);
+        }
+        if !(self.timestep_bias_multiplier > 0.0 && self.timestep_bias_multiplier.is_finite()) {
+            bail!("timestep bias multiplier must be a positive number");
+        }
+        if !(self.timestep_bias_portion > 0.0 && self.timestep_bias_portion < 1.0) {
+            bail!("timestep bias portion must be between 0 and 1");
+        }
+        Ok(())
+    }
+
+    /// Draws a training timestep in `0..len` under `timestep_bias`.
+    pub fn sample_timestep(&self, rng: &mut Rng, len: usize) -> usize {
+        let biased = ((len as f64 * self.timestep_bias_portion).round() as usize).clamp(1, len);
+        if self.timestep_bias == TimestepBias::None || biased == len {
+            return rng.below(len);
+        }
+        let weight = self.timestep_bias_multiplier * biased as f64;
+        let in_biased = rng.uniform() * (weight + (len - biased) as f64) < weight;
+        match (self.timestep_bias, in_biased) {
+            (TimestepBias::Later, true) => len - biased + rng.below(biased),
+            (TimestepBias::Later, false) => rng.below(len - biased),
+            (_, true) => rng.below(biased),
+            (_, false) => biased + rng.below(len - biased),
+        }
+    }
+
+    /// Learning-rate factor at `step` (0-based): linear warmup, then the schedule.
+    pub fn lr_factor(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = (self.steps - self.warmup_steps.min(self.steps)).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        match self.lr_schedule {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Linear => 1.0 - progress,
+            LrSchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+}
+
+/// One trainable tensor with its optimiser state.
+struct Param {
+    name: String,
+    var: Var,
+    text_encoder: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// A layer's trained factors, for export.
+struct TrainedLayer {
+    component: Component,
+    path: String,
+    /// Parameter names in `Delta` order.
+    params: Vec<String>,
+    glora: bool,
+}
+
+/// One training example: latents (cached) and its caption.
+struct Example {
+    /// One latent per crop × mirror variant; a step uses one of them.
+    latents: Vec<Tensor>,
+    caption: String,
+}
+
+/// Why a step did not update the weights.
+#[derive(Debug)]
+pub struct NonFiniteLoss {
+    pub step: usize,
+}
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the loss became NaN or infinite at step {}: the weights were not updated; lower the learning rate or alpha, and check the images",
+            self.step
+        )
+    }
+}
+impl std::error::Error for NonFiniteLoss {}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub model: StableDiffusion,
+    params: Vec<Param>,
+    layers: Vec<TrainedLayer>,
+    examples: Vec<Example>,
+    /// Cached text embeddings per caption while the text encoder is frozen.
+    embeddings: HashMap<String, Tensor>,
+    rng: Rng,
+    order: Vec<usize>,
+    cursor: usize,
+    /// Full fine-tuning: the model's weights (trainable ones are variables shared with `model`).
+    full: Option<ModelWeights>,
+    /// Optimiser steps done.
+    pub step: usize,
+    /// The loss of every step so far.
+    pub losses: Vec<f32>,
+}
+
+/// Kaiming-uniform initialisation bound for a fan-in, as torch.nn.Linear uses.
+fn kaiming_bound(fan_in: usize) -> f64 {
+    1.0 / (fan_in as f64).sqrt()
+}
+
+fn uniform(rng: &mut Rng, shape: &[usize], bound: f64, device: &candle_core::Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+impl Trainer {
+    /// Attaches a fresh adapter to `model` per the config and loads the dataset's latents.
+    pub fn new(model: StableDiffusion, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+        Self::new_reporting(model, config, dataset, &|_, _| {})
+    }
+
+    /// As `new`, calling `encoded(done, total)` as the images' latents are encoded (the slow part
+    /// of starting a run on a large dataset).
+    pub fn new_reporting(
+        mut model: StableDiffusion,
+        config: TrainConfig,
+        dataset: &Dataset,
+        encoded: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        config.validate()?;
+        if dataset.images.is_empty() {
+            bail!(
+                "the dataset has no usable images{}",
+                if dataset.skipped.is_empty() { "" } else { " (all were skipped)" }
+            );
+        }
+        let mut rng = Rng::new(config.seed);
+        let device = model.device.clone();
+        let mut params = Vec::new();
+        let mut layers = Vec::new();
+        let mut error = Ok(());
+        let cfg = config.clone();
+        model.visit_layers(&mut |component, mut layer| {
+            let conv = matches!(layer, LayerMut::Conv(_));
+            let wanted = match component {
+                // LoCon means "LoRA on the convolutions too", whatever the preset says; LoRA and
+                // GLoRA follow the preset (whose last option includes convolutions).
+                Component::Unet => {
+                    cfg.targets.targets_unet(layer.path(), conv)
+                        || (cfg.algorithm == Algorithm::Locon
+                            && TargetPreset::TransformerAndConv.targets_unet(layer.path(), conv))
+                }
+                Component::TextEncoder => cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path()),
+            };
+            if !wanted {
+                return;
+            }
+            let path = layer.path().to_string();
+            let shape = layer.stack_ref().base.dims().to_vec();
+            let result = (|| -> Result<()> {
+                let (out, inp) = (shape[0], shape[1]);
+                let kernel = &shape[2..];
+                let r = cfg.rank.min(out).min(inp).max(1);
+                let fan_in: usize = inp * kernel.iter().product::<usize>();
+                let ones = vec![1usize; kernel.len()];
+                let with = |a: usize, b: usize, tail: &[usize]| -> Vec<usize> { [&[a, b][..], tail].concat() };
+                // LoRA/LoCon: A random, B zero. GLoRA (LyCORIS): a1, b1 random, a2, b2 zero.
+                // Either way ΔW = 0 at step 0: training starts exactly at the base model.
+                let tensors: Vec<(&str, Tensor)> = match cfg.algorithm {
+                    Algorithm::Lora | Algorithm::Locon | Algorithm::Full => vec![
+                        ("lora_down", uniform(&mut rng, &with(r, inp, kernel), kaiming_bound(fan_in), &device)?),
+                        ("lora_up", Tensor::zeros(with(out, r, &ones), DType::F32, &device)?),
+                    ],
+                    Algorithm::Glora => vec![
+                        ("a1", uniform(&mut rng, &with(inp, r, &ones), kaiming_bound(r), &device)?),
+                        ("a2", Tensor::zeros(with(r, inp, &ones), DType::F32, &device)?),
+                        ("b1", uniform(&mut rng, &with(out, r, &ones), kaiming_bound(r), &device)?),
+                        ("b2", Tensor::zeros(with(r, inp, kernel), DType::F32, &device)?),
+                    ],
+                };
+                let mut names = Vec::new();
+                let mut vars = Vec::new();
+                for (leaf, t) in tensors {
+                    let name = format!("{}.{path}.{leaf}", component.label());
+                    let var = Var::from_tensor(&t.to_dtype(model_dtype(&layer))?)?;
+                    vars.push(var.as_tensor().clone());
+                    params.push(Param {
+                        name: name.clone(),
+                        m: var.zeros_like()?,
+                        v: var.zeros_like()?,
+                        var,
+                        text_encoder: component == Component::TextEncoder,
+                    });
+                    names.push(name);
+                }
+                let delta = match cfg.algorithm {
+                    Algorithm::Glora => Delta::Glora {
+                        a1: vars[0].clone(),
+                        a2: vars[1].clone(),
+                        b1: vars[2].clone(),
+                        b2: vars[3].clone(),
+                    },
+                    _ => Delta::Lora { down: vars[0].clone(), up: vars[1].clone() },
+                };
+                let stack = layer.stack();
+                stack.merge = false; // factored: x·Aᵀ·Bᵀ, never W + BA per step
+                stack.attach(LayerAdapter {
+                    name: TRAINING_ADAPTER.into(),
+                    delta,
+                    scale: cfg.alpha / r as f64,
+                    multiplier: 1.0,
+                })?;
+                layers.push(TrainedLayer { component, path, params: names, glora: cfg.algorithm == Algorithm::Glora });
+                Ok(())
+            })();
+            if let Err(e) = result {
+                error = Err(e);
+            }
+        });
+        error?;
+        if params.is_empty() {
+            bail!(
+                "no layer of this model matches the targets `{}` with {:?}",
+                config.targets.label(),
+                config.algorithm
+            );
+        }
+        model.refresh_merges()?;
+        Self::assemble(model, config, params, layers, None, rng, dataset, encoded)
+    }
+
+    /// Full fine-tuning of `weights`: the selected tensors become variables.
+    pub fn new_full(weights: ModelWeights, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
+        Self::new_full_reporting(weights, config, dataset, &|_, _| {})
+    }
+
+    /// As `new_full`, reporting the encoding of the images as `new_reporting` does.
+    pub fn new_full_reporting(
+        mut weights: ModelWeights,
+        config: TrainConfig,
+        dataset: &Dataset,
+        encoded: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        config.validate()?;
+        if config.algorithm != Algorithm::Full {
+            bail!("new_full is for Algorithm::Full");
+        }
+        let wanted = |name: &str| {
+            config.full_modules.is_empty() || config.full_modules.iter().any(|m| name.starts_with(m.as_str()))
+        };
+        let mut params = Vec::new();
+        for (component, map) in [("unet", &mut weights.unet), ("text_encoder", &mut weights.text_encoder)] {
+            if component == "text_encoder" && !config.train_text_encoder {
+                continue;
+            }
+            for (name, var) in map.make_trainable(|n| wanted(&format!("{component}.{n}")))? {
+                params.push(Param {
+                    name: format!("{component}.{name}"),
+                    m: var.zeros_like()?,
+                    v: var.zeros_like()?,
+                    var,
+                    text_encoder: component == "text_encoder",
+                });
+            }
+        }
+        if params.is_empty() {
+            bail!("no weight name starts with any of {:?}", config.full_modules);
+        }
+        let model = StableDiffusion::from_weights(weights.clone())?;
+        let rng = Rng::new(config.seed);
+        Self::assemble(model, config, params, Vec::new(), Some(weights), rng, dataset, encoded)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        model: StableDiffusion,
+        config: TrainConfig,
+        params: Vec<Param>,
+        layers: Vec<TrainedLayer>,
+        full: Option<ModelWeights>,
+        rng: Rng,
+        dataset: &Dataset,
+        encoded: &dyn Fn(usize, usize),
+    ) -> Result<Self> {
+        if dataset.images.is_empty() {
+            bail!(
+                "the dataset has no usable images{}",
+                if dataset.skipped.is_empty() { "" } else { " (all were skipped)" }
+            );
+        }
+        let examples = encode_examples(&model, &config, dataset, encoded)?;
+        let mut model = model;
+        if config.gradient_checkpointing {
+            model.unet.checkpointing = Some(GradSink::new(params.iter().map(|p| p.var.clone()).collect()));
+        }
+        let mut trainer = Self {
+            config,
+            model,
+            params,
+            layers,
+            examples,
+            embeddings: HashMap::new(),
+            rng,
+            order: Vec::new(),
+            cursor: 0,
+            full,
+            step: 0,
+            losses: Vec::new(),
+        };
+        trainer.new_epoch();
+        Ok(trainer)
+    }
+
+    pub fn is_full_finetune(&self) -> bool {
+        self.full.is_some()
+    }
+
+    /// Full fine-tuning: writes the whole model as a diffusers folder (replacing an earlier save).
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        let weights = self.full.as_ref().context("only a full fine-tuning run has a whole model to save")?;
+        for p in &self.params {
+            if !p.var.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+                bail!("refusing to write {}: `{}` contains NaN or infinite values", dir.display(), p.name);
+            }
+        }
+        write_model_folder(weights, dir, DType::F32, None, true)
+    }
+
+    pub fn trainable_parameters(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    pub fn trained_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn new_epoch(&mut self) {
+        self.order = (0..self.examples.len()).collect();
+        self.rng.shuffle(&mut self.order);
+        self.cursor = 0;
+    }
+
+    fn next_example(&mut self) -> usize {
+        if self.cursor >= self.order.len() {
+            self.new_epoch();
+        }
+        self.cursor += 1;
+        self.order[self.cursor - 1]
+    }
+
+    /// The caption as trained: tag shuffling and caption dropout applied.
+    fn training_caption(&mut self, caption: &str) -> String {
+        if self.config.caption_dropout > 0.0 && self.rng.uniform() < self.config.caption_dropout {
+            return String::new();
+        }
+        if !self.config.shuffle_tags {
+            return caption.to_string();
+        }
+        let mut tags: Vec<&str> = caption.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+        let keep = self.config.keep_tokens.min(tags.len());
+        self.rng.shuffle(&mut tags[keep..]);
+        tags.join(", ")
+    }
+
+    fn text_embedding(&mut self, caption: &str) -> Result<Tensor> {
+        if self.config.train_text_encoder {
+            return self.model.encode_prompts(&[caption]);
+        }
+        if let Some(e) = self.embeddings.get(caption) {
+            return Ok(e.clone());
+        }
+        let e = self.model.encode_prompts(&[caption])?.detach();
+        self.embeddings.insert(caption.to_string(), e.clone());
+        Ok(e)
+    }
+
+    /// The diffusion loss for a batch, with per-sample timesteps and noise given.
+    fn loss(&self, x0: &Tensor, ctx: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        let schedule = &self.model.schedule;
+        let x_t = schedule.add_noise(x0, noise, timesteps)?;
+        let target = schedule.target(x0, noise, timesteps)?;
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, timesteps.len(), x0.device())?.to_dtype(x0.dtype())?;
+        let pred = self.model.unet.forward(&x_t, &t, ctx)?;
+        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let weights: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| self.config.min_snr_gamma.map_or(1.0, |gamma| schedule.min_snr_weight(t, gamma)) as f32)
+            .collect();
+        let w = Tensor::from_vec(weights, timesteps.len(), x0.device())?.to_dtype(per_sample.dtype())?;
+        Ok((per_sample * w)?.mean_all()?)
+    }
+
+    /// One optimiser step (with gradient accumulation inside). Returns the mean loss.
+    pub fn train_step(&mut self) -> Result<f32> {
+        let device = self.model.device.clone();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.params.len()];
+        let mut total = 0f32;
+        for _ in 0..self.config.grad_accum {
+            let mut x0s = Vec::new();
+            let mut ctxs = Vec::new();
+            let mut timesteps = Vec::new();
+            for _ in 0..self.config.batch_size {
+                let i = self.next_example();
+                let variants = self.examples[i].latents.len();
+                let v = if variants > 1 { self.rng.below(variants) } else { 0 };
+                x0s.push(self.examples[i].latents[v].clone());
+                let caption = self.examples[i].caption.clone();
+                let caption = self.training_caption(&caption);
+                ctxs.push(self.text_embedding(&caption)?);
+                timesteps.push(self.config.sample_timestep(&mut self.rng, self.model.schedule.len()));
+            }
+            // Stacking needs one size: a batch from several buckets trains them one at a time.
+            let same_size = x0s.windows(2).all(|w| w[0].dims() == w[1].dims());
+            let groups: Vec<Vec<usize>> =
+                if same_size { vec![(0..x0s.len()).collect()] } else { (0..x0s.len()).map(|i| vec![i]).collect() };
+            for g in groups {
+                let x0 = Tensor::stack(&g.iter().map(|&i| &x0s[i]).collect::<Vec<_>>(), 0)?;
+                let ctx = Tensor::cat(&g.iter().map(|&i| &ctxs[i]).collect::<Vec<_>>(), 0)?;
+                let ts: Vec<usize> = g.iter().map(|&i| timesteps[i]).collect();
+                let mut noise = self.rng.randn(x0.shape(), &device)?.to_dtype(x0.dtype())?;
+                if self.config.noise_offset > 0.0 {
+                    let (b, c, _, _) = x0.dims4()?;
+                    let offset =
+                        (self.rng.randn((b, c, 1, 1), &device)?.to_dtype(x0.dtype())? * self.config.noise_offset)?;
+                    noise = noise.broadcast_add(&offset)?;
+                }
+                let loss = self.loss(&x0, &ctx, &noise, &ts)?;
+                let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(NonFiniteLoss { step: self.step + 1 }.into());
+                }
+                let share = g.len() as f64 / (self.config.batch_size * self.config.grad_accum) as f64;
+                total += value * share as f32;
+                let store = (loss * share)?.backward()?;
+                let sink = self.model.unet.checkpointing.clone();
+                for (slot, p) in grads.iter_mut().zip(&self.params) {
+                    // candle leaves a variable's gradient attached to this step's graph; the
+                    // moments built from it would then keep every step's activations alive.
+                    let outer = store.get(p.var.as_tensor()).map(Tensor::detach);
+                    // Uses inside checkpointed blocks arrive through the sink instead.
+                    let inner = sink.as_ref().and_then(|s| s.take(p.var.as_tensor()));
+                    for g in [outer, inner].into_iter().flatten() {
+                        *slot = Some(match slot.take() {
+                            Some(acc) => (acc + g)?,
+                            None => g,
+                        });
+                    }
+                }
+            }
+        }
+        self.apply_gradients(grads)?;
+        self.step += 1;
+        self.losses.push(total);
+        Ok(total)
+    }
+
+    /// AdamW with decoupled weight decay and optional global-norm clipping.
+    fn apply_gradients(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
+        let mut clip = 1.0;
+        if let Some(max_norm) = self.config.max_grad_norm {
+            let mut sq = 0f64;
+            for g in grads.iter().flatten() {
+                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            let norm = sq.sqrt();
+            if !norm.is_finite() {
+                return Err(NonFiniteLoss { step: self.step + 1 }.into());
+            }
+            if norm > max_norm {
+                clip = max_norm / (norm + 1e-6);
+            }
+        }
+        let c = &self.config;
+        let t = (self.step + 1) as i32;
+        let (b1, b2) = (c.beta1, c.beta2);
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let factor = c.lr_factor(self.step);
+        // Compute every update first and commit only if all are finite, so a blow-up leaves the
+        // weights and moments exactly as they were.
+        let mut updates = Vec::with_capacity(self.params.len());
+        for (p, g) in self.params.iter().zip(grads) {
+            let Some(g) = g else {
+                updates.push(None);
+                continue;
+            };
+            let g = (g * clip)?;
+            let lr =
+                if p.text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { c.learning_rate } * factor;
+            let m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+            let w = p.var.as_tensor().detach();
+            let next = ((w * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
+            if !next.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+                return Err(NonFiniteLoss { step: self.step + 1 }.into());
+            }
+            updates.push(Some((m, v, next)));
+        }
+        for (p, u) in self.params.iter_mut().zip(updates) {
+            if let Some((m, v, next)) = u {
+                p.m = m;
+                p.v = v;
+                p.var.set(&next)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// AdamW's first and second moments of each trained parameter (what a checkpoint keeps).
+    pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
+        self.params.iter().map(|p| (p.name.as_str(), &p.m, &p.v))
+    }
+
+    /// The learning rate of the UNet group at the current step.
+    pub fn current_lr(&self) -> f64 {
+        self.config.learning_rate * self.config.lr_factor(self.step.saturating_sub(1))
+    }
+
+    /// Loss on the first `validation_images` examples with fixed timesteps and noise: comparable
+    /// across checkpoints, unlike the noisy per-step loss.
+    pub fn validation_loss(&mut self) -> Result<f32> {
+        let n = self.config.validation_images.clamp(1, self.examples.len());
+        let mut rng = Rng::new(0x005e_ed0f_7a11);
+        let mut total = 0f32;
+        let device = self.model.device.clone();
+        let count = self.model.schedule.len();
+        for i in 0..n {
+            let x0 = self.examples[i].latents[0].unsqueeze(0)?;
+            let caption = self.examples[i].caption.clone();
+            let ctx = if self.config.train_text_encoder {
+                self.model.encode_prompts(&[caption.as_str()])?
+            } else {
+                self.text_embedding(&caption)?
+            };
+            // Spread timesteps over the schedule so every checkpoint is judged on the same mix.
+            for k in 0..4 {
+                let t = (count * (2 * k + 1)) / 8;
+                let noise = rng.randn(x0.shape(), &device)?.to_dtype(x0.dtype())?;
+                total +=
+                    self.loss(&x0, &ctx.detach(), &noise, &[t])?.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            }
+        }
+        Ok(total / (4 * n) as f32)
+    }
+
+    /// The adapter as trained so far, ready to write.
+    pub fn export_layers(&self) -> Result<Vec<ExportLayer>> {
+        let by_name: HashMap<&str, &Param> = self.params.iter().map(|p| (p.name.as_str(), p)).collect();
+        let mut out = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let t: Vec<Tensor> = l
+                .params
+                .iter()
+                .map(|n| Ok(by_name[n.as_str()].var.as_tensor().detach().copy()?))
+                .collect::<Result<_>>()?;
+            let delta = if l.glora {
+                Delta::Glora { a1: t[0].clone(), a2: t[1].clone(), b1: t[2].clone(), b2: t[3].clone() }
+            } else {
+                Delta::Lora { down: t[0].clone(), up: t[1].clone() }
+            };
+            // The layer trained with scale α / r (r clamped to the layer's size), and the file's α / r
+            // must give the same scale.
+            let alpha = self.config.alpha;
+            out.push(ExportLayer { component: l.component, path: l.path.clone(), delta, alpha });
+        }
+        Ok(out)
+    }
+
+    /// kohya's `ss_*` keys plus ours, so A1111 / ComfyUI show what the adapter is.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let c = &self.config;
+        let mut m = HashMap::new();
+        m.insert("ss_network_dim".into(), c.rank.to_string());
+        m.insert("ss_network_alpha".into(), c.alpha.to_string());
+        m.insert("ss_resolution".into(), format!("({}, {})", c.dataset.resolution, c.dataset.resolution));
+        m.insert("ss_steps".into(), self.step.to_string());
+        m.insert("ss_max_train_steps".into(), c.steps.to_string());
+        m.insert("ss_learning_rate".into(), c.learning_rate.to_string());
+        m.insert("ss_seed".into(), c.seed.to_string());
+        m.insert("ss_num_train_images".into(), self.examples.len().to_string());
+        let family = if self.model.unet.config.cross_attention_dim == 1024 { "sd_v2" } else { "sd_v1" };
+        m.insert("ss_base_model_version".into(), family.into());
+        m.insert("ss_v2".into(), (family == "sd_v2").to_string());
+        let mut freq: HashMap<String, usize> = HashMap::new();
+        for e in &self.examples {
+            for tag in e.caption.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                *freq.entry(tag.to_string()).or_insert(0) += 1;
+            }
+        }
+        m.insert("ss_tag_frequency".into(), serde_json::json!({ "dataset": freq }).to_string());
+        if !c.dataset.trigger.is_empty() {
+            m.insert("lora_studio_trigger_words".into(), c.dataset.trigger.clone());
+        }
+        m.insert("lora_studio_algorithm".into(), format!("{:?}", c.algorithm).to_lowercase());
+        m.insert("lora_studio_targets".into(), c.targets.label().into());
+        m
+    }
+
+    /// Writes the adapter file (kohya layout unless told otherwise), atomically.
+    pub fn save_adapter(&self, path: &Path, naming: Naming) -> Result<()> {
+        let layers = self.export_layers()?;
+        for l in &layers {
+            for t in l.delta.tensors() {
+                if t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_nan() {
+                    bail!("refusing to write {}: the adapter contains NaN values", path.display());
+                }
+            }
+        }
+        write_adapter(path, naming, &layers, self.metadata(), DType::F32, GloraLayout::Current)
+    }
+
+    /// Everything needed to continue exactly: parameters, AdamW moments, step, RNG, epoch order,
+    /// config and losses. Written atomically.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let mut tensors = HashMap::new();
+        for p in &self.params {
+            tensors.insert(format!("param/{}", p.name), p.var.as_tensor().detach());
+            tensors.insert(format!("adam_m/{}", p.name), p.m.clone());
+            tensors.insert(format!("adam_v/{}", p.name), p.v.clone());
+        }
+        let state = CheckpointState {
+            step: self.step,
+            rng: self.rng.state(),
+            order: self.order.clone(),
+            cursor: self.cursor,
+            losses: self.losses.clone(),
+            config: self.config.clone(),
+        };
+        let mut metadata = HashMap::new();
+        metadata.insert("lora_studio_checkpoint".into(), serde_json::to_string(&state)?);
+        write_safetensors(path, &tensors, Some(metadata))
+    }
+
+    /// Restores a checkpoint written by `save_checkpoint` for the same model and config.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let (tensors, metadata) = read_safetensors_with_metadata(path)?;
+        let state: CheckpointState = serde_json::from_str(
+            metadata
+                .get("lora_studio_checkpoint")
+                .with_context(|| format!("{}: not a LoRA Studio checkpoint", path.display()))?,
+        )
+        .with_context(|| format!("{}: damaged checkpoint state", path.display()))?;
+        if state.config.algorithm != self.config.algorithm
+            || state.config.rank != self.config.rank
+            || state.config.targets != self.config.targets
+        {
+            bail!(
+                "{}: this checkpoint was made with different adapter settings (algorithm, rank or targets)",
+                path.display()
+            );
+        }
+        // Trained layers that the checkpoint lacks, or has in another shape, mean another model.
+        let differing = self
+            .params
+            .iter()
+            .filter(|p| tensors.get(&format!("param/{}", p.name)).is_none_or(|t| t.dims() != p.var.dims()))
+            .count();
+        if differing > 0 {
+            bail!(
+                "{}: this checkpoint is for another model ({differing} of its {} trained weights do not fit this one); resume with the model it was trained on",
+                path.display(),
+                self.params.len()
+            );
+        }
+        let device = self.model.device.clone();
+        for p in &mut self.params {
+            let get = |kind: &str| -> Result<Tensor> {
+                let t = tensors
+                    .get(&format!("{kind}/{}", p.name))
+                    .with_context(|| format!("{}: `{}` is missing", path.display(), p.name))?;
+                if t.dims() != p.var.dims() {
+                    bail!("{}: `{}` has the wrong shape", path.display(), p.name);
+                }
+                Ok(t.to_device(&device)?.to_dtype(p.var.dtype())?)
+            };
+            p.var.set(&get("param")?)?;
+            p.m = get("adam_m")?;
+            p.v = get("adam_v")?;
+        }
+        self.step = state.step;
+        self.rng = Rng::from_state(state.rng);
+        if state.order.len() == self.examples.len() {
+            self.order = state.order;
+            self.cursor = state.cursor;
+        }
+        self.losses = state.losses;
+        // Only the schedule-independent settings are kept from the checkpoint's config: a user
+        // may resume with more steps.
+        let steps = self.config.steps;
+        self.config = TrainConfig { steps, ..state.config };
+        Ok(())
+    }
+}
+
+fn model_dtype(layer: &LayerMut<'_>) -> DType {
+    layer.stack_ref().base.dtype()
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    rng: [u64; 4],
+    order: Vec<usize>,
+    cursor: usize,
+    losses: Vec<f32>,
+    config: TrainConfig,
+}
+
+/// How many random crops of each image are encoded when random cropping is on: latents are
+/// cached, so "random" means one of these per step (kohya, too, cannot cache a fresh crop).
+pub const RANDOM_CROPS: usize = 4;
+
+/// VAE latents (× scaling factor) for every image: one per crop and mirror variant. With a cache
+/// folder, latents are stored there under a key of the file's bytes, the crop, the flip and the
+/// VAE, so a second run on the same images skips the VAE entirely.
+fn encode_examples(
+    model: &StableDiffusion,
+    config: &TrainConfig,
+    dataset: &Dataset,
+    encoded: &dyn Fn(usize, usize),
+) -> Result<Vec<Example>> {
+    let opts = &config.dataset;
+    let f = model.vae.config.downscale();
+    let vae_key = model.vae.fingerprint()?;
+    let mut out = Vec::with_capacity(dataset.images.len());
+    for (i, e) in dataset.images.iter().enumerate() {
+        encoded(i, dataset.images.len());
+        let (w, h) = target_size(e.width, e.height, opts);
+        let (w, h) = ((w / f * f).max(f), (h / f * f).max(f));
+        let crops: Vec<(f64, f64)> = if opts.center_crop {
+            vec![(0.5, 0.5)]
+        } else {
+            let mut rng = Rng::new(config.seed ^ e.content_hash);
+            (0..RANDOM_CROPS).map(|_| (rng.uniform(), rng.uniform())).collect()
+        };
+        let flips = if opts.flip { vec![false, true] } else { vec![false] };
+        let mut img = None;
+        let mut latents = Vec::new();
+        for &crop in &crops {
+            for &flip in &flips {
+                let key = format!(
+                    "{:016x}-{w}x{h}-{:.4}-{:.4}-{}-{vae_key:016x}",
+                    e.content_hash,
+                    crop.0,
+                    crop.1,
+                    if flip { "flip" } else { "plain" }
+                );
+                let cached = config.latent_cache.as_ref().map(|dir| dir.join(format!("{key}.safetensors")));
+                if let Some(path) = cached.as_ref().filter(|p| p.exists()) {
+                    // A damaged entry (unreadable, another shape, NaN or ∞) is encoded again and
+                    // replaced; used, it would train on garbage or blame the learning rate for a NaN.
+                    let expected = [model.vae.config.latent_channels, h / f, w / f];
+                    if let Ok(t) = crate::engine::io::weights::read_safetensors(path)
+                        && let Some(l) = t.get("latents")
+                        && l.dims() == expected
+                        && crate::engine::io::weights::all_finite(l)?
+                    {
+                        latents.push(l.to_device(&model.device)?.to_dtype(model.dtype)?);
+                        continue;
+                    }
+                }
+                if img.is_none() {
+                    let bytes = std::fs::read(&e.path).with_context(|| format!("{}: cannot read", e.path.display()))?;
+                    img = Some(decode_image(&e.path, &bytes)?);
+                }
+                let pixels =
+                    prepare_image(img.as_ref().unwrap(), w, h, crop, flip, &model.device)?.to_dtype(model.dtype)?;
+                let lat = (model.vae.encode_mean(&pixels.unsqueeze(0)?)? * model.vae.config.scaling_factor)?;
+                let lat = lat.squeeze(0)?.detach();
+                if let Some(path) = &cached {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+                    }
+                    let tensors = HashMap::from([("latents".to_string(), lat.to_dtype(DType::F32)?)]);
+                    write_safetensors(path, &tensors, None)?;
+                }
+                latents.push(lat);
+            }
+        }
+        out.push(Example { latents, caption: e.full_caption(&opts.trigger) });
+    }
+    encoded(dataset.images.len(), dataset.images.len());
+    Ok(out)
+}
+
+/// Default file names for a run's outputs beside `out`.
+/// The adapter as it was at an intermediate `step`, beside the final one: kohya's naming,
+/// `style-step00000050.safetensors`.
+pub fn step_adapter_path(out: &Path, step: usize) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
+    out.with_file_name(format!("{stem}-step{step:08}.safetensors"))
+}
+
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "adapter".into());
+    out.with_file_name(format!("{stem}.checkpoint.safetensors"))
+}
+
+/// Whether `path` is an adapter LoRA Studio wrote (training, blends and exports mark their files
+/// with `lora_studio_*` metadata): how an output we may replace is told from a user's own file.
+pub fn is_our_adapter(path: &Path) -> bool {
+    let metadata = crate::engine::io::weights::read_metadata(path).ok().flatten().unwrap_or_default();
+    !metadata.contains_key("lora_studio_checkpoint") && metadata.keys().any(|k| k.starts_with("lora_studio_"))
+}
+
+/// An earlier run's checkpoint where a new run would write its own: the caller decides whether to
+/// go on (`--resume`) or start again (`--overwrite`).
+#[derive(Debug)]
+pub struct ExistingRun {
+    pub checkpoint: PathBuf,
+    pub step: usize,
+}
+
+impl std::fmt::Display for ExistingRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: a run of {} steps exists: --resume {} to go on, --overwrite to start again",
+            self.checkpoint.display(),
+            self.step,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for ExistingRun {}
+
+/// The step an existing checkpoint file reached, if it is one of ours.
+pub fn checkpoint_step(path: &Path) -> Option<usize> {
+    let metadata = crate::engine::io::weights::read_metadata(path).ok()??;
+    let state: serde_json::Value = serde_json::from_str(metadata.get("lora_studio_checkpoint")?).ok()?;
+    state.get("step")?.as_u64().map(|s| s as usize)
+}
+
+/// Where a run will write, checked before any slow work so that nothing a user owns is replaced:
+/// the adapter (or, for full fine-tuning, the model folder) `out`, its checkpoint and step adapters.
+pub struct RunOutputs<'a> {
+    pub out: &'a Path,
+    pub model: &'a Path,
+    /// Dataset folders or image files.
+    pub data: &'a [PathBuf],
+    /// Files that are in use elsewhere (adapters loaded in the Playground).
+    pub in_use: &'a [PathBuf],
+    pub resume: Option<&'a Path>,
+    pub full_finetune: bool,
+    /// Replace an existing output or run.
+    pub overwrite: bool,
+}
+
+impl RunOutputs<'_> {
+    /// Refuses an output that is an input (the model's files, a dataset image or caption, the
+    /// checkpoint being resumed, an adapter in use), a folder where a file goes, a file that is not
+    /// an adapter we wrote, and an earlier run's checkpoint (`ExistingRun`) unless `overwrite`; then
+    /// makes sure the output folder exists and can be written.
+    pub fn check(&self) -> Result<()> {
+        let out = self.out;
+        let shown = out.display();
+        // Paths compared as the file system sees them (symlinks, `..`); an output that does not
+        // exist yet is its folder's real path plus its name.
+        let real = |p: &Path| -> PathBuf {
+            if let Ok(c) = p.canonicalize() {
+                return c;
+            }
+            match (p.parent().filter(|d| !d.as_os_str().is_empty()), p.file_name()) {
+                (Some(dir), Some(name)) => dir.canonicalize().map(|d| d.join(name)).unwrap_or_else(|_| p.to_path_buf()),
+                (None, Some(name)) => std::env::current_dir().map(|d| d.join(name)).unwrap_or_else(|_| p.to_path_buf()),
+                _ => p.to_path_buf(),
+            }
+        };
+        let ckpt = checkpoint_path(out);
+        let mut written = vec![(real(out), out.to_path_buf())];
+        if !self.full_finetune {
+            written.push((real(&ckpt), ckpt.clone()));
+        }
+        let model = real(self.model);
+        for (target, shown) in &written {
+            if target == &model || target.starts_with(&model) && model.is_dir() {
+                bail!("{}: this is the base model's own file; choose another output", shown.display());
+            }
+            for input in self.data {
+                let input = real(input);
+                // An image given alone brings its caption files with it.
+                let captions = if input.is_file() {
+                    vec![input.with_extension("txt"), input.with_extension("caption")]
+                } else {
+                    vec![]
+                };
+                let inside =
+                    target == &input || captions.contains(target) || input.is_dir() && target.starts_with(&input);
+                let ext = target.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+                let dataset_file = crate::engine::train::dataset::IMAGE_EXTENSIONS.contains(&ext.as_str())
+                    || ext == "txt"
+                    || ext == "caption";
+                if inside && (dataset_file || target.is_dir()) {
+                    bail!("{}: this is part of the training data; choose another output", shown.display());
+                }
+            }
+            // An adapter of ours in the list is an earlier run's (the run-exists check covers it).
+            if self.in_use.iter().any(|u| &real(u) == target) && !is_our_adapter(target) {
+                bail!("{}: this adapter is in use in the Playground; choose another output", shown.display());
+            }
+            if self.resume.is_some_and(|r| &real(r) == target && shown != &ckpt) {
+                bail!("{}: this is the checkpoint being resumed; choose another output", shown.display());
+            }
+        }
+        if !self.full_finetune {
+            if out.is_dir() {
+                bail!(
+                    "{shown}: is a folder; the output is an adapter file, such as {}",
+                    out.join("style.safetensors").display()
+                );
+            }
+            if out.exists() && !self.overwrite && !is_our_adapter(out) {
+                bail!(
+                    "{shown}: already exists and is not an adapter LoRA Studio wrote; choose another output, or --overwrite to replace it"
+                );
+            }
+            if self.resume.is_none() && !self.overwrite && ckpt.exists() {
+                let step = checkpoint_step(&ckpt).unwrap_or(0);
+                return Err(ExistingRun { checkpoint: ckpt, step }.into());
+            }
+        } else if out.exists() && !self.overwrite && self.resume.is_none() {
+            bail!("{shown}: already exists; choose a new folder, or --overwrite to replace it");
+        }
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+        }
+        // A write that would fail at the end of the run fails now instead.
+        let probe = crate::engine::io::weights::temporary_path(&ckpt)?;
+        std::fs::write(&probe, b"").with_context(|| format!("{shown}: cannot write there"))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share_of_late_steps(bias: TimestepBias, multiplier: f64) -> f64 {
+        let config = TrainConfig {
+            timestep_bias: bias,
+            timestep_bias_multiplier: multiplier,
+            timestep_bias_portion: 0.2,
+            ..Default::default()
+        };
+        let mut rng = Rng::new(7);
+        let draws = 40_000;
+        let late = (0..draws).filter(|_| config.sample_timestep(&mut rng, 1000) >= 800).count();
+        late as f64 / draws as f64
+    }
+
+    #[test]
+    fn timestep_bias_draws_the_chosen_end_more_often() {
+        // Last 20 % drawn 4× as often: 0.8 / (0.8 + 0.8) = one half of all draws.
+        assert!((share_of_late_steps(TimestepBias::Later, 4.0) - 0.5).abs() < 0.015);
+        assert!((share_of_late_steps(TimestepBias::None, 4.0) - 0.2).abs() < 0.015);
+        // Earlier: the first 20 % gets half, so the last 20 % gets 0.2 / 1.6 of all draws.
+        assert!((share_of_late_steps(TimestepBias::Earlier, 4.0) - 0.125).abs() < 0.015);
+        let mut rng = Rng::new(1);
+        let config = TrainConfig { timestep_bias: TimestepBias::Later, ..Default::default() };
+        assert!((0..1000).all(|_| config.sample_timestep(&mut rng, 1000) < 1000));
+    }
+}
