@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use lexopt::prelude::*;
 
 use crate::engine::Result;
-use crate::engine::adapters::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
+use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summarize};
 use crate::engine::adapters::mix;
 use crate::engine::bench;
 use crate::engine::builtin;
@@ -317,36 +317,26 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     let rank = rank.context("--rank N is required")?;
     // The live mix's output on a fixed input, to report what the blend loses end to end.
     let probe = probe_output(&sd)?;
-    let (layers, report) = mix::blend(&mut sd, rank)?;
-    let mut metadata = HashMap::new();
-    metadata.insert("lora_studio_blend".into(), specs.join(" "));
-    // Written under a temporary name and read back through the model; only a blend that loads
-    // and gives finite outputs replaces `out` (an existing good file is never swapped for a bad one).
-    crate::engine::io::weights::tidy_temporaries_beside(&out);
     let mut measured = None;
-    crate::engine::io::weights::write_checked(
-        &out,
-        |tmp| write_adapter(tmp, naming, &layers, metadata, dtype, GloraLayout::Current),
-        |tmp| {
-            // Swap the live mix for the written file and measure the difference.
-            for i in 0..specs.len() {
-                sd.remove_adapter(&format!("adapter{i}"));
-            }
-            sd.load_adapter("blend", tmp, 1.0)
-                .map_err(|e| anyhow::anyhow!("{}: the blend does not load back: {e:#}", out.display()))?;
-            let blended = probe_output(&sd)?;
-            if !all_finite(&blended)? {
-                bail!(
-                    "{}: the blend makes the model's output NaN or infinite (lower the weights); nothing was written",
-                    out.display()
-                );
-            }
-            let scale = probe.abs()?.max_all()?.to_scalar::<f32>()?;
-            let err = (&probe - blended)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            measured = Some((err, scale));
-            Ok(())
-        },
-    )?;
+    let report = mix::export_blend(&mut sd, &out, rank, naming, dtype, &specs, |sd, written| {
+        // Swap the live mix for the written file; a blend that breaks the model is not kept.
+        for i in 0..specs.len() {
+            sd.remove_adapter(&format!("adapter{i}"));
+        }
+        sd.load_adapter("blend", written, 1.0)
+            .map_err(|e| anyhow::anyhow!("{}: the blend does not load back: {e:#}", out.display()))?;
+        let blended = probe_output(sd)?;
+        if !all_finite(&blended)? {
+            bail!(
+                "{}: the blend makes the model's output NaN or infinite (lower the weights); nothing was written",
+                out.display()
+            );
+        }
+        let scale = probe.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = (&probe - blended)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        measured = Some((err, scale));
+        Ok(())
+    })?;
     let (err, scale) = measured.expect("checked before the rename");
     println!(
         "wrote {} ({} layers, rank {rank}): kept energy {:.6} (worst layer {:.6}), max weight error {:.3e}, max UNet output error {:.3e} (relative {:.3e})",

@@ -202,13 +202,12 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
     let mut model = UNet2DConditionModel::load(&config, &WeightMap::synthetic(DType::F32, device))?;
     let mut rng = Rng::new(0);
     let mut vars = Vec::new();
-    let mut error = Ok(());
-    model.visit_layers(&mut |mut layer| {
+    model.try_visit_layers(&mut |mut layer| {
         if !TargetPreset::Attention.targets_unet(layer.path(), false) {
-            return;
+            return Ok(());
         }
         let shape = layer.stack_ref().base.dims().to_vec();
-        let r = (|| -> Result<()> {
+        {
             let down = candle_core::Var::from_tensor(&(rng.randn((opts.rank, shape[1]), device)? * 0.01)?)?;
             let up = candle_core::Var::zeros((shape[0], opts.rank), DType::F32, device)?;
             let stack = layer.stack();
@@ -222,12 +221,8 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
             vars.push(down);
             vars.push(up);
             Ok(())
-        })();
-        if let Err(e) = r {
-            error = Err(e);
         }
-    });
-    error?;
+    })?;
     let params: usize = vars.iter().map(|v| v.elem_count()).sum();
     if opts.checkpointing {
         model.checkpointing = Some(crate::engine::kernels::recompute::GradSink::new(vars.clone()));
@@ -345,36 +340,29 @@ pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
 
     // Random adapters of a trained LoRA's size: ‖ΔW‖ a few per cent of ‖W‖.
     let mut layers_per_adapter = 0;
-    let mut error = Ok(());
-    model.visit_layers(&mut |mut l: LayerMut<'_>| {
+    model.try_visit_layers(&mut |mut l: LayerMut<'_>| {
         let conv = matches!(l, LayerMut::Conv(_));
         if !TargetPreset::Attention.targets_unet(l.path(), conv) {
-            return;
+            return Ok(());
         }
         layers_per_adapter += 1;
         let dims = l.stack_ref().base.dims().to_vec();
         let (out, inp) = (dims[0], dims[1]);
         for k in 0..opts.adapters {
-            let r = (|| -> Result<()> {
-                let down = (rng.randn((opts.rank, inp), device)? * (1.0 / (inp as f64).sqrt()))?;
-                let up = (rng.randn((out, opts.rank), device)? * 0.01)?;
-                let delta = Delta::Lora { down, up };
-                l.stack().attach(LayerAdapter { name: format!("style{k}"), delta, scale: 1.0, multiplier: 0.5 })
-            })();
-            if let Err(e) = r {
-                error = Err(e);
-            }
+            let down = (rng.randn((opts.rank, inp), device)? * (1.0 / (inp as f64).sqrt()))?;
+            let up = (rng.randn((out, opts.rank), device)? * 0.01)?;
+            let delta = Delta::Lora { down, up };
+            l.stack().attach(LayerAdapter { name: format!("style{k}"), delta, scale: 1.0, multiplier: 0.5 })?;
         }
-    });
-    error?;
+        Ok(())
+    })?;
     let refresh = |model: &mut UNet2DConditionModel| -> Result<usize> {
-        let (mut count, mut error) = (0, Ok(()));
-        model.visit_layers(&mut |mut l| match l.stack().refresh() {
-            Ok(true) => count += 1,
-            Ok(false) => {}
-            Err(e) => error = Err(e),
-        });
-        error.map(|()| count)
+        let mut count = 0;
+        model.try_visit_layers(&mut |mut l| {
+            count += l.stack().refresh()? as usize;
+            Ok(())
+        })?;
+        Ok(count)
     };
     refresh(&mut model)?;
     let merged = time_steps(&model)?;

@@ -257,6 +257,13 @@ impl StableDiffusion {
         self.unet.visit_layers(&mut |l| f(Component::Unet, l));
     }
 
+    /// `visit_layers` for work that can fail: stops calling `f` at the first error and returns it.
+    pub fn try_visit_layers(&mut self, f: &mut dyn FnMut(Component, LayerMut<'_>) -> Result<()>) -> Result<()> {
+        let mut first = crate::engine::models::nn::FirstError::default();
+        self.visit_layers(&mut |c, l| first.run(|| f(c, l)));
+        first.into_result()
+    }
+
     /// The model's layer names and shapes, for matching adapter files.
     pub fn module_index(&mut self) -> ModuleIndex {
         let mut index = ModuleIndex::new(Some(self.unet.config.layers_per_block));
@@ -279,17 +286,15 @@ impl StableDiffusion {
         self.remove_adapter(name);
         let mut by_layer: HashMap<(Component, String), MatchedLayer> =
             layers.into_iter().map(|l| ((l.component, l.path.clone()), l)).collect();
-        let mut result = Ok(());
         let mut text_changed = false;
-        self.visit_layers(&mut |c, mut l| {
+        let result = self.try_visit_layers(&mut |c, mut l| {
             if let Some(m) = by_layer.remove(&(c, l.path().to_string())) {
                 text_changed |= c == Component::TextEncoder;
                 let adapter =
                     LayerAdapter { name: name.to_string(), delta: m.delta, scale: m.scale, multiplier: weight };
-                if let Err(e) = l.stack().attach(adapter) {
-                    result = Err(e);
-                }
+                l.stack().attach(adapter)?;
             }
+            Ok(())
         });
         self.text_cache.revision += text_changed as u64;
         result?;
@@ -341,13 +346,11 @@ impl StableDiffusion {
     /// Folds changed adapters into the cached weights; returns the number of layers re-merged.
     pub fn refresh_merges(&mut self) -> Result<usize> {
         let mut count = 0;
-        let mut result = Ok(());
-        self.visit_layers(&mut |_, mut l| match l.stack().refresh() {
-            Ok(true) => count += 1,
-            Ok(false) => {}
-            Err(e) => result = Err(e),
-        });
-        result.map(|_| count)
+        self.try_visit_layers(&mut |_, mut l| {
+            count += l.stack().refresh()? as usize;
+            Ok(())
+        })?;
+        Ok(count)
     }
 
     pub fn load(path: &Path, device: &Device) -> Result<Self> {

@@ -10,8 +10,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::engine::adapters::formats::{GloraLayout, Naming, match_layers, read_adapter, summarize, write_adapter};
-use crate::engine::adapters::mix::{BlendReport, blend, overdrive};
+use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summarize};
+use crate::engine::adapters::mix::{BlendReport, export_blend, overdrive};
 use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
 
@@ -311,17 +311,7 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             let Some(model) = sd.as_mut() else {
                 return send(ModelEvent::ExportFailed { error: "no model is open".into() });
             };
-            let result = blend(model, rank).and_then(|(layers, report)| {
-                if layers.is_empty() {
-                    anyhow::bail!("no enabled adapter with a non-zero weight to export");
-                }
-                let mut meta = std::collections::HashMap::new();
-                meta.insert("ss_network_dim".into(), rank.to_string());
-                meta.insert("ss_network_alpha".into(), rank.to_string());
-                meta.insert("lora_studio_blend_of".into(), sources.join("; "));
-                write_adapter(&path, Naming::Kohya, &layers, meta, DType::F32, GloraLayout::Current)?;
-                Ok(report)
-            });
+            let result = export_blend(model, &path, rank, Naming::Kohya, DType::F32, &sources, |_, _| Ok(()));
             match result {
                 Ok(report) => send(ModelEvent::Exported { path, report }),
                 Err(e) => send(ModelEvent::ExportFailed { error: format!("{e:#}") }),

@@ -2,13 +2,15 @@
 //! SVD per layer, with how much of the mix it keeps), and folding the mix into the base weights.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
 use crate::engine::Result;
-use crate::engine::adapters::formats::{Component, ExportLayer};
+use crate::engine::adapters::formats::{Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter};
 use crate::engine::adapters::stack::{AdapterStack, Delta};
 use crate::engine::adapters::svd::{Factor, blend_low_rank};
+use crate::engine::io::weights::{tidy_temporaries_beside, write_checked};
 use crate::engine::pipeline::StableDiffusion;
 
 /// How faithful a blend is to the live mix it came from.
@@ -55,16 +57,14 @@ fn factors(stack: &AdapterStack) -> Result<Vec<Factor>> {
 /// The enabled adapters at their current weights as one LoRA/LoCon of `rank` (α = rank).
 pub fn blend(sd: &mut StableDiffusion, rank: usize) -> Result<(Vec<ExportLayer>, BlendReport)> {
     let mut work: Vec<(Component, String, Vec<usize>, Vec<Factor>)> = Vec::new();
-    let mut error = Ok(());
-    sd.visit_layers(&mut |c, l| {
+    sd.try_visit_layers(&mut |c, l| {
         let stack = l.stack_ref();
-        match factors(stack) {
-            Ok(fs) if !fs.is_empty() => work.push((c, l.path().to_string(), stack.base.dims().to_vec(), fs)),
-            Ok(_) => {}
-            Err(e) => error = Err(e),
+        let fs = factors(stack)?;
+        if !fs.is_empty() {
+            work.push((c, l.path().to_string(), stack.base.dims().to_vec(), fs));
         }
-    });
-    error?;
+        Ok(())
+    })?;
     let mut layers = Vec::with_capacity(work.len());
     let mut report = BlendReport { layers: work.len(), rank, min_layer_energy: 1.0, ..Default::default() };
     let (mut kept, mut total) = (0.0, 0.0);
@@ -102,24 +102,50 @@ pub fn blend(sd: &mut StableDiffusion, rank: usize) -> Result<(Vec<ExportLayer>,
     Ok((layers, report))
 }
 
+/// The live mix written as one adapter file of `rank` (α = rank), the same way from the window
+/// and the command line: blended, written under a temporary name, read back (every layer parses,
+/// nothing is NaN or ∞), given to `check` (the command line measures the model's output with it),
+/// and only then renamed over `out`. `sources` says what was mixed, in the file's metadata.
+pub fn export_blend(
+    sd: &mut StableDiffusion,
+    out: &Path,
+    rank: usize,
+    naming: Naming,
+    dtype: DType,
+    sources: &[String],
+    check: impl FnOnce(&mut StableDiffusion, &Path) -> Result<()>,
+) -> Result<BlendReport> {
+    let (layers, report) = blend(sd, rank)?;
+    if layers.is_empty() {
+        anyhow::bail!("no enabled adapter with a non-zero weight to export");
+    }
+    let mut metadata = HashMap::new();
+    metadata.insert("ss_network_dim".into(), rank.to_string());
+    metadata.insert("ss_network_alpha".into(), rank.to_string());
+    metadata.insert("lora_studio_blend".into(), sources.join("; "));
+    tidy_temporaries_beside(out);
+    write_checked(
+        out,
+        |tmp| write_adapter(tmp, naming, &layers, metadata, dtype, GloraLayout::Current),
+        |tmp| {
+            read_adapter(tmp).map_err(|e| anyhow::anyhow!("{}: the blend does not read back: {e:#}", out.display()))?;
+            check(sd, tmp)
+        },
+    )?;
+    Ok(report)
+}
+
 /// The base weights with the live mix folded in, by parameter name per component
 /// (`unet` / `text_encoder`), for writing a merged model.
 pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, HashMap<String, Tensor>>> {
     let mut out: BTreeMap<Component, HashMap<String, Tensor>> = BTreeMap::new();
-    let mut error = Ok(());
-    sd.visit_layers(&mut |c, l| {
+    sd.try_visit_layers(&mut |c, l| {
         let stack = l.stack_ref();
-        if stack.adapters.iter().all(|a| a.multiplier == 0.0) {
-            return;
+        if stack.adapters.iter().any(|a| a.multiplier != 0.0) {
+            out.entry(c).or_default().insert(format!("{}.weight", l.path()), stack.merged_weight()?);
         }
-        match stack.merged_weight() {
-            Ok(w) => {
-                out.entry(c).or_default().insert(format!("{}.weight", l.path()), w);
-            }
-            Err(e) => error = Err(e),
-        }
-    });
-    error?;
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -127,24 +153,17 @@ pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, Ha
 /// layers the adapters touch. Around 0.1 styles blend; past about 0.5 images tend to fry.
 pub fn overdrive(sd: &mut StableDiffusion) -> Result<f64> {
     let mut worst = 0f64;
-    let mut error = Ok(());
-    sd.visit_layers(&mut |_, l| {
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt()) };
+    sd.try_visit_layers(&mut |_, l| {
         let stack = l.stack_ref();
-        let r = (|| -> Result<Option<f64>> {
-            let Some(delta) = stack.delta_sum()? else { return Ok(None) };
-            let norm = |t: &Tensor| -> Result<f64> {
-                Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt())
-            };
+        if let Some(delta) = stack.delta_sum()? {
             let base = norm(&stack.base)?;
-            Ok((base > 0.0).then(|| norm(&delta).unwrap_or(0.0) / base))
-        })();
-        match r {
-            Ok(Some(ratio)) => worst = worst.max(ratio),
-            Ok(None) => {}
-            Err(e) => error = Err(e),
+            if base > 0.0 {
+                worst = worst.max(norm(&delta)? / base);
+            }
         }
-    });
-    error?;
+        Ok(())
+    })?;
     Ok(worst)
 }
 

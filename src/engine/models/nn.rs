@@ -79,6 +79,26 @@ impl Conv2d {
     }
 }
 
+/// The first error of fallible work done inside a layer walk (whose callback returns nothing):
+/// once one is held, later work is skipped. The one place "collect the first error of a visitor"
+/// lives; the models' `try_visit_layers` use it.
+#[derive(Default)]
+pub struct FirstError(Option<anyhow::Error>);
+
+impl FirstError {
+    pub fn run(&mut self, work: impl FnOnce() -> Result<()>) {
+        if self.0.is_none()
+            && let Err(e) = work()
+        {
+            self.0 = Some(e);
+        }
+    }
+
+    pub fn into_result(self) -> Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
 /// A layer adapters can attach to, as the model walkers hand them out.
 pub enum LayerMut<'a> {
     Linear(&'a mut Linear),

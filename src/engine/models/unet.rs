@@ -448,6 +448,13 @@ impl UNetBlock {
 }
 
 impl UNet2DConditionModel {
+    /// `visit_layers` for work that can fail: stops at the first error and returns it.
+    pub fn try_visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>) -> Result<()>) -> Result<()> {
+        let mut first = super::nn::FirstError::default();
+        self.visit_layers(&mut |l| first.run(|| f(l)));
+        first.into_result()
+    }
+
     /// Every linear and conv layer, in module order, for attaching adapters.
     pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
         f(LayerMut::Conv(&mut self.conv_in));

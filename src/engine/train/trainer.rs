@@ -356,9 +356,8 @@ impl Trainer {
         let device = model.device.clone();
         let mut params = Vec::new();
         let mut layers = Vec::new();
-        let mut error = Ok(());
         let cfg = config.clone();
-        model.visit_layers(&mut |component, mut layer| {
+        model.try_visit_layers(&mut |component, mut layer| {
             let conv = matches!(layer, LayerMut::Conv(_));
             let wanted = match component {
                 // LoCon means "LoRA on the convolutions too", whatever the preset says; LoRA and
@@ -371,11 +370,11 @@ impl Trainer {
                 Component::TextEncoder => cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path()),
             };
             if !wanted {
-                return;
+                return Ok(());
             }
             let path = layer.path().to_string();
             let shape = layer.stack_ref().base.dims().to_vec();
-            let result = (|| -> Result<()> {
+            (|| -> Result<()> {
                 let (out, inp) = (shape[0], shape[1]);
                 let kernel = &shape[2..];
                 let r = cfg.rank.min(out).min(inp).max(1);
@@ -430,12 +429,8 @@ impl Trainer {
                 })?;
                 layers.push(TrainedLayer { component, path, params: names, glora: cfg.algorithm == Algorithm::Glora });
                 Ok(())
-            })();
-            if let Err(e) = result {
-                error = Err(e);
-            }
-        });
-        error?;
+            })()
+        })?;
         if params.is_empty() {
             bail!(
                 "no layer of this model matches the targets `{}` with {:?}",
