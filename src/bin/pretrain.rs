@@ -34,6 +34,7 @@ use lora_studio::engine::synthetic::{
     Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized,
 };
 use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
+use lora_studio::engine::train::optim;
 use lora_studio::engine::train::trainer::{Algorithm, LrSchedule, TimestepBias, TrainConfig, Trainer};
 
 /// Seeds of the held-out streams: never used for training.
@@ -362,13 +363,13 @@ fn unet_config(o: &Options) -> Result<UNetConfig> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A small AdamW (the trainer's is private to train.rs)
+// AdamW over a list of variables, with the engine's update (`engine::train::optim`)
 
 struct AdamW {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
-    t: i32,
+    t: usize,
     weight_decay: f64,
     max_grad_norm: f64,
 }
@@ -383,29 +384,19 @@ impl AdamW {
     /// One step at `lr`; returns the gradient norm before clipping.
     fn step(&mut self, loss: &Tensor, lr: f64) -> Result<f64> {
         let grads = loss.backward()?;
-        let mut sq = 0f64;
-        for (_, var) in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-        }
-        let norm = sq.sqrt();
+        let norm = optim::global_norm(self.vars.iter().filter_map(|(_, var)| grads.get(var.as_tensor())))?;
         if !norm.is_finite() {
             bail!("gradient norm is {norm}: lower the learning rate");
         }
-        let clip = if norm > self.max_grad_norm { self.max_grad_norm / (norm + 1e-6) } else { 1.0 };
+        let clip = optim::clip_factor(norm, self.max_grad_norm);
         self.t += 1;
-        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
-        let (bc1, bc2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
+        let adamw = optim::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: self.weight_decay };
         for (i, (_, var)) in self.vars.iter().enumerate() {
             // Detached: candle's variable gradients still reference this step's graph.
             let Some(g) = grads.get(var.as_tensor()).map(Tensor::detach) else { continue };
-            let g = (g * clip)?;
-            self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + eps)?)?;
-            let w = var.as_tensor().detach();
-            var.set(&((w * (1.0 - lr * self.weight_decay))? - (update * lr)?)?)?;
+            let u = adamw.update(&var.as_tensor().detach(), &(g * clip)?, &self.m[i], &self.v[i], self.t, lr)?;
+            (self.m[i], self.v[i]) = (u.m, u.v);
+            var.set(&u.weight)?;
         }
         Ok(norm)
     }

@@ -4,4 +4,5 @@
 pub mod dataset;
 pub mod kohya_export;
 pub mod memory;
+pub mod optim;
 pub mod trainer;

@@ -19,6 +19,7 @@ use crate::engine::models::nn::LayerMut;
 use crate::engine::pipeline::{ModelWeights, StableDiffusion};
 use crate::engine::rng::Rng;
 use crate::engine::train::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
+use crate::engine::train::optim;
 
 /// The adapter's name inside the model's adapter stacks while it trains.
 pub const TRAINING_ADAPTER: &str = "training";
@@ -672,22 +673,14 @@ impl Trainer {
     fn apply_gradients(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
         let mut clip = 1.0;
         if let Some(max_norm) = self.config.max_grad_norm {
-            let mut sq = 0f64;
-            for g in grads.iter().flatten() {
-                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
-            let norm = sq.sqrt();
+            let norm = optim::global_norm(grads.iter().flatten())?;
             if !norm.is_finite() {
                 return Err(NonFiniteLoss { step: self.step + 1 }.into());
             }
-            if norm > max_norm {
-                clip = max_norm / (norm + 1e-6);
-            }
+            clip = optim::clip_factor(norm, max_norm);
         }
         let c = &self.config;
-        let t = (self.step + 1) as i32;
-        let (b1, b2) = (c.beta1, c.beta2);
-        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let adamw = optim::AdamW { beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay };
         let factor = c.lr_factor(self.step);
         // Compute every update first and commit only if all are finite, so a blow-up leaves the
         // weights and moments exactly as they were.
@@ -700,15 +693,11 @@ impl Trainer {
             let g = (g * clip)?;
             let lr =
                 if p.text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { c.learning_rate } * factor;
-            let m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let w = p.var.as_tensor().detach();
-            let next = ((w * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
-            if !next.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+            let u = adamw.update(&p.var.as_tensor().detach(), &g, &p.m, &p.v, self.step + 1, lr)?;
+            if !u.weight.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
                 return Err(NonFiniteLoss { step: self.step + 1 }.into());
             }
-            updates.push(Some((m, v, next)));
+            updates.push(Some((u.m, u.v, u.weight)));
         }
         for (p, u) in self.params.iter_mut().zip(updates) {
             if let Some((m, v, next)) = u {
