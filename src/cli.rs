@@ -554,7 +554,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         in_use: Vec::new(),
     };
     let checkpoint = crate::engine::train::trainer::checkpoint_path(&spec.out);
-    let job = TrainJob::start(spec, || {});
+    let job = TrainJob::start(spec, || {})?;
     let mut checkpoints = Vec::new();
     let mut failed = None;
     // Ctrl-C / SIGTERM: stop and save instead of losing the run (a second one quits at once).

@@ -48,7 +48,7 @@ fn pause_resume_stop_and_resume_from_checkpoint() {
     let dir = tempdir("control");
     std::fs::create_dir_all(dir.join("data")).unwrap();
     make_images(&dir.join("data"));
-    let job = TrainJob::start(spec(&dir, 1000, 1e-3), || {});
+    let job = TrainJob::start(spec(&dir, 1000, 1e-3), || {}).unwrap();
     // Run until a couple of steps are done, then pause.
     loop {
         if let TrainEvent::Step { step: 2, .. } = next(&job) {
@@ -88,7 +88,7 @@ fn pause_resume_stop_and_resume_from_checkpoint() {
     // Resume from the checkpoint the stop left behind and run to a new total.
     let mut s = spec(&dir, finished_at + 2, 1e-3);
     s.resume = Some(dir.join("out/adapter.checkpoint.safetensors"));
-    let job = TrainJob::start(s, || {});
+    let job = TrainJob::start(s, || {}).unwrap();
     let mut start = None;
     let mut end = None;
     while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
@@ -110,7 +110,7 @@ fn a_nan_loss_pauses_with_the_reason_and_never_writes_a_nan_adapter() {
     let mut s = spec(&dir, 50, f64::MAX / 4.0);
     s.config.max_grad_norm = None;
     s.config.save_every = 1;
-    let job = TrainJob::start(s, || {});
+    let job = TrainJob::start(s, || {}).unwrap();
     let reason = loop {
         match next(&job) {
             TrainEvent::Paused { reason: Some(r), .. } => break r,
@@ -137,7 +137,7 @@ fn bad_data_fails_with_a_message() {
     let dir = tempdir("empty");
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::fs::write(dir.join("data/readme.png"), "not a picture").unwrap();
-    let job = TrainJob::start(spec(&dir, 5, 1e-3), || {});
+    let job = TrainJob::start(spec(&dir, 5, 1e-3), || {}).unwrap();
     let error = loop {
         if let TrainEvent::Failed { error } = next(&job) {
             break error;

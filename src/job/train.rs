@@ -118,8 +118,9 @@ pub struct TrainJob {
 }
 
 impl TrainJob {
-    /// Starts the run; `wake` is called after every event (the window requests a repaint).
-    pub fn start(spec: TrainJobSpec, wake: impl Fn() + Send + 'static) -> Self {
+    /// Starts the run; `wake` is called after every event (the window requests a repaint). Fails
+    /// only when the system will not give a new thread.
+    pub fn start(spec: TrainJobSpec, wake: impl Fn() + Send + 'static) -> Result<Self> {
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
@@ -136,8 +137,8 @@ impl TrainJob {
                     }
                 }
             })
-            .expect("spawn the training thread");
-        Self { commands: cmd_tx, events: ev_rx, thread: Some(thread) }
+            .context("cannot start the training thread")?;
+        Ok(Self { commands: cmd_tx, events: ev_rx, thread: Some(thread) })
     }
 
     pub fn send(&self, command: TrainCommand) {

@@ -240,7 +240,13 @@ impl TrainingPanel {
             in_use,
         };
         let wake = ctx.clone();
-        self.job = Some(TrainJob::start(spec, move || wake.request_repaint()));
+        match TrainJob::start(spec, move || wake.request_repaint()) {
+            Ok(job) => self.job = Some(job),
+            Err(e) => {
+                self.message = Some(format!("{e:#}"));
+                return;
+            }
+        }
         self.run = RunState::Starting;
         self.step = 0;
         self.total = config.steps;

@@ -80,10 +80,12 @@ pub fn write_model_folder(
         )?;
         match tokenizer_source.filter(|p| p.is_dir()) {
             Some(src) => {
-                for entry in std::fs::read_dir(src)? {
-                    let p = entry?.path();
-                    if p.is_file() {
-                        std::fs::copy(&p, tmp.join("tokenizer").join(p.file_name().unwrap()))?;
+                for entry in std::fs::read_dir(src).with_context(|| format!("{}: cannot read", src.display()))? {
+                    let p = entry.with_context(|| format!("{}: cannot read", src.display()))?.path();
+                    if let (true, Some(name)) = (p.is_file(), p.file_name()) {
+                        let target = tmp.join("tokenizer").join(name);
+                        std::fs::copy(&p, &target)
+                            .with_context(|| format!("{}: cannot copy to {}", p.display(), target.display()))?;
                     }
                 }
             }
@@ -172,8 +174,8 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
         let mut changed = 0;
         for (component, weights) in &merged {
             let dir = tmp.join(component.label());
-            for file in std::fs::read_dir(&dir)? {
-                let path = file?.path();
+            for file in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot read", dir.display()))? {
+                let path = file.with_context(|| format!("{}: cannot read", dir.display()))?.path();
                 if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
                     continue;
                 }
@@ -216,9 +218,9 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
     for entry in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
-        let entry = entry?;
+        let entry = entry.with_context(|| format!("{}: cannot read", from.display()))?;
         let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
+        if entry.file_type().with_context(|| format!("{}: cannot read", entry.path().display()))?.is_dir() {
             copy_tree(&entry.path(), &target)?;
         } else {
             std::fs::copy(entry.path(), &target).with_context(|| format!("{}: cannot copy", target.display()))?;

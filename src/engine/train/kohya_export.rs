@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::engine::Result;
 use crate::engine::adapters::stack::TargetPreset;
@@ -224,7 +224,9 @@ pub fn write(job: &KohyaJob, dir: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join("train.sh"), std::fs::Permissions::from_mode(0o755))?;
+        let script = dir.join("train.sh");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("{}: cannot make it executable", script.display()))?;
     }
     let res = job.config.dataset.resolution;
     let prompt = format!("{} --w {res} --h {res} --d {} --s 20 --l 7.5\n", job.config.sample_prompt, job.config.seed);
