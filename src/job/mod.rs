@@ -1,6 +1,8 @@
 //! The job layer: long engine work (training) runs on its own thread and talks to the window or
 //! the CLI only through channels — commands in, events out — so the caller never blocks.
 
+pub mod playground;
+pub mod scan;
 pub mod signals;
 pub mod train;
 

@@ -67,16 +67,9 @@ impl DatasetPanel {
         if paths.is_empty() {
             return;
         }
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let opts = opts.clone();
         let ctx = ctx.clone();
-        let spawned = std::thread::Builder::new().name("dataset scan".into()).spawn(move || {
-            let result = Dataset::scan(&paths, &opts).map_err(|e| format!("{e:#}"));
-            let _ = tx.send(result);
-            ctx.request_repaint();
-        });
-        match spawned {
-            Ok(_) => self.scans.push(rx),
+        match crate::job::scan::scan(paths, opts.clone(), move || ctx.request_repaint()) {
+            Ok(rx) => self.scans.push(rx),
             Err(e) => self.message = Some(format!("could not start scanning: {e}")),
         }
     }

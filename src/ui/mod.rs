@@ -8,7 +8,6 @@
 mod dataset;
 mod dialogs;
 mod loss_plot;
-mod model_worker;
 mod playground;
 pub mod session;
 mod status;

@@ -1,5 +1,5 @@
 //! The Playground area: several adapters blended on the frozen base model, one slider each.
-//! The model lives on a worker thread (`model_worker`); this file holds the view state and
+//! The model lives on a worker thread (`job::playground`); this file holds the view state and
 //! sends it commands. In Live mode a slider that stops moving for 300 ms re-renders the same
 //! seed, and only the moved adapter's layers are re-merged.
 
@@ -13,7 +13,7 @@ use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::pipeline::GenerateRequest;
 
 use super::DialogPurpose;
-use super::model_worker::{AdapterCheck, GridAxis, ModelCommand, ModelEvent, ModelWorker};
+use crate::job::playground::{AdapterCheck, GridAxis, ModelCommand, ModelEvent, ModelWorker};
 
 /// How long a slider must rest before Live mode re-renders.
 pub const LIVE_DEBOUNCE: Duration = Duration::from_millis(300);
@@ -157,7 +157,10 @@ impl PlaygroundPanel {
             model_state: ModelState::None,
             model: None,
             sent_model: None,
-            worker: ModelWorker::start(ctx),
+            worker: {
+                let ctx = ctx.clone();
+                ModelWorker::start(move || ctx.request_repaint())
+            },
             next_id: 0,
             done_id: 0,
             progress: None,

@@ -1,13 +1,11 @@
-//! Thumbnails for the dataset grid: decoded and downscaled on a worker thread, uploaded as egui
-//! textures on the UI thread when they arrive.
+//! Thumbnails for the dataset grid: decoded and downscaled by `job::scan::ThumbnailWorker`,
+//! uploaded as egui textures on the UI thread when they arrive.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crossbeam_channel::{Receiver, Sender};
-
-/// Longest side of a thumbnail, in pixels.
-pub const THUMBNAIL_SIDE: u32 = 128;
+pub use crate::job::scan::THUMBNAIL_SIDE;
+use crate::job::scan::ThumbnailWorker;
 
 enum Slot {
     Pending,
@@ -16,34 +14,23 @@ enum Slot {
 }
 
 pub struct Thumbnails {
-    requests: Sender<PathBuf>,
-    results: Receiver<(PathBuf, Option<egui::ColorImage>)>,
+    worker: ThumbnailWorker,
     slots: HashMap<PathBuf, Slot>,
 }
 
 impl Thumbnails {
     pub fn new(ctx: &egui::Context) -> Self {
-        let (req_tx, req_rx) = crossbeam_channel::unbounded::<PathBuf>();
-        let (res_tx, res_rx) = crossbeam_channel::unbounded();
         let ctx = ctx.clone();
-        // Ends when `requests` is dropped with the panel.
-        let _ = std::thread::Builder::new().name("thumbnails".into()).spawn(move || {
-            for path in req_rx {
-                let image = thumbnail(&path);
-                if res_tx.send((path, image)).is_err() {
-                    break;
-                }
-                ctx.request_repaint();
-            }
-        });
-        Self { requests: req_tx, results: res_rx, slots: HashMap::new() }
+        Self { worker: ThumbnailWorker::start(move || ctx.request_repaint()), slots: HashMap::new() }
     }
 
     /// Uploads the thumbnails that arrived since the last frame.
     pub fn poll(&mut self, ctx: &egui::Context) {
-        for (path, image) in self.results.try_iter() {
+        for (path, image) in self.worker.results.try_iter() {
             let slot = match image {
                 Some(img) => {
+                    let size = [img.width() as usize, img.height() as usize];
+                    let img = egui::ColorImage::from_rgba_unmultiplied(size, img.as_raw());
                     Slot::Ready(ctx.load_texture(path.display().to_string(), img, egui::TextureOptions::LINEAR))
                 }
                 None => Slot::Failed,
@@ -56,7 +43,7 @@ impl Thumbnails {
     pub fn get(&mut self, path: &Path) -> Option<&egui::TextureHandle> {
         if !self.slots.contains_key(path) {
             self.slots.insert(path.to_path_buf(), Slot::Pending);
-            let _ = self.requests.send(path.to_path_buf());
+            self.worker.request(path);
         }
         match self.slots.get(path) {
             Some(Slot::Ready(t)) => Some(t),
@@ -77,14 +64,6 @@ impl Thumbnails {
     pub fn is_pending(&self, path: &Path) -> bool {
         matches!(self.slots.get(path), Some(Slot::Pending))
     }
-}
-
-fn thumbnail(path: &Path) -> Option<egui::ColorImage> {
-    let bytes = std::fs::read(path).ok()?;
-    let image = crate::engine::train::dataset::decode_image(path, &bytes).ok()?;
-    let small = image.thumbnail(THUMBNAIL_SIDE, THUMBNAIL_SIDE).to_rgba8();
-    let size = [small.width() as usize, small.height() as usize];
-    Some(egui::ColorImage::from_rgba_unmultiplied(size, small.as_raw()))
 }
 
 /// An RGB image as an egui texture (samples, generated images).

@@ -149,16 +149,16 @@ pub struct ModelWorker {
 }
 
 impl ModelWorker {
-    pub fn start(ctx: &egui::Context) -> Self {
+    /// Starts the worker; `wake` is called after every event (the window requests a repaint).
+    pub fn start(wake: impl Fn() + Send + 'static) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
-        let ctx = ctx.clone();
         // The thread ends when the sender is dropped; it is not joined, so closing the window
         // never waits for a generation to finish.
         let _ = std::thread::Builder::new().name("playground model".into()).spawn(move || {
             let send = |e: ModelEvent| {
                 let _ = ev_tx.send(e);
-                ctx.request_repaint();
+                wake();
             };
             worker(&rx, &send);
         });
