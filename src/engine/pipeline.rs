@@ -274,15 +274,37 @@ impl StableDiffusion {
     /// Reads an adapter file, checks it against this model and attaches it under `name` with the
     /// given slider weight. Returns the compatibility report (its unmatched layers are a warning).
     pub fn load_adapter(&mut self, name: &str, path: &Path, weight: f64) -> Result<CompatibilityReport> {
+        self.load_adapter_mixed(name, path, weight, &BlockWeights::default())
+    }
+
+    /// As `load_adapter`, with per-block weights from the start (each layer is merged once).
+    pub fn load_adapter_mixed(
+        &mut self,
+        name: &str,
+        path: &Path,
+        weight: f64,
+        blocks: &BlockWeights,
+    ) -> Result<CompatibilityReport> {
         let parsed = read_adapter(path)?;
         let (layers, report) =
             match_layers(&parsed, &self.module_index()).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
-        self.attach_adapter(name, layers, weight)?;
+        self.attach_adapter_mixed(name, layers, weight, blocks)?;
         Ok(report)
     }
 
     /// Attaches matched layers under `name` (replacing an adapter of the same name).
     pub fn attach_adapter(&mut self, name: &str, layers: Vec<MatchedLayer>, weight: f64) -> Result<()> {
+        self.attach_adapter_mixed(name, layers, weight, &BlockWeights::default())
+    }
+
+    /// As `attach_adapter`, each layer at `weight` times its block's weight.
+    pub fn attach_adapter_mixed(
+        &mut self,
+        name: &str,
+        layers: Vec<MatchedLayer>,
+        weight: f64,
+        blocks: &BlockWeights,
+    ) -> Result<()> {
         self.remove_adapter(name);
         let mut by_layer: HashMap<(Component, String), MatchedLayer> =
             layers.into_iter().map(|l| ((l.component, l.path.clone()), l)).collect();
@@ -290,8 +312,8 @@ impl StableDiffusion {
         let result = self.try_visit_layers(&mut |c, mut l| {
             if let Some(m) = by_layer.remove(&(c, l.path().to_string())) {
                 text_changed |= c == Component::TextEncoder;
-                let adapter =
-                    LayerAdapter { name: name.to_string(), delta: m.delta, scale: m.scale, multiplier: weight };
+                let multiplier = weight * blocks.for_layer(c == Component::TextEncoder, l.path());
+                let adapter = LayerAdapter { name: name.to_string(), delta: m.delta, scale: m.scale, multiplier };
                 l.stack().attach(adapter)?;
             }
             Ok(())

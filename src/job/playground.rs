@@ -248,10 +248,7 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             };
             let info = read_adapter(&path).map(|parsed| describe(&summarize(&parsed)));
             let result = info.and_then(|info| {
-                let report = model.load_adapter(&name, &path, weight)?;
-                if blocks != BlockWeights::default() {
-                    model.set_adapter_mix(&name, weight, &blocks)?;
-                }
+                let report = model.load_adapter_mixed(&name, &path, weight, &blocks)?;
                 Ok((info, report))
             });
             match result {

@@ -152,16 +152,11 @@ pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, Ha
 /// How hard the live mix pushes the model: the largest ‖Σ wᵢ·ΔWᵢ‖ / ‖W‖ (Frobenius) over the
 /// layers the adapters touch. Around 0.1 styles blend; past about 0.5 images tend to fry.
 pub fn overdrive(sd: &mut StableDiffusion) -> Result<f64> {
+    // Merged stacks measured their drive when they merged, so a slider move costs only the
+    // layers it re-merged, not a rebuild of every layer's ΔW.
     let mut worst = 0f64;
-    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt()) };
     sd.try_visit_layers(&mut |_, l| {
-        let stack = l.stack_ref();
-        if let Some(delta) = stack.delta_sum()? {
-            let base = norm(&stack.base)?;
-            if base > 0.0 {
-                worst = worst.max(norm(&delta)? / base);
-            }
-        }
+        worst = worst.max(l.stack_ref().drive()?);
         Ok(())
     })?;
     Ok(worst)

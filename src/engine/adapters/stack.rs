@@ -165,12 +165,15 @@ pub struct AdapterStack {
     /// Merged mode folds the adapters into a cached weight; unmerged runs them factored (training).
     pub merge: bool,
     merged: Option<Tensor>,
+    /// ‖W' − W‖ / ‖W‖ of the merged weight, measured when it was merged (the overdrive meter
+    /// reads it instead of rebuilding every layer's ΔW).
+    merged_drive: f64,
     stale: bool,
 }
 
 impl AdapterStack {
     pub fn new(base: Tensor) -> Self {
-        Self { base, adapters: Vec::new(), merge: true, merged: None, stale: false }
+        Self { base, adapters: Vec::new(), merge: true, merged: None, merged_drive: 0.0, stale: false }
     }
 
     fn active(&self) -> impl Iterator<Item = &LayerAdapter> {
@@ -222,6 +225,10 @@ impl AdapterStack {
             return Ok(false);
         }
         self.merged = if self.merge && self.active().next().is_some() { Some(self.merged_weight()?) } else { None };
+        self.merged_drive = match &self.merged {
+            Some(w) => relative_norm(&(w - &self.base)?, &self.base)?,
+            None => 0.0,
+        };
         self.stale = false;
         Ok(true)
     }
@@ -236,6 +243,18 @@ impl AdapterStack {
     }
 
     /// Σ cᵢ·ΔWᵢ alone (what a blend exports).
+    /// How hard the adapters push this layer: ‖Σ cᵢ·ΔWᵢ‖ / ‖W‖ (Frobenius). Merged, it was
+    /// measured at the last merge; factored (training), it is computed now.
+    pub fn drive(&self) -> Result<f64> {
+        if self.merge && !self.stale {
+            return Ok(self.merged_drive);
+        }
+        match self.delta_sum()? {
+            Some(delta) => relative_norm(&delta, &self.base),
+            None => Ok(0.0),
+        }
+    }
+
     pub fn delta_sum(&self) -> Result<Option<Tensor>> {
         let mut sum: Option<Tensor> = None;
         for a in self.active() {
@@ -289,6 +308,15 @@ impl AdapterStack {
         }
         Ok(y)
     }
+}
+
+/// ‖a‖ / ‖b‖ (Frobenius, in f64); 0 when b is all zeros.
+fn relative_norm(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let norm = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    };
+    let base = norm(b)?;
+    Ok(if base > 0.0 { norm(a)? / base } else { 0.0 })
 }
 
 fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
