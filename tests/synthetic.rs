@@ -1,7 +1,11 @@
 //! The synthetic world and its analyser, judged on rendered ground truth.
 
 use lora_studio::engine::rng::Rng;
-use lora_studio::engine::synthetic::{Accuracy, Pattern, SceneSpec, Style, analyse, judge, style_scene};
+#[path = "../src/bin/pretrain/synthetic.rs"]
+#[allow(dead_code)]
+mod synthetic;
+
+use synthetic::{Accuracy, Pattern, SceneSpec, Style, analyse, judge, style_scene};
 
 fn ground_truth_accuracy(seed: u64, n: usize, size: u32) -> Accuracy {
     let mut rng = Rng::new(seed);

@@ -12,7 +12,6 @@ pub mod kernels;
 pub mod models;
 pub mod pipeline;
 pub mod rng;
-pub mod synthetic;
 pub mod train;
 
 /// Every engine call returns this; errors carry the file and the problem in one line.

@@ -1,4 +1,4 @@
-//! Pretrains the built-in model on the synthetic world (`engine::synthetic`), on the CPU:
+//! Pretrains the built-in model on the synthetic world (`synthetic.rs` beside this file), on the CPU:
 //!
 //!     cargo run --release --bin pretrain -- vae   [options]   # AutoencoderKL from scratch
 //!     cargo run --release --bin pretrain -- model [options]   # text encoder + UNet, full training
@@ -30,7 +30,11 @@ use lora_studio::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 use lora_studio::engine::models::vae::{AutoencoderKL, VaeConfig};
 use lora_studio::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, to_image};
 use lora_studio::engine::rng::Rng;
-use lora_studio::engine::synthetic::{
+// Part of its API (names, the style-scene helper) serves its test, `tests/synthetic.rs`, only.
+#[allow(dead_code)]
+mod synthetic;
+
+use synthetic::{
     Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized,
 };
 use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
