@@ -482,6 +482,7 @@ fn dice_picks_a_new_seed() {
 }
 
 #[test]
+#[cfg(debug_assertions)] // the fault injection exists in debug builds only
 fn a_failed_training_job_and_a_crashed_playground_worker_leave_the_window_usable() {
     let dir = tempdir("survive");
     make_images(&dir.join("data"));

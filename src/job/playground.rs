@@ -49,8 +49,9 @@ pub enum ModelCommand {
         model: PathBuf,
         out: PathBuf,
     },
-    /// Fault injection for tests: panics on the worker thread.
+    /// Fault injection for tests: panics on the worker thread. Not in release builds.
     #[doc(hidden)]
+    #[cfg(debug_assertions)]
     Panic,
 }
 
@@ -274,6 +275,7 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             }
         }
         ModelCommand::Generate(_) => unreachable!("generate requests are batched"),
+        #[cfg(debug_assertions)]
         ModelCommand::Panic => panic!("injected fault (test)"),
         ModelCommand::MergeIntoBase { model, out } => {
             let Some(sd) = sd.as_mut() else {

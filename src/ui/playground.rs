@@ -295,8 +295,9 @@ impl PlaygroundPanel {
         }
     }
 
-    /// Fault injection for tests: makes the worker thread panic.
+    /// Fault injection for tests: makes the worker thread panic. Not in release builds.
     #[doc(hidden)]
+    #[cfg(debug_assertions)]
     pub fn inject_worker_panic(&mut self) {
         self.push(ModelCommand::Panic);
     }

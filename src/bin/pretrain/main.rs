@@ -34,12 +34,10 @@ use lora_studio::engine::rng::Rng;
 #[allow(dead_code)]
 mod synthetic;
 
-use synthetic::{
-    Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized,
-};
 use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
 use lora_studio::engine::train::optim;
 use lora_studio::engine::train::trainer::{Algorithm, LrSchedule, TimestepBias, TrainConfig, Trainer};
+use synthetic::{Accuracy, SceneSpec, SceneStream, Style, images_to_tensor, judge, psnr, style_scene_sized};
 
 /// Seeds of the held-out streams: never used for training.
 const VAE_EVAL_SEED: u64 = 0xe7a1_0000_0000_0001;

@@ -799,7 +799,10 @@ impl Iterator for SceneStream {
 }
 
 /// `(B, 3, size, size)` in [-1, 1] from images (what the VAE takes).
-pub fn images_to_tensor(images: &[RgbImage], device: &candle_core::Device) -> lora_studio::engine::Result<candle_core::Tensor> {
+pub fn images_to_tensor(
+    images: &[RgbImage],
+    device: &candle_core::Device,
+) -> lora_studio::engine::Result<candle_core::Tensor> {
     let (w, h) = images.first().map(|i| i.dimensions()).unwrap_or((0, 0));
     let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
     for img in images {
