@@ -846,7 +846,9 @@ fn unwritable_outputs_fail_cleanly() {
     let probe = ro.join("probe");
     if std::fs::write(&probe, b"").is_ok() {
         std::fs::remove_file(&probe).unwrap();
-        eprintln!("note: running as root, a read-only folder is writable; checked the path-under-a-file case only");
+        eprintln!(
+            "note: as root a read-only folder is writable; a_read_only_file_system_fails_cleanly (--ignored) covers root"
+        );
     } else {
         let out = ro.join("out.safetensors");
         assert_one_line_error(&blend_to(&out), &["read-only/out.safetensors", "cannot write", "Permission denied"]);
@@ -855,27 +857,30 @@ fn unwritable_outputs_fail_cleanly() {
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// A full disk: a tiny tmpfs filled to the brim. Needs root and `mount`; skipped (with a note)
-/// where neither can be had, e.g. in an unprivileged container.
+/// Runs `mount` with `args`, panicking with its message when it fails (the tests that call it are
+/// `#[ignore]`d, so they run only when asked for, as CI does as root with `--ignored`).
+fn mount(args: &[&str]) {
+    let out = Command::new("mount").args(args).output().expect("run mount");
+    assert!(out.status.success(), "mount {args:?} (needs root): {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Unmounts a mount point when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full disk: a tiny tmpfs filled to the brim.
 #[test]
+#[ignore = "needs root to mount a tmpfs; CI runs it (`.ci/run`: --ignored)"]
 fn a_full_disk_fails_cleanly() {
     let dir = tempdir("full-disk");
     let mnt = dir.join("full");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16k", "lora-studio-full", p(&mnt)])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("note: cannot mount a small tmpfs here (needs root); full-disk case skipped");
-        return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
+    mount(&["-t", "tmpfs", "-o", "size=16k", "lora-studio-full", p(&mnt)]);
     let _guard = Unmount(mnt.clone());
     // Fill it up.
     {
@@ -896,6 +901,26 @@ fn a_full_disk_fails_cleanly() {
 
     let after: Vec<_> = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(before, after, "nothing new on the full disk");
+}
+
+/// A read-only file system, which even root cannot write (a read-only bind mount).
+#[test]
+#[ignore = "needs root to bind-mount a folder read-only; CI runs it (`.ci/run`: --ignored)"]
+fn a_read_only_file_system_fails_cleanly() {
+    let dir = tempdir("read-only-fs");
+    let ro = dir.join("read-only");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("keep.txt"), "mine").unwrap();
+    mount(&["--bind", p(&ro), p(&ro)]);
+    let _guard = Unmount(ro.clone());
+    mount(&["-o", "remount,ro,bind", p(&ro)]);
+    let out = ro.join("out.safetensors");
+    assert_one_line_error(&blend_to(&out), &["read-only/out.safetensors", "cannot write", "Read-only file system"]);
+    assert_no_output(&out);
+    let data = small_dataset(&dir);
+    let run = train_run(&sd1_tiny().join("model"), &data, &ro.join("style.safetensors"), &[]);
+    assert_one_line_error(&run, &["style.safetensors", "Read-only file system"]);
+    assert_eq!(std::fs::read_to_string(ro.join("keep.txt")).unwrap(), "mine");
 }
 
 /// A safetensors file of one-element F32 tensors with these names.
