@@ -1103,10 +1103,13 @@ fn temporaries_of_killed_processes_are_tidied_on_start() {
     let dead = child.id();
     child.wait().unwrap();
     let alive = std::process::id();
-    let stale_file = dir.join(format!(".keep.safetensors.tmp-{dead}"));
-    let stale_step = dir.join(format!(".keep-step00000006.safetensors.tmp-{dead}"));
-    let stale_merge = dir.join(format!(".merged.partial-{dead}"));
-    let live_file = dir.join(format!(".other.safetensors.tmp-{alive}"));
+    let stale_file = dir.join(format!(".keep.safetensors.tmp-lora-studio-{dead}"));
+    let stale_step = dir.join(format!(".keep-step00000006.safetensors.tmp-lora-studio-{dead}"));
+    let stale_merge = dir.join(format!(".merged.partial-lora-studio-{dead}"));
+    let live_file = dir.join(format!(".other.safetensors.tmp-lora-studio-{alive}"));
+    // Another program's temporary file of a similar shape is not ours to remove.
+    let foreign = dir.join(format!(".notes.txt.tmp-{dead}"));
+    std::fs::write(&foreign, b"x").unwrap();
     std::fs::write(&stale_file, b"x").unwrap();
     std::fs::write(&stale_step, b"x").unwrap();
     std::fs::create_dir_all(stale_merge.join("unet")).unwrap();
@@ -1115,6 +1118,7 @@ fn temporaries_of_killed_processes_are_tidied_on_start() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stale_file.exists() && !stale_step.exists() && !stale_merge.exists(), "stale temporaries tidied");
     assert!(live_file.exists(), "a running process's temporary file is kept");
+    assert!(foreign.exists(), "another program's temporary file is kept");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -193,8 +193,11 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
     }
     .check()?;
     let weights = ModelWeights::load(&spec.model, DType::F32, &spec.device)?;
-    // The weights are in memory now; what the step needs beyond them must fit in what is left.
-    if let Some(available) = crate::engine::train::memory::available_bytes() {
+    // The weights are in memory now; what the step needs beyond them must fit in what is left
+    // (system memory: on a GPU the activations live elsewhere, and this estimate does not apply).
+    if matches!(spec.device, Device::Cpu)
+        && let Some(available) = crate::engine::train::memory::available_bytes()
+    {
         crate::engine::train::memory::check_training_fits(&weights.unet_config, &weights.vae_config, cfg, available)?;
     }
     let dataset = Dataset::scan(&spec.data, &cfg.dataset)?;

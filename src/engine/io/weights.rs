@@ -375,7 +375,7 @@ pub fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
-/// The temporary name a write to `path` goes through: `.NAME.tmp-PID` beside it, so a kill
+/// The temporary name a write to `path` goes through: `.NAME.tmp-lora-studio-PID` beside it, so a kill
 /// leaves a file that `tidy_temporaries` can tell is garbage (its process is gone).
 pub fn temporary_path(path: &Path) -> Result<PathBuf> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -383,9 +383,10 @@ pub fn temporary_path(path: &Path) -> Result<PathBuf> {
     Ok(dir.join(format!(".{}{TEMPORARY_MARK}{}", file_name.to_string_lossy(), std::process::id())))
 }
 
-const TEMPORARY_MARK: &str = ".tmp-";
-/// Folders written whole (merged models) go through `.NAME.partial-PID`.
-pub const PARTIAL_MARK: &str = ".partial-";
+/// Our own marks, so tidying never touches another program's temporary files.
+const TEMPORARY_MARK: &str = ".tmp-lora-studio-";
+/// Folders written whole (merged models) go through `.NAME.partial-lora-studio-PID`.
+pub const PARTIAL_MARK: &str = ".partial-lora-studio-";
 
 /// Temporary file + fsync + rename: a crash leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -430,8 +431,8 @@ fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes, in `dir`, the temporary files (`.NAME.tmp-PID`) and partial folders
-/// (`.NAME.partial-PID`) that killed processes left behind. Those of running processes (another
+/// Removes, in `dir`, the temporary files (`.NAME.tmp-lora-studio-PID`) and partial folders
+/// (`.NAME.partial-lora-studio-PID`) that killed LoRA Studio processes left behind. Those of running processes (another
 /// LoRA Studio writing beside us) are kept. Every command that writes calls it on start.
 pub fn tidy_temporaries(dir: &Path) {
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
