@@ -1,0 +1,161 @@
+//! The Playground area drawn: the model row, prompt and settings, the picture; the adapter list
+//! and the XY grid come from `adapters.rs` and `grid.rs`.
+
+use super::*;
+
+pub(in crate::ui) fn ui_playground(
+    ui: &mut egui::Ui,
+    p: &mut PlaygroundPanel,
+    model_label: &str,
+) -> Vec<PlaygroundAction> {
+    let mut actions = Vec::new();
+    crate::ui::area_heading(
+        ui,
+        "Blend adapters",
+        "Load adapters, give each a weight with a slider, and generate images from the base model.",
+    );
+    ui.add_space(6.0);
+    p.ensure_model();
+    egui::Panel::left("playground_settings").resizable(true).default_size(380.0).show(ui, |ui| {
+        egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+            model_row(ui, p, model_label, &mut actions);
+            ui.separator();
+            prompt_settings(ui, p);
+            ui.separator();
+            adapters(ui, p, &mut actions);
+        });
+    });
+    egui::CentralPanel::default().show(ui, |ui| image_view(ui, p, &mut actions));
+    actions
+}
+
+pub(super) fn model_row(
+    ui: &mut egui::Ui,
+    p: &mut PlaygroundPanel,
+    model_label: &str,
+    actions: &mut Vec<PlaygroundAction>,
+) {
+    ui.horizontal(|ui| {
+        ui.strong("Model:");
+        let shown = if model_label.is_empty() { "none open" } else { model_label };
+        ui.label(shown).on_hover_text(model_label);
+    });
+    ui.horizontal(|ui| {
+        ui.menu_button("Open model…", |ui| {
+            if ui.button("Diffusers folder…").clicked() {
+                actions.push(PlaygroundAction::OpenDialog(DialogPurpose::OpenModelFolder));
+                ui.close();
+            }
+            if ui.button("Single .safetensors file…").clicked() {
+                actions.push(PlaygroundAction::OpenDialog(DialogPurpose::OpenModelFile));
+                ui.close();
+            }
+        });
+        match &p.model_state {
+            ModelState::None => {}
+            ModelState::Loading => {
+                ui.spinner();
+                ui.label("loading…");
+            }
+            ModelState::Ready => {
+                ui.label(RichText::new("ready").weak());
+            }
+            ModelState::Failed(e) => {
+                ui.colored_label(ui.visuals().error_fg_color, format!("could not load: {e}"));
+            }
+        }
+    });
+}
+
+pub(super) fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    let label = ui.label("Prompt");
+    ui.add(egui::TextEdit::multiline(&mut p.request.prompt).desired_rows(2).desired_width(f32::INFINITY))
+        .labelled_by(label.id);
+    let label = ui.label("Negative prompt");
+    ui.add(egui::TextEdit::singleline(&mut p.request.negative).desired_width(f32::INFINITY).hint_text("what to avoid"))
+        .labelled_by(label.id);
+    egui::Grid::new("generate_settings").num_columns(2).spacing([10.0, 4.0]).show(ui, |ui| {
+        let label = ui.label("Seed");
+        ui.horizontal(|ui| {
+            ui.add(egui::DragValue::new(&mut p.request.seed)).labelled_by(label.id);
+            if ui.button("Random").on_hover_text("Pick a random seed (the dice)").clicked() {
+                p.request.seed = random_seed();
+            }
+        });
+        ui.end_row();
+        let label = ui.label("Steps").on_hover_text("Denoising steps; 20–30 is usual");
+        ui.add(egui::DragValue::new(&mut p.request.steps).range(1..=150)).labelled_by(label.id);
+        ui.end_row();
+        let label =
+            ui.label("Guidance").on_hover_text("How strongly the image follows the prompt (CFG scale); 1 turns it off");
+        ui.add(egui::DragValue::new(&mut p.request.guidance).range(1.0..=30.0).speed(0.1)).labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Sampler");
+        egui::ComboBox::from_id_salt("sampler")
+            .selected_text(p.request.sampler.label())
+            .show_ui(ui, |ui| {
+                for s in SamplerKind::ALL {
+                    ui.selectable_value(&mut p.request.sampler, s, s.label());
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui
+            .label("Size")
+            .on_hover_text("Width × height in pixels; a multiple of the model's size step (8 × 2^levels)");
+        ui.horizontal(|ui| {
+            let w = ui.add(egui::DragValue::new(&mut p.request.width).range(8..=2048).speed(8)).labelled_by(label.id);
+            ui.label("×");
+            let h = ui.add(egui::DragValue::new(&mut p.request.height).range(8..=2048).speed(8)).labelled_by(label.id);
+            p.size_chosen |= w.changed() || h.changed();
+        });
+        ui.end_row();
+    });
+    ui.horizontal(|ui| {
+        let can = p.model.is_some();
+        if ui.add_enabled(can, egui::Button::new(RichText::new("Generate").strong())).clicked() {
+            p.generate();
+        }
+        ui.checkbox(&mut p.live, "Live").on_hover_text("Re-render with the same seed when a slider stops moving");
+        if let Some((step, total)) = p.progress {
+            ui.spinner();
+            ui.label(format!("step {step}/{total}"));
+        }
+    });
+}
+
+pub(super) fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut Vec<PlaygroundAction>) {
+    if let Some(msg) = &p.message {
+        ui.label(msg);
+    }
+    ui.horizontal(|ui| {
+        if ui.add_enabled(p.image.is_some(), egui::Button::new("Save image…")).clicked() {
+            actions.push(PlaygroundAction::OpenDialog(DialogPurpose::SaveImage));
+        }
+        ui.label(RichText::new(&p.image_info).weak());
+    });
+    if let Some((step, total)) = p.progress {
+        let fraction = if total == 0 { 0.0 } else { step as f32 / total as f32 };
+        ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
+    }
+    match &p.texture {
+        Some(tex) => {
+            let side = ui.available_width().min(ui.available_height()).max(64.0);
+            ui.add(
+                egui::Image::from_texture(tex).fit_to_exact_size(egui::vec2(side, side)).maintain_aspect_ratio(true),
+            );
+        }
+        None => {
+            ui.add_space(20.0);
+            ui.label(RichText::new("The image appears here.").weak());
+        }
+    }
+}
+
+pub(super) fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() % 4_294_967_296
+}
