@@ -1,7 +1,7 @@
 //! The Playground area: several adapters blended on the frozen base model, one slider each.
 //! The model lives on a worker thread (`job::playground`); this file holds the view state and
-//! sends it commands (`view.rs`, `adapters.rs` and `grid.rs` draw it). In Live mode a slider that stops moving for 300 ms re-renders the same
-//! seed, and only the moved adapter's layers are re-merged.
+//! sends it commands (`view.rs`, `adapters.rs` and `grid.rs` draw it). In Live mode a slider that
+//! stops moving for 300 ms re-renders the same seed, and only the moved adapter's layers re-merge.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
