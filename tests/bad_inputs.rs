@@ -1796,3 +1796,41 @@ fn an_adapter_in_use_is_not_a_training_output() {
     }
     check(&dir.join("new.safetensors"), false).unwrap();
 }
+
+/// A checkpoint whose step adapter was never written (a kill between the two, by an older
+/// version, or a run extended past its end) gets it on resume: no `-stepN` is ever missing.
+#[test]
+fn resume_writes_the_step_adapter_its_checkpoint_is_ahead_of() {
+    let dir = tempdir("step-gap");
+    let model = sd1_tiny().join("model");
+    let data = small_dataset(&dir);
+    let out = dir.join("style.safetensors");
+    // Two steps: the last save is the run's end, which keeps no `-step` file.
+    let first = train_run(&model, &data, &out, &["--save-every", "2"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let step2 = dir.join("style-step00000002.safetensors");
+    assert!(!step2.exists());
+    // Going on to four steps: step 2 is now a save before the end, so its adapter is written.
+    let ckpt = dir.join("style.checkpoint.safetensors");
+    let resumed = studio(&[
+        "train",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+        "--out",
+        p(&out),
+        "--steps",
+        "4",
+        "--resolution",
+        "32",
+        "--no-latent-cache",
+        "--save-every",
+        "2",
+        "--resume",
+        p(&ckpt),
+    ]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(step2.exists(), "the step-2 adapter was written on resume");
+    read_adapter(&step2).unwrap();
+}
