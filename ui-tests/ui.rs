@@ -385,17 +385,17 @@ fn playground_generates_blends_live_and_exports() {
     let not_adapter = sd1_tiny().join("model/unet/diffusion_pytorch_model.safetensors");
     drop_paths(&mut h, &[not_adapter.clone(), sd1_tiny().join("lora_a_kohya.safetensors")]);
     run_until(&mut h, SCAN, "the doctor's reports", |a| a.playground.pending.iter().all(|p| p.check.is_some()));
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     assert!(h.state().playground.adapters.is_empty(), "nothing joins before it is accepted");
     h.get_by_label("Check lora_a_kohya.safetensors");
     h.get_by_label_contains("kohya / A1111 / ComfyUI");
     h.get_by_label_contains("With the open model:");
     h.get_by_label_contains("Not an adapter we can use:");
     h.get_by_label("Dismiss").click();
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     assert_eq!(h.state().playground.pending.len(), 1);
     h.get_by_label("Add to list").click();
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     assert!(h.state().playground.pending.is_empty());
     run_until(&mut h, SCAN, "model and adapter", |a| {
         a.playground.model_state == ModelState::Ready && a.playground.adapters.first().is_some_and(|r| r.info.is_some())
@@ -410,7 +410,7 @@ fn playground_generates_blends_live_and_exports() {
     run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
     let first = h.state().playground.image.clone().unwrap();
     assert_eq!(first.dimensions(), (32, 32));
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
 
     // The worker measured the mix's strength after the adapter joined (the fixture's random
     // adapter is far stronger than a trained one: ‖ΔW‖ ≈ 2.5 ‖W‖, so the meter warns).
@@ -445,18 +445,18 @@ fn playground_generates_blends_live_and_exports() {
     run_until(&mut h, SCAN, "merge", |a| a.playground.message.as_deref().is_some_and(|m| m.contains("Merged")));
     let m = lora_studio::engine::pipeline::StableDiffusion::load(&merged, &candle_core::Device::Cpu);
     assert!(m.is_ok(), "{:?}", h.state().playground.message);
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
 
     // The switch turns an adapter off (weight 0) without losing its slider.
     h.get_by_label("on").click();
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     let row = &h.state().playground.adapters[0];
     assert!(!row.enabled && row.weight == -1.0 && row.effective_weight() == 0.0);
     h.get_by_label_contains("add up to 0.00");
 
     // Per-block weights live under Advanced; Remove takes the adapter out.
     h.get_by_label("Advanced").click();
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     h.get_by_label("Per-block weights (A1111 LoRA Block Weight)");
     for block in ["text encoder", "input blocks", "middle block", "output blocks"] {
         // The slider (its value) and its text share the label.
@@ -466,7 +466,7 @@ fn playground_generates_blends_live_and_exports() {
     let blocks = &h.state().playground.adapters[0].blocks;
     assert_eq!((blocks.text_encoder, blocks.input, blocks.middle, blocks.output), (1.0, 1.0, 1.0, 1.0));
     h.get_by_label("Remove").click();
-    h.run();
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     assert!(h.state().playground.adapters.is_empty());
 }
 
