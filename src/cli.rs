@@ -268,8 +268,9 @@ fn adapter_info(p: &mut lexopt::Parser) -> Result<()> {
     }
     if let Some(model) = model {
         let mut sd = StableDiffusion::load(&model, &device())?;
-        match match_layers(&parsed, &sd.module_index()) {
-            Ok((_, report)) => println!("with {}: {}", model.display(), report.summary()),
+        let (_, report) = match_layers(&parsed, &sd.module_index())?;
+        match report.accept() {
+            Ok(()) => println!("with {}: {}", model.display(), report.summary()),
             Err(e) => println!("with {}: {e:#}", model.display()),
         }
     }

@@ -1834,3 +1834,28 @@ fn resume_writes_the_step_adapter_its_checkpoint_is_ahead_of() {
     assert!(step2.exists(), "the step-2 adapter was written on resume");
     read_adapter(&step2).unwrap();
 }
+
+/// Matching gives a typed report: a file the model would refuse is known as such from the value
+/// (the window disables "Add to list" with it), and loading refuses it with the same summary.
+#[test]
+fn the_compatibility_report_says_when_a_file_is_refused() {
+    use lora_studio::engine::adapters::formats::match_layers;
+    let dir = tempdir("report");
+    let mut t = HashMap::new();
+    for block in ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_3_linear1"] {
+        kohya_layer(&mut t, block, f32s(&[4, 32], 0.01), f32s(&[32, 4], 0.01), Some(4.0));
+    }
+    kohya_layer(&mut t, TO_K, f32s(&[4, 32], 0.01), f32s(&[32, 4], 0.01), Some(4.0));
+    let path = dir.join("mostly-another-model.safetensors");
+    write_safetensors(&path, &t, None).unwrap();
+    let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let (layers, report) = match_layers(&read_adapter(&path).unwrap(), &sd.module_index()).unwrap();
+    assert_eq!((layers.len(), report.matched, report.total), (1, 1, 3));
+    assert!(report.refused(), "{}", report.summary());
+    let e = format!("{:#}", sd.load_adapter("a", &path, 1.0).unwrap_err());
+    assert!(e.contains("does not fit this model") && e.contains(&report.summary()), "{e}");
+    // The good file's report accepts it.
+    let (_, good) =
+        match_layers(&read_adapter(&sd1_tiny().join("lora_a_kohya.safetensors")).unwrap(), &sd.module_index()).unwrap();
+    assert!(!good.refused() && good.accept().is_ok(), "{}", good.summary());
+}

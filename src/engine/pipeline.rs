@@ -286,8 +286,8 @@ impl StableDiffusion {
         blocks: &BlockWeights,
     ) -> Result<CompatibilityReport> {
         let parsed = read_adapter(path)?;
-        let (layers, report) =
-            match_layers(&parsed, &self.module_index()).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+        let (layers, report) = match_layers(&parsed, &self.module_index())?;
+        report.accept().map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
         self.attach_adapter_mixed(name, layers, weight, blocks)?;
         Ok(report)
     }

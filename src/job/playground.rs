@@ -233,8 +233,12 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
         ModelCommand::Inspect(path) => {
             let check = read_adapter(&path).map(|parsed| {
                 let (fit, refused) = match sd.as_mut() {
+                    // The report says whether the model would refuse the file; nothing is loaded.
                     Some(model) => match match_layers(&parsed, &model.module_index()) {
-                        Ok((_, report)) => (report.summary(), report.refused()),
+                        Ok((_, report)) => match report.accept() {
+                            Ok(()) => (report.summary(), false),
+                            Err(e) => (format!("{e:#}"), true),
+                        },
                         Err(e) => (format!("{e:#}"), true),
                     },
                     None => ("no model is open to check it against".into(), false),

@@ -287,6 +287,14 @@ impl CompatibilityReport {
         !self.shape_mismatches.is_empty() || self.matched * 2 < self.total
     }
 
+    /// The refusal as an error (with the summary), for the callers that load the adapter.
+    pub fn accept(&self) -> Result<()> {
+        if self.refused() {
+            bail!("adapter does not fit this model: {}", self.summary());
+        }
+        Ok(())
+    }
+
     pub fn summary(&self) -> String {
         let mut s = format!("{} of {} adapter layers match the model", self.matched, self.total);
         if !self.shape_mismatches.is_empty() {
@@ -303,9 +311,9 @@ impl CompatibilityReport {
     }
 }
 
-/// Matches every layer of `adapter` against `index`. Refuses (with the report in the error) on
-/// shape mismatches or when fewer than half match; otherwise returns the matched layers and the
-/// report, whose unmatched list the caller must show as a warning.
+/// Matches every layer of `adapter` against `index`: the layers that fit, and the report of how
+/// the file fits the model (which `CompatibilityReport::accept` turns into the refusal, so an
+/// inspection learns it from the value, not from an error).
 pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec<MatchedLayer>, CompatibilityReport)> {
     let mut report = CompatibilityReport { total: adapter.layers.len(), ..Default::default() };
     let mut matched = Vec::new();
@@ -321,9 +329,6 @@ pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec
         }
         report.matched += 1;
         matched.push(MatchedLayer { component, path, scale: layer.scale(), delta: layer.delta.clone() });
-    }
-    if report.refused() {
-        bail!("adapter does not fit this model: {}", report.summary());
     }
     Ok((matched, report))
 }
