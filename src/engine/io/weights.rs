@@ -236,19 +236,17 @@ pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, 
     if 8 + header_len > bytes.len() as u64 {
         bail!("{source}: truncated safetensors file (header says {header_len} bytes, file has {})", bytes.len());
     }
-    // A key written twice would make one of the two silently win (and later errors blame the
-    // other), so the raw header is read for its keys first.
+    // The raw header, read once in written order before the library reads it: a key written
+    // twice would make one of the two silently win (and later errors blame the other), and the
+    // library's own check of each tensor's extent names no tensor; ours says which and how.
     let header_bytes = &bytes[8..8 + header_len as usize];
-    if let Ok(HeaderKeys(keys)) = serde_json::from_slice::<HeaderKeys>(header_bytes) {
+    if let Ok(HeaderEntries(entries)) = serde_json::from_slice::<HeaderEntries>(header_bytes) {
         let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = keys.iter().find(|k| !seen.insert(k.as_str())) {
+        if let Some((dup, _)) = entries.iter().find(|(k, _)| !seen.insert(k.as_str())) {
             bail!("{source}: the header names tensor `{dup}` twice");
         }
-    }
-    // The library's own check of each tensor's extent names no tensor; ours says which and how.
-    let data_len = (bytes.len() - 8 - header_len as usize) as u64;
-    if let Ok(serde_json::Value::Object(entries)) = serde_json::from_slice::<serde_json::Value>(header_bytes) {
-        for (name, entry) in entries.iter().filter(|(k, _)| *k != "__metadata__") {
+        let data_len = (bytes.len() - 8 - header_len as usize) as u64;
+        for (name, entry) in entries.iter().filter(|(k, _)| k != "__metadata__") {
             check_extent(entry, data_len).map_err(|e| anyhow::anyhow!("{source}: tensor `{name}` {e}"))?;
         }
     }
@@ -313,27 +311,29 @@ fn check_extent(entry: &serde_json::Value, data_len: u64) -> Result<()> {
     Ok(())
 }
 
-/// The keys of a safetensors header in the order written, duplicates kept.
-struct HeaderKeys(Vec<String>);
+/// The entries of a safetensors header in the order written, duplicates kept.
+struct HeaderEntries(Vec<(String, serde_json::Value)>);
 
-impl<'de> serde::Deserialize<'de> for HeaderKeys {
+impl<'de> serde::Deserialize<'de> for HeaderEntries {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Keys;
-        impl<'de> serde::de::Visitor<'de> for Keys {
-            type Value = HeaderKeys;
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = HeaderEntries;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<HeaderKeys, A::Error> {
-                let mut keys = Vec::new();
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<HeaderEntries, A::Error> {
+                let mut entries = Vec::new();
                 while let Some(key) = map.next_key::<String>()? {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                    keys.push(key);
+                    entries.push((key, map.next_value::<serde_json::Value>()?));
                 }
-                Ok(HeaderKeys(keys))
+                Ok(HeaderEntries(entries))
             }
         }
-        d.deserialize_map(Keys)
+        d.deserialize_map(Entries)
     }
 }
 

@@ -87,17 +87,19 @@ fn gib(bytes: f64) -> String {
 /// loaded), saying what it would need and the largest batch and resolution that would fit.
 pub fn check_training_fits(unet: &UNetConfig, vae: &VaeConfig, config: &TrainConfig, available: f64) -> Result<()> {
     let res = config.dataset.resolution;
-    let step = |batch: usize, res: usize| {
-        unet_step_bytes(unet, vae, batch, res, res, config.gradient_checkpointing).max(vae_encode_bytes(vae, res, res))
+    let step_with = |batch: usize, res: usize, checkpointing: bool| {
+        unet_step_bytes(unet, vae, batch, res, res, checkpointing).max(vae_encode_bytes(vae, res, res))
     };
+    let step = |batch: usize, res: usize| step_with(batch, res, config.gradient_checkpointing);
     let need = step(config.batch_size, res);
     if need <= available {
         return Ok(());
     }
     let largest_batch = (1..config.batch_size).rev().find(|&b| step(b, res) <= available);
     let multiple = 64;
-    let largest_res =
-        (1..=res / multiple).rev().map(|k| k * multiple).find(|&r| step(config.batch_size, r) <= available);
+    let largest_res_at =
+        |batch: usize| (1..=res / multiple).rev().map(|k| k * multiple).find(|&r| step(batch, r) <= available);
+    let largest_res = largest_res_at(config.batch_size);
     let mut advice = Vec::new();
     if let Some(b) = largest_batch {
         advice.push(format!("--batch {b} fits at {res} px"));
@@ -105,13 +107,14 @@ pub fn check_training_fits(unet: &UNetConfig, vae: &VaeConfig, config: &TrainCon
     if let Some(r) = largest_res {
         advice.push(format!("--resolution {r} fits at batch {}", config.batch_size));
     }
-    if largest_batch.is_none() && largest_res.is_none() && config.batch_size > 1 {
-        let res_alone = (1..=res / multiple).rev().map(|k| k * multiple).find(|&r| step(1, r) <= available);
-        if let Some(r) = res_alone {
-            advice.push(format!("--batch 1 --resolution {r} fits"));
-        }
+    if largest_batch.is_none()
+        && largest_res.is_none()
+        && config.batch_size > 1
+        && let Some(r) = largest_res_at(1)
+    {
+        advice.push(format!("--batch 1 --resolution {r} fits"));
     }
-    if !config.gradient_checkpointing && step_with_checkpointing(unet, vae, config) <= available {
+    if !config.gradient_checkpointing && step_with(config.batch_size, res, true) <= available {
         advice.push("--gradient-checkpointing makes it fit".into());
     }
     if advice.is_empty() {
@@ -124,11 +127,6 @@ pub fn check_training_fits(unet: &UNetConfig, vae: &VaeConfig, config: &TrainCon
         gib(available),
         advice.join("; ")
     )
-}
-
-fn step_with_checkpointing(unet: &UNetConfig, vae: &VaeConfig, config: &TrainConfig) -> f64 {
-    let res = config.dataset.resolution;
-    unet_step_bytes(unet, vae, config.batch_size, res, res, true).max(vae_encode_bytes(vae, res, res))
 }
 
 #[cfg(test)]
