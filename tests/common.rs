@@ -1,8 +1,12 @@
 //! Shared helpers for the integration tests: where the reference fixtures live, and comparisons.
 #![allow(dead_code)]
 
+#[path = "support/ldm_names.rs"]
+mod ldm_names;
 #[path = "support/scratch.rs"]
 mod scratch;
+#[allow(unused_imports)] // only some test files rename to ldm
+pub use ldm_names::ldm_unet_name;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -80,14 +80,14 @@ fn per_block_weights_scale_each_part_of_the_model() {
 /// Older kohya files and ComfyUI name UNet layers the original (ldm) way; they load the same.
 #[test]
 fn kohya_files_with_ldm_layer_names_load_the_same() {
-    use lora_studio::engine::adapters::formats::ldm_unet_path;
     use lora_studio::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
     let r = reference();
     let mut sd = model();
-    let layers = sd.unet.config.layers_per_block;
+    let config = sd.unet.config.clone();
     let mut renames = std::collections::HashMap::new();
     sd.unet.visit_layers(&mut |l| {
-        let ldm = ldm_unet_path(l.path(), layers).unwrap().replace("{up}", "1");
+        let ldm = ldm_unet_name(&format!("{}.weight", l.path()), config.layers_per_block, &config.up_block_types);
+        let ldm = ldm.strip_prefix("model.diffusion_model.").unwrap().strip_suffix(".weight").unwrap();
         renames.insert(
             format!("lora_unet_{}", l.path().replace('.', "_")),
             format!("lora_unet_{}", ldm.replace('.', "_")),

@@ -13,6 +13,7 @@ use candle_core::Tensor;
 
 use crate::engine::Result;
 use crate::engine::adapters::stack::Delta;
+use crate::engine::io::single_file::unet_module;
 use crate::engine::io::weights::{all_finite, parse_safetensors, read_safetensors_with_metadata};
 
 /// Which model of the pipeline a layer belongs to.
@@ -157,71 +158,6 @@ pub struct ModuleIndex {
     pub layers_per_block: Option<usize>,
 }
 
-/// The original Stable Diffusion (ldm) module path of a diffusers UNet module, as older kohya
-/// files and ComfyUI name layers (`input_blocks.1.1.proj_in` for `down_blocks.0.attentions.0.proj_in`).
-pub fn ldm_unet_path(path: &str, layers: usize) -> Option<String> {
-    let top = [
-        ("time_embedding.linear_1", "time_embed.0"),
-        ("time_embedding.linear_2", "time_embed.2"),
-        ("conv_in", "input_blocks.0.0"),
-        ("conv_out", "out.2"),
-    ];
-    if let Some((_, ldm)) = top.iter().find(|(d, _)| *d == path) {
-        return Some(ldm.to_string());
-    }
-    let resnet = |rest: &str| -> Option<String> {
-        let (j, leaf) = rest.split_once('.')?;
-        let leaf = match leaf {
-            "conv1" => "in_layers.2",
-            "time_emb_proj" => "emb_layers.1",
-            "conv2" => "out_layers.3",
-            "conv_shortcut" => "skip_connection",
-            _ => return None,
-        };
-        Some(format!("{j}|0.{leaf}"))
-    };
-    let member = |rest: &str| -> Option<(usize, String)> {
-        // "resnets.J.leaf" | "attentions.J.inner" → (J, "0.leaf" | "1.inner")
-        if let Some(r) = rest.strip_prefix("resnets.") {
-            let s = resnet(r)?;
-            let (j, m) = s.split_once('|')?;
-            return Some((j.parse().ok()?, m.to_string()));
-        }
-        let r = rest.strip_prefix("attentions.")?;
-        let (j, inner) = r.split_once('.')?;
-        Some((j.parse().ok()?, format!("1.{inner}")))
-    };
-    if let Some(rest) = path.strip_prefix("down_blocks.") {
-        let (b, rest) = rest.split_once('.')?;
-        let b: usize = b.parse().ok()?;
-        if rest == "downsamplers.0.conv" {
-            return Some(format!("input_blocks.{}.0.op", (b + 1) * (layers + 1)));
-        }
-        let (j, m) = member(rest)?;
-        return Some(format!("input_blocks.{}.{m}", 1 + b * (layers + 1) + j));
-    }
-    if let Some(rest) = path.strip_prefix("mid_block.") {
-        return match member(rest)? {
-            (0, m) if m.starts_with("0.") => Some(format!("middle_block.0.{}", &m[2..])),
-            (1, m) if m.starts_with("0.") => Some(format!("middle_block.2.{}", &m[2..])),
-            (0, m) => Some(format!("middle_block.1.{}", &m[2..])),
-            _ => None,
-        };
-    }
-    if let Some(rest) = path.strip_prefix("up_blocks.") {
-        let (b, rest) = rest.split_once('.')?;
-        let b: usize = b.parse().ok()?;
-        let k0 = b * (layers + 1);
-        if rest == "upsamplers.0.conv" {
-            // Beside the last resnet: after its attention when the block has one.
-            return Some(format!("output_blocks.{}.{{up}}.conv", k0 + layers));
-        }
-        let (j, m) = member(rest)?;
-        return Some(format!("output_blocks.{}.{m}", k0 + j));
-    }
-    None
-}
-
 impl ModuleIndex {
     /// An empty index; with the UNet's layers per block it also knows the ldm names.
     pub fn new(layers_per_block: Option<usize>) -> Self {
@@ -233,14 +169,6 @@ impl ModuleIndex {
         match component {
             Component::Unet => {
                 self.flat.insert(format!("lora_unet_{flat}"), (component, path.to_string()));
-                if let Some(ldm) = self.layers_per_block.and_then(|l| ldm_unet_path(path, l)) {
-                    // The upsampler's position depends on whether its block has attention.
-                    for ldm in [ldm.replace("{up}", "1"), ldm.replace("{up}", "2")] {
-                        self.flat
-                            .entry(format!("lora_unet_{}", ldm.replace('.', "_")))
-                            .or_insert((component, path.to_string()));
-                    }
-                }
             }
             Component::TextEncoder => {
                 // kohya spells SD 1.x/2.x text encoders `lora_te_`; SDXL-style files use `lora_te1_`.
@@ -253,7 +181,12 @@ impl ModuleIndex {
 
     pub fn resolve(&self, key: &LayerKey) -> Option<(Component, String)> {
         match key {
-            LayerKey::Flat(n) => self.flat.get(n).cloned(),
+            LayerKey::Flat(n) => self.flat.get(n).cloned().or_else(|| {
+                // Older kohya files and ComfyUI name UNet layers the original (ldm) way.
+                let ldm = n.strip_prefix("lora_unet_")?;
+                let path = unet_module(ldm, '_', self.layers_per_block?)?;
+                self.layers.contains_key(&(Component::Unet, path.clone())).then_some((Component::Unet, path))
+            }),
             LayerKey::Path(c, p) => self.layers.contains_key(&(*c, p.clone())).then(|| (*c, p.clone())),
         }
     }

@@ -1,7 +1,10 @@
 //! Tests of the single-file mapping against the fixture model and diffusers' reference names.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
+use crate::engine::models::unet::PerBlock;
+
+use super::names::{UNET, unet_param};
 use super::*;
 use crate::engine::io::weights::read_safetensors;
 
@@ -28,63 +31,10 @@ fn fixture() -> Fixture {
     }
 }
 
-// ---- An independent diffusers → ldm renaming, written from the ldm module tree. ----
-
-fn ldm_unet_name(name: &str, cfg: &UNetConfig) -> String {
-    let l = cfg.layers_per_block;
-    let mut table: Vec<(String, String)> = [
-        ("time_embedding.linear_1.", "time_embed.0."),
-        ("time_embedding.linear_2.", "time_embed.2."),
-        ("conv_in.", "input_blocks.0.0."),
-        ("conv_norm_out.", "out.0."),
-        ("conv_out.", "out.2."),
-        ("mid_block.resnets.0.", "middle_block.0."),
-        ("mid_block.attentions.0.", "middle_block.1."),
-        ("mid_block.resnets.1.", "middle_block.2."),
-    ]
-    .iter()
-    .map(|(a, b)| (a.to_string(), b.to_string()))
-    .collect();
-    for i in 0..cfg.block_out_channels.len() {
-        for j in 0..l {
-            let k = 1 + i * (l + 1) + j;
-            table.push((format!("down_blocks.{i}.resnets.{j}."), format!("input_blocks.{k}.0.")));
-            table.push((format!("down_blocks.{i}.attentions.{j}."), format!("input_blocks.{k}.1.")));
-        }
-        table.push((
-            format!("down_blocks.{i}.downsamplers.0.conv."),
-            format!("input_blocks.{}.0.op.", (i + 1) * (l + 1)),
-        ));
-        for j in 0..=l {
-            let k = i * (l + 1) + j;
-            table.push((format!("up_blocks.{i}.resnets.{j}."), format!("output_blocks.{k}.0.")));
-            table.push((format!("up_blocks.{i}.attentions.{j}."), format!("output_blocks.{k}.1.")));
-        }
-        let slot = if cfg.up_block_types[i] == "CrossAttnUpBlock2D" { 2 } else { 1 };
-        table.push((
-            format!("up_blocks.{i}.upsamplers.0.conv."),
-            format!("output_blocks.{}.{slot}.conv.", i * (l + 1) + l),
-        ));
-    }
-    let (from, to) = table.iter().find(|(f, _)| name.starts_with(f.as_str())).unwrap_or_else(|| panic!("{name}"));
-    let mut rest = name[from.len()..].to_string();
-    if from.contains(".resnets.") {
-        for (a, b) in [
-            ("norm1.", "in_layers.0."),
-            ("conv1.", "in_layers.2."),
-            ("time_emb_proj.", "emb_layers.1."),
-            ("norm2.", "out_layers.0."),
-            ("conv2.", "out_layers.3."),
-            ("conv_shortcut.", "skip_connection."),
-        ] {
-            if let Some(leaf) = rest.strip_prefix(a) {
-                rest = format!("{b}{leaf}");
-                break;
-            }
-        }
-    }
-    format!("model.diffusion_model.{to}{rest}")
-}
+// An independent diffusers → ldm UNet renaming, shared with the integration tests.
+#[path = "../../../../tests/support/ldm_names.rs"]
+mod ldm_names;
+use ldm_names::ldm_unet_name;
 
 /// Returns the ldm name and whether the tensor is a VAE attention linear stored as a 1×1 conv.
 fn ldm_vae_name(name: &str, blocks: usize) -> (String, bool) {
@@ -127,7 +77,11 @@ fn ldm_vae_name(name: &str, blocks: usize) -> (String, bool) {
 fn ldm_checkpoint(f: &Fixture) -> HashMap<String, Tensor> {
     let mut out = HashMap::new();
     for (n, t) in &f.unet {
-        assert!(out.insert(ldm_unet_name(n, &f.unet_config), t.clone()).is_none(), "{n}");
+        assert!(
+            out.insert(ldm_unet_name(n, f.unet_config.layers_per_block, &f.unet_config.up_block_types), t.clone())
+                .is_none(),
+            "{n}"
+        );
     }
     for (n, t) in &f.vae {
         let (name, conv1x1) = ldm_vae_name(n, f.vae_config.block_out_channels.len());
@@ -620,26 +574,42 @@ fn real_sd15_and_sd21_key_names() {
     }
 }
 
-/// The ldm names that `formats` derives for kohya files agree with this module's mapping.
-mod ldm_names {
-    use crate::engine::adapters::formats::ldm_unet_path;
+/// The one UNet name map, read both ways it is used (checkpoint parameters with `.`, kohya adapter
+/// layers flattened with `_`), against diffusers' own pairing of the real SD 1.5 and SD 2.1 names
+/// (`tests/fixtures/unet_names`, see its README) and against the test-side renaming above.
+mod unet_map {
+    use super::*;
+
+    /// `(ldm parameter, diffusers parameter)` pairs from a `tests/fixtures/unet_names` file.
+    fn pairs(file: &str) -> Vec<(String, String)> {
+        let path = crate::engine::builtin::fixtures_dir().join("unet_names").join(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (ldm, diffusers) = l.split_once('\t').unwrap_or_else(|| panic!("{file}: `{l}`"));
+                (ldm.to_string(), diffusers.to_string())
+            })
+            .collect()
+    }
 
     #[test]
-    fn every_adaptable_unet_layer_maps_back_to_itself() {
-        let dir = crate::engine::builtin::fixtures_dir().join("sd1-tiny/model");
-        let mut sd = crate::engine::pipeline::StableDiffusion::load(&dir, &candle_core::Device::Cpu).unwrap();
-        let layers = sd.unet.config.layers_per_block;
-        let mut checked = 0;
-        sd.unet.visit_layers(&mut |l| {
-            let path = l.path().to_string();
-            let ldm = ldm_unet_path(&path, layers).unwrap_or_else(|| panic!("{path} has an ldm name"));
-            let back = [ldm.replace("{up}", "1"), ldm.replace("{up}", "2")]
-                .iter()
-                .filter_map(|n| crate::engine::io::single_file::unet_name(&format!("{n}.weight"), layers))
-                .collect::<Vec<_>>();
-            assert!(back.contains(&format!("{path}.weight")), "{path} → {ldm} → {back:?}");
-            checked += 1;
-        });
-        assert!(checked > 40);
+    fn real_sd15_and_sd21_unet_names_map_as_diffusers_maps_them() {
+        let up_types: Vec<String> =
+            ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).into();
+        for file in ["sd15.tsv", "sd21.tsv"] {
+            let pairs = pairs(file);
+            assert!(pairs.len() > 680, "{file}: {} pairs", pairs.len());
+            for (ldm, diffusers) in &pairs {
+                assert_eq!(unet_param(ldm, 2).as_deref(), Some(diffusers.as_str()), "{file}: {ldm}");
+                // kohya's flattened spelling of the same module names the same layer.
+                let (module, leaf) = ldm.rsplit_once('.').unwrap();
+                let flat = unet_module(&module.replace('.', "_"), '_', 2);
+                assert_eq!(flat.map(|m| format!("{m}.{leaf}")).as_deref(), Some(diffusers.as_str()), "{file}: {ldm}");
+                // The test-side renaming used to build ldm files for the fixture model agrees too.
+                let back = ldm_unet_name(diffusers, 2, &up_types);
+                assert_eq!(back.strip_prefix(UNET), Some(ldm.as_str()), "{file}: {diffusers}");
+            }
+        }
     }
 }
