@@ -7,10 +7,11 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::tempdir;
+use lora_studio::engine::adapters::delta::Delta;
 use lora_studio::engine::adapters::formats::{
     Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter,
 };
-use lora_studio::engine::adapters::stack::{AdapterStack, Delta, LayerAdapter};
+use lora_studio::engine::adapters::stack::{AdapterStack, LayerAdapter};
 use lora_studio::engine::rng::Rng;
 
 fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {

@@ -727,7 +727,7 @@ fn bad_adapters() -> Vec<(&'static str, HashMap<String, Tensor>, &'static str)> 
 
     let mut t = HashMap::new();
     t.insert("lora_unet_x.lora_down.weight".into(), f32s(&[4, 32], 0.01));
-    cases.push(("half-a-layer.safetensors", t, "unsupported adapter type"));
+    cases.push(("half-a-layer.safetensors", t, "lacks `lora_up.weight`"));
 
     cases
 }

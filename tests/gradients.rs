@@ -176,7 +176,8 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 /// the gradients of its input and both factors match central differences.
 #[test]
 fn lora_layer_gradients_match_finite_differences() {
-    use lora_studio::engine::adapters::stack::{AdapterStack, Delta, LayerAdapter};
+    use lora_studio::engine::adapters::delta::Delta;
+    use lora_studio::engine::adapters::stack::{AdapterStack, LayerAdapter};
     let dev = Device::Cpu;
     let values = |n: usize, seed: usize| -> Vec<f64> {
         (0..n).map(|i| (((i + seed) * 7919) % 1000) as f64 / 500.0 - 1.0).collect()

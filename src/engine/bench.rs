@@ -194,7 +194,8 @@ pub struct TrainBenchReport {
 /// A LoRA training step on attention projections (to_q/k/v/out.0), random frozen weights of
 /// the configured shape — what `../shared/peer/bench_lora_train.py` measures.
 pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenchReport> {
-    use crate::engine::adapters::stack::{Delta, LayerAdapter, TargetPreset};
+    use crate::engine::adapters::delta::Delta;
+    use crate::engine::adapters::stack::{LayerAdapter, TargetPreset};
     if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
         bail!("--runs, --batch, --latent and --rank must be positive");
     }
@@ -313,7 +314,8 @@ pub struct MixBenchReport {
 /// Sampling cost with `adapters` random LoRAs merged into a random UNet, and the cost of
 /// moving one slider (`AdapterStack` re-merges only the layers that adapter touches).
 pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
-    use crate::engine::adapters::stack::{Delta, LayerAdapter, TargetPreset};
+    use crate::engine::adapters::delta::Delta;
+    use crate::engine::adapters::stack::{LayerAdapter, TargetPreset};
     use crate::engine::models::nn::LayerMut;
     if opts.runs == 0 || opts.batch == 0 || opts.latent == 0 || opts.rank == 0 {
         bail!("--runs, --batch, --latent and --rank must be positive");

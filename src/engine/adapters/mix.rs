@@ -8,8 +8,8 @@ use candle_core::{DType, Tensor};
 
 use crate::engine::Result;
 use crate::engine::adapters::formats::{Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter};
-use crate::engine::adapters::stack::{AdapterStack, Delta};
 use crate::engine::adapters::svd::{Factor, blend_low_rank};
+use crate::engine::adapters::{delta::Delta, stack::AdapterStack};
 use crate::engine::io::weights::{tidy_temporaries_beside, write_checked};
 use crate::engine::pipeline::StableDiffusion;
 
@@ -48,6 +48,12 @@ fn factors(stack: &AdapterStack) -> Result<Vec<Factor>> {
                 // hand the full ΔW over with an identity on the left.
                 let dw = a.delta.delta_weight(base)?.reshape((out, n))?;
                 fs.push(Factor { up: Tensor::eye(out, base.dtype(), base.device())?, down: dw, coefficient: c });
+            }
+            _ => {
+                // LoHa, LoKr, DoRA, OFT, full diffs: their summed change is low-rank only by chance,
+                // so the SVD gets the whole change (at the slider, already scaled).
+                let dw = a.weight_change(base)?.reshape((out, n))?;
+                fs.push(Factor { up: Tensor::eye(out, base.dtype(), base.device())?, down: dw, coefficient: 1.0 });
             }
         }
     }

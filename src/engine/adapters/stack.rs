@@ -1,143 +1,13 @@
-//! The adapter math, in one place: low-rank updates (LoRA, LoCon, GLoRA) and the per-layer
-//! `AdapterStack` that holds a frozen base weight plus any number of weighted adapters, run either
-//! factored (for training) or merged into a cached weight (zero extra cost at inference).
+//! The per-layer `AdapterStack`: a frozen base weight plus any number of weighted adapters (each
+//! kind's math is in `delta`), run either factored (for training) or merged into a cached weight
+//! (zero extra cost at inference); and which layers a new adapter trains.
 
-use anyhow::bail;
 use candle_core::Tensor;
 
 use crate::engine::Result;
-use crate::engine::kernels::conv::{conv2d, conv2d_bias};
+use crate::engine::adapters::delta::Delta;
+use crate::engine::kernels::conv::conv2d_bias;
 use crate::engine::kernels::frozen;
-
-/// One adapter's update of one layer, stored in LyCORIS' current layout.
-#[derive(Clone, Debug)]
-pub enum Delta {
-    /// ΔW = up · down. Linear: down (r, in), up (out, r). Conv (LoCon): down (r, in, kh, kw),
-    /// up (out, r, 1, 1).
-    Lora { down: Tensor, up: Tensor },
-    /// GLoRA, ΔW = W·a1·a2 + b1·b2: a learned rescaling of the frozen weight plus a low-rank shift.
-    /// Linear: a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in). Conv: a1 (in, r, 1, 1),
-    /// a2 (r, in, 1, 1), b1 (out, r, 1, 1), b2 (r, in, kh, kw).
-    Glora { a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor },
-}
-
-impl Delta {
-    pub fn rank(&self) -> usize {
-        match self {
-            Delta::Lora { down, .. } => down.dims()[0],
-            Delta::Glora { a2, .. } => a2.dims()[0],
-        }
-    }
-
-    pub fn algorithm(&self) -> &'static str {
-        match self {
-            Delta::Lora { down, .. } if down.rank() == 4 => "locon",
-            Delta::Lora { .. } => "lora",
-            Delta::Glora { .. } => "glora",
-        }
-    }
-
-    pub fn tensors(&self) -> Vec<&Tensor> {
-        match self {
-            Delta::Lora { down, up } => vec![down, up],
-            Delta::Glora { a1, a2, b1, b2 } => vec![a1, a2, b1, b2],
-        }
-    }
-
-    /// The same update with every factor in `dtype`. Files store factors in f16, bf16, f32 or f64;
-    /// the layer computes in its own dtype, and candle refuses mixed dtypes in one op.
-    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Delta> {
-        let cast =
-            |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
-        Ok(match self {
-            Delta::Lora { down, up } => Delta::Lora { down: cast(down)?, up: cast(up)? },
-            Delta::Glora { a1, a2, b1, b2 } => {
-                Delta::Glora { a1: cast(a1)?, a2: cast(a2)?, b1: cast(b1)?, b2: cast(b2)? }
-            }
-        })
-    }
-
-    /// Checks the factors against the base weight's shape, naming what does not fit.
-    pub fn check_shapes(&self, base: &[usize]) -> Result<()> {
-        let (out, inp) = (base[0], base[1]);
-        let kernel: &[usize] = &base[2..];
-        let ok = match self {
-            Delta::Lora { down, up } => {
-                let r = down.dims()[0];
-                down.dims()[1] == inp
-                    && &down.dims()[2..] == kernel
-                    && up.dims()[0] == out
-                    && up.dims()[1] == r
-                    && up.dims()[2..].iter().all(|&d| d == 1)
-            }
-            Delta::Glora { a1, a2, b1, b2 } => {
-                let r = a2.dims()[0];
-                a1.dims()[..2] == [inp, r]
-                    && a2.dims()[1] == inp
-                    && b1.dims()[..2] == [out, r]
-                    && b2.dims()[..2] == [r, inp]
-                    && &b2.dims()[2..] == kernel
-            }
-        };
-        if !ok {
-            let shapes: Vec<String> = self.tensors().iter().map(|t| format!("{:?}", t.dims())).collect();
-            bail!("{} factors {} do not fit a layer of shape {:?}", self.algorithm(), shapes.join(" "), base);
-        }
-        Ok(())
-    }
-
-    /// The full-size ΔW (unscaled), for merging and for exporting blends.
-    pub fn delta_weight(&self, base: &Tensor) -> Result<Tensor> {
-        let shape = base.dims().to_vec();
-        let (out, inp) = (shape[0], shape[1]);
-        let flat = |t: &Tensor| -> Result<Tensor> { Ok(t.flatten_from(1)?) };
-        Ok(match self {
-            Delta::Lora { down, up } => flat(up)?.matmul(&flat(down)?)?.reshape(shape)?,
-            Delta::Glora { a1, a2, b1, b2 } => {
-                let m = flat(a1)?.matmul(&flat(a2)?)?; // (in, in)
-                // W·M contracts W's input channel with M, for every kernel position.
-                let kk: usize = shape[2..].iter().product();
-                let w = base.reshape((out, inp, kk))?.transpose(1, 2)?.reshape((out * kk, inp))?;
-                let wm = w.matmul(&m)?.reshape((out, kk, inp))?.transpose(1, 2)?.reshape(shape.as_slice())?;
-                (wm + flat(b1)?.matmul(&flat(b2)?)?.reshape(shape.as_slice())?)?
-            }
-        })
-    }
-
-    /// ΔW·x through the factors for a linear layer (x: (…, in)), never materialising ΔW.
-    pub fn apply_linear(&self, x: &Tensor, base: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Delta::Lora { down, up } => matmul_last(&matmul_last(x, down)?, up)?,
-            Delta::Glora { a1, a2, b1, b2 } => {
-                let rescaled = matmul_last(&matmul_last(&matmul_last(x, a2)?, a1)?, base)?;
-                (rescaled + matmul_last(&matmul_last(x, b2)?, b1)?)?
-            }
-        })
-    }
-
-    /// ΔW ⊛ x through the factors for a convolution with the base layer's padding and stride (in
-    /// that order, as every convolution here and in candle takes them).
-    pub fn apply_conv(&self, x: &Tensor, base: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-        Ok(match self {
-            Delta::Lora { down, up } => conv1x1(&conv2d(x, down, padding, stride)?, up)?,
-            Delta::Glora { a1, a2, b1, b2 } => {
-                let mixed = conv1x1(&conv1x1(x, a2)?, a1)?;
-                let rescaled = conv2d(&mixed, base, padding, stride)?;
-                (rescaled + conv1x1(&conv2d(x, b2, padding, stride)?, b1)?)?
-            }
-        })
-    }
-}
-
-/// x (…, in) · Wᵀ for W (out, in).
-fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    frozen::linear(x, w, None)
-}
-
-/// A 1×1 convolution as a matmul (w: (out, in, 1, 1) or (out, in)).
-fn conv1x1(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    frozen::pointwise(x, w, None)
-}
 
 /// One adapter attached to one layer.
 #[derive(Clone, Debug)]
@@ -154,6 +24,11 @@ pub struct LayerAdapter {
 impl LayerAdapter {
     pub fn coefficient(&self) -> f64 {
         self.scale * self.multiplier
+    }
+
+    /// The change this adapter makes to the layer's weight at its multiplier.
+    pub fn weight_change(&self, base: &Tensor) -> Result<Tensor> {
+        self.delta.weight_change(base, self.scale, self.multiplier)
     }
 }
 
@@ -237,7 +112,7 @@ impl AdapterStack {
     pub fn merged_weight(&self) -> Result<Tensor> {
         let mut w = self.base.clone();
         for a in self.active() {
-            w = (w + (a.delta.delta_weight(&self.base)? * a.coefficient())?)?;
+            w = (w + a.weight_change(&self.base)?)?;
         }
         Ok(w)
     }
@@ -258,7 +133,7 @@ impl AdapterStack {
     pub fn delta_sum(&self) -> Result<Option<Tensor>> {
         let mut sum: Option<Tensor> = None;
         for a in self.active() {
-            let d = (a.delta.delta_weight(&self.base)? * a.coefficient())?;
+            let d = a.weight_change(&self.base)?;
             sum = Some(match sum {
                 Some(s) => (s + d)?,
                 None => d,
@@ -278,8 +153,27 @@ impl AdapterStack {
         }
     }
 
+    /// The layer's bias with the adapters' bias changes added (full diffs carry one; a layer
+    /// without a bias has a zero one), or `None` to use the layer's own.
+    fn adapted_bias(&self, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let mut out: Option<Tensor> = None;
+        for a in self.active() {
+            if let Some(db) = a.delta.bias_delta() {
+                let change = (db.flatten_all()?.to_dtype(self.base.dtype())? * a.coefficient())?;
+                out = Some(match (out, bias) {
+                    (Some(b), _) => (b + change)?,
+                    (None, Some(b)) => (b + change)?,
+                    (None, None) => change,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// y = x·Wᵀ + b (+ adapters), for a linear layer; `x` is (…, in).
     pub fn forward_linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let adapted = self.adapted_bias(bias)?;
+        let bias = adapted.as_ref().or(bias);
         if let Some(w) = self.direct_weight() {
             return frozen::linear(x, w, bias);
         }
@@ -292,19 +186,31 @@ impl AdapterStack {
         }
         let mut y = frozen::linear(x, &self.base, bias)?;
         for a in active {
-            y = (y + (a.delta.apply_linear(x, &self.base)? * a.coefficient())?)?;
+            let change = if a.delta.is_factored() {
+                (a.delta.apply_linear(x, &self.base)? * a.coefficient())?
+            } else {
+                frozen::linear(x, &a.weight_change(&self.base)?, None)?
+            };
+            y = (y + change)?;
         }
         Ok(y)
     }
 
     /// y = W ⊛ x + b (+ adapters), for a convolution; `bias` is (out).
     pub fn forward_conv(&self, x: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+        let adapted = self.adapted_bias(bias)?;
+        let bias = adapted.as_ref().or(bias);
         if let Some(w) = self.direct_weight() {
             return conv(x, w, bias, padding, stride);
         }
         let mut y = conv(x, &self.base, bias, padding, stride)?;
         for a in self.active() {
-            y = (y + (a.delta.apply_conv(x, &self.base, padding, stride)? * a.coefficient())?)?;
+            let change = if a.delta.is_factored() {
+                (a.delta.apply_conv(x, &self.base, padding, stride)? * a.coefficient())?
+            } else {
+                conv(x, &a.weight_change(&self.base)?, None, padding, stride)?
+            };
+            y = (y + change)?;
         }
         Ok(y)
     }

@@ -10,8 +10,9 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Result;
+use crate::engine::adapters::delta::Delta;
 use crate::engine::adapters::formats::{Component, ExportLayer, GloraLayout, Naming, write_adapter};
-use crate::engine::adapters::stack::{Delta, LayerAdapter, TargetPreset};
+use crate::engine::adapters::stack::{LayerAdapter, TargetPreset};
 use crate::engine::io::diffusers_folder::write_model_folder;
 use crate::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
 use crate::engine::kernels::recompute::GradSink;

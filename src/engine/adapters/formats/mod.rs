@@ -12,7 +12,7 @@ use anyhow::bail;
 use candle_core::Tensor;
 
 use crate::engine::Result;
-use crate::engine::adapters::stack::Delta;
+use crate::engine::adapters::delta::{Delta, strength_semantics};
 use crate::engine::io::single_file::unet_module;
 use crate::engine::io::weights::{all_finite, parse_safetensors, read_safetensors_with_metadata};
 
@@ -69,13 +69,10 @@ pub struct ParsedLayer {
 }
 
 impl ParsedLayer {
-    /// α / r. A missing or zero α means α = r (scale 1), as kohya, A1111 and ComfyUI read it.
+    /// α / r for the kinds α scales. A missing or zero α means α = r (scale 1), as kohya, A1111
+    /// and ComfyUI read it.
     pub fn scale(&self) -> f64 {
-        let r = self.delta.rank() as f64;
-        match self.alpha {
-            Some(a) if a != 0.0 => a / r,
-            _ => 1.0,
-        }
+        self.delta.scale_from_alpha(self.alpha)
     }
 }
 
@@ -108,7 +105,7 @@ pub fn parse_adapter(tensors: HashMap<String, Tensor>, metadata: HashMap<String,
     if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te")) {
         return validated(kohya::parse(tensors, metadata)?);
     }
-    if tensors.keys().any(|k| k.contains(".lora_A.") || k.contains(".lora_B.")) {
+    if tensors.keys().any(|k| peft::is_peft_key(k)) {
         return validated(peft::parse(tensors, metadata)?);
     }
     if tensors
@@ -121,14 +118,16 @@ pub fn parse_adapter(tensors: HashMap<String, Tensor>, metadata: HashMap<String,
     bail!("not a recognised adapter file (keys like {sample:?})")
 }
 
-/// Refuses factors that later code could not use safely: other than 2-D (linear) or 4-D (conv),
-/// empty, or holding NaN / ∞, and non-finite α.
+/// Refuses tensors that later code could not use safely: scalars or more than 4-D (no kind has
+/// them; each kind's shapes are checked against its layer when matched), empty, or holding NaN / ∞,
+/// and non-finite α.
 fn validated(adapter: ParsedAdapter) -> Result<ParsedAdapter> {
     for layer in &adapter.layers {
+        layer.delta.check_form().map_err(|e| anyhow::anyhow!("layer `{}`: {e}", layer.key))?;
         for t in layer.delta.tensors() {
             let dims = t.dims();
-            if !(dims.len() == 2 || dims.len() == 4) {
-                bail!("layer `{}`: a factor has shape {dims:?}; expected 2 (linear) or 4 (conv) dimensions", layer.key);
+            if !(1..=4).contains(&dims.len()) {
+                bail!("layer `{}`: a tensor has shape {dims:?}; expected 1 to 4 dimensions", layer.key);
             }
             if dims.contains(&0) {
                 bail!("layer `{}`: a factor has an empty shape {dims:?}", layer.key);
@@ -268,10 +267,7 @@ pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec
 
 /// A guess at why shapes differ, in the words a user needs.
 fn shape_hint(key: &LayerKey, delta: &Delta, base: &[usize]) -> String {
-    let input = match delta {
-        Delta::Lora { down, .. } => down.dims()[1],
-        Delta::Glora { a2, .. } => a2.dims()[1],
-    };
+    let Some(input) = delta.input_width() else { return String::new() };
     let name = key.to_string().replace('.', "_");
     let cross = name.contains("attn2_to_k") || name.contains("attn2_to_v");
     if !cross || base.get(1) == Some(&input) {
@@ -370,8 +366,10 @@ pub(crate) fn alpha_scalar(layer: &str, t: &Tensor) -> Result<Option<f64>> {
 pub struct AdapterSummary {
     pub naming: String,
     pub layers: usize,
-    /// Layer count per algorithm (`lora`, `locon`, `glora`).
+    /// Layer count per algorithm (`lora`, `locon`, `loha`, `lokr`, `lora + dora (output axis)`, …).
     pub algorithms: BTreeMap<String, usize>,
+    /// How the slider acts, per algorithm whose strength is not a plain scale of ΔW (DoRA, OFT).
+    pub semantics: BTreeMap<String, String>,
     pub glora_layout: Option<String>,
     /// "SD 1.x", "SD 2.x", "SDXL" or "unknown", from the cross-attention input width.
     pub family: String,
@@ -388,6 +386,7 @@ impl AdapterSummary {
         let mut lines = vec![("naming", self.naming.clone()), ("layers", self.layers.to_string())];
         let algos: Vec<String> = self.algorithms.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
         lines.push(("algorithm", algos.join(", ")));
+        lines.extend(self.semantics.iter().map(|(k, v)| ("strength semantics", format!("{k}: {v}"))));
         if let Some(layout) = &self.glora_layout {
             lines.push(("GLoRA layout", layout.clone()));
         }
@@ -400,11 +399,15 @@ impl AdapterSummary {
 
 pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
     let mut algorithms = BTreeMap::new();
+    let mut semantics = BTreeMap::new();
     let mut ranks = BTreeMap::new();
     let mut targets = BTreeMap::new();
     let mut context_width = None;
     for l in &parsed.layers {
-        *algorithms.entry(l.delta.algorithm().to_string()).or_insert(0) += 1;
+        *algorithms.entry(l.delta.algorithm()).or_insert(0) += 1;
+        if matches!(l.delta, Delta::Dora { .. } | Delta::Oft { .. } | Delta::Boft { .. }) {
+            semantics.insert(l.delta.algorithm(), strength_semantics(&l.delta).to_string());
+        }
         *ranks.entry(format!("rank {}, scale {}", l.delta.rank(), l.scale())).or_insert(0) += 1;
         let name = l.key.to_string().replace('.', "_");
         let kind = if name.starts_with("lora_te") || name.starts_with("text_encoder") {
@@ -422,11 +425,7 @@ pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
         };
         *targets.entry(kind.to_string()).or_insert(0) += 1;
         if name.contains("attn2_to_k") || name.contains("attn2_to_v") {
-            let input = match &l.delta {
-                Delta::Lora { down, .. } => down.dims()[1],
-                Delta::Glora { a2, .. } => a2.dims()[1],
-            };
-            context_width = Some(input);
+            context_width = l.delta.input_width().or(context_width);
         }
     }
     let family = match context_width {
@@ -449,6 +448,7 @@ pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
         },
         layers: parsed.layers.len(),
         algorithms,
+        semantics,
         glora_layout,
         family: family.into(),
         ranks,
