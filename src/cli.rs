@@ -12,6 +12,7 @@ use lexopt::prelude::*;
 use crate::engine::Result;
 use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summarize};
 use crate::engine::adapters::mix;
+use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::bench;
 use crate::engine::builtin;
 use crate::engine::diffusion::sampler::SamplerKind;
@@ -26,9 +27,9 @@ LoRA Studio — train, blend and export LoRA adapters for Stable Diffusion
 usage:
   lora-studio [--model PATH]       open the window (also: lora-studio gui --model PATH)
                                    (without --model: the built-in model in assets/base, everywhere)
-  lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--negative TEXT] [--seed N] [--steps N]
+  lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
-  lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... --inputs IN.safetensors --output OUT.safetensors
+  lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|glora]
                     [--rank N --alpha X --targets PRESET --lr X --steps N --batch N --resolution N
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
@@ -42,8 +43,8 @@ usage:
                        the same job for kohya sd-scripts (dataset.toml + train.sh)
   lora-studio adapter info FILE [--model PATH]
   lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... [--model PATH] --rank N --out C.safetensors
-                       [--format kohya|peft] [--f16]
-  lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR
+                       [--format kohya|peft] [--f16] [--allow-partial]
+  lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR [--allow-partial]
   lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N] [--forward-only]
   lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N] [--checkpointing]
   lora-studio bench mix --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N]
@@ -135,6 +136,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         width: 0,
         height: 0,
     };
+    let mut allow_partial = false;
     while let Some(arg) = p.next()? {
         match arg {
             Long("model") => model = Some(p.value()?.into()),
@@ -148,13 +150,14 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
             Long("height") => req.height = p.value()?.parse()?,
             Long("out") => out = Some(p.value()?.into()),
             Long("adapter") => adapters.push(p.value()?.string()?),
+            Long("allow-partial") => allow_partial = true,
             _ => return Err(arg.unexpected().into()),
         }
     }
     let model = builtin::resolve_model(model)?;
     let out = out.context("--out FILE.png is required")?;
     let mut sd = StableDiffusion::load(&model, &device())?;
-    load_adapters(&mut sd, &adapters)?;
+    load_adapters(&mut sd, &adapters, allow_partial)?;
     let default_side = sd.unet.config.sample_size.unwrap_or(64).saturating_mul(sd.vae.config.downscale());
     if req.width == 0 {
         req.width = default_side;
@@ -184,12 +187,14 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
 fn forward(p: &mut lexopt::Parser) -> Result<()> {
     let (mut model, mut inputs, mut output): (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) = (None, None, None);
     let mut adapters: Vec<String> = Vec::new();
+    let mut allow_partial = false;
     while let Some(arg) = p.next()? {
         match arg {
             Long("model") => model = Some(p.value()?.into()),
             Long("inputs") => inputs = Some(p.value()?.into()),
             Long("output") => output = Some(p.value()?.into()),
             Long("adapter") => adapters.push(p.value()?.string()?),
+            Long("allow-partial") => allow_partial = true,
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -199,7 +204,7 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
     let dev = device();
     let inputs = read_safetensors(&inputs_path)?;
     let mut sd = StableDiffusion::from_weights(ModelWeights::load(&model, DType::F32, &dev)?)?;
-    load_adapters(&mut sd, &adapters)?;
+    load_adapters(&mut sd, &adapters, allow_partial)?;
     let mut outputs: HashMap<String, Tensor> = HashMap::new();
     let context = if let Some(ids) = inputs.get("input_ids") {
         let emb = sd.text_encoder.forward(&ids.to_device(&dev)?)?;
@@ -269,7 +274,7 @@ fn adapter_info(p: &mut lexopt::Parser) -> Result<()> {
     if let Some(model) = model {
         let mut sd = StableDiffusion::load(&model, &device())?;
         let (_, report) = match_layers(&parsed, &sd.module_index())?;
-        match report.accept() {
+        match report.accept(false) {
             Ok(()) => println!("with {}: {}", model.display(), report.summary()),
             Err(e) => println!("with {}: {e:#}", model.display()),
         }
@@ -285,6 +290,7 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     let mut rank: Option<usize> = None;
     let mut naming = Naming::Kohya;
     let mut dtype = DType::F32;
+    let mut allow_partial = false;
     while let Some(arg) = p.next()? {
         match arg {
             Long("model") => model = Some(p.value()?.into()),
@@ -298,6 +304,7 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
                 }
             }
             Long("f16") if !merge => dtype = DType::F16,
+            Long("allow-partial") => allow_partial = true,
             Value(v) => specs.push(v.string()?),
             _ => return Err(arg.unexpected().into()),
         }
@@ -309,7 +316,7 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     let out = out.context("--out is required")?;
     let dev = device();
     let mut sd = StableDiffusion::load(&model, &dev)?;
-    load_adapters(&mut sd, &specs)?;
+    load_adapters(&mut sd, &specs, allow_partial)?;
     if merge {
         let written = crate::engine::io::diffusers_folder::write_merged_model(&mut sd, &model, &out)?;
         println!("wrote {} ({written} weights changed)", out.display());
@@ -702,13 +709,26 @@ fn progress_bar(done: usize, total: usize, width: usize) -> String {
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
-/// Attaches `FILE[:WEIGHT]` adapters as `adapter0`, `adapter1`, …; partial matches warn.
-fn load_adapters(sd: &mut StableDiffusion, specs: &[String]) -> Result<()> {
+/// Attaches `FILE[:WEIGHT]` adapters as `adapter0`, `adapter1`, …. A file only part of which
+/// fits the model is refused unless `allow_partial` (`--allow-partial`), and then says so.
+fn load_adapters(sd: &mut StableDiffusion, specs: &[String], allow_partial: bool) -> Result<()> {
     for (i, spec) in specs.iter().enumerate() {
         let (file, weight) = parse_adapter_spec(spec)?;
-        let report = sd.load_adapter(&format!("adapter{i}"), &file, weight)?;
-        if !report.unmatched.is_empty() {
-            eprintln!("warning: {}: {}", file.display(), report.summary());
+        let name = format!("adapter{i}");
+        let report = if allow_partial {
+            sd.load_adapter_partial(&name, &file, weight, &BlockWeights::default())?
+        } else {
+            sd.load_adapter(&name, &file, weight).map_err(|e| {
+                let hint = if format!("{e:#}").contains("only part of the adapter fits") {
+                    " — --allow-partial loads the layers that fit"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("{e:#}{hint}")
+            })?
+        };
+        if report.partial() {
+            eprintln!("note: {}: partial load as asked: {}", file.display(), report.summary());
         }
     }
     Ok(())

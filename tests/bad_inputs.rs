@@ -1835,10 +1835,11 @@ fn resume_writes_the_step_adapter_its_checkpoint_is_ahead_of() {
     read_adapter(&step2).unwrap();
 }
 
-/// Matching gives a typed report: a file the model would refuse is known as such from the value
-/// (the window disables "Add to list" with it), and loading refuses it with the same summary.
+/// Matching gives a typed report: a file the model would refuse, or would fit only in part, is
+/// known as such from the value, and loading refuses it with the same summary unless a partial
+/// load is asked for.
 #[test]
-fn the_compatibility_report_says_when_a_file_is_refused() {
+fn a_file_that_fits_only_in_part_is_refused_unless_asked() {
     use lora_studio::engine::adapters::formats::match_layers;
     let dir = tempdir("report");
     let mut t = HashMap::new();
@@ -1851,11 +1852,37 @@ fn the_compatibility_report_says_when_a_file_is_refused() {
     let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
     let (layers, report) = match_layers(&read_adapter(&path).unwrap(), &sd.module_index()).unwrap();
     assert_eq!((layers.len(), report.matched, report.total), (1, 1, 3));
-    assert!(report.refused(), "{}", report.summary());
+    assert!(report.partial() && !report.refused(), "{}", report.summary());
+    // Part of a file is never applied unasked: the load names what has no home and loads nothing.
     let e = format!("{:#}", sd.load_adapter("a", &path, 1.0).unwrap_err());
-    assert!(e.contains("does not fit this model") && e.contains(&report.summary()), "{e}");
+    assert!(e.contains("only part of the adapter fits") && e.contains(&report.summary()), "{e}");
+    assert!(
+        e.contains("lora_unet_double_blocks_0_img_attn_qkv") && e.contains("lora_unet_single_blocks_3_linear1"),
+        "{e}"
+    );
+    let mut touched = 0;
+    sd.visit_layers(&mut |_, l| touched += !l.stack_ref().adapters.is_empty() as usize);
+    assert_eq!(touched, 0, "nothing was attached");
+    // Asked for, it loads the layer that fits.
+    let partial = sd.load_adapter_partial("a", &path, 1.0, &Default::default()).unwrap();
+    assert_eq!(partial.matched, 1);
+    // The command line refuses it the same way and says how to ask; with --allow-partial it runs.
+    let (model, inputs, out) =
+        (sd1_tiny().join("model"), sd1_tiny().join("inputs.safetensors"), dir.join("o.safetensors"));
+    let args = ["forward", "--model", p(&model), "--adapter", p(&path), "--inputs", p(&inputs), "--output", p(&out)];
+    assert_one_line_error(&studio(&args), &["only part of the adapter fits", "--allow-partial"]);
+    let run = studio(&[&args[..], &["--allow-partial"]].concat());
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("partial load as asked"));
+    // A file with no layer that fits is refused even when partial loads are allowed.
+    let mut t = HashMap::new();
+    kohya_layer(&mut t, "lora_unet_double_blocks_0_img_attn_qkv", f32s(&[4, 32], 0.01), f32s(&[32, 4], 0.01), None);
+    let none = dir.join("another-model.safetensors");
+    write_safetensors(&none, &t, None).unwrap();
+    let e = format!("{:#}", sd.load_adapter_partial("b", &none, 1.0, &Default::default()).unwrap_err());
+    assert!(e.contains("does not fit this model"), "{e}");
     // The good file's report accepts it.
     let (_, good) =
         match_layers(&read_adapter(&sd1_tiny().join("lora_a_kohya.safetensors")).unwrap(), &sd.module_index()).unwrap();
-    assert!(!good.refused() && good.accept().is_ok(), "{}", good.summary());
+    assert!(!good.refused() && good.accept(false).is_ok(), "{}", good.summary());
 }

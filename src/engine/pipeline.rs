@@ -272,9 +272,10 @@ impl StableDiffusion {
     }
 
     /// Reads an adapter file, checks it against this model and attaches it under `name` with the
-    /// given slider weight. Returns the compatibility report (its unmatched layers are a warning).
+    /// given slider weight. A file only part of which fits is refused (`load_adapter_partial`
+    /// loads it when the user asks). Returns the compatibility report.
     pub fn load_adapter(&mut self, name: &str, path: &Path, weight: f64) -> Result<CompatibilityReport> {
-        self.load_adapter_mixed(name, path, weight, &BlockWeights::default())
+        self.load_adapter_checked(name, path, weight, &BlockWeights::default(), false)
     }
 
     /// As `load_adapter`, with per-block weights from the start (each layer is merged once).
@@ -285,9 +286,32 @@ impl StableDiffusion {
         weight: f64,
         blocks: &BlockWeights,
     ) -> Result<CompatibilityReport> {
+        self.load_adapter_checked(name, path, weight, blocks, false)
+    }
+
+    /// As `load_adapter_mixed`, also when only some of the file's layers fit this model (the user
+    /// asked for it); the report says which did not.
+    pub fn load_adapter_partial(
+        &mut self,
+        name: &str,
+        path: &Path,
+        weight: f64,
+        blocks: &BlockWeights,
+    ) -> Result<CompatibilityReport> {
+        self.load_adapter_checked(name, path, weight, blocks, true)
+    }
+
+    fn load_adapter_checked(
+        &mut self,
+        name: &str,
+        path: &Path,
+        weight: f64,
+        blocks: &BlockWeights,
+        allow_partial: bool,
+    ) -> Result<CompatibilityReport> {
         let parsed = read_adapter(path)?;
         let (layers, report) = match_layers(&parsed, &self.module_index())?;
-        report.accept().map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+        report.accept(allow_partial).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
         self.attach_adapter_mixed(name, layers, weight, blocks)?;
         Ok(report)
     }

@@ -235,7 +235,7 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
                 let (fit, refused) = match sd.as_mut() {
                     // The report says whether the model would refuse the file; nothing is loaded.
                     Some(model) => match match_layers(&parsed, &model.module_index()) {
-                        Ok((_, report)) => match report.accept() {
+                        Ok((_, report)) => match report.accept(false) {
                             Ok(()) => (report.summary(), false),
                             Err(e) => (format!("{e:#}"), true),
                         },

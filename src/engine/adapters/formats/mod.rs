@@ -214,15 +214,30 @@ pub struct CompatibilityReport {
 }
 
 impl CompatibilityReport {
-    /// Refuse on any shape mismatch or when fewer than half the layers match.
+    /// Refused whatever the user says: a layer of the wrong shape (another model family) or no
+    /// layer that fits at all.
     pub fn refused(&self) -> bool {
-        !self.shape_mismatches.is_empty() || self.matched * 2 < self.total
+        !self.shape_mismatches.is_empty() || self.matched == 0
     }
 
-    /// The refusal as an error (with the summary), for the callers that load the adapter.
-    pub fn accept(&self) -> Result<()> {
+    /// Some layers find no home in this model: loading the rest changes the picture differently
+    /// from the tools the file was made for, so it is done only when asked for.
+    pub fn partial(&self) -> bool {
+        self.matched < self.total
+    }
+
+    /// The refusal as an error (with the summary), for the callers that load the adapter. A
+    /// partial fit is refused unless `allow_partial`.
+    pub fn accept(&self, allow_partial: bool) -> Result<()> {
         if self.refused() {
             bail!("adapter does not fit this model: {}", self.summary());
+        }
+        if self.partial() && !allow_partial {
+            bail!(
+                "only part of the adapter fits this model, so nothing was loaded: {}{} (load it partially only if you mean to)",
+                self.summary(),
+                if self.unmatched.len() > 1 { format!("; all: {}", self.unmatched.join(", ")) } else { String::new() }
+            );
         }
         Ok(())
     }

@@ -1,0 +1,530 @@
+//! A whole Stable Diffusion model (text encoder, UNet, VAE, tokenizer, noise schedule) loaded
+//! from a diffusers folder or a single-file checkpoint, and text-to-image generation with it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+
+use super::Result;
+use super::rng::Rng;
+use crate::engine::adapters::formats::{
+    CompatibilityReport, Component, MatchedLayer, ModuleIndex, match_layers, read_adapter,
+};
+use crate::engine::adapters::stack::{BlockWeights, LayerAdapter};
+use crate::engine::diffusion::sampler::{Sampler, SamplerKind, guidance};
+use crate::engine::diffusion::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
+use crate::engine::io::single_file;
+use crate::engine::io::weights::{WeightMap, all_finite, read_safetensors};
+use crate::engine::models::clip::{ClipConfig, ClipTextModel};
+use crate::engine::models::nn::LayerMut;
+use crate::engine::models::tokenizer::ClipTokenizer;
+use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
+
+/// Largest `num_train_timesteps` a scheduler config may ask for (SD uses 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+/// Largest image side `generate` accepts, so a config's `sample_size` or a request cannot ask
+/// for an allocation the machine cannot make.
+pub const MAX_GENERATE_SIDE: usize = 8192;
+
+/// The weights of one model, before the modules are built (training makes some of them trainable).
+#[derive(Clone)]
+pub struct ModelWeights {
+    pub unet_config: UNetConfig,
+    pub text_config: ClipConfig,
+    pub vae_config: VaeConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub tokenizer: ClipTokenizer,
+    pub unet: WeightMap,
+    pub text_encoder: WeightMap,
+    pub vae: WeightMap,
+}
+
+impl ModelWeights {
+    /// A diffusers folder (`model_index.json` + component folders) or a single `.safetensors`
+    /// checkpoint in the original Stable Diffusion layout.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            return Self::load_diffusers(path, dtype, device);
+        }
+        if !path.exists() {
+            bail!("{}: no such file or folder", path.display());
+        }
+        let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        match ext.as_str() {
+            "safetensors" => Self::load_single_file(path, dtype, device),
+            "ckpt" | "pt" | "pth" | "bin" => bail!(
+                "{}: not supported: pickled checkpoints (.{ext}) can run arbitrary code when loaded; convert it to .safetensors first",
+                path.display()
+            ),
+            _ => bail!(
+                "{}: not supported: expected a diffusers model folder or a .safetensors checkpoint",
+                path.display()
+            ),
+        }
+    }
+
+    fn load_diffusers(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !dir.join("model_index.json").exists() {
+            bail!("{}: not a diffusers model folder (no model_index.json)", dir.display());
+        }
+        for component in ["unet", "text_encoder", "vae"] {
+            if !dir.join(component).join("config.json").exists() {
+                bail!(
+                    "{}: the model folder is missing its `{component}` component ({component}/config.json)",
+                    dir.display()
+                );
+            }
+        }
+        let scheduler_file = dir.join("scheduler/scheduler_config.json");
+        let scheduler_config = if scheduler_file.exists() {
+            SchedulerConfig::from_file(&scheduler_file)?
+        } else {
+            SchedulerConfig::default()
+        };
+        // The schedule is built as a table of this many entries; refuse absurd values up front.
+        if scheduler_config.num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            bail!(
+                "{}: num_train_timesteps {} is larger than the limit {MAX_TRAIN_TIMESTEPS}",
+                scheduler_file.display(),
+                scheduler_config.num_train_timesteps
+            );
+        }
+        let tokenizer = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
+        Ok(Self {
+            unet_config: UNetConfig::from_file(&dir.join("unet/config.json"))?,
+            text_config: ClipConfig::from_file(&dir.join("text_encoder/config.json"))?,
+            vae_config: VaeConfig::from_file(&dir.join("vae/config.json"))?,
+            scheduler_config,
+            tokenizer,
+            unet: WeightMap::load(&component_files(&dir.join("unet"), "diffusion_pytorch_model")?, dtype, device)?,
+            text_encoder: WeightMap::load(&component_files(&dir.join("text_encoder"), "model")?, dtype, device)?,
+            vae: WeightMap::load(&component_files(&dir.join("vae"), "diffusion_pytorch_model")?, dtype, device)?,
+        })
+    }
+
+    fn load_single_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let source = path.display().to_string();
+        let converted = single_file::convert(read_safetensors(path)?, &source)?;
+        let mut scheduler_config = SchedulerConfig::default();
+        if let Some(p) = converted.prediction_hint {
+            scheduler_config.set_prediction(p);
+        }
+        let pad_id = match converted.family {
+            single_file::ModelFamily::Sd1 => crate::engine::models::tokenizer::END_OF_TEXT,
+            single_file::ModelFamily::Sd2 => 0,
+        };
+        Ok(Self {
+            tokenizer: ClipTokenizer::with_pad_id(pad_id),
+            unet_config: converted.unet_config,
+            text_config: converted.text_config,
+            vae_config: converted.vae_config,
+            scheduler_config,
+            unet: WeightMap::new(converted.unet, format!("{source} (UNet)"), dtype, device)?,
+            text_encoder: WeightMap::new(converted.text_encoder, format!("{source} (text encoder)"), dtype, device)?,
+            vae: WeightMap::new(converted.vae, format!("{source} (VAE)"), dtype, device)?,
+        })
+    }
+}
+
+/// The safetensors files holding one component, as diffusers names them: `{base}.safetensors`, or
+/// the shards its index (`{base}.safetensors.index.json`) lists; full precision before the `fp16`
+/// and `bf16` variants. Other `.safetensors` files beside them (a user's backup) are never read:
+/// a folder with several and none of these names is refused with the list.
+fn component_files(dir: &Path, base: &str) -> Result<Vec<PathBuf>> {
+    let mut safetensors = Vec::new();
+    let mut pickled = false;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot read folder", dir.display()))? {
+        let p = entry?.path();
+        match p.extension().and_then(|e| e.to_str()) {
+            Some("safetensors") => safetensors.push(p),
+            Some("bin") | Some("ckpt") | Some("pt") => pickled = true,
+            _ => {}
+        }
+    }
+    safetensors.sort();
+    for variant in ["", ".fp16", ".bf16"] {
+        // diffusers writes `{base}.safetensors.index.fp16.json`; some tools `{base}.fp16.safetensors.index.json`.
+        for index in [
+            dir.join(format!("{base}.safetensors.index{variant}.json")),
+            dir.join(format!("{base}{variant}.safetensors.index.json")),
+        ] {
+            if index.is_file() {
+                return shards_from_index(&index);
+            }
+        }
+        let file = dir.join(format!("{base}{variant}.safetensors"));
+        if file.is_file() {
+            return Ok(vec![file]);
+        }
+    }
+    match safetensors.len() {
+        0 if pickled => bail!(
+            "{}: not supported: only pickled weights (.bin) here; use a safetensors copy of the model",
+            dir.display()
+        ),
+        0 => bail!("{}: no .safetensors weights in this component folder", dir.display()),
+        1 => Ok(safetensors),
+        _ => {
+            let names: Vec<String> =
+                safetensors.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+            bail!(
+                "{}: several weight files ({}) and no {base}.safetensors or {base}.safetensors.index.json to say which to use; keep only the model's own file in the folder",
+                dir.display(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// The shard files a `*.safetensors.index.json` lists in its `weight_map`, each checked to exist.
+fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid shard index", index.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: no `weight_map` in the shard index", index.display()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let name = file.as_str().with_context(|| format!("{}: `{tensor}` maps to no file name", index.display()))?;
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            bail!("{}: shard `{name}` is not a file name in this folder", index.display());
+        }
+        let path = dir.join(name);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                bail!("{}: shard {name} is missing", index.display());
+            }
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: the shard index lists no files", index.display());
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A model ready to run.
+pub struct StableDiffusion {
+    pub unet: UNet2DConditionModel,
+    pub text_encoder: ClipTextModel,
+    pub vae: AutoencoderKL,
+    pub tokenizer: ClipTokenizer,
+    /// The noise schedule, which also carries the scheduler config it was built from.
+    pub schedule: NoiseSchedule,
+    pub device: Device,
+    pub dtype: DType,
+    /// Keep the last prompts' text embeddings while the text encoder's weights stay as they
+    /// were, so moving UNet-only sliders does not re-run it. Off by default: a trainer's model
+    /// changes its text encoder behind this cache's back.
+    pub cache_text_embeddings: bool,
+    text_cache: TextCache,
+}
+
+/// The last prompts' embeddings, tagged with the text-encoder revision they were made at.
+#[derive(Default)]
+struct TextCache {
+    /// Bumped whenever an adapter change reaches a text-encoder layer.
+    revision: u64,
+    entry: std::sync::Mutex<Option<(u64, Vec<String>, Tensor)>>,
+    /// How many times the text encoder ran (diagnostics and tests).
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+/// What to draw, and how.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub sampler: SamplerKind,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl StableDiffusion {
+    /// Every adaptable layer of the text encoder and the UNet.
+    pub fn visit_layers(&mut self, f: &mut dyn FnMut(Component, LayerMut<'_>)) {
+        self.text_encoder.visit_layers(&mut |l| f(Component::TextEncoder, l));
+        self.unet.visit_layers(&mut |l| f(Component::Unet, l));
+    }
+
+    /// `visit_layers` for work that can fail: stops calling `f` at the first error and returns it.
+    pub fn try_visit_layers(&mut self, f: &mut dyn FnMut(Component, LayerMut<'_>) -> Result<()>) -> Result<()> {
+        let mut first = crate::engine::models::nn::FirstError::default();
+        self.visit_layers(&mut |c, l| first.run(|| f(c, l)));
+        first.into_result()
+    }
+
+    /// The model's layer names and shapes, for matching adapter files.
+    pub fn module_index(&mut self) -> ModuleIndex {
+        let mut index = ModuleIndex::new(Some(self.unet.config.layers_per_block));
+        self.visit_layers(&mut |c, l| index.insert(c, l.path(), l.stack_ref().base.dims().to_vec()));
+        index
+    }
+
+    /// Reads an adapter file, checks it against this model and attaches it under `name` with the
+    /// given slider weight. A file only part of which fits is refused (`load_adapter_partial`
+    /// loads it when the user asks). Returns the compatibility report.
+    pub fn load_adapter(&mut self, name: &str, path: &Path, weight: f64) -> Result<CompatibilityReport> {
+        self.load_adapter_checked(name, path, weight, &BlockWeights::default(), false)
+    }
+
+    /// As `load_adapter`, with per-block weights from the start (each layer is merged once).
+    pub fn load_adapter_mixed(
+        &mut self,
+        name: &str,
+        path: &Path,
+        weight: f64,
+        blocks: &BlockWeights,
+    ) -> Result<CompatibilityReport> {
+        self.load_adapter_checked(name, path, weight, blocks, false)
+    }
+
+    /// As `load_adapter_mixed`, also when only some of the file's layers fit this model (the user
+    /// asked for it); the report says which did not.
+    pub fn load_adapter_partial(
+        &mut self,
+        name: &str,
+        path: &Path,
+        weight: f64,
+        blocks: &BlockWeights,
+    ) -> Result<CompatibilityReport> {
+        self.load_adapter_checked(name, path, weight, blocks, true)
+    }
+
+    fn load_adapter_checked(
+        &mut self,
+        name: &str,
+        path: &Path,
+        weight: f64,
+        blocks: &BlockWeights,
+        allow_partial: bool,
+    ) -> Result<CompatibilityReport> {
+        let parsed = read_adapter(path)?;
+        let (layers, report) = match_layers(&parsed, &self.module_index())?;
+        report.accept(allow_partial).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+        self.attach_adapter_mixed(name, layers, weight, blocks)?;
+        Ok(report)
+    }
+
+    /// Attaches matched layers under `name` (replacing an adapter of the same name).
+    pub fn attach_adapter(&mut self, name: &str, layers: Vec<MatchedLayer>, weight: f64) -> Result<()> {
+        self.attach_adapter_mixed(name, layers, weight, &BlockWeights::default())
+    }
+
+    /// As `attach_adapter`, each layer at `weight` times its block's weight.
+    pub fn attach_adapter_mixed(
+        &mut self,
+        name: &str,
+        layers: Vec<MatchedLayer>,
+        weight: f64,
+        blocks: &BlockWeights,
+    ) -> Result<()> {
+        self.remove_adapter(name);
+        let mut by_layer: HashMap<(Component, String), MatchedLayer> =
+            layers.into_iter().map(|l| ((l.component, l.path.clone()), l)).collect();
+        let mut text_changed = false;
+        let result = self.try_visit_layers(&mut |c, mut l| {
+            if let Some(m) = by_layer.remove(&(c, l.path().to_string())) {
+                text_changed |= c == Component::TextEncoder;
+                let multiplier = weight * blocks.for_layer(c == Component::TextEncoder, l.path());
+                let adapter = LayerAdapter { name: name.to_string(), delta: m.delta, scale: m.scale, multiplier };
+                l.stack().attach(adapter)?;
+            }
+            Ok(())
+        });
+        self.text_cache.revision += text_changed as u64;
+        result?;
+        self.refresh_merges()?;
+        Ok(())
+    }
+
+    pub fn remove_adapter(&mut self, name: &str) -> bool {
+        let (mut removed, mut text_changed) = (false, false);
+        self.visit_layers(&mut |c, mut l| {
+            let detached = l.stack().detach(name);
+            removed |= detached;
+            text_changed |= detached && c == Component::TextEncoder;
+        });
+        self.text_cache.revision += text_changed as u64;
+        removed
+    }
+
+    /// Changes one adapter's slider weight (0 switches it off) and re-merges only the layers it
+    /// touches. Returns how many layers were re-merged.
+    pub fn set_adapter_weight(&mut self, name: &str, weight: f64) -> Result<usize> {
+        self.set_adapter_mix(name, weight, &BlockWeights::default())
+    }
+
+    /// As `set_adapter_weight`, with per-block multipliers (A1111's LoRA Block Weight).
+    pub fn set_adapter_mix(&mut self, name: &str, weight: f64, blocks: &BlockWeights) -> Result<usize> {
+        let mut text_changed = false;
+        self.visit_layers(&mut |c, mut l| {
+            let m = weight * blocks.for_layer(c == Component::TextEncoder, l.path());
+            text_changed |= l.stack().set_multiplier(name, m) && c == Component::TextEncoder;
+        });
+        self.text_cache.revision += text_changed as u64;
+        self.refresh_merges()
+    }
+
+    /// Merged (inference) or factored (training / comparison) evaluation of every adapter.
+    pub fn set_merged(&mut self, merged: bool) -> Result<()> {
+        self.visit_layers(&mut |_, mut l| {
+            let s = l.stack();
+            if s.merge != merged {
+                s.merge = merged;
+                s.mark_stale();
+            }
+        });
+        self.refresh_merges()?;
+        Ok(())
+    }
+
+    /// Folds changed adapters into the cached weights; returns the number of layers re-merged.
+    pub fn refresh_merges(&mut self) -> Result<usize> {
+        let mut count = 0;
+        self.try_visit_layers(&mut |_, mut l| {
+            count += l.stack().refresh()? as usize;
+            Ok(())
+        })?;
+        Ok(count)
+    }
+
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::from_weights(ModelWeights::load(path, DType::F32, device)?)
+    }
+
+    pub fn from_weights(w: ModelWeights) -> Result<Self> {
+        Ok(Self {
+            unet: UNet2DConditionModel::load(&w.unet_config, &w.unet)?,
+            text_encoder: ClipTextModel::load(&w.text_config, &w.text_encoder)?,
+            vae: AutoencoderKL::load(&w.vae_config, &w.vae)?,
+            tokenizer: w.tokenizer,
+            schedule: NoiseSchedule::new(&w.scheduler_config)?,
+            device: w.unet.device().clone(),
+            dtype: w.unet.dtype(),
+            cache_text_embeddings: false,
+            text_cache: TextCache::default(),
+        })
+    }
+
+    /// How many times the text encoder has run for `generate` / `encode_prompts`.
+    pub fn text_encoder_runs(&self) -> usize {
+        self.text_cache.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `encode_prompts`, from the cache when the prompts and the text encoder are unchanged.
+    fn prompt_context(&self, prompts: &[&str]) -> Result<Tensor> {
+        if !self.cache_text_embeddings {
+            return self.encode_prompts(prompts);
+        }
+        let key: Vec<String> = prompts.iter().map(|p| p.to_string()).collect();
+        let mut entry = self.text_cache.entry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((rev, k, t)) = entry.as_ref()
+            && *rev == self.text_cache.revision
+            && *k == key
+        {
+            return Ok(t.clone());
+        }
+        let t = self.encode_prompts(prompts)?;
+        *entry = Some((self.text_cache.revision, key, t.clone()));
+        Ok(t)
+    }
+
+    pub fn prediction(&self) -> Prediction {
+        self.schedule.prediction()
+    }
+
+    /// Text embeddings (B, 77, d) for the prompts.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        self.text_cache.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ids: Vec<u32> = prompts.iter().flat_map(|p| self.tokenizer.encode(p)).collect();
+        let n = ids.len() / prompts.len().max(1);
+        let ids = Tensor::from_vec(ids, (prompts.len(), n), &self.device)?;
+        self.text_encoder.forward(&ids)
+    }
+
+    /// Pixel size that latents must be a multiple of, so every UNet level has whole pixels.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.config.downscale() * (1 << (self.unet.config.block_out_channels.len() - 1))
+    }
+
+    /// Runs the sampler and decodes; `on_step(i, total)` reports progress.
+    pub fn generate(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(usize, usize)) -> Result<image::RgbImage> {
+        let m = self.size_multiple();
+        if req.width == 0 || req.height == 0 || !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) {
+            bail!("image size {}×{} must be a positive multiple of {m} for this model", req.width, req.height);
+        }
+        if req.width > MAX_GENERATE_SIDE || req.height > MAX_GENERATE_SIDE {
+            bail!(
+                "image size {}×{} is larger than the limit of {MAX_GENERATE_SIDE} pixels a side",
+                req.width,
+                req.height
+            );
+        }
+        if req.steps == 0 {
+            bail!("steps must be at least 1");
+        }
+        if !req.guidance.is_finite() {
+            bail!("guidance must be a finite number, not {}", req.guidance);
+        }
+        let guided = req.guidance > 1.0;
+        let context = if guided {
+            self.prompt_context(&[req.negative.as_str(), req.prompt.as_str()])?
+        } else {
+            self.prompt_context(&[req.prompt.as_str()])?
+        };
+        let f = self.vae.config.downscale();
+        let shape = (1, self.vae.config.latent_channels, req.height / f, req.width / f);
+        let mut rng = Rng::new(req.seed);
+        let sampler = Sampler::new(req.sampler, &self.schedule, req.steps)?;
+        let mut x = (rng.randn(shape, &self.device)?.to_dtype(self.dtype)? * sampler.init_noise_sigma())?;
+        let total = sampler.timesteps().len();
+        for i in 0..total {
+            let input = sampler.scale_model_input(&x, i)?;
+            let input = if guided { Tensor::cat(&[&input, &input], 0)? } else { input };
+            // Euler with "linspace" spacing visits fractional timesteps.
+            let t_tensor = Tensor::new(&[sampler.model_timestep(i) as f32], &self.device)?.to_dtype(self.dtype)?;
+            let out = self.unet.forward(&input, &t_tensor, &context)?;
+            let out = if guided { guidance(&out.narrow(0, 0, 1)?, &out.narrow(0, 1, 1)?, req.guidance)? } else { out };
+            x = sampler.step(&out, i, &x, &mut rng)?;
+            on_step(i + 1, total);
+        }
+        // NaN or ∞ would clamp to a flat, meaningless picture; refuse instead of writing one.
+        if !all_finite(&x)? {
+            bail!(
+                "generation failed: the UNet produced NaN or infinite values (the model's weights or an adapter are broken, or overflow in {:?})",
+                self.dtype
+            );
+        }
+        let decoded = self.vae.decode(&(x / self.vae.config.scaling_factor)?)?;
+        if !all_finite(&decoded)? {
+            bail!(
+                "generation failed: the VAE decoder produced NaN or infinite values (its weights are broken, or overflow in {:?})",
+                self.dtype
+            );
+        }
+        to_image(&decoded.get(0)?)
+    }
+}
+
+/// (3, H, W) in [-1, 1] → an 8-bit RGB image.
+pub fn to_image(t: &Tensor) -> Result<image::RgbImage> {
+    let (c, h, w) = t.dims3()?;
+    if c != 3 {
+        bail!("expected 3 colour channels, got {c}");
+    }
+    let pixels = ((t.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.round()?;
+    let data: Vec<u8> =
+        pixels.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as u8).collect();
+    image::RgbImage::from_raw(w as u32, h as u32, data).context("image buffer size")
+}
