@@ -236,7 +236,7 @@ fn glora_round_trips_in_both_layouts_even_when_square() {
         GloraLayout::Current,
     )
     .unwrap_err();
-    assert!(format!("{err:#}").contains("GLoRA has no PEFT form"));
+    assert!(format!("{err:#}").contains("glora has no PEFT LoRA form"), "{err:#}");
     assert!(!path.exists());
 }
 

@@ -123,3 +123,104 @@ fn the_doctor_names_every_kind() {
         }
     }
 }
+
+/// `adapter merge` folds every kind into the base weights (and a full diff's bias into the biases):
+/// the merged model alone reproduces the file's reference.
+#[test]
+fn every_kind_merges_into_the_base_model() {
+    let (r, refs) = (reference(), adapters_reference());
+    let dir = std::env::temp_dir().join(format!("kinds-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = sd1_tiny().join("model");
+    for name in ["lyco_full", "lyco_boft", "lyco_locon_dora", "lyco_lokr", "lyco_loha", "peft_dora"] {
+        let mut sd = StableDiffusion::load(&model, &Device::Cpu).unwrap();
+        sd.load_adapter(name, &sd1_tiny().join(format!("adapters/{name}.safetensors")), 0.7).unwrap();
+        let out = dir.join(name);
+        lora_studio::engine::io::diffusers_folder::write_merged_model(&mut sd, &model, &out).unwrap();
+        let merged = StableDiffusion::load(&out, &Device::Cpu).unwrap();
+        let emb = merged.text_encoder.forward(&r["input_ids"]).unwrap();
+        assert_close(&format!("merged {name}: text"), &emb, &refs[&format!("text_embeddings_{name}")]);
+        let pred = merged.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
+        assert_close(&format!("merged {name}: noise"), &pred, &refs[&format!("noise_pred_{name}")]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A blend at full rank turns any kind into one plain LoRA that gives the same outputs.
+#[test]
+fn every_kind_blends_into_one_lora() {
+    use lora_studio::engine::adapters::formats::Naming;
+    let (r, refs) = (reference(), adapters_reference());
+    let dir = std::env::temp_dir().join(format!("kinds-blend-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["lyco_boft", "lyco_locon_dora", "lyco_lokr_full", "lyco_loha"] {
+        let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+        sd.load_adapter(name, &sd1_tiny().join(format!("adapters/{name}.safetensors")), 0.7).unwrap();
+        let out = dir.join(format!("{name}-blend.safetensors"));
+        let report = lora_studio::engine::adapters::mix::export_blend(
+            &mut sd,
+            &out,
+            4096,
+            Naming::Kohya,
+            candle_core::DType::F32,
+            &[name.to_string()],
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        assert!(report.kept_energy > 0.999_999, "{name}: {report:?}");
+        let parsed = read_adapter(&out).unwrap();
+        assert!(parsed.layers.iter().all(|l| l.delta.algorithm() == "lora" || l.delta.algorithm() == "locon"));
+        let mut blended = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+        blended.load_adapter("blend", &out, 1.0).unwrap();
+        let emb = blended.text_encoder.forward(&r["input_ids"]).unwrap();
+        let pred = blended.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
+        assert_close(&format!("blend of {name}"), &pred, &refs[&format!("noise_pred_{name}")]);
+    }
+    // A full diff's bias change has no LoRA form: refused, not dropped.
+    let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    sd.load_adapter("full", &sd1_tiny().join("adapters/lyco_full.safetensors"), 0.7).unwrap();
+    let e = lora_studio::engine::adapters::mix::blend(&mut sd, 8).unwrap_err();
+    assert!(format!("{e:#}").contains("no LoRA can carry"), "{e:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--format peft` files carry α the way diffusers' `load_lora_weights` reads it: one LoraConfig
+/// per component under `unet.` / `text_encoder.` in `lora_adapter_metadata`, with `alpha_pattern`
+/// for layers that differ. Read back from that metadata alone (ours removed), every scale is kept.
+#[test]
+fn peft_export_metadata_is_per_component_as_diffusers_reads_it() {
+    use lora_studio::engine::adapters::formats::{ExportLayer, GloraLayout, Naming, match_layers, write_adapter};
+    use lora_studio::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
+    let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let parsed = read_adapter(&sd1_tiny().join("lora_a_kohya.safetensors")).unwrap();
+    let (matched, _) = match_layers(&parsed, &sd.module_index()).unwrap();
+    let mut layers: Vec<ExportLayer> = matched.iter().map(ExportLayer::from).collect();
+    layers[0].alpha = 3.0; // one layer off the common α
+    let dir = std::env::temp_dir().join(format!("peft-meta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a-peft.safetensors");
+    write_adapter(&file, Naming::Peft, &layers, HashMap::new(), candle_core::DType::F32, GloraLayout::Current).unwrap();
+    let (tensors, mut metadata) = read_safetensors_with_metadata(&file).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&metadata["lora_adapter_metadata"]).unwrap();
+    for component in ["unet", "text_encoder"] {
+        for field in ["r", "lora_alpha", "target_modules", "alpha_pattern", "rank_pattern"] {
+            assert!(config.get(format!("{component}.{field}")).is_some(), "{component}.{field} in {config}");
+        }
+    }
+    assert_eq!(config["unet.r"], 4);
+    assert_eq!(config["unet.lora_alpha"], 2.0);
+    metadata.remove("lora_studio_alphas");
+    let stripped = dir.join("a-peft-diffusers-only.safetensors");
+    write_safetensors(&stripped, &tensors, Some(metadata)).unwrap();
+    let back = read_adapter(&stripped).unwrap();
+    let (back, _) = match_layers(&back, &sd.module_index()).unwrap();
+    let scale = |path: &str, list: &[lora_studio::engine::adapters::formats::MatchedLayer]| {
+        list.iter().find(|m| m.path == path).unwrap().scale
+    };
+    for l in &layers {
+        let want = l.alpha / l.delta.rank() as f64;
+        assert!((scale(&l.path, &back) - want).abs() < 1e-12, "{}: {} vs {want}", l.path, scale(&l.path, &back));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

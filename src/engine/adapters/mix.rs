@@ -65,6 +65,13 @@ pub fn blend(sd: &mut StableDiffusion, rank: usize) -> Result<(Vec<ExportLayer>,
     let mut work: Vec<(Component, String, Vec<usize>, Vec<Factor>)> = Vec::new();
     sd.try_visit_layers(&mut |c, l| {
         let stack = l.stack_ref();
+        if stack.adapters.iter().any(|a| a.multiplier != 0.0 && a.delta.bias_delta().is_some()) {
+            // A LoRA changes weights only; dropping the bias change would be a different picture.
+            anyhow::bail!(
+                "`{}`: an adapter changes this layer's bias (a full diff), which no LoRA can carry; merge it into the model instead",
+                l.path()
+            );
+        }
         let fs = factors(stack)?;
         if !fs.is_empty() {
             work.push((c, l.path().to_string(), stack.base.dims().to_vec(), fs));
@@ -142,13 +149,34 @@ pub fn export_blend(
 }
 
 /// The base weights with the live mix folded in, by parameter name per component
-/// (`unet` / `text_encoder`), for writing a merged model.
+/// (`unet` / `text_encoder`), for writing a merged model: each adapted layer's `.weight`, and its
+/// `.bias` when an adapter changes it (full diffs).
 pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, HashMap<String, Tensor>>> {
     let mut out: BTreeMap<Component, HashMap<String, Tensor>> = BTreeMap::new();
     sd.try_visit_layers(&mut |c, l| {
         let stack = l.stack_ref();
-        if stack.adapters.iter().any(|a| a.multiplier != 0.0) {
-            out.entry(c).or_default().insert(format!("{}.weight", l.path()), stack.merged_weight()?);
+        let active: Vec<_> = stack.adapters.iter().filter(|a| a.multiplier != 0.0).collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        let weights = out.entry(c).or_default();
+        weights.insert(format!("{}.weight", l.path()), stack.merged_weight()?);
+        let bias_changes: Vec<Tensor> = active
+            .iter()
+            .filter_map(|a| a.delta.bias_delta().map(|d| d.flatten_all().and_then(|d| d * a.coefficient())))
+            .collect::<candle_core::Result<_>>()?;
+        if !bias_changes.is_empty() {
+            let Some(bias) = l.bias() else {
+                anyhow::bail!(
+                    "`{}` has no bias in this model, but an adapter changes one; a merged model cannot store that",
+                    l.path()
+                );
+            };
+            let mut merged = bias.clone();
+            for d in bias_changes {
+                merged = (merged + d.to_dtype(bias.dtype())?)?;
+            }
+            weights.insert(format!("{}.bias", l.path()), merged);
         }
         Ok(())
     })?;

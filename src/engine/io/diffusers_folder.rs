@@ -165,6 +165,7 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
         bail!("{}: already exists; choose a new folder", out.display());
     }
     let merged = crate::engine::adapters::mix::merged_weights(sd)?;
+    let expected: usize = merged.values().map(HashMap::len).sum();
     let tmp = partial_path(out, out.file_name().context("the merged model needs a folder name")?);
     let result = (|| -> Result<usize> {
         copy_tree(model, &tmp)?;
@@ -200,6 +201,13 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
                     write_safetensors(&path, &tensors, Some(metadata))?;
                 }
             }
+        }
+        if changed != expected {
+            // A merged tensor with no place in the model's files would be lost without a word.
+            bail!(
+                "{}: only {changed} of the {expected} merged tensors have a place in the model's files; nothing was written",
+                out.display()
+            );
         }
         Ok(changed)
     })();

@@ -124,6 +124,12 @@ impl LayerMut<'_> {
             LayerMut::Conv(c) => &c.stack,
         }
     }
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            LayerMut::Linear(l) => l.bias.as_ref(),
+            LayerMut::Conv(c) => c.bias.as_ref(),
+        }
+    }
 }
 
 /// GroupNorm over NC… tensors (the normalisation is our fused op, which has a backward pass).

@@ -184,32 +184,59 @@ pub fn parse(tensors: HashMap<String, Tensor>, metadata: HashMap<String, String>
 }
 
 /// Tensors and metadata for a diffusers/PEFT file. α is kept in our metadata per layer (so the
-/// file round-trips exactly) and, when uniform, in diffusers' `lora_adapter_metadata` so other
-/// tools read the right strength.
+/// file round-trips exactly) and in diffusers' `lora_adapter_metadata` as `load_lora_weights`
+/// reads it: one PEFT `LoraConfig` per component under `unet.` / `text_encoder.` (`r`,
+/// `lora_alpha`, `target_modules`, and `rank_pattern` / `alpha_pattern` for layers that differ).
 pub fn to_tensors(
     layers: &[ExportLayer],
     mut metadata: HashMap<String, String>,
 ) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let mut out = HashMap::new();
     let mut alphas: BTreeMap<String, f64> = BTreeMap::new();
+    // Per component: (module path, rank, α).
+    let mut per_component: BTreeMap<&'static str, Vec<(&str, usize, f64)>> = BTreeMap::new();
     for l in layers {
         let Delta::Lora { down, up } = &l.delta else {
-            bail!("{}: GLoRA has no PEFT form; export it in the kohya/LyCORIS format", l.path);
+            bail!("{}: {} has no PEFT LoRA form; export it in the kohya/LyCORIS format", l.path, l.delta.algorithm());
         };
         let key = format!("{}.{}", l.component.label(), l.path);
         out.insert(format!("{key}.lora_A.weight"), down.clone());
         out.insert(format!("{key}.lora_B.weight"), up.clone());
         alphas.insert(key, l.alpha);
+        per_component.entry(l.component.label()).or_default().push((&l.path, l.delta.rank(), l.alpha));
     }
     metadata.insert(ALPHAS_KEY.into(), serde_json::to_string(&alphas)?);
-    let ranks: std::collections::BTreeSet<usize> = layers.iter().map(|l| l.delta.rank()).collect();
-    let first_alpha = layers.first().map(|l| l.alpha);
-    if ranks.len() == 1 && layers.iter().all(|l| Some(l.alpha) == first_alpha) {
-        let r = *ranks.iter().next().unwrap();
-        metadata.insert(
-            "lora_adapter_metadata".into(),
-            serde_json::json!({ "r": r, "lora_alpha": first_alpha }).to_string(),
-        );
+    let mut config = serde_json::Map::new();
+    for (component, modules) in per_component {
+        let most_common = |values: Vec<String>| -> String {
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            values.into_iter().for_each(|v| *counts.entry(v).or_default() += 1);
+            counts.into_iter().max_by_key(|(_, n)| *n).map(|(v, _)| v).unwrap_or_default()
+        };
+        let r: usize = most_common(modules.iter().map(|m| m.1.to_string()).collect()).parse().unwrap_or(1);
+        let alpha: f64 = most_common(modules.iter().map(|m| m.2.to_string()).collect()).parse().unwrap_or(r as f64);
+        let rank_pattern: serde_json::Map<String, serde_json::Value> =
+            modules.iter().filter(|m| m.1 != r).map(|m| (m.0.to_string(), m.1.into())).collect();
+        let alpha_pattern: serde_json::Map<String, serde_json::Value> =
+            modules.iter().filter(|m| m.2 != alpha).map(|m| (m.0.to_string(), m.2.into())).collect();
+        let targets: Vec<&str> = modules.iter().map(|m| m.0).collect();
+        let fields = serde_json::json!({
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": targets,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_dora": false,
+            "use_rslora": false,
+            "init_lora_weights": true,
+        });
+        for (k, v) in fields.as_object().into_iter().flatten() {
+            config.insert(format!("{component}.{k}"), v.clone());
+        }
     }
+    metadata.insert("lora_adapter_metadata".into(), serde_json::to_string_pretty(&config)?);
     Ok((out, metadata))
 }
