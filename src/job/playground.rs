@@ -1,6 +1,8 @@
 //! The Playground's model lives on this worker thread: loading, adapters, slider weights,
 //! generation and blend export all run here, in the order asked, so the window never waits.
 //! Generate requests that pile up while one runs collapse to the newest (live slider mode).
+//! The worker keeps the panel's sliders and mix mode and applies the mix policy itself
+//! (`MixMode::applied`), so every adapter's weight follows from one snapshot, whatever changed.
 //! A panic in a command is caught: the window hears about it and the model is reloaded on the
 //! next use, so one bad file or bug never leaves the Playground dead.
 
@@ -11,7 +13,7 @@ use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summarize};
-use crate::engine::adapters::mix::{BlendReport, export_blend, overdrive};
+use crate::engine::adapters::mix::{BlendReport, MixMode, export_blend, overdrive};
 use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
 
@@ -19,21 +21,19 @@ pub enum ModelCommand {
     Load(PathBuf),
     /// The format doctor on a file the user chose, before it joins the list.
     Inspect(PathBuf),
+    /// Loads (or reloads) an adapter at the weight its slider gets in the mix; under a budget
+    /// the others are re-weighed around it.
     AddAdapter {
-        name: String,
         path: PathBuf,
-        weight: f64,
-        blocks: BlockWeights,
+        slider: Slider,
     },
-    SetMix {
-        name: String,
-        weight: f64,
-        blocks: BlockWeights,
-    },
+    /// Every slider and the mode at once: the worker re-merges what the new mix changes.
+    SetMix(Mix),
+    /// Drops an adapter and its slider; under a budget the others get its share.
     Remove(String),
     Generate(GenerateRequest),
     /// The same request at every pair of weights of two adapters, as one grid image (rows: `y`).
-    /// The adapters keep the last cell's weights: the panel sends their own mix right after.
+    /// The cells' weights are applied as given; afterwards the adapters go back to the mix.
     XyGrid {
         request: GenerateRequest,
         x: GridAxis,
@@ -53,6 +53,49 @@ pub enum ModelCommand {
     #[doc(hidden)]
     #[cfg(debug_assertions)]
     Panic,
+}
+
+/// One adapter's slider as the panel shows it; the mix policy turns it into the applied weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slider {
+    /// The adapter's name in the model's stacks.
+    pub name: String,
+    /// The slider's weight, 0 when the adapter is switched off.
+    pub weight: f64,
+    pub blocks: BlockWeights,
+}
+
+/// The panel's whole mix: every adapter's slider, in list order, and how they combine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mix {
+    pub mode: MixMode,
+    pub sliders: Vec<Slider>,
+}
+
+impl Default for Mix {
+    fn default() -> Self {
+        Self { mode: MixMode::Sum, sliders: Vec::new() }
+    }
+}
+
+impl Mix {
+    /// Each slider with the weight the policy gives it.
+    pub fn applied(&self) -> impl Iterator<Item = (&Slider, f64)> {
+        let raw: Vec<f64> = self.sliders.iter().map(|s| s.weight).collect();
+        self.sliders.iter().zip(self.mode.applied(&raw))
+    }
+
+    fn weight_of(&self, name: &str) -> f64 {
+        self.applied().find(|(s, _)| s.name == name).map_or(0.0, |(_, w)| w)
+    }
+
+    /// Adds a slider, or replaces the one of the same name where it stands.
+    fn upsert(&mut self, slider: Slider) {
+        match self.sliders.iter_mut().find(|s| s.name == slider.name) {
+            Some(s) => *s = slider,
+            None => self.sliders.push(slider),
+        }
+    }
 }
 
 /// One axis of an XY grid: an adapter and the weights to try (its per-block weights kept).
@@ -87,7 +130,7 @@ pub enum ModelEvent {
         path: PathBuf,
         check: Result<AdapterCheck, String>,
     },
-    /// Layers re-merged after a slider moved.
+    /// Layers re-merged after the adapter's applied weight changed (sent only when some were).
     Remerged {
         name: String,
         layers: usize,
@@ -173,6 +216,8 @@ impl ModelWorker {
 
 fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
     let mut sd: Option<StableDiffusion> = None;
+    // The panel's, not the model's: it outlives a crash and is re-applied to a reloaded model.
+    let mut mix = Mix::default();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -186,9 +231,9 @@ fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
                 other => {
                     mix_changed |= matches!(
                         other,
-                        ModelCommand::AddAdapter { .. } | ModelCommand::SetMix { .. } | ModelCommand::Remove(_)
+                        ModelCommand::AddAdapter { .. } | ModelCommand::SetMix(_) | ModelCommand::Remove(_)
                     );
-                    guarded(&mut sd, send, |sd| handle(sd, other, send));
+                    guarded(&mut sd, send, |sd| handle(sd, &mut mix, other, send));
                 }
             }
         }
@@ -215,7 +260,7 @@ fn guarded(sd: &mut Option<StableDiffusion>, send: &dyn Fn(ModelEvent), f: impl 
     }
 }
 
-fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(ModelEvent)) {
+fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, send: &dyn Fn(ModelEvent)) {
     match cmd {
         ModelCommand::Load(path) => {
             let t = Instant::now();
@@ -247,13 +292,17 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
             });
             send(ModelEvent::Inspected { path, check: check.map_err(|e| format!("{e:#}")) });
         }
-        ModelCommand::AddAdapter { name, path, weight, blocks } => {
+        ModelCommand::AddAdapter { path, slider } => {
+            let (name, blocks) = (slider.name.clone(), slider.blocks);
+            // A file that fails to load keeps its slider, as the panel's list keeps its row.
+            mix.upsert(slider);
             let Some(model) = sd.as_mut() else {
                 return send(ModelEvent::AdapterFailed { name, error: "no model is open".into() });
             };
             let info = read_adapter(&path).map(|parsed| describe(&summarize(&parsed)));
             let result = info.and_then(|info| {
-                let report = model.load_adapter_mixed(&name, &path, weight, &blocks)?;
+                // Merged once, at its share of the mix.
+                let report = model.load_adapter_mixed(&name, &path, mix.weight_of(&name), &blocks)?;
                 Ok((info, report))
             });
             match result {
@@ -263,19 +312,21 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
                 }
                 Err(e) => send(ModelEvent::AdapterFailed { name, error: format!("{e:#}") }),
             }
+            apply_mix(model, mix, send);
         }
-        ModelCommand::SetMix { name, weight, blocks } => {
+        ModelCommand::SetMix(new) => {
+            *mix = new;
             if let Some(model) = sd.as_mut() {
-                match model.set_adapter_mix(&name, weight, &blocks) {
-                    Ok(layers) => send(ModelEvent::Remerged { name, layers }),
-                    Err(e) => send(ModelEvent::AdapterFailed { name, error: format!("{e:#}") }),
-                }
+                apply_mix(model, mix, send);
             }
         }
         ModelCommand::Remove(name) => {
+            mix.sliders.retain(|s| s.name != name);
             if let Some(model) = sd.as_mut() {
                 model.remove_adapter(&name);
+                // Its layers first, so the re-merge counts below are the others' own.
                 let _ = model.refresh_merges();
+                apply_mix(model, mix, send);
             }
         }
         ModelCommand::Generate(_) => unreachable!("generate requests are batched"),
@@ -295,7 +346,9 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
                 return send(ModelEvent::GenerateFailed { error: "no model is open".into() });
             };
             let t = Instant::now();
-            match xy_grid(model, &request, &x, &y, send) {
+            let grid = xy_grid(model, &request, &x, &y, send);
+            apply_mix(model, mix, send);
+            match grid {
                 Ok(image) => {
                     let caption = format!(
                         "columns: {} at {}; rows: {} at {} (seed {})",
@@ -319,6 +372,19 @@ fn handle(sd: &mut Option<StableDiffusion>, cmd: ModelCommand, send: &dyn Fn(Mod
                 Ok(report) => send(ModelEvent::Exported { path, report }),
                 Err(e) => send(ModelEvent::ExportFailed { error: format!("{e:#}") }),
             }
+        }
+    }
+}
+
+/// Gives every adapter the weight the policy gives its slider; `set_adapter_mix` re-merges only
+/// the layers of adapters whose multiplier changed.
+fn apply_mix(model: &mut StableDiffusion, mix: &Mix, send: &dyn Fn(ModelEvent)) {
+    for (slider, weight) in mix.applied() {
+        let name = slider.name.clone();
+        match model.set_adapter_mix(&name, weight, &slider.blocks) {
+            Ok(0) => {}
+            Ok(layers) => send(ModelEvent::Remerged { name, layers }),
+            Err(e) => send(ModelEvent::AdapterFailed { name, error: format!("{e:#}") }),
         }
     }
 }
@@ -396,4 +462,129 @@ fn top_tags(json: Option<&String>) -> Option<String> {
     tags.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let top: Vec<String> = tags.into_iter().take(3).map(|t| t.0).collect();
     (!top.is_empty()).then(|| top.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::engine::builtin::fixtures_dir;
+
+    /// The worker's command handler on the sd1-tiny fixture model, with the events it sent.
+    struct Bench {
+        sd: Option<StableDiffusion>,
+        mix: Mix,
+        events: RefCell<Vec<ModelEvent>>,
+    }
+
+    impl Bench {
+        fn new() -> Self {
+            let mut b = Self { sd: None, mix: Mix::default(), events: RefCell::new(Vec::new()) };
+            b.run(ModelCommand::Load(fixtures_dir().join("sd1-tiny/model")));
+            assert!(b.sd.is_some(), "the fixture model loads");
+            b
+        }
+
+        fn run(&mut self, cmd: ModelCommand) {
+            let events = &self.events;
+            handle(&mut self.sd, &mut self.mix, cmd, &|e| events.borrow_mut().push(e));
+        }
+
+        fn add(&mut self, file: &str, name: &str, weight: f64) {
+            let slider = Slider { name: name.into(), weight, blocks: BlockWeights::default() };
+            self.run(ModelCommand::AddAdapter { path: fixtures_dir().join("sd1-tiny").join(file), slider });
+            let failed = self.events.borrow().iter().any(|e| matches!(e, ModelEvent::AdapterFailed { .. }));
+            assert!(!failed, "{name} loads");
+        }
+
+        /// The distinct multipliers `name` has in the model's layers.
+        fn multipliers(&mut self, name: &str) -> Vec<f64> {
+            let mut all = Vec::new();
+            self.sd.as_mut().unwrap().visit_layers(&mut |_, l| {
+                all.extend(l.stack_ref().adapters.iter().filter(|a| a.name == name).map(|a| a.multiplier));
+            });
+            assert!(!all.is_empty(), "{name} is attached");
+            all.dedup();
+            all
+        }
+
+        /// Layers re-merged per adapter since the last call.
+        fn remerged(&self) -> Vec<(String, usize)> {
+            let mut events = self.events.borrow_mut();
+            let out = events
+                .iter()
+                .filter_map(|e| match e {
+                    ModelEvent::Remerged { name, layers } => Some((name.clone(), *layers)),
+                    _ => None,
+                })
+                .collect();
+            events.clear();
+            out
+        }
+    }
+
+    fn budget_of_one() -> Mix {
+        Mix { mode: MixMode::Budget(1.0), sliders: Vec::new() }
+    }
+
+    #[test]
+    fn the_worker_applies_the_budget_to_every_adapter() {
+        let mut b = Bench::new();
+        b.run(ModelCommand::SetMix(budget_of_one()));
+        b.add("lora_a_kohya.safetensors", "a", 1.0);
+        assert_eq!(b.multipliers("a"), vec![1.0], "alone, within the budget");
+        b.remerged();
+        // The newcomer is merged at its share, and the first adapter re-merged at its own.
+        b.add("lora_b_peft.safetensors", "b", 1.0);
+        assert_eq!((b.multipliers("a"), b.multipliers("b")), (vec![0.5], vec![0.5]));
+        let remerged = b.remerged();
+        assert!(remerged.iter().any(|(n, l)| n == "a" && *l > 0), "{remerged:?}");
+
+        // A snapshot with one slider switched off gives the other the whole budget.
+        let blocks = BlockWeights::default();
+        let sliders =
+            vec![Slider { name: "a".into(), weight: 2.0, blocks }, Slider { name: "b".into(), weight: 0.0, blocks }];
+        b.run(ModelCommand::SetMix(Mix { mode: MixMode::Budget(1.0), sliders: sliders.clone() }));
+        assert_eq!((b.multipliers("a"), b.multipliers("b")), (vec![1.0], vec![0.0]));
+        // Summing: each at its slider.
+        b.run(ModelCommand::SetMix(Mix { mode: MixMode::Sum, sliders }));
+        assert_eq!((b.multipliers("a"), b.multipliers("b")), (vec![2.0], vec![0.0]));
+    }
+
+    #[test]
+    fn removing_an_adapter_under_a_budget_gives_the_others_its_share() {
+        let mut b = Bench::new();
+        b.run(ModelCommand::SetMix(budget_of_one()));
+        b.add("lora_a_kohya.safetensors", "a", 1.0);
+        b.add("lora_b_peft.safetensors", "b", 1.0);
+        assert_eq!(b.multipliers("a"), vec![0.5]);
+        b.remerged();
+        b.run(ModelCommand::Remove("b".into()));
+        assert_eq!(b.multipliers("a"), vec![1.0]);
+        let remerged = b.remerged();
+        assert!(matches!(remerged.as_slice(), [(n, l)] if n == "a" && *l > 0), "{remerged:?}");
+    }
+
+    #[test]
+    fn after_an_xy_grid_the_adapters_return_to_the_mix() {
+        let mut b = Bench::new();
+        b.run(ModelCommand::SetMix(budget_of_one()));
+        b.add("lora_a_kohya.safetensors", "a", 1.0);
+        b.add("lora_b_peft.safetensors", "b", 1.0);
+        let request = GenerateRequest {
+            prompt: "a gradient".into(),
+            negative: String::new(),
+            seed: 1,
+            steps: 1,
+            guidance: 7.5,
+            sampler: crate::engine::diffusion::sampler::SamplerKind::EulerAncestral,
+            width: 32,
+            height: 32,
+        };
+        let axis = |name: &str| GridAxis { name: name.into(), values: vec![0.0, 2.0], blocks: BlockWeights::default() };
+        b.run(ModelCommand::XyGrid { request, x: axis("a"), y: axis("b") });
+        assert!(b.events.borrow().iter().any(|e| matches!(e, ModelEvent::Grid { .. })), "the grid is drawn");
+        assert_eq!((b.multipliers("a"), b.multipliers("b")), (vec![0.5], vec![0.5]));
+    }
 }

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::adapters::formats::Naming;
+use crate::engine::adapters::mix::MixMode;
 use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::pipeline::GenerateRequest;
 use crate::engine::train::trainer::TrainConfig;
 
 use super::StudioApp;
-use super::playground::MixMode;
 
 /// Overrides where the session file lives (tests, portable installs).
 pub const CONFIG_DIR_ENV: &str = "LORA_STUDIO_CONFIG_DIR";

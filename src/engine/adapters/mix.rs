@@ -198,7 +198,7 @@ pub fn overdrive(sd: &mut StableDiffusion) -> Result<f64> {
 
 /// "Normalise to a budget": scales slider weights so their absolute values sum to `budget`
 /// (weights already within it are left alone), so stacking styles cannot overdrive the model.
-pub fn normalise_to_budget(weights: &[f64], budget: f64) -> Vec<f64> {
+fn normalise_to_budget(weights: &[f64], budget: f64) -> Vec<f64> {
     let total: f64 = weights.iter().map(|w| w.abs()).sum();
     if total <= budget || total == 0.0 {
         return weights.to_vec();
@@ -206,9 +206,31 @@ pub fn normalise_to_budget(weights: &[f64], budget: f64) -> Vec<f64> {
     weights.iter().map(|w| w * budget / total).collect()
 }
 
+/// How the adapters' slider weights combine into the weights the model applies: the one owner of
+/// this policy (the Playground's worker applies it; the window only shows what it gives). Saved
+/// in sessions as `"Sum"` or `{"Budget": b}`, so keep the variants' names.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum MixMode {
+    /// Each adapter at its own slider weight.
+    Sum,
+    /// Weights scaled down together so their absolute values sum to at most the budget.
+    Budget(f64),
+}
+
+impl MixMode {
+    /// The weight each adapter gets from its slider (0 for one switched off), in slider order.
+    /// Under a budget every weight depends on all the sliders.
+    pub fn applied(self, sliders: &[f64]) -> Vec<f64> {
+        match self {
+            MixMode::Sum => sliders.to_vec(),
+            MixMode::Budget(budget) => normalise_to_budget(sliders, budget),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::normalise_to_budget;
+    use super::{MixMode, normalise_to_budget};
 
     #[test]
     fn budget_scales_only_when_exceeded() {
@@ -216,5 +238,14 @@ mod tests {
         let w = normalise_to_budget(&[1.0, -1.0, 2.0], 2.0);
         assert!((w.iter().map(|x| x.abs()).sum::<f64>() - 2.0).abs() < 1e-12);
         assert!((w[2] / w[0] - 2.0).abs() < 1e-12, "proportions kept");
+    }
+
+    #[test]
+    fn mix_mode_applies_its_policy_and_keeps_its_saved_form() {
+        assert_eq!(MixMode::Sum.applied(&[1.0, 1.0]), vec![1.0, 1.0]);
+        assert_eq!(MixMode::Budget(1.0).applied(&[1.0, 1.0, 0.0]), vec![0.5, 0.5, 0.0]);
+        // Sessions written before the mode moved here must still load.
+        assert_eq!(serde_json::to_string(&MixMode::Sum).unwrap(), r#""Sum""#);
+        assert_eq!(serde_json::from_str::<MixMode>(r#"{"Budget":0.8}"#).unwrap(), MixMode::Budget(0.8));
     }
 }

@@ -3,11 +3,14 @@
 //! that recomputes the probabilities of large layers instead of keeping them (as flash attention
 //! does), so training holds no big `tokens × tokens` tensor. Elsewhere it is composed from candle ops.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 
 use crate::engine::Result;
-use crate::engine::kernels::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads, with_cpu_slices};
+use crate::engine::kernels::cpu::{
+    Shared, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, split_threads, with_cpu_slices,
+};
 
 /// Attention over `(batch, tokens, heads·head_dim)` queries and `(batch, keys, heads·head_dim)`
 /// keys and values; `causal` hides later keys from each query (CLIP's text encoder).
@@ -20,10 +23,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     if causal && m != n {
         anyhow::bail!("attention: a causal mask needs as many keys as queries ({m} vs {n})");
     }
-    let fusable = matches!(q.device(), Device::Cpu)
-        && matches!(q.dtype(), DType::F32 | DType::F64)
-        && k.dtype() == q.dtype()
-        && v.dtype() == q.dtype();
+    let fusable = cpu_float(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
     if !fusable {
         return attention_reference(q, k, v, heads, causal);
     }
@@ -453,27 +453,15 @@ impl CustomOp3 for FusedAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = self.dims(l1, l2);
         let name = "fused attention";
-        let (storage, kept) = match s1 {
-            CpuStorage::F32(_) => {
-                let (out, kept) = self.forward(
-                    dims,
-                    contiguous_slice::<f32>(s1, l1, name)?,
-                    contiguous_slice(s2, l2, name)?,
-                    contiguous_slice(s3, l3, name)?,
-                );
-                (CpuStorage::F32(out), kept.map(CpuStorage::F32))
-            }
-            CpuStorage::F64(_) => {
-                let (out, kept) = self.forward(
-                    dims,
-                    contiguous_slice::<f64>(s1, l1, name)?,
-                    contiguous_slice(s2, l2, name)?,
-                    contiguous_slice(s3, l3, name)?,
-                );
-                (CpuStorage::F64(out), kept.map(CpuStorage::F64))
-            }
-            _ => candle_core::bail!("fused attention: f32 or f64 only"),
-        };
+        let (storage, kept) = float_dispatch!(s1.dtype(), name, |T| {
+            let (out, kept) = self.forward(
+                dims,
+                contiguous_slice::<T>(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                contiguous_slice(s3, l3, name)?,
+            );
+            (T::to_cpu_storage_owned(out), kept.map(T::to_cpu_storage_owned))
+        });
         if let (Some(slot), Some(kept)) = (&self.kept, kept) {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
         }
@@ -491,30 +479,23 @@ impl CustomOp3 for FusedAttention {
         let (q, k, v, o, g) =
             (q.contiguous()?, k.contiguous()?, v.contiguous()?, res.contiguous()?, grad.contiguous()?);
         let dims = Dims { b: q.dim(0)?, n: q.dim(1)?, m: k.dim(1)?, heads: self.heads, d: q.dim(2)? / self.heads };
-        macro_rules! run {
-            ($t:ty) => {{
-                let kept = self.kept.as_ref().map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
-                let kept = match kept.as_deref() {
-                    Some(Some(p)) => Some(p.as_slice::<$t>()?),
-                    _ => None,
-                };
-                let (dq, dk, dv) =
-                    with_cpu_slices::<$t, _, 5>([&q, &k, &v, &o, &g], "fused attention", |[q, k, v, o, g]| {
-                        self.backward(dims, (q, k, v), o, g, kept)
-                    })?;
-                let dev = q.device();
-                (
-                    Tensor::from_vec(dq, q.shape(), dev)?,
-                    Tensor::from_vec(dk, k.shape(), dev)?,
-                    Tensor::from_vec(dv, v.shape(), dev)?,
-                )
-            }};
-        }
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            other => candle_core::bail!("fused attention: no backward for {other:?}"),
-        };
+        let (dq, dk, dv) = float_dispatch!(q.dtype(), "fused attention", |T| {
+            let kept = self.kept.as_ref().map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
+            let kept = match kept.as_deref() {
+                Some(Some(p)) => Some(p.as_slice::<T>()?),
+                _ => None,
+            };
+            let (dq, dk, dv) =
+                with_cpu_slices::<T, _, 5>([&q, &k, &v, &o, &g], "fused attention", |[q, k, v, o, g]| {
+                    self.backward(dims, (q, k, v), o, g, kept)
+                })?;
+            let dev = q.device();
+            (
+                Tensor::from_vec(dq, q.shape(), dev)?,
+                Tensor::from_vec(dk, k.shape(), dev)?,
+                Tensor::from_vec(dv, v.shape(), dev)?,
+            )
+        });
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -522,7 +503,7 @@ impl CustomOp3 for FusedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn random(shape: (usize, usize, usize), seed: u64) -> Tensor {
         let mut rng = crate::engine::rng::Rng::new(seed);

@@ -4,12 +4,15 @@
 //! `conv_transpose2d`, a naive loop (5–16× the forward); here it is a plain convolution of the
 //! (zero-dilated) output gradient with the flipped, transposed kernel.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::engine::Result;
-use crate::engine::kernels::cpu::{Shared, contiguous_slice, for_each_item, gemm, split_threads};
+use crate::engine::kernels::cpu::{
+    Shared, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, same_dtype, split_threads,
+};
 
 /// `conv2d(x, w)` (square padding and stride, no dilation or groups) that trains fast on the CPU.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -50,8 +53,7 @@ fn ours(
     stride: usize,
     dilation: usize,
 ) -> candle_core::Result<Option<(Tensor, Tensor, Im2ColConv)>> {
-    let cpu = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !cpu || x.dtype() != w.dtype() || x.rank() != 4 || w.rank() != 4 {
+    if !cpu_float(x) || x.dtype() != w.dtype() || x.rank() != 4 || w.rank() != 4 {
         return Ok(None);
     }
     let (_, c, h, wd) = x.dims4()?;
@@ -198,17 +200,11 @@ impl CustomOp2 for Im2ColConv {
         let d = ConvDims { c, h, w, o, kh, kw, ho: out_side(h, kh), wo: out_side(w, kw) };
         let shape = Shape::from((b, o, d.ho, d.wo));
         let name = self.name();
-        Ok(match (xs, ws) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (x, k) = (contiguous_slice::<f32>(xs, xl, name)?, contiguous_slice::<f32>(ws, wl, name)?);
-                (CpuStorage::F32(self.run(d, b, x, k)?), shape)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (x, k) = (contiguous_slice::<f64>(xs, xl, name)?, contiguous_slice::<f64>(ws, wl, name)?);
-                (CpuStorage::F64(self.run(d, b, x, k)?), shape)
-            }
-            _ => candle_core::bail!("conv2d-im2col: f32 or f64 inputs of one dtype expected"),
-        })
+        let out = float_dispatch!(same_dtype(xs, ws, name)?, name, |T| {
+            let (x, k) = (contiguous_slice::<T>(xs, xl, name)?, contiguous_slice::<T>(ws, wl, name)?);
+            T::to_cpu_storage_owned(self.run(d, b, x, k)?)
+        });
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -287,11 +283,9 @@ impl candle_core::CustomOp1 for FlipTranspose {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (o, i, kh, kw) = l.shape().dims4()?;
         let dims = (o, i, kh * kw);
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(Self::run(contiguous_slice::<f32>(s, l, self.name())?, dims)),
-            CpuStorage::F64(_) => CpuStorage::F64(Self::run(contiguous_slice::<f64>(s, l, self.name())?, dims)),
-            _ => candle_core::bail!("conv kernel flip: f32 or f64 expected"),
-        };
+        let out = float_dispatch!(s.dtype(), self.name(), |T| {
+            T::to_cpu_storage_owned(Self::run(contiguous_slice::<T>(s, l, self.name())?, dims))
+        });
         Ok((out, Shape::from((i, o, kh, kw))))
     }
 }

@@ -5,9 +5,10 @@
 //! pool the GEMMs use. And glibc maps every block over its mmap threshold afresh, so the kernel
 //! zeroes its pages on each use (an SD 1.5 step allocates convolution-kernel-sized blocks of up
 //! to 59 MB per layer; page faults were a tenth of its profile). Also the GEMM call, work
-//! splitting and storage access our own CPU kernels share.
+//! splitting, storage access and f32/f64 dispatch our own CPU kernels share.
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor, WithDType};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -55,6 +56,40 @@ fn reuse_freed_blocks() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn reuse_freed_blocks() {}
+
+/// An f32 or f64 tensor on the CPU: what our fused kernels take (anything else goes the composed
+/// candle way).
+pub(crate) fn cpu_float(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Runs `$body` with the type `$t` standing for `$dtype`'s element type, f32 or f64: the one place
+/// our generic kernels are instantiated. Any other dtype is an error naming `$op` (the caller
+/// returns `candle_core::Result`). A new storage comes back as `$t::to_cpu_storage_owned(vec)`.
+macro_rules! float_dispatch {
+    ($dtype:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            other => candle_core::bail!("{}: f32 or f64 expected, not {other:?}", $op),
+        }
+    };
+}
+pub(crate) use float_dispatch;
+
+/// The dtype two storages share, for an op that takes both; an error naming `op` if they differ.
+pub(crate) fn same_dtype(a: &CpuStorage, b: &CpuStorage, op: &str) -> candle_core::Result<DType> {
+    if a.dtype() != b.dtype() {
+        candle_core::bail!("{op}: inputs of one dtype expected, got {:?} and {:?}", a.dtype(), b.dtype());
+    }
+    Ok(a.dtype())
+}
 
 /// A raw pointer that worker threads may share; every user writes a disjoint part.
 #[derive(Clone, Copy)]

@@ -6,13 +6,15 @@
 //! and shift) into one pass. Anything else (a trained operand, another device or dtype, an odd
 //! broadcast) takes candle's own ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::kernels::cpu::{
-    Shared, contiguous_slice, for_each_item, gemm, split_threads, with_cpu_data, with_cpu_slices,
+    Shared, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, split_threads, with_cpu_data,
+    with_cpu_slices,
 };
 
 /// Elements below which the element-wise pass runs on one thread.
@@ -98,7 +100,7 @@ pub fn add(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 
 /// f32/f64 on the CPU, and not empty (the kernels split the data into non-empty blocks).
 fn fast_kind(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64) && x.elem_count() > 0
+    cpu_float(x) && x.elem_count() > 0
 }
 
 /// `y = x·Wᵀ + b` on rows of `x`, or with `channels_first` `y[b] = W·x[b] + b` on (B, in, S).
@@ -185,15 +187,9 @@ impl CustomOp1 for FrozenLinear {
             *dims.last_mut().unwrap() = out;
             (rows, 1)
         };
-        let y = match s {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l, self.name())?, items, plane)?)
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l, self.name())?, items, plane)?)
-            }
-            _ => candle_core::bail!("frozen-linear: f32 or f64 expected"),
-        };
+        let y = float_dispatch!(s.dtype(), self.name(), |T| {
+            T::to_cpu_storage_owned(self.run(contiguous_slice::<T>(s, l, self.name())?, items, plane)?)
+        });
         Ok((y, Shape::from(dims)))
     }
 
@@ -404,21 +400,14 @@ impl CustomOp3 for FrozenLora {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l1, l2);
         let name = self.name();
-        let y = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(
+        let y = float_dispatch!(s1.dtype(), name, |T| {
+            T::to_cpu_storage_owned(self.forward(
                 d,
-                contiguous_slice::<f32>(s1, l1, name)?,
+                contiguous_slice::<T>(s1, l1, name)?,
                 contiguous_slice(s2, l2, name)?,
                 contiguous_slice(s3, l3, name)?,
-            )?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward(
-                d,
-                contiguous_slice::<f64>(s1, l1, name)?,
-                contiguous_slice(s2, l2, name)?,
-                contiguous_slice(s3, l3, name)?,
-            )?),
-            _ => candle_core::bail!("frozen-lora: f32 or f64 expected"),
-        };
+            )?)
+        });
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().unwrap() = d.out;
         Ok((y, Shape::from(dims)))
@@ -435,23 +424,16 @@ impl CustomOp3 for FrozenLora {
         let (x, down, up, g) = (x.contiguous()?, down.contiguous()?, up.contiguous()?, grad.contiguous()?);
         let d = self.dims(x.layout(), down.layout());
         let dev = x.device();
-        macro_rules! run {
-            ($t:ty) => {{
-                let (gx, ga, gb) = with_cpu_slices::<$t, _, 4>([&x, &down, &up, &g], self.name(), |[x, a, b, g]| {
-                    self.backward(d, x, a, b, g)
-                })??;
-                (
-                    Tensor::from_vec(gx, x.shape(), dev)?,
-                    Tensor::from_vec(ga, down.shape(), dev)?,
-                    Tensor::from_vec(gb, up.shape(), dev)?,
-                )
-            }};
-        }
-        let (gx, ga, gb) = match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            other => candle_core::bail!("frozen-lora: no backward for {other:?}"),
-        };
+        let (gx, ga, gb) = float_dispatch!(x.dtype(), self.name(), |T| {
+            let (gx, ga, gb) = with_cpu_slices::<T, _, 4>([&x, &down, &up, &g], self.name(), |[x, a, b, g]| {
+                self.backward(d, x, a, b, g)
+            })??;
+            (
+                Tensor::from_vec(gx, x.shape(), dev)?,
+                Tensor::from_vec(ga, down.shape(), dev)?,
+                Tensor::from_vec(gb, up.shape(), dev)?,
+            )
+        });
         Ok((Some(gx), Some(ga), Some(gb)))
     }
 }
@@ -538,11 +520,9 @@ impl CustomOp1 for FrozenAffine {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.run(contiguous_slice::<f32>(s, l, self.name())?)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.run(contiguous_slice::<f64>(s, l, self.name())?)?),
-            _ => candle_core::bail!("frozen-affine: f32 or f64 expected"),
-        };
+        let y = float_dispatch!(s.dtype(), self.name(), |T| {
+            T::to_cpu_storage_owned(self.run(contiguous_slice::<T>(s, l, self.name())?)?)
+        });
         Ok((y, l.shape().clone()))
     }
 
@@ -559,7 +539,7 @@ impl CustomOp1 for FrozenAffine {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
     use crate::engine::rng::Rng;

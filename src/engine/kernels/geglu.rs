@@ -2,17 +2,17 @@
 //! dimension. On the CPU (f32, f64) it is one pass each way; composed from candle ops, the gelu's
 //! backward alone is a dozen full-size tensors, and the two `narrow`s' backward two zero-padded ones.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Device, Layout, Shape, Tensor};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::engine::Result;
-use crate::engine::kernels::cpu::contiguous_slice;
+use crate::engine::kernels::cpu::{contiguous_slice, cpu_float, float_dispatch, same_dtype};
 
 /// `h[..., :F] · gelu_erf(h[..., F:])` for `h` of last dimension 2F.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    let fused = matches!(h.device(), Device::Cpu) && matches!(h.dtype(), DType::F32 | DType::F64);
-    if !fused || !h.dim(D::Minus1)?.is_multiple_of(2) {
+    if !cpu_float(h) || !h.dim(D::Minus1)?.is_multiple_of(2) {
         return geglu_reference(h);
     }
     Ok(h.contiguous()?.apply_op1(Geglu)?)
@@ -86,11 +86,9 @@ impl CustomOp1 for Geglu {
         let mut dims = l.dims().to_vec();
         let f = dims[dims.len() - 1] / 2;
         *dims.last_mut().unwrap() = f;
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(forward(contiguous_slice::<f32>(s, l, "geglu")?, f)),
-            CpuStorage::F64(_) => CpuStorage::F64(forward(contiguous_slice::<f64>(s, l, "geglu")?, f)),
-            _ => candle_core::bail!("geglu: f32 or f64 expected"),
-        };
+        let out = float_dispatch!(s.dtype(), "geglu", |T| {
+            T::to_cpu_storage_owned(forward(contiguous_slice::<T>(s, l, "geglu")?, f))
+        });
         Ok((out, Shape::from(dims)))
     }
 
@@ -114,26 +112,20 @@ impl CustomOp2 for GegluGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let f = gl.dims()[gl.dims().len() - 1];
-        let out = match (hs, gs) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(backward(
-                contiguous_slice::<f32>(hs, hl, "geglu")?,
-                contiguous_slice::<f32>(gs, gl, "geglu")?,
+        let out = float_dispatch!(same_dtype(hs, gs, "geglu-grad")?, "geglu-grad", |T| {
+            T::to_cpu_storage_owned(backward(
+                contiguous_slice::<T>(hs, hl, "geglu")?,
+                contiguous_slice::<T>(gs, gl, "geglu")?,
                 f,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(backward(
-                contiguous_slice::<f64>(hs, hl, "geglu")?,
-                contiguous_slice::<f64>(gs, gl, "geglu")?,
-                f,
-            )),
-            _ => candle_core::bail!("geglu-grad: f32 or f64 of one dtype expected"),
-        };
+            ))
+        });
         Ok((out, hl.shape().clone()))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     use super::*;
     use crate::engine::rng::Rng;

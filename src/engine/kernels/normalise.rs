@@ -2,12 +2,13 @@
 //! `chunk` contiguous elements, as one CPU op with its own backward pass. Composed from candle ops
 //! it was ten tensor ops (each allocating a full activation) forward and as many backward.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::engine::Result;
-use crate::engine::kernels::cpu::{contiguous_slice, with_cpu_data};
+use crate::engine::kernels::cpu::{contiguous_slice, cpu_float, float_dispatch, with_cpu_data};
 
 /// `x` normalised over each run of `chunk` contiguous elements (its shape unchanged).
 pub fn normalise(x: &Tensor, chunk: usize, eps: f64) -> Result<Tensor> {
@@ -15,7 +16,7 @@ pub fn normalise(x: &Tensor, chunk: usize, eps: f64) -> Result<Tensor> {
         anyhow::bail!("normalise: {} elements do not split into runs of {chunk}", x.elem_count());
     }
     let x = x.contiguous()?;
-    if matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if cpu_float(&x) {
         return Ok(x.apply_op1(Normalise { chunk, eps })?);
     }
     normalise_reference(&x, chunk, eps)
@@ -85,38 +86,27 @@ impl CustomOp1 for Normalise {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(contiguous_slice::<f32>(s, l, "normalise")?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward(contiguous_slice::<f64>(s, l, "normalise")?)),
-            _ => candle_core::bail!("normalise: f32 or f64 only"),
-        };
+        let out = float_dispatch!(s.dtype(), "normalise", |T| {
+            T::to_cpu_storage_owned(self.forward(contiguous_slice::<T>(s, l, "normalise")?))
+        });
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        fn run<T: WithDType + Float>(
-            op: &Normalise,
-            x: &Tensor,
-            y: &Tensor,
-            g: &Tensor,
-        ) -> candle_core::Result<Tensor> {
+        let dx = float_dispatch!(x.dtype(), "normalise", |T| {
             let dx = with_cpu_data::<T, _>(x, |x| {
-                with_cpu_data::<T, _>(y, |y| with_cpu_data::<T, _>(g, |g| op.backward(x, y, g)))
+                with_cpu_data::<T, _>(y, |y| with_cpu_data::<T, _>(g, |g| self.backward(x, y, g)))
             })???;
-            Tensor::from_vec(dx, x.shape(), x.device())
-        }
-        Ok(Some(match x.dtype() {
-            DType::F32 => run::<f32>(self, x, y, g)?,
-            DType::F64 => run::<f64>(self, x, y, g)?,
-            other => candle_core::bail!("normalise: no backward for {other:?}"),
-        }))
+            Tensor::from_vec(dx, x.shape(), x.device())?
+        });
+        Ok(Some(dx))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     #[test]
     fn fused_normalise_matches_the_composed_reference() {

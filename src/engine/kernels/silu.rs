@@ -2,20 +2,20 @@
 //! candle 0.11.1's backward for it builds ten full-size tensors (neg, exp, add, recip, …); here
 //! the slope comes from the saved input in the same loop that applies the incoming gradient.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::engine::Result;
-use crate::engine::kernels::cpu::contiguous_slice;
+use crate::engine::kernels::cpu::{contiguous_slice, cpu_float, float_dispatch, same_dtype};
 
 /// Elements per work item (small tensors stay on one thread).
 const CHUNK: usize = 1 << 14;
 
 /// `x·σ(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    let fused = matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !fused {
+    if !cpu_float(x) {
         return Ok(x.silu()?);
     }
     Ok(x.contiguous()?.apply_op1(Silu)?)
@@ -55,11 +55,9 @@ impl CustomOp1 for Silu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(forward(contiguous_slice::<f32>(s, l, "silu")?)),
-            CpuStorage::F64(_) => CpuStorage::F64(forward(contiguous_slice::<f64>(s, l, "silu")?)),
-            _ => candle_core::bail!("silu: f32 or f64 expected"),
-        };
+        let y = float_dispatch!(s.dtype(), "silu", |T| {
+            T::to_cpu_storage_owned(forward(contiguous_slice::<T>(s, l, "silu")?))
+        });
         Ok((y, l.shape().clone()))
     }
 
@@ -83,17 +81,12 @@ impl CustomOp2 for SiluGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match (xs, gs) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(backward(
-                contiguous_slice::<f32>(xs, xl, "silu")?,
-                contiguous_slice::<f32>(gs, gl, "silu")?,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(backward(
-                contiguous_slice::<f64>(xs, xl, "silu")?,
-                contiguous_slice::<f64>(gs, gl, "silu")?,
-            )),
-            _ => candle_core::bail!("silu gradient: f32 or f64 of one dtype expected"),
-        };
+        let out = float_dispatch!(same_dtype(xs, gs, "silu gradient")?, "silu gradient", |T| {
+            T::to_cpu_storage_owned(backward(
+                contiguous_slice::<T>(xs, xl, "silu")?,
+                contiguous_slice::<T>(gs, gl, "silu")?,
+            ))
+        });
         Ok((out, xl.shape().clone()))
     }
 }

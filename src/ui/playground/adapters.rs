@@ -15,19 +15,19 @@ pub(super) fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut
         ui.label(RichText::new("Drop .safetensors adapters here, or add them with the button.").weak());
     }
     let mut remove = None;
-    let mut changed = Vec::new();
+    let mut changed = false;
     for (i, row) in p.adapters.iter_mut().enumerate() {
         ui.push_id(i, |ui| {
             ui.group(|ui| {
                 ui.horizontal(|ui| {
                     let name = ui.strong(&row.name).on_hover_text(row.path.display().to_string());
                     if ui.checkbox(&mut row.enabled, "on").on_hover_text("Switch this adapter on or off").changed() {
-                        changed.push(i);
+                        changed = true;
                     }
                     let slider =
                         ui.add(egui::Slider::new(&mut row.weight, -1.0..=2.0).step_by(0.05)).labelled_by(name.id);
                     if slider.changed() {
-                        changed.push(i);
+                        changed = true;
                     }
                     if ui.button("Remove").clicked() {
                         remove = Some(i);
@@ -57,18 +57,15 @@ pub(super) fn adapters(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &mut
                         ("output blocks", &mut b.output),
                     ] {
                         if ui.add(egui::Slider::new(value, -1.0..=2.0).step_by(0.05).text(text)).changed() {
-                            changed.push(i);
+                            changed = true;
                         }
                     }
                 });
             });
         });
     }
-    for i in changed {
-        if let Some(row) = p.adapters.get_mut(i) {
-            row.dirty = true;
-        }
-        p.mark_changed();
+    if changed {
+        p.mix_changed();
     }
     if let Some(i) = remove {
         p.remove_adapter(i);

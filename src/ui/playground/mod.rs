@@ -2,18 +2,21 @@
 //! The model lives on a worker thread (`job::playground`); this file holds the view state and
 //! sends it commands (`view.rs`, `adapters.rs` and `grid.rs` draw it). In Live mode a slider that
 //! stops moving for 300 ms re-renders the same seed, and only the moved adapter's layers re-merge.
+//! The panel sends raw sliders; the worker applies the mix policy (`MixMode`), which the panel
+//! only calls to show the weights it gives.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use egui::RichText;
 
+pub use crate::engine::adapters::mix::MixMode;
 use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::pipeline::GenerateRequest;
 
 use super::DialogPurpose;
-use crate::job::playground::{AdapterCheck, GridAxis, ModelCommand, ModelEvent, ModelWorker};
+use crate::job::playground::{AdapterCheck, GridAxis, Mix, ModelCommand, ModelEvent, ModelWorker, Slider};
 
 mod adapters;
 mod grid;
@@ -38,15 +41,18 @@ pub struct AdapterRow {
     pub info: Option<String>,
     pub warning: Option<String>,
     pub error: Option<String>,
-    /// Layers re-merged the last time its weight changed.
+    /// Layers re-merged the last time its applied weight changed.
     pub remerged: Option<usize>,
-    dirty: bool,
 }
 
 impl AdapterRow {
-    /// The weight the model uses: 0 when switched off.
+    /// The slider as the mix sees it: 0 when switched off.
     pub fn effective_weight(&self) -> f64 {
         if self.enabled { self.weight } else { 0.0 }
+    }
+
+    fn slider(&self) -> Slider {
+        Slider { name: self.name.clone(), weight: self.effective_weight(), blocks: self.blocks }
     }
 }
 
@@ -97,18 +103,11 @@ pub struct PlaygroundPanel {
     pub blend_rank: usize,
     /// How slider weights combine (plain sum, or scaled into a budget).
     pub mix_mode: MixMode,
+    /// A slider, switch, block weight or the mode changed since the worker last got the mix.
+    mix_dirty: bool,
     /// The measured strength of the mix (‖Σ wᵢΔWᵢ‖ / ‖W‖ at the worst layer), once known.
     pub overdrive: Option<f64>,
     pub grid: GridSettings,
-}
-
-/// How the adapters' slider weights combine.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum MixMode {
-    /// Each adapter at its own slider weight.
-    Sum,
-    /// Weights scaled down together so their absolute values sum to at most the budget.
-    Budget(f64),
 }
 
 /// The XY grid: two adapters (rows of `adapters`) and the weights to try for each.
@@ -176,6 +175,7 @@ impl PlaygroundPanel {
             message: None,
             blend_rank: 16,
             mix_mode: MixMode::Sum,
+            mix_dirty: false,
             overdrive: None,
             grid: GridSettings::default(),
         }
@@ -212,12 +212,14 @@ impl PlaygroundPanel {
     }
 
     fn send_add(&mut self, i: usize) {
-        let weight = self.mix_weights()[i];
+        // The worker weighs a newcomer against the mix it knows: bring that up to date first.
+        if self.mix_dirty {
+            self.mix_dirty = false;
+            self.push(ModelCommand::SetMix(self.mix()));
+        }
         let row = &mut self.adapters[i];
         row.error = None;
-        row.dirty = false;
-        let cmd =
-            ModelCommand::AddAdapter { name: row.name.clone(), path: row.path.clone(), weight, blocks: row.blocks };
+        let cmd = ModelCommand::AddAdapter { path: row.path.clone(), slider: row.slider() };
         self.push(cmd);
     }
 
@@ -259,7 +261,6 @@ impl PlaygroundPanel {
             warning: None,
             error: None,
             remerged: None,
-            dirty: false,
         });
         if self.model_sent() {
             self.send_add(self.adapters.len() - 1);
@@ -299,7 +300,7 @@ impl PlaygroundPanel {
         self.add_adapter(path);
         if let Some(i) = self.adapters.iter().position(|r| r.path == path) {
             self.adapters[i].enabled = false;
-            self.adapters[i].dirty = true;
+            self.mix_dirty = true;
         }
     }
 
@@ -327,45 +328,46 @@ impl PlaygroundPanel {
     pub fn set_weight(&mut self, i: usize, weight: f64) {
         if let Some(row) = self.adapters.get_mut(i) {
             row.weight = weight;
-            row.dirty = true;
-            self.mark_changed();
+            self.mix_changed();
         }
+    }
+
+    /// A slider, switch or block weight moved: the mix goes out before the next render.
+    fn mix_changed(&mut self) {
+        self.mix_dirty = true;
+        self.mark_changed();
     }
 
     fn mark_changed(&mut self) {
         self.last_change = Some(Instant::now());
     }
 
+    /// The mix as the worker takes it: every row's raw slider and the mode.
+    fn mix(&self) -> Mix {
+        Mix { mode: self.mix_mode, sliders: self.adapters.iter().map(AdapterRow::slider).collect() }
+    }
+
     fn flush_weights(&mut self) {
-        // Under a budget one slider moves every weight, so all rows go out together.
-        let all = matches!(self.mix_mode, MixMode::Budget(_)) && self.adapters.iter().any(|r| r.dirty);
-        let weights = self.mix_weights();
-        for (i, weight) in weights.into_iter().enumerate() {
-            if all || self.adapters[i].dirty {
-                let row = &mut self.adapters[i];
-                row.dirty = false;
-                let cmd = ModelCommand::SetMix { name: row.name.clone(), weight, blocks: row.blocks };
-                self.send(cmd);
-            }
+        // One snapshot, whatever moved: the worker works out which adapters' weights changed.
+        if self.mix_dirty {
+            self.mix_dirty = false;
+            let mix = self.mix();
+            self.send(ModelCommand::SetMix(mix));
         }
     }
 
-    /// The weight each adapter gets in the model: its slider (0 when off), scaled into the
-    /// budget in budget mode.
+    /// The weight each adapter gets in the model, for display: the worker applies the same
+    /// policy to the sliders it was sent.
     pub fn mix_weights(&self) -> Vec<f64> {
         let raw: Vec<f64> = self.adapters.iter().map(AdapterRow::effective_weight).collect();
-        match self.mix_mode {
-            MixMode::Sum => raw,
-            MixMode::Budget(budget) => crate::engine::adapters::mix::normalise_to_budget(&raw, budget),
-        }
+        self.mix_mode.applied(&raw)
     }
 
     /// Switches between summing and budget mode: every adapter is re-weighted.
     pub fn set_mix_mode(&mut self, mode: MixMode) {
         if self.mix_mode != mode {
             self.mix_mode = mode;
-            self.adapters.iter_mut().for_each(|r| r.dirty = true);
-            self.mark_changed();
+            self.mix_changed();
         }
     }
 
@@ -391,15 +393,8 @@ impl PlaygroundPanel {
         self.last_change = None; // the grid is the render the change asked for
         self.flush_weights();
         let total = x.values.len() * y.values.len() * self.request.steps;
-        let restore: Vec<usize> = vec![self.grid.x, self.grid.y];
+        // The worker puts the adapters back at the mix's weights once the grid is drawn.
         self.send(ModelCommand::XyGrid { request: self.request.clone(), x, y });
-        // Put both adapters back at their own weights once the grid is drawn.
-        let weights = self.mix_weights();
-        for i in restore {
-            let row = &self.adapters[i];
-            let cmd = ModelCommand::SetMix { name: row.name.clone(), weight: weights[i], blocks: row.blocks };
-            self.send(cmd);
-        }
         self.progress = Some((0, total));
     }
 
