@@ -30,8 +30,8 @@ usage:
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
-  lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|glora]
-                    [--rank N --alpha X --targets PRESET --lr X --steps N --batch N --resolution N
+  lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
+                    [--rank N --alpha X --lokr-factor N --targets PRESET --lr X --steps N --batch N --resolution N
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
                      --train-text-encoder --flip --buckets --min-snr G --noise-offset X
                      --timestep-bias none|earlier|later --timestep-bias-multiplier X --timestep-bias-portion X
@@ -493,6 +493,10 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "algo" => c.algorithm = v.parse()?,
             "rank" => c.rank = int(&v)?,
             "alpha" => c.alpha = num(&v)?,
+            "lokr-factor" => {
+                c.lokr_factor =
+                    v.parse().with_context(|| format!("--lokr-factor: `{v}` is not a whole number (−1: balanced)"))?
+            }
             "targets" => c.targets = serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
                 anyhow::anyhow!(
                     "--targets: unknown preset `{v}` (cross-attention, attention, transformer, transformer-and-conv)"

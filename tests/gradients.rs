@@ -211,3 +211,91 @@ fn lora_layer_gradients_match_finite_differences() {
         }
     }
 }
+
+/// The kinds trained through their whole weight change (LoHa, LoKr, DoRA) get gradients that
+/// match central differences, on a linear layer and a 3×3 convolution, with a base that moves
+/// nothing (f64, the stack run factored as in training).
+#[test]
+fn loha_lokr_and_dora_gradients_match_finite_differences() {
+    use lora_studio::engine::adapters::delta::{Delta, KronFactor};
+    use lora_studio::engine::adapters::stack::{AdapterStack, LayerAdapter};
+    let dev = Device::Cpu;
+    let values = |n: usize, seed: usize| -> Vec<f64> {
+        (0..n).map(|i| (((i + seed) * 7919) % 1000) as f64 / 500.0 - 1.0).collect()
+    };
+    let tensor =
+        |shape: &[usize], seed: usize| Tensor::from_vec(values(shape.iter().product(), seed), shape, &dev).unwrap();
+    let var = |shape: &[usize], seed: usize| Var::from_tensor(&tensor(shape, seed)).unwrap();
+    for conv in [false, true] {
+        let (out, inp) = (6, 4);
+        let kernel: &[usize] = if conv { &[3, 3] } else { &[] };
+        let kk: usize = kernel.iter().product();
+        let base = tensor(&[&[out, inp][..], kernel].concat(), 11);
+        let x = if conv { tensor(&[2, inp, 5, 5], 12) } else { tensor(&[2, 3, inp], 12) };
+        let probe_shape = if conv { vec![2, out, 5, 5] } else { vec![2, 3, out] };
+        let probe = tensor(&probe_shape, 13);
+        // Every factor of each kind is a variable.
+        let loha = [var(&[out, 2], 1), var(&[2, inp * kk], 2), var(&[out, 2], 3), var(&[2, inp * kk], 4)];
+        let lokr = [var(&[2, 2], 5), var(&[3, 2], 6), var(&[2, 2 * kk], 7)];
+        let lora =
+            [var(&[&[2, inp][..], kernel].concat(), 8), var(&[&[out, 2][..], &vec![1; kernel.len()]].concat(), 9)];
+        let magnitude = var(&[&[out, 1][..], &vec![1; kernel.len()]].concat(), 10);
+        let t = |v: &Var| v.as_tensor().clone();
+        let cases: Vec<(&str, Delta, Vec<&Var>)> = vec![
+            (
+                "loha",
+                Delta::Loha { w1a: t(&loha[0]), w1b: t(&loha[1]), w2a: t(&loha[2]), w2b: t(&loha[3]), tucker: None },
+                loha.iter().collect(),
+            ),
+            (
+                "lokr",
+                Delta::Lokr {
+                    w1: KronFactor::Whole(t(&lokr[0])),
+                    w2: KronFactor::LowRank { a: t(&lokr[1]), b: t(&lokr[2]), tucker: None },
+                },
+                lokr.iter().collect(),
+            ),
+            (
+                "dora",
+                Delta::Dora {
+                    inner: Box::new(Delta::Lora { down: t(&lora[0]), up: t(&lora[1]) }),
+                    inner_scale: 0.5,
+                    magnitude: t(&magnitude),
+                },
+                vec![&lora[0], &lora[1], &magnitude],
+            ),
+        ];
+        for (name, delta, vars) in cases {
+            let mut stack = AdapterStack::new(base.clone());
+            stack.merge = false;
+            stack.attach(LayerAdapter { name: "trained".into(), delta, scale: 0.75, multiplier: 1.0 }).unwrap();
+            let bias = tensor(&[out], 14);
+            let loss = || {
+                let y = if conv {
+                    stack.forward_conv(&x, Some(&bias), 1, 1).unwrap()
+                } else {
+                    stack.forward_linear(&x, Some(&bias)).unwrap()
+                };
+                (y * &probe).unwrap().sum_all().unwrap()
+            };
+            let grads = loss().backward().unwrap();
+            for (i, v) in vars.iter().enumerate() {
+                let g: Vec<f64> = grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: tensor {i} gets a gradient"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for idx in [0, g.len() / 2, g.len() - 1] {
+                    let numeric = central_difference(v, idx, &loss);
+                    assert!(
+                        (numeric - g[idx]).abs() < 1e-5 + 1e-5 * numeric.abs(),
+                        "{name} (conv {conv}) tensor {i}[{idx}]: analytic {}, numeric {numeric}",
+                        g[idx]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -90,7 +90,7 @@ fn forty_lora_steps_lower_the_evaluation_loss_and_leave_the_base_untouched() {
 
 #[test]
 fn resume_follows_the_same_trajectory() {
-    for algorithm in [Algorithm::Lora, Algorithm::Glora] {
+    for algorithm in [Algorithm::Lora, Algorithm::Glora, Algorithm::Loha, Algorithm::Lokr, Algorithm::Dora] {
         let dir = tempdir(&format!("resume-{algorithm:?}"));
         make_images(&dir);
         let mut straight = trainer(&dir, config(8, algorithm));
@@ -213,4 +213,40 @@ fn latents_are_cached_on_disk_and_reused() {
     }
     let mut third = trainer(&dir, cfg);
     assert_ne!(third.validation_loss().unwrap(), a, "the altered cache entries were used");
+}
+
+/// LoHa, LoKr and DoRA train (the loss falls), and the file they write is in LyCORIS' layout, loads
+/// whole onto a fresh model and gives the trained model's output there.
+#[test]
+fn loha_lokr_and_dora_train_and_write_what_lycoris_reads() {
+    use lora_studio::engine::adapters::formats::{Naming, read_adapter};
+    let r = reference();
+    for (algorithm, key, kind) in [
+        (Algorithm::Loha, "hada_w1_a", "loha"),
+        (Algorithm::Lokr, "lokr_w1", "lokr"),
+        (Algorithm::Dora, "dora_scale", "dora"),
+    ] {
+        let dir = tempdir(&format!("kinds-{algorithm:?}"));
+        make_images(&dir);
+        let mut t = trainer(&dir, config(30, algorithm));
+        let before = t.validation_loss().unwrap();
+        for _ in 0..30 {
+            t.train_step().unwrap();
+        }
+        let after = t.validation_loss().unwrap();
+        assert!(after < before, "{algorithm:?}: validation loss {before} → {after}");
+        let out = dir.join("trained.safetensors");
+        t.save_adapter(&out, Naming::Kohya).unwrap();
+        let keys = read_safetensors(&out).unwrap();
+        assert!(keys.keys().any(|k| k.ends_with(key)), "{algorithm:?}: `{key}` keys in the file");
+        let parsed = read_adapter(&out).unwrap();
+        assert!(parsed.layers.iter().all(|l| l.delta.algorithm().contains(kind)), "{algorithm:?}");
+        let mut fresh = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+        let report = fresh.load_adapter("trained", &out, 1.0).unwrap();
+        assert_eq!(report.matched, t.trained_layers());
+        let emb = fresh.text_encoder.forward(&r["input_ids"]).unwrap();
+        let ours = fresh.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
+        let trained = t.model.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
+        assert_close(&format!("{algorithm:?} file vs trainer"), &ours, &trained);
+    }
 }

@@ -675,3 +675,31 @@ fn an_earlier_run_is_replaced_only_when_asked_and_closing_mid_run_asks_first() {
     assert!((1..100_000).contains(&step), "the checkpoint holds the stopped run (step {step})");
     assert!(!h.state().quit_after_stop, "the close went ahead once the run had stopped");
 }
+
+/// The algorithm list offers every kind we train; LoHa and LoKr bring kohya_ss' rank, alpha and
+/// rate with them, and LoKr shows its factor.
+#[test]
+fn choosing_loha_or_lokr_sets_kohya_ss_defaults() {
+    use lora_studio::engine::train::trainer::Algorithm;
+    let mut h = harness("built-in");
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    assert!(h.query_by_label("LoKr factor").is_none(), "the factor shows only for LoKr");
+    for (label, algorithm, rank, alpha) in [("LoHa", Algorithm::Loha, 32, 16.0), ("LoKr", Algorithm::Lokr, 64, 64.0)] {
+        let current = h.state().config.algorithm.label();
+        h.get_by_value(current).click();
+        h.run();
+        h.get_by_label(label).click();
+        h.run();
+        let c = &h.state().config;
+        assert_eq!((c.algorithm, c.rank, c.alpha), (algorithm, rank, alpha), "{label}");
+    }
+    h.get_by_label("LoKr factor");
+    let current = h.state().config.algorithm.label();
+    h.get_by_value(current).click();
+    h.run();
+    h.get_by_label("DoRA").click();
+    h.run();
+    assert_eq!(h.state().config.algorithm, Algorithm::Dora);
+    assert_eq!(h.state().config.rank, 64, "DoRA keeps the rank it had");
+}

@@ -427,16 +427,28 @@ fn settings(ui: &mut egui::Ui, panel: &mut TrainingPanel, c: &mut TrainConfig, a
     });
     ui.add_space(6.0);
     egui::Grid::new("train_settings").num_columns(2).spacing([12.0, 6.0]).striped(true).show(ui, |ui| {
-        row(ui, "Algorithm", "LoRA: low-rank updates of linear layers. LoCon: also convolutions. GLoRA: a learned rescaling of the weight plus a low-rank shift.", |ui| {
-            egui::ComboBox::from_id_salt("algorithm")
-                .selected_text(format!("{:?}", c.algorithm).replace("Locon", "LoCon").replace("Lora", "LoRA").replace("Glora", "GLoRA"))
+        row(ui, "Algorithm", "LoRA: low-rank updates of linear layers. LoCon: also convolutions. LoHa / LoKr (LyCORIS): a Hadamard or Kronecker product of small factors, more expressive per parameter. DoRA: LoRA plus a learned magnitude per output row. GLoRA: a learned rescaling of the weight plus a low-rank shift. Choosing LoHa or LoKr sets kohya_ss' rank, alpha and rate for it.", |ui| {
+            let before = c.algorithm;
+            let response = egui::ComboBox::from_id_salt("algorithm")
+                .selected_text(c.algorithm.label())
                 .show_ui(ui, |ui| {
-                    ui.selectable_value(&mut c.algorithm, Algorithm::Lora, "LoRA");
-                    ui.selectable_value(&mut c.algorithm, Algorithm::Locon, "LoCon");
-                    ui.selectable_value(&mut c.algorithm, Algorithm::Glora, "GLoRA");
+                    for a in Algorithm::ADAPTERS {
+                        ui.selectable_value(&mut c.algorithm, a, a.label());
+                    }
                 })
-                .response
+                .response;
+            if c.algorithm != before
+                && let Some((rank, alpha, lr)) = c.algorithm.kohya_ss_defaults()
+            {
+                (c.rank, c.alpha, c.learning_rate) = (rank, alpha, lr);
+            }
+            response
         });
+        if c.algorithm == Algorithm::Lokr {
+            row(ui, "LoKr factor", "How each layer is split into the two Kronecker factors (LyCORIS' factor): −1 picks the most balanced split; a small number like 4 or 8 makes the first factor that size.", |ui| {
+                ui.add(egui::DragValue::new(&mut c.lokr_factor).range(-1..=64))
+            });
+        }
         row(ui, "Targets", "Which layers the adapter changes. Attention + feed-forward is kohya's default; add convolutions for LoCon.", |ui| {
             egui::ComboBox::from_id_salt("targets")
                 .selected_text(c.targets.label())

@@ -213,6 +213,87 @@ impl Delta {
         }
     }
 
+    /// The name of each tensor in `tensors()` order, as LyCORIS calls it (a trainer's parameter
+    /// names; GLoRA keeps our short names).
+    pub fn tensor_names(&self) -> Vec<&'static str> {
+        match self {
+            Delta::Lora { .. } => vec!["lora_down", "lora_up"],
+            Delta::Tucker { .. } => vec!["lora_down", "lora_mid", "lora_up"],
+            Delta::Glora { .. } => vec!["a1", "a2", "b1", "b2"],
+            Delta::Loha { tucker, .. } => {
+                let mut v = vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"];
+                if tucker.is_some() {
+                    v.extend(["hada_t1", "hada_t2"]);
+                }
+                v
+            }
+            Delta::Lokr { w1, w2 } => {
+                let names = |f: &KronFactor, side: &'static [&'static str; 4]| match f {
+                    KronFactor::Whole(_) => vec![side[0]],
+                    KronFactor::LowRank { tucker: None, .. } => vec![side[1], side[2]],
+                    KronFactor::LowRank { .. } => vec![side[1], side[2], side[3]],
+                };
+                [
+                    names(w1, &["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t1"]),
+                    names(w2, &["lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]),
+                ]
+                .concat()
+            }
+            Delta::Full { diff_b, .. } => {
+                if diff_b.is_some() {
+                    vec!["diff", "diff_b"]
+                } else {
+                    vec!["diff"]
+                }
+            }
+            Delta::Dora { inner, .. } => [inner.tensor_names(), vec!["dora_scale"]].concat(),
+            Delta::Oft { .. } | Delta::Boft { .. } => vec!["oft_blocks"],
+        }
+    }
+
+    /// The same kind of update with its tensors replaced, given in `tensors()` order (a trainer
+    /// swaps in its variables, and takes them out again to save).
+    pub fn with_tensors(&self, new: &[Tensor]) -> Result<Delta> {
+        if new.len() != self.tensors().len() {
+            bail!("{}: {} tensors given for {}", self.algorithm(), new.len(), self.tensors().len());
+        }
+        let mut it = new.iter().cloned();
+        let mut next = || it.next().expect("counted above");
+        Ok(self.rebuilt(&mut next))
+    }
+
+    fn rebuilt(&self, next: &mut dyn FnMut() -> Tensor) -> Delta {
+        let factor = |f: &KronFactor, next: &mut dyn FnMut() -> Tensor| match f {
+            KronFactor::Whole(_) => KronFactor::Whole(next()),
+            KronFactor::LowRank { tucker, .. } => {
+                KronFactor::LowRank { a: next(), b: next(), tucker: tucker.as_ref().map(|_| next()) }
+            }
+        };
+        match self {
+            Delta::Lora { .. } => Delta::Lora { down: next(), up: next() },
+            Delta::Tucker { .. } => Delta::Tucker { down: next(), mid: next(), up: next() },
+            Delta::Glora { .. } => Delta::Glora { a1: next(), a2: next(), b1: next(), b2: next() },
+            Delta::Loha { tucker, .. } => Delta::Loha {
+                w1a: next(),
+                w1b: next(),
+                w2a: next(),
+                w2b: next(),
+                tucker: tucker.as_ref().map(|_| (next(), next())),
+            },
+            Delta::Lokr { w1, w2 } => {
+                let w1 = factor(w1, next);
+                Delta::Lokr { w1, w2: factor(w2, next) }
+            }
+            Delta::Full { diff_b, .. } => Delta::Full { diff: next(), diff_b: diff_b.as_ref().map(|_| next()) },
+            Delta::Dora { inner, inner_scale, .. } => {
+                let inner = Box::new(inner.rebuilt(next));
+                Delta::Dora { inner, inner_scale: *inner_scale, magnitude: next() }
+            }
+            Delta::Oft { constraint, .. } => Delta::Oft { blocks: next(), constraint: *constraint },
+            Delta::Boft { constraint, .. } => Delta::Boft { blocks: next(), constraint: *constraint },
+        }
+    }
+
     /// The same update with every tensor in `dtype`. Files store factors in f16, bf16, f32 or f64;
     /// the layer computes in its own dtype, and candle refuses mixed dtypes in one op.
     pub fn to_dtype(&self, dtype: DType) -> Result<Delta> {

@@ -114,6 +114,23 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
             flag("network_module", "lycoris.kohya".into());
             net_args.push("algo=glora".into());
         }
+        (Algorithm::Loha | Algorithm::Lokr | Algorithm::Dora, targets) => {
+            flag("network_module", "lycoris.kohya".into());
+            net_args.push(match c.algorithm {
+                Algorithm::Loha => "algo=loha".into(),
+                Algorithm::Lokr => "algo=lokr".into(),
+                _ => "algo=lora".into(),
+            });
+            if c.algorithm == Algorithm::Lokr {
+                net_args.push(format!("factor={}", c.lokr_factor));
+            }
+            if c.algorithm == Algorithm::Dora {
+                net_args.push("dora_wd=True".into());
+            }
+            if targets == TargetPreset::TransformerAndConv {
+                net_args.extend([format!("conv_dim={}", c.rank), format!("conv_alpha={}", c.alpha)]);
+            }
+        }
         (Algorithm::Lora, _) => {
             // LyCORIS' closest preset: attention only (kohya has no cross-attention-only switch).
             flag("network_module", "lycoris.kohya".into());

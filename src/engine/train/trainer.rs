@@ -20,6 +20,7 @@ use crate::engine::models::nn::LayerMut;
 use crate::engine::pipeline::{ModelWeights, StableDiffusion};
 use crate::engine::rng::Rng;
 use crate::engine::train::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
+use crate::engine::train::fresh::fresh_update;
 use crate::engine::train::optim;
 
 /// The adapter's name inside the model's adapter stacks while it trains.
@@ -34,9 +35,44 @@ pub enum Algorithm {
     Locon,
     /// Generalised LoRA: a learned rescaling of W plus a low-rank shift.
     Glora,
+    /// LoHa (LyCORIS): ΔW is the elementwise product of two low-rank products.
+    Loha,
+    /// LoKr (LyCORIS): ΔW is a Kronecker product; the layer is split by `lokr_factor`.
+    Lokr,
+    /// DoRA: a LoRA (LoCon on convolutions) plus a learned magnitude per output row.
+    Dora,
     /// Full fine-tuning: the selected base weights themselves train (how the built-in model is
     /// pretrained). The result is a whole model folder, not an adapter.
     Full,
+}
+
+impl Algorithm {
+    /// The adapter kinds offered for training, in the order the window lists them.
+    pub const ADAPTERS: [Algorithm; 6] =
+        [Algorithm::Lora, Algorithm::Locon, Algorithm::Loha, Algorithm::Lokr, Algorithm::Dora, Algorithm::Glora];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Algorithm::Lora => "LoRA",
+            Algorithm::Locon => "LoCon",
+            Algorithm::Glora => "GLoRA",
+            Algorithm::Loha => "LoHa",
+            Algorithm::Lokr => "LoKr",
+            Algorithm::Dora => "DoRA",
+            Algorithm::Full => "Full fine-tune",
+        }
+    }
+
+    /// Rank, α and learning rate of kohya_ss' SD 1.5 presets for the kinds whose usual settings
+    /// differ from LoRA's (`presets/lora/loha-sd15.json`, `lokr-sd15.json`; LoKr's preset pairs
+    /// Prodigy with rate 1, so the AdamW rate here is LoHa's).
+    pub fn kohya_ss_defaults(self) -> Option<(usize, f64, f64)> {
+        match self {
+            Algorithm::Loha => Some((32, 16.0, 1e-4)),
+            Algorithm::Lokr => Some((64, 64.0, 1e-4)),
+            _ => None,
+        }
+    }
 }
 
 impl std::str::FromStr for Algorithm {
@@ -46,8 +82,11 @@ impl std::str::FromStr for Algorithm {
             "lora" => Ok(Self::Lora),
             "locon" => Ok(Self::Locon),
             "glora" => Ok(Self::Glora),
+            "loha" => Ok(Self::Loha),
+            "lokr" => Ok(Self::Lokr),
+            "dora" => Ok(Self::Dora),
             "full" => Ok(Self::Full),
-            other => bail!("unknown algorithm `{other}` (lora, locon, glora or full)"),
+            other => bail!("unknown algorithm `{other}` (lora, locon, loha, lokr, dora, glora or full)"),
         }
     }
 }
@@ -84,6 +123,8 @@ pub struct TrainConfig {
     pub algorithm: Algorithm,
     pub rank: usize,
     pub alpha: f64,
+    /// LoKr only: LyCORIS' `factor` for splitting each layer (−1: the most balanced split).
+    pub lokr_factor: i64,
     pub targets: TargetPreset,
     pub train_text_encoder: bool,
     pub learning_rate: f64,
@@ -138,6 +179,7 @@ impl Default for TrainConfig {
         Self {
             algorithm: Algorithm::Lora,
             rank: 4,
+            lokr_factor: -1,
             alpha: 4.0,
             targets: TargetPreset::Transformer,
             train_text_encoder: false,
@@ -201,6 +243,9 @@ impl TrainConfig {
         }
         if self.rank == 0 {
             bail!("rank must be at least 1");
+        }
+        if self.lokr_factor == 0 || self.lokr_factor < -1 {
+            bail!("the LoKr factor must be −1 (balanced) or a positive number, not {}", self.lokr_factor);
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!("alpha must be positive");
@@ -274,9 +319,10 @@ struct Param {
 struct TrainedLayer {
     component: Component,
     path: String,
-    /// Parameter names in `Delta` order.
+    /// Parameter names in `Delta::tensors` order.
     params: Vec<String>,
-    glora: bool,
+    /// The update's kind and layout (its tensors are the variables), to rebuild it for saving.
+    template: Delta,
 }
 
 /// One training example: latents (cached) and its caption.
@@ -322,17 +368,6 @@ pub struct Trainer {
     pub losses: Vec<f32>,
 }
 
-/// Kaiming-uniform initialisation bound for a fan-in, as torch.nn.Linear uses.
-fn kaiming_bound(fan_in: usize) -> f64 {
-    1.0 / (fan_in as f64).sqrt()
-}
-
-fn uniform(rng: &mut Rng, shape: &[usize], bound: f64, device: &candle_core::Device) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
-    Ok(Tensor::from_vec(v, shape, device)?)
-}
-
 impl Trainer {
     /// Attaches a fresh adapter to `model` per the config and loads the dataset's latents.
     pub fn new(model: StableDiffusion, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
@@ -355,7 +390,6 @@ impl Trainer {
             );
         }
         let mut rng = Rng::new(config.seed);
-        let device = model.device.clone();
         let mut params = Vec::new();
         let mut layers = Vec::new();
         let cfg = config.clone();
@@ -378,28 +412,15 @@ impl Trainer {
             let shape = layer.stack_ref().base.dims().to_vec();
             (|| -> Result<()> {
                 let (out, inp) = (shape[0], shape[1]);
-                let kernel = &shape[2..];
                 let r = cfg.rank.min(out).min(inp).max(1);
-                let fan_in: usize = inp * kernel.iter().product::<usize>();
-                let ones = vec![1usize; kernel.len()];
-                let with = |a: usize, b: usize, tail: &[usize]| -> Vec<usize> { [&[a, b][..], tail].concat() };
-                // LoRA/LoCon: A random, B zero. GLoRA (LyCORIS): a1, b1 random, a2, b2 zero.
-                // Either way ΔW = 0 at step 0: training starts exactly at the base model.
-                let tensors: Vec<(&str, Tensor)> = match cfg.algorithm {
-                    Algorithm::Lora | Algorithm::Locon | Algorithm::Full => vec![
-                        ("lora_down", uniform(&mut rng, &with(r, inp, kernel), kaiming_bound(fan_in), &device)?),
-                        ("lora_up", Tensor::zeros(with(out, r, &ones), DType::F32, &device)?),
-                    ],
-                    Algorithm::Glora => vec![
-                        ("a1", uniform(&mut rng, &with(inp, r, &ones), kaiming_bound(r), &device)?),
-                        ("a2", Tensor::zeros(with(r, inp, &ones), DType::F32, &device)?),
-                        ("b1", uniform(&mut rng, &with(out, r, &ones), kaiming_bound(r), &device)?),
-                        ("b2", Tensor::zeros(with(r, inp, kernel), DType::F32, &device)?),
-                    ],
-                };
+                let base = layer.stack_ref().base.clone();
+                let mut fresh = fresh_update(cfg.algorithm, &base, r, cfg.lokr_factor, &mut rng)?;
+                if let Delta::Dora { inner_scale, inner, .. } = &mut fresh {
+                    *inner_scale = inner.scale_from_alpha(Some(cfg.alpha));
+                }
                 let mut names = Vec::new();
                 let mut vars = Vec::new();
-                for (leaf, t) in tensors {
+                for (leaf, t) in fresh.tensor_names().into_iter().zip(fresh.tensors()) {
                     let name = format!("{}.{path}.{leaf}", component.label());
                     let var = Var::from_tensor(&t.to_dtype(model_dtype(&layer))?)?;
                     vars.push(var.as_tensor().clone());
@@ -412,24 +433,13 @@ impl Trainer {
                     });
                     names.push(name);
                 }
-                let delta = match cfg.algorithm {
-                    Algorithm::Glora => Delta::Glora {
-                        a1: vars[0].clone(),
-                        a2: vars[1].clone(),
-                        b1: vars[2].clone(),
-                        b2: vars[3].clone(),
-                    },
-                    _ => Delta::Lora { down: vars[0].clone(), up: vars[1].clone() },
-                };
+                let delta = fresh.with_tensors(&vars)?;
+                let scale = delta.scale_from_alpha(Some(cfg.alpha));
                 let stack = layer.stack();
                 stack.merge = false; // factored: x·Aᵀ·Bᵀ, never W + BA per step
-                stack.attach(LayerAdapter {
-                    name: TRAINING_ADAPTER.into(),
-                    delta,
-                    scale: cfg.alpha / r as f64,
-                    multiplier: 1.0,
-                })?;
-                layers.push(TrainedLayer { component, path, params: names, glora: cfg.algorithm == Algorithm::Glora });
+                let template = delta.clone();
+                stack.attach(LayerAdapter { name: TRAINING_ADAPTER.into(), delta, scale, multiplier: 1.0 })?;
+                layers.push(TrainedLayer { component, path, params: names, template });
                 Ok(())
             })()
         })?;
@@ -757,11 +767,7 @@ impl Trainer {
                 .iter()
                 .map(|n| Ok(by_name[n.as_str()].var.as_tensor().detach().copy()?))
                 .collect::<Result<_>>()?;
-            let delta = if l.glora {
-                Delta::Glora { a1: t[0].clone(), a2: t[1].clone(), b1: t[2].clone(), b2: t[3].clone() }
-            } else {
-                Delta::Lora { down: t[0].clone(), up: t[1].clone() }
-            };
+            let delta = l.template.with_tensors(&t)?;
             // The layer trained with scale α / r (r clamped to the layer's size), and the file's α / r
             // must give the same scale.
             let alpha = self.config.alpha;
