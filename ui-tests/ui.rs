@@ -703,3 +703,41 @@ fn choosing_loha_or_lokr_sets_kohya_ss_defaults() {
     assert_eq!(h.state().config.algorithm, Algorithm::Dora);
     assert_eq!(h.state().config.rank, 64, "DoRA keeps the rank it had");
 }
+
+/// A file only part of which fits the model is never loaded unasked: the doctor says so and offers
+/// to add only the layers that fit; once asked, the row loads and says it is partial.
+#[test]
+fn a_partly_fitting_adapter_is_added_only_when_asked() {
+    use lora_studio::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
+    let dir = tempdir("partial");
+    let (mut tensors, metadata) = read_safetensors_with_metadata(&sd1_tiny().join("lora_a_kohya.safetensors")).unwrap();
+    let foreign = "lora_unet_double_blocks_0_img_attn_qkv";
+    let down = tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].clone();
+    let up = tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"].clone();
+    tensors.insert(format!("{foreign}.lora_down.weight"), down);
+    tensors.insert(format!("{foreign}.lora_up.weight"), up);
+    let file = dir.join("mostly.safetensors");
+    write_safetensors(&file, &tensors, Some(metadata)).unwrap();
+
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    drop_paths(&mut h, std::slice::from_ref(&file));
+    run_until(&mut h, SCAN, "the doctor's report", |a| a.playground.pending.iter().all(|p| p.check.is_some()));
+    h.run_steps(3);
+    h.get_by_label_contains("Only part of it fits this model");
+    h.get_by_label_contains(foreign);
+    assert!(h.query_by_label("Add to list").is_none(), "no plain add for a partial file");
+    // The long report can push the button below the fold.
+    h.get_by_label("Add only the layers that fit").scroll_to_me();
+    h.run_steps(3);
+    h.get_by_label("Add only the layers that fit").click();
+    h.run_steps(3);
+    assert!(h.state().playground.pending.is_empty(), "accepted");
+    run_until(&mut h, SCAN, "the adapter", |a| {
+        a.playground.adapters.first().is_some_and(|r| r.info.is_some() || r.error.is_some())
+    });
+    let row = &h.state().playground.adapters[0];
+    assert!(row.error.is_none(), "{:?}", row.error);
+    assert!(row.warning.as_deref().is_some_and(|w| w.contains("partial load, as asked")), "{:?}", row.warning);
+}

@@ -26,6 +26,8 @@ pub enum ModelCommand {
     AddAdapter {
         path: PathBuf,
         slider: Slider,
+        /// The user agreed to load only the layers that fit this model.
+        allow_partial: bool,
     },
     /// Every slider and the mode at once: the worker re-merges what the new mix changes.
     SetMix(Mix),
@@ -183,8 +185,10 @@ pub struct AdapterCheck {
     pub lines: Vec<(&'static str, String)>,
     /// "56 of 56 adapter layers match the model", or why none do.
     pub fit: String,
-    /// The model would refuse it (wrong shapes, or under half its layers match).
+    /// The model refuses it (wrong shapes, or no layer fits).
     pub refused: bool,
+    /// Only some of its layers fit: loaded only if the user agrees.
+    pub partial: bool,
 }
 
 pub struct ModelWorker {
@@ -277,22 +281,26 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
         }
         ModelCommand::Inspect(path) => {
             let check = read_adapter(&path).map(|parsed| {
-                let (fit, refused) = match sd.as_mut() {
-                    // The report says whether the model would refuse the file; nothing is loaded.
+                let (fit, refused, partial) = match sd.as_mut() {
+                    // The report says how the file fits; nothing is loaded.
                     Some(model) => match match_layers(&parsed, &model.module_index()) {
                         Ok((_, report)) => match report.accept(false) {
-                            Ok(()) => (report.summary(), false),
-                            Err(e) => (format!("{e:#}"), true),
+                            Ok(()) => (report.summary(), false, false),
+                            Err(e) if report.refused() => (format!("{e:#}"), true, false),
+                            Err(_) => {
+                                let names = report.unmatched.join(", ");
+                                (format!("{} (no home: {names})", report.summary()), false, true)
+                            }
                         },
-                        Err(e) => (format!("{e:#}"), true),
+                        Err(e) => (format!("{e:#}"), true, false),
                     },
-                    None => ("no model is open to check it against".into(), false),
+                    None => ("no model is open to check it against".into(), false, false),
                 };
-                AdapterCheck { lines: summarize(&parsed).lines(), fit, refused }
+                AdapterCheck { lines: summarize(&parsed).lines(), fit, refused, partial }
             });
             send(ModelEvent::Inspected { path, check: check.map_err(|e| format!("{e:#}")) });
         }
-        ModelCommand::AddAdapter { path, slider } => {
+        ModelCommand::AddAdapter { path, slider, allow_partial } => {
             let (name, blocks) = (slider.name.clone(), slider.blocks);
             // A file that fails to load keeps its slider, as the panel's list keeps its row.
             mix.upsert(slider);
@@ -302,12 +310,17 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
             let info = read_adapter(&path).map(|parsed| describe(&summarize(&parsed)));
             let result = info.and_then(|info| {
                 // Merged once, at its share of the mix.
-                let report = model.load_adapter_mixed(&name, &path, mix.weight_of(&name), &blocks)?;
+                let weight = mix.weight_of(&name);
+                let report = if allow_partial {
+                    model.load_adapter_partial(&name, &path, weight, &blocks)?
+                } else {
+                    model.load_adapter_mixed(&name, &path, weight, &blocks)?
+                };
                 Ok((info, report))
             });
             match result {
                 Ok((info, report)) => {
-                    let warning = (report.matched < report.total).then(|| report.summary());
+                    let warning = report.partial().then(|| format!("partial load, as asked: {}", report.summary()));
                     send(ModelEvent::AdapterAdded { name, info, warning })
                 }
                 Err(e) => send(ModelEvent::AdapterFailed { name, error: format!("{e:#}") }),
@@ -493,7 +506,11 @@ mod tests {
 
         fn add(&mut self, file: &str, name: &str, weight: f64) {
             let slider = Slider { name: name.into(), weight, blocks: BlockWeights::default() };
-            self.run(ModelCommand::AddAdapter { path: fixtures_dir().join("sd1-tiny").join(file), slider });
+            self.run(ModelCommand::AddAdapter {
+                path: fixtures_dir().join("sd1-tiny").join(file),
+                slider,
+                allow_partial: false,
+            });
             let failed = self.events.borrow().iter().any(|e| matches!(e, ModelEvent::AdapterFailed { .. }));
             assert!(!failed, "{name} loads");
         }

@@ -131,11 +131,20 @@ pub(super) fn pending_checks(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
                         let fit = format!("With the open model: {}", check.fit);
                         if check.refused {
                             ui.colored_label(ui.visuals().error_fg_color, format!("{fit}. It cannot be used with it."));
+                        } else if check.partial {
+                            ui.colored_label(
+                                ui.visuals().warn_fg_color,
+                                format!(
+                                    "{fit}. Only part of it fits this model: loaded, it changes the picture differently \
+                                     from the model it was made for."
+                                ),
+                            );
                         } else {
                             ui.label(fit);
                         }
                         ui.horizontal(|ui| {
-                            if ui.add_enabled(!check.refused, egui::Button::new("Add to list")).clicked() {
+                            let add = if check.partial { "Add only the layers that fit" } else { "Add to list" };
+                            if ui.add_enabled(!check.refused, egui::Button::new(add)).clicked() {
                                 accept = Some(i);
                             }
                             if ui.button("Cancel").clicked() {

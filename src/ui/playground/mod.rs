@@ -43,6 +43,8 @@ pub struct AdapterRow {
     pub error: Option<String>,
     /// Layers re-merged the last time its applied weight changed.
     pub remerged: Option<usize>,
+    /// The user agreed to load only the layers of this file that fit the model.
+    pub allow_partial: bool,
 }
 
 impl AdapterRow {
@@ -219,7 +221,8 @@ impl PlaygroundPanel {
         }
         let row = &mut self.adapters[i];
         row.error = None;
-        let cmd = ModelCommand::AddAdapter { path: row.path.clone(), slider: row.slider() };
+        let cmd =
+            ModelCommand::AddAdapter { path: row.path.clone(), slider: row.slider(), allow_partial: row.allow_partial };
         self.push(cmd);
     }
 
@@ -237,7 +240,13 @@ impl PlaygroundPanel {
     /// Until the Playground has loaded its model (when first shown) the row just waits, so a
     /// training run does not load a second copy of the model behind the user's back.
     pub fn add_adapter(&mut self, path: &Path) {
+        self.add_adapter_as(path, false)
+    }
+
+    /// As `add_adapter`; `allow_partial` loads only the layers that fit (the user agreed to it).
+    fn add_adapter_as(&mut self, path: &Path, allow_partial: bool) {
         if let Some(i) = self.adapters.iter().position(|r| r.path == path) {
+            self.adapters[i].allow_partial |= allow_partial;
             if self.model_sent() {
                 self.send_add(i);
                 self.mark_changed();
@@ -261,6 +270,7 @@ impl PlaygroundPanel {
             warning: None,
             error: None,
             remerged: None,
+            allow_partial,
         });
         if self.model_sent() {
             self.send_add(self.adapters.len() - 1);
@@ -285,7 +295,9 @@ impl PlaygroundPanel {
     pub fn accept_pending(&mut self, i: usize) {
         if i < self.pending.len() {
             let p = self.pending.remove(i);
-            self.add_adapter(&p.path);
+            // A file the doctor found fits only in part is accepted knowing that.
+            let partial = matches!(&p.check, Some(Ok(check)) if check.partial);
+            self.add_adapter_as(&p.path, partial);
         }
     }
 
