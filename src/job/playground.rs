@@ -288,8 +288,14 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
                             Ok(()) => (report.summary(), false, false),
                             Err(e) if report.refused() => (format!("{e:#}"), true, false),
                             Err(_) => {
-                                let names = report.unmatched.join(", ");
-                                (format!("{} (no home: {names})", report.summary()), false, true)
+                                let fit = format!(
+                                    "{} of {} adapter layers match the model; {} have no home in it: {}",
+                                    report.matched,
+                                    report.total,
+                                    report.unmatched.len(),
+                                    report.unmatched.join(", ")
+                                );
+                                (fit, false, true)
                             }
                         },
                         Err(e) => (format!("{e:#}"), true, false),

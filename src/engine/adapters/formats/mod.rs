@@ -388,7 +388,7 @@ pub struct AdapterSummary {
     pub glora_layout: Option<String>,
     /// "SD 1.x", "SD 2.x", "SDXL" or "unknown", from the cross-attention input width.
     pub family: String,
-    /// Layer count per "rank r, scale α/r".
+    /// Layer count per "rank r, scale α/r" (OFT: block size; full diffs: no rank).
     pub ranks: BTreeMap<String, usize>,
     /// Layer count per target kind (cross-attention, self-attention, feed-forward, …).
     pub targets: BTreeMap<String, usize>,
@@ -423,7 +423,12 @@ pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
         if matches!(l.delta, Delta::Dora { .. } | Delta::Oft { .. } | Delta::Boft { .. }) {
             semantics.insert(l.delta.algorithm(), strength_semantics(&l.delta).to_string());
         }
-        *ranks.entry(format!("rank {}, scale {}", l.delta.rank(), l.scale())).or_insert(0) += 1;
+        let strength = match l.delta {
+            Delta::Oft { .. } | Delta::Boft { .. } => format!("blocks of {} rows", l.delta.rank()),
+            Delta::Full { .. } => "a full weight difference".to_string(),
+            _ => format!("rank {}, scale {}", l.delta.rank(), l.scale()),
+        };
+        *ranks.entry(strength).or_insert(0) += 1;
         let name = l.key.to_string().replace('.', "_");
         let kind = if name.starts_with("lora_te") || name.starts_with("text_encoder") {
             "text encoder"
