@@ -326,7 +326,10 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     // The live mix's output on a fixed input, to report what the blend loses end to end.
     let probe = probe_output(&sd)?;
     let mut measured = None;
-    let report = mix::export_blend(&mut sd, &out, rank, naming, dtype, &specs, |sd, written| {
+    let files: Vec<PathBuf> = specs.iter().map(|s| parse_adapter_spec(s).map(|(f, _)| f)).collect::<Result<_>>()?;
+    let inputs: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+    let form = mix::BlendForm { rank, naming, dtype };
+    let report = mix::export_blend(&mut sd, &out, form, &specs, &inputs, |sd, written| {
         // Swap the live mix for the written file; a blend that breaks the model is not kept.
         for i in 0..specs.len() {
             sd.remove_adapter(&format!("adapter{i}"));

@@ -161,10 +161,13 @@ fn every_kind_blends_into_one_lora() {
         let report = lora_studio::engine::adapters::mix::export_blend(
             &mut sd,
             &out,
-            4096,
-            Naming::Kohya,
-            candle_core::DType::F32,
+            lora_studio::engine::adapters::mix::BlendForm {
+                rank: 4096,
+                naming: Naming::Kohya,
+                dtype: candle_core::DType::F32,
+            },
             &[name.to_string()],
+            &[],
             |_, _| Ok(()),
         )
         .unwrap();
@@ -223,4 +226,117 @@ fn peft_export_metadata_is_per_component_as_diffusers_reads_it() {
         assert!((scale(&l.path, &back) - want).abs() < 1e-12, "{}: {} vs {want}", l.path, scale(&l.path, &back));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// kohya's own OFT network names its layers `oft_unet_…`; the same blocks under that name give
+/// LyCORIS' diag-OFT reference.
+#[test]
+fn kohya_oft_names_load_as_diag_oft() {
+    use lora_studio::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
+    let (tensors, metadata) =
+        read_safetensors_with_metadata(&sd1_tiny().join("adapters/lyco_diag_oft.safetensors")).unwrap();
+    let renamed: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k.strip_prefix("lora_unet_").map_or(k.clone(), |rest| format!("oft_unet_{rest}")), t))
+        .collect();
+    assert!(renamed.keys().any(|k| k.starts_with("oft_unet_")));
+    let dir = std::env::temp_dir().join(format!("kohya-oft-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kohya_oft.safetensors");
+    write_safetensors(&file, &renamed, Some(metadata)).unwrap();
+    let (r, refs) = (reference(), adapters_reference());
+    let mut sd = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let report = sd.load_adapter("oft", &file, 0.7).unwrap();
+    assert_eq!(report.matched, report.total);
+    let emb = sd.text_encoder.forward(&r["input_ids"]).unwrap();
+    let pred = sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
+    assert_close("kohya-named OFT", &pred, &refs["noise_pred_lyco_diag_oft"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// LyCORIS' norm updates (`w_norm` / `b_norm` on GroupNorm and LayerNorm layers) move the norms'
+/// scale and shift by s·w_norm, s·b_norm: the same outputs as a model whose norm weights were
+/// edited that way in its own files, whether applied live (merged or not) or merged into the base.
+#[test]
+fn norm_updates_match_a_model_with_edited_norms() {
+    use lora_studio::engine::io::weights::{read_safetensors, write_safetensors};
+    let model = sd1_tiny().join("model");
+    let dir = std::env::temp_dir().join(format!("norms-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // (component folder, weights file, module path, kohya layer name)
+    let norms = [
+        ("unet", "diffusion_pytorch_model.safetensors", "down_blocks.0.resnets.0.norm1"),
+        ("unet", "diffusion_pytorch_model.safetensors", "down_blocks.0.attentions.0.transformer_blocks.0.norm2"),
+        ("unet", "diffusion_pytorch_model.safetensors", "conv_norm_out"),
+        ("text_encoder", "model.safetensors", "text_model.encoder.layers.0.layer_norm1"),
+        ("text_encoder", "model.safetensors", "text_model.final_layer_norm"),
+    ];
+    let s = 0.7;
+    let mut adapter = HashMap::new();
+    // The edited model: a copy of the folder with s·w_norm, s·b_norm added by hand.
+    let edited = dir.join("edited");
+    copy_dir(&model, &edited);
+    for (i, (component, file, path)) in norms.iter().enumerate() {
+        let weights_file = edited.join(component).join(file);
+        let mut w = read_safetensors(&weights_file).unwrap();
+        let base = &w[&format!("{path}.weight")];
+        let n = base.dims()[0];
+        let vals = |seed: usize| -> Tensor {
+            let v: Vec<f32> = (0..n).map(|j| (((j + seed) * 37 % 17) as f32 - 8.0) / 20.0).collect();
+            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+        };
+        let (dw, db) = (vals(i), vals(i + 5));
+        let prefix = if *component == "unet" { "lora_unet_" } else { "lora_te_" };
+        let name = format!("{prefix}{}", path.replace('.', "_"));
+        adapter.insert(format!("{name}.w_norm"), dw.clone());
+        adapter.insert(format!("{name}.b_norm"), db.clone());
+        let new_w = (base + (dw * s).unwrap()).unwrap();
+        let new_b = (&w[&format!("{path}.bias")] + (db * s).unwrap()).unwrap();
+        w.insert(format!("{path}.weight"), new_w);
+        w.insert(format!("{path}.bias"), new_b);
+        write_safetensors(&weights_file, &w, None).unwrap();
+    }
+    let file = dir.join("norms.safetensors");
+    write_safetensors(&file, &adapter, None).unwrap();
+    let r = reference();
+    let expected = StableDiffusion::load(&edited, &Device::Cpu).unwrap();
+    let emb_ref = expected.text_encoder.forward(&r["input_ids"]).unwrap();
+    let pred_ref = expected.unet.forward(&r["sample"], &r["timestep"], &emb_ref).unwrap();
+    let mut sd = StableDiffusion::load(&model, &Device::Cpu).unwrap();
+    let report = sd.load_adapter("norms", &file, s).unwrap();
+    assert_eq!((report.matched, report.total), (5, 5), "{}", report.summary());
+    for merged in [true, false] {
+        sd.set_merged(merged).unwrap();
+        let emb = sd.text_encoder.forward(&r["input_ids"]).unwrap();
+        assert_close(&format!("norm update, text (merged {merged})"), &emb, &emb_ref);
+        let pred = sd.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap();
+        assert_close(&format!("norm update, noise (merged {merged})"), &pred, &pred_ref);
+    }
+    // Merged into the base, the norms' files change as the edit did.
+    sd.set_merged(true).unwrap();
+    let out = dir.join("merged");
+    lora_studio::engine::io::diffusers_folder::write_merged_model(&mut sd, &model, &out).unwrap();
+    let merged = StableDiffusion::load(&out, &Device::Cpu).unwrap();
+    let emb = merged.text_encoder.forward(&r["input_ids"]).unwrap();
+    assert_close("merged norm update", &merged.unet.forward(&r["sample"], &r["timestep"], &emb).unwrap(), &pred_ref);
+    // The doctor names it; a blend refuses it (no LoRA carries a norm change).
+    let parsed = read_adapter(&file).unwrap();
+    assert!(parsed.layers.iter().all(|l| l.delta.algorithm() == "norm"));
+    let e = lora_studio::engine::adapters::mix::blend(&mut sd, 4).unwrap_err();
+    assert!(format!("{e:#}").contains("normalisation layer"), "{e:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }

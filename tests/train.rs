@@ -86,6 +86,37 @@ fn forty_lora_steps_lower_the_evaluation_loss_and_leave_the_base_untouched() {
     let mut fresh = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
     let report = fresh.load_adapter("trained", &out, 1.0).unwrap();
     assert_eq!(report.matched, t.trained_layers());
+    check_training_record(&out, &dir);
+}
+
+/// The file says what A1111, ComfyUI and civitai read, spelled as kohya sd-scripts spells it.
+fn check_training_record(file: &Path, data: &Path) {
+    use sha2::{Digest, Sha256};
+    let (_, m) = lora_studio::engine::io::weights::read_safetensors_with_metadata(file).unwrap();
+    let get = |k: &str| m.get(k).unwrap_or_else(|| panic!("`{k}` in {m:?}")).as_str();
+    assert_eq!(get("ss_output_name"), "trained");
+    assert_eq!(get("ss_v2"), "False");
+    assert_eq!(get("ss_base_model_version"), "sd_v1");
+    assert_eq!(get("ss_steps"), "40");
+    assert_eq!(get("ss_lr_scheduler"), "constant");
+    assert!(get("ss_optimizer").starts_with("AdamW"));
+    assert!(get("ss_training_started_at").parse::<u64>().unwrap() > 1_700_000_000);
+    assert_eq!(get("modelspec.sai_model_spec"), "1.0.1");
+    assert_eq!(get("modelspec.architecture"), "stable-diffusion-v1/lora");
+    assert_eq!(get("modelspec.resolution"), "32x32");
+    assert_eq!(get("modelspec.prediction_type"), "epsilon");
+    assert_eq!(get("modelspec.title"), "trained");
+    assert_eq!(get("modelspec.trigger_phrase"), "sks");
+    // Tags are counted per image folder, as kohya keys them.
+    let folder = data.file_name().unwrap().to_string_lossy().into_owned();
+    let freq: serde_json::Value = serde_json::from_str(get("ss_tag_frequency")).unwrap();
+    assert_eq!(freq[&folder]["a disc"], 4, "{freq}");
+    // sshs_model_hash is SHA-256 of the tensor data, as A1111's additional-networks computes it.
+    let bytes = std::fs::read(file).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let hex: String = Sha256::digest(&bytes[8 + header..]).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(get("sshs_model_hash"), hex);
+    assert_eq!(get("sshs_legacy_hash").len(), 8);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summarize};
-use crate::engine::adapters::mix::{BlendReport, MixMode, export_blend, overdrive};
+use crate::engine::adapters::mix::{BlendForm, BlendReport, MixMode, export_blend, overdrive};
 use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
 
@@ -45,6 +45,8 @@ pub enum ModelCommand {
         path: PathBuf,
         rank: usize,
         sources: Vec<String>,
+        /// The enabled adapters' files, whose shared metadata the blend keeps.
+        inputs: Vec<PathBuf>,
     },
     /// Writes `model` (a diffusers folder) with the live mix folded in, as a new folder `out`.
     MergeIntoBase {
@@ -382,11 +384,19 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
                 Err(e) => send(ModelEvent::GenerateFailed { error: format!("{e:#}") }),
             }
         }
-        ModelCommand::ExportBlend { path, rank, sources } => {
+        ModelCommand::ExportBlend { path, rank, sources, inputs } => {
             let Some(model) = sd.as_mut() else {
                 return send(ModelEvent::ExportFailed { error: "no model is open".into() });
             };
-            let result = export_blend(model, &path, rank, Naming::Kohya, DType::F32, &sources, |_, _| Ok(()));
+            let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+            let result = export_blend(
+                model,
+                &path,
+                BlendForm { rank, naming: Naming::Kohya, dtype: DType::F32 },
+                &sources,
+                &inputs,
+                |_, _| Ok(()),
+            );
             match result {
                 Ok(report) => send(ModelEvent::Exported { path, report }),
                 Err(e) => send(ModelEvent::ExportFailed { error: format!("{e:#}") }),

@@ -29,7 +29,8 @@ pub enum Delta {
     Loha { w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, tucker: Option<(Tensor, Tensor)> },
     /// LoKr, ΔW = w1 ⊗ w2 (Kronecker), each factor stored whole or as a low-rank product.
     Lokr { w1: KronFactor, w2: KronFactor },
-    /// A full weight difference, and optionally one for the bias: W + s·diff, b + s·diff_b.
+    /// A full weight difference, and optionally one for the bias: W + s·diff, b + s·diff_b. On a
+    /// norm layer (diff one number per channel) this is LyCORIS' norm update, `w_norm` / `b_norm`.
     Full { diff: Tensor, diff_b: Option<Tensor> },
     /// DoRA over an inner update: D = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken along `magnitude`'s
     /// axis, and the change is D − W (so a slider at s gives W + s·(D − W), as A1111 and ComfyUI
@@ -183,6 +184,7 @@ impl Delta {
             Delta::Loha { tucker: Some(_), .. } => "loha (tucker)".into(),
             Delta::Loha { .. } => "loha".into(),
             Delta::Lokr { .. } => "lokr".into(),
+            Delta::Full { diff, .. } if diff.rank() == 1 => "norm".into(),
             Delta::Full { .. } => "full".into(),
             Delta::Dora { inner, magnitude, .. } => {
                 let axis =
@@ -354,7 +356,7 @@ impl Delta {
                     && tucker.as_ref().is_none_or(|(t1, t2)| n(t1) >= 3 && n(t2) >= 3)
             }
             Delta::Lokr { w1, w2 } => [w1, w2].iter().all(|f| f.tensors().iter().all(|t| n(t) == 2 || n(t) == 4)),
-            Delta::Full { diff, diff_b } => (n(diff) == 2 || n(diff) == 4) && diff_b.as_ref().is_none_or(|b| n(b) == 1),
+            Delta::Full { diff, diff_b } => matches!(n(diff), 1 | 2 | 4) && diff_b.as_ref().is_none_or(|b| n(b) == 1),
             Delta::Dora { inner, magnitude, .. } => {
                 inner.check_form()?;
                 matches!(n(magnitude), 1 | 2 | 4)
@@ -375,6 +377,21 @@ impl Delta {
 
     /// Checks the update against the base weight's shape, naming what does not fit.
     pub fn check_shapes(&self, base: &[usize]) -> Result<()> {
+        if base.len() == 1 {
+            // A norm's scale: only a norm update (LyCORIS' w_norm / b_norm) fits it.
+            return match self {
+                Delta::Full { diff, diff_b }
+                    if diff.dims() == base && diff_b.as_ref().is_none_or(|b| b.dims() == base) =>
+                {
+                    Ok(())
+                }
+                _ => bail!(
+                    "{} tensors do not fit a normalisation layer of {} channels (only w_norm / b_norm updates do)",
+                    self.algorithm(),
+                    base[0]
+                ),
+            };
+        }
         if base.len() < 2 {
             bail!("a layer of shape {base:?} takes no adapter");
         }
@@ -492,6 +509,12 @@ impl Delta {
     /// but BOFT, whose stages each move with it: use `weight_change`).
     pub fn delta_weight(&self, base: &Tensor) -> Result<Tensor> {
         let shape = base.dims().to_vec();
+        if let (Delta::Full { diff, .. }, [_]) = (self, shape.as_slice()) {
+            return Ok(diff.reshape(shape)?); // a norm's scale
+        }
+        if shape.len() < 2 {
+            bail!("{} does not apply to a layer of shape {shape:?}", self.algorithm());
+        }
         let (out, inp) = (shape[0], shape[1]);
         let flat = |t: &Tensor| -> Result<Tensor> { Ok(t.flatten_from(1)?) };
         Ok(match self {

@@ -10,7 +10,7 @@ use crate::engine::Result;
 use crate::engine::adapters::formats::{Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter};
 use crate::engine::adapters::svd::{Factor, blend_low_rank};
 use crate::engine::adapters::{delta::Delta, stack::AdapterStack};
-use crate::engine::io::weights::{tidy_temporaries_beside, write_checked};
+use crate::engine::io::weights::{read_metadata, tidy_temporaries_beside, write_checked};
 use crate::engine::pipeline::StableDiffusion;
 
 /// How faithful a blend is to the live mix it came from.
@@ -65,6 +65,12 @@ pub fn blend(sd: &mut StableDiffusion, rank: usize) -> Result<(Vec<ExportLayer>,
     let mut work: Vec<(Component, String, Vec<usize>, Vec<Factor>)> = Vec::new();
     sd.try_visit_layers(&mut |c, l| {
         let stack = l.stack_ref();
+        if stack.base.rank() < 2 && stack.adapters.iter().any(|a| a.multiplier != 0.0) {
+            anyhow::bail!(
+                "`{}`: an adapter changes this normalisation layer, which no LoRA can carry; merge it into the model instead",
+                l.path()
+            );
+        }
         if stack.adapters.iter().any(|a| a.multiplier != 0.0 && a.delta.bias_delta().is_some()) {
             // A LoRA changes weights only; dropping the bias change would be a different picture.
             anyhow::bail!(
@@ -115,24 +121,37 @@ pub fn blend(sd: &mut StableDiffusion, rank: usize) -> Result<(Vec<ExportLayer>,
     Ok((layers, report))
 }
 
+/// How a blend is written: its rank (α = rank), naming and stored dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct BlendForm {
+    pub rank: usize,
+    pub naming: Naming,
+    pub dtype: DType,
+}
+
 /// The live mix written as one adapter file of `rank` (α = rank), the same way from the window
 /// and the command line: blended, written under a temporary name, read back (every layer parses,
 /// nothing is NaN or ∞), given to `check` (the command line measures the model's output with it),
-/// and only then renamed over `out`. `sources` says what was mixed, in the file's metadata.
+/// and only then renamed over `out`. `sources` says what was mixed, in the file's metadata; the
+/// metadata the `inputs` files agree on is kept.
 pub fn export_blend(
     sd: &mut StableDiffusion,
     out: &Path,
-    rank: usize,
-    naming: Naming,
-    dtype: DType,
+    form: BlendForm,
     sources: &[String],
+    inputs: &[&Path],
     check: impl FnOnce(&mut StableDiffusion, &Path) -> Result<()>,
 ) -> Result<BlendReport> {
+    let BlendForm { rank, naming, dtype } = form;
     let (layers, report) = blend(sd, rank)?;
     if layers.is_empty() {
         anyhow::bail!("no enabled adapter with a non-zero weight to export");
     }
-    let mut metadata = HashMap::new();
+    let mut inputs_metadata = Vec::with_capacity(inputs.len());
+    for path in inputs {
+        inputs_metadata.push(read_metadata(path)?.unwrap_or_default());
+    }
+    let mut metadata = agreed_metadata(&inputs_metadata);
     metadata.insert("ss_network_dim".into(), rank.to_string());
     metadata.insert("ss_network_alpha".into(), rank.to_string());
     metadata.insert("lora_studio_blend".into(), sources.join("; "));
@@ -146,6 +165,34 @@ pub fn export_blend(
         },
     )?;
     Ok(report)
+}
+
+/// The metadata every input file agrees on (same key, same value), minus what describes one file
+/// rather than its kind (its hashes, name, rank, α, format bookkeeping): a blend of adapters for
+/// the same base model keeps saying which model that is.
+pub fn agreed_metadata(inputs: &[HashMap<String, String>]) -> HashMap<String, String> {
+    const PER_FILE: &[&str] = &[
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_network_module",
+        "ss_network_args",
+        "ss_output_name",
+        "sshs_model_hash",
+        "sshs_legacy_hash",
+        "modelspec.title",
+        "modelspec.hash_sha256",
+        "lora_adapter_metadata",
+        "lora_studio_blend",
+        "lora_studio_alphas",
+        "lora_studio_glora_layout",
+        "format",
+    ];
+    let Some((first, rest)) = inputs.split_first() else { return HashMap::new() };
+    first
+        .iter()
+        .filter(|(k, v)| !PER_FILE.contains(&k.as_str()) && rest.iter().all(|m| m.get(*k) == Some(v)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The base weights with the live mix folded in, by parameter name per component
@@ -225,6 +272,35 @@ impl MixMode {
             MixMode::Sum => sliders.to_vec(),
             MixMode::Budget(budget) => normalise_to_budget(sliders, budget),
         }
+    }
+}
+
+#[cfg(test)]
+mod agreed_metadata_tests {
+    use super::agreed_metadata;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_blend_keeps_what_its_inputs_agree_on_and_nothing_about_one_file() {
+        let file = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let a = file(&[
+            ("ss_base_model_version", "sd_v1"),
+            ("ss_v2", "False"),
+            ("ss_seed", "1"),
+            ("sshs_model_hash", "aa"),
+        ]);
+        let b = file(&[
+            ("ss_base_model_version", "sd_v1"),
+            ("ss_v2", "False"),
+            ("ss_seed", "2"),
+            ("sshs_model_hash", "aa"),
+        ]);
+        let kept = agreed_metadata(&[a.clone(), b]);
+        assert_eq!(kept, file(&[("ss_base_model_version", "sd_v1"), ("ss_v2", "False")]));
+        assert_eq!(agreed_metadata(&[a]).len(), 3, "one input keeps all but its own hash");
+        assert!(agreed_metadata(&[]).is_empty());
     }
 }
 

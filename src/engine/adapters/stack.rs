@@ -153,6 +153,17 @@ impl AdapterStack {
         }
     }
 
+    /// A norm's scale and shift with the adapters applied (LyCORIS' `w_norm` / `b_norm`): the
+    /// cached merge when there is one, else base + Σ changes (training, or a stale cache).
+    pub fn adapted_affine(&self, bias: &Tensor) -> Result<(std::borrow::Cow<'_, Tensor>, Tensor)> {
+        let bias = self.adapted_bias(Some(bias))?.unwrap_or_else(|| bias.clone());
+        let weight = match self.direct_weight() {
+            Some(w) => std::borrow::Cow::Borrowed(w),
+            None => std::borrow::Cow::Owned(self.merged_weight()?),
+        };
+        Ok((weight, bias))
+    }
+
     /// The layer's bias with the adapters' bias changes added (full diffs carry one; a layer
     /// without a bias has a zero one), or `None` to use the layer's own.
     fn adapted_bias(&self, bias: Option<&Tensor>) -> Result<Option<Tensor>> {

@@ -362,6 +362,15 @@ pub fn write_safetensors(
     tensors: &HashMap<String, Tensor>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    let bytes = serialize_safetensors(tensors, metadata).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// A safetensors file's bytes, as `write_safetensors` writes them.
+pub fn serialize_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let mut owned = Vec::with_capacity(names.len());
@@ -369,10 +378,29 @@ pub fn write_safetensors(
         let t = tensors[name].to_device(&Device::Cpu)?.contiguous()?;
         owned.push((name.clone(), t));
     }
-    let views: Vec<(String, candle_core::Tensor)> = owned;
-    let bytes = safetensors::serialize(views.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| anyhow::anyhow!("{}: cannot serialise: {e}", path.display()))?;
-    write_atomic(path, &bytes)
+    safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| anyhow::anyhow!("cannot serialise: {e}"))
+}
+
+/// The hashes sd-scripts stores in every adapter it writes and A1111's additional-networks and
+/// civitai use to recognise it (`sshs_model_hash`, `sshs_legacy_hash`): SHA-256 of the tensor data
+/// (everything after the header), and the first 8 hex digits of SHA-256 over the bytes from 1 MiB
+/// to 1 MiB + 64 KiB, both of the file serialised with only its `ss_*` metadata (the training
+/// record, which does not change; other metadata may).
+pub fn addnet_hashes(
+    tensors: &HashMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+) -> Result<(String, String)> {
+    use sha2::{Digest, Sha256};
+    let training: HashMap<String, String> =
+        metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let bytes = serialize_safetensors(tensors, Some(training))?;
+    let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let hex = |digest: &[u8]| digest.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let model = hex(&Sha256::digest(&bytes[(8 + header).min(bytes.len())..]));
+    let window = &bytes[bytes.len().min(0x100000)..bytes.len().min(0x110000)];
+    let legacy = hex(&Sha256::digest(window))[..8].to_string();
+    Ok((model, legacy))
 }
 
 /// The temporary name a write to `path` goes through: `.NAME.tmp-lora-studio-PID` beside it, so a kill

@@ -107,10 +107,13 @@ impl ClipTextModel {
     /// Every linear layer, in module order, for attaching adapters.
     pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
         for l in &mut self.layers {
+            f(LayerMut::LayerNorm(&mut l.layer_norm1));
             for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.out_proj, &mut l.fc1, &mut l.fc2] {
                 f(LayerMut::Linear(lin));
             }
+            f(LayerMut::LayerNorm(&mut l.layer_norm2));
         }
+        f(LayerMut::LayerNorm(&mut self.final_layer_norm));
     }
 
     pub fn load(config: &ClipConfig, weights: &WeightMap) -> Result<Self> {

@@ -99,10 +99,13 @@ impl FirstError {
     }
 }
 
-/// A layer adapters can attach to, as the model walkers hand them out.
+/// A layer adapters can attach to, as the model walkers hand them out: linears and convolutions
+/// (every kind of update) and the norms' scales (LyCORIS' norm updates only).
 pub enum LayerMut<'a> {
     Linear(&'a mut Linear),
     Conv(&'a mut Conv2d),
+    GroupNorm(&'a mut GroupNorm),
+    LayerNorm(&'a mut LayerNorm),
 }
 
 impl LayerMut<'_> {
@@ -110,32 +113,47 @@ impl LayerMut<'_> {
         match self {
             LayerMut::Linear(l) => &l.path,
             LayerMut::Conv(c) => &c.path,
+            LayerMut::GroupNorm(n) => &n.path,
+            LayerMut::LayerNorm(n) => &n.path,
         }
     }
     pub fn stack(&mut self) -> &mut AdapterStack {
         match self {
             LayerMut::Linear(l) => &mut l.stack,
             LayerMut::Conv(c) => &mut c.stack,
+            LayerMut::GroupNorm(n) => &mut n.stack,
+            LayerMut::LayerNorm(n) => &mut n.stack,
         }
     }
     pub fn stack_ref(&self) -> &AdapterStack {
         match self {
             LayerMut::Linear(l) => &l.stack,
             LayerMut::Conv(c) => &c.stack,
+            LayerMut::GroupNorm(n) => &n.stack,
+            LayerMut::LayerNorm(n) => &n.stack,
         }
     }
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             LayerMut::Linear(l) => l.bias.as_ref(),
             LayerMut::Conv(c) => c.bias.as_ref(),
+            LayerMut::GroupNorm(n) => Some(&n.bias),
+            LayerMut::LayerNorm(n) => Some(&n.bias),
         }
+    }
+    /// A norm's scale (one number per channel): only full-difference updates fit it.
+    pub fn is_norm(&self) -> bool {
+        matches!(self, LayerMut::GroupNorm(_) | LayerMut::LayerNorm(_))
     }
 }
 
 /// GroupNorm over NC… tensors (the normalisation is our fused op, which has a backward pass).
+/// Its scale sits in an adapter stack, so LyCORIS' norm updates (`w_norm` / `b_norm`) apply to it.
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
-    pub weight: Tensor,
+    pub path: String,
+    /// The frozen scale (channels) and whatever adapters are attached to it.
+    pub stack: AdapterStack,
     pub bias: Tensor,
     pub groups: usize,
     pub eps: f64,
@@ -143,7 +161,13 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(ws: &WeightScope, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: ws.get("weight", &[channels])?, bias: ws.get("bias", &[channels])?, groups, eps })
+        Ok(Self {
+            path: ws.path().to_string(),
+            stack: AdapterStack::new(ws.get("weight", &[channels])?),
+            bias: ws.get("bias", &[channels])?,
+            groups,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -153,26 +177,35 @@ impl GroupNorm {
         let normed = normalise(x, x.elem_count() / (b * self.groups), self.eps)?;
         let mut shape = vec![1; dims.len()];
         shape[1] = c;
-        affine(&normed, Some(&self.weight.reshape(shape.as_slice())?), Some(&self.bias.reshape(shape.as_slice())?))
+        let (weight, bias) = self.stack.adapted_affine(&self.bias)?;
+        affine(&normed, Some(&weight.reshape(shape.as_slice())?), Some(&bias.reshape(shape.as_slice())?))
     }
 }
 
-/// LayerNorm over the last dimension (not candle's fused kernel, which has no backward pass; ours has).
+/// LayerNorm over the last dimension (not candle's fused kernel, which has no backward pass; ours
+/// has). Its scale sits in an adapter stack, as GroupNorm's does.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
-    pub weight: Tensor,
+    pub path: String,
+    pub stack: AdapterStack,
     pub bias: Tensor,
     pub eps: f64,
 }
 
 impl LayerNorm {
     pub fn load(ws: &WeightScope, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: ws.get("weight", &[dim])?, bias: ws.get("bias", &[dim])?, eps })
+        Ok(Self {
+            path: ws.path().to_string(),
+            stack: AdapterStack::new(ws.get("weight", &[dim])?),
+            bias: ws.get("bias", &[dim])?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let normed = normalise(x, x.dim(D::Minus1)?, self.eps)?;
-        affine(&normed, Some(&self.weight), Some(&self.bias))
+        let (weight, bias) = self.stack.adapted_affine(&self.bias)?;
+        affine(&normed, Some(&weight), Some(&bias))
     }
 }
 

@@ -172,10 +172,12 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::GroupNorm(&mut self.norm1));
         f(LayerMut::Conv(&mut self.conv1));
         if let Some(p) = &mut self.time_emb_proj {
             f(LayerMut::Linear(p));
         }
+        f(LayerMut::GroupNorm(&mut self.norm2));
         f(LayerMut::Conv(&mut self.conv2));
         if let Some(c) = &mut self.conv_shortcut {
             f(LayerMut::Conv(c));
@@ -276,8 +278,11 @@ pub struct BasicTransformerBlock {
 
 impl BasicTransformerBlock {
     pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::LayerNorm(&mut self.norm1));
         self.attn1.visit_layers(f);
+        f(LayerMut::LayerNorm(&mut self.norm2));
         self.attn2.visit_layers(f);
+        f(LayerMut::LayerNorm(&mut self.norm3));
         f(LayerMut::Linear(&mut self.ff_in));
         f(LayerMut::Linear(&mut self.ff_out));
     }
@@ -348,6 +353,7 @@ pub struct Transformer2DModel {
 
 impl Transformer2DModel {
     pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
+        f(LayerMut::GroupNorm(&mut self.norm));
         self.proj_in.visit_layers(f);
         for b in &mut self.transformer_blocks {
             b.visit_layers(f);
@@ -455,7 +461,7 @@ impl UNet2DConditionModel {
         first.into_result()
     }
 
-    /// Every linear and conv layer, in module order, for attaching adapters.
+    /// Every linear, conv and norm layer, in module order, for attaching adapters.
     pub fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_>)) {
         f(LayerMut::Conv(&mut self.conv_in));
         f(LayerMut::Linear(&mut self.time_linear_1));
@@ -473,6 +479,7 @@ impl UNet2DConditionModel {
         for b in &mut self.up_blocks {
             b.visit_layers(f);
         }
+        f(LayerMut::GroupNorm(&mut self.conv_norm_out));
         f(LayerMut::Conv(&mut self.conv_out));
     }
 

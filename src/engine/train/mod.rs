@@ -6,4 +6,5 @@ pub mod fresh;
 pub mod kohya_export;
 pub mod memory;
 pub mod optim;
+pub mod record;
 pub mod trainer;

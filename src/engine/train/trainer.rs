@@ -2,7 +2,7 @@
 //! materialised) and full fine-tuning, with AdamW, LR schedules, min-SNR weighting, gradient
 //! accumulation and clipping, exact checkpoints and resume, and validation loss.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -22,6 +22,7 @@ use crate::engine::rng::Rng;
 use crate::engine::train::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
 use crate::engine::train::fresh::fresh_update;
 use crate::engine::train::optim;
+use crate::engine::train::record::{Family, RunRecord};
 
 /// The adapter's name inside the model's adapter stacks while it trains.
 pub const TRAINING_ADAPTER: &str = "training";
@@ -330,6 +331,8 @@ struct Example {
     /// One latent per crop × mirror variant; a step uses one of them.
     latents: Vec<Tensor>,
     caption: String,
+    /// The image's folder name (kohya counts caption tags per folder).
+    folder: String,
 }
 
 /// Why a step did not update the weights.
@@ -366,6 +369,13 @@ pub struct Trainer {
     pub step: usize,
     /// The loss of every step so far.
     pub losses: Vec<f32>,
+    /// Unix seconds when the run began (kept across resumes).
+    started_at: u64,
+}
+
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Trainer {
@@ -531,6 +541,7 @@ impl Trainer {
             full,
             step: 0,
             losses: Vec::new(),
+            started_at: unix_now(),
         };
         trainer.new_epoch();
         Ok(trainer)
@@ -776,28 +787,27 @@ impl Trainer {
         Ok(out)
     }
 
-    /// kohya's `ss_*` keys plus ours, so A1111 / ComfyUI show what the adapter is.
-    pub fn metadata(&self) -> HashMap<String, String> {
-        let c = &self.config;
-        let mut m = HashMap::new();
-        m.insert("ss_network_dim".into(), c.rank.to_string());
-        m.insert("ss_network_alpha".into(), c.alpha.to_string());
-        m.insert("ss_resolution".into(), format!("({}, {})", c.dataset.resolution, c.dataset.resolution));
-        m.insert("ss_steps".into(), self.step.to_string());
-        m.insert("ss_max_train_steps".into(), c.steps.to_string());
-        m.insert("ss_learning_rate".into(), c.learning_rate.to_string());
-        m.insert("ss_seed".into(), c.seed.to_string());
-        m.insert("ss_num_train_images".into(), self.examples.len().to_string());
-        let family = if self.model.unet.config.cross_attention_dim == 1024 { "sd_v2" } else { "sd_v1" };
-        m.insert("ss_base_model_version".into(), family.into());
-        m.insert("ss_v2".into(), (family == "sd_v2").to_string());
-        let mut freq: HashMap<String, usize> = HashMap::new();
+    /// The training record (kohya's `ss_*`, the model spec) plus ours, so A1111, ComfyUI and
+    /// civitai show what the adapter is; `output_name` is the file's name without extension.
+    pub fn metadata(&self, output_name: &str) -> HashMap<String, String> {
+        let mut tag_frequency: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
         for e in &self.examples {
+            let tags = tag_frequency.entry(e.folder.clone()).or_default();
             for tag in e.caption.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                *freq.entry(tag.to_string()).or_insert(0) += 1;
+                *tags.entry(tag.to_string()).or_insert(0) += 1;
             }
         }
-        m.insert("ss_tag_frequency".into(), serde_json::json!({ "dataset": freq }).to_string());
+        let record = RunRecord {
+            config: &self.config,
+            family: Family::of(&self.model),
+            step: self.step,
+            images: self.examples.len(),
+            tag_frequency: &tag_frequency,
+            started_at: self.started_at,
+            output_name,
+        };
+        let mut m = record.metadata();
+        let c = &self.config;
         if !c.dataset.trigger.is_empty() {
             m.insert("lora_studio_trigger_words".into(), c.dataset.trigger.clone());
         }
@@ -816,7 +826,8 @@ impl Trainer {
                 }
             }
         }
-        write_adapter(path, naming, &layers, self.metadata(), DType::F32, GloraLayout::Current)
+        let name = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        write_adapter(path, naming, &layers, self.metadata(&name), DType::F32, GloraLayout::Current)
     }
 
     /// Everything needed to continue exactly: parameters, AdamW moments, step, RNG, epoch order,
@@ -834,6 +845,7 @@ impl Trainer {
             order: self.order.clone(),
             cursor: self.cursor,
             losses: self.losses.clone(),
+            started_at: self.started_at,
             config: self.config.clone(),
         };
         let mut metadata = HashMap::new();
@@ -894,6 +906,9 @@ impl Trainer {
             self.cursor = state.cursor;
         }
         self.losses = state.losses;
+        if state.started_at > 0 {
+            self.started_at = state.started_at;
+        }
         // Only the schedule-independent settings are kept from the checkpoint's config: a user
         // may resume with more steps.
         let steps = self.config.steps;
@@ -914,6 +929,9 @@ struct CheckpointState {
     cursor: usize,
     losses: Vec<f32>,
     config: TrainConfig,
+    /// When the run began (0 in checkpoints older than this field).
+    #[serde(default)]
+    started_at: u64,
 }
 
 /// How many random crops of each image are encoded when random cropping is on: latents are
@@ -987,7 +1005,9 @@ fn encode_examples(
                 latents.push(lat);
             }
         }
-        out.push(Example { latents, caption: e.full_caption(&opts.trigger) });
+        let folder =
+            e.path.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        out.push(Example { latents, caption: e.full_caption(&opts.trigger), folder });
     }
     encoded(dataset.images.len(), dataset.images.len());
     Ok(out)

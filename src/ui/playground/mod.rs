@@ -430,7 +430,8 @@ impl PlaygroundPanel {
             .filter(|r| r.effective_weight() != 0.0)
             .map(|r| format!("{} × {}", r.name, r.effective_weight()))
             .collect();
-        self.send(ModelCommand::ExportBlend { path, rank: self.blend_rank, sources });
+        let inputs = self.adapters.iter().filter(|r| r.effective_weight() != 0.0).map(|r| r.path.clone()).collect();
+        self.send(ModelCommand::ExportBlend { path, rank: self.blend_rank, sources, inputs });
     }
 
     /// Writes the open model with the enabled adapters folded in, as a new diffusers folder.

@@ -88,19 +88,13 @@ fn layer_delta(
     if g.contains_key("on_input") || (g.contains_key("weight") && !g.contains_key("lora_down.weight")) {
         bail!("{}, not supported (an (IA)³ adapter scales activations; no tool here applies it)", what("IA³"));
     }
-    if g.contains_key("w_norm") || g.contains_key("b_norm") {
-        bail!(
-            "{}, not supported yet (LyCORIS norm-layer updates, w_norm / b_norm)",
-            what("a normalisation-layer update")
-        );
-    }
     if g.contains_key("rescale") {
         bail!("{}, not supported yet (OFT with a learned rescale)", what("OFT with `rescale`"));
     }
     if g.contains_key("oft_diag") {
         bail!(
-            "{}, not supported (kohya's early OFT layout, `oft_diag`); retrain or convert it with LyCORIS",
-            what("old kohya OFT")
+            "{}, not supported (LyCORIS' layout before 2.0, `oft_diag`); convert it with a current LyCORIS",
+            what("an early LyCORIS OFT")
         );
     }
     if g.contains_key("scalar") {
@@ -147,6 +141,9 @@ fn layer_delta(
             }
         };
         Delta::Lokr { w1: factor("1")?, w2: factor("2")? }
+    } else if g.contains_key("w_norm") {
+        // LyCORIS' norm update: the norm's scale and shift move by s·w_norm, s·b_norm.
+        Delta::Full { diff: take(g, "w_norm")?, diff_b: g.remove("b_norm") }
     } else if g.contains_key("diff") {
         Delta::Full { diff: take(g, "diff")?, diff_b: g.remove("diff_b") }
     } else if g.contains_key("oft_blocks") {
@@ -303,9 +300,10 @@ fn layer_tensors(delta: &Delta, alpha: f64, layout: GloraLayout) -> Result<Vec<(
             }
         }
         Delta::Full { diff, diff_b } => {
-            put("diff", diff);
-            if let Some(b) = diff_b {
-                put("diff_b", b);
+            let (w, b) = if diff.rank() == 1 { ("w_norm", "b_norm") } else { ("diff", "diff_b") };
+            put(w, diff);
+            if let Some(bias) = diff_b {
+                put(b, bias);
             }
             return Ok(out); // no α: a full diff has no rank to scale by
         }

@@ -102,7 +102,7 @@ pub fn parse_adapter(tensors: HashMap<String, Tensor>, metadata: HashMap<String,
     if tensors.is_empty() {
         bail!("the file holds no tensors");
     }
-    if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te")) {
+    if tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te") || k.starts_with("oft_unet_")) {
         return validated(kohya::parse(tensors, metadata)?);
     }
     if tensors.keys().any(|k| peft::is_peft_key(k)) {
@@ -180,14 +180,25 @@ impl ModuleIndex {
 
     pub fn resolve(&self, key: &LayerKey) -> Option<(Component, String)> {
         match key {
-            LayerKey::Flat(n) => self.flat.get(n).cloned().or_else(|| {
-                // Older kohya files and ComfyUI name UNet layers the original (ldm) way.
-                let ldm = n.strip_prefix("lora_unet_")?;
-                let path = unet_module(ldm, '_', self.layers_per_block?)?;
-                self.layers.contains_key(&(Component::Unet, path.clone())).then_some((Component::Unet, path))
-            }),
+            LayerKey::Flat(n) => {
+                // kohya's own OFT network names its layers `oft_unet_…` instead of `lora_unet_…`.
+                let n = match n.strip_prefix("oft_unet_") {
+                    Some(rest) => format!("lora_unet_{rest}"),
+                    None => n.clone(),
+                };
+                self.resolve_flat(&n)
+            }
             LayerKey::Path(c, p) => self.layers.contains_key(&(*c, p.clone())).then(|| (*c, p.clone())),
         }
+    }
+
+    fn resolve_flat(&self, n: &str) -> Option<(Component, String)> {
+        self.flat.get(n).cloned().or_else(|| {
+            // Older kohya files and ComfyUI name UNet layers the original (ldm) way.
+            let ldm = n.strip_prefix("lora_unet_")?;
+            let path = unet_module(ldm, '_', self.layers_per_block?)?;
+            self.layers.contains_key(&(Component::Unet, path.clone())).then_some((Component::Unet, path))
+        })
     }
 
     pub fn shape(&self, component: Component, path: &str) -> Option<&Vec<usize>> {
@@ -360,6 +371,12 @@ pub fn write_adapter(
         }
         converted.insert(k, t);
     }
+    let mut metadata = metadata;
+    if naming == Naming::Kohya {
+        let (model, legacy) = crate::engine::io::weights::addnet_hashes(&converted, &metadata)?;
+        metadata.insert("sshs_model_hash".into(), model);
+        metadata.insert("sshs_legacy_hash".into(), legacy);
+    }
     crate::engine::io::weights::write_safetensors(path, &converted, Some(metadata))
 }
 
@@ -440,6 +457,8 @@ pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
             "feed-forward"
         } else if name.contains("proj_in") || name.contains("proj_out") {
             "transformer projection"
+        } else if l.delta.algorithm() == "norm" {
+            "normalisation"
         } else {
             "convolution / other"
         };

@@ -1,0 +1,170 @@
+//! What a trained adapter file says about its training, in the keys A1111, ComfyUI and civitai
+//! read: kohya sd-scripts' `ss_*` training record and the `modelspec.*` block (Stability AI's model
+//! spec, filled as sd-scripts fills it for an SD 1.x / 2.x LoRA).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::engine::diffusion::schedule::Prediction;
+use crate::engine::pipeline::StableDiffusion;
+use crate::engine::train::trainer::{LrSchedule, TrainConfig};
+
+/// Which Stable Diffusion a model is, as adapter metadata names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Family {
+    /// SD 2.x: OpenCLIP-H text encoder (1024 wide) and 1024-wide cross-attention.
+    pub v2: bool,
+    pub v_prediction: bool,
+}
+
+impl Family {
+    /// Read from the model itself: the text encoder's and cross-attention's widths (either one
+    /// 1024 wide means SD 2.x) and the scheduler's prediction type.
+    pub fn of(model: &StableDiffusion) -> Self {
+        let v2 = model.unet.config.cross_attention_dim == 1024 || model.text_encoder.config.hidden_size == 1024;
+        Self { v2, v_prediction: model.prediction() == Prediction::V }
+    }
+
+    /// sd-scripts' `ss_base_model_version`: `sd_v1`, `sd_v2`, with `_v` for v-prediction.
+    pub fn base_model_version(self) -> String {
+        format!("sd_{}{}", if self.v2 { "v2" } else { "v1" }, if self.v_prediction { "_v" } else { "" })
+    }
+
+    /// The model spec's architecture for a LoRA on this model.
+    pub fn architecture(self) -> &'static str {
+        match (self.v2, self.v_prediction) {
+            (true, true) => "stable-diffusion-v2-768-v/lora",
+            (true, false) => "stable-diffusion-v2-512/lora",
+            (false, _) => "stable-diffusion-v1/lora",
+        }
+    }
+}
+
+/// One run's facts for its file's metadata.
+pub struct RunRecord<'a> {
+    pub config: &'a TrainConfig,
+    pub family: Family,
+    /// Optimiser steps done.
+    pub step: usize,
+    pub images: usize,
+    /// Caption tags counted per image folder, as kohya's `ss_tag_frequency` keys them.
+    pub tag_frequency: &'a BTreeMap<String, BTreeMap<String, usize>>,
+    /// Unix seconds when the run (not this resumption of it) began.
+    pub started_at: u64,
+    /// The output file's name without its extension.
+    pub output_name: &'a str,
+}
+
+fn py_bool(b: bool) -> String {
+    // sd-scripts writes `str(bool)`: readers compare against "True".
+    if b { "True" } else { "False" }.to_string()
+}
+
+impl RunRecord<'_> {
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let c = self.config;
+        let mut m = HashMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        let per_step = c.batch_size * c.grad_accum;
+        let epoch = (self.step * per_step).div_ceil(self.images.max(1)).max(1);
+        put("ss_output_name", self.output_name.to_string());
+        put("ss_training_started_at", self.started_at.to_string());
+        put("ss_network_dim", c.rank.to_string());
+        put("ss_network_alpha", c.alpha.to_string());
+        put("ss_resolution", format!("({}, {})", c.dataset.resolution, c.dataset.resolution));
+        put("ss_steps", self.step.to_string());
+        put("ss_max_train_steps", c.steps.to_string());
+        put("ss_epoch", epoch.to_string());
+        put("ss_num_epochs", (c.steps * per_step).div_ceil(self.images.max(1)).max(1).to_string());
+        put("ss_learning_rate", c.learning_rate.to_string());
+        put("ss_unet_lr", c.learning_rate.to_string());
+        let te_lr = if c.train_text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { 0.0 };
+        put("ss_text_encoder_lr", te_lr.to_string());
+        put(
+            "ss_optimizer",
+            format!("AdamW(betas=({}, {}), eps={}, weight_decay={})", c.beta1, c.beta2, c.eps, c.weight_decay),
+        );
+        let schedule = match c.lr_schedule {
+            LrSchedule::Constant => "constant",
+            LrSchedule::Cosine => "cosine",
+            LrSchedule::Linear => "linear",
+        };
+        put("ss_lr_scheduler", schedule.to_string());
+        put("ss_lr_warmup_steps", c.warmup_steps.to_string());
+        put("ss_batch_size_per_device", c.batch_size.to_string());
+        put("ss_gradient_accumulation_steps", c.grad_accum.to_string());
+        put("ss_total_batch_size", per_step.to_string());
+        put("ss_gradient_checkpointing", py_bool(c.gradient_checkpointing));
+        put("ss_cache_latents", py_bool(true));
+        put("ss_flip_aug", py_bool(c.dataset.flip));
+        put("ss_mixed_precision", "no".to_string());
+        put("ss_seed", c.seed.to_string());
+        put("ss_num_train_images", self.images.to_string());
+        put("ss_noise_offset", c.noise_offset.to_string());
+        put("ss_caption_dropout_rate", c.caption_dropout.to_string());
+        if let Some(g) = c.min_snr_gamma {
+            put("ss_min_snr_gamma", g.to_string());
+        }
+        if let Some(n) = c.max_grad_norm {
+            put("ss_max_grad_norm", n.to_string());
+        }
+        put("ss_v2", py_bool(self.family.v2));
+        put("ss_base_model_version", self.family.base_model_version());
+        put("ss_tag_frequency", serde_json::json!(self.tag_frequency).to_string());
+        // The model spec, as sd-scripts fills it for an SD 1.x / 2.x LoRA.
+        put("modelspec.sai_model_spec", "1.0.1".to_string());
+        put("modelspec.architecture", self.family.architecture().to_string());
+        put("modelspec.implementation", "diffusers".to_string());
+        put("modelspec.title", self.output_name.to_string());
+        put("modelspec.resolution", format!("{0}x{0}", c.dataset.resolution));
+        put("modelspec.date", iso_date(self.started_at));
+        put("modelspec.prediction_type", if self.family.v_prediction { "v" } else { "epsilon" }.to_string());
+        put("modelspec.implementation_version", format!("lora-studio/{}", env!("CARGO_PKG_VERSION")));
+        if !c.dataset.trigger.trim().is_empty() {
+            put("modelspec.trigger_phrase", c.dataset.trigger.trim().to_string());
+        }
+        m
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) for Unix seconds: the model spec's ISO-8601 date.
+pub fn iso_date(unix: u64) -> String {
+    let (days, secs) = ((unix / 86_400) as i64, unix % 86_400);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + (month <= 2) as i64;
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates_match_known_instants() {
+        assert_eq!(iso_date(0), "1970-01-01T00:00:00");
+        // `date -u -d @1689811200` and @1796428800.
+        assert_eq!(iso_date(1_689_811_200), "2023-07-20T00:00:00");
+        assert_eq!(iso_date(1_796_428_800 + 3661), "2026-12-05T01:01:01");
+        assert_eq!(iso_date(951_782_400), "2000-02-29T00:00:00");
+    }
+
+    #[test]
+    fn families_name_themselves_as_sd_scripts_does() {
+        let f = |v2, v_prediction| Family { v2, v_prediction };
+        assert_eq!(f(false, false).base_model_version(), "sd_v1");
+        assert_eq!(f(true, false).base_model_version(), "sd_v2");
+        assert_eq!(f(true, true).base_model_version(), "sd_v2_v");
+        assert_eq!(f(true, true).architecture(), "stable-diffusion-v2-768-v/lora");
+        assert_eq!(f(true, false).architecture(), "stable-diffusion-v2-512/lora");
+        assert_eq!(f(false, false).architecture(), "stable-diffusion-v1/lora");
+    }
+}
