@@ -281,3 +281,73 @@ fn text_embeddings_are_reused_while_only_unet_weights_move() {
     sd.generate(&req, &mut |_, _| {}).unwrap();
     assert_eq!(sd.text_encoder_runs(), 3);
 }
+
+/// The Tucker forms no fixture file covers (LoHa with hada_t1/t2, LoKr with lokr_t2), against
+/// LyCORIS' einsum definitions written out as loops: rebuild[p, q, k] = Σᵢⱼ t[i, j, k]·a[i, p]·b[j, q].
+#[test]
+fn tucker_loha_and_lokr_match_the_einsum_written_as_loops() {
+    use lora_studio::engine::adapters::delta::KronFactor;
+    let mut rng = Rng::new(9);
+    let rebuild = |t: &[f32], a: &[f32], b: &[f32], r1: usize, r2: usize, p: usize, q: usize, kk: usize| {
+        let mut out = vec![0f32; p * q * kk];
+        for pi in 0..p {
+            for qi in 0..q {
+                for k in 0..kk {
+                    let mut s = 0f32;
+                    for i in 0..r1 {
+                        for j in 0..r2 {
+                            s += t[(i * r2 + j) * kk + k] * a[i * p + pi] * b[j * q + qi];
+                        }
+                    }
+                    out[(pi * q + qi) * kk + k] = s;
+                }
+            }
+        }
+        out
+    };
+    // LoHa with Tucker cores on a 3×3 conv (out 5, in 4, rank 2).
+    let (out, inp, r, kk) = (5, 4, 2, 9);
+    let w = randn(&mut rng, &[out, inp, 3, 3]);
+    let (t1, a1, b1) = (randn(&mut rng, &[r, r, 3, 3]), randn(&mut rng, &[r, out]), randn(&mut rng, &[r, inp]));
+    let (t2, a2, b2) = (randn(&mut rng, &[r, r, 3, 3]), randn(&mut rng, &[r, out]), randn(&mut rng, &[r, inp]));
+    let p1 = rebuild(&values(&t1), &values(&a1), &values(&b1), r, r, out, inp, kk);
+    let p2 = rebuild(&values(&t2), &values(&a2), &values(&b2), r, r, out, inp, kk);
+    let expect: Vec<f32> = p1.iter().zip(&p2).map(|(x, y)| x * y).collect();
+    let delta = Delta::Loha { w1a: a1, w1b: b1, w2a: a2, w2b: b2, tucker: Some((t1, t2)) };
+    delta.check_shapes(w.dims()).unwrap();
+    assert!(max_diff(&values(&delta.delta_weight(&w).unwrap()), &expect) < 1e-4, "Tucker LoHa");
+    check_modes_agree(w, delta, true);
+
+    // LoKr: w1 (2, 2) whole ⊗ w2 rebuilt from a Tucker core (o2 3, i2 2, rank 2) on a 3×3 conv.
+    let (o1, i1, o2, i2) = (2, 2, 3, 2);
+    let w = randn(&mut rng, &[o1 * o2, i1 * i2, 3, 3]);
+    let w1 = randn(&mut rng, &[o1, i1]);
+    let (t, a, b) = (randn(&mut rng, &[r, r, 3, 3]), randn(&mut rng, &[r, o2]), randn(&mut rng, &[r, i2]));
+    let w2 = rebuild(&values(&t), &values(&a), &values(&b), r, r, o2, i2, kk);
+    let w1v = values(&w1);
+    let mut expect = vec![0f32; o1 * o2 * i1 * i2 * kk];
+    for (x, y, c, d, k) in nested_indices(o1, o2, i1, i2, kk) {
+        expect[((x * o2 + y) * (i1 * i2) + (c * i2 + d)) * kk + k] = w1v[x * i1 + c] * w2[(y * i2 + d) * kk + k];
+    }
+    let delta = Delta::Lokr { w1: KronFactor::Whole(w1), w2: KronFactor::LowRank { a, b, tucker: Some(t) } };
+    delta.check_shapes(w.dims()).unwrap();
+    assert!(max_diff(&values(&delta.delta_weight(&w).unwrap()), &expect) < 1e-4, "Tucker LoKr");
+    check_modes_agree(w, delta, true);
+}
+
+/// Every index of a 5-deep loop nest.
+fn nested_indices(a: usize, b: usize, c: usize, d: usize, e: usize) -> Vec<(usize, usize, usize, usize, usize)> {
+    let mut v = Vec::new();
+    for x in 0..a {
+        for y in 0..b {
+            for z in 0..c {
+                for w in 0..d {
+                    for k in 0..e {
+                        v.push((x, y, z, w, k));
+                    }
+                }
+            }
+        }
+    }
+    v
+}
