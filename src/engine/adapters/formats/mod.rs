@@ -400,8 +400,9 @@ pub struct AdapterSummary {
     pub layers: usize,
     /// Layer count per algorithm (`lora`, `locon`, `loha`, `lokr`, `lora + dora (output axis)`, …).
     pub algorithms: BTreeMap<String, usize>,
-    /// How the slider acts, per algorithm whose strength is not a plain scale of ΔW (DoRA, OFT).
-    pub semantics: BTreeMap<String, String>,
+    /// How the slider acts, for the algorithms whose strength is not a plain scale of ΔW (DoRA,
+    /// OFT): each explanation with the algorithms it applies to.
+    pub semantics: BTreeMap<String, Vec<String>>,
     pub glora_layout: Option<String>,
     /// "SD 1.x", "SD 2.x", "SDXL" or "unknown", from the cross-attention input width.
     pub family: String,
@@ -418,7 +419,9 @@ impl AdapterSummary {
         let mut lines = vec![("naming", self.naming.clone()), ("layers", self.layers.to_string())];
         let algos: Vec<String> = self.algorithms.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
         lines.push(("algorithm", algos.join(", ")));
-        lines.extend(self.semantics.iter().map(|(k, v)| ("strength semantics", format!("{k}: {v}"))));
+        lines.extend(
+            self.semantics.iter().map(|(how, algos)| ("strength semantics", format!("{}: {how}", algos.join(", ")))),
+        );
         if let Some(layout) = &self.glora_layout {
             lines.push(("GLoRA layout", layout.clone()));
         }
@@ -431,18 +434,24 @@ impl AdapterSummary {
 
 pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
     let mut algorithms = BTreeMap::new();
-    let mut semantics = BTreeMap::new();
+    let mut semantics: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut ranks = BTreeMap::new();
     let mut targets = BTreeMap::new();
     let mut context_width = None;
     for l in &parsed.layers {
         *algorithms.entry(l.delta.algorithm()).or_insert(0) += 1;
         if matches!(l.delta, Delta::Dora { .. } | Delta::Oft { .. } | Delta::Boft { .. }) {
-            semantics.insert(l.delta.algorithm(), strength_semantics(&l.delta).to_string());
+            let algos = semantics.entry(strength_semantics(&l.delta).to_string()).or_default();
+            if !algos.contains(&l.delta.algorithm()) {
+                algos.push(l.delta.algorithm());
+            }
         }
         let strength = match l.delta {
             Delta::Oft { .. } | Delta::Boft { .. } => format!("blocks of {} rows", l.delta.rank()),
             Delta::Full { .. } => "a full weight difference".to_string(),
+            Delta::Dora { inner_scale, .. } => {
+                format!("rank {}, scale {inner_scale} inside the DoRA norm", l.delta.rank())
+            }
             _ => format!("rank {}, scale {}", l.delta.rank(), l.scale()),
         };
         *ranks.entry(strength).or_insert(0) += 1;
