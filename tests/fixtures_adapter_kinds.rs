@@ -327,16 +327,3 @@ fn norm_updates_match_a_model_with_edited_norms() {
     assert!(format!("{e:#}").contains("normalisation layer"), "{e:#}");
     let _ = std::fs::remove_dir_all(&dir);
 }
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
