@@ -24,7 +24,7 @@ use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 const USAGE: &str = "\
 LoRA Studio — train, blend and export LoRA adapters for Stable Diffusion
 
-usage:
+usage:  (every command takes --device cpu|cuda[:N]|metal[:N]; LORA_STUDIO_DEVICE is the fallback)
   lora-studio [--model PATH]       open the window (also: lora-studio gui --model PATH)
                                    (without --model: the built-in model in assets/base, everywhere)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
@@ -64,6 +64,7 @@ pub fn main() -> i32 {
 }
 
 pub fn run(args: Vec<OsString>) -> Result<()> {
+    let args = take_device(args)?;
     let mut parser = lexopt::Parser::from_args(args);
     let command = match parser.next()? {
         None => return crate::ui::run_window(crate::ui::WindowOptions::default()),
@@ -107,19 +108,32 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
     }
 }
 
-/// The compute device: the CPU unless `LORA_STUDIO_DEVICE` says `cuda` or `metal` (which needs
-/// a build with the matching cargo feature; otherwise candle says so).
+/// The compute device: `--device` (anywhere on the command line), else `LORA_STUDIO_DEVICE`, else
+/// the CPU. One this build lacks is an error, not a quiet fall back to the CPU.
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
 fn device() -> Device {
-    let wanted = std::env::var("LORA_STUDIO_DEVICE").unwrap_or_default();
-    let picked = match wanted.as_str() {
-        "cuda" => Device::new_cuda(0),
-        "metal" => Device::new_metal(0),
-        _ => return Device::Cpu,
-    };
-    picked.unwrap_or_else(|e| {
-        eprintln!("warning: LORA_STUDIO_DEVICE={wanted}: {e}; using the CPU");
-        Device::Cpu
-    })
+    DEVICE.get().cloned().unwrap_or(Device::Cpu)
+}
+
+/// Takes `--device SPEC` / `--device=SPEC` out of the arguments and sets the run's device.
+fn take_device(args: Vec<OsString>) -> Result<Vec<OsString>> {
+    let mut spec = std::env::var("LORA_STUDIO_DEVICE").ok();
+    let mut rest = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--device") => {
+                let v = it.next().context("--device needs a value: cpu, cuda[:N] or metal[:N]")?;
+                spec = Some(v.to_string_lossy().into_owned());
+            }
+            Some(s) if s.starts_with("--device=") => spec = Some(s["--device=".len()..].to_string()),
+            _ => rest.push(a),
+        }
+    }
+    let picked = crate::engine::device::parse(spec.as_deref().unwrap_or("cpu"))?;
+    let _ = DEVICE.set(picked);
+    Ok(rest)
 }
 
 fn generate(p: &mut lexopt::Parser) -> Result<()> {

@@ -364,3 +364,37 @@ fn without_model_every_command_uses_the_built_in_model_and_its_example_styles() 
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `--device` goes anywhere on the command line; a device this build lacks is refused in words
+/// (with how to get it), never replaced by the CPU without a word.
+#[test]
+fn device_flag_picks_the_device_or_says_why_not() {
+    let model = sd1_tiny().join("model");
+    let inputs = sd1_tiny().join("inputs.safetensors");
+    let dir = tempdir("device");
+    let out = dir.join("out.safetensors");
+    let args = |device: &str| {
+        vec![
+            "forward".to_string(),
+            "--device".into(),
+            device.into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--inputs".into(),
+            inputs.display().to_string(),
+            "--output".into(),
+            out.display().to_string(),
+        ]
+    };
+    let run = |a: Vec<String>| studio(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let ok = run(args("cpu"));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    if !cfg!(feature = "cuda") {
+        let refused = run(args("cuda:0"));
+        assert!(!refused.status.success());
+        let e = String::from_utf8_lossy(&refused.stderr);
+        assert!(e.contains("no cuda support") && e.contains("--features cuda"), "{e}");
+    }
+    let unknown = run(args("tpu"));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown device `tpu`"));
+}

@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod builtin;
+pub mod device;
 pub mod diffusion;
 pub mod io;
 pub mod kernels;

@@ -58,9 +58,28 @@ fn reuse_freed_blocks() {
 fn reuse_freed_blocks() {}
 
 /// An f32 or f64 tensor on the CPU: what our fused kernels take (anything else goes the composed
-/// candle way).
+/// candle way, as on every other device).
 pub(crate) fn cpu_float(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && !composed_ops()
+}
+
+thread_local! {
+    static COMPOSED_OPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs the ops on this thread the way a GPU (or any non-CPU device) runs them: composed candle
+/// ops with candle's backward, our CPU kernels and the checkpoint op switched off. It lets the CPU
+/// test that path, forward and backward, where no GPU is. `LORA_STUDIO_COMPOSED_OPS=1` does the
+/// same for a whole process.
+pub fn use_composed_ops_on_this_thread(on: bool) {
+    COMPOSED_OPS.with(|c| c.set(on));
+}
+
+/// Whether our CPU kernels are switched off here (see `use_composed_ops_on_this_thread`).
+pub fn composed_ops() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    COMPOSED_OPS.with(|c| c.get())
+        || *FROM_ENV.get_or_init(|| std::env::var_os("LORA_STUDIO_COMPOSED_OPS").is_some_and(|v| v == "1"))
 }
 
 /// Runs `$body` with the type `$t` standing for `$dtype`'s element type, f32 or f64: the one place

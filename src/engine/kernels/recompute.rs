@@ -56,7 +56,8 @@ impl GradSink {
 /// `segment(x, extra)`, checkpointed when `sink` holds trainable weights and the CPU runs it.
 pub fn checkpointed(segment: Segment, x: &Tensor, extra: &Tensor, sink: &Arc<GradSink>) -> Result<Tensor> {
     let Some(anchor) = sink.vars.first() else { return segment(x, extra) };
-    if !x.device().is_cpu() {
+    if !x.device().is_cpu() || crate::engine::kernels::cpu::composed_ops() {
+        // Other devices keep the block's activations: the same gradients, without the saving.
         return segment(x, extra);
     }
     // Detaching the result drops the graph, and with it every activation inside the block.
