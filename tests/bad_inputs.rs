@@ -1017,6 +1017,28 @@ fn half_precision_adapters_load_and_match_the_references() {
         (vec![(locon, 0.7)], Some(&lyco["text_embeddings_lyco_locon"]), &lyco["noise_pred_lyco_locon"], &inputs),
         (vec![(glora, 0.7)], Some(&lyco["text_embeddings_lyco_glora"]), &lyco["noise_pred_lyco_glora"], &inputs),
     ];
+    // Every other kind as LyCORIS / PEFT wrote it, stored in each dtype too.
+    let kinds = [
+        "lyco_loha",
+        "lyco_lokr",
+        "lyco_locon_tucker",
+        "lyco_locon_dora",
+        "lyco_diag_oft",
+        "lyco_boft",
+        "lyco_full",
+        "peft_dora",
+    ];
+    let cases: Vec<Case> = cases
+        .into_iter()
+        .chain(kinds.iter().map(|k| -> Case {
+            (
+                vec![(sd1_tiny().join(format!("adapters/{k}.safetensors")), 0.7)],
+                Some(&lyco[&format!("text_embeddings_{k}")]),
+                &lyco[&format!("noise_pred_{k}")],
+                &inputs,
+            )
+        }))
+        .collect();
     // The worst relative error each storage dtype may add: a few units of its rounding (f16 keeps
     // 11 significant bits, bf16 8) on top of the fixtures' 1e-4.
     for (dtype, tolerance) in [(DType::F64, 1e-4), (DType::F32, 1e-4), (DType::F16, 2e-3), (DType::BF16, 1.6e-2)] {
