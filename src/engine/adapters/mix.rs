@@ -43,15 +43,10 @@ fn factors(stack: &AdapterStack) -> Result<Vec<Factor>> {
                 fs.push(Factor { up: base.matmul(a1)?, down: a2.clone(), coefficient: c });
                 fs.push(Factor { up: b1.clone(), down: b2.clone(), coefficient: c });
             }
-            Delta::Glora { .. } => {
-                // A convolution's W·a1·a2 mixes kernel positions, so it has no small factorisation:
-                // hand the full ΔW over with an identity on the left.
-                let dw = a.delta.delta_weight(base)?.reshape((out, n))?;
-                fs.push(Factor { up: Tensor::eye(out, base.dtype(), base.device())?, down: dw, coefficient: c });
-            }
             _ => {
-                // LoHa, LoKr, DoRA, OFT, full diffs: their summed change is low-rank only by chance,
-                // so the SVD gets the whole change (at the slider, already scaled).
+                // A GLoRA convolution (W·a1·a2 mixes kernel positions), LoHa, LoKr, DoRA, OFT, full
+                // diffs: no small factorisation, so the SVD gets the whole change (at the slider,
+                // already scaled) with an identity on the left.
                 let dw = a.weight_change(base)?.reshape((out, n))?;
                 fs.push(Factor { up: Tensor::eye(out, base.dtype(), base.device())?, down: dw, coefficient: 1.0 });
             }

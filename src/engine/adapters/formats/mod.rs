@@ -182,11 +182,10 @@ impl ModuleIndex {
         match key {
             LayerKey::Flat(n) => {
                 // kohya's own OFT network names its layers `oft_unet_…` instead of `lora_unet_…`.
-                let n = match n.strip_prefix("oft_unet_") {
-                    Some(rest) => format!("lora_unet_{rest}"),
-                    None => n.clone(),
-                };
-                self.resolve_flat(&n)
+                match n.strip_prefix("oft_unet_") {
+                    Some(rest) => self.resolve_flat(&format!("lora_unet_{rest}")),
+                    None => self.resolve_flat(n),
+                }
             }
             LayerKey::Path(c, p) => self.layers.contains_key(&(*c, p.clone())).then(|| (*c, p.clone())),
         }
