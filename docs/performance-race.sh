@@ -23,8 +23,11 @@ for round in $(seq "$rounds"); do
   if [ "${SD15:-0}" = 1 ]; then
     echo -n "ours sd15 train: "; $studio bench train --config sd15 --latent 32 --batch 1 --rank 4 --runs 2
     echo -n "peer sd15 train: "; "${peer[@]}" --config sd15 --res 32 --batch 1 --mode train 2>/dev/null
+    echo -n "ours sd15 train, f16 weights: "; $studio bench train --config sd15 --latent 32 --batch 1 --rank 4 --runs 2 --weights f16
     echo -n "ours sd15 infer b1: "; $studio bench unet --config sd15 --latent 64 --batch 1 --runs 2 --forward-only
     echo -n "peer sd15 infer: "; "${peer[@]}" --config sd15 --res 64 --mode infer --infer-reps 2 2>/dev/null
+    # The peer's inference runs batch 1 then 2 (guidance) in one process: its peak is batch 2's.
+    echo -n "ours sd15 infer b2, f16 weights: "; $studio bench unet --config sd15 --latent 64 --batch 2 --runs 2 --forward-only --weights f16
     echo -n "ours sd15 mix: "; $studio bench mix --config sd15 --latent 8 --batch 1 --adapters 8 --runs 3
   fi
 done

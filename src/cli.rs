@@ -16,7 +16,7 @@ use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::bench;
 use crate::engine::builtin;
 use crate::engine::diffusion::sampler::SamplerKind;
-use crate::engine::io::weights::{all_finite, read_safetensors, write_safetensors};
+use crate::engine::io::weights::{WeightPrecision, all_finite, read_safetensors, write_safetensors};
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::train::trainer::TrainConfig;
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
@@ -24,12 +24,15 @@ use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 const USAGE: &str = "\
 LoRA Studio — train, blend and export LoRA adapters for Stable Diffusion
 
-usage:  (every command takes --device cpu|cuda[:N]|metal[:N]; LORA_STUDIO_DEVICE is the fallback)
+usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE is the fallback) and
+         --weights auto|f16|bf16|f32: how the model's weights are kept in memory; auto keeps f16/bf16
+         files in half precision, computing in f32 either way)
   lora-studio [--model PATH]       open the window (also: lora-studio gui --model PATH)
                                    (without --model: the built-in model in assets/base, everywhere)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
+                      [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
                     [--rank N --alpha X --lokr-factor N --targets PRESET --lr X --steps N --batch N --resolution N
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
@@ -64,7 +67,7 @@ pub fn main() -> i32 {
 }
 
 pub fn run(args: Vec<OsString>) -> Result<()> {
-    let args = take_device(args)?;
+    let args = take_global_options(args)?;
     let mut parser = lexopt::Parser::from_args(args);
     let command = match parser.next()? {
         None => return crate::ui::run_window(crate::ui::WindowOptions::default()),
@@ -116,23 +119,58 @@ fn device() -> Device {
     DEVICE.get().cloned().unwrap_or(Device::Cpu)
 }
 
-/// Takes `--device SPEC` / `--device=SPEC` out of the arguments and sets the run's device.
-fn take_device(args: Vec<OsString>) -> Result<Vec<OsString>> {
+/// `--weights` (anywhere on the command line), else `auto`.
+static WEIGHTS: std::sync::OnceLock<WeightPrecision> = std::sync::OnceLock::new();
+
+fn weights() -> WeightPrecision {
+    WEIGHTS.get().copied().unwrap_or_default()
+}
+
+/// The model at `path` on the run's device, its weights kept as `--weights` says.
+fn load_model(path: &std::path::Path) -> Result<StableDiffusion> {
+    StableDiffusion::from_weights(ModelWeights::load(path, DType::F32, weights(), &device())?)
+}
+
+/// Takes the options every command shares (`--device SPEC`, `--weights PRECISION`, also as
+/// `--name=value`) out of the arguments and sets them for the run.
+fn take_global_options(args: Vec<OsString>) -> Result<Vec<OsString>> {
     let mut spec = std::env::var("LORA_STUDIO_DEVICE").ok();
+    let mut precision = None;
     let mut rest = Vec::with_capacity(args.len());
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        match a.to_str() {
-            Some("--device") => {
-                let v = it.next().context("--device needs a value: cpu, cuda[:N] or metal[:N]")?;
-                spec = Some(v.to_string_lossy().into_owned());
+        let (name, inline) = match a.to_str() {
+            Some(s @ ("--device" | "--weights")) => (s.to_string(), None),
+            Some(s) if s.starts_with("--device=") || s.starts_with("--weights=") => {
+                let (n, v) = s.split_once('=').expect("checked above");
+                (n.to_string(), Some(v.to_string()))
             }
-            Some(s) if s.starts_with("--device=") => spec = Some(s["--device=".len()..].to_string()),
-            _ => rest.push(a),
+            _ => {
+                rest.push(a);
+                continue;
+            }
+        };
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .with_context(|| match name.as_str() {
+                    "--device" => "--device needs a value: cpu, cuda[:N] or metal[:N]",
+                    _ => "--weights needs a value: auto, f16, bf16 or f32",
+                })?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        match name.as_str() {
+            "--device" => spec = Some(value),
+            _ => precision = Some(WeightPrecision::parse(&value)?),
         }
     }
     let picked = crate::engine::device::parse(spec.as_deref().unwrap_or("cpu"))?;
     let _ = DEVICE.set(picked);
+    if let Some(p) = precision {
+        let _ = WEIGHTS.set(p);
+    }
     Ok(rest)
 }
 
@@ -170,7 +208,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
     }
     let model = builtin::resolve_model(model)?;
     let out = out.context("--out FILE.png is required")?;
-    let mut sd = StableDiffusion::load(&model, &device())?;
+    let mut sd = load_model(&model)?;
     load_adapters(&mut sd, &adapters, allow_partial)?;
     let default_side = sd.unet.config.sample_size.unwrap_or(64).saturating_mul(sd.vae.config.downscale());
     if req.width == 0 {
@@ -202,11 +240,15 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
     let (mut model, mut inputs, mut output): (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) = (None, None, None);
     let mut adapters: Vec<String> = Vec::new();
     let mut allow_partial = false;
+    let mut check: Option<PathBuf> = None;
+    let mut tolerance = 1e-4;
     while let Some(arg) = p.next()? {
         match arg {
             Long("model") => model = Some(p.value()?.into()),
             Long("inputs") => inputs = Some(p.value()?.into()),
             Long("output") => output = Some(p.value()?.into()),
+            Long("check") => check = Some(p.value()?.into()),
+            Long("tolerance") => tolerance = p.value()?.parse()?,
             Long("adapter") => adapters.push(p.value()?.string()?),
             Long("allow-partial") => allow_partial = true,
             _ => return Err(arg.unexpected().into()),
@@ -217,15 +259,17 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
     let output = output.context("--output OUT.safetensors is required")?;
     let dev = device();
     let inputs = read_safetensors(&inputs_path)?;
-    let mut sd = StableDiffusion::from_weights(ModelWeights::load(&model, DType::F32, &dev)?)?;
+    let mut sd = load_model(&model)?;
     load_adapters(&mut sd, &adapters, allow_partial)?;
     let mut outputs: HashMap<String, Tensor> = HashMap::new();
+    let on_device = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&dev)?) };
+    let as_f32 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&dev)?) };
     let context = if let Some(ids) = inputs.get("input_ids") {
-        let emb = sd.text_encoder.forward(&ids.to_device(&dev)?)?;
+        let emb = sd.text_encoder.forward(&on_device(ids)?)?;
         outputs.insert("text_embeddings".into(), emb.clone());
         Some(emb)
     } else {
-        inputs.get("encoder_hidden_states").map(|t| t.to_dtype(DType::F32)).transpose()?
+        inputs.get("encoder_hidden_states").map(as_f32).transpose()?
     };
     if let Some(sample) = inputs.get("sample") {
         let context = context.context(format!(
@@ -233,16 +277,45 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
             inputs_path.display()
         ))?;
         let t = inputs.get("timestep").context(format!("{}: `timestep` is missing", inputs_path.display()))?;
-        let pred = sd.unet.forward(&sample.to_dtype(DType::F32)?, &t.to_dtype(DType::F32)?, &context)?;
+        let pred = sd.unet.forward(&as_f32(sample)?, &as_f32(t)?, &context)?;
         outputs.insert("noise_pred".into(), pred);
     }
     if outputs.is_empty() {
         bail!("{}: nothing to run (expected `input_ids` and/or `sample` + `timestep`)", inputs_path.display());
     }
+    let outputs: HashMap<String, Tensor> =
+        outputs.into_iter().map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     write_safetensors(&output, &outputs, None)?;
     let mut names: Vec<_> = outputs.keys().cloned().collect();
     names.sort();
     println!("wrote {} ({})", output.display(), names.join(", "));
+    if let Some(check) = check {
+        compare_outputs(&outputs, &check, tolerance)?;
+    }
+    Ok(())
+}
+
+/// `forward --check REF`: each output against the reference tensor of the same name, as
+/// max|ours − ref| / max|ref|; an error when one is over `tolerance` or missing from the reference.
+fn compare_outputs(outputs: &HashMap<String, Tensor>, reference: &std::path::Path, tolerance: f64) -> Result<()> {
+    let refs = read_safetensors(reference)?;
+    let mut names: Vec<_> = outputs.keys().collect();
+    names.sort();
+    let mut worst = 0f64;
+    for name in names {
+        let r = refs.get(name).with_context(|| format!("{}: no `{name}` to compare with", reference.display()))?;
+        let (o, r) = (outputs[name].to_dtype(DType::F64)?, r.to_dtype(DType::F64)?);
+        if o.dims() != r.dims() {
+            bail!("`{name}`: shape {:?}, the reference's is {:?}", o.dims(), r.dims());
+        }
+        let max_ref = r.abs()?.max_all()?.to_scalar::<f64>()?;
+        let ratio = (o - &r)?.abs()?.max_all()?.to_scalar::<f64>()? / max_ref.max(f64::MIN_POSITIVE);
+        println!("{name}: max|ours - ref| / max|ref| = {ratio:.2e} (tolerance {tolerance:.0e})");
+        worst = worst.max(ratio);
+    }
+    if worst > tolerance {
+        bail!("outputs differ from {} by {worst:.2e} of their size (tolerance {tolerance:.0e})", reference.display());
+    }
     Ok(())
 }
 
@@ -286,7 +359,7 @@ fn adapter_info(p: &mut lexopt::Parser) -> Result<()> {
         println!("metadata:   {k} = {v}");
     }
     if let Some(model) = model {
-        let mut sd = StableDiffusion::load(&model, &device())?;
+        let mut sd = load_model(&model)?;
         let (_, report) = match_layers(&parsed, &sd.module_index())?;
         match report.accept(false) {
             Ok(()) => println!("with {}: {}", model.display(), report.summary()),
@@ -328,8 +401,7 @@ fn adapter_blend(p: &mut lexopt::Parser, merge: bool) -> Result<()> {
     }
     let model = builtin::resolve_model(model)?;
     let out = out.context("--out is required")?;
-    let dev = device();
-    let mut sd = StableDiffusion::load(&model, &dev)?;
+    let mut sd = load_model(&model)?;
     load_adapters(&mut sd, &specs, allow_partial)?;
     if merge {
         let written = crate::engine::io::diffusers_folder::write_merged_model(&mut sd, &model, &out)?;
@@ -579,6 +651,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         resume,
         naming,
         device: device(),
+        weights: weights(),
         overwrite,
         in_use: Vec::new(),
     };
@@ -789,7 +862,7 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
         }
     };
     if what == "train" {
-        let mut opts = bench::TrainBenchOptions::default();
+        let mut opts = bench::TrainBenchOptions { weights: weights(), ..Default::default() };
         while let Some(arg) = p.next()? {
             match arg {
                 Long("config") => opts.config = p.value()?.string()?,
@@ -838,7 +911,7 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
     if what != "unet" {
         bail!("unknown benchmark `{what}` (available: unet, train, mix, generate)");
     }
-    let mut opts = bench::UnetBenchOptions::default();
+    let mut opts = bench::UnetBenchOptions { weights: weights(), ..Default::default() };
     while let Some(arg) = p.next()? {
         match arg {
             Long("config") => opts.config = p.value()?.string()?,

@@ -4,6 +4,7 @@
 
 mod common;
 
+use lora_studio::engine::io::weights::WeightPrecision;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -483,7 +484,8 @@ fn malformed_safetensors_are_refused_as_adapters_and_as_models() {
         assert!(e.contains(name) && e.contains(needle), "{name}: `{needle}` in `{e}`");
         let e = format!("{:#}", read_adapter(&path).unwrap_err());
         assert!(e.contains(name) && e.contains(needle), "{name}: `{needle}` in `{e}`");
-        let e = format!("{:#}", ModelWeights::load(&path, DType::F32, &Device::Cpu).err().unwrap());
+        let e =
+            format!("{:#}", ModelWeights::load(&path, DType::F32, WeightPrecision::Auto, &Device::Cpu).err().unwrap());
         assert!(e.contains(name) && e.contains(needle), "{name}: `{needle}` in `{e}`");
 
         assert_one_line_error(&studio(&["adapter", "info", p(&path)]), &[name, needle]);
@@ -544,7 +546,7 @@ fn broken_model_folders_are_refused() {
         v[3] = f32::NAN;
         Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
     });
-    let e = format!("{:#}", ModelWeights::load(&nan, DType::F32, &Device::Cpu).err().unwrap());
+    let e = format!("{:#}", ModelWeights::load(&nan, DType::F32, WeightPrecision::Auto, &Device::Cpu).err().unwrap());
     assert!(
         e.contains("diffusion_pytorch_model.safetensors") && e.contains("conv_in.weight") && e.contains("NaN"),
         "{e}"
@@ -637,7 +639,7 @@ fn broken_model_folders_are_refused() {
 #[test]
 fn non_finite_output_is_refused_by_the_engine() {
     // Weights changed after loading (as training could leave them): the output check catches it.
-    let mut w = ModelWeights::load(&sd1_tiny().join("model"), DType::F32, &Device::Cpu).unwrap();
+    let mut w = ModelWeights::load(&sd1_tiny().join("model"), DType::F32, WeightPrecision::Auto, &Device::Cpu).unwrap();
     let t = w.vae.tensor("decoder.conv_out.bias").unwrap().clone();
     w.vae.insert("decoder.conv_out.bias".into(), f32s(t.dims(), f32::NAN));
     let sd = StableDiffusion::from_weights(w).unwrap();
@@ -965,7 +967,8 @@ fn hostile_single_file_checkpoints_are_refused() {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let path = dir.join(name);
         std::fs::write(&path, st_names(&names)).unwrap();
-        let e = format!("{:#}", ModelWeights::load(&path, DType::F32, &Device::Cpu).err().unwrap());
+        let e =
+            format!("{:#}", ModelWeights::load(&path, DType::F32, WeightPrecision::Auto, &Device::Cpu).err().unwrap());
         assert!(e.contains(name) && e.contains(needle), "{name}: `{needle}` in `{e}`");
         assert_one_line_error(&generate_with(&path, &png), &[name, needle]);
         assert_no_output(&png);
@@ -1450,7 +1453,7 @@ fn captions_in_utf16_are_read_and_unreadable_ones_are_named() {
 // Which files make a component (issue 16, item 10)
 
 fn load_error(model: &Path) -> String {
-    match ModelWeights::load(model, DType::F32, &Device::Cpu) {
+    match ModelWeights::load(model, DType::F32, WeightPrecision::Auto, &Device::Cpu) {
         Ok(_) => panic!("{} loaded", model.display()),
         Err(e) => format!("{e:#}"),
     }
@@ -1467,7 +1470,7 @@ fn component_weights_come_from_their_own_file_or_index_only() {
     let name = original.keys().find(|k| k.starts_with("conv_in.weight")).unwrap().clone();
     let expect = original[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let loaded = |model: &Path| -> Vec<f32> {
-        let w = ModelWeights::load(model, DType::F32, &Device::Cpu).unwrap();
+        let w = ModelWeights::load(model, DType::F32, WeightPrecision::Auto, &Device::Cpu).unwrap();
         w.unet.tensor(&name).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
 

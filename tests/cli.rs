@@ -398,3 +398,44 @@ fn device_flag_picks_the_device_or_says_why_not() {
     let unknown = run(args("tpu"));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown device `tpu`"));
 }
+
+/// `--weights f16` (anywhere on the line) runs the model with f16 weights, and `forward --check`
+/// measures the outputs against a reference: within 1e-2 of diffusers' f32 outputs, and an error
+/// naming the gap when asked for more than f16 weights can give.
+#[test]
+fn weights_flag_and_forward_check() {
+    let dir = tempdir("weights-flag");
+    let (model, inputs) = (sd1_tiny().join("model"), sd1_tiny().join("inputs.safetensors"));
+    let (out, reference_file) = (dir.join("out.safetensors"), sd1_tiny().join("reference.safetensors"));
+    let forward = |weights: &str, tolerance: &str| {
+        studio(&[
+            "--weights",
+            weights,
+            "forward",
+            "--model",
+            p(&model),
+            "--inputs",
+            p(&inputs),
+            "--output",
+            p(&out),
+            "--check",
+            p(&reference_file),
+            "--tolerance",
+            tolerance,
+        ])
+    };
+    let ok = forward("f16", "1e-2");
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(said.contains("noise_pred: max|ours - ref| / max|ref| = "), "{said}");
+    let r = reference();
+    let got = read_safetensors(&out).unwrap();
+    let gap = |name: &str| {
+        let f64 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let d = (f64(&got[name]) - f64(&r[name])).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    assert!(gap("noise_pred") > 1e-6, "f16 weights are really used: the outputs move off the f32 ones");
+    assert_one_line_error(&forward("f16", "1e-6"), "outputs differ from");
+    assert_one_line_error(&forward("f8", "1e-2"), "--weights: `f8` is not one of auto, f16, bf16, f32");
+}

@@ -34,6 +34,7 @@ fn spec(dir: &Path, steps: usize, lr: f64) -> TrainJobSpec {
         resume: None,
         naming: Naming::Kohya,
         device: candle_core::Device::Cpu,
+        weights: Default::default(),
         overwrite: false,
         in_use: Vec::new(),
     }

@@ -3,13 +3,14 @@
 
 mod common;
 
+use lora_studio::engine::io::weights::WeightPrecision;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use lora_studio::engine::adapters::stack::TargetPreset;
 use lora_studio::engine::io::weights::{read_safetensors, write_safetensors};
-use lora_studio::engine::pipeline::StableDiffusion;
+use lora_studio::engine::pipeline::{ModelWeights, StableDiffusion};
 use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
 use lora_studio::engine::train::trainer::{Algorithm, NonFiniteLoss, TrainConfig, Trainer};
 
@@ -87,6 +88,50 @@ fn forty_lora_steps_lower_the_evaluation_loss_and_leave_the_base_untouched() {
     let report = fresh.load_adapter("trained", &out, 1.0).unwrap();
     assert_eq!(report.matched, t.trained_layers());
     check_training_record(&out, &dir);
+}
+
+/// Frozen weights kept in f16 (`--weights f16`) train the same LoRA: the adapter stays f32, the
+/// base stays f16 and untouched, and after 40 steps the validation loss is within 2 % of the run
+/// over f32 weights.
+#[test]
+fn forty_lora_steps_over_f16_weights_end_within_two_percent_of_f32() {
+    let dir = tempdir("loss-f16");
+    make_images(&dir);
+    let ds = Dataset::scan(std::slice::from_ref(&dir), &config(40, Algorithm::Lora).dataset).unwrap();
+    let run = |precision: WeightPrecision| {
+        let weights = ModelWeights::load(&sd1_tiny().join("model"), DType::F32, precision, &Device::Cpu).unwrap();
+        let mut t =
+            Trainer::new(StableDiffusion::from_weights(weights).unwrap(), config(40, Algorithm::Lora), &ds).unwrap();
+        fn layer(t: &Trainer) -> lora_studio::engine::models::nn::Linear {
+            t.model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.clone()
+        }
+        let base_before = layer(&t).weight().clone();
+        let before = t.validation_loss().unwrap();
+        for _ in 0..40 {
+            t.train_step().unwrap();
+        }
+        let after = t.validation_loss().unwrap();
+        let l = layer(&t);
+        let base_after = l.weight();
+        assert_eq!(values(&base_before), values(base_after), "{precision:?}: the base is frozen");
+        for a in &l.stack.adapters {
+            assert!(
+                a.delta.tensors().iter().all(|t| t.dtype() == DType::F32),
+                "{precision:?}: the adapter trains in f32"
+            );
+        }
+        (base_after.dtype(), before, after)
+    };
+    let (dtype32, before32, after32) = run(WeightPrecision::F32);
+    let (dtype16, before16, after16) = run(WeightPrecision::F16);
+    assert_eq!((dtype32, dtype16), (DType::F32, DType::F16));
+    let gap = (after16 - after32).abs() / after32;
+    eprintln!(
+        "validation loss f32 {before32:.5} → {after32:.5}, f16 weights {before16:.5} → {after16:.5}: {:.3} %",
+        100.0 * gap
+    );
+    assert!(after16 < 0.9 * before16, "f16 weights: the loss falls ({before16} → {after16})");
+    assert!(gap <= 0.02, "f16 weights end {:.2} % from f32", 100.0 * gap);
 }
 
 /// The file says what A1111, ComfyUI and civitai read, spelled as kohya sd-scripts spells it.
@@ -186,7 +231,8 @@ fn full_fine_tuning_changes_the_model_and_writes_a_loadable_folder() {
     let mut cfg = config(3, Algorithm::Full);
     cfg.learning_rate = 1e-3;
     cfg.full_modules = vec!["unet.up_blocks.".into()];
-    let weights = ModelWeights::load(&sd1_tiny().join("model"), DType::F32, &Device::Cpu).unwrap();
+    let weights =
+        ModelWeights::load(&sd1_tiny().join("model"), DType::F32, WeightPrecision::Auto, &Device::Cpu).unwrap();
     let ds = Dataset::scan(std::slice::from_ref(&dir), &cfg.dataset).unwrap();
     let mut t = Trainer::new_full(weights, cfg, &ds).unwrap();
     let before = values(t.model.unet.up_blocks[0].resnets[0].conv1.weight());

@@ -741,3 +741,26 @@ fn a_partly_fitting_adapter_is_added_only_when_asked() {
     assert!(row.error.is_none(), "{:?}", row.error);
     assert!(row.warning.as_deref().is_some_and(|w| w.contains("partial load, as asked")), "{:?}", row.warning);
 }
+
+/// The Playground's device and weights settings: the status bar says where the model runs and what
+/// its weights are kept in; choosing f16 reloads the model with half-precision weights.
+#[test]
+fn choosing_f16_weights_reloads_the_model_in_half_precision() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
+    h.get_by_label("Device: CPU · f32 weights");
+    h.get_by_value("CPU");
+    h.get_by_value("auto").click();
+    h.run_steps(3);
+    h.get_by_label("f16: f16 (half the memory)").click();
+    h.step(); // the reload starts (its spinner keeps the window repainting)
+    assert_eq!(h.state().playground.placement.weights, lora_studio::engine::io::weights::WeightPrecision::F16);
+    run_until(&mut h, SCAN, "model reloaded", |a| {
+        a.playground.model_state == ModelState::Ready && a.playground.loaded_weights == Some("f16")
+    });
+    h.run_steps(3);
+    h.get_by_label("Device: CPU · f16 weights");
+}

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Result;
 use super::rng::Rng;
-use crate::engine::io::weights::WeightMap;
+use crate::engine::io::weights::{WeightMap, WeightPrecision};
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 
 /// UNet shapes we benchmark by name; they match the peer's `tiny`, `small` and `sd15` configs.
@@ -61,11 +61,20 @@ pub struct UnetBenchOptions {
     pub runs: usize,
     /// Inference only: frozen weights (as generation runs them), no backward pass.
     pub forward_only: bool,
+    /// How the frozen weights are kept (`--weights`); `Auto` is f32 here (the made-up weights are).
+    pub weights: WeightPrecision,
 }
 
 impl Default for UnetBenchOptions {
     fn default() -> Self {
-        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, runs: 5, forward_only: false }
+        Self {
+            config: "sd1-tiny".into(),
+            latent: 16,
+            batch: 8,
+            runs: 5,
+            forward_only: false,
+            weights: WeightPrecision::Auto,
+        }
     }
 }
 
@@ -83,6 +92,8 @@ pub struct UnetBenchReport {
     pub forward_backward_s_median: Option<f64>,
     pub peak_rss_mib: f64,
     pub threads: usize,
+    /// The frozen weights' precision (`f32`, `f16`, `bf16`).
+    pub weights: &'static str,
 }
 
 /// Times the UNet with random weights of the configured shape.
@@ -91,8 +102,9 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
         bail!("--runs, --batch and --latent must be positive");
     }
     let config = unet_config(&opts.config)?;
-    let synthetic = WeightMap::synthetic(DType::F32, device);
+    let synthetic = WeightMap::synthetic_with_precision(DType::F32, opts.weights, device);
     let frozen = UNet2DConditionModel::load(&config, &synthetic)?;
+    let weights_kept = kept_precision(&frozen);
     let (model, params) = if opts.forward_only {
         (frozen, synthetic.generated().values().map(Tensor::elem_count).sum::<usize>())
     } else {
@@ -126,6 +138,7 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
         let loss = model.forward(&sample, &t, &context)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         drop(grads);
+        device.synchronize()?; // a GPU runs asynchronously: time the work, not its queueing
         if i > 0 {
             fwd_bwd.push(start.elapsed().as_secs_f64());
         }
@@ -140,7 +153,13 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
         forward_backward_s_median: (!fwd_bwd.is_empty()).then(|| median(&mut fwd_bwd)),
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
+        weights: weights_kept,
     })
+}
+
+/// What the model's frozen weight matrices are stored in (for the report).
+fn kept_precision(model: &UNet2DConditionModel) -> &'static str {
+    crate::engine::io::weights::dtype_name(model.conv_in.weight().dtype())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -168,11 +187,21 @@ pub struct TrainBenchOptions {
     pub rank: usize,
     pub runs: usize,
     pub checkpointing: bool,
+    /// How the frozen weights are kept (`--weights`); `Auto` is f32 here (the made-up weights are).
+    pub weights: WeightPrecision,
 }
 
 impl Default for TrainBenchOptions {
     fn default() -> Self {
-        Self { config: "sd1-tiny".into(), latent: 16, batch: 8, rank: 4, runs: 5, checkpointing: false }
+        Self {
+            config: "sd1-tiny".into(),
+            latent: 16,
+            batch: 8,
+            rank: 4,
+            runs: 5,
+            checkpointing: false,
+            weights: WeightPrecision::Auto,
+        }
     }
 }
 
@@ -189,6 +218,8 @@ pub struct TrainBenchReport {
     pub peak_rss_mib: f64,
     pub threads: usize,
     pub checkpointing: bool,
+    /// The frozen weights' precision (`f32`, `f16`, `bf16`).
+    pub weights: &'static str,
 }
 
 /// A LoRA training step on attention projections (to_q/k/v/out.0), random frozen weights of
@@ -200,7 +231,9 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
         bail!("--runs, --batch, --latent and --rank must be positive");
     }
     let config = unet_config(&opts.config)?;
-    let mut model = UNet2DConditionModel::load(&config, &WeightMap::synthetic(DType::F32, device))?;
+    let mut model =
+        UNet2DConditionModel::load(&config, &WeightMap::synthetic_with_precision(DType::F32, opts.weights, device))?;
+    let weights_kept = kept_precision(&model);
     let mut rng = Rng::new(0);
     let mut vars = Vec::new();
     model.try_visit_layers(&mut |mut layer| {
@@ -254,6 +287,7 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
             let update = (&*m / (s.sqrt()? + 1e-8)?)?;
             v.set(&(v.as_tensor().detach() - (update * 1e-4)?)?)?;
         }
+        device.synchronize()?; // a GPU runs asynchronously: time the work, not its queueing
         if i > 0 {
             times.push(start.elapsed().as_secs_f64());
         }
@@ -269,6 +303,7 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
         checkpointing: opts.checkpointing,
+        weights: weights_kept,
     })
 }
 

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use candle_core::Device;
 
 use crate::engine::Result;
+use crate::engine::io::weights::WeightPrecision;
 
 /// The devices this build can use, by name (`cpu` always; `cuda` / `metal` with their features).
 pub fn available() -> Vec<&'static str> {
@@ -17,6 +18,45 @@ pub fn available() -> Vec<&'static str> {
         v.push("metal");
     }
     v
+}
+
+/// Where a model runs and how its frozen weights are kept: what `--device` / `--weights` and the
+/// window's settings choose. The device stays a spec until used, so a missing GPU is reported by
+/// the job that needed it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Placement {
+    /// `cpu`, `cuda[:N]` or `metal[:N]` (see `parse`); empty is the CPU.
+    pub device: String,
+    pub weights: WeightPrecision,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self { device: "cpu".to_owned(), weights: WeightPrecision::Auto }
+    }
+}
+
+impl Placement {
+    pub fn device(&self) -> Result<Device> {
+        parse(&self.device)
+    }
+
+    /// "CPU", "CUDA 0", "Metal 1": for the status bar and the picker.
+    pub fn device_label(spec: &str) -> String {
+        let (kind, index) = spec.trim().split_once(':').unwrap_or((spec.trim(), "0"));
+        match kind {
+            "cuda" => format!("CUDA GPU {index}"),
+            "metal" => format!("Metal GPU {index}"),
+            _ => "CPU".to_owned(),
+        }
+    }
+
+    /// The device specs this build can offer in a picker (GPUs by index 0; more are reachable by
+    /// `--device cuda:N`).
+    pub fn device_choices() -> Vec<String> {
+        available().iter().map(|k| if *k == "cpu" { "cpu".to_owned() } else { format!("{k}:0") }).collect()
+    }
 }
 
 /// `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` → the device (an empty spec is the CPU).

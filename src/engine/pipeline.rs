@@ -16,7 +16,7 @@ use crate::engine::adapters::stack::{BlockWeights, LayerAdapter};
 use crate::engine::diffusion::sampler::{Sampler, SamplerKind, guidance};
 use crate::engine::diffusion::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
 use crate::engine::io::single_file;
-use crate::engine::io::weights::{WeightMap, all_finite, read_safetensors};
+use crate::engine::io::weights::{WeightMap, WeightPrecision, all_finite, read_safetensors_each};
 use crate::engine::models::clip::{ClipConfig, ClipTextModel};
 use crate::engine::models::nn::LayerMut;
 use crate::engine::models::tokenizer::ClipTokenizer;
@@ -45,16 +45,18 @@ pub struct ModelWeights {
 impl ModelWeights {
     /// A diffusers folder (`model_index.json` + component folders) or a single `.safetensors`
     /// checkpoint in the original Stable Diffusion layout.
-    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Weight matrices are kept as `precision` says (`Auto`: half precision where the file has
+    /// it); everything is computed in `dtype`.
+    pub fn load(path: &Path, dtype: DType, precision: WeightPrecision, device: &Device) -> Result<Self> {
         if path.is_dir() {
-            return Self::load_diffusers(path, dtype, device);
+            return Self::load_diffusers(path, dtype, precision, device);
         }
         if !path.exists() {
             bail!("{}: no such file or folder", path.display());
         }
         let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
         match ext.as_str() {
-            "safetensors" => Self::load_single_file(path, dtype, device),
+            "safetensors" => Self::load_single_file(path, dtype, precision, device),
             "ckpt" | "pt" | "pth" | "bin" => bail!(
                 "{}: not supported: pickled checkpoints (.{ext}) can run arbitrary code when loaded; convert it to .safetensors first",
                 path.display()
@@ -66,7 +68,7 @@ impl ModelWeights {
         }
     }
 
-    fn load_diffusers(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    fn load_diffusers(dir: &Path, dtype: DType, precision: WeightPrecision, device: &Device) -> Result<Self> {
         if !dir.join("model_index.json").exists() {
             bail!("{}: not a diffusers model folder (no model_index.json)", dir.display());
         }
@@ -93,21 +95,31 @@ impl ModelWeights {
             );
         }
         let tokenizer = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
+        let load = |component: &str, stem: &str| {
+            WeightMap::load_with_precision(&component_files(&dir.join(component), stem)?, dtype, precision, device)
+        };
         Ok(Self {
             unet_config: UNetConfig::from_file(&dir.join("unet/config.json"))?,
             text_config: ClipConfig::from_file(&dir.join("text_encoder/config.json"))?,
             vae_config: VaeConfig::from_file(&dir.join("vae/config.json"))?,
             scheduler_config,
             tokenizer,
-            unet: WeightMap::load(&component_files(&dir.join("unet"), "diffusion_pytorch_model")?, dtype, device)?,
-            text_encoder: WeightMap::load(&component_files(&dir.join("text_encoder"), "model")?, dtype, device)?,
-            vae: WeightMap::load(&component_files(&dir.join("vae"), "diffusion_pytorch_model")?, dtype, device)?,
+            unet: load("unet", "diffusion_pytorch_model")?,
+            text_encoder: load("text_encoder", "model")?,
+            vae: load("vae", "diffusion_pytorch_model")?,
         })
     }
 
-    fn load_single_file(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    fn load_single_file(path: &Path, dtype: DType, precision: WeightPrecision, device: &Device) -> Result<Self> {
         let source = path.display().to_string();
-        let converted = single_file::convert(read_safetensors(path)?, &source)?;
+        // Each tensor is checked and put in the precision it is kept in as it is read.
+        let mut tensors = HashMap::new();
+        read_safetensors_each(path, |name, t| {
+            let t = precision.keep(&source, &name, t, dtype)?;
+            tensors.insert(name, t);
+            Ok(())
+        })?;
+        let converted = single_file::convert(tensors, &source)?;
         let mut scheduler_config = SchedulerConfig::default();
         if let Some(p) = converted.prediction_hint {
             scheduler_config.set_prediction(p);
@@ -122,9 +134,15 @@ impl ModelWeights {
             text_config: converted.text_config,
             vae_config: converted.vae_config,
             scheduler_config,
-            unet: WeightMap::new(converted.unet, format!("{source} (UNet)"), dtype, device)?,
-            text_encoder: WeightMap::new(converted.text_encoder, format!("{source} (text encoder)"), dtype, device)?,
-            vae: WeightMap::new(converted.vae, format!("{source} (VAE)"), dtype, device)?,
+            unet: WeightMap::with_precision(converted.unet, format!("{source} (UNet)"), dtype, precision, device)?,
+            text_encoder: WeightMap::with_precision(
+                converted.text_encoder,
+                format!("{source} (text encoder)"),
+                dtype,
+                precision,
+                device,
+            )?,
+            vae: WeightMap::with_precision(converted.vae, format!("{source} (VAE)"), dtype, precision, device)?,
         })
     }
 }
@@ -399,8 +417,9 @@ impl StableDiffusion {
         Ok(count)
     }
 
+    /// A model with its weight matrices kept as the file stores them (see `WeightPrecision::Auto`).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Self::from_weights(ModelWeights::load(path, DType::F32, device)?)
+        Self::from_weights(ModelWeights::load(path, DType::F32, WeightPrecision::Auto, device)?)
     }
 
     pub fn from_weights(w: ModelWeights) -> Result<Self> {

@@ -9,16 +9,20 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summarize};
 use crate::engine::adapters::mix::{BlendForm, BlendReport, MixMode, export_blend, overdrive};
 use crate::engine::adapters::stack::BlockWeights;
-use crate::engine::pipeline::{GenerateRequest, StableDiffusion};
+use crate::engine::io::weights::dtype_name;
+use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 
 pub enum ModelCommand {
-    Load(PathBuf),
+    Load {
+        path: PathBuf,
+        placement: crate::engine::device::Placement,
+    },
     /// The format doctor on a file the user chose, before it joins the list.
     Inspect(PathBuf),
     /// Loads (or reloads) an adapter at the weight its slider gets in the mix; under a budget
@@ -112,10 +116,12 @@ pub struct GridAxis {
 
 pub enum ModelEvent {
     /// `native_size`: the side the model was trained at (UNet sample size × VAE factor).
+    /// `weights`: what the frozen weights are kept in (`f16`, `bf16`, `f32`).
     Loaded {
         path: PathBuf,
         seconds: f64,
         native_size: Option<usize>,
+        weights: &'static str,
     },
     LoadFailed {
         error: String,
@@ -268,15 +274,19 @@ fn guarded(sd: &mut Option<StableDiffusion>, send: &dyn Fn(ModelEvent), f: impl 
 
 fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, send: &dyn Fn(ModelEvent)) {
     match cmd {
-        ModelCommand::Load(path) => {
+        ModelCommand::Load { path, placement } => {
             let t = Instant::now();
             *sd = None; // free the old model first
-            match StableDiffusion::load(&path, &Device::Cpu) {
+            let loaded = placement.device().and_then(|device| {
+                StableDiffusion::from_weights(ModelWeights::load(&path, DType::F32, placement.weights, &device)?)
+            });
+            match loaded {
                 Ok(mut m) => {
                     m.cache_text_embeddings = true; // only this worker changes its adapters
                     let native_size = m.unet.config.sample_size.map(|s| s * m.vae.config.downscale());
+                    let weights = dtype_name(m.unet.conv_in.weight().dtype());
                     *sd = Some(m);
-                    send(ModelEvent::Loaded { path, seconds: t.elapsed().as_secs_f64(), native_size });
+                    send(ModelEvent::Loaded { path, seconds: t.elapsed().as_secs_f64(), native_size, weights });
                 }
                 Err(e) => send(ModelEvent::LoadFailed { error: format!("{e:#}") }),
             }
@@ -510,7 +520,7 @@ mod tests {
     impl Bench {
         fn new() -> Self {
             let mut b = Self { sd: None, mix: Mix::default(), events: RefCell::new(Vec::new()) };
-            b.run(ModelCommand::Load(fixtures_dir().join("sd1-tiny/model")));
+            b.run(ModelCommand::Load { path: fixtures_dir().join("sd1-tiny/model"), placement: Default::default() });
             assert!(b.sd.is_some(), "the fixture model loads");
             b
         }

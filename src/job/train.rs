@@ -29,6 +29,8 @@ pub struct TrainJobSpec {
     pub naming: Naming,
     /// Where to compute: the CPU, or a GPU when built with candle's `cuda` / `metal` features.
     pub device: Device,
+    /// How the frozen model's weights are kept in memory (the adapters train in f32 either way).
+    pub weights: crate::engine::io::weights::WeightPrecision,
     /// Replace an existing output, or an earlier run's checkpoint, instead of refusing.
     pub overwrite: bool,
     /// Adapter files in use elsewhere (the Playground's), which the run must not write over.
@@ -192,7 +194,7 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         overwrite: spec.overwrite,
     }
     .check()?;
-    let weights = ModelWeights::load(&spec.model, DType::F32, &spec.device)?;
+    let weights = ModelWeights::load(&spec.model, DType::F32, spec.weights, &spec.device)?;
     // The weights are in memory now; what the step needs beyond them must fit in what is left
     // (system memory: on a GPU the activations live elsewhere, and this estimate does not apply).
     if matches!(spec.device, Device::Cpu)

@@ -114,8 +114,6 @@ pub struct StudioApp {
     pub model_label: String,
     /// The open base model.
     pub model: Option<PathBuf>,
-    /// Compute device shown in the status bar.
-    pub device_label: String,
     pub memory: MemorySampler,
     /// The training options (the Dataset area edits the trigger word, the Training area the rest).
     pub config: TrainConfig,
@@ -146,7 +144,6 @@ impl StudioApp {
             area: Area::default(),
             model_label: options.model_label,
             model: None,
-            device_label: "CPU".to_owned(),
             memory: MemorySampler::default(),
             config: TrainConfig::default(),
             dataset: DatasetPanel::new(ctx),
@@ -187,6 +184,17 @@ impl StudioApp {
         });
         self.playground.set_model(Some(path.clone()));
         self.model = Some(path);
+    }
+
+    /// The status bar's device: the one the window's model runs on, and what its weights are kept
+    /// in once loaded ("CPU · f16 weights").
+    pub fn device_status(&self) -> String {
+        let p = &self.playground;
+        let device = crate::engine::device::Placement::device_label(&p.placement.device);
+        match p.loaded_weights {
+            Some(w) => format!("{device} · {w} weights"),
+            None => device,
+        }
     }
 
     /// What the status bar says the background work is doing.
@@ -293,7 +301,17 @@ impl StudioApp {
         }
         let images = self.dataset.image_paths();
         let in_use = self.playground.adapter_paths();
-        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, Some(checkpoint), in_use, false);
+        let placement = self.playground.placement.clone();
+        self.training.start(
+            &self.ctx,
+            self.model.as_deref(),
+            &placement,
+            images,
+            &self.config,
+            Some(checkpoint),
+            in_use,
+            false,
+        );
     }
 
     /// Starts training with the current options on the dataset's images. `overwrite`: replace an
@@ -301,7 +319,17 @@ impl StudioApp {
     pub fn start_training(&mut self, overwrite: bool) {
         let images = self.dataset.image_paths();
         let in_use = self.playground.adapter_paths();
-        self.training.start(&self.ctx, self.model.as_deref(), images, &self.config, None, in_use, overwrite);
+        let placement = self.playground.placement.clone();
+        self.training.start(
+            &self.ctx,
+            self.model.as_deref(),
+            &placement,
+            images,
+            &self.config,
+            None,
+            in_use,
+            overwrite,
+        );
     }
 
     /// Draws the whole window into `ui`: tab bar, status bar, then the selected area.
@@ -327,7 +355,8 @@ impl StudioApp {
             // Keep the memory figure fresh while the app is otherwise idle.
             ui.ctx().request_repaint_after(MemorySampler::INTERVAL);
             let job = self.job().label();
-            status::status_bar(ui, &self.model_label, &self.device_label, &job, &self.memory);
+            let device = self.device_status();
+            status::status_bar(ui, &self.model_label, &device, &job, &self.memory);
         });
         let margin = egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(20, 12));
         egui::CentralPanel::default().frame(margin).show(ui, |ui| {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::adapters::formats::Naming;
 use crate::engine::adapters::mix::MixMode;
 use crate::engine::adapters::stack::BlockWeights;
+use crate::engine::device::Placement;
 use crate::engine::pipeline::GenerateRequest;
 use crate::engine::train::trainer::TrainConfig;
 
@@ -31,6 +32,8 @@ pub struct Session {
     pub live: bool,
     pub mix_mode: MixMode,
     pub blend_rank: usize,
+    /// The device and weight precision picked in the window.
+    pub placement: Placement,
 }
 
 impl Default for Session {
@@ -47,6 +50,7 @@ impl Default for Session {
             live: true,
             mix_mode: MixMode::Sum,
             blend_rank: 16,
+            placement: Placement::default(),
         }
     }
 }
@@ -119,6 +123,7 @@ impl StudioApp {
             live: p.live,
             mix_mode: p.mix_mode,
             blend_rank: p.blend_rank,
+            placement: p.placement.clone(),
         }
     }
 
@@ -144,6 +149,7 @@ impl StudioApp {
         p.size_chosen = s.size_chosen;
         p.live = s.live;
         p.blend_rank = s.blend_rank.max(1);
+        p.placement = s.placement.clone();
         p.set_mix_mode(s.mix_mode);
         for a in s.adapters {
             if !a.path.exists() {

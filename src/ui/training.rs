@@ -9,6 +9,7 @@ use egui::{Response, RichText};
 
 use crate::engine::adapters::formats::Naming;
 use crate::engine::adapters::stack::TargetPreset;
+use crate::engine::device::Placement;
 use crate::engine::train::trainer::{Algorithm, ExistingRun, LrSchedule, RunOutputs, TimestepBias, TrainConfig};
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
@@ -187,6 +188,7 @@ impl TrainingPanel {
         &mut self,
         ctx: &egui::Context,
         model: Option<&Path>,
+        placement: &Placement,
         images: Vec<PathBuf>,
         config: &TrainConfig,
         resume: Option<PathBuf>,
@@ -228,6 +230,13 @@ impl TrainingPanel {
             }
             return;
         }
+        let device = match placement.device() {
+            Ok(d) => d,
+            Err(e) => {
+                self.message = Some(format!("{e:#}"));
+                return;
+            }
+        };
         let spec = TrainJobSpec {
             model: model.to_path_buf(),
             data: images,
@@ -235,7 +244,8 @@ impl TrainingPanel {
             config: config.clone(),
             resume,
             naming: self.naming,
-            device: candle_core::Device::Cpu,
+            device,
+            weights: placement.weights,
             overwrite,
             in_use,
         };

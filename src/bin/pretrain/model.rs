@@ -78,7 +78,12 @@ pub(super) fn base_weights(o: &Options) -> Result<ModelWeights> {
     };
     let base = match &o.model_init {
         Some(dir) => {
-            let init = ModelWeights::load(dir, DType::F32, &Device::Cpu)?;
+            let init = ModelWeights::load(
+                dir,
+                DType::F32,
+                lora_studio::engine::io::weights::WeightPrecision::F32,
+                &Device::Cpu,
+            )?;
             println!("model: continuing the UNet and text encoder of {}", dir.display());
             ModelWeights { vae, vae_config, ..init }
         }

@@ -28,7 +28,7 @@ pub struct BlendReport {
 
 /// A layer's active adapters as `coefficient · up · down` factors of its flattened ΔW.
 fn factors(stack: &AdapterStack) -> Result<Vec<Factor>> {
-    let base = &stack.base;
+    let base = &stack.base_for_compute()?;
     let out = base.dims()[0];
     let n = base.elem_count() / out;
     let mut fs = Vec::new();
@@ -190,10 +190,11 @@ pub fn agreed_metadata(inputs: &[HashMap<String, String>]) -> HashMap<String, St
         .collect()
 }
 
-/// The base weights with the live mix folded in, by parameter name per component
-/// (`unet` / `text_encoder`), for writing a merged model: each adapted layer's `.weight`, and its
-/// `.bias` when an adapter changes it (full diffs).
-pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, HashMap<String, Tensor>>> {
+/// The live mix's change to the base weights, by parameter name per component (`unet` /
+/// `text_encoder`), for writing a merged model: each adapted layer's `.weight` change Σ cᵢ·ΔWᵢ, and
+/// its `.bias` change when an adapter makes one (full diffs). The writer adds them to the file's own
+/// values, so a model kept in half precision in memory still merges at the file's precision.
+pub fn weight_changes(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, HashMap<String, Tensor>>> {
     let mut out: BTreeMap<Component, HashMap<String, Tensor>> = BTreeMap::new();
     sd.try_visit_layers(&mut |c, l| {
         let stack = l.stack_ref();
@@ -202,7 +203,9 @@ pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, Ha
             return Ok(());
         }
         let weights = out.entry(c).or_default();
-        weights.insert(format!("{}.weight", l.path()), stack.merged_weight()?);
+        if let Some(delta) = stack.delta_sum()? {
+            weights.insert(format!("{}.weight", l.path()), delta);
+        }
         let bias_changes: Vec<Tensor> = active
             .iter()
             .filter_map(|a| a.delta.bias_delta().map(|d| d.flatten_all().and_then(|d| d * a.coefficient())))
@@ -214,11 +217,11 @@ pub fn merged_weights(sd: &mut StableDiffusion) -> Result<BTreeMap<Component, Ha
                     l.path()
                 );
             };
-            let mut merged = bias.clone();
+            let mut change = bias.zeros_like()?;
             for d in bias_changes {
-                merged = (merged + d.to_dtype(bias.dtype())?)?;
+                change = (change + d.to_dtype(bias.dtype())?)?;
             }
-            weights.insert(format!("{}.bias", l.path()), merged);
+            weights.insert(format!("{}.bias", l.path()), change);
         }
         Ok(())
     })?;

@@ -35,6 +35,9 @@ impl LayerAdapter {
 /// A frozen base weight with the adapters attached to it.
 #[derive(Clone, Debug)]
 pub struct AdapterStack {
+    /// Stored as loaded: in f16 / bf16 when the model's weights are kept in half precision (the
+    /// ops widen it per layer). Adapters, their changes and the merge arithmetic are in the compute
+    /// dtype; a merged weight is stored like the base.
     pub base: Tensor,
     pub adapters: Vec<LayerAdapter>,
     /// Merged mode folds the adapters into a cached weight; unmerged runs them factored (training).
@@ -55,9 +58,20 @@ impl AdapterStack {
         self.adapters.iter().filter(|a| a.multiplier != 0.0)
     }
 
+    /// The dtype adapters and weight changes are computed in: the base's, or f32 for a base stored
+    /// in half precision.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        if crate::engine::kernels::cpu::is_half(&self.base) { candle_core::DType::F32 } else { self.base.dtype() }
+    }
+
+    /// The base weight in the compute dtype (a temporary copy when it is stored in half precision).
+    pub fn base_for_compute(&self) -> Result<Tensor> {
+        Ok(crate::engine::kernels::cpu::widen_to(&self.base, self.compute_dtype())?)
+    }
+
     pub fn attach(&mut self, mut adapter: LayerAdapter) -> Result<()> {
         adapter.delta.check_shapes(self.base.dims())?;
-        adapter.delta = adapter.delta.to_dtype(self.base.dtype())?;
+        adapter.delta = adapter.delta.to_dtype(self.compute_dtype())?;
         self.adapters.retain(|a| a.name != adapter.name);
         self.adapters.push(adapter);
         self.stale = true;
@@ -99,22 +113,26 @@ impl AdapterStack {
         if !self.stale {
             return Ok(false);
         }
-        self.merged = if self.merge && self.active().next().is_some() { Some(self.merged_weight()?) } else { None };
-        self.merged_drive = match &self.merged {
-            Some(w) => relative_norm(&(w - &self.base)?, &self.base)?,
-            None => 0.0,
-        };
+        (self.merged, self.merged_drive) = (None, 0.0);
+        if self.merge {
+            let base = self.base_for_compute()?;
+            if let Some(delta) = self.delta_sum_on(&base)? {
+                self.merged_drive = relative_norm(&delta, &base)?;
+                self.merged = Some((base + delta)?.to_dtype(self.base.dtype())?);
+            }
+        }
         self.stale = false;
         Ok(true)
     }
 
-    /// W + Σ cᵢ·ΔWᵢ.
+    /// W + Σ cᵢ·ΔWᵢ, summed in the compute dtype and stored like the base.
     pub fn merged_weight(&self) -> Result<Tensor> {
-        let mut w = self.base.clone();
-        for a in self.active() {
-            w = (w + a.weight_change(&self.base)?)?;
-        }
-        Ok(w)
+        let base = self.base_for_compute()?;
+        let w = match self.delta_sum_on(&base)? {
+            Some(delta) => (&base + delta)?,
+            None => base,
+        };
+        Ok(w.to_dtype(self.base.dtype())?)
     }
 
     /// Σ cᵢ·ΔWᵢ alone (what a blend exports).
@@ -131,9 +149,14 @@ impl AdapterStack {
     }
 
     pub fn delta_sum(&self) -> Result<Option<Tensor>> {
+        self.delta_sum_on(&self.base_for_compute()?)
+    }
+
+    /// Σ cᵢ·ΔWᵢ given the base in the compute dtype.
+    fn delta_sum_on(&self, base: &Tensor) -> Result<Option<Tensor>> {
         let mut sum: Option<Tensor> = None;
         for a in self.active() {
-            let d = a.weight_change(&self.base)?;
+            let d = a.weight_change(base)?;
             sum = Some(match sum {
                 Some(s) => (s + d)?,
                 None => d,
@@ -170,7 +193,7 @@ impl AdapterStack {
         let mut out: Option<Tensor> = None;
         for a in self.active() {
             if let Some(db) = a.delta.bias_delta() {
-                let change = (db.flatten_all()?.to_dtype(self.base.dtype())? * a.coefficient())?;
+                let change = (db.flatten_all()?.to_dtype(self.compute_dtype())? * a.coefficient())?;
                 out = Some(match (out, bias) {
                     (Some(b), _) => (b + change)?,
                     (None, Some(b)) => (b + change)?,
@@ -196,11 +219,12 @@ impl AdapterStack {
             }
         }
         let mut y = frozen::linear(x, &self.base, bias)?;
+        let base = self.base_for_compute()?;
         for a in active {
             let change = if a.delta.is_factored() {
-                (a.delta.apply_linear(x, &self.base)? * a.coefficient())?
+                (a.delta.apply_linear(x, &base)? * a.coefficient())?
             } else {
-                frozen::linear(x, &a.weight_change(&self.base)?, None)?
+                frozen::linear(x, &a.weight_change(&base)?, None)?
             };
             y = (y + change)?;
         }
@@ -215,11 +239,12 @@ impl AdapterStack {
             return conv(x, w, bias, padding, stride);
         }
         let mut y = conv(x, &self.base, bias, padding, stride)?;
+        let base = self.base_for_compute()?;
         for a in self.active() {
             let change = if a.delta.is_factored() {
-                (a.delta.apply_conv(x, &self.base, padding, stride)? * a.coefficient())?
+                (a.delta.apply_conv(x, &base, padding, stride)? * a.coefficient())?
             } else {
-                conv(x, &a.weight_change(&self.base)?, None, padding, stride)?
+                conv(x, &a.weight_change(&base)?, None, padding, stride)?
             };
             y = (y + change)?;
         }

@@ -164,8 +164,8 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
     if out.exists() {
         bail!("{}: already exists; choose a new folder", out.display());
     }
-    let merged = crate::engine::adapters::mix::merged_weights(sd)?;
-    let expected: usize = merged.values().map(HashMap::len).sum();
+    let changes = crate::engine::adapters::mix::weight_changes(sd)?;
+    let expected: usize = changes.values().map(HashMap::len).sum();
     let tmp = partial_path(out, out.file_name().context("the merged model needs a folder name")?);
     let result = (|| -> Result<usize> {
         copy_tree(model, &tmp)?;
@@ -173,7 +173,7 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
             complete_tokenizer(&tmp.join("tokenizer"))?;
         }
         let mut changed = 0;
-        for (component, weights) in &merged {
+        for (component, weights) in &changes {
             let dir = tmp.join(component.label());
             for file in std::fs::read_dir(&dir).with_context(|| format!("{}: cannot read", dir.display()))? {
                 let path = file.with_context(|| format!("{}: cannot read", dir.display()))?.path();
@@ -182,9 +182,12 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
                 }
                 let (mut tensors, metadata) = crate::engine::io::weights::read_safetensors_with_metadata(&path)?;
                 let mut touched = false;
-                for (name, w) in weights {
+                for (name, change) in weights {
                     if let Some(old) = tensors.get_mut(name) {
-                        let stored = w.to_dtype(old.dtype())?;
+                        // Added to the file's own values (not to the copy in memory, which may be
+                        // kept in half precision), then stored in the file's dtype.
+                        let sum = (old.to_dtype(change.dtype())? + change)?;
+                        let stored = sum.to_dtype(old.dtype())?;
                         if !crate::engine::io::weights::all_finite(&stored)? {
                             bail!(
                                 "{}: the mix makes `{name}` NaN or infinite in {:?} (lower the adapter weights); nothing was written",

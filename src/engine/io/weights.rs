@@ -13,13 +13,108 @@ use crate::engine::Result;
 /// Largest safetensors JSON header we accept; real checkpoints stay far below this.
 pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
-/// All tensors of one model component, converted to the compute dtype on load.
+/// How a model's frozen bulk (its weight matrices: linear and convolution weights, embeddings) is
+/// kept in memory. The ops read such a weight in its stored precision and compute in the model's
+/// compute dtype (f32), widening one layer at a time; biases, norms and anything trained stay in the
+/// compute dtype. kohya's `--full_fp16` stores everything in half; this halves only what is frozen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightPrecision {
+    /// As the file stores them: f16 and bf16 weights stay so, f32 ones stay f32.
+    #[default]
+    Auto,
+    /// Everything in the compute dtype (twice the memory of half precision).
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WeightPrecision {
+    pub const ALL: [WeightPrecision; 4] = [Self::Auto, Self::F16, Self::Bf16, Self::F32];
+
+    /// `auto`, `f32`, `f16` or `bf16` (the CLI's `--weights`).
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "f32" | "fp32" | "float" => Self::F32,
+            "f16" | "fp16" | "half" => Self::F16,
+            "bf16" => Self::Bf16,
+            other => bail!("--weights: `{other}` is not one of auto, f16, bf16, f32"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Auto => "as the file stores them",
+            Self::F32 => "f32 (twice the memory)",
+            Self::F16 => "f16 (half the memory)",
+            Self::Bf16 => "bf16 (half the memory)",
+        }
+    }
+
+    /// Tensor `name` read from `source`, checked (finite) and converted to the dtype it is kept in.
+    /// A value that half precision cannot hold is refused, naming the setting that would.
+    pub fn keep(self, source: &str, name: &str, t: Tensor, compute: DType) -> Result<Tensor> {
+        if !all_finite(&t)? {
+            bail!("{source}: tensor `{name}` contains NaN or infinite values (the file is corrupt)");
+        }
+        let dtype = self.keep_as(t.dtype(), t.rank(), compute);
+        if dtype == t.dtype() {
+            return Ok(t);
+        }
+        let kept = t.to_dtype(dtype)?;
+        if !all_finite(&kept)? {
+            bail!(
+                "{source}: tensor `{name}` has values too large for {dtype:?} weights; load it with --weights f32 (or bf16)"
+            );
+        }
+        Ok(kept)
+    }
+
+    /// The dtype a tensor read as `stored`, of `rank` dimensions, is kept in for a model computing
+    /// in `compute`: weight matrices (rank ≥ 2) by this setting, everything else in `compute`.
+    pub fn keep_as(self, stored: DType, rank: usize, compute: DType) -> DType {
+        if rank < 2 || !matches!(stored, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+            return compute;
+        }
+        match self {
+            Self::Auto if matches!(stored, DType::F16 | DType::BF16) => stored,
+            Self::Auto | Self::F32 => compute,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `f32`, `f16`, `bf16`, …: how reports and the window name a dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+/// All tensors of one model component: weight matrices kept as `WeightPrecision` says, the rest
+/// converted to the compute dtype on load.
 #[derive(Clone)]
 pub struct WeightMap {
     tensors: HashMap<String, Tensor>,
     /// What the tensors were read from, for error messages.
     source: String,
     dtype: DType,
+    precision: WeightPrecision,
     device: Device,
     /// Benchmarks build models of real shapes without their weights: missing tensors become noise,
     /// remembered here so the same values can be reused (e.g. as trainable variables).
@@ -27,31 +122,63 @@ pub struct WeightMap {
 }
 
 impl WeightMap {
+    /// Every tensor in the compute dtype `dtype`.
     pub fn new(
         tensors: HashMap<String, Tensor>,
         source: impl Into<String>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let source = source.into();
-        let mut converted = HashMap::with_capacity(tensors.len());
-        for (name, t) in tensors {
-            if !all_finite(&t)? {
-                bail!("{}: tensor `{name}` contains NaN or infinite values (the file is corrupt)", source);
-            }
-            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
-            let t = if t.device().same_device(device) { t } else { t.to_device(device)? };
-            converted.insert(name, t);
-        }
-        Ok(Self { tensors: converted, source, dtype, device: device.clone(), synthetic: None })
+        Self::with_precision(tensors, source, dtype, WeightPrecision::F32, device)
     }
 
-    /// Reads one or more safetensors files (a sharded component is several).
+    /// Weight matrices kept as `precision` says, the rest in the compute dtype `dtype`.
+    pub fn with_precision(
+        tensors: HashMap<String, Tensor>,
+        source: impl Into<String>,
+        dtype: DType,
+        precision: WeightPrecision,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut map = Self::empty(source.into(), dtype, precision, device);
+        for (name, t) in tensors {
+            map.add(name, t)?;
+        }
+        Ok(map)
+    }
+
+    fn empty(source: String, dtype: DType, precision: WeightPrecision, device: &Device) -> Self {
+        Self { tensors: HashMap::new(), source, dtype, precision, device: device.clone(), synthetic: None }
+    }
+
+    /// Checks one tensor read from the source and keeps it in the dtype and on the device it
+    /// belongs (converted alone, so loading never holds a second copy of the model).
+    fn add(&mut self, name: String, t: Tensor) -> Result<()> {
+        let t = self.precision.keep(&self.source, &name, t, self.dtype)?;
+        let t = if t.device().same_device(&self.device) { t } else { t.to_device(&self.device)? };
+        self.tensors.insert(name, t);
+        Ok(())
+    }
+
+    /// Reads one or more safetensors files (a sharded component is several), every tensor in the
+    /// compute dtype.
     pub fn load(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
-        let mut all = HashMap::new();
+        Self::load_with_precision(paths, dtype, WeightPrecision::F32, device)
+    }
+
+    /// Reads one or more safetensors files, weight matrices kept as `precision` says. Each tensor
+    /// is converted as it is read.
+    pub fn load_with_precision(
+        paths: &[PathBuf],
+        dtype: DType,
+        precision: WeightPrecision,
+        device: &Device,
+    ) -> Result<Self> {
+        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let mut map = Self::empty(source, dtype, precision, device);
         let mut from: HashMap<String, &Path> = HashMap::new();
         for p in paths {
-            for (name, t) in read_safetensors(p)? {
+            read_safetensors_each(p, |name, t| {
                 // Shards split a model; a tensor in two of them would make one silently win.
                 if let Some(first) = from.insert(name.clone(), p) {
                     bail!(
@@ -60,22 +187,23 @@ impl WeightMap {
                         p.display()
                     );
                 }
-                all.insert(name, t);
-            }
+                map.add(name, t)
+            })?;
         }
-        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-        Self::new(all, source, dtype, device)
+        Ok(map)
     }
 
     /// An empty map that answers every lookup with small random values of the asked shape
     /// (for benchmarks of configurations whose weights we do not have).
     pub fn synthetic(dtype: DType, device: &Device) -> Self {
+        Self::synthetic_with_precision(dtype, WeightPrecision::F32, device)
+    }
+
+    /// As `synthetic`, weight matrices made up in the precision `precision` keeps f32 ones in.
+    pub fn synthetic_with_precision(dtype: DType, precision: WeightPrecision, device: &Device) -> Self {
         Self {
-            tensors: HashMap::new(),
-            source: "synthetic weights".into(),
-            dtype,
-            device: device.clone(),
             synthetic: Some(Default::default()),
+            ..Self::empty("synthetic weights".into(), dtype, precision, device)
         }
     }
 
@@ -87,8 +215,12 @@ impl WeightMap {
     pub fn source(&self) -> &str {
         &self.source
     }
+    /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+    pub fn precision(&self) -> WeightPrecision {
+        self.precision
     }
     pub fn device(&self) -> &Device {
         &self.device
@@ -117,12 +249,13 @@ impl WeightMap {
 
     /// Turns the tensors whose names pass `select` into trainable variables. The model built from
     /// this map afterwards uses them, so `loss.backward()` yields gradients for exactly these.
+    /// They train in the compute dtype, whatever precision the frozen weights are kept in.
     pub fn make_trainable(&mut self, select: impl Fn(&str) -> bool) -> Result<Vec<(String, Var)>> {
         let mut names: Vec<String> = self.tensors.keys().filter(|n| select(n)).cloned().collect();
         names.sort();
         let mut vars = Vec::with_capacity(names.len());
         for name in names {
-            let var = Var::from_tensor(&self.tensors[&name])?;
+            let var = Var::from_tensor(&self.tensors[&name].to_dtype(self.dtype)?)?;
             self.tensors.insert(name.clone(), var.as_tensor().clone());
             vars.push((name, var));
         }
@@ -133,11 +266,18 @@ impl WeightMap {
         WeightScope { map: self, prefix: String::new() }
     }
 
-    /// Tensor `name`, checked against `shape`.
+    /// Tensor `name`, checked against `shape`, in the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.get_stored(name, shape)?.to_dtype(self.dtype)?)
+    }
+
+    /// Tensor `name`, checked against `shape`, as kept: a frozen weight matrix may be in half
+    /// precision (the layers that read it this way widen it per use).
+    pub fn get_stored(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some(t) = self.tensors.get(name) else {
             if let Some(generated) = &self.synthetic {
-                let t = Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?;
+                let dtype = self.precision.keep_as(DType::F32, shape.len(), self.dtype);
+                let t = Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(dtype)?;
                 generated.lock().unwrap().insert(name.to_string(), t.clone());
                 return Ok(t);
             }
@@ -172,6 +312,10 @@ impl<'a> WeightScope<'a> {
     pub fn get(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
         self.map.get(&self.name(leaf), shape)
     }
+    /// As `get`, in the precision the map keeps it in (see `WeightMap::get_stored`).
+    pub fn get_stored(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        self.map.get_stored(&self.name(leaf), shape)
+    }
     pub fn contains(&self, leaf: &str) -> bool {
         self.map.contains(&self.name(leaf))
     }
@@ -189,13 +333,34 @@ impl<'a> WeightScope<'a> {
 /// Reads a safetensors file after checking that its header is sane, so a truncated or hostile file
 /// is reported by name instead of exhausting memory.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    Ok(read_safetensors_with_metadata(path)?.0)
+    let mut out = HashMap::new();
+    read_safetensors_each(path, |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// As `read_safetensors`, handing over each tensor as it is read (in file order) instead of
+/// collecting them: a model file is never in memory twice (its bytes and its tensors), and a caller
+/// that converts each tensor (to half precision, say) holds only one unconverted tensor at a time.
+pub fn read_safetensors_each(
+    path: &Path,
+    each: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<HashMap<String, String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let len = file.metadata().with_context(|| format!("{}: cannot read", path.display()))?.len();
+    read_tensors(std::io::BufReader::new(file), len, &path.display().to_string(), each)
 }
 
 /// As `read_safetensors`, also returning the header's `__metadata__` strings.
 pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    parse_safetensors(&bytes, &path.display().to_string())
+    let mut out = HashMap::new();
+    let metadata = read_safetensors_each(path, |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok((out, metadata))
 }
 
 /// A safetensors file's `__metadata__` strings, reading only its header (cheap on a 2 GB model).
@@ -226,38 +391,61 @@ pub fn read_metadata(path: &Path) -> Result<Option<HashMap<String, String>>> {
 
 /// Parses safetensors bytes (a whole file) after checking the header; errors start with `source`.
 pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    if bytes.len() < 8 {
-        bail!("{source}: not a safetensors file (only {} bytes)", bytes.len());
+    let mut out = HashMap::new();
+    let metadata = read_tensors(std::io::Cursor::new(bytes), bytes.len() as u64, source, |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok((out, metadata))
+}
+
+/// The one safetensors reader: checks the header (size, duplicate keys, each tensor's extent, then
+/// the library's own validation of offsets and shapes), then reads the tensors one by one in file
+/// order and hands each to `each`. Returns the `__metadata__` strings.
+fn read_tensors<R: std::io::Read + std::io::Seek>(
+    mut r: R,
+    file_len: u64,
+    source: &str,
+    mut each: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<HashMap<String, String>> {
+    if file_len < 8 {
+        bail!("{source}: not a safetensors file (only {file_len} bytes)");
     }
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let mut len_bytes = [0u8; 8];
+    r.read_exact(&mut len_bytes).with_context(|| format!("{source}: cannot read"))?;
+    let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_BYTES {
         bail!("{source}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})");
     }
-    if 8 + header_len > bytes.len() as u64 {
-        bail!("{source}: truncated safetensors file (header says {header_len} bytes, file has {})", bytes.len());
+    if 8 + header_len > file_len {
+        bail!("{source}: truncated safetensors file (header says {header_len} bytes, file has {file_len})");
     }
+    let mut header_bytes = vec![0u8; header_len as usize];
+    r.read_exact(&mut header_bytes).with_context(|| format!("{source}: cannot read"))?;
+    let data_len = file_len - 8 - header_len;
     // The raw header, read once in written order before the library reads it: a key written
     // twice would make one of the two silently win (and later errors blame the other), and the
     // library's own check of each tensor's extent names no tensor; ours says which and how.
-    let header_bytes = &bytes[8..8 + header_len as usize];
-    if let Ok(HeaderEntries(entries)) = serde_json::from_slice::<HeaderEntries>(header_bytes) {
+    if let Ok(HeaderEntries(entries)) = serde_json::from_slice::<HeaderEntries>(&header_bytes) {
         let mut seen = std::collections::HashSet::new();
         if let Some((dup, _)) = entries.iter().find(|(k, _)| !seen.insert(k.as_str())) {
             bail!("{source}: the header names tensor `{dup}` twice");
         }
-        let data_len = (bytes.len() - 8 - header_len as usize) as u64;
         for (name, entry) in entries.iter().filter(|(k, _)| k != "__metadata__") {
             check_extent(entry, data_len).map_err(|e| anyhow::anyhow!("{source}: tensor `{name}` {e}"))?;
         }
     }
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+    let header: safetensors::tensor::Metadata = serde_json::from_slice(&header_bytes)
         .map_err(|e| anyhow::anyhow!("{source}: invalid safetensors file: {e}"))?;
-    let metadata = header.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow::anyhow!("{source}: invalid safetensors file: {e}"))?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let dtype = match view.dtype() {
+    if header.data_len() as u64 != data_len {
+        bail!(
+            "{source}: invalid safetensors file: its tensors take {} bytes but the data section has {data_len}",
+            header.data_len()
+        );
+    }
+    for name in header.offset_keys() {
+        let info = header.info(&name).expect("a key the header listed");
+        let dtype = match info.dtype {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
@@ -267,11 +455,17 @@ pub fn parse_safetensors(bytes: &[u8], source: &str) -> Result<(HashMap<String, 
             safetensors::Dtype::U8 => DType::U8,
             other => bail!("{source}: tensor `{name}` has unsupported dtype {other:?}"),
         };
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
+        let (start, end) = info.data_offsets;
+        let mut data = vec![0u8; end - start];
+        r.seek(std::io::SeekFrom::Start(8 + header_len + start as u64))
+            .and_then(|_| r.read_exact(&mut data))
+            .with_context(|| format!("{source}: cannot read tensor `{name}`"))?;
+        let t = Tensor::from_raw_buffer(&data, dtype, &info.shape, &Device::Cpu)
             .with_context(|| format!("{source}: tensor `{name}` is malformed"))?;
-        out.insert(name, t);
+        drop(data);
+        each(name, t)?;
     }
-    Ok((out, metadata))
+    Ok(header.metadata().clone().unwrap_or_default())
 }
 
 /// Checks one header entry's byte range against its shape and dtype and the data section's size.

@@ -11,8 +11,10 @@ use rayon::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::kernels::cpu::{
-    Shared, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, same_dtype, split_threads,
+    Shared, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, is_half, split_threads, widen_to,
+    widened_slice,
 };
+use crate::engine::kernels::frozen::autocast;
 
 /// `conv2d(x, w)` (square padding and stride, no dilation or groups) that trains fast on the CPU.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -28,7 +30,7 @@ pub fn conv2d_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize
             op.bias = fusable.map(|b| b.contiguous()).transpose()?;
             (x.apply_op2(&w, op)?, fusable.is_some())
         }
-        None => (x.conv2d(w, padding, stride, 1, 1)?, false),
+        None => (autocast(x, w, |x, w| x.conv2d(w, padding, stride, 1, 1))?, false),
     };
     Ok(match bias {
         Some(b) if !fused => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
@@ -40,7 +42,7 @@ pub fn conv2d_bias(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize
 fn convolve(x: &Tensor, w: &Tensor, padding: usize, stride: usize, dilation: usize) -> candle_core::Result<Tensor> {
     match ours(x, w, padding, stride, dilation)? {
         Some((x, w, op)) => x.apply_op2_no_bwd(&w, &op),
-        None => x.conv2d(w, padding, stride, dilation, 1),
+        None => autocast(x, w, |x, w| x.conv2d(w, padding, stride, dilation, 1)),
     }
 }
 
@@ -53,7 +55,9 @@ fn ours(
     stride: usize,
     dilation: usize,
 ) -> candle_core::Result<Option<(Tensor, Tensor, Im2ColConv)>> {
-    if !cpu_float(x) || x.dtype() != w.dtype() || x.rank() != 4 || w.rank() != 4 {
+    // A frozen kernel stored in half precision is widened inside the op, one layer at a time.
+    let kernel_fits = x.dtype() == w.dtype() || (is_half(w) && !w.track_op());
+    if !cpu_float(x) || !kernel_fits || !w.device().is_cpu() || x.rank() != 4 || w.rank() != 4 {
         return Ok(None);
     }
     let (_, c, h, wd) = x.dims4()?;
@@ -200,9 +204,9 @@ impl CustomOp2 for Im2ColConv {
         let d = ConvDims { c, h, w, o, kh, kw, ho: out_side(h, kh), wo: out_side(w, kw) };
         let shape = Shape::from((b, o, d.ho, d.wo));
         let name = self.name();
-        let out = float_dispatch!(same_dtype(xs, ws, name)?, name, |T| {
-            let (x, k) = (contiguous_slice::<T>(xs, xl, name)?, contiguous_slice::<T>(ws, wl, name)?);
-            T::to_cpu_storage_owned(self.run(d, b, x, k)?)
+        let out = float_dispatch!(xs.dtype(), name, |T| {
+            let (x, k) = (contiguous_slice::<T>(xs, xl, name)?, widened_slice::<T>(ws, wl, name)?);
+            T::to_cpu_storage_owned(self.run(d, b, x, &k)?)
         });
         Ok((out, shape))
     }
@@ -218,6 +222,8 @@ impl CustomOp2 for Im2ColConv {
             candle_core::bail!("conv2d-im2col: no backward for dilated convolutions");
         }
         let (p, s) = (self.padding, self.stride);
+        // A half-precision kernel is frozen (no gradient of its own): widened for this layer only.
+        let w = &widen_to(w, x.dtype())?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let grad = grad.contiguous()?;

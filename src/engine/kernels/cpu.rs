@@ -214,6 +214,79 @@ pub(crate) fn with_cpu_slices<T: WithDType, R, const N: usize>(
     Ok(f(slices))
 }
 
+/// What our kernels compute in (f32, f64), and how a half-precision frozen weight widens to it.
+pub(crate) trait Widen: WithDType + Float {
+    fn widen_f16(src: &[half::f16], dst: &mut [Self]);
+    fn widen_bf16(src: &[half::bf16], dst: &mut [Self]);
+}
+
+impl Widen for f32 {
+    fn widen_f16(src: &[half::f16], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
+    }
+    fn widen_bf16(src: &[half::bf16], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
+    }
+}
+
+impl Widen for f64 {
+    fn widen_f16(src: &[half::f16], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_to_f64_slice(src, dst)
+    }
+    fn widen_bf16(src: &[half::bf16], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_to_f64_slice(src, dst)
+    }
+}
+
+/// A contiguous CPU storage's elements as `T`: borrowed when stored as `T`, else widened from f16
+/// or bf16 into a temporary. This is how a frozen half-precision weight is computed with: one
+/// layer at a time, inside the op, so no f32 copy of it outlives the op or sits in the graph.
+pub(crate) fn widened_slice<'a, T: Widen>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<std::borrow::Cow<'a, [T]>> {
+    fn widen<H: Copy + Sync, T: Widen>(src: &[H], convert: fn(&[H], &mut [T])) -> Vec<T> {
+        const CHUNK: usize = 1 << 16;
+        let mut out = vec![T::zero(); src.len()];
+        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert(s, d));
+        out
+    }
+    Ok(match s.dtype() {
+        DType::F16 => std::borrow::Cow::Owned(widen(contiguous_slice::<half::f16>(s, l, op)?, T::widen_f16)),
+        DType::BF16 => std::borrow::Cow::Owned(widen(contiguous_slice::<half::bf16>(s, l, op)?, T::widen_bf16)),
+        _ => std::borrow::Cow::Borrowed(contiguous_slice::<T>(s, l, op)?),
+    })
+}
+
+/// Runs `f` on a CPU tensor's elements as `T`, widened from half precision if stored so (see
+/// `widened_slice`).
+pub(crate) fn with_widened<T: Widen, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("a CPU op got a tensor on another device");
+    };
+    Ok(f(&widened_slice::<T>(cpu, layout, "a CPU op")?))
+}
+
+/// `t` in `dtype`: a half-precision CPU tensor widened by `widened_slice` (vectorised, parallel),
+/// anything else by candle's cast. For backward passes that need a frozen weight in full.
+pub(crate) fn widen_to(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if !(is_half(t) && t.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64)) {
+        return t.to_dtype(dtype);
+    }
+    float_dispatch!(dtype, "widen", |T| {
+        let v = with_widened::<T, _>(t, |w| w.to_vec())?;
+        Tensor::from_vec(v, t.shape(), t.device())
+    })
+}
+
+/// Whether a tensor is stored in half precision (a frozen weight our ops widen as they read it).
+pub fn is_half(t: &Tensor) -> bool {
+    matches!(t.dtype(), DType::F16 | DType::BF16)
+}
+
 /// Runs `f` on a CPU tensor's elements, in place (copied first only if not contiguous).
 pub(crate) fn with_cpu_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;

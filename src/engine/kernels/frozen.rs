@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::kernels::cpu::{
-    Shared, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, split_threads, with_cpu_data,
-    with_cpu_slices,
+    Shared, Widen, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, is_half, split_threads, widen_to,
+    with_cpu_data, with_cpu_slices, with_widened,
 };
 
 /// Elements below which the element-wise pass runs on one thread.
@@ -28,7 +28,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut shape = dims.to_vec();
     *shape.last_mut().unwrap() = out;
     if !fast_linear(x, w, bias, inp) {
-        let y = x.reshape((x.elem_count() / inp, inp))?.matmul(&w.t()?)?.reshape(shape)?;
+        let y = autocast(x, w, |x, w| x.reshape((x.elem_count() / inp, inp))?.matmul(&w.t()?)?.reshape(shape))?;
         return Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -44,7 +44,7 @@ pub fn pointwise(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
     let out = w.dim(0)?;
     let w = w.reshape((out, c))?;
     if !fast_linear(x, &w, bias, c) {
-        let y = w.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, out, h, wd))?;
+        let y = autocast(x, &w, |x, w| w.broadcast_matmul(&x.reshape((b, c, h * wd))?)?.reshape((b, out, h, wd)))?;
         return Ok(match bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, out, 1, 1))?)?,
             None => y,
@@ -54,12 +54,31 @@ pub fn pointwise(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
-/// Whether `linear`/`pointwise` can take the frozen path: W (out, `inp`) and the bias untrained.
+/// `op(x, w)` off our CPU kernels, for a weight `w` perhaps stored in half precision: then `x` is
+/// cast to it and the product comes back in `x`'s dtype (autocast, as torch's: on a GPU the GEMM
+/// runs on the half-precision units, while everything around it, and the gradient `x` receives, stays in
+/// `x`'s dtype). Otherwise `w` is cast to `x`'s dtype (a no-op when they agree).
+pub(crate) fn autocast(
+    x: &Tensor,
+    w: &Tensor,
+    op: impl FnOnce(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    // candle's CPU backend has no bf16 GEMM: there a bf16 weight is widened instead.
+    let half_gemm = !(w.device().is_cpu() && w.dtype() == candle_core::DType::BF16);
+    if is_half(w) && !is_half(x) && !w.track_op() && half_gemm {
+        return op(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype());
+    }
+    op(x, &w.to_dtype(x.dtype())?)
+}
+
+/// Whether `linear`/`pointwise` can take the frozen path: W (out, `inp`) and the bias untrained;
+/// W in `x`'s dtype or stored in half precision (widened inside the op).
 fn fast_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, inp: usize) -> bool {
     let out = w.dims()[0];
     let frozen = !w.track_op() && bias.is_none_or(|b| !b.track_op());
     let bias_fits = bias.is_none_or(|b| b.dims() == [out] && b.dtype() == x.dtype());
-    frozen && bias_fits && fast_kind(x) && w.dtype() == x.dtype() && w.dims() == [out, inp]
+    let weight_fits = (w.dtype() == x.dtype() || is_half(w)) && w.device().same_device(x.device());
+    frozen && bias_fits && fast_kind(x) && weight_fits && w.dims() == [out, inp]
 }
 
 fn contiguous(t: Option<&Tensor>) -> Result<Option<Tensor>> {
@@ -112,7 +131,7 @@ struct FrozenLinear {
 
 impl FrozenLinear {
     /// `x` holds `items` rows of `inp` (channels last), or `items` (in, `plane`) blocks.
-    fn run<T: WithDType + Float>(&self, x: &[T], items: usize, plane: usize) -> candle_core::Result<Vec<T>> {
+    fn run<T: Widen>(&self, x: &[T], items: usize, plane: usize) -> candle_core::Result<Vec<T>> {
         let (out, inp) = self.weight.dims2()?;
         let len = items * out * plane;
         let mut y = if self.bias.is_some() { vec![T::zero(); len] } else { Vec::with_capacity(len) };
@@ -128,7 +147,7 @@ impl FrozenLinear {
             })?;
         }
         let accumulate = self.bias.is_some();
-        with_cpu_data::<T, _>(&self.weight, |w| {
+        with_widened::<T, _>(&self.weight, |w| {
             if !self.channels_first {
                 let threads = candle_core::utils::get_num_threads().max(1);
                 // SAFETY: x is (items, in), w is (out, in) read as its transpose (in, out), y is
@@ -200,7 +219,7 @@ impl CustomOp1 for FrozenLinear {
             let op = FrozenLinear { weight: self.weight.t()?.contiguous()?, bias: None, channels_first: true };
             grad.contiguous()?.apply_op1_no_bwd(&op)?
         } else {
-            grad.reshape((grad.elem_count() / out, out))?.matmul(&self.weight)?
+            grad.reshape((grad.elem_count() / out, out))?.matmul(&widen_to(&self.weight, grad.dtype())?)?
         };
         Ok(Some(gx.reshape(x.shape())?))
     }
@@ -288,7 +307,7 @@ impl FrozenLora {
         }
     }
 
-    fn forward<T: WithDType + Float>(&self, d: LoraDims, x: &[T], a: &[T], b: &[T]) -> candle_core::Result<Vec<T>> {
+    fn forward<T: Widen>(&self, d: LoraDims, x: &[T], a: &[T], b: &[T]) -> candle_core::Result<Vec<T>> {
         let threads = candle_core::utils::get_num_threads().max(1);
         let c = T::from(self.coefficient).expect("a finite coefficient");
         let h = Self::hidden(d, x, a, threads);
@@ -297,7 +316,7 @@ impl FrozenLora {
             None => Vec::with_capacity(d.rows * d.out),
         };
         let accumulate = self.bias.is_some();
-        with_cpu_data::<T, _>(&self.weight, |w| {
+        with_widened::<T, _>(&self.weight, |w| {
             let y = y.as_mut_ptr();
             // SAFETY: y is (rows, out); x (rows, in); W (out, in) read as Wᵀ; h (rows, r); B (out, r)
             // read as Bᵀ. The first GEMM writes all of y (or adds to the bias rows), the second adds.
@@ -329,7 +348,7 @@ impl FrozenLora {
 
     /// Gradients of x, A and B from the output's gradient `g` (rows, out).
     #[allow(clippy::type_complexity)]
-    fn backward<T: WithDType + Float>(
+    fn backward<T: Widen>(
         &self,
         d: LoraDims,
         x: &[T],
@@ -356,7 +375,7 @@ impl FrozenLora {
                 )
             })
         };
-        let gx = with_cpu_data::<T, _>(&self.weight, |w| unsafe {
+        let gx = with_widened::<T, _>(&self.weight, |w| unsafe {
             written(d.rows * d.inp, |gx| {
                 gemm(
                     (d.rows, d.inp, d.out),

@@ -125,7 +125,9 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: config.clone(),
-            token_embedding: emb.get("token_embedding.weight", &[config.vocab_size, config.hidden_size])?,
+            // The largest tensor of the text encoder, kept as the map keeps it (perhaps f16): only
+            // the rows a prompt uses are widened.
+            token_embedding: emb.get_stored("token_embedding.weight", &[config.vocab_size, config.hidden_size])?,
             position_embedding: emb
                 .get("position_embedding.weight", &[config.max_position_embeddings, config.hidden_size])?,
             layers,
@@ -141,8 +143,8 @@ impl ClipTextModel {
         }
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let d = self.config.hidden_size;
-        let tokens = self.token_embedding.index_select(&ids, 0)?.reshape((b, t, d))?;
         let positions = self.position_embedding.narrow(0, 0, t)?;
+        let tokens = self.token_embedding.index_select(&ids, 0)?.to_dtype(positions.dtype())?.reshape((b, t, d))?;
         let mut h = tokens.broadcast_add(&positions)?;
         let heads = self.config.num_attention_heads;
         for layer in &self.layers {

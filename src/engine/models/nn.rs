@@ -22,7 +22,8 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(ws: &WeightScope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = ws.get("weight", &[out_dim, in_dim])?;
+        // Frozen weights stay as the map keeps them (perhaps f16); the ops widen them per use.
+        let weight = ws.get_stored("weight", &[out_dim, in_dim])?;
         let bias = if bias { Some(ws.get("bias", &[out_dim])?) } else { None };
         Ok(Self { path: ws.path().to_string(), stack: AdapterStack::new(weight), bias })
     }
@@ -62,7 +63,7 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let weight = ws.get("weight", &[out_c, in_c, kernel, kernel])?;
+        let weight = ws.get_stored("weight", &[out_c, in_c, kernel, kernel])?;
         let bias = Some(ws.get("bias", &[out_c])?);
         Ok(Self { path: ws.path().to_string(), stack: AdapterStack::new(weight), bias, stride, padding })
     }

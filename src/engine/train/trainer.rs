@@ -423,7 +423,7 @@ impl Trainer {
             (|| -> Result<()> {
                 let (out, inp) = (shape[0], shape[1]);
                 let r = cfg.rank.min(out).min(inp).max(1);
-                let base = layer.stack_ref().base.clone();
+                let base = layer.stack_ref().base_for_compute()?;
                 let mut fresh = fresh_update(cfg.algorithm, &base, r, cfg.lokr_factor, &mut rng)?;
                 if let Delta::Dora { inner_scale, inner, .. } = &mut fresh {
                     *inner_scale = inner.scale_from_alpha(Some(cfg.alpha));
@@ -917,8 +917,9 @@ impl Trainer {
     }
 }
 
+/// The dtype a layer's adapter trains in (f32 over a half-precision base).
 fn model_dtype(layer: &LayerMut<'_>) -> DType {
-    layer.stack_ref().base.dtype()
+    layer.stack_ref().compute_dtype()
 }
 
 #[derive(Serialize, Deserialize)]

@@ -12,7 +12,9 @@ use egui::RichText;
 
 pub use crate::engine::adapters::mix::MixMode;
 use crate::engine::adapters::stack::BlockWeights;
+use crate::engine::device::Placement;
 use crate::engine::diffusion::sampler::SamplerKind;
+use crate::engine::io::weights::WeightPrecision;
 use crate::engine::pipeline::GenerateRequest;
 
 use super::DialogPurpose;
@@ -94,6 +96,13 @@ pub struct PlaygroundPanel {
     model: Option<PathBuf>,
     /// The model the worker was last told to load.
     sent_model: Option<PathBuf>,
+    /// Where models run and how their weights are kept (the window's device and weights
+    /// settings; training runs use them too).
+    pub placement: Placement,
+    /// The placement the worker's model was last loaded with.
+    sent_placement: Placement,
+    /// What the loaded model's frozen weights are kept in (`auto` resolves per file).
+    pub loaded_weights: Option<&'static str>,
     worker: ModelWorker,
     next_id: u64,
     done_id: u64,
@@ -166,6 +175,9 @@ impl PlaygroundPanel {
             model_state: ModelState::None,
             model: None,
             sent_model: None,
+            placement: Placement::default(),
+            sent_placement: Placement::default(),
+            loaded_weights: None,
             worker: {
                 let ctx = ctx.clone();
                 ModelWorker::start(move || ctx.request_repaint())
@@ -191,13 +203,15 @@ impl PlaygroundPanel {
     /// Loads the window's model on the worker if it is not loaded (or another one is), then
     /// re-adds the adapters to it.
     pub fn ensure_model(&mut self) {
-        if self.model == self.sent_model {
+        if self.model == self.sent_model && self.placement == self.sent_placement {
             return;
         }
         let Some(model) = self.model.clone() else { return };
         self.sent_model = Some(model.clone());
+        self.sent_placement = self.placement.clone();
         self.model_state = ModelState::Loading;
-        self.push(ModelCommand::Load(model));
+        self.loaded_weights = None;
+        self.push(ModelCommand::Load { path: model, placement: self.placement.clone() });
         for i in 0..self.adapters.len() {
             self.send_add(i);
         }
@@ -456,8 +470,9 @@ impl PlaygroundPanel {
     pub fn poll(&mut self, ctx: &egui::Context) {
         for event in self.worker.events.try_iter().collect::<Vec<_>>() {
             match event {
-                ModelEvent::Loaded { path, seconds, native_size } => {
+                ModelEvent::Loaded { path, seconds, native_size, weights } => {
                     self.model_state = ModelState::Ready;
+                    self.loaded_weights = Some(weights);
                     // Start at the model's own size unless the user already chose one.
                     if let Some(side) = native_size.filter(|_| !self.size_chosen) {
                         self.request.width = side;

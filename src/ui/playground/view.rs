@@ -19,6 +19,7 @@ pub(in crate::ui) fn ui_playground(
     egui::Panel::left("playground_settings").resizable(true).default_size(380.0).show(ui, |ui| {
         egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
             model_row(ui, p, model_label, &mut actions);
+            placement_row(ui, p);
             ui.separator();
             prompt_settings(ui, p);
             ui.separator();
@@ -64,6 +65,39 @@ pub(super) fn model_row(
                 ui.colored_label(ui.visuals().error_fg_color, format!("could not load: {e}"));
             }
         }
+    });
+}
+
+/// Where the model runs and how its weights are kept; a change reloads the model (and applies to
+/// the next training run).
+pub(super) fn placement_row(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    ui.horizontal(|ui| {
+        let label = ui.label("Device");
+        egui::ComboBox::from_id_salt("device")
+            .selected_text(Placement::device_label(&p.placement.device))
+            .show_ui(ui, |ui| {
+                for spec in Placement::device_choices() {
+                    let text = Placement::device_label(&spec);
+                    ui.selectable_value(&mut p.placement.device, spec, text);
+                }
+            })
+            .response
+            .labelled_by(label.id)
+            .on_hover_text("The devices this build can use (GPUs need a build with --features cuda or metal)");
+        let label = ui.label("Weights");
+        egui::ComboBox::from_id_salt("weights")
+            .selected_text(p.placement.weights.name())
+            .show_ui(ui, |ui| {
+                for w in WeightPrecision::ALL {
+                    ui.selectable_value(&mut p.placement.weights, w, format!("{}: {}", w.name(), w.label()));
+                }
+            })
+            .response
+            .labelled_by(label.id)
+            .on_hover_text(
+                "How the base model's weights are kept in memory. f16 / bf16 halve it; the maths runs in f32 \
+                 either way, and adapters always train in f32.",
+            );
     });
 }
 
