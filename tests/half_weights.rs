@@ -180,9 +180,13 @@ fn lora_gradients_over_an_f16_base_on_both_op_paths() {
     };
     // (input, weight, down, up, probe) shapes: a linear layer, then a 3×3 convolution.
     type Shapes = [&'static [usize]; 5];
-    let cases: [(&str, Shapes); 2] = [
+    // The last two are larger than one widening block (2 MB of f32 rows): the CPU kernels then
+    // widen and multiply them in several blocks of rows.
+    let cases: [(&str, Shapes); 4] = [
         ("linear", [&[2, 5, 16], &[12, 16], &[3, 16], &[12, 3], &[2, 5, 12]]),
         ("conv", [&[2, 8, 6, 6], &[10, 8, 3, 3], &[3, 8, 3, 3], &[10, 3, 1, 1], &[2, 10, 6, 6]]),
+        ("linear", [&[2, 3, 2048], &[300, 2048], &[4, 2048], &[300, 4], &[2, 3, 300]]),
+        ("conv", [&[1, 256, 5, 5], &[300, 256, 3, 3], &[4, 256, 3, 3], &[300, 4, 1, 1], &[1, 300, 5, 5]]),
     ];
     for (kind, [xs, ws, ds, us, ps]) in cases {
         let half = tensor(ws, 6).to_dtype(DType::F16).unwrap();

@@ -6,13 +6,12 @@
 
 use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
-use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::kernels::cpu::{
-    Shared, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, is_half, split_threads, widen_to,
-    widened_slice,
+    FrozenRows, Shared, Widen, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, is_half,
+    split_threads, widen_to,
 };
 use crate::engine::kernels::frozen::autocast;
 
@@ -127,12 +126,12 @@ impl Im2ColConv {
         }
     }
 
-    fn run<T: 'static + Float + WithDType + Send + Sync>(
+    fn run<T: Widen + Send + Sync>(
         &self,
         d: ConvDims,
         b: usize,
         x: &[T],
-        k: &[T],
+        k: &FrozenRows<'_, T>,
     ) -> candle_core::Result<Vec<T>> {
         let (ckk, hw) = (d.c * d.kh * d.kw, d.ho * d.wo);
         // Starts as the bias, or uninitialised: the GEMMs then write every element through raw
@@ -165,19 +164,23 @@ impl Im2ColConv {
                         .enumerate()
                         .for_each(|(r, row)| self.fill_row(d, img, r, first, row));
                 }
-                // SAFETY: image i's output block is written by this item alone, each tile its own
-                // columns; the views match the buffers' sizes.
-                unsafe {
-                    gemm(
-                        (d.o, cols, ckk),
-                        (dst.at(i * d.o * hw + first * d.wo), hw as isize, 1),
-                        bias.is_some(),
-                        (k.as_ptr(), ckk as isize, 1),
-                        (col.as_ptr(), cols as isize, 1),
-                        T::one(),
-                        threads,
-                    );
-                }
+                // Output channels `o0..` from rows `o0..` of the kernel (all at once unless it is
+                // widened from half precision block by block).
+                k.for_each_block(ckk, |o0, k| {
+                    // SAFETY: image i's output block is written by this item alone, each tile its
+                    // own columns and each kernel block its own rows; the views match the buffers.
+                    unsafe {
+                        gemm(
+                            (k.len() / ckk, cols, ckk),
+                            (dst.at(i * d.o * hw + o0 * hw + first * d.wo), hw as isize, 1),
+                            bias.is_some(),
+                            (k.as_ptr(), ckk as isize, 1),
+                            (col.as_ptr(), cols as isize, 1),
+                            T::one(),
+                            threads,
+                        );
+                    }
+                });
             }
         });
         // SAFETY: image i's GEMM wrote its whole (o, hw) block, so all `len` elements.
@@ -205,7 +208,7 @@ impl CustomOp2 for Im2ColConv {
         let shape = Shape::from((b, o, d.ho, d.wo));
         let name = self.name();
         let out = float_dispatch!(xs.dtype(), name, |T| {
-            let (x, k) = (contiguous_slice::<T>(xs, xl, name)?, widened_slice::<T>(ws, wl, name)?);
+            let (x, k) = (contiguous_slice::<T>(xs, xl, name)?, FrozenRows::<T>::of(ws, wl, name)?);
             T::to_cpu_storage_owned(self.run(d, b, x, &k)?)
         });
         Ok((out, shape))
@@ -222,8 +225,6 @@ impl CustomOp2 for Im2ColConv {
             candle_core::bail!("conv2d-im2col: no backward for dilated convolutions");
         }
         let (p, s) = (self.padding, self.stride);
-        // A half-precision kernel is frozen (no gradient of its own): widened for this layer only.
-        let w = &widen_to(w, x.dtype())?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
         let grad = grad.contiguous()?;
@@ -247,13 +248,14 @@ impl CustomOp2 for Im2ColConv {
         let gx = if p + 1 > kh || p + 1 > kw || kh != kw {
             // Outside what the flipped form covers: candle's own route.
             let out_size = (grad.dim(2)? - 1) * s + kh - 2 * p;
-            grad.conv_transpose2d(w, p, h - out_size, s, 1)?
+            grad.conv_transpose2d(&widen_to(w, x.dtype())?, p, h - out_size, s, 1)?
         } else {
             let g = if s > 1 { dilate(&grad, s)? } else { grad };
             // Rows/columns the stride left over at the bottom/right: transposed convolution's
             // output padding, as zeros after the dilated gradient.
             let (extra_h, extra_w) = (h + 2 * p + 1 - kh - g.dim(2)?, wd + 2 * p + 1 - kw - g.dim(3)?);
             let g = g.pad_with_zeros(2, 0, extra_h)?.pad_with_zeros(3, 0, extra_w)?;
+            // A half-precision kernel stays half: the convolution widens it block by block.
             let wt = w.apply_op1_no_bwd(&FlipTranspose)?;
             convolve(&g, &wt, kh - 1 - p, 1, 1)?
         };
@@ -289,9 +291,15 @@ impl candle_core::CustomOp1 for FlipTranspose {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (o, i, kh, kw) = l.shape().dims4()?;
         let dims = (o, i, kh * kw);
-        let out = float_dispatch!(s.dtype(), self.name(), |T| {
-            T::to_cpu_storage_owned(Self::run(contiguous_slice::<T>(s, l, self.name())?, dims))
-        });
+        let name = self.name();
+        let out = match s.dtype() {
+            // A frozen kernel kept in half precision is flipped as it is.
+            candle_core::DType::F16 => CpuStorage::F16(Self::run(contiguous_slice(s, l, name)?, dims)),
+            candle_core::DType::BF16 => CpuStorage::BF16(Self::run(contiguous_slice(s, l, name)?, dims)),
+            dtype => float_dispatch!(dtype, name, |T| {
+                T::to_cpu_storage_owned(Self::run(contiguous_slice::<T>(s, l, name)?, dims))
+            }),
+        };
         Ok((out, Shape::from((i, o, kh, kw))))
     }
 }

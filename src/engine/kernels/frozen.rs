@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::kernels::cpu::{
-    Shared, Widen, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, is_half, split_threads, widen_to,
-    with_cpu_data, with_cpu_slices, with_widened,
+    Shared, Widen, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, is_half, split_threads,
+    with_cpu_data, with_cpu_slices, with_frozen_rows,
 };
 
 /// Elements below which the element-wise pass runs on one thread.
@@ -147,41 +147,46 @@ impl FrozenLinear {
             })?;
         }
         let accumulate = self.bias.is_some();
-        with_widened::<T, _>(&self.weight, |w| {
-            if !self.channels_first {
-                let threads = candle_core::utils::get_num_threads().max(1);
-                // SAFETY: x is (items, in), w is (out, in) read as its transpose (in, out), y is
-                // (items, out); all contiguous and distinct.
-                unsafe {
-                    gemm(
-                        (items, out, inp),
-                        (y.as_mut_ptr(), out as isize, 1),
-                        accumulate,
-                        (x.as_ptr(), inp as isize, 1),
-                        (w.as_ptr(), 1, inp as isize),
-                        T::one(),
-                        threads,
-                    )
+        let dst = Shared(y.as_mut_ptr());
+        with_frozen_rows::<T, _>(&self.weight, |w| {
+            // Output features `first..first + n` from rows `first..` of W (all of them at once
+            // unless W is widened from half precision block by block).
+            w.for_each_block(inp, |first, w| {
+                let n = w.len() / inp;
+                if !self.channels_first {
+                    let threads = candle_core::utils::get_num_threads().max(1);
+                    // SAFETY: x is (items, in), this block of W is (n, in) read as its transpose,
+                    // and it writes columns first..first+n of y (items, out); all distinct.
+                    unsafe {
+                        gemm(
+                            (items, n, inp),
+                            (dst.at(first), out as isize, 1),
+                            accumulate,
+                            (x.as_ptr(), inp as isize, 1),
+                            (w.as_ptr(), 1, inp as isize),
+                            T::one(),
+                            threads,
+                        )
+                    }
+                    return;
                 }
-                return;
-            }
-            let dst = Shared(y.as_mut_ptr());
-            let (parallel, threads) = split_threads(items);
-            for_each_item(items, parallel, |i| {
-                // SAFETY: item i writes its own (out, plane) block of y; w is (out, in) and x's
-                // block i is (in, plane), all contiguous.
-                unsafe {
-                    gemm(
-                        (out, plane, inp),
-                        (dst.at(i * out * plane), plane as isize, 1),
-                        accumulate,
-                        (w.as_ptr(), inp as isize, 1),
-                        (x.as_ptr().add(i * inp * plane), plane as isize, 1),
-                        T::one(),
-                        threads,
-                    )
-                }
-            });
+                let (parallel, threads) = split_threads(items);
+                for_each_item(items, parallel, |i| {
+                    // SAFETY: item i writes rows first..first+n of its own (out, plane) block of
+                    // y; this block of W is (n, in) and x's block i is (in, plane), all contiguous.
+                    unsafe {
+                        gemm(
+                            (n, plane, inp),
+                            (dst.at(i * out * plane + first * plane), plane as isize, 1),
+                            accumulate,
+                            (w.as_ptr(), inp as isize, 1),
+                            (x.as_ptr().add(i * inp * plane), plane as isize, 1),
+                            T::one(),
+                            threads,
+                        )
+                    }
+                });
+            })
         })?;
         // SAFETY: the GEMMs above wrote all `len` elements (through raw pointers: no reference
         // to uninitialised memory was made).
@@ -219,9 +224,50 @@ impl CustomOp1 for FrozenLinear {
             let op = FrozenLinear { weight: self.weight.t()?.contiguous()?, bias: None, channels_first: true };
             grad.contiguous()?.apply_op1_no_bwd(&op)?
         } else {
-            grad.reshape((grad.elem_count() / out, out))?.matmul(&widen_to(&self.weight, grad.dtype())?)?
+            let grad = grad.reshape((grad.elem_count() / out, out))?;
+            if is_half(&self.weight) { input_gradient(&grad, &self.weight)? } else { grad.matmul(&self.weight)? }
         };
         Ok(Some(gx.reshape(x.shape())?))
+    }
+}
+
+/// `g · W` for g (rows, out) and a half-precision W (out, in), widened block by block: the input
+/// gradient of a linear layer whose weight is kept in half precision.
+fn input_gradient(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let ((rows, out), inp) = (g.dims2()?, w.dim(1)?);
+    let g = g.contiguous()?;
+    float_dispatch!(g.dtype(), "frozen-linear backward", |T| {
+        let gx = with_cpu_data::<T, _>(&g, |g| {
+            with_frozen_rows::<T, _>(w, |w| gemm_rows_by_frozen(g, (rows, out, inp), &w))
+        })??;
+        Tensor::from_vec(gx, (rows, inp), g.device())
+    })
+}
+
+/// `g · W` for g (rows, out) and a frozen W (out, in): a new (rows, in) buffer.
+fn gemm_rows_by_frozen<T: Widen>(
+    g: &[T],
+    (rows, out, inp): (usize, usize, usize),
+    w: &crate::engine::kernels::cpu::FrozenRows<'_, T>,
+) -> Vec<T> {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    // SAFETY: g is (rows, out); each block of W holds rows first..first+n (n, in); gx (rows, in)
+    // is written in full by the first block's GEMM and accumulated into by the others.
+    unsafe {
+        written(rows * inp, |gx| {
+            w.for_each_block(inp, |first, w| {
+                let n = w.len() / inp;
+                gemm(
+                    (rows, inp, n),
+                    (gx, inp as isize, 1),
+                    first > 0,
+                    (g.as_ptr().add(first), out as isize, 1),
+                    (w.as_ptr(), inp as isize, 1),
+                    T::one(),
+                    threads,
+                )
+            })
+        })
     }
 }
 
@@ -316,20 +362,24 @@ impl FrozenLora {
             None => Vec::with_capacity(d.rows * d.out),
         };
         let accumulate = self.bias.is_some();
-        with_widened::<T, _>(&self.weight, |w| {
+        with_frozen_rows::<T, _>(&self.weight, |w| {
             let y = y.as_mut_ptr();
-            // SAFETY: y is (rows, out); x (rows, in); W (out, in) read as Wᵀ; h (rows, r); B (out, r)
-            // read as Bᵀ. The first GEMM writes all of y (or adds to the bias rows), the second adds.
+            // SAFETY: y is (rows, out); x (rows, in); each block of W (rows first..first+n of
+            // (out, in)) read as its transpose writes columns first..first+n of y; h (rows, r);
+            // B (out, r) read as Bᵀ. The blocks write all of y (or add to the bias rows), the
+            // last GEMM adds.
             unsafe {
-                gemm(
-                    (d.rows, d.out, d.inp),
-                    (y, d.out as isize, 1),
-                    accumulate,
-                    (x.as_ptr(), d.inp as isize, 1),
-                    (w.as_ptr(), 1, d.inp as isize),
-                    T::one(),
-                    threads,
-                );
+                w.for_each_block(d.inp, |first, w| {
+                    gemm(
+                        (d.rows, w.len() / d.inp, d.inp),
+                        (y.add(first), d.out as isize, 1),
+                        accumulate,
+                        (x.as_ptr(), d.inp as isize, 1),
+                        (w.as_ptr(), 1, d.inp as isize),
+                        T::one(),
+                        threads,
+                    )
+                });
                 gemm(
                     (d.rows, d.out, d.r),
                     (y, d.out as isize, 1),
@@ -375,20 +425,18 @@ impl FrozenLora {
                 )
             })
         };
-        let gx = with_widened::<T, _>(&self.weight, |w| unsafe {
-            written(d.rows * d.inp, |gx| {
-                gemm(
-                    (d.rows, d.inp, d.out),
-                    (gx, inp, 1),
-                    false,
-                    (g.as_ptr(), out, 1),
-                    (w.as_ptr(), inp, 1),
-                    T::one(),
-                    threads,
-                );
-                gemm((d.rows, d.inp, d.r), (gx, inp, 1), true, (gh.as_ptr(), r, 1), (a.as_ptr(), inp, 1), c, threads);
-            })
-        })?;
+        let mut gx = with_frozen_rows::<T, _>(&self.weight, |w| gemm_rows_by_frozen(g, (d.rows, d.out, d.inp), &w))?;
+        unsafe {
+            gemm(
+                (d.rows, d.inp, d.r),
+                (gx.as_mut_ptr(), inp, 1),
+                true,
+                (gh.as_ptr(), r, 1),
+                (a.as_ptr(), inp, 1),
+                c,
+                threads,
+            )
+        };
         let ga = unsafe {
             written(d.r * d.inp, |ga| {
                 gemm((d.r, d.inp, d.rows), (ga, inp, 1), false, (gh.as_ptr(), 1, r), (x.as_ptr(), inp, 1), c, threads)
