@@ -54,7 +54,7 @@ fn ours(
     stride: usize,
     dilation: usize,
 ) -> candle_core::Result<Option<(Tensor, Tensor, Im2ColConv)>> {
-    // A frozen kernel stored in half precision is widened inside the op, one layer at a time.
+    // A frozen kernel stored in half precision is widened inside the op, a block of rows at a time.
     let kernel_fits = x.dtype() == w.dtype() || (is_half(w) && !w.track_op());
     if !cpu_float(x) || !kernel_fits || !w.device().is_cpu() || x.rank() != 4 || w.rank() != 4 {
         return Ok(None);

@@ -238,27 +238,6 @@ impl Widen for f64 {
     }
 }
 
-/// A contiguous CPU storage's elements as `T`: borrowed when stored as `T`, else widened from f16
-/// or bf16 into a temporary. This is how a frozen half-precision weight is computed with: one
-/// layer at a time, inside the op, so no f32 copy of it outlives the op or sits in the graph.
-pub(crate) fn widened_slice<'a, T: Widen>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<std::borrow::Cow<'a, [T]>> {
-    fn widen<H: Copy + Sync, T: Widen>(src: &[H], convert: fn(&[H], &mut [T])) -> Vec<T> {
-        const CHUNK: usize = 1 << 16;
-        let mut out = vec![T::zero(); src.len()];
-        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert(s, d));
-        out
-    }
-    Ok(match s.dtype() {
-        DType::F16 => std::borrow::Cow::Owned(widen(contiguous_slice::<half::f16>(s, l, op)?, T::widen_f16)),
-        DType::BF16 => std::borrow::Cow::Owned(widen(contiguous_slice::<half::bf16>(s, l, op)?, T::widen_bf16)),
-        _ => std::borrow::Cow::Borrowed(contiguous_slice::<T>(s, l, op)?),
-    })
-}
-
 /// Runs `f` on a frozen CPU weight as a `FrozenRows` operand (see there).
 pub(crate) fn with_frozen_rows<T: Widen, R>(
     t: &Tensor,
@@ -306,6 +285,9 @@ impl<'a, T: Widen> FrozenRows<'a, T> {
             f: &mut dyn FnMut(usize, &[T]),
         ) {
             let rows = src.len() / cols.max(1);
+            if rows == 0 {
+                return f(0, &[]); // as an empty matrix stored as `T` would be
+            }
             let per_block = (WIDEN_BLOCK_BYTES / (cols.max(1) * std::mem::size_of::<T>())).max(256).min(rows.max(1));
             let mut buf = vec![T::zero(); per_block * cols];
             for first in (0..rows).step_by(per_block) {
@@ -324,17 +306,29 @@ impl<'a, T: Widen> FrozenRows<'a, T> {
     }
 }
 
-/// `t` in `dtype`: a half-precision CPU tensor widened by `widened_slice` (vectorised, parallel),
-/// anything else by candle's cast. For backward passes that need a frozen weight in full.
+/// `t` in `dtype`, a whole copy: a half-precision CPU tensor widened in parallel, anything else by
+/// candle's cast (a no-op when the dtype is already right). For the few places that need a frozen
+/// layer's weight in full (adapter kinds whose change depends on it, candle's fallback ops); the
+/// GEMMs read half-precision weights through `FrozenRows` instead.
 pub(crate) fn widen_to(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    fn widen<H: Copy + Sync, T: Widen>(src: &[H], convert: fn(&[H], &mut [T])) -> Vec<T> {
+        const CHUNK: usize = 1 << 16;
+        let mut out = vec![T::zero(); src.len()];
+        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert(s, d));
+        out
+    }
     if !(is_half(t) && t.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64)) {
         return t.to_dtype(dtype);
     }
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { unreachable!("checked: a CPU tensor") };
-    float_dispatch!(dtype, "widen", |T| {
-        let v = widened_slice::<T>(cpu, layout, "widen")?.into_owned();
+    let name = "widen";
+    float_dispatch!(dtype, name, |T| {
+        let v: Vec<T> = match cpu.dtype() {
+            DType::F16 => widen(contiguous_slice::<half::f16>(cpu, layout, name)?, T::widen_f16),
+            _ => widen(contiguous_slice::<half::bf16>(cpu, layout, name)?, T::widen_bf16),
+        };
         Tensor::from_vec(v, t.shape(), t.device())
     })
 }
