@@ -72,6 +72,14 @@ impl ModelWeights {
         if !dir.join("model_index.json").exists() {
             bail!("{}: not a diffusers model folder (no model_index.json)", dir.display());
         }
+        // The SDXL UNet runs (micro-conditioning included) but its second text encoder does not
+        // yet: refuse the folder in words rather than generate from half a model.
+        if dir.join("text_encoder_2").is_dir() {
+            bail!(
+                "{}: not supported yet: SDXL pipelines (a second text encoder, text_encoder_2); only SD 1.x / 2.x load",
+                dir.display()
+            );
+        }
         for component in ["unet", "text_encoder", "vae"] {
             if !dir.join(component).join("config.json").exists() {
                 bail!(

@@ -61,9 +61,17 @@ pub struct UNetConfig {
     pub only_cross_attention: bool,
     #[serde(default)]
     pub sample_size: Option<usize>,
-    // Features of other model families; present-and-set means "not supported", never silently ignored.
+    /// SDXL's micro-conditioning: `text_time` (the pooled text embedding and six size / crop
+    /// numbers, through `add_embedding`, added to the time embedding). Any other kind is refused.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// The sinusoidal embedding width of each of the six `text_time` numbers.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// `add_embedding.linear_1`'s input width: the pooled text embedding plus 6 × `addition_time_embed_dim`.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    // Features of other model families; present-and-set means "not supported", never silently ignored.
     #[serde(default)]
     pub class_embed_type: Option<String>,
     #[serde(default)]
@@ -105,9 +113,21 @@ impl UNetConfig {
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!("block_out_channels, down_block_types and up_block_types must have the same non-zero length");
         }
-        if self.addition_embed_type.is_some() || self.encoder_hid_dim.is_some() {
+        match (
+            self.addition_embed_type.as_deref(),
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (None, _, _) => {}
+            (Some("text_time"), Some(time_dim), Some(input)) if input > 6 * time_dim && time_dim > 0 => {}
+            (Some("text_time"), _, _) => bail!(
+                "addition_embed_type `text_time` needs addition_time_embed_dim and a projection_class_embeddings_input_dim larger than 6 × it"
+            ),
+            (Some(other), _, _) => bail!("not supported: added conditioning `{other}` (only SDXL's `text_time` is)"),
+        }
+        if self.encoder_hid_dim.is_some() {
             bail!(
-                "not supported: this UNet has added conditioning (SDXL or another family); only SD 1.x / 2.x UNets load"
+                "not supported: this UNet projects its text input (encoder_hid_dim); only SD 1.x / 2.x / XL UNets load"
             );
         }
         if self.class_embed_type.is_some() || self.time_cond_proj_dim.is_some() {
@@ -428,6 +448,8 @@ pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     pub time_linear_1: Linear,
     pub time_linear_2: Linear,
+    /// SDXL's `add_embedding` (linear_1, SiLU, linear_2) of the micro-conditioning.
+    pub add_embedding: Option<(Linear, Linear)>,
     pub down_blocks: Vec<UNetBlock>,
     pub mid_resnets: Vec<ResnetBlock2D>,
     pub mid_attentions: Vec<Transformer2DModel>,
@@ -466,6 +488,10 @@ impl UNet2DConditionModel {
         f(LayerMut::Conv(&mut self.conv_in));
         f(LayerMut::Linear(&mut self.time_linear_1));
         f(LayerMut::Linear(&mut self.time_linear_2));
+        if let Some((l1, l2)) = &mut self.add_embedding {
+            f(LayerMut::Linear(l1));
+            f(LayerMut::Linear(l2));
+        }
         for b in &mut self.down_blocks {
             b.visit_layers(f);
         }
@@ -569,6 +595,16 @@ impl UNet2DConditionModel {
             conv_in: Conv2d::load(&ws.at("conv_in"), config.in_channels, boc[0], 3, 1, 1)?,
             time_linear_1: Linear::load(&ws.at("time_embedding.linear_1"), boc[0], temb, true)?,
             time_linear_2: Linear::load(&ws.at("time_embedding.linear_2"), temb, temb, true)?,
+            add_embedding: match config
+                .projection_class_embeddings_input_dim
+                .filter(|_| config.addition_embed_type.is_some())
+            {
+                Some(input) => Some((
+                    Linear::load(&ws.at("add_embedding.linear_1"), input, temb, true)?,
+                    Linear::load(&ws.at("add_embedding.linear_2"), temb, temb, true)?,
+                )),
+                None => None,
+            },
             down_blocks,
             mid_resnets,
             mid_attentions,
@@ -580,8 +616,26 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts noise (or v) for `sample` (B, C, H, W) at `timesteps` (B or 1 values) given text
-    /// embeddings `context` (B, tokens, cross_attention_dim).
+    /// embeddings `context` (B, tokens, cross_attention_dim). An SDXL UNet needs `forward_with`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, None)
+    }
+
+    /// Whether the UNet takes SDXL's micro-conditioning (`forward_with`'s `added`).
+    pub fn takes_added_conditioning(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// As `forward`, with SDXL's micro-conditioning `added`: the pooled text embedding (B, pooled)
+    /// and the six numbers per image (B, 6: original height and width, crop top and left, target
+    /// height and width), as diffusers' `added_cond_kwargs` `text_embeds` and `time_ids`.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let b = sample.dim(0)?;
         let dtype = sample.dtype();
         let t = if timesteps.elem_count() == 1 {
@@ -596,7 +650,28 @@ impl UNet2DConditionModel {
             self.config.freq_shift,
             dtype,
         )?;
-        let temb = self.time_linear_2.forward(&silu(&self.time_linear_1.forward(&t_emb)?)?)?;
+        let mut temb = self.time_linear_2.forward(&silu(&self.time_linear_1.forward(&t_emb)?)?)?;
+        match (&self.add_embedding, added) {
+            (Some((l1, l2)), Some((text_embeds, time_ids))) => {
+                let dim = self.config.addition_time_embed_dim.expect("validated with add_embedding");
+                let time = timestep_embedding(
+                    &time_ids.flatten_all()?,
+                    dim,
+                    self.config.flip_sin_to_cos,
+                    self.config.freq_shift,
+                    dtype,
+                )?
+                .reshape((b, ()))?;
+                let add = Tensor::cat(&[&text_embeds.to_dtype(dtype)?, &time], 1)?;
+                temb = (temb + l2.forward(&silu(&l1.forward(&add)?)?)?)?;
+            }
+            (Some(_), None) => {
+                bail!("this UNet (SDXL) needs its micro-conditioning: a pooled text embedding and six size numbers")
+            }
+            (None, Some(_)) => bail!("this UNet takes no micro-conditioning (it is not an SDXL UNet)"),
+            (None, None) => {}
+        }
+        let temb = temb;
 
         // Each block directly, or checkpointed (its activations recomputed in the backward pass).
         let run_resnet = |r: &ResnetBlock2D, x: &Tensor| -> Result<Tensor> {

@@ -162,6 +162,8 @@ pub(super) fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) ->
         // The training resolution is not recorded in the weights.
         sample_size: None,
         addition_embed_type: None,
+        addition_time_embed_dim: None,
+        projection_class_embeddings_input_dim: None,
         class_embed_type: None,
         time_cond_proj_dim: None,
         encoder_hid_dim: None,
