@@ -60,3 +60,25 @@ fn an_sdxl_folder_is_refused_until_the_pipeline_runs_it() {
     let msg = format!("{e:#}");
     assert!(msg.contains("not supported yet: SDXL"), "{msg}");
 }
+
+fn text_encoder(name: &str) -> lora_studio::engine::models::clip::ClipTextModel {
+    use lora_studio::engine::models::clip::{ClipConfig, ClipTextModel};
+    let dir = sdxl_tiny().join("model").join(name);
+    let cfg = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = WeightMap::load(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap();
+    ClipTextModel::load(&cfg, &weights).unwrap()
+}
+
+/// SDXL's two text encoders, each read at its penultimate hidden state and joined on the channel
+/// axis, and the second one's projected end-of-text state as the pooled embedding.
+#[test]
+fn sdxl_text_encoders_give_diffusers_prompt_and_pooled_embeddings() {
+    let r = reference();
+    let (first, _) = text_encoder("text_encoder").penultimate_and_pooled(&r["input_ids"]).unwrap();
+    let second = text_encoder("text_encoder_2");
+    assert!(second.text_projection.is_some(), "CLIPTextModelWithProjection's projection is loaded");
+    let (second_hidden, pooled) = second.penultimate_and_pooled(&r["input_ids_2"]).unwrap();
+    let prompt_embeds = Tensor::cat(&[&first, &second_hidden], 2).unwrap();
+    assert_close("prompt_embeds", &prompt_embeds, &r["prompt_embeds"]);
+    assert_close("pooled_prompt_embeds", &pooled, &r["pooled_prompt_embeds"]);
+}

@@ -353,6 +353,7 @@ fn text_config(o: &Options) -> ClipConfig {
         max_position_embeddings: 77,
         hidden_act: "quick_gelu".into(),
         layer_norm_eps: 1e-5,
+        eos_token_id: lora_studio::engine::models::tokenizer::END_OF_TEXT,
     }
 }
 

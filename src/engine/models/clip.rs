@@ -1,5 +1,6 @@
-//! CLIPTextModel (the Stable Diffusion text encoder), with transformers' parameter names
-//! (`text_model.encoder.layers.N.self_attn.q_proj.weight`, …). Differentiable end to end.
+//! CLIPTextModel (the Stable Diffusion text encoder) and CLIPTextModelWithProjection (SDXL's second
+//! one, whose projected end-of-text state is the pooled embedding), with transformers' parameter
+//! names (`text_model.encoder.layers.N.self_attn.q_proj.weight`, …). Differentiable end to end.
 
 use std::path::Path;
 
@@ -22,6 +23,14 @@ pub struct ClipConfig {
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// The end-of-text id whose position is pooled (transformers reads the first one; the legacy
+    /// value 2 of old configs means "the highest id", which end-of-text is).
+    #[serde(default = "default_eos")]
+    pub eos_token_id: u32,
+}
+
+fn default_eos() -> u32 {
+    crate::engine::models::tokenizer::END_OF_TEXT
 }
 
 fn default_positions() -> usize {
@@ -101,6 +110,8 @@ pub struct ClipTextModel {
     pub position_embedding: Tensor,
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
+    /// `text_projection` (projection_dim, hidden), no bias: present in CLIPTextModelWithProjection.
+    pub text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
@@ -132,11 +143,61 @@ impl ClipTextModel {
                 .get("position_embedding.weight", &[config.max_position_embeddings, config.hidden_size])?,
             layers,
             final_layer_norm: LayerNorm::load(&ws.at("final_layer_norm"), config.hidden_size, config.layer_norm_eps)?,
+            // CLIPTextModelWithProjection has it; every CLIP config names a projection_dim, so the
+            // weights decide.
+            text_projection: match weights.tensor("text_projection.weight") {
+                Some(t) => {
+                    Some(Linear::load(&weights.root().at("text_projection"), config.hidden_size, t.dim(0)?, false)?)
+                }
+                None => None,
+            },
         })
     }
 
     /// `input_ids` (B, T) of integer token ids → hidden states (B, T, hidden).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (last, _) = self.run(input_ids, self.layers.len())?;
+        self.final_layer_norm.forward(&last)
+    }
+
+    /// SDXL's reading of this encoder: the penultimate hidden state (the output of every layer but
+    /// the last, before the final norm: transformers' `hidden_states[-2]`, (B, T, hidden)) and the
+    /// pooled embedding (B, projection_dim or hidden): the final-normed state at each row's first
+    /// end-of-text token, through `text_projection` when the model has one.
+    pub fn penultimate_and_pooled(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = self.layers.len();
+        if n < 2 {
+            bail!("a text encoder with {n} layer(s) has no penultimate hidden state");
+        }
+        let (last, penultimate) = self.run(input_ids, n)?;
+        let normed = self.final_layer_norm.forward(&last)?;
+        let ids: Vec<Vec<u32>> = input_ids.to_dtype(DType::U32)?.to_vec2()?;
+        let rows = ids
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                // As transformers: the first end-of-text token (the first token where there is
+                // none); with the legacy id 2, the highest id's first position.
+                let at = if self.config.eos_token_id == 2 {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&id| id == max).unwrap_or(0)
+                } else {
+                    row.iter().position(|&id| id == self.config.eos_token_id).unwrap_or(0)
+                };
+                normed.get(i)?.get(at)?.unsqueeze(0)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let pooled = Tensor::cat(&rows, 0)?;
+        let pooled = match &self.text_projection {
+            Some(p) => p.forward(&pooled)?,
+            None => pooled,
+        };
+        Ok((penultimate.expect("two layers or more"), pooled))
+    }
+
+    /// The residual stream after the first `layers` encoder layers (no final norm), and the one
+    /// before the last of them.
+    fn run(&self, input_ids: &Tensor, layers: usize) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             bail!("{t} tokens exceed the text encoder's {} positions", self.config.max_position_embeddings);
@@ -147,7 +208,9 @@ impl ClipTextModel {
         let tokens = self.token_embedding.index_select(&ids, 0)?.to_dtype(positions.dtype())?.reshape((b, t, d))?;
         let mut h = tokens.broadcast_add(&positions)?;
         let heads = self.config.num_attention_heads;
-        for layer in &self.layers {
+        let mut before = None;
+        for layer in &self.layers[..layers] {
+            before = Some(h.clone());
             let n = layer.layer_norm1.forward(&h)?;
             let a = attention(
                 &layer.q_proj.forward(&n)?,
@@ -162,6 +225,7 @@ impl ClipTextModel {
             let m = if self.config.hidden_act == "gelu" { m.gelu_erf()? } else { quick_gelu(&m)? };
             h = (layer.fc2.forward(&m)? + h)?;
         }
-        self.final_layer_norm.forward(&h)
+        // `before` is the input of the last layer run: the penultimate hidden state.
+        Ok((h, before.filter(|_| layers >= 2)))
     }
 }

@@ -205,6 +205,7 @@ pub(super) fn infer_text(te: &HashMap<String, Tensor>, family: ModelFamily) -> R
         }
         .into(),
         layer_norm_eps: 1e-5,
+        eos_token_id: crate::engine::models::tokenizer::END_OF_TEXT,
     };
     cfg.validate()?;
     Ok(cfg)
