@@ -82,3 +82,37 @@ fn sdxl_text_encoders_give_diffusers_prompt_and_pooled_embeddings() {
     assert_close("prompt_embeds", &prompt_embeds, &r["prompt_embeds"]);
     assert_close("pooled_prompt_embeds", &pooled, &r["pooled_prompt_embeds"]);
 }
+
+/// A kohya SDXL LoRA names its UNet layers in the original SGM layout
+/// (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `…middle_block_1…`,
+/// `…output_blocks_…`): every one of its 192 UNet modules finds its diffusers layer through the one
+/// ldm ↔ diffusers map, and merged at 0.7 the UNet gives diffusers' `noise_pred_kohya07` (fed
+/// diffusers' embeddings from the LoRA'd text encoders; their own LoRA layers wait for the SDXL
+/// pipeline's second text encoder).
+#[test]
+fn a_kohya_sdxl_lora_in_sgm_names_finds_every_unet_layer() {
+    use lora_studio::engine::adapters::formats::{Component, ModuleIndex, match_layers, read_adapter};
+    use lora_studio::engine::adapters::stack::LayerAdapter;
+    let r = reference();
+    let mut unet = unet();
+    let mut index = ModuleIndex::new(Some(unet.config.layers_per_block));
+    unet.visit_layers(&mut |l| index.insert(Component::Unet, l.path(), l.stack_ref().base.dims().to_vec()));
+    let parsed = read_adapter(&sdxl_tiny().join("lora_kohya.safetensors")).unwrap();
+    let (layers, report) = match_layers(&parsed, &index).unwrap();
+    assert!(report.shape_mismatches.is_empty(), "{:?}", report.shape_mismatches);
+    let unet_keys = report.unmatched.iter().filter(|k| k.contains("lora_unet_")).collect::<Vec<_>>();
+    assert!(unet_keys.is_empty(), "UNet layers without a home: {unet_keys:?}");
+    assert_eq!(layers.len(), 192, "{}", report.summary());
+    let mut by_path: HashMap<String, _> = layers.into_iter().map(|l| (l.path.clone(), l)).collect();
+    unet.visit_layers(&mut |mut l| {
+        if let Some(m) = by_path.remove(l.path()) {
+            let adapter = LayerAdapter { name: "kohya".into(), delta: m.delta, scale: m.scale, multiplier: 0.7 };
+            l.stack().attach(adapter).unwrap();
+            l.stack().refresh().unwrap();
+        }
+    });
+    assert!(by_path.is_empty());
+    let added = (&r["pooled_kohya07"], &r["add_time_ids"]);
+    let out = unet.forward_with(&r["sample"], &r["timestep"], &r["prompt_embeds_kohya07"], Some(added)).unwrap();
+    assert_close("noise_pred_kohya07", &out, &r["noise_pred_kohya07"]);
+}
