@@ -149,6 +149,9 @@ pub(crate) fn unet_module(ldm: &str, sep: char, layers: usize) -> Option<String>
     const TOP: &[(&str, &str)] = &[
         ("time_embed.0", "time_embedding.linear_1"),
         ("time_embed.2", "time_embedding.linear_2"),
+        // SDXL's micro-conditioning embedding.
+        ("label_emb.0.0", "add_embedding.linear_1"),
+        ("label_emb.0.2", "add_embedding.linear_2"),
         ("input_blocks.0.0", "conv_in"),
         ("out.0", "conv_norm_out"),
         ("out.2", "conv_out"),

@@ -580,6 +580,15 @@ fn real_sd15_and_sd21_key_names() {
 mod unet_map {
     use super::*;
 
+    /// SDXL's micro-conditioning embedding, as the sdxl-tiny fixture's README pairs it (SGM
+    /// `label_emb.0.0 / .0.2` ↔ diffusers `add_embedding.linear_1 / linear_2`), in both spellings.
+    #[test]
+    fn sdxl_label_emb_is_the_add_embedding() {
+        assert_eq!(unet_module("label_emb.0.0", '.', 2).as_deref(), Some("add_embedding.linear_1"));
+        assert_eq!(unet_module("label_emb_0_2", '_', 2).as_deref(), Some("add_embedding.linear_2"));
+        assert_eq!(unet_module("label_emb.0.1", '.', 2), None, "the SiLU has no weights");
+    }
+
     /// `(ldm parameter, diffusers parameter)` pairs from a `tests/fixtures/unet_names` file.
     fn pairs(file: &str) -> Vec<(String, String)> {
         let path = crate::engine::builtin::fixtures_dir().join("unet_names").join(file);
