@@ -755,7 +755,7 @@ fn choosing_f16_weights_reloads_the_model_in_half_precision() {
     h.get_by_value("CPU");
     h.get_by_value("auto").click();
     h.run_steps(3);
-    h.get_by_label("f16: f16 (half the memory)").click();
+    h.get_by_label("f16 (half the memory)").click();
     h.step(); // the reload starts (its spinner keeps the window repainting)
     assert_eq!(h.state().playground.placement.weights, lora_studio::engine::io::weights::WeightPrecision::F16);
     run_until(&mut h, SCAN, "model reloaded", |a| {

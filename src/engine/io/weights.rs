@@ -54,7 +54,7 @@ impl WeightPrecision {
 
     pub fn label(self) -> &'static str {
         match self {
-            Self::Auto => "as the file stores them",
+            Self::Auto => "auto (as the file stores them)",
             Self::F32 => "f32 (twice the memory)",
             Self::F16 => "f16 (half the memory)",
             Self::Bf16 => "bf16 (half the memory)",

@@ -89,7 +89,7 @@ pub(super) fn placement_row(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             .selected_text(p.placement.weights.name())
             .show_ui(ui, |ui| {
                 for w in WeightPrecision::ALL {
-                    ui.selectable_value(&mut p.placement.weights, w, format!("{}: {}", w.name(), w.label()));
+                    ui.selectable_value(&mut p.placement.weights, w, w.label());
                 }
             })
             .response
