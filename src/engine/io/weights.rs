@@ -15,8 +15,8 @@ pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
 /// How a model's frozen bulk (its weight matrices: linear and convolution weights, embeddings) is
 /// kept in memory. The ops read such a weight in its stored precision and compute in the model's
-/// compute dtype (f32), widening one layer at a time; biases, norms and anything trained stay in the
-/// compute dtype. kohya's `--full_fp16` stores everything in half; this halves only what is frozen.
+/// compute dtype (f32) — on the CPU widening a block of rows at a time, elsewhere with the GEMM in
+/// half precision; biases, norms and anything trained stay in the compute dtype. kohya's `--full_fp16` stores everything in half; this halves only what is frozen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightPrecision {
