@@ -30,7 +30,7 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
   lora-studio [--model PATH]       open the window (also: lora-studio gui --model PATH)
                                    (without --model: the built-in model in assets/base, everywhere)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
-                       [--guidance X] [--sampler ddim|euler-a] [--width W --height H] --out FILE.png
+                       [--guidance X] [--sampler ddim|euler-a|euler] [--width W --height H] --out FILE.png
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
                       [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]

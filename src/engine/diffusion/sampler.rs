@@ -18,16 +18,19 @@ use crate::engine::rng::Rng;
 pub enum SamplerKind {
     Ddim,
     EulerAncestral,
+    /// diffusers' `EulerDiscreteScheduler` (no churn): deterministic, SDXL's default.
+    Euler,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 2] = [SamplerKind::Ddim, SamplerKind::EulerAncestral];
+    pub const ALL: [SamplerKind; 3] = [SamplerKind::Ddim, SamplerKind::EulerAncestral, SamplerKind::Euler];
 
     /// Human-readable name for menus.
     pub fn label(self) -> &'static str {
         match self {
             SamplerKind::Ddim => "DDIM",
             SamplerKind::EulerAncestral => "Euler a",
+            SamplerKind::Euler => "Euler",
         }
     }
 
@@ -36,6 +39,7 @@ impl SamplerKind {
         match self {
             SamplerKind::Ddim => "ddim",
             SamplerKind::EulerAncestral => "euler-a",
+            SamplerKind::Euler => "euler",
         }
     }
 }
@@ -53,7 +57,8 @@ impl FromStr for SamplerKind {
         match s.to_ascii_lowercase().replace(['_', ' '], "-").as_str() {
             "ddim" => Ok(SamplerKind::Ddim),
             "euler-a" | "euler-ancestral" | "eulera" => Ok(SamplerKind::EulerAncestral),
-            _ => bail!("unknown sampler `{s}` (expected ddim or euler-a)"),
+            "euler" => Ok(SamplerKind::Euler),
+            _ => bail!("unknown sampler `{s}` (expected ddim, euler-a or euler)"),
         }
     }
 }
@@ -108,7 +113,7 @@ impl Sampler {
                 let raw = (0..steps).rev().map(at);
                 match kind {
                     SamplerKind::Ddim => raw.map(np_round).collect(),
-                    SamplerKind::EulerAncestral => raw.map(|t| t as f32 as f64).collect(),
+                    SamplerKind::EulerAncestral | SamplerKind::Euler => raw.map(|t| t as f32 as f64).collect(),
                 }
             }
             TimestepSpacing::Trailing => {
@@ -132,7 +137,7 @@ impl Sampler {
                     timesteps.iter().map(|&t| (acp[t], if t >= jump { acp[t - jump] } else { final_alpha })).collect();
                 (Coefficients::Ddim(pairs), 1.0)
             }
-            SamplerKind::EulerAncestral => {
+            SamplerKind::EulerAncestral | SamplerKind::Euler => {
                 // σ(t) = √((1−ᾱ)/ᾱ), linearly interpolated between integer timesteps (np.interp).
                 // A zero-terminal-SNR schedule's last ᾱ is 0 (σ = ∞); diffusers uses 2⁻²⁴ there.
                 let sigma = |t: usize| {
@@ -159,7 +164,7 @@ impl Sampler {
         };
         let model_timesteps = match kind {
             SamplerKind::Ddim => timesteps.iter().map(|&t| t as f64).collect(),
-            SamplerKind::EulerAncestral => spaced,
+            SamplerKind::EulerAncestral | SamplerKind::Euler => spaced,
         };
         Ok(Self { kind, prediction: schedule.prediction(), timesteps, model_timesteps, coefficients, init_noise_sigma })
     }
@@ -244,9 +249,13 @@ impl Sampler {
                     Prediction::Epsilon => (1.0, -s),
                     Prediction::V => (1.0 / (s * s + 1.0), -s / (s * s + 1.0).sqrt()),
                 };
-                // Split the move to σ_next into a deterministic part down to σ_down and fresh
-                // noise of size σ_up, with σ_down² + σ_up² = σ_next².
-                let up = (s_next * s_next * (s * s - s_next * s_next) / (s * s)).max(0.0).sqrt();
+                // Euler a splits the move to σ_next into a deterministic part down to σ_down and
+                // fresh noise of size σ_up, with σ_down² + σ_up² = σ_next²; Euler goes all the
+                // way deterministically (σ_up = 0).
+                let up = match self.kind {
+                    SamplerKind::Euler => 0.0,
+                    _ => (s_next * s_next * (s * s - s_next * s_next) / (s * s)).max(0.0).sqrt(),
+                };
                 let down = (s_next * s_next - up * up).max(0.0).sqrt();
                 // prev = x + (x − x̂₀)/σ · (σ_down − σ) = x̂₀ + r·(x − x̂₀) with r = σ_down/σ.
                 let r = down / s;
@@ -416,13 +425,13 @@ mod tests {
                     var *= k * k;
                 }
             }
-            SamplerKind::EulerAncestral => {
+            SamplerKind::EulerAncestral | SamplerKind::Euler => {
                 let mut sig: Vec<f64> = ts.iter().map(|&t| ((1.0 - acp[t]) / acp[t]).sqrt()).collect();
                 sig.push(0.0);
                 for w in sig.windows(2) {
                     let (s0, s1) = (w[0], w[1]);
                     let c = sd * sd / (sd * sd + s0 * s0);
-                    let up2 = s1 * s1 * (s0 * s0 - s1 * s1) / (s0 * s0);
+                    let up2 = if kind == SamplerKind::Euler { 0.0 } else { s1 * s1 * (s0 * s0 - s1 * s1) / (s0 * s0) };
                     let r = (s1 * s1 - up2).sqrt() / s0;
                     var = ((1.0 - r) * c + r).powi(2) * var + up2;
                 }
@@ -501,5 +510,38 @@ mod tests {
         assert_eq!("Euler_A".parse::<SamplerKind>()?, SamplerKind::EulerAncestral);
         assert!("pndm".parse::<SamplerKind>().is_err());
         Ok(())
+    }
+
+    /// SDXL's default sampler (diffusers' `EulerDiscreteScheduler` with "leading" spacing and a
+    /// steps_offset of one) against the sdxl-tiny fixture: timesteps, σs, the initial noise scale,
+    /// the input scaling and one deterministic step x + (σ_next − σ)·ε.
+    #[test]
+    fn euler_matches_diffusers_on_sdxl_schedule() -> Result<()> {
+        let dir = fixtures_dir().join("sdxl-tiny");
+        let cfg = SchedulerConfig::from_file(&dir.join("model/scheduler/scheduler_config.json"))?;
+        let r = crate::engine::io::weights::read_safetensors(&dir.join("reference.safetensors"))?;
+        let s = Sampler::new(SamplerKind::Euler, &NoiseSchedule::new(&cfg)?, 30)?;
+        let timesteps: Vec<f32> = r["euler_timesteps_30"].to_vec1()?;
+        let ours: Vec<f32> = (0..30).map(|i| s.model_timestep(i) as f32).collect();
+        assert_eq!(ours, timesteps);
+        let sigmas: Vec<f32> = r["euler_sigmas_30"].to_vec1()?;
+        for (i, want) in sigmas.iter().enumerate().take(30) {
+            assert!((s.sigma(i) as f32 - want).abs() <= 1e-5 * want.max(1.0), "σ[{i}] {} vs {want}", s.sigma(i));
+        }
+        let init = r["euler_init_noise_sigma"].to_vec1::<f32>()?[0];
+        assert!((s.init_noise_sigma() as f32 - init).abs() <= 1e-5 * init);
+        let i = 10; // the fixture's timestep is the 11th of 30
+        assert_eq!(s.model_timestep(i) as f32, r["timestep"].to_vec1::<f32>()?[0]);
+        let sample = r["sample"].i(0..1)?;
+        let close = |name: &str, ours: &Tensor| -> Result<()> {
+            let want = &r[name];
+            let diff = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-4 * scale, "{name}: {diff} of {scale}");
+            Ok(())
+        };
+        close("euler_scaled_sample", &s.scale_model_input(&sample, i)?)?;
+        let prev = s.step(&r["noise_pred"].i(0..1)?, i, &sample, &mut Rng::new(0))?;
+        close("euler_step_prev_sample", &prev)
     }
 }
