@@ -116,3 +116,17 @@ fn a_kohya_sdxl_lora_in_sgm_names_finds_every_unet_layer() {
     let out = unet.forward_with(&r["sample"], &r["timestep"], &r["prompt_embeds_kohya07"], Some(added)).unwrap();
     assert_close("noise_pred_kohya07", &out, &r["noise_pred_kohya07"]);
 }
+
+/// SDXL's VAE (here two levels, its scaling factor read from the config, not applied by the VAE).
+#[test]
+fn sdxl_vae_matches_diffusers() {
+    use lora_studio::engine::models::vae::{AutoencoderKL, VaeConfig};
+    let r = reference();
+    let dir = sdxl_tiny().join("model/vae");
+    let cfg = VaeConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights =
+        WeightMap::load(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F32, &Device::Cpu).unwrap();
+    let vae = AutoencoderKL::load(&cfg, &weights).unwrap();
+    assert_close("vae_decoded", &vae.decode(&r["vae_latents"]).unwrap(), &r["vae_decoded"]);
+    assert_close("vae_encoded_mean", &vae.encode_mean(&r["vae_image"]).unwrap(), &r["vae_encoded_mean"]);
+}
