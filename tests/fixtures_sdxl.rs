@@ -130,3 +130,19 @@ fn sdxl_vae_matches_diffusers() {
     assert_close("vae_decoded", &vae.decode(&r["vae_latents"]).unwrap(), &r["vae_decoded"]);
     assert_close("vae_encoded_mean", &vae.encode_mean(&r["vae_image"]).unwrap(), &r["vae_encoded_mean"]);
 }
+
+/// SDXL's two tokenizers: the same CLIP BPE, the first padding with end-of-text (49407), the second
+/// with `!` (id 0), as the fixture's `input_ids` and `input_ids_2` were made.
+#[test]
+fn sdxl_tokenizers_pad_as_diffusers_does() {
+    use lora_studio::engine::models::tokenizer::{ClipTokenizer, END_OF_TEXT};
+    let r = reference();
+    let prompts = ["a photo of a red circle on a blue background, sks style", ""];
+    for (tokenizer, key) in
+        [(ClipTokenizer::with_pad_id(END_OF_TEXT), "input_ids"), (ClipTokenizer::with_pad_id(0), "input_ids_2")]
+    {
+        let ours: Vec<Vec<i64>> =
+            tokenizer.encode_batch(&prompts).into_iter().map(|row| row.into_iter().map(i64::from).collect()).collect();
+        assert_eq!(ours, r[key].to_vec2::<i64>().unwrap(), "{key}");
+    }
+}
