@@ -299,24 +299,18 @@ impl StudioApp {
         if let Some(stem) = name.strip_suffix(".checkpoint.safetensors") {
             self.training.output = checkpoint.with_file_name(format!("{stem}.safetensors")).display().to_string();
         }
-        let images = self.dataset.image_paths();
-        let in_use = self.playground.adapter_paths();
-        let placement = self.playground.placement.clone();
-        self.training.start(
-            &self.ctx,
-            self.model.as_deref(),
-            &placement,
-            images,
-            &self.config,
-            Some(checkpoint),
-            in_use,
-            false,
-        );
+        self.start_run(Some(checkpoint), false);
     }
 
     /// Starts training with the current options on the dataset's images. `overwrite`: replace an
     /// earlier run's outputs (only after the panel asked).
     pub fn start_training(&mut self, overwrite: bool) {
+        self.start_run(None, overwrite);
+    }
+
+    /// A run on the dataset's images with the current options, on the window's device and weight
+    /// precision, never writing over an adapter the Playground has open.
+    fn start_run(&mut self, resume: Option<PathBuf>, overwrite: bool) {
         let images = self.dataset.image_paths();
         let in_use = self.playground.adapter_paths();
         let placement = self.playground.placement.clone();
@@ -326,7 +320,7 @@ impl StudioApp {
             &placement,
             images,
             &self.config,
-            None,
+            resume,
             in_use,
             overwrite,
         );
