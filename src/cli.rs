@@ -257,6 +257,12 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
     let model = builtin::resolve_model(model)?;
     let inputs_path = inputs.context("--inputs IN.safetensors is required")?;
     let output = output.context("--output OUT.safetensors is required")?;
+    // The output never replaces what it is made from or measured against.
+    for (flag, input) in [("--inputs", Some(&inputs_path)), ("--check", check.as_ref())] {
+        if input.is_some_and(|i| crate::engine::io::weights::same_file(&output, i)) {
+            bail!("{}: this is the {flag} file; choose another --output", output.display());
+        }
+    }
     let dev = device();
     let inputs = read_safetensors(&inputs_path)?;
     let mut sd = load_model(&model)?;

@@ -437,5 +437,26 @@ fn weights_flag_and_forward_check() {
     };
     assert!(gap("noise_pred") > 1e-6, "f16 weights are really used: the outputs move off the f32 ones");
     assert_one_line_error(&forward("f16", "1e-6"), "outputs differ from");
+    // An output that would replace the reference (or the inputs) is refused before any work.
+    let reference_copy = dir.join("reference.safetensors");
+    std::fs::copy(&reference_file, &reference_copy).unwrap();
+    let inputs_copy = dir.join("inputs.safetensors");
+    std::fs::copy(&inputs, &inputs_copy).unwrap();
+    let before = std::fs::read(&reference_copy).unwrap();
+    for (output, flag) in [(&reference_copy, "--check"), (&inputs_copy, "--inputs")] {
+        let run = studio(&[
+            "forward",
+            "--model",
+            p(&model),
+            "--inputs",
+            p(&inputs_copy),
+            "--output",
+            p(output),
+            "--check",
+            p(&reference_copy),
+        ]);
+        assert_one_line_error(&run, &format!("this is the {flag} file"));
+    }
+    assert_eq!(std::fs::read(&reference_copy).unwrap(), before, "the reference is untouched");
     assert_one_line_error(&forward("f8", "1e-2"), "--weights: `f8` is not one of auto, f16, bf16, f32");
 }

@@ -167,7 +167,7 @@ impl StudioApp {
 
     /// Opens a base model: a diffusers folder or a single `.safetensors` checkpoint.
     pub fn set_model(&mut self, path: PathBuf) {
-        self.model_label = if builtin::model_dir().is_some_and(|d| same_path(&d, &path)) {
+        self.model_label = if builtin::model_dir().is_some_and(|d| crate::engine::io::weights::same_file(&d, &path)) {
             BUILTIN_LABEL.to_owned()
         } else {
             path.display().to_string()
@@ -559,10 +559,6 @@ fn icon() -> Option<egui::IconData> {
 
 /// What the status bar calls the built-in model.
 pub const BUILTIN_LABEL: &str = "built-in (synthetic shapes, 64 px)";
-
-fn same_path(a: &Path, b: &Path) -> bool {
-    a == b || a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok().is_some_and(|b| a == b))
-}
 
 /// Opens the native window and blocks until it is closed. With no model given it opens the
 /// built-in one and offers the example styles in the Playground (switched off).

@@ -95,6 +95,12 @@ impl WeightPrecision {
     }
 }
 
+/// Whether two paths name the same file as the file system sees them (symlinks, `..`): how a
+/// command tells that an output would land on one of its inputs.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok().is_some_and(|b| a == b))
+}
+
 /// `f32`, `f16`, `bf16`, …: how reports and the window name a dtype.
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
