@@ -138,6 +138,15 @@ fn blend_at_full_rank_and_merge_into_base_reproduce_the_live_mix() {
     let run = studio(&["adapter", "blend", &a05, &b08, "--model", p(&model), "--rank", "6", "--out", p(&blend)]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(String::from_utf8_lossy(&run.stdout).contains("kept energy 1.000000"));
+    // A blend written over one of its own inputs would replace the user's file: refused.
+    let a_copy = dir.join("a.safetensors");
+    std::fs::copy(&a, &a_copy).unwrap();
+    let before = std::fs::read(&a_copy).unwrap();
+    let onto_input = format!("{}:0.5", p(&a_copy));
+    let run =
+        studio(&["adapter", "blend", &onto_input, &b08, "--model", p(&model), "--rank", "6", "--out", p(&a_copy)]);
+    assert_one_line_error(&run, "this is one of the blended adapters");
+    assert_eq!(std::fs::read(&a_copy).unwrap(), before, "the input is untouched");
     let out = dir.join("out.safetensors");
     let run =
         studio(&["forward", "--model", p(&model), "--adapter", p(&blend), "--inputs", p(&inputs), "--output", p(&out)]);

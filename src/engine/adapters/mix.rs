@@ -10,7 +10,7 @@ use crate::engine::Result;
 use crate::engine::adapters::formats::{Component, ExportLayer, GloraLayout, Naming, read_adapter, write_adapter};
 use crate::engine::adapters::svd::{Factor, blend_low_rank};
 use crate::engine::adapters::{delta::Delta, stack::AdapterStack};
-use crate::engine::io::weights::{read_metadata, tidy_temporaries_beside, write_checked};
+use crate::engine::io::weights::{read_metadata, same_file, tidy_temporaries_beside, write_checked};
 use crate::engine::pipeline::StableDiffusion;
 
 /// How faithful a blend is to the live mix it came from.
@@ -137,6 +137,10 @@ pub fn export_blend(
     inputs: &[&Path],
     check: impl FnOnce(&mut StableDiffusion, &Path) -> Result<()>,
 ) -> Result<BlendReport> {
+    // The blend never replaces one of the files it is made from.
+    if let Some(input) = inputs.iter().find(|p| same_file(out, p)) {
+        anyhow::bail!("{}: this is one of the blended adapters; choose another output", input.display());
+    }
     let BlendForm { rank, naming, dtype } = form;
     let (layers, report) = blend(sd, rank)?;
     if layers.is_empty() {
