@@ -460,8 +460,10 @@ fn probe_output(sd: &StableDiffusion) -> Result<Tensor> {
     let c = &sd.unet.config;
     let side = c.sample_size.unwrap_or(16).min(32);
     let x = rng.randn((1, c.in_channels, side, side), &sd.device)?;
-    let ctx = sd.encode_prompts(&["a photo of a cat"])?;
-    sd.unet.forward(&x, &Tensor::new(&[500f32], &sd.device)?, &ctx)
+    let text = sd.encode_prompts(&["a photo of a cat"])?;
+    let f = sd.vae.config.downscale();
+    let sizes = sd.uncropped_sizes(&text, side * f, side * f)?;
+    sd.predict(&x, &Tensor::new(&[500f32], &sd.device)?, &text, sizes.as_ref())
 }
 
 /// A training job as a TOML file: the trainer's options plus where the model, data and output are.

@@ -187,7 +187,7 @@ fn assert_same_layers(written: &[ExportLayer], path: &std::path::Path) {
     assert_eq!(parsed.layers.len(), written.len());
     for w in written {
         let key = format!("{}.{}", w.component.label(), w.path);
-        let flat = lora_studio::engine::adapters::formats::kohya::flat_name(w.component, &w.path);
+        let flat = lora_studio::engine::adapters::formats::kohya::flat_name(w.component, &w.path, false);
         let p = parsed
             .layers
             .iter()

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use lora_studio::engine::io::weights::{WeightMap, read_safetensors};
 use lora_studio::engine::models::unet::{UNet2DConditionModel, UNetConfig};
+use lora_studio::engine::pipeline::StableDiffusion;
 
 fn sdxl_tiny() -> std::path::PathBuf {
     fixtures_dir().join("sdxl-tiny")
@@ -42,23 +43,92 @@ fn sdxl_unet_matches_diffusers() {
     assert!(e.contains("micro-conditioning"), "{e}");
 }
 
-/// An SDXL diffusers folder is refused in words (its second text encoder does not run yet), not
-/// loaded as half a model.
+fn pipeline() -> StableDiffusion {
+    StableDiffusion::load(&sdxl_tiny().join("model"), &Device::Cpu).expect("the SDXL folder loads")
+}
+
+const PROMPTS: [&str; 2] = ["a photo of a red circle on a blue background, sks style", ""];
+
+/// The whole pipeline from the diffusers folder, with `suffix`'s references (`""` for the plain
+/// model): the prompts through both tokenizers and text encoders give `prompt_embeds` and the pooled
+/// embedding, and the UNet with the fixture's size numbers gives `noise_pred`.
+fn assert_pipeline_matches(sd: &StableDiffusion, r: &HashMap<String, Tensor>, embeds: &str, pooled: &str, noise: &str) {
+    let text = sd.encode_prompts(&PROMPTS).unwrap();
+    assert_close(embeds, &text.context, &r[embeds]);
+    assert_close(pooled, text.pooled.as_ref().expect("SDXL has a pooled embedding"), &r[pooled]);
+    let out = sd.predict(&r["sample"], &r["timestep"], &text, Some(&r["add_time_ids"])).unwrap();
+    assert_close(noise, &out, &r[noise]);
+}
+
+/// An SDXL diffusers folder loads as one model: both text encoders and tokenizers, the pooled
+/// embedding, and the UNet's micro-conditioning, matching diffusers' pipeline end to end.
 #[test]
-fn an_sdxl_folder_is_refused_until_the_pipeline_runs_it() {
-    let dir = tempdir("sdxl-folder");
-    copy_dir(&sdxl_tiny().join("model"), &dir);
-    std::fs::create_dir_all(dir.join("text_encoder_2")).unwrap();
-    let e = lora_studio::engine::pipeline::ModelWeights::load(
-        &dir,
-        DType::F32,
-        lora_studio::engine::io::weights::WeightPrecision::Auto,
-        &Device::Cpu,
-    )
-    .err()
-    .expect("refused");
-    let msg = format!("{e:#}");
-    assert!(msg.contains("not supported yet: SDXL"), "{msg}");
+fn an_sdxl_folder_runs_as_diffusers_pipeline_does() {
+    let r = reference();
+    let sd = pipeline();
+    assert_eq!(sd.family(), lora_studio::engine::models::family::ModelFamily::Sdxl);
+    assert!(sd.force_zeros_for_empty_prompt, "model_index.json asks for zeros for an empty negative prompt");
+    assert_pipeline_matches(&sd, &r, "prompt_embeds", "pooled_prompt_embeds", "noise_pred");
+    // From token ids too (as `forward` runs them).
+    let text = sd.encode_ids(&r["input_ids"], Some(&r["input_ids_2"])).unwrap();
+    assert_close("prompt_embeds (ids)", &text.context, &r["prompt_embeds"]);
+    // The size numbers as diffusers' `_get_add_time_ids` makes them for an uncropped picture.
+    let sizes = sd.uncropped_sizes(&text, 64, 64).unwrap().unwrap();
+    assert_close("add_time_ids row 0", &sizes.get(0).unwrap(), &r["add_time_ids"].get(0).unwrap());
+}
+
+/// kohya SDXL LoRAs name the first encoder `lora_te1_`, the second `lora_te2_` and the UNet in the
+/// SGM layout; loaded through the pipeline at 0.7, every layer of all three finds its home and the
+/// embeddings and noise prediction are diffusers'.
+#[test]
+fn a_kohya_sdxl_lora_adapts_both_text_encoders_and_the_unet() {
+    let r = reference();
+    let mut sd = pipeline();
+    let report = sd.load_adapter("kohya", &sdxl_tiny().join("lora_kohya.safetensors"), 0.7).unwrap();
+    assert_eq!((report.matched, report.total), (192 + 18 + 18, 192 + 18 + 18), "{}", report.summary());
+    assert_pipeline_matches(&sd, &r, "prompt_embeds_kohya07", "pooled_kohya07", "noise_pred_kohya07");
+}
+
+/// A kohya file and a diffusers/PEFT file (`text_encoder_2.` keys for the second encoder) mixed
+/// at 0.5 and 0.8, as diffusers' `set_adapters` mixes them.
+#[test]
+fn kohya_and_peft_sdxl_loras_mix_like_diffusers() {
+    let r = reference();
+    let mut sd = pipeline();
+    sd.load_adapter("kohya", &sdxl_tiny().join("lora_kohya.safetensors"), 0.5).unwrap();
+    let report = sd.load_adapter("peft", &sdxl_tiny().join("lora_peft.safetensors"), 0.8).unwrap();
+    assert_eq!((report.matched, report.total), (136 + 12 + 12, 136 + 12 + 12), "{}", report.summary());
+    assert_pipeline_matches(
+        &sd,
+        &r,
+        "prompt_embeds_kohya05_peft08",
+        "pooled_kohya05_peft08",
+        "noise_pred_kohya05_peft08",
+    );
+}
+
+/// Generation runs on SDXL (with guidance, so the zeroed empty negative prompt is used), gives a
+/// picture, and the negative prompt changes it.
+#[test]
+fn sdxl_generates_with_and_without_a_negative_prompt() {
+    use lora_studio::engine::diffusion::sampler::SamplerKind;
+    use lora_studio::engine::pipeline::GenerateRequest;
+    let sd = pipeline();
+    let mut req = GenerateRequest {
+        prompt: PROMPTS[0].into(),
+        negative: String::new(),
+        seed: 7,
+        steps: 3,
+        guidance: 5.0,
+        sampler: SamplerKind::Euler,
+        width: 32,
+        height: 32,
+    };
+    let plain = sd.generate(&req, &mut |_, _| {}).unwrap();
+    assert_eq!(plain.dimensions(), (32, 32));
+    req.negative = "blurry".into();
+    let negative = sd.generate(&req, &mut |_, _| {}).unwrap();
+    assert_ne!(plain, negative, "the negative prompt changes the picture");
 }
 
 fn text_encoder(name: &str) -> lora_studio::engine::models::clip::ClipTextModel {

@@ -1,5 +1,7 @@
-//! A whole Stable Diffusion model (text encoder, UNet, VAE, tokenizer, noise schedule) loaded
+//! A whole Stable Diffusion model (text encoders, UNet, VAE, tokenizers, noise schedule) loaded
 //! from a diffusers folder or a single-file checkpoint, and text-to-image generation with it.
+//! SD 1.x / 2.x have one text encoder; SDXL has two, a pooled text embedding and the size
+//! micro-conditioning, which `TextConditioning` and `encode_prompts` carry for every caller.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use crate::engine::diffusion::schedule::{NoiseSchedule, Prediction, SchedulerCon
 use crate::engine::io::single_file;
 use crate::engine::io::weights::{WeightMap, WeightPrecision, all_finite, read_safetensors_each};
 use crate::engine::models::clip::{ClipConfig, ClipTextModel};
+use crate::engine::models::family::ModelFamily;
 use crate::engine::models::nn::LayerMut;
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
@@ -40,6 +43,19 @@ pub struct ModelWeights {
     pub unet: WeightMap,
     pub text_encoder: WeightMap,
     pub vae: WeightMap,
+    /// SDXL's second text encoder (its config, weights and tokenizer).
+    pub text_encoder_2: Option<SecondEncoderWeights>,
+    /// diffusers' `force_zeros_for_empty_prompt` (SDXL): an empty negative prompt is all zeros
+    /// rather than the encoding of "".
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// SDXL's second text encoder before it is built.
+#[derive(Clone)]
+pub struct SecondEncoderWeights {
+    pub config: ClipConfig,
+    pub tokenizer: ClipTokenizer,
+    pub weights: WeightMap,
 }
 
 impl ModelWeights {
@@ -72,15 +88,19 @@ impl ModelWeights {
         if !dir.join("model_index.json").exists() {
             bail!("{}: not a diffusers model folder (no model_index.json)", dir.display());
         }
-        // The SDXL UNet runs (micro-conditioning included) but its second text encoder does not
-        // yet: refuse the folder in words rather than generate from half a model.
-        if dir.join("text_encoder_2").is_dir() {
-            bail!(
-                "{}: not supported yet: SDXL pipelines (a second text encoder, text_encoder_2); only SD 1.x / 2.x load",
-                dir.display()
-            );
+        let index: serde_json::Value = std::fs::read_to_string(dir.join("model_index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .with_context(|| format!("{}: model_index.json is not valid JSON", dir.display()))?;
+        // An SDXL pipeline lists `text_encoder_2`; a refiner has only that one and is refused
+        // below for its missing `text_encoder`.
+        let two_encoders =
+            dir.join("text_encoder_2").is_dir() || index.get("text_encoder_2").is_some_and(|v| !v.is_null());
+        let mut components = vec!["unet", "text_encoder", "vae"];
+        if two_encoders {
+            components.push("text_encoder_2");
         }
-        for component in ["unet", "text_encoder", "vae"] {
+        for component in components {
             if !dir.join(component).join("config.json").exists() {
                 bail!(
                     "{}: the model folder is missing its `{component}` component ({component}/config.json)",
@@ -103,8 +123,21 @@ impl ModelWeights {
             );
         }
         let tokenizer = ClipTokenizer::from_folder(&dir.join("tokenizer"))?;
-        let load = |component: &str, stem: &str| {
+        let load = |component: &str, stem: &str, precision: WeightPrecision| {
             WeightMap::load_with_precision(&component_files(&dir.join(component), stem)?, dtype, precision, device)
+        };
+        let text_encoder_2 = match two_encoders {
+            true => Some(SecondEncoderWeights {
+                config: ClipConfig::from_file(&dir.join("text_encoder_2/config.json"))?,
+                // SDXL's second tokenizer pads with `!` (id 0); its folder says so when present.
+                tokenizer: if dir.join("tokenizer_2").is_dir() {
+                    ClipTokenizer::from_folder(&dir.join("tokenizer_2"))?
+                } else {
+                    ClipTokenizer::with_pad_id(0)
+                },
+                weights: load("text_encoder_2", "model", precision)?,
+            }),
+            false => None,
         };
         Ok(Self {
             unet_config: UNetConfig::from_file(&dir.join("unet/config.json"))?,
@@ -112,9 +145,12 @@ impl ModelWeights {
             vae_config: VaeConfig::from_file(&dir.join("vae/config.json"))?,
             scheduler_config,
             tokenizer,
-            unet: load("unet", "diffusion_pytorch_model")?,
-            text_encoder: load("text_encoder", "model")?,
-            vae: load("vae", "diffusion_pytorch_model")?,
+            unet: load("unet", "diffusion_pytorch_model", precision)?,
+            text_encoder: load("text_encoder", "model", precision)?,
+            vae: load("vae", "diffusion_pytorch_model", vae_precision(precision, two_encoders))?,
+            force_zeros_for_empty_prompt: two_encoders
+                && index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true),
+            text_encoder_2,
         })
     }
 
@@ -133,8 +169,8 @@ impl ModelWeights {
             scheduler_config.set_prediction(p);
         }
         let pad_id = match converted.family {
-            single_file::ModelFamily::Sd1 => crate::engine::models::tokenizer::END_OF_TEXT,
-            single_file::ModelFamily::Sd2 => 0,
+            ModelFamily::Sd1 | ModelFamily::Sdxl => crate::engine::models::tokenizer::END_OF_TEXT,
+            ModelFamily::Sd2 => 0,
         };
         Ok(Self {
             tokenizer: ClipTokenizer::with_pad_id(pad_id),
@@ -151,8 +187,31 @@ impl ModelWeights {
                 device,
             )?,
             vae: WeightMap::with_precision(converted.vae, format!("{source} (VAE)"), dtype, precision, device)?,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
         })
     }
+
+    pub fn family(&self) -> ModelFamily {
+        family_of(self.text_encoder_2.is_some(), self.unet_config.cross_attention_dim, self.text_config.hidden_size)
+    }
+}
+
+/// SD 2.x has a 1024-wide text encoder or cross-attention; SDXL has a second text encoder.
+fn family_of(two_encoders: bool, cross_attention_dim: usize, text_width: usize) -> ModelFamily {
+    if two_encoders {
+        ModelFamily::Sdxl
+    } else if cross_attention_dim == 1024 || text_width == 1024 {
+        ModelFamily::Sd2
+    } else {
+        ModelFamily::Sd1
+    }
+}
+
+/// SDXL's VAE overflows in f16 (diffusers' `force_upcast`), so an SDXL model keeps its VAE's
+/// weights in f32 whatever the rest is kept in; SD 1.x / 2.x VAEs are fine in half precision.
+fn vae_precision(precision: WeightPrecision, sdxl: bool) -> WeightPrecision {
+    if sdxl { WeightPrecision::F32 } else { precision }
 }
 
 /// The safetensors files holding one component, as diffusers names them: `{base}.safetensors`, or
@@ -242,6 +301,10 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub vae: AutoencoderKL,
     pub tokenizer: ClipTokenizer,
+    /// SDXL's second text encoder (with its projection) and its tokenizer.
+    pub text_encoder_2: Option<(ClipTextModel, ClipTokenizer)>,
+    /// See `ModelWeights::force_zeros_for_empty_prompt`.
+    pub force_zeros_for_empty_prompt: bool,
     /// The noise schedule, which also carries the scheduler config it was built from.
     pub schedule: NoiseSchedule,
     pub device: Device,
@@ -258,9 +321,65 @@ pub struct StableDiffusion {
 struct TextCache {
     /// Bumped whenever an adapter change reaches a text-encoder layer.
     revision: u64,
-    entry: std::sync::Mutex<Option<(u64, Vec<String>, Tensor)>>,
+    entry: std::sync::Mutex<Option<(u64, Vec<String>, TextConditioning)>>,
     /// How many times the text encoder ran (diagnostics and tests).
     runs: std::sync::atomic::AtomicUsize,
+}
+
+/// What the UNet is conditioned on for a batch of prompts.
+#[derive(Clone, Debug)]
+pub struct TextConditioning {
+    /// The text embeddings the UNet's cross-attention reads, (B, 77, cross_attention_dim): the
+    /// text encoder's output, or SDXL's two penultimate hidden states side by side.
+    pub context: Tensor,
+    /// SDXL's pooled text embedding (B, projection_dim), from the second encoder.
+    pub pooled: Option<Tensor>,
+}
+
+impl TextConditioning {
+    /// Rows `start..start + len` of the batch.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            context: self.context.narrow(0, start, len)?,
+            pooled: self.pooled.as_ref().map(|p| p.narrow(0, start, len)).transpose()?,
+        })
+    }
+
+    /// Several conditionings as one batch, in order.
+    pub fn cat(parts: &[&TextConditioning]) -> Result<Self> {
+        let contexts: Vec<&Tensor> = parts.iter().map(|p| &p.context).collect();
+        let pooled: Option<Vec<&Tensor>> = parts.iter().map(|p| p.pooled.as_ref()).collect();
+        Ok(Self { context: Tensor::cat(&contexts, 0)?, pooled: pooled.map(|p| Tensor::cat(&p, 0)).transpose()? })
+    }
+
+    /// All zeros of the same shapes: SDXL's empty negative prompt (`force_zeros_for_empty_prompt`).
+    pub fn zeros_like(&self) -> Result<Self> {
+        Ok(Self {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+        })
+    }
+
+    /// Cut from the graph (a cached embedding must not keep a training step's graph alive).
+    pub fn detach(&self) -> Self {
+        Self { context: self.context.detach(), pooled: self.pooled.as_ref().map(|p| p.detach()) }
+    }
+}
+
+/// SDXL's six size numbers for each image of a batch: original height and width, crop top and
+/// left, target height and width, in pixels (B, 6), as diffusers' `add_time_ids`.
+pub fn size_conditioning(
+    rows: &[([usize; 2], [usize; 2], [usize; 2])],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let values: Vec<f32> = rows
+        .iter()
+        .flat_map(|(original, crop, target)| [original, crop, target])
+        .flatten()
+        .map(|&v| v as f32)
+        .collect();
+    Ok(Tensor::from_vec(values, (rows.len(), 6), device)?.to_dtype(dtype)?)
 }
 
 /// What to draw, and how.
@@ -280,7 +399,18 @@ impl StableDiffusion {
     /// Every adaptable layer of the text encoder and the UNet.
     pub fn visit_layers(&mut self, f: &mut dyn FnMut(Component, LayerMut<'_>)) {
         self.text_encoder.visit_layers(&mut |l| f(Component::TextEncoder, l));
+        if let Some((encoder, _)) = &mut self.text_encoder_2 {
+            encoder.visit_layers(&mut |l| f(Component::TextEncoder2, l));
+        }
         self.unet.visit_layers(&mut |l| f(Component::Unet, l));
+    }
+
+    pub fn family(&self) -> ModelFamily {
+        family_of(
+            self.text_encoder_2.is_some(),
+            self.unet.config.cross_attention_dim,
+            self.text_encoder.config.hidden_size,
+        )
     }
 
     /// `visit_layers` for work that can fail: stops calling `f` at the first error and returns it.
@@ -361,8 +491,8 @@ impl StableDiffusion {
         let mut text_changed = false;
         let result = self.try_visit_layers(&mut |c, mut l| {
             if let Some(m) = by_layer.remove(&(c, l.path().to_string())) {
-                text_changed |= c == Component::TextEncoder;
-                let multiplier = weight * blocks.for_layer(c == Component::TextEncoder, l.path());
+                text_changed |= c.is_text_encoder();
+                let multiplier = weight * blocks.for_layer(c.is_text_encoder(), l.path());
                 let adapter = LayerAdapter { name: name.to_string(), delta: m.delta, scale: m.scale, multiplier };
                 l.stack().attach(adapter)?;
             }
@@ -379,7 +509,7 @@ impl StableDiffusion {
         self.visit_layers(&mut |c, mut l| {
             let detached = l.stack().detach(name);
             removed |= detached;
-            text_changed |= detached && c == Component::TextEncoder;
+            text_changed |= detached && c.is_text_encoder();
         });
         self.text_cache.revision += text_changed as u64;
         removed
@@ -395,8 +525,8 @@ impl StableDiffusion {
     pub fn set_adapter_mix(&mut self, name: &str, weight: f64, blocks: &BlockWeights) -> Result<usize> {
         let mut text_changed = false;
         self.visit_layers(&mut |c, mut l| {
-            let m = weight * blocks.for_layer(c == Component::TextEncoder, l.path());
-            text_changed |= l.stack().set_multiplier(name, m) && c == Component::TextEncoder;
+            let m = weight * blocks.for_layer(c.is_text_encoder(), l.path());
+            text_changed |= l.stack().set_multiplier(name, m) && c.is_text_encoder();
         });
         self.text_cache.revision += text_changed as u64;
         self.refresh_merges()
@@ -431,9 +561,18 @@ impl StableDiffusion {
     }
 
     pub fn from_weights(w: ModelWeights) -> Result<Self> {
+        let unet = UNet2DConditionModel::load(&w.unet_config, &w.unet)?;
+        let text_encoder = ClipTextModel::load(&w.text_config, &w.text_encoder)?;
+        let text_encoder_2 = match &w.text_encoder_2 {
+            Some(second) => Some((ClipTextModel::load(&second.config, &second.weights)?, second.tokenizer.clone())),
+            None => None,
+        };
+        check_conditioning_widths(&unet, &text_encoder, text_encoder_2.as_ref().map(|(e, _)| e))?;
         Ok(Self {
-            unet: UNet2DConditionModel::load(&w.unet_config, &w.unet)?,
-            text_encoder: ClipTextModel::load(&w.text_config, &w.text_encoder)?,
+            unet,
+            text_encoder,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: w.force_zeros_for_empty_prompt,
             vae: AutoencoderKL::load(&w.vae_config, &w.vae)?,
             tokenizer: w.tokenizer,
             schedule: NoiseSchedule::new(&w.scheduler_config)?,
@@ -450,7 +589,7 @@ impl StableDiffusion {
     }
 
     /// `encode_prompts`, from the cache when the prompts and the text encoder are unchanged.
-    fn prompt_context(&self, prompts: &[&str]) -> Result<Tensor> {
+    fn prompt_context(&self, prompts: &[&str]) -> Result<TextConditioning> {
         if !self.cache_text_embeddings {
             return self.encode_prompts(prompts);
         }
@@ -471,13 +610,61 @@ impl StableDiffusion {
         self.schedule.prediction()
     }
 
-    /// Text embeddings (B, 77, d) for the prompts.
-    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+    /// What the UNet is conditioned on for the prompts: text embeddings (B, 77, d), and SDXL's
+    /// pooled embedding.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<TextConditioning> {
         self.text_cache.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ids: Vec<u32> = prompts.iter().flat_map(|p| self.tokenizer.encode(p)).collect();
-        let n = ids.len() / prompts.len().max(1);
-        let ids = Tensor::from_vec(ids, (prompts.len(), n), &self.device)?;
-        self.text_encoder.forward(&ids)
+        let ids = self.tokenizer.input_ids(prompts, &self.device)?;
+        let ids_2 = match &self.text_encoder_2 {
+            Some((_, tokenizer)) => Some(tokenizer.input_ids(prompts, &self.device)?),
+            None => None,
+        };
+        self.encode_ids(&ids, ids_2.as_ref())
+    }
+
+    /// `encode_prompts` from token ids: `ids` for the first text encoder, `ids_2` for SDXL's
+    /// second (its tokenizer pads differently).
+    pub fn encode_ids(&self, ids: &Tensor, ids_2: Option<&Tensor>) -> Result<TextConditioning> {
+        match (&self.text_encoder_2, ids_2) {
+            (None, None) => Ok(TextConditioning { context: self.text_encoder.forward(ids)?, pooled: None }),
+            // SDXL reads both encoders at their penultimate layer, side by side on the channel
+            // axis; the pooled embedding is the second's.
+            (Some((second, _)), Some(ids_2)) => {
+                let (first, _) = self.text_encoder.penultimate_and_pooled(ids)?;
+                let (other, pooled) = second.penultimate_and_pooled(ids_2)?;
+                let context = Tensor::cat(&[&first, &other.to_dtype(first.dtype())?], 2)?;
+                Ok(TextConditioning { context, pooled: Some(pooled) })
+            }
+            (Some(_), None) => bail!("this model (SDXL) has two text encoders: token ids for the second are missing"),
+            (None, Some(_)) => bail!("this model has one text encoder: it takes no second set of token ids"),
+        }
+    }
+
+    /// SDXL's size numbers for drawing a `height`×`width` image from an uncropped original of the
+    /// same size (diffusers' default) for every row of `text`; `None` for SD 1.x / 2.x.
+    pub fn uncropped_sizes(&self, text: &TextConditioning, height: usize, width: usize) -> Result<Option<Tensor>> {
+        if text.pooled.is_none() {
+            return Ok(None);
+        }
+        let row = ([height, width], [0, 0], [height, width]);
+        Ok(Some(size_conditioning(&vec![row; text.context.dim(0)?], self.dtype, &self.device)?))
+    }
+
+    /// The UNet's prediction for latents `x` at `timesteps` under `text`; SDXL also takes each
+    /// image's size numbers (`size_conditioning`), `sizes` (B, 6).
+    pub fn predict(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        text: &TextConditioning,
+        sizes: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match (&text.pooled, sizes) {
+            (Some(pooled), Some(sizes)) => self.unet.forward_with(x, timesteps, &text.context, Some((pooled, sizes))),
+            (None, None) => self.unet.forward(x, timesteps, &text.context),
+            (Some(_), None) => bail!("an SDXL prediction needs each image's size numbers"),
+            (None, Some(_)) => bail!("size numbers were given, but there is no pooled text embedding (not SDXL)"),
+        }
     }
 
     /// Pixel size that latents must be a multiple of, so every UNet level has whole pixels.
@@ -505,11 +692,16 @@ impl StableDiffusion {
             bail!("guidance must be a finite number, not {}", req.guidance);
         }
         let guided = req.guidance > 1.0;
-        let context = if guided {
-            self.prompt_context(&[req.negative.as_str(), req.prompt.as_str()])?
-        } else {
+        let text = if !guided {
             self.prompt_context(&[req.prompt.as_str()])?
+        } else if self.force_zeros_for_empty_prompt && req.negative.trim().is_empty() {
+            // SDXL (as diffusers' pipeline): no negative prompt is zeros, not the encoding of "".
+            let positive = self.prompt_context(&[req.prompt.as_str()])?;
+            TextConditioning::cat(&[&positive.zeros_like()?, &positive])?
+        } else {
+            self.prompt_context(&[req.negative.as_str(), req.prompt.as_str()])?
         };
+        let sizes = self.uncropped_sizes(&text, req.height, req.width)?;
         let f = self.vae.config.downscale();
         let shape = (1, self.vae.config.latent_channels, req.height / f, req.width / f);
         let mut rng = Rng::new(req.seed);
@@ -521,7 +713,7 @@ impl StableDiffusion {
             let input = if guided { Tensor::cat(&[&input, &input], 0)? } else { input };
             // Euler with "linspace" spacing visits fractional timesteps.
             let t_tensor = Tensor::new(&[sampler.model_timestep(i) as f32], &self.device)?.to_dtype(self.dtype)?;
-            let out = self.unet.forward(&input, &t_tensor, &context)?;
+            let out = self.predict(&input, &t_tensor, &text, sizes.as_ref())?;
             let out = if guided { guidance(&out.narrow(0, 0, 1)?, &out.narrow(0, 1, 1)?, req.guidance)? } else { out };
             x = sampler.step(&out, i, &x, &mut rng)?;
             on_step(i + 1, total);
@@ -541,6 +733,40 @@ impl StableDiffusion {
             );
         }
         to_image(&decoded.get(0)?)
+    }
+}
+
+/// The text encoders' widths must add up to the UNet's cross-attention width, and an SDXL UNet's
+/// `add_embedding` must take the second encoder's pooled width plus the six size embeddings: a
+/// mismatch is a broken model folder, said here instead of as a shape error mid-generation.
+fn check_conditioning_widths(
+    unet: &UNet2DConditionModel,
+    first: &ClipTextModel,
+    second: Option<&ClipTextModel>,
+) -> Result<()> {
+    let widths = first.config.hidden_size + second.map_or(0, |s| s.config.hidden_size);
+    if widths != unet.config.cross_attention_dim {
+        bail!(
+            "the text encoder{} ({widths} wide) and the UNet's cross-attention ({} wide) do not fit together",
+            if second.is_some() { "s together" } else { "" },
+            unet.config.cross_attention_dim
+        );
+    }
+    match (unet.takes_added_conditioning(), second) {
+        (true, None) => bail!("the UNet takes SDXL's micro-conditioning, but the model has no second text encoder"),
+        (false, Some(_)) => bail!("the model has a second text encoder, but its UNet takes no pooled text embedding"),
+        (true, Some(second)) => {
+            let pooled = second.pooled_width();
+            let expected = unet.config.projection_class_embeddings_input_dim.unwrap_or(0);
+            let time = 6 * unet.config.addition_time_embed_dim.unwrap_or(0);
+            if pooled + time != expected {
+                bail!(
+                    "the second text encoder's pooled embedding ({pooled} wide) and six size embeddings ({time}) do not add up to the UNet's add_embedding input ({expected})"
+                );
+            }
+            Ok(())
+        }
+        (false, None) => Ok(()),
     }
 }
 

@@ -96,6 +96,8 @@ pub(super) fn base_weights(o: &Options) -> Result<ModelWeights> {
             vae_config,
             scheduler_config: SchedulerConfig::default(),
             tokenizer: ClipTokenizer::new(),
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
         },
     };
     Ok(ModelWeights { scheduler_config: schedule(o), ..base })

@@ -154,6 +154,11 @@ impl ClipTextModel {
         })
     }
 
+    /// The pooled embedding's width: the projection's output, or the hidden size without one.
+    pub fn pooled_width(&self) -> usize {
+        self.text_projection.as_ref().map_or(self.config.hidden_size, |p| p.out_dim())
+    }
+
     /// `input_ids` (B, T) of integer token ids → hidden states (B, T, hidden).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (last, _) = self.run(input_ids, self.layers.len())?;

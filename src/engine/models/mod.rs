@@ -2,6 +2,7 @@
 //! the UNet, the CLIP text encoder and its tokenizer, and the VAE.
 
 pub mod clip;
+pub mod family;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;

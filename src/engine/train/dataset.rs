@@ -368,6 +368,18 @@ pub fn target_size(width: u32, height: u32, opts: &DatasetOptions) -> (usize, us
 
 /// Resizes so the image covers `(w, h)` and crops to it; `crop_offset` in [0,1]² picks the window
 /// (0.5, 0.5 is the centre). Returns (3, h, w) in [-1, 1].
+/// Where `prepare_image` cuts a `w`×`h` picture from an `iw`×`ih` image: the size it resizes the
+/// image to (covering `w`×`h`), and the crop's left and top in that resized image. SDXL is told the
+/// crop's top-left (its micro-conditioning), so both places use this one computation.
+pub fn crop_window(iw: usize, ih: usize, w: usize, h: usize, crop_offset: (f64, f64)) -> (usize, usize, usize, usize) {
+    let (fw, fh) = (iw.max(1) as f64, ih.max(1) as f64);
+    let scale = (w as f64 / fw).max(h as f64 / fh);
+    let (rw, rh) = (((fw * scale).round() as usize).max(w), ((fh * scale).round() as usize).max(h));
+    let x0 = ((rw - w) as f64 * crop_offset.0).round() as usize;
+    let y0 = ((rh - h) as f64 * crop_offset.1).round() as usize;
+    (rw, rh, x0, y0)
+}
+
 pub fn prepare_image(
     img: &image::DynamicImage,
     w: usize,
@@ -377,13 +389,9 @@ pub fn prepare_image(
     device: &Device,
 ) -> Result<Tensor> {
     let rgb = img.to_rgb8();
-    let (iw, ih) = (rgb.width() as f64, rgb.height() as f64);
-    let scale = (w as f64 / iw).max(h as f64 / ih);
-    let (rw, rh) = (((iw * scale).round() as u32).max(w as u32), ((ih * scale).round() as u32).max(h as u32));
-    let resized = image::imageops::resize(&rgb, rw, rh, image::imageops::FilterType::CatmullRom);
-    let x0 = ((rw as usize - w) as f64 * crop_offset.0).round() as u32;
-    let y0 = ((rh as usize - h) as f64 * crop_offset.1).round() as u32;
-    let mut crop = image::imageops::crop_imm(&resized, x0, y0, w as u32, h as u32).to_image();
+    let (rw, rh, x0, y0) = crop_window(rgb.width() as usize, rgb.height() as usize, w, h, crop_offset);
+    let resized = image::imageops::resize(&rgb, rw as u32, rh as u32, image::imageops::FilterType::CatmullRom);
+    let mut crop = image::imageops::crop_imm(&resized, x0 as u32, y0 as u32, w as u32, h as u32).to_image();
     if flip {
         image::imageops::flip_horizontal_in_place(&mut crop);
     }

@@ -17,9 +17,9 @@ use crate::engine::io::diffusers_folder::write_model_folder;
 use crate::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
 use crate::engine::kernels::recompute::GradSink;
 use crate::engine::models::nn::LayerMut;
-use crate::engine::pipeline::{ModelWeights, StableDiffusion};
+use crate::engine::pipeline::{ModelWeights, StableDiffusion, TextConditioning, size_conditioning};
 use crate::engine::rng::Rng;
-use crate::engine::train::dataset::{Dataset, DatasetOptions, decode_image, prepare_image, target_size};
+use crate::engine::train::dataset::{Dataset, DatasetOptions, crop_window, decode_image, prepare_image, target_size};
 use crate::engine::train::fresh::fresh_update;
 use crate::engine::train::optim;
 use crate::engine::train::record::{Family, RunRecord};
@@ -330,6 +330,9 @@ struct TrainedLayer {
 struct Example {
     /// One latent per crop × mirror variant; a step uses one of them.
     latents: Vec<Tensor>,
+    /// Per latent: SDXL's size numbers (original height and width, crop top and left, target
+    /// height and width), as kohya fills them from each image's real size and crop.
+    sizes: Vec<([usize; 2], [usize; 2], [usize; 2])>,
     caption: String,
     /// The image's folder name (kohya counts caption tags per folder).
     folder: String,
@@ -359,7 +362,7 @@ pub struct Trainer {
     layers: Vec<TrainedLayer>,
     examples: Vec<Example>,
     /// Cached text embeddings per caption while the text encoder is frozen.
-    embeddings: HashMap<String, Tensor>,
+    embeddings: HashMap<String, TextConditioning>,
     rng: Rng,
     order: Vec<usize>,
     cursor: usize,
@@ -413,7 +416,10 @@ impl Trainer {
                         || (cfg.algorithm == Algorithm::Locon
                             && TargetPreset::TransformerAndConv.targets_unet(layer.path(), conv))
                 }
-                Component::TextEncoder => cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path()),
+                // SDXL: both text encoders, as sd-scripts trains them unless told otherwise.
+                Component::TextEncoder | Component::TextEncoder2 => {
+                    cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path())
+                }
             };
             if !wanted {
                 return Ok(());
@@ -439,7 +445,7 @@ impl Trainer {
                         m: var.zeros_like()?,
                         v: var.zeros_like()?,
                         var,
-                        text_encoder: component == Component::TextEncoder,
+                        text_encoder: component.is_text_encoder(),
                     });
                     names.push(name);
                 }
@@ -598,7 +604,7 @@ impl Trainer {
         tags.join(", ")
     }
 
-    fn text_embedding(&mut self, caption: &str) -> Result<Tensor> {
+    fn text_embedding(&mut self, caption: &str) -> Result<TextConditioning> {
         if self.config.train_text_encoder {
             return self.model.encode_prompts(&[caption]);
         }
@@ -611,13 +617,21 @@ impl Trainer {
     }
 
     /// The diffusion loss for a batch, with per-sample timesteps and noise given.
-    fn loss(&self, x0: &Tensor, ctx: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    /// `sizes`: SDXL's size numbers per sample (`size_conditioning`); `None` for SD 1.x / 2.x.
+    fn loss(
+        &self,
+        x0: &Tensor,
+        text: &TextConditioning,
+        sizes: Option<&Tensor>,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         let schedule = &self.model.schedule;
         let x_t = schedule.add_noise(x0, noise, timesteps)?;
         let target = schedule.target(x0, noise, timesteps)?;
         let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
         let t = Tensor::from_vec(t, timesteps.len(), x0.device())?.to_dtype(x0.dtype())?;
-        let pred = self.model.unet.forward(&x_t, &t, ctx)?;
+        let pred = self.model.predict(&x_t, &t, text, sizes)?;
         let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
         let weights: Vec<f32> = timesteps
             .iter()
@@ -625,6 +639,18 @@ impl Trainer {
             .collect();
         let w = Tensor::from_vec(weights, timesteps.len(), x0.device())?.to_dtype(per_sample.dtype())?;
         Ok((per_sample * w)?.mean_all()?)
+    }
+
+    /// SDXL's size numbers for a batch (when the text conditioning has a pooled embedding).
+    fn size_numbers(
+        &self,
+        text: &TextConditioning,
+        rows: &[([usize; 2], [usize; 2], [usize; 2])],
+    ) -> Result<Option<Tensor>> {
+        match text.pooled {
+            Some(_) => Ok(Some(size_conditioning(rows, self.model.dtype, &self.model.device)?)),
+            None => Ok(None),
+        }
     }
 
     /// One optimiser step (with gradient accumulation inside). Returns the mean loss.
@@ -635,12 +661,14 @@ impl Trainer {
         for _ in 0..self.config.grad_accum {
             let mut x0s = Vec::new();
             let mut ctxs = Vec::new();
+            let mut sizes = Vec::new();
             let mut timesteps = Vec::new();
             for _ in 0..self.config.batch_size {
                 let i = self.next_example();
                 let variants = self.examples[i].latents.len();
                 let v = if variants > 1 { self.rng.below(variants) } else { 0 };
                 x0s.push(self.examples[i].latents[v].clone());
+                sizes.push(self.examples[i].sizes[v]);
                 let caption = self.examples[i].caption.clone();
                 let caption = self.training_caption(&caption);
                 ctxs.push(self.text_embedding(&caption)?);
@@ -652,7 +680,9 @@ impl Trainer {
                 if same_size { vec![(0..x0s.len()).collect()] } else { (0..x0s.len()).map(|i| vec![i]).collect() };
             for g in groups {
                 let x0 = Tensor::stack(&g.iter().map(|&i| &x0s[i]).collect::<Vec<_>>(), 0)?;
-                let ctx = Tensor::cat(&g.iter().map(|&i| &ctxs[i]).collect::<Vec<_>>(), 0)?;
+                let ctx = TextConditioning::cat(&g.iter().map(|&i| &ctxs[i]).collect::<Vec<_>>())?;
+                let rows: Vec<_> = g.iter().map(|&i| sizes[i]).collect();
+                let size_numbers = self.size_numbers(&ctx, &rows)?;
                 let ts: Vec<usize> = g.iter().map(|&i| timesteps[i]).collect();
                 let mut noise = self.rng.randn(x0.shape(), &device)?.to_dtype(x0.dtype())?;
                 if self.config.noise_offset > 0.0 {
@@ -661,7 +691,7 @@ impl Trainer {
                         (self.rng.randn((b, c, 1, 1), &device)?.to_dtype(x0.dtype())? * self.config.noise_offset)?;
                     noise = noise.broadcast_add(&offset)?;
                 }
-                let loss = self.loss(&x0, &ctx, &noise, &ts)?;
+                let loss = self.loss(&x0, &ctx, size_numbers.as_ref(), &noise, &ts)?;
                 let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Err(NonFiniteLoss { step: self.step + 1 }.into());
@@ -751,6 +781,7 @@ impl Trainer {
         let count = self.model.schedule.len();
         for i in 0..n {
             let x0 = self.examples[i].latents[0].unsqueeze(0)?;
+            let size_row = self.examples[i].sizes[0];
             let caption = self.examples[i].caption.clone();
             let ctx = if self.config.train_text_encoder {
                 self.model.encode_prompts(&[caption.as_str()])?
@@ -761,8 +792,13 @@ impl Trainer {
             for k in 0..4 {
                 let t = (count * (2 * k + 1)) / 8;
                 let noise = rng.randn(x0.shape(), &device)?.to_dtype(x0.dtype())?;
-                total +=
-                    self.loss(&x0, &ctx.detach(), &noise, &[t])?.detach().to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                let ctx = ctx.detach();
+                let size_numbers = self.size_numbers(&ctx, &[size_row])?;
+                total += self
+                    .loss(&x0, &ctx, size_numbers.as_ref(), &noise, &[t])?
+                    .detach()
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?;
             }
         }
         Ok(total / (4 * n) as f32)
@@ -965,8 +1001,12 @@ fn encode_examples(
         let flips = if opts.flip { vec![false, true] } else { vec![false] };
         let mut img = None;
         let mut latents = Vec::new();
+        let mut sizes = Vec::new();
         for &crop in &crops {
+            let (iw, ih) = (e.width as usize, e.height as usize);
+            let (_, _, left, top) = crop_window(iw, ih, w, h, crop);
             for &flip in &flips {
+                sizes.push(([ih, iw], [top, left], [h, w]));
                 let key = format!(
                     "{:016x}-{w}x{h}-{:.4}-{:.4}-{}-{vae_key:016x}",
                     e.content_hash,
@@ -1008,7 +1048,7 @@ fn encode_examples(
         }
         let folder =
             e.path.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        out.push(Example { latents, caption: e.full_caption(&opts.trigger), folder });
+        out.push(Example { latents, sizes, caption: e.full_caption(&opts.trigger), folder });
     }
     encoded(dataset.images.len(), dataset.images.len());
     Ok(out)

@@ -226,11 +226,14 @@ fn glora_from_file(
     })
 }
 
-/// kohya's flattened layer name for a module path.
-pub fn flat_name(component: Component, path: &str) -> String {
+/// kohya's flattened layer name for a module path. A model with two text encoders (SDXL) names
+/// them `lora_te1_` / `lora_te2_`, as sd-scripts, A1111 and ComfyUI read them.
+pub fn flat_name(component: Component, path: &str, two_text_encoders: bool) -> String {
     let prefix = match component {
         Component::Unet => "lora_unet_",
+        Component::TextEncoder if two_text_encoders => "lora_te1_",
         Component::TextEncoder => "lora_te_",
+        Component::TextEncoder2 => "lora_te2_",
     };
     format!("{prefix}{}", path.replace('.', "_"))
 }
@@ -333,8 +336,11 @@ pub fn to_tensors(
     let mut has_glora = false;
     let mut has_conv = false;
     let mut algos = std::collections::BTreeSet::new();
+    // An SDXL file says so in its metadata even when it adapts only the first text encoder.
+    let two_text_encoders = layers.iter().any(|l| l.component == Component::TextEncoder2)
+        || metadata.get("ss_base_model_version").is_some_and(|v| v.starts_with("sdxl"));
     for l in layers {
-        let name = flat_name(l.component, &l.path);
+        let name = flat_name(l.component, &l.path, two_text_encoders);
         has_glora |= matches!(l.delta, Delta::Glora { .. });
         has_conv |= matches!(&l.delta, Delta::Lora { down, .. } if down.rank() == 4);
         if !matches!(l.delta, Delta::Lora { .. } | Delta::Glora { .. }) {

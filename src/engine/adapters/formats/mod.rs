@@ -20,15 +20,24 @@ use crate::engine::io::weights::{all_finite, parse_safetensors, read_safetensors
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Component {
     Unet,
+    /// The (first) text encoder: CLIP ViT-L in SD 1.x and SDXL, OpenCLIP ViT-H in SD 2.x.
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG, with its projection).
+    TextEncoder2,
 }
 
 impl Component {
+    /// The component's name in a diffusers folder and in PEFT keys.
     pub fn label(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
+    }
+
+    pub fn is_text_encoder(self) -> bool {
+        self != Component::Unet
     }
 }
 
@@ -173,6 +182,9 @@ impl ModuleIndex {
                 // kohya spells SD 1.x/2.x text encoders `lora_te_`; SDXL-style files use `lora_te1_`.
                 self.flat.insert(format!("lora_te_{flat}"), (component, path.to_string()));
                 self.flat.insert(format!("lora_te1_{flat}"), (component, path.to_string()));
+            }
+            Component::TextEncoder2 => {
+                self.flat.insert(format!("lora_te2_{flat}"), (component, path.to_string()));
             }
         }
         self.layers.insert((component, path.to_string()), shape);

@@ -44,23 +44,22 @@ pub fn is_peft_key(key: &str) -> bool {
 }
 
 /// Where a module path points: the component, and the path our models use. transformers 5
-/// writes text-encoder paths without `text_model.`; files for a second text encoder (SDXL) keep
-/// their prefix and so find no home in an SD 1.x / 2.x model.
+/// writes text-encoder paths without `text_model.`. Layers of a second text encoder (SDXL,
+/// `text_encoder_2.`) find no home in an SD 1.x / 2.x model, which has none.
 fn locate(module: &str) -> LayerKey {
     let rest = module.strip_prefix("base_model.model.").unwrap_or(module);
-    if rest.starts_with("text_encoder_2.") {
-        return LayerKey::Flat(rest.to_string());
-    }
-    let text = |p: &str| {
+    let text = |c: Component, p: &str| {
         let p = if p.starts_with("text_model.") { p.to_string() } else { format!("text_model.{p}") };
-        LayerKey::Path(Component::TextEncoder, p)
+        LayerKey::Path(c, p)
     };
     if let Some(p) = rest.strip_prefix("unet.") {
         LayerKey::Path(Component::Unet, p.to_string())
+    } else if let Some(p) = rest.strip_prefix("text_encoder_2.") {
+        text(Component::TextEncoder2, p)
     } else if let Some(p) = rest.strip_prefix("text_encoder.") {
-        text(p)
+        text(Component::TextEncoder, p)
     } else if rest.starts_with("text_model.") {
-        text(rest)
+        text(Component::TextEncoder, rest)
     } else {
         LayerKey::Path(Component::Unet, rest.to_string())
     }
@@ -120,6 +119,7 @@ fn peft_configs(metadata: &HashMap<String, String>) -> Result<HashMap<Option<Com
     let component = |name: &str| match name {
         "unet" => Some(Some(Component::Unet)),
         "text_encoder" => Some(Some(Component::TextEncoder)),
+        "text_encoder_2" => Some(Some(Component::TextEncoder2)),
         _ => None,
     };
     let mut grouped: HashMap<Option<Component>, serde_json::Map<String, serde_json::Value>> = HashMap::new();

@@ -120,7 +120,7 @@ pub(super) fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) ->
         }
         // SD 2.x: 64 channels per head (5, 10, 20, 20 heads); smaller models use the largest power
         // of two ≤ 64 that divides every block, listed per block as diffusers' SD 2 config does.
-        ModelFamily::Sd2 => {
+        ModelFamily::Sd2 | ModelFamily::Sdxl => {
             let head_dim = [64, 32, 16, 8, 4, 2, 1]
                 .into_iter()
                 .find(|d| block_out_channels.iter().all(|c| c % d == 0))
@@ -200,7 +200,7 @@ pub(super) fn infer_text(te: &HashMap<String, Tensor>, family: ModelFamily) -> R
         max_position_embeddings: dim(te, "text_model.embeddings.position_embedding.weight", 0)?,
         // OpenAI CLIP was trained with quick_gelu, OpenCLIP ViT-H with exact gelu.
         hidden_act: match family {
-            ModelFamily::Sd1 => "quick_gelu",
+            ModelFamily::Sd1 | ModelFamily::Sdxl => "quick_gelu",
             ModelFamily::Sd2 => "gelu",
         }
         .into(),

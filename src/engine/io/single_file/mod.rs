@@ -20,14 +20,7 @@ use infer::{infer_text, infer_unet, infer_vae, prediction_hint};
 pub(crate) use names::unet_module;
 use names::{CLIP, OPEN_CLIP, Part, Target, index_after, map_key};
 
-/// Which Stable Diffusion generation a checkpoint belongs to; decided by its text encoder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelFamily {
-    /// OpenAI CLIP ViT-L text encoder (`cond_stage_model.transformer.*`).
-    Sd1,
-    /// OpenCLIP ViT-H text encoder (`cond_stage_model.model.*`), conditioned on its penultimate layer.
-    Sd2,
-}
+pub use crate::engine::models::family::ModelFamily;
 
 /// A checkpoint split into diffusers-named components, with the configs inferred from shapes.
 #[derive(Debug)]
