@@ -17,7 +17,7 @@ use crate::engine::bench;
 use crate::engine::builtin;
 use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::io::weights::{WeightPrecision, all_finite, read_safetensors, write_safetensors};
-use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
+use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, TextConditioning};
 use crate::engine::train::trainer::TrainConfig;
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
@@ -188,6 +188,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         width: 0,
         height: 0,
     };
+    let mut sampler: Option<SamplerKind> = None;
     let mut allow_partial = false;
     while let Some(arg) = p.next()? {
         match arg {
@@ -197,7 +198,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
             Long("seed") => req.seed = p.value()?.parse()?,
             Long("steps") => req.steps = p.value()?.parse()?,
             Long("guidance") => req.guidance = p.value()?.parse()?,
-            Long("sampler") => req.sampler = p.value()?.string()?.parse()?,
+            Long("sampler") => sampler = Some(p.value()?.string()?.parse()?),
             Long("width") => req.width = p.value()?.parse()?,
             Long("height") => req.height = p.value()?.parse()?,
             Long("out") => out = Some(p.value()?.into()),
@@ -210,7 +211,8 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
     let out = out.context("--out FILE.png is required")?;
     let mut sd = load_model(&model)?;
     load_adapters(&mut sd, &adapters, allow_partial)?;
-    let default_side = sd.unet.config.sample_size.unwrap_or(64).saturating_mul(sd.vae.config.downscale());
+    req.sampler = sampler.unwrap_or_else(|| sd.default_sampler());
+    let default_side = sd.native_side();
     if req.width == 0 {
         req.width = default_side;
     }
@@ -270,20 +272,46 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
     let mut outputs: HashMap<String, Tensor> = HashMap::new();
     let on_device = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&dev)?) };
     let as_f32 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&dev)?) };
-    let context = if let Some(ids) = inputs.get("input_ids") {
-        let emb = sd.text_encoder.forward(&on_device(ids)?)?;
-        outputs.insert("text_embeddings".into(), emb.clone());
-        Some(emb)
+    // SD 1.x / 2.x: `input_ids` → `text_embeddings`; SDXL: `input_ids` and `input_ids_2` →
+    // `prompt_embeds` and `pooled_prompt_embeds` (diffusers' names for each).
+    let text = if let Some(ids) = inputs.get("input_ids") {
+        let ids_2 = inputs.get("input_ids_2").map(on_device).transpose()?;
+        let text = sd.encode_ids(&on_device(ids)?, ids_2.as_ref())?;
+        match &text.pooled {
+            Some(pooled) => {
+                outputs.insert("prompt_embeds".into(), text.context.clone());
+                outputs.insert("pooled_prompt_embeds".into(), pooled.clone());
+            }
+            None => {
+                outputs.insert("text_embeddings".into(), text.context.clone());
+            }
+        }
+        Some(text)
     } else {
-        inputs.get("encoder_hidden_states").map(as_f32).transpose()?
+        let context = ["encoder_hidden_states", "prompt_embeds"].iter().find_map(|k| inputs.get(*k));
+        let pooled = ["pooled_prompt_embeds", "text_embeds"].iter().find_map(|k| inputs.get(*k));
+        match context {
+            Some(c) => Some(TextConditioning { context: as_f32(c)?, pooled: pooled.map(as_f32).transpose()? }),
+            None => None,
+        }
     };
     if let Some(sample) = inputs.get("sample") {
-        let context = context.context(format!(
-            "{}: has `sample` but neither `input_ids` nor `encoder_hidden_states`",
+        let text = text.context(format!(
+            "{}: has `sample` but neither `input_ids` nor `encoder_hidden_states` / `prompt_embeds`",
             inputs_path.display()
         ))?;
         let t = inputs.get("timestep").context(format!("{}: `timestep` is missing", inputs_path.display()))?;
-        let pred = sd.unet.forward(&as_f32(sample)?, &as_f32(t)?, &context)?;
+        let sample = as_f32(sample)?;
+        // SDXL's size numbers: `add_time_ids` (diffusers' name) or an uncropped picture of the
+        // sample's size.
+        let sizes = match ["add_time_ids", "time_ids"].iter().find_map(|k| inputs.get(*k)) {
+            Some(s) if text.pooled.is_some() => Some(as_f32(s)?),
+            _ => {
+                let f = sd.vae.config.downscale();
+                sd.uncropped_sizes(&text, sample.dim(2)? * f, sample.dim(3)? * f)?
+            }
+        };
+        let pred = sd.predict(&sample, &as_f32(t)?, &text, sizes.as_ref())?;
         outputs.insert("noise_pred".into(), pred);
     }
     if outputs.is_empty() {

@@ -59,6 +59,88 @@ fn forward_reproduces_reference_outputs() {
     assert_close("noise_pred_a05_b08", &read_safetensors(&out).unwrap()["noise_pred"], &r["noise_pred_a05_b08"]);
 }
 
+/// SDXL on the command line: `forward` writes diffusers' `prompt_embeds`, `pooled_prompt_embeds`
+/// and `noise_pred` (checked with `--check` against diffusers' references, and with a kohya SDXL
+/// LoRA), and `generate` draws with it.
+#[test]
+fn forward_and_generate_run_an_sdxl_folder() {
+    let dir = tempdir("forward-sdxl");
+    let sdxl = fixtures_dir().join("sdxl-tiny");
+    let (model, inputs, reference) =
+        (sdxl.join("model"), sdxl.join("inputs.safetensors"), sdxl.join("reference.safetensors"));
+    let out = dir.join("out.safetensors");
+    let run = studio(&[
+        "forward",
+        "--model",
+        p(&model),
+        "--inputs",
+        p(&inputs),
+        "--output",
+        p(&out),
+        "--check",
+        p(&reference),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for name in ["prompt_embeds", "pooled_prompt_embeds", "noise_pred"] {
+        assert!(stdout.contains(&format!("{name}: max|ours - ref|")), "{name} checked: {stdout}");
+    }
+    let lora = format!("{}:0.7", p(&sdxl.join("lora_kohya.safetensors")));
+    let run =
+        studio(&["forward", "--model", p(&model), "--adapter", &lora, "--inputs", p(&inputs), "--output", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (got, r) = (read_safetensors(&out).unwrap(), read_safetensors(&reference).unwrap());
+    assert_close("prompt_embeds_kohya07", &got["prompt_embeds"], &r["prompt_embeds_kohya07"]);
+    assert_close("pooled_kohya07", &got["pooled_prompt_embeds"], &r["pooled_kohya07"]);
+    assert_close("noise_pred_kohya07", &got["noise_pred"], &r["noise_pred_kohya07"]);
+
+    // Blended into one kohya file (rank 4 + 2 holds the mix exactly), and folded into the model.
+    let blend = dir.join("blend.safetensors");
+    let (k05, p08) = (
+        format!("{}:0.5", p(&sdxl.join("lora_kohya.safetensors"))),
+        format!("{}:0.8", p(&sdxl.join("lora_peft.safetensors"))),
+    );
+    let run = studio(&["adapter", "blend", &k05, &p08, "--model", p(&model), "--rank", "6", "--out", p(&blend)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let written = read_safetensors(&blend).unwrap();
+    for prefix in ["lora_te1_", "lora_te2_", "lora_unet_"] {
+        assert!(written.keys().any(|k| k.starts_with(prefix)), "kohya SDXL naming: {prefix}");
+    }
+    let run =
+        studio(&["forward", "--model", p(&model), "--adapter", p(&blend), "--inputs", p(&inputs), "--output", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = read_safetensors(&out).unwrap();
+    assert_close("pooled from the blend", &got["pooled_prompt_embeds"], &r["pooled_kohya05_peft08"]);
+    assert_close("noise_pred from the blend", &got["noise_pred"], &r["noise_pred_kohya05_peft08"]);
+    let merged = dir.join("merged");
+    let run = studio(&["adapter", "merge", &lora, "--model", p(&model), "--out", p(&merged)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = studio(&["forward", "--model", p(&merged), "--inputs", p(&inputs), "--output", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let got = read_safetensors(&out).unwrap();
+    assert_close("pooled from the merged model", &got["pooled_prompt_embeds"], &r["pooled_kohya07"]);
+    assert_close("noise_pred from the merged model", &got["noise_pred"], &r["noise_pred_kohya07"]);
+
+    let png = dir.join("sdxl.png");
+    let run = studio(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--out",
+        p(&png),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (32, 32));
+}
+
 #[test]
 fn generate_writes_a_png() {
     let dir = tempdir("generate");

@@ -129,6 +129,11 @@ fn sdxl_generates_with_and_without_a_negative_prompt() {
     req.negative = "blurry".into();
     let negative = sd.generate(&req, &mut |_, _| {}).unwrap();
     assert_ne!(plain, negative, "the negative prompt changes the picture");
+    // No negative prompt is zeros (model_index.json's force_zeros_for_empty_prompt), not "".
+    req.negative = String::new();
+    let mut sd = sd;
+    sd.force_zeros_for_empty_prompt = false;
+    assert_ne!(sd.generate(&req, &mut |_, _| {}).unwrap(), plain, "zeros, not the encoding of \"\"");
 }
 
 fn text_encoder(name: &str) -> lora_studio::engine::models::clip::ClipTextModel {
@@ -214,5 +219,20 @@ fn sdxl_tokenizers_pad_as_diffusers_does() {
         let ours: Vec<Vec<i64>> =
             tokenizer.encode_batch(&prompts).into_iter().map(|row| row.into_iter().map(i64::from).collect()).collect();
         assert_eq!(ours, r[key].to_vec2::<i64>().unwrap(), "{key}");
+    }
+}
+
+/// An SDXL LoRA on an SD 1.x model (and the reverse check in `adapter info`) is refused in the
+/// words a user needs: which family the adapter was made for and which the model is.
+#[test]
+fn an_sdxl_lora_on_an_sd1_model_is_refused_naming_both_families() {
+    use lora_studio::engine::adapters::formats::{read_adapter, summarize};
+    let mut sd1 = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let e = sd1.load_adapter("xl", &sdxl_tiny().join("lora_kohya.safetensors"), 1.0).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("this adapter was trained for SDXL; this model is SD 1.x"), "{msg}");
+    for file in ["lora_kohya.safetensors", "lora_peft.safetensors"] {
+        let summary = summarize(&read_adapter(&sdxl_tiny().join(file)).unwrap());
+        assert_eq!(summary.family, "SDXL", "{file}");
     }
 }

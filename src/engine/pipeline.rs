@@ -405,6 +405,25 @@ impl StableDiffusion {
         self.unet.visit_layers(&mut |l| f(Component::Unet, l));
     }
 
+    /// The sampler a user of this family expects when they choose none: SDXL's pipelines ship
+    /// Euler (`EulerDiscreteScheduler`); SD 1.x / 2.x keep DDIM.
+    pub fn default_sampler(&self) -> SamplerKind {
+        match self.family() {
+            ModelFamily::Sdxl => SamplerKind::Euler,
+            ModelFamily::Sd1 | ModelFamily::Sd2 => SamplerKind::Ddim,
+        }
+    }
+
+    /// The picture side the model was trained at (the UNet's `sample_size` in pixels): 512 for
+    /// SD 1.5, 768 for SD 2.x 768-v, 1024 for SDXL.
+    pub fn native_side(&self) -> usize {
+        let fallback = match self.family() {
+            ModelFamily::Sdxl => 128,
+            _ => 64,
+        };
+        self.unet.config.sample_size.unwrap_or(fallback).saturating_mul(self.vae.config.downscale())
+    }
+
     pub fn family(&self) -> ModelFamily {
         family_of(
             self.text_encoder_2.is_some(),
@@ -423,6 +442,7 @@ impl StableDiffusion {
     /// The model's layer names and shapes, for matching adapter files.
     pub fn module_index(&mut self) -> ModuleIndex {
         let mut index = ModuleIndex::new(Some(self.unet.config.layers_per_block));
+        index.family = Some(self.family());
         self.visit_layers(&mut |c, l| index.insert(c, l.path(), l.stack_ref().base.dims().to_vec()));
         index
     }

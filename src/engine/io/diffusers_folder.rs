@@ -53,10 +53,15 @@ pub fn write_model_folder(
     let name = dir.file_name().with_context(|| format!("{}: needs a folder name", dir.display()))?;
     let tmp = partial_path(dir, name);
     let result = (|| -> Result<()> {
-        for sub in ["unet", "text_encoder", "vae", "scheduler", "tokenizer"] {
+        let second = weights.text_encoder_2.as_ref();
+        let mut subs = vec!["unet", "text_encoder", "vae", "scheduler", "tokenizer"];
+        if second.is_some() {
+            subs.extend(["text_encoder_2", "tokenizer_2"]);
+        }
+        for sub in subs {
             std::fs::create_dir_all(tmp.join(sub)).with_context(|| format!("{}: cannot create", tmp.display()))?;
         }
-        let index = serde_json::json!({
+        let mut index = serde_json::json!({
             "_class_name": "StableDiffusionPipeline",
             "unet": ["diffusers", "UNet2DConditionModel"],
             "text_encoder": ["transformers", "CLIPTextModel"],
@@ -64,6 +69,22 @@ pub fn write_model_folder(
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "DDIMScheduler"],
         });
+        if let Some(second) = second {
+            index["_class_name"] = "StableDiffusionXLPipeline".into();
+            index["text_encoder_2"] = serde_json::json!(["transformers", "CLIPTextModelWithProjection"]);
+            index["tokenizer_2"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
+            index["force_zeros_for_empty_prompt"] = weights.force_zeros_for_empty_prompt.into();
+            index["scheduler"] = serde_json::json!(["diffusers", "EulerDiscreteScheduler"]);
+            let mut text = serde_json::to_value(&second.config)?;
+            text["architectures"] = serde_json::json!(["CLIPTextModelWithProjection"]);
+            text["model_type"] = "clip_text_model".into();
+            if let Some(projection) = second.weights.tensor("text_projection.weight") {
+                text["projection_dim"] = projection.dim(0)?.into();
+            }
+            write_atomic(&tmp.join("text_encoder_2/config.json"), serde_json::to_string_pretty(&text)?.as_bytes())?;
+            write_tokenizer_config(&tmp.join("tokenizer_2"), second.tokenizer.pad_id())?;
+            complete_tokenizer(&tmp.join("tokenizer_2"))?;
+        }
         write_atomic(&tmp.join("model_index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
         write_atomic(
             &tmp.join("unet/config.json"),
@@ -76,7 +97,11 @@ pub fn write_model_folder(
         write_atomic(&tmp.join("text_encoder/config.json"), serde_json::to_string_pretty(&text)?.as_bytes())?;
         write_atomic(
             &tmp.join("scheduler/scheduler_config.json"),
-            config_json(&weights.scheduler_config, "DDIMScheduler")?.as_bytes(),
+            config_json(
+                &weights.scheduler_config,
+                if second.is_some() { "EulerDiscreteScheduler" } else { "DDIMScheduler" },
+            )?
+            .as_bytes(),
         )?;
         match tokenizer_source.filter(|p| p.is_dir()) {
             Some(src) => {
@@ -89,19 +114,18 @@ pub fn write_model_folder(
                     }
                 }
             }
-            None => {
-                let pad = if weights.tokenizer.pad_id() == 0 { "!" } else { "<|endoftext|>" };
-                let cfg =
-                    serde_json::json!({ "model_max_length": 77, "pad_token": pad, "tokenizer_class": "CLIPTokenizer" });
-                write_atomic(&tmp.join("tokenizer/tokenizer_config.json"), cfg.to_string().as_bytes())?;
-            }
+            None => write_tokenizer_config(&tmp.join("tokenizer"), weights.tokenizer.pad_id())?,
         }
         complete_tokenizer(&tmp.join("tokenizer"))?;
-        for (sub, file, map) in [
+        let mut components = vec![
             ("unet", "diffusion_pytorch_model.safetensors", &weights.unet),
             ("text_encoder", "model.safetensors", &weights.text_encoder),
             ("vae", "diffusion_pytorch_model.safetensors", &weights.vae),
-        ] {
+        ];
+        if let Some(second) = second {
+            components.push(("text_encoder_2", "model.safetensors", &second.weights));
+        }
+        for (sub, file, map) in components {
             let mut tensors = HashMap::with_capacity(map.len());
             for name in map.names() {
                 let t = map.tensor(name).expect("listed").detach();
@@ -131,6 +155,13 @@ pub fn write_model_folder(
 
 /// Copies a diffusers model folder to `out` with the live mix folded into the UNet and text
 /// encoder weights. Written to a temporary folder first and renamed, so `out` is whole or absent.
+/// A tokenizer folder's `tokenizer_config.json`: CLIP's, padding with `!` (id 0) or end-of-text.
+fn write_tokenizer_config(dir: &Path, pad_id: u32) -> Result<()> {
+    let pad = if pad_id == 0 { "!" } else { "<|endoftext|>" };
+    let cfg = serde_json::json!({ "model_max_length": 77, "pad_token": pad, "tokenizer_class": "CLIPTokenizer" });
+    write_atomic(&dir.join("tokenizer_config.json"), cfg.to_string().as_bytes())
+}
+
 /// Adds `vocab.json` and `merges.txt` where a tokenizer folder lacks them: earlier folders of ours
 /// had neither (the vocabulary lives in the binary), and transformers cannot tokenize without them.
 fn complete_tokenizer(dir: &Path) -> Result<()> {
@@ -169,8 +200,10 @@ pub fn write_merged_model(sd: &mut StableDiffusion, model: &Path, out: &Path) ->
     let tmp = partial_path(out, out.file_name().context("the merged model needs a folder name")?);
     let result = (|| -> Result<usize> {
         copy_tree(model, &tmp)?;
-        if tmp.join("tokenizer").is_dir() {
-            complete_tokenizer(&tmp.join("tokenizer"))?;
+        for tokenizer in ["tokenizer", "tokenizer_2"] {
+            if tmp.join(tokenizer).is_dir() {
+                complete_tokenizer(&tmp.join(tokenizer))?;
+            }
         }
         let mut changed = 0;
         for (component, weights) in &changes {

@@ -1,40 +1,45 @@
 //! What a trained adapter file says about its training, in the keys A1111, ComfyUI and civitai
 //! read: kohya sd-scripts' `ss_*` training record and the `modelspec.*` block (Stability AI's model
-//! spec, filled as sd-scripts fills it for an SD 1.x / 2.x LoRA).
+//! spec, filled as sd-scripts fills it for an SD 1.x / 2.x / SDXL LoRA).
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::engine::diffusion::schedule::Prediction;
+use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::StableDiffusion;
 use crate::engine::train::trainer::{LrSchedule, TrainConfig};
 
 /// Which Stable Diffusion a model is, as adapter metadata names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Family {
-    /// SD 2.x: OpenCLIP-H text encoder (1024 wide) and 1024-wide cross-attention.
-    pub v2: bool,
+    pub model: ModelFamily,
     pub v_prediction: bool,
 }
 
 impl Family {
-    /// Read from the model itself: the text encoder's and cross-attention's widths (either one
-    /// 1024 wide means SD 2.x) and the scheduler's prediction type.
+    /// Read from the model itself (`StableDiffusion::family`) and its scheduler's prediction type.
     pub fn of(model: &StableDiffusion) -> Self {
-        let v2 = model.unet.config.cross_attention_dim == 1024 || model.text_encoder.config.hidden_size == 1024;
-        Self { v2, v_prediction: model.prediction() == Prediction::V }
+        Self { model: model.family(), v_prediction: model.prediction() == Prediction::V }
     }
 
-    /// sd-scripts' `ss_base_model_version`: `sd_v1`, `sd_v2`, with `_v` for v-prediction.
+    /// sd-scripts' `ss_base_model_version`: `sd_v1`, `sd_v2` (with `_v` for v-prediction),
+    /// `sdxl_base_v1-0`.
     pub fn base_model_version(self) -> String {
-        format!("sd_{}{}", if self.v2 { "v2" } else { "v1" }, if self.v_prediction { "_v" } else { "" })
+        let v = if self.v_prediction { "_v" } else { "" };
+        match self.model {
+            ModelFamily::Sd1 => format!("sd_v1{v}"),
+            ModelFamily::Sd2 => format!("sd_v2{v}"),
+            ModelFamily::Sdxl => "sdxl_base_v1-0".to_string(),
+        }
     }
 
     /// The model spec's architecture for a LoRA on this model.
     pub fn architecture(self) -> &'static str {
-        match (self.v2, self.v_prediction) {
-            (true, true) => "stable-diffusion-v2-768-v/lora",
-            (true, false) => "stable-diffusion-v2-512/lora",
-            (false, _) => "stable-diffusion-v1/lora",
+        match (self.model, self.v_prediction) {
+            (ModelFamily::Sd2, true) => "stable-diffusion-v2-768-v/lora",
+            (ModelFamily::Sd2, false) => "stable-diffusion-v2-512/lora",
+            (ModelFamily::Sdxl, _) => "stable-diffusion-xl-v1-base/lora",
+            (ModelFamily::Sd1, _) => "stable-diffusion-v1/lora",
         }
     }
 }
@@ -109,10 +114,10 @@ impl RunRecord<'_> {
         if let Some(n) = c.max_grad_norm {
             put("ss_max_grad_norm", n.to_string());
         }
-        put("ss_v2", py_bool(self.family.v2));
+        put("ss_v2", py_bool(self.family.model == ModelFamily::Sd2));
         put("ss_base_model_version", self.family.base_model_version());
         put("ss_tag_frequency", serde_json::json!(self.tag_frequency).to_string());
-        // The model spec, as sd-scripts fills it for an SD 1.x / 2.x LoRA.
+        // The model spec, as sd-scripts fills it for a LoRA.
         put("modelspec.sai_model_spec", "1.0.1".to_string());
         put("modelspec.architecture", self.family.architecture().to_string());
         put("modelspec.implementation", "diffusers".to_string());
@@ -159,12 +164,17 @@ mod tests {
 
     #[test]
     fn families_name_themselves_as_sd_scripts_does() {
-        let f = |v2, v_prediction| Family { v2, v_prediction };
+        let f = |v2, v_prediction| Family { model: if v2 { ModelFamily::Sd2 } else { ModelFamily::Sd1 }, v_prediction };
         assert_eq!(f(false, false).base_model_version(), "sd_v1");
         assert_eq!(f(true, false).base_model_version(), "sd_v2");
         assert_eq!(f(true, true).base_model_version(), "sd_v2_v");
         assert_eq!(f(true, true).architecture(), "stable-diffusion-v2-768-v/lora");
         assert_eq!(f(true, false).architecture(), "stable-diffusion-v2-512/lora");
         assert_eq!(f(false, false).architecture(), "stable-diffusion-v1/lora");
+        let xl = Family { model: ModelFamily::Sdxl, v_prediction: false };
+        assert_eq!(
+            (xl.base_model_version().as_str(), xl.architecture()),
+            ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")
+        );
     }
 }

@@ -15,6 +15,7 @@ use crate::engine::Result;
 use crate::engine::adapters::delta::{Delta, strength_semantics};
 use crate::engine::io::single_file::unet_module;
 use crate::engine::io::weights::{all_finite, parse_safetensors, read_safetensors_with_metadata};
+use crate::engine::models::family::ModelFamily;
 
 /// Which model of the pipeline a layer belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -164,6 +165,8 @@ pub struct ModuleIndex {
     flat: HashMap<String, (Component, String)>,
     /// The UNet's layers per block, to name layers the original (ldm) way too.
     pub layers_per_block: Option<usize>,
+    /// The model's family, for the compatibility report's words.
+    pub family: Option<ModelFamily>,
 }
 
 impl ModuleIndex {
@@ -233,13 +236,15 @@ pub struct CompatibilityReport {
     pub total: usize,
     pub unmatched: Vec<String>,
     pub shape_mismatches: Vec<String>,
+    /// The adapter's family and the model's, when they are known and differ.
+    pub family_mismatch: Option<(ModelFamily, ModelFamily)>,
 }
 
 impl CompatibilityReport {
-    /// Refused whatever the user says: a layer of the wrong shape (another model family) or no
-    /// layer that fits at all.
+    /// Refused whatever the user says: an adapter for another family, a layer of the wrong shape
+    /// or no layer that fits at all.
     pub fn refused(&self) -> bool {
-        !self.shape_mismatches.is_empty() || self.matched == 0
+        self.family_mismatch.is_some() || !self.shape_mismatches.is_empty() || self.matched == 0
     }
 
     /// Some layers find no home in this model: loading the rest changes the picture differently
@@ -265,7 +270,13 @@ impl CompatibilityReport {
     }
 
     pub fn summary(&self) -> String {
-        let mut s = format!("{} of {} adapter layers match the model", self.matched, self.total);
+        let mut s = match self.family_mismatch {
+            Some((adapter, model)) => {
+                format!("this adapter was trained for {}; this model is {}: ", adapter.label(), model.label())
+            }
+            None => String::new(),
+        };
+        s += &format!("{} of {} adapter layers match the model", self.matched, self.total);
         if !self.shape_mismatches.is_empty() {
             s += &format!(
                 "; {} have the wrong shape (first: {})",
@@ -285,6 +296,11 @@ impl CompatibilityReport {
 /// inspection learns it from the value, not from an error).
 pub fn match_layers(adapter: &ParsedAdapter, index: &ModuleIndex) -> Result<(Vec<MatchedLayer>, CompatibilityReport)> {
     let mut report = CompatibilityReport { total: adapter.layers.len(), ..Default::default() };
+    if let (Some(a), Some(m)) = (adapter_family(adapter), index.family)
+        && a != m
+    {
+        report.family_mismatch = Some((a, m));
+    }
     let mut matched = Vec::new();
     for layer in &adapter.layers {
         let Some((component, path)) = index.resolve(&layer.key) else {
@@ -443,6 +459,22 @@ impl AdapterSummary {
     }
 }
 
+/// The family an adapter was made for: SDXL when it adapts a second text encoder, otherwise from
+/// its cross-attention key/value input width; `None` when nothing says.
+pub fn adapter_family(parsed: &ParsedAdapter) -> Option<ModelFamily> {
+    let mut width = None;
+    for l in &parsed.layers {
+        let name = l.key.to_string().replace('.', "_");
+        if name.starts_with("lora_te2_") || name.starts_with("text_encoder_2_") {
+            return Some(ModelFamily::Sdxl);
+        }
+        if name.contains("attn2_to_k") || name.contains("attn2_to_v") {
+            width = l.delta.input_width().or(width);
+        }
+    }
+    ModelFamily::from_context_width(width?)
+}
+
 pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
     let mut algorithms = BTreeMap::new();
     let mut semantics: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -487,14 +519,12 @@ pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
             context_width = l.delta.input_width().or(context_width);
         }
     }
-    let family = match context_width {
-        Some(768) => "SD 1.x",
-        Some(1024) => "SD 2.x",
-        Some(2048) => "SDXL",
+    let family = match (adapter_family(parsed), context_width) {
+        (Some(f), _) => f.label(),
         // assets/base: the built-in model's text encoder is 128 wide.
-        Some(128) => "LoRA Studio built-in",
-        Some(_) => "other (custom cross-attention width)",
-        None => "unknown (no cross-attention layers)",
+        (None, Some(128)) => "LoRA Studio built-in",
+        (None, Some(_)) => "other (custom cross-attention width)",
+        (None, None) => "unknown (no cross-attention layers)",
     };
     let glora_layout = parsed.glora_layout.map(|l| match l {
         GloraLayout::Current => "current (LyCORIS, ComfyUI)".to_string(),
