@@ -168,6 +168,7 @@ impl ModelWeights {
         if let Some(p) = converted.prediction_hint {
             scheduler_config.set_prediction(p);
         }
+        let sdxl = converted.family == ModelFamily::Sdxl;
         let pad_id = match converted.family {
             ModelFamily::Sd1 | ModelFamily::Sdxl => crate::engine::models::tokenizer::END_OF_TEXT,
             ModelFamily::Sd2 => 0,
@@ -186,9 +187,29 @@ impl ModelWeights {
                 precision,
                 device,
             )?,
-            vae: WeightMap::with_precision(converted.vae, format!("{source} (VAE)"), dtype, precision, device)?,
-            text_encoder_2: None,
-            force_zeros_for_empty_prompt: false,
+            vae: WeightMap::with_precision(
+                converted.vae,
+                format!("{source} (VAE)"),
+                dtype,
+                vae_precision(precision, sdxl),
+                device,
+            )?,
+            text_encoder_2: match converted.text_encoder_2 {
+                Some((weights, config)) => Some(SecondEncoderWeights {
+                    config,
+                    tokenizer: ClipTokenizer::with_pad_id(0),
+                    weights: WeightMap::with_precision(
+                        weights,
+                        format!("{source} (second text encoder)"),
+                        dtype,
+                        precision,
+                        device,
+                    )?,
+                }),
+                None => None,
+            },
+            // As diffusers' SDXL pipeline does by default.
+            force_zeros_for_empty_prompt: sdxl,
         })
     }
 

@@ -76,7 +76,13 @@ fn norm_groups(min_block: usize, norm_sizes: &[usize]) -> usize {
     [8, 4, 2, 1].into_iter().find(|g| norm_sizes.iter().all(|c| c % g == 0)).unwrap_or(1)
 }
 
-pub(super) fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) -> Result<UNetConfig> {
+/// `pooled_width`: SDXL's pooled text embedding width (the second encoder's projection), which with
+/// `add_embedding`'s input width gives the size embeddings' width.
+pub(super) fn infer_unet(
+    unet: &HashMap<String, Tensor>,
+    family: ModelFamily,
+    pooled_width: Option<usize>,
+) -> Result<UNetConfig> {
     let blocks = count(unet, "down_blocks.", ".resnets.0.conv1.weight");
     if blocks == 0 {
         bail!("no down blocks");
@@ -102,11 +108,55 @@ pub(super) fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) ->
     let cross_attention_dim =
         agreed(ends(".attn2.to_k.weight").map(|d| d.last().copied().unwrap_or(0)), "cross_attention_dim")?
             .context("no cross-attention (attn2) weights")?;
-    let transformers = unet.keys().filter_map(|n| {
-        let base = n.strip_suffix(".proj_in.weight")?;
-        Some(count(unet, &format!("{base}.transformer_blocks."), ".norm1.weight"))
-    });
-    let transformer_layers = agreed(transformers, "transformer_layers_per_block")?.unwrap_or(1);
+    // Transformer layers per level (SDXL: 1, 2, 10), the same in a level's every attention block,
+    // its up block's and (the last level's) the mid block's.
+    let layers_in = |block: &str| {
+        agreed(
+            unet.keys().filter_map(|n| {
+                let base = n.strip_prefix(block)?.strip_suffix(".proj_in.weight")?;
+                let base = format!("{block}{base}");
+                Some(count(unet, &format!("{base}.transformer_blocks."), ".norm1.weight"))
+            }),
+            "transformer_layers_per_block",
+        )
+    };
+    let mut per_level = Vec::with_capacity(blocks);
+    for i in 0..blocks {
+        let down = layers_in(&format!("down_blocks.{i}."))?;
+        let up = layers_in(&format!("up_blocks.{}.", blocks - 1 - i))?;
+        if let (Some(d), Some(u)) = (down, up)
+            && d != u
+        {
+            bail!("not supported: {d} transformer layers in down block {i} but {u} in its up block");
+        }
+        per_level.push(down.or(up));
+    }
+    let mid = layers_in("mid_block.")?;
+    if let (Some(m), Some(Some(last))) = (mid, per_level.last())
+        && m != *last
+    {
+        bail!("not supported: {m} transformer layers in the mid block but {last} in the last level");
+    }
+    // Levels without attention take their neighbours' value (diffusers' configs list one per level).
+    let fill = per_level.iter().flatten().next().copied().or(mid).unwrap_or(1);
+    let per_level: Vec<usize> = per_level.into_iter().map(|l| l.unwrap_or(fill)).collect();
+    let transformer_layers_per_block = if per_level.iter().all(|&l| l == per_level[0]) {
+        PerBlock::One(per_level[0])
+    } else {
+        PerBlock::Each(per_level)
+    };
+    let add_embedding = match unet.get("add_embedding.linear_1.weight").map(|t| t.dims().to_vec()) {
+        Some(d) if d.len() == 2 => {
+            let pooled =
+                pooled_width.context("the UNet has a size embedding (`label_emb`) but no pooled text embedding")?;
+            let time = d[1].checked_sub(pooled).filter(|t| t % 6 == 0 && *t > 0).with_context(|| {
+                format!("the size embedding takes {} inputs, which is not {pooled} (pooled) + 6 × a width", d[1])
+            })?;
+            Some((d[1], time / 6))
+        }
+        Some(d) => bail!("`add_embedding.linear_1.weight` has shape {d:?}, expected 2-D"),
+        None => None,
+    };
 
     // Head counts are not in the weights either (only their product with head_dim is).
     let attention_head_dim = match family {
@@ -157,13 +207,13 @@ pub(super) fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) ->
         flip_sin_to_cos: true,
         freq_shift: 0.0,
         downsample_padding: 1,
-        transformer_layers_per_block: PerBlock::One(transformer_layers),
+        transformer_layers_per_block,
         only_cross_attention: false,
-        // The training resolution is not recorded in the weights.
-        sample_size: None,
-        addition_embed_type: None,
-        addition_time_embed_dim: None,
-        projection_class_embeddings_input_dim: None,
+        // The training resolution is not recorded in the weights; SDXL's is 1024 px.
+        sample_size: (family == ModelFamily::Sdxl).then_some(128),
+        addition_embed_type: add_embedding.map(|_| "text_time".to_string()),
+        addition_time_embed_dim: add_embedding.map(|(_, time)| time),
+        projection_class_embeddings_input_dim: add_embedding.map(|(input, _)| input),
         class_embed_type: None,
         time_cond_proj_dim: None,
         encoder_hid_dim: None,
@@ -172,7 +222,8 @@ pub(super) fn infer_unet(unet: &HashMap<String, Tensor>, family: ModelFamily) ->
     Ok(cfg)
 }
 
-pub(super) fn infer_text(te: &HashMap<String, Tensor>, family: ModelFamily) -> Result<ClipConfig> {
+/// `hidden_act`: `quick_gelu` for OpenAI CLIP, `gelu` for OpenCLIP (not in the weights).
+pub(super) fn infer_text(te: &HashMap<String, Tensor>, hidden_act: &str) -> Result<ClipConfig> {
     let token = dims(te, "text_model.embeddings.token_embedding.weight")?;
     let (vocab_size, hidden_size) = match *token {
         [v, h] => (v, h),
@@ -198,12 +249,7 @@ pub(super) fn infer_text(te: &HashMap<String, Tensor>, family: ModelFamily) -> R
         num_hidden_layers,
         num_attention_heads,
         max_position_embeddings: dim(te, "text_model.embeddings.position_embedding.weight", 0)?,
-        // OpenAI CLIP was trained with quick_gelu, OpenCLIP ViT-H with exact gelu.
-        hidden_act: match family {
-            ModelFamily::Sd1 | ModelFamily::Sdxl => "quick_gelu",
-            ModelFamily::Sd2 => "gelu",
-        }
-        .into(),
+        hidden_act: hidden_act.into(),
         layer_norm_eps: 1e-5,
         eos_token_id: crate::engine::models::tokenizer::END_OF_TEXT,
     };
@@ -211,7 +257,7 @@ pub(super) fn infer_text(te: &HashMap<String, Tensor>, family: ModelFamily) -> R
     Ok(cfg)
 }
 
-pub(super) fn infer_vae(vae: &HashMap<String, Tensor>) -> Result<VaeConfig> {
+pub(super) fn infer_vae(vae: &HashMap<String, Tensor>, family: ModelFamily) -> Result<VaeConfig> {
     let blocks = count(vae, "encoder.down_blocks.", ".resnets.0.conv1.weight");
     if blocks == 0 {
         bail!("no encoder blocks");
@@ -237,8 +283,9 @@ pub(super) fn infer_vae(vae: &HashMap<String, Tensor>) -> Result<VaeConfig> {
         layers_per_block: count(vae, "encoder.down_blocks.0.resnets.", ".conv1.weight"),
         norm_num_groups: norm_groups(min_block, &norm_sizes),
         block_out_channels,
-        // Every SD 1.x / 2.x VAE was trained with this latent scale; it is not stored in the file.
-        scaling_factor: 0.18215,
+        // Every SD 1.x / 2.x VAE was trained with 0.18215 as its latent scale, SDXL's with
+        // 0.13025; it is not stored in the file.
+        scaling_factor: if family == ModelFamily::Sdxl { 0.13025 } else { 0.18215 },
         use_quant_conv: vae.contains_key("quant_conv.weight"),
         use_post_quant_conv: vae.contains_key("post_quant_conv.weight"),
         mid_block_add_attention: vae.contains_key("encoder.mid_block.attentions.0.to_q.weight"),

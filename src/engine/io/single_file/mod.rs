@@ -18,7 +18,7 @@ mod names;
 
 use infer::{infer_text, infer_unet, infer_vae, prediction_hint};
 pub(crate) use names::unet_module;
-use names::{CLIP, OPEN_CLIP, Part, Target, index_after, map_key};
+use names::{CLIP, OPEN_CLIP, Part, SDXL_CLIP, SDXL_OPEN_CLIP, Target, index_after, map_key};
 
 pub use crate::engine::models::family::ModelFamily;
 
@@ -32,6 +32,8 @@ pub struct SingleFileModel {
     pub unet_config: UNetConfig,
     pub text_config: ClipConfig,
     pub vae_config: VaeConfig,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG with its projection) and its config.
+    pub text_encoder_2: Option<(HashMap<String, Tensor>, ClipConfig)>,
     /// `None` when nothing in the file points either way (SD 2.x 512-base and 768-v share shapes).
     /// What the UNet was trained to predict. Files rarely say, so this is only ever a hint.
     pub prediction_hint: Option<Prediction>,
@@ -41,12 +43,15 @@ pub struct SingleFileModel {
 /// reading any data). Every other model kind gets a one-line "not supported: …" error.
 pub fn detect<'a>(names: impl Iterator<Item = &'a str>) -> Result<ModelFamily> {
     let (mut unet, mut clip, mut open_clip, mut diffusers_names) = (false, false, false, false);
+    let (mut xl_clip, mut xl_open_clip, mut label_emb) = (false, false, false);
     for n in names {
         if is_adapter_key(n) {
             bail!("not supported: this is a LoRA adapter, not a base model (key `{n}`)");
         }
-        if n.starts_with("conditioner.embedders.") {
-            bail!("not supported: SDXL checkpoints (`conditioner.embedders.*`); only SD 1.x / 2.x load");
+        if n.starts_with("conditioner.embedders.0.model.") {
+            bail!(
+                "not supported: the SDXL refiner (one OpenCLIP text encoder, `conditioner.embedders.0.model.*`); open an SDXL base model or finetune"
+            );
         }
         if n.contains("joint_blocks.") {
             bail!("not supported: SD3-style MMDiT checkpoints (`joint_blocks`); only SD 1.x / 2.x load");
@@ -54,12 +59,12 @@ pub fn detect<'a>(names: impl Iterator<Item = &'a str>) -> Result<ModelFamily> {
         if n.contains("double_blocks.") || n.contains("single_blocks.") {
             bail!("not supported: Flux-style checkpoints (`double_blocks`); only SD 1.x / 2.x load");
         }
-        if n.starts_with("model.diffusion_model.label_emb.") {
-            bail!("not supported: class-conditioned UNets (SDXL refiner, unCLIP, upscaler: `label_emb`)");
-        }
+        label_emb |= n.starts_with("model.diffusion_model.label_emb.");
         unet |= n.starts_with("model.diffusion_model.input_blocks.");
         clip |= n.starts_with(CLIP);
         open_clip |= n.starts_with(OPEN_CLIP);
+        xl_clip |= n.starts_with(SDXL_CLIP);
+        xl_open_clip |= n.starts_with(SDXL_OPEN_CLIP);
         diffusers_names |=
             n.starts_with("down_blocks.") || n.starts_with("text_model.") || n.starts_with("encoder.down_blocks.");
     }
@@ -70,6 +75,20 @@ pub fn detect<'a>(names: impl Iterator<Item = &'a str>) -> Result<ModelFamily> {
             );
         }
         bail!("not supported: no Stable Diffusion UNet weights (`model.diffusion_model.input_blocks.*`) in this file");
+    }
+    if xl_clip || xl_open_clip {
+        if !(xl_clip && xl_open_clip && label_emb) {
+            bail!(
+                "not supported: an SGM-layout checkpoint without SDXL's two text encoders (`conditioner.embedders.0.transformer.*`, `conditioner.embedders.1.model.*`) and size embedding (`label_emb`)"
+            );
+        }
+        if clip || open_clip {
+            bail!("not supported: the checkpoint has both SDXL's and SD 1.x / 2.x's text encoders");
+        }
+        return Ok(ModelFamily::Sdxl);
+    }
+    if label_emb {
+        bail!("not supported: class-conditioned UNets (unCLIP, upscaler: `label_emb`)");
     }
     match (clip, open_clip) {
         (true, false) => Ok(ModelFamily::Sd1),
@@ -101,6 +120,7 @@ pub fn convert(tensors: HashMap<String, Tensor>, source: &str) -> Result<SingleF
     // Sorted so the "unrecognised" list and duplicate errors are the same on every run.
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let (mut unet, mut text_encoder, mut vae) = (HashMap::new(), HashMap::new(), HashMap::new());
+    let mut text_encoder_2 = HashMap::new();
     let mut unknown = Vec::new();
     for (name, t) in entries {
         let (part, op) = match map_key(&name, &layout) {
@@ -114,6 +134,7 @@ pub fn convert(tensors: HashMap<String, Tensor>, source: &str) -> Result<SingleF
         let out = match part {
             Part::Unet => &mut unet,
             Part::Text => &mut text_encoder,
+            Part::Text2 => &mut text_encoder_2,
             Part::Vae => &mut vae,
         };
         for (new_name, t) in op.apply(t).with_context(|| format!("{source}: tensor `{name}`"))? {
@@ -134,10 +155,35 @@ pub fn convert(tensors: HashMap<String, Tensor>, source: &str) -> Result<SingleF
         bail!("{source}: not supported: the checkpoint has no VAE (`first_stage_model.*`)");
     }
 
-    let unet_config = infer_unet(&unet, family).map_err(|e| anyhow!("{source}: UNet: {e}"))?;
-    let text_config = infer_text(&text_encoder, family).map_err(|e| anyhow!("{source}: text encoder: {e}"))?;
-    let vae_config = infer_vae(&vae).map_err(|e| anyhow!("{source}: VAE: {e}"))?;
-    Ok(SingleFileModel { family, unet, text_encoder, vae, unet_config, text_config, vae_config, prediction_hint })
+    // OpenAI CLIP was trained with quick_gelu, OpenCLIP with exact gelu.
+    let text_act = if family == ModelFamily::Sd2 { "gelu" } else { "quick_gelu" };
+    let text_config = infer_text(&text_encoder, text_act).map_err(|e| anyhow!("{source}: text encoder: {e}"))?;
+    let text_encoder_2 = match family {
+        ModelFamily::Sdxl => {
+            let config = infer_text(&text_encoder_2, "gelu")
+                .map_err(|e| anyhow!("{source}: second text encoder (OpenCLIP): {e}"))?;
+            Some((text_encoder_2, config))
+        }
+        _ => None,
+    };
+    // SDXL's size embedding: `add_embedding` takes the pooled text embedding and six size
+    // embeddings, whose width follows from the two.
+    let pooled_width = text_encoder_2
+        .as_ref()
+        .map(|(t, c)| t.get("text_projection.weight").and_then(|p| p.dims().first().copied()).unwrap_or(c.hidden_size));
+    let unet_config = infer_unet(&unet, family, pooled_width).map_err(|e| anyhow!("{source}: UNet: {e}"))?;
+    let vae_config = infer_vae(&vae, family).map_err(|e| anyhow!("{source}: VAE: {e}"))?;
+    Ok(SingleFileModel {
+        family,
+        unet,
+        text_encoder,
+        vae,
+        unet_config,
+        text_config,
+        vae_config,
+        text_encoder_2,
+        prediction_hint,
+    })
 }
 
 /// Real SD UNets have 2 (SD 1.x / 2.x) or 3 resnets per block; far more means a broken file.

@@ -12,11 +12,16 @@ pub(super) const UNET: &str = "model.diffusion_model.";
 pub(super) const VAE: &str = "first_stage_model.";
 pub(super) const CLIP: &str = "cond_stage_model.transformer.";
 pub(super) const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// SDXL (SGM layout): CLIP ViT-L in transformers' naming, and OpenCLIP ViT-bigG.
+pub(super) const SDXL_CLIP: &str = "conditioner.embedders.0.transformer.";
+pub(super) const SDXL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Part {
     Unet,
     Text,
+    /// SDXL's second text encoder.
+    Text2,
     Vae,
 }
 
@@ -28,12 +33,19 @@ pub(super) enum Op {
     Squeeze1x1(String),
     /// OpenCLIP packs q, k, v into one `in_proj` (rows in that order); transformers splits them.
     SplitQkv([String; 3]),
+    /// OpenCLIP's `text_projection` is applied as `x @ P` (hidden, projection); transformers'
+    /// linear stores its transpose.
+    Transpose(String),
 }
 
 impl Op {
     pub(super) fn apply(self, t: Tensor) -> Result<Vec<(String, Tensor)>> {
         Ok(match self {
             Op::Copy(n) => vec![(n, t)],
+            Op::Transpose(n) => match t.rank() {
+                2 => vec![(n, t.t()?.contiguous()?)],
+                _ => bail!("expected a 2-D projection, found shape {:?}", t.dims()),
+            },
             Op::Squeeze1x1(n) => match *t.dims() {
                 [o, i, 1, 1] => vec![(n, t.reshape((o, i))?)],
                 [_, _] => vec![(n, t)],
@@ -78,6 +90,9 @@ const IGNORED: &[&str] = &[
     "posterior_mean_coef2",
     "logvar",
     "lvlb_weights",
+    // SGM's (SDXL) discretised noise schedule.
+    "denoiser.sigmas",
+    "denoiser.log_sigmas",
     // ComfyUI's empty marker tensors; `v_pred` is read for the prediction hint before this.
     "v_pred",
     "ztsnr",
@@ -88,6 +103,10 @@ const IGNORED: &[&str] = &[
     // A constant buffer (0..77) that transformers rebuilds itself.
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
     "cond_stage_model.transformer.embeddings.position_ids",
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+    // SDXL's OpenCLIP: the contrastive temperature and the causal mask (rebuilt).
+    "conditioner.embedders.1.model.logit_scale",
+    "conditioner.embedders.1.model.attn_mask",
 ];
 const IGNORED_PREFIXES: &[&str] = &[
     "model_ema.",
@@ -107,13 +126,23 @@ pub(super) fn map_key(name: &str, layout: &Layout) -> Option<Target> {
     if let Some(rest) = name.strip_prefix(VAE) {
         return vae_name(rest, layout.vae_blocks).map(|op| Target::Map(Part::Vae, op));
     }
-    if let Some(rest) = name.strip_prefix(CLIP) {
-        // Older transformers versions saved CLIPTextModel without the `text_model.` level.
-        let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
-        return clip_name(rest).map(|n| Target::Map(Part::Text, Op::Copy(format!("text_model.{n}"))));
+    for (prefix, part) in [(CLIP, Part::Text), (SDXL_CLIP, Part::Text)] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            // Older transformers versions saved CLIPTextModel without the `text_model.` level.
+            let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
+            return clip_name(rest).map(|n| Target::Map(part, Op::Copy(format!("text_model.{n}"))));
+        }
     }
     if let Some(rest) = name.strip_prefix(OPEN_CLIP) {
-        return open_clip_name(rest, layout.open_clip_layers);
+        // SD 2.x reads the penultimate layer, so the last one never runs (diffusers drops it too).
+        return open_clip_name(rest, Part::Text, Some(layout.open_clip_layers));
+    }
+    if let Some(rest) = name.strip_prefix(SDXL_OPEN_CLIP) {
+        // SDXL's pooled embedding is the last layer's, final-normed and projected: all are kept.
+        if rest == "text_projection" {
+            return Some(Target::Map(Part::Text2, Op::Transpose("text_projection.weight".into())));
+        }
+        return open_clip_name(rest, Part::Text2, None);
     }
     None
 }
@@ -327,8 +356,10 @@ fn clip_name(rest: &str) -> Option<String> {
     known.then(|| rest.to_string())
 }
 
-fn open_clip_name(rest: &str, layers: usize) -> Option<Target> {
-    let text = |n: String| Some(Target::Map(Part::Text, Op::Copy(format!("text_model.{n}"))));
+/// An OpenCLIP text-tower name in transformers' naming, for `part`. With `drop_last_of` (the
+/// tower's layer count), its last layer is ignored: SD 2.x never runs it.
+fn open_clip_name(rest: &str, part: Part, drop_last_of: Option<usize>) -> Option<Target> {
+    let text = |n: String| Some(Target::Map(part, Op::Copy(format!("text_model.{n}"))));
     match rest {
         "token_embedding.weight" => return text("embeddings.token_embedding.weight".into()),
         "positional_embedding" => return text("embeddings.position_embedding.weight".into()),
@@ -339,8 +370,7 @@ fn open_clip_name(rest: &str, layers: usize) -> Option<Target> {
     }
     let (i, p) = index_after(rest, "transformer.resblocks.")?;
     let op = open_clip_layer(p, &format!("text_model.encoder.layers.{i}"))?;
-    // SD 2.x reads the penultimate layer, so the last one never runs (diffusers drops it too).
-    Some(if i + 1 == layers { Target::Ignore } else { Target::Map(Part::Text, op) })
+    Some(if drop_last_of == Some(i + 1) { Target::Ignore } else { Target::Map(part, op) })
 }
 
 fn open_clip_layer(p: &str, layer: &str) -> Option<Op> {

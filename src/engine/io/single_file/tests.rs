@@ -266,12 +266,18 @@ fn err(names: &[&str]) -> String {
 
 #[test]
 fn other_model_kinds_are_refused_in_one_line() {
-    let sdxl = err(&[
+    let sdxl = [
         "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
         "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
         "conditioner.embedders.1.model.ln_final.weight",
-    ]);
-    assert!(sdxl.starts_with("not supported: SDXL"), "{sdxl}");
+    ];
+    assert_eq!(detect(sdxl.into_iter()).unwrap(), ModelFamily::Sdxl);
+    let refiner = err(&[sdxl[0], sdxl[1], "conditioner.embedders.0.model.ln_final.weight"]);
+    assert!(refiner.starts_with("not supported: the SDXL refiner"), "{refiner}");
+    let half = err(&[sdxl[0], sdxl[1], sdxl[2]]);
+    assert!(half.contains("without SDXL's two text encoders"), "{half}");
+    let sdxl = refiner;
     let sd3 = err(&["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]);
     assert!(sd3.contains("SD3"), "{sd3}");
     let flux = err(&["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]);
@@ -621,4 +627,151 @@ mod unet_map {
             }
         }
     }
+}
+
+/// The SDXL fixture written out as an original SGM-layout checkpoint, as kohya, A1111 and ComfyUI
+/// save them: `model.diffusion_model.*` (with `label_emb`), CLIP-L under
+/// `conditioner.embedders.0.transformer.`, OpenCLIP-bigG under `conditioner.embedders.1.model.`
+/// (q, k, v stacked in `in_proj`, the projection stored as `x @ P`), the VAE under
+/// `first_stage_model.`.
+pub(crate) fn sgm_checkpoint() -> HashMap<String, Tensor> {
+    let dir = fixtures().join("sdxl-tiny/model");
+    let read = |p: &str| read_safetensors(&dir.join(p)).unwrap();
+    let unet_config = UNetConfig::from_file(&dir.join("unet/config.json")).unwrap();
+    let vae_config = VaeConfig::from_file(&dir.join("vae/config.json")).unwrap();
+    let mut out = HashMap::new();
+    for (n, t) in read("unet/diffusion_pytorch_model.safetensors") {
+        let name = ldm_unet_name(&n, unet_config.layers_per_block, &unet_config.up_block_types);
+        assert!(out.insert(name, t).is_none(), "{n}");
+    }
+    for (n, t) in read("vae/diffusion_pytorch_model.safetensors") {
+        let (name, conv1x1) = ldm_vae_name(&n, vae_config.block_out_channels.len());
+        let t = if conv1x1 { t.unsqueeze(2).unwrap().unsqueeze(3).unwrap() } else { t };
+        assert!(out.insert(name, t).is_none(), "{n}");
+    }
+    for (n, t) in read("text_encoder/model.safetensors") {
+        out.insert(format!("conditioner.embedders.0.transformer.{n}"), t);
+    }
+    let second = read("text_encoder_2/model.safetensors");
+    let p = "conditioner.embedders.1.model.";
+    let mut packed: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+    for (n, t) in &second {
+        let n = n.strip_prefix("text_model.").unwrap_or(n);
+        let name = match n {
+            "embeddings.token_embedding.weight" => "token_embedding.weight".to_string(),
+            "embeddings.position_embedding.weight" => "positional_embedding".to_string(),
+            "text_projection.weight" => {
+                out.insert(format!("{p}text_projection"), t.t().unwrap().contiguous().unwrap());
+                continue;
+            }
+            _ if n.starts_with("final_layer_norm.") => n.replace("final_layer_norm", "ln_final"),
+            _ => {
+                let rest = n.strip_prefix("encoder.layers.").unwrap();
+                let (i, leaf) = rest.split_once('.').unwrap();
+                if let Some(qkv) = leaf.strip_prefix("self_attn.").and_then(|l| l.split_once("_proj.")) {
+                    if let Some(slot) = ["q", "k", "v"].iter().position(|x| *x == qkv.0) {
+                        let key = format!("{p}transformer.resblocks.{i}.attn.in_proj_{}", qkv.1);
+                        packed.entry(key).or_default()[slot] = Some(t.clone());
+                        continue;
+                    }
+                }
+                let leaf = [
+                    ("layer_norm1.", "ln_1."),
+                    ("layer_norm2.", "ln_2."),
+                    ("self_attn.out_proj.", "attn.out_proj."),
+                    ("mlp.fc1.", "mlp.c_fc."),
+                    ("mlp.fc2.", "mlp.c_proj."),
+                ]
+                .iter()
+                .find_map(|(a, b)| leaf.strip_prefix(a).map(|l| format!("{b}{l}")))
+                .unwrap_or_else(|| panic!("{n}"));
+                format!("transformer.resblocks.{i}.{leaf}")
+            }
+        };
+        out.insert(format!("{p}{name}"), t.clone());
+    }
+    for (key, [q, k, v]) in packed {
+        out.insert(key, Tensor::cat(&[q.unwrap(), k.unwrap(), v.unwrap()], 0).unwrap());
+    }
+    let cpu = &Device::Cpu;
+    out.insert(format!("{p}logit_scale"), Tensor::new(4.6f32, cpu).unwrap());
+    out.insert(
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids".into(),
+        Tensor::arange(0i64, 77, cpu).unwrap().unsqueeze(0).unwrap(),
+    );
+    out
+}
+
+/// An SGM-layout SDXL checkpoint converts to exactly the diffusers folder's tensors, and every
+/// config field the weights can tell comes out as the folder's config says.
+#[test]
+fn sdxl_sgm_round_trip() {
+    let dir = fixtures().join("sdxl-tiny/model");
+    let read = |p: &str| read_safetensors(&dir.join(p)).unwrap();
+    let m = convert(sgm_checkpoint(), "sdxl-tiny.safetensors").unwrap();
+    assert_eq!(m.family, ModelFamily::Sdxl);
+    assert_identical(&m.unet, &read("unet/diffusion_pytorch_model.safetensors"), "unet");
+    assert_identical(&m.text_encoder, &read("text_encoder/model.safetensors"), "text encoder");
+    let (second, second_config) = m.text_encoder_2.as_ref().expect("SDXL's second text encoder");
+    assert_identical(second, &read("text_encoder_2/model.safetensors"), "second text encoder");
+    assert_identical(&m.vae, &read("vae/diffusion_pytorch_model.safetensors"), "vae");
+
+    // Group and head counts are not in the weights: real SDXL's (32 groups, 64-channel heads)
+    // are assumed, and this tiny model differs there only.
+    let unet = UNetConfig::from_file(&dir.join("unet/config.json")).unwrap();
+    let ours = &m.unet_config;
+    assert_eq!(
+        (&ours.transformer_layers_per_block, ours.addition_time_embed_dim, ours.projection_class_embeddings_input_dim),
+        (&unet.transformer_layers_per_block, unet.addition_time_embed_dim, unet.projection_class_embeddings_input_dim)
+    );
+    assert_eq!(ours.addition_embed_type.as_deref(), Some("text_time"));
+    assert_eq!((&ours.down_block_types, &ours.up_block_types), (&unet.down_block_types, &unet.up_block_types));
+    assert_eq!((ours.cross_attention_dim, ours.use_linear_projection), (12, true));
+    let text_2 = ClipConfig::from_file(&dir.join("text_encoder_2/config.json")).unwrap();
+    assert_eq!(second_config.hidden_act, "gelu");
+    assert_eq!(m.text_config.hidden_act, "quick_gelu");
+    assert_eq!(
+        (second_config.num_hidden_layers, second_config.hidden_size, second_config.intermediate_size),
+        (text_2.num_hidden_layers, text_2.hidden_size, text_2.intermediate_size)
+    );
+    assert_eq!(m.vae_config.scaling_factor, 0.13025);
+    assert_eq!(m.prediction_hint, Some(Prediction::Epsilon));
+}
+
+/// A user's SDXL single file on disk → the model → diffusers' prompt embeddings, pooled embedding
+/// and noise prediction (the few config numbers the weights cannot tell, set as the folder has
+/// them: this tiny model's group and head counts and its VAE scale).
+#[test]
+fn sdxl_single_file_runs_like_the_diffusers_folder() {
+    use crate::engine::io::weights::WeightPrecision;
+    use crate::engine::pipeline::{ModelWeights, StableDiffusion};
+    let dir = std::env::temp_dir().join(format!("lora-studio-sdxl-single-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sdxl-tiny.safetensors");
+    crate::engine::io::weights::write_safetensors(&file, &sgm_checkpoint(), None).unwrap();
+    let mut w = ModelWeights::load(&file, DType::F32, WeightPrecision::Auto, &Device::Cpu).unwrap();
+    let folder = fixtures().join("sdxl-tiny/model");
+    let unet = UNetConfig::from_file(&folder.join("unet/config.json")).unwrap();
+    (w.unet_config.norm_num_groups, w.unet_config.attention_head_dim) = (unet.norm_num_groups, unet.attention_head_dim);
+    w.vae_config = VaeConfig::from_file(&folder.join("vae/config.json")).unwrap();
+    w.text_config = ClipConfig::from_file(&folder.join("text_encoder/config.json")).unwrap();
+    let second = w.text_encoder_2.as_mut().expect("SDXL's second text encoder");
+    second.config.num_attention_heads =
+        ClipConfig::from_file(&folder.join("text_encoder_2/config.json")).unwrap().num_attention_heads;
+    assert_eq!(second.tokenizer.pad_id(), 0, "SDXL's second tokenizer pads with `!`");
+    assert!(w.force_zeros_for_empty_prompt);
+    let sd = StableDiffusion::from_weights(w).unwrap();
+    let r = read_safetensors(&fixtures().join("sdxl-tiny/reference.safetensors")).unwrap();
+    let text = sd.encode_ids(&r["input_ids"], Some(&r["input_ids_2"])).unwrap();
+    let pred = sd.predict(&r["sample"], &r["timestep"], &text, Some(&r["add_time_ids"])).unwrap();
+    for (name, ours, theirs) in [
+        ("prompt_embeds", &text.context, &r["prompt_embeds"]),
+        ("pooled_prompt_embeds", text.pooled.as_ref().unwrap(), &r["pooled_prompt_embeds"]),
+        ("noise_pred", &pred, &r["noise_pred"]),
+    ] {
+        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let size = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-4 * size, "{name}: {diff} of {size}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
