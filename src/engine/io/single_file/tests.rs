@@ -668,12 +668,12 @@ pub(crate) fn sgm_checkpoint() -> HashMap<String, Tensor> {
             _ => {
                 let rest = n.strip_prefix("encoder.layers.").unwrap();
                 let (i, leaf) = rest.split_once('.').unwrap();
-                if let Some(qkv) = leaf.strip_prefix("self_attn.").and_then(|l| l.split_once("_proj.")) {
-                    if let Some(slot) = ["q", "k", "v"].iter().position(|x| *x == qkv.0) {
-                        let key = format!("{p}transformer.resblocks.{i}.attn.in_proj_{}", qkv.1);
-                        packed.entry(key).or_default()[slot] = Some(t.clone());
-                        continue;
-                    }
+                if let Some(qkv) = leaf.strip_prefix("self_attn.").and_then(|l| l.split_once("_proj."))
+                    && let Some(slot) = ["q", "k", "v"].iter().position(|x| *x == qkv.0)
+                {
+                    let key = format!("{p}transformer.resblocks.{i}.attn.in_proj_{}", qkv.1);
+                    packed.entry(key).or_default()[slot] = Some(t.clone());
+                    continue;
                 }
                 let leaf = [
                     ("layer_norm1.", "ln_1."),
