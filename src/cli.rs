@@ -570,11 +570,13 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
     // A --config file first, then flags override it, whatever their order on the line.
     let mut args = Vec::new();
     let mut file = TrainFile::default();
+    let mut config_file = false;
     while let Some(arg) = p.next()? {
         match arg {
             Long("config") => {
                 let path: PathBuf = p.value()?.into();
                 file = TrainFile::read(&path)?;
+                config_file = true;
             }
             Long(name) => {
                 let name = name.to_string();
@@ -592,6 +594,14 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                 args.push((name, value));
             }
             _ => return Err(arg.unexpected().into()),
+        }
+    }
+    // Without a --config file, the defaults are the model family's (SDXL: 1024 px, …); flags
+    // override them.
+    if !config_file {
+        let model = args.iter().find(|(n, _)| n == "model").and_then(|(_, v)| v.clone()).map(PathBuf::from);
+        if let Some(family) = builtin::resolve_model(model).ok().and_then(|m| ModelWeights::probe_family(&m)) {
+            file.config = crate::engine::train::trainer::TrainConfig::for_family(family);
         }
     }
     let mut naming = Naming::Kohya;

@@ -327,3 +327,60 @@ fn loha_lokr_and_dora_train_and_write_what_lycoris_reads() {
         assert_close(&format!("{algorithm:?} file vs trainer"), &ours, &trained);
     }
 }
+
+/// SDXL: a LoRA on the UNet and both text encoders trains (the validation loss falls), each image's
+/// real size and crop reach the UNet's micro-conditioning, and the file is kohya's SDXL naming
+/// (`lora_te1_`, `lora_te2_`) with SDXL's metadata, which loads back onto the model. UNet-only
+/// training (SDXL's default) runs each caption through the text encoders once.
+#[test]
+fn sdxl_lora_trains_both_text_encoders_with_each_images_size() {
+    let dir = tempdir("sdxl-train");
+    // Portrait pictures (48 wide, 64 high): cropped to a square, so the crop's top is not 0.
+    for i in 0..4u8 {
+        let img = image::RgbImage::from_fn(48, 64, |x, y| image::Rgb([40 * i, (x * 5) as u8, (y * 3) as u8]));
+        img.save(dir.join(format!("p{i}.png"))).unwrap();
+        std::fs::write(dir.join(format!("p{i}.txt")), format!("a picture, number {i}")).unwrap();
+    }
+    let sdxl = fixtures_dir().join("sdxl-tiny/model");
+    let cfg = TrainConfig {
+        train_text_encoder: true,
+        learning_rate: 1e-2,
+        text_encoder_lr: Some(1e-2),
+        dataset: DatasetOptions { resolution: 32, trigger: "sks".into(), ..Default::default() },
+        // The convolutions too: in this tiny UNet most of the weights are in its resnets.
+        ..config(30, Algorithm::Locon)
+    };
+    let model = StableDiffusion::load(&sdxl, &Device::Cpu).unwrap();
+    let ds = Dataset::scan(&[dir.to_path_buf()], &cfg.dataset).unwrap();
+    let mut t = Trainer::new(model, cfg.clone(), &ds).unwrap();
+    // Resized to 32×43 and cut at the centre: top (43 − 32) / 2 rounded, left 0.
+    assert_eq!(t.size_numbers_of(0)[0], ([64, 48], [6, 0], [32, 32]));
+    let before = t.validation_loss().unwrap();
+    for _ in 0..30 {
+        t.train_step().unwrap();
+    }
+    let after = t.validation_loss().unwrap();
+    eprintln!("SDXL validation loss {before} → {after}");
+    assert!(after < 0.9 * before, "validation loss {before} → {after}");
+    let out = dir.join("sdxl-style.safetensors");
+    t.save_adapter(&out, lora_studio::engine::adapters::formats::Naming::Kohya).unwrap();
+    let (tensors, metadata) = lora_studio::engine::io::weights::read_safetensors_with_metadata(&out).unwrap();
+    for prefix in ["lora_unet_", "lora_te1_", "lora_te2_"] {
+        assert!(tensors.keys().any(|k| k.starts_with(prefix)), "{prefix} layers");
+    }
+    assert!(!tensors.keys().any(|k| k.starts_with("lora_te_")), "SDXL names its encoders te1 / te2");
+    assert_eq!(metadata["ss_base_model_version"], "sdxl_base_v1-0");
+    assert_eq!(metadata["modelspec.architecture"], "stable-diffusion-xl-v1-base/lora");
+    let mut fresh = StableDiffusion::load(&sdxl, &Device::Cpu).unwrap();
+    let report = fresh.load_adapter("trained", &out, 1.0).unwrap();
+    assert_eq!(report.matched, t.trained_layers());
+
+    // The UNet alone: the text encoders run once per caption, however many steps.
+    let unet_only = TrainConfig { train_text_encoder: false, ..cfg };
+    let model = StableDiffusion::load(&sdxl, &Device::Cpu).unwrap();
+    let mut t = Trainer::new(model, unet_only, &ds).unwrap();
+    for _ in 0..6 {
+        t.train_step().unwrap();
+    }
+    assert!(t.model.text_encoder_runs() <= 4, "{} text encoder runs", t.model.text_encoder_runs());
+}

@@ -216,6 +216,25 @@ impl ModelWeights {
     pub fn family(&self) -> ModelFamily {
         family_of(self.text_encoder_2.is_some(), self.unet_config.cross_attention_dim, self.text_config.hidden_size)
     }
+
+    /// A model's family without loading it (a folder's layout and configs, or a single file's
+    /// tensor names): for choosing defaults before the model is read. `None` when it cannot tell.
+    pub fn probe_family(path: &Path) -> Option<ModelFamily> {
+        if path.is_dir() {
+            let config = |c: &str, key: &str| -> Option<usize> {
+                let text = std::fs::read_to_string(path.join(c).join("config.json")).ok()?;
+                serde_json::from_str::<serde_json::Value>(&text).ok()?.get(key)?.as_u64().map(|v| v as usize)
+            };
+            let two = path.join("text_encoder_2").is_dir();
+            return Some(family_of(
+                two,
+                config("unet", "cross_attention_dim").unwrap_or(0),
+                config("text_encoder", "hidden_size").unwrap_or(0),
+            ));
+        }
+        let names = crate::engine::io::weights::read_tensor_names(path).ok()??;
+        single_file::detect(names.iter().map(String::as_str)).ok()
+    }
 }
 
 /// SD 2.x has a 1024-wide text encoder or cross-attention; SDXL has a second text encoder.

@@ -372,6 +372,23 @@ pub fn read_safetensors_with_metadata(path: &Path) -> Result<(HashMap<String, Te
 /// A safetensors file's `__metadata__` strings, reading only its header (cheap on a 2 GB model).
 /// `None` when the file is not safetensors at all.
 pub fn read_metadata(path: &Path) -> Result<Option<HashMap<String, String>>> {
+    let Some(header) = read_header(path)? else { return Ok(None) };
+    let metadata = header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Ok(Some(metadata))
+}
+
+/// A safetensors file's tensor names, reading only its header; `None` when it is not safetensors.
+pub fn read_tensor_names(path: &Path) -> Result<Option<Vec<String>>> {
+    let Some(header) = read_header(path)? else { return Ok(None) };
+    Ok(Some(header.keys().filter(|k| *k != "__metadata__").cloned().collect()))
+}
+
+/// A safetensors file's JSON header; `None` when the file is not safetensors at all.
+fn read_header(path: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut len = [0u8; 8];
@@ -387,12 +404,7 @@ pub fn read_metadata(path: &Path) -> Result<Option<HashMap<String, String>>> {
     let Ok(serde_json::Value::Object(header)) = serde_json::from_slice::<serde_json::Value>(&header) else {
         return Ok(None);
     };
-    let metadata = header
-        .get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default();
-    Ok(Some(metadata))
+    Ok(Some(header))
 }
 
 /// Parses safetensors bytes (a whole file) after checking the header; errors start with `source`.

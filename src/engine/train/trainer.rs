@@ -16,6 +16,7 @@ use crate::engine::adapters::stack::{LayerAdapter, TargetPreset};
 use crate::engine::io::diffusers_folder::write_model_folder;
 use crate::engine::io::weights::{read_safetensors_with_metadata, write_safetensors};
 use crate::engine::kernels::recompute::GradSink;
+use crate::engine::models::family::ModelFamily;
 use crate::engine::models::nn::LayerMut;
 use crate::engine::pipeline::{ModelWeights, StableDiffusion, TextConditioning, size_conditioning};
 use crate::engine::rng::Rng;
@@ -214,6 +215,23 @@ impl Default for TrainConfig {
             latent_cache: None,
             gradient_checkpointing: false,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The defaults for a model family. SDXL's follow sd-scripts' SDXL guide: 1024 px, gradient
+    /// checkpointing on, the UNet alone (`--network_train_unet_only`, so the text embeddings are
+    /// computed once and cached) at 1e-4, and 1e-5 for the text encoders when they are trained.
+    pub fn for_family(family: ModelFamily) -> Self {
+        let mut c = Self::default();
+        if family == ModelFamily::Sdxl {
+            c.dataset.resolution = 1024;
+            c.gradient_checkpointing = true;
+            c.train_text_encoder = false;
+            c.learning_rate = 1e-4;
+            c.text_encoder_lr = Some(1e-5);
+        }
+        c
     }
 }
 
@@ -566,6 +584,12 @@ impl Trainer {
             }
         }
         write_model_folder(weights, dir, DType::F32, None, true)
+    }
+
+    /// Example `i`'s SDXL size numbers for each of its crop × mirror variants: (original height
+    /// and width, crop top and left, target height and width), as the UNet is told them.
+    pub fn size_numbers_of(&self, i: usize) -> &[([usize; 2], [usize; 2], [usize; 2])] {
+        &self.examples[i].sizes
     }
 
     pub fn trainable_parameters(&self) -> usize {
