@@ -17,6 +17,7 @@ use crate::engine::bench;
 use crate::engine::builtin;
 use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::io::weights::{WeightPrecision, all_finite, read_safetensors, write_safetensors};
+use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, TextConditioning};
 use crate::engine::train::trainer::TrainConfig;
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
@@ -812,10 +813,13 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
     if file.data.is_empty() {
         bail!("{}: `data` is missing", config.display());
     }
-    // A diffusers folder says whether it is SD 2.x and v-prediction; a single file cannot cheaply.
+    // The family from the folder or the file's names; a diffusers folder also says whether it is
+    // v-prediction, a single file cannot cheaply.
+    let mut family = ModelWeights::probe_family(&model).unwrap_or(ModelFamily::Sd1);
+    if v2 && family == ModelFamily::Sd1 {
+        family = ModelFamily::Sd2;
+    }
     if model.join("unet/config.json").exists() {
-        let unet = crate::engine::models::unet::UNetConfig::from_file(&model.join("unet/config.json"))?;
-        v2 |= unet.cross_attention_dim == 1024;
         let sched = model.join("scheduler/scheduler_config.json");
         if sched.exists() {
             let sched = crate::engine::diffusion::schedule::SchedulerConfig::from_file(&sched)?;
@@ -835,7 +839,7 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         output_name: &name,
         config: &file.config,
         gpus,
-        v2,
+        family,
         v_prediction: v_pred,
         zero_terminal_snr: zero_snr,
     };

@@ -551,3 +551,32 @@ fn weights_flag_and_forward_check() {
     assert_eq!(std::fs::read(&reference_copy).unwrap(), before, "the reference is untouched");
     assert_one_line_error(&forward("f8", "1e-2"), "--weights: `f8` is not one of auto, f16, bf16, f32");
 }
+
+/// `export-job` on an SDXL model writes sd-scripts' SDXL job: `sdxl_train_network.py`, the VAE
+/// kept out of half precision, cached text-encoder outputs for a UNet-only run, no `--v2`.
+#[test]
+fn export_job_writes_the_sdxl_script_for_an_sdxl_model() {
+    let dir = tempdir("export-sdxl");
+    let model = fixtures_dir().join("sdxl-tiny/model");
+    let toml_file = dir.join("train.toml");
+    let text =
+        format!("model = {:?}\ndata = [{:?}]\nout = {:?}\n", p(&model), p(&dir), p(&dir.join("style.safetensors")));
+    std::fs::write(&toml_file, text).unwrap();
+    let job = dir.join("job");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&job)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(job.join("train.sh")).unwrap();
+    for wanted in
+        ["sdxl_train_network.py", "--no_half_vae", "--network_train_unet_only", "--cache_text_encoder_outputs"]
+    {
+        assert!(script.contains(wanted), "{wanted} in {script}");
+    }
+    assert!(!script.contains("--v2") && !script.contains(" train_network.py"), "{script}");
+    // The SD 1.x fixture keeps train_network.py.
+    let sd1 = std::fs::read_to_string(&toml_file).unwrap().replace(p(&model), p(&sd1_tiny().join("model")));
+    std::fs::write(&toml_file, sd1).unwrap();
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&dir.join("job1"))]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(dir.join("job1/train.sh")).unwrap();
+    assert!(script.contains("/train_network.py") && !script.contains("sdxl_"), "{script}");
+}

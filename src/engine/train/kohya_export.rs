@@ -1,4 +1,5 @@
-//! Exporting a training job for kohya's sd-scripts (`train_network.py` under `accelerate`), for
+//! Exporting a training job for kohya's sd-scripts (`train_network.py`, or `sdxl_train_network.py`
+//! for SDXL, under `accelerate`), for
 //! users who outgrow one machine: the same data and hyperparameters as a dataset TOML and a
 //! launch script. The mapping is documented in the files it writes.
 
@@ -9,6 +10,7 @@ use anyhow::{Context, bail};
 use crate::engine::Result;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::io::weights::write_atomic;
+use crate::engine::models::family::ModelFamily;
 use crate::engine::train::trainer::{Algorithm, LrSchedule, TrainConfig};
 
 /// What to export: the job as our trainer would run it.
@@ -18,8 +20,8 @@ pub struct KohyaJob<'a> {
     pub output_name: &'a str,
     pub config: &'a TrainConfig,
     pub gpus: usize,
-    /// True for SD 2.x bases (adds `--v2`).
-    pub v2: bool,
+    /// SD 2.x bases add `--v2`; SDXL runs `sdxl_train_network.py`.
+    pub family: ModelFamily,
     /// A v-prediction base (`--v_parameterization`).
     pub v_prediction: bool,
     /// A zero-terminal-SNR schedule (`--zero_terminal_snr`), as the built-in model's.
@@ -79,14 +81,16 @@ pub fn dataset_toml(job: &KohyaJob) -> String {
     t
 }
 
-/// The `accelerate launch train_network.py …` command line.
+/// The `accelerate launch train_network.py …` (SDXL: `sdxl_train_network.py`) command line.
 pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     let c = job.config;
+    let sdxl = job.family == ModelFamily::Sdxl;
     let mut a: Vec<String> = vec!["accelerate".into(), "launch".into()];
     if job.gpus > 1 {
         a.extend(["--multi_gpu".into(), "--num_processes".into(), job.gpus.to_string()]);
     }
-    a.extend(["--mixed_precision".into(), "bf16".into(), "$SD_SCRIPTS/train_network.py".into()]);
+    let script = if sdxl { "$SD_SCRIPTS/sdxl_train_network.py" } else { "$SD_SCRIPTS/train_network.py" };
+    a.extend(["--mixed_precision".into(), "bf16".into(), script.into()]);
     let mut flag = |k: &str, v: String| {
         a.push(format!("--{k}"));
         if !v.is_empty() {
@@ -157,6 +161,10 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     } else {
         flag("network_train_unet_only", String::new());
         flag("cache_latents", String::new());
+        if sdxl {
+            // As our trainer: each caption through the frozen text encoders once.
+            flag("cache_text_encoder_outputs", String::new());
+        }
     }
     flag("max_train_steps", c.steps.to_string());
     flag("gradient_accumulation_steps", c.grad_accum.to_string());
@@ -201,10 +209,14 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     if c.sample_every > 0 && !c.sample_prompt.is_empty() {
         flag("sample_every_n_steps", c.sample_every.to_string());
         flag("sample_prompts", "$JOB_DIR/sample_prompts.txt".into());
-        flag("sample_sampler", "ddim".into());
+        flag("sample_sampler", if sdxl { "euler" } else { "ddim" }.into());
     }
-    if job.v2 {
+    if job.family == ModelFamily::Sd2 {
         flag("v2", String::new());
+    }
+    if sdxl {
+        // SDXL's VAE overflows in half precision; ours stays f32 too.
+        flag("no_half_vae", String::new());
     }
     if job.v_prediction {
         flag("v_parameterization", String::new());
@@ -272,6 +284,7 @@ const MAPPING: &str = "\
 | resolution, buckets, flip, random crop | dataset.toml |
 | trigger word | `class_tokens` (kohya uses it for images without captions; put it in your captions too) |
 | several GPUs | `accelerate launch --multi_gpu --num_processes N` |
+| an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--cache_text_encoder_outputs`. Each image's size and crop feed SDXL's size conditioning in both |
 
 Differences: kohya's sampler, mixed precision (bf16 here) and data loader order differ from
 ours, so the two runs are the same recipe, not the same numbers.
