@@ -764,3 +764,39 @@ fn choosing_f16_weights_reloads_the_model_in_half_precision() {
     h.run_steps(3);
     h.get_by_label("Device: CPU · f16 weights");
 }
+
+/// An SDXL model in the window: the status bar names the family, the Playground starts at its size
+/// with Euler, the training settings take SDXL's defaults (1024 px, gradient checkpointing, UNet
+/// only), an SDXL LoRA joins the list and a picture is drawn with it.
+#[test]
+fn an_sdxl_model_opens_with_its_familys_defaults_and_draws_with_an_sdxl_lora() {
+    let sdxl = fixtures_dir().join("sdxl-tiny");
+    let ctx = egui::Context::default();
+    let options = WindowOptions { model_label: String::new(), model: Some(sdxl.join("model")) };
+    let app = StudioApp::new(&ctx, options);
+    let mut h =
+        Harness::builder().with_size([1100.0, 760.0]).build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    h.run();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    h.run_steps(3); // the worker's events may repaint at any time: step, not settle
+    h.get_by_label_contains("· SDXL");
+    let a = h.state();
+    // The UNet's sample_size (8) × the VAE's factor (2).
+    assert_eq!((a.playground.request.width, a.playground.request.height), (16, 16));
+    assert_eq!(a.playground.request.sampler, lora_studio::engine::diffusion::sampler::SamplerKind::Euler);
+    assert_eq!(a.config.dataset.resolution, 1024);
+    assert!(a.config.gradient_checkpointing && !a.config.train_text_encoder);
+
+    h.state_mut().playground.add_adapter(&sdxl.join("lora_kohya.safetensors"));
+    run_until(&mut h, SCAN, "adapter", |a| a.playground.adapters.first().is_some_and(|r| r.info.is_some()));
+    assert!(h.state().playground.adapters[0].error.is_none(), "{:?}", h.state().playground.adapters[0].error);
+    quick_request(&mut h.state_mut().playground);
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.step();
+    run_until(&mut h, SCAN, "an image", |a| a.playground.images_made >= 1);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    assert_eq!(h.state().playground.image.as_ref().unwrap().dimensions(), (32, 32));
+}

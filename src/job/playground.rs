@@ -16,6 +16,7 @@ use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summa
 use crate::engine::adapters::mix::{BlendForm, BlendReport, MixMode, export_blend, overdrive};
 use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::io::weights::dtype_name;
+use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 
 pub enum ModelCommand {
@@ -122,6 +123,7 @@ pub enum ModelEvent {
         seconds: f64,
         native_size: Option<usize>,
         weights: &'static str,
+        family: ModelFamily,
     },
     LoadFailed {
         error: String,
@@ -283,10 +285,11 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
             match loaded {
                 Ok(mut m) => {
                     m.cache_text_embeddings = true; // only this worker changes its adapters
-                    let native_size = m.unet.config.sample_size.map(|s| s * m.vae.config.downscale());
+                    let native_size = Some(m.native_side());
                     let weights = dtype_name(m.unet.conv_in.weight().dtype());
+                    let family = m.family();
                     *sd = Some(m);
-                    send(ModelEvent::Loaded { path, seconds: t.elapsed().as_secs_f64(), native_size, weights });
+                    send(ModelEvent::Loaded { path, seconds: t.elapsed().as_secs_f64(), native_size, weights, family });
                 }
                 Err(e) => send(ModelEvent::LoadFailed { error: format!("{e:#}") }),
             }

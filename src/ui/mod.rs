@@ -14,6 +14,7 @@ mod status;
 mod thumbnails;
 mod training;
 
+use crate::engine::models::family::ModelFamily;
 use std::path::{Path, PathBuf};
 
 pub use dataset::DatasetPanel;
@@ -117,6 +118,8 @@ pub struct StudioApp {
     pub memory: MemorySampler,
     /// The training options (the Dataset area edits the trigger word, the Training area the rest).
     pub config: TrainConfig,
+    /// The model family `config`'s family-dependent defaults were made for.
+    pub settings_family: ModelFamily,
     pub dataset: DatasetPanel,
     pub training: TrainingPanel,
     pub playground: PlaygroundPanel,
@@ -146,6 +149,7 @@ impl StudioApp {
             model: None,
             memory: MemorySampler::default(),
             config: TrainConfig::default(),
+            settings_family: ModelFamily::Sd1,
             dataset: DatasetPanel::new(ctx),
             training: TrainingPanel::default(),
             playground: PlaygroundPanel::new(ctx),
@@ -231,6 +235,14 @@ impl StudioApp {
             self.playground.add_adapter(&adapter);
         }
         self.playground.poll(ctx);
+        // A model of another family: the training settings still at the old family's defaults
+        // take the new one's (SDXL: 1024 px, gradient checkpointing, UNet only).
+        if let Some(family) = self.playground.loaded_family
+            && family != self.settings_family
+        {
+            self.config.adopt_family(self.settings_family, family);
+            self.settings_family = family;
+        }
         if self.start_training_when_scanned && !self.dataset.is_scanning() {
             self.start_training_when_scanned = false;
             self.start_training(false);
@@ -350,7 +362,11 @@ impl StudioApp {
             ui.ctx().request_repaint_after(MemorySampler::INTERVAL);
             let job = self.job().label();
             let device = self.device_status();
-            status::status_bar(ui, &self.model_label, &device, &job, &self.memory);
+            let model = match self.playground.loaded_family {
+                Some(family) if !self.model_label.is_empty() => format!("{} · {}", self.model_label, family.label()),
+                _ => self.model_label.clone(),
+            };
+            status::status_bar(ui, &model, &device, &job, &self.memory);
         });
         let margin = egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(20, 12));
         egui::CentralPanel::default().frame(margin).show(ui, |ui| {

@@ -2,6 +2,7 @@
 //! launch: model, dataset files, training options, adapters with their weights, prompt. A file
 //! that cannot be read is set aside with a warning, never fatal.
 
+use crate::engine::models::family::ModelFamily;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,10 @@ pub struct Session {
     pub model: Option<PathBuf>,
     pub images: Vec<PathBuf>,
     pub config: TrainConfig,
+    /// The model family `config`'s family-dependent defaults were made for.
+    pub settings_family: ModelFamily,
+    /// The user picked the Playground's sampler.
+    pub sampler_chosen: bool,
     pub output: String,
     pub naming: Naming,
     pub adapters: Vec<SavedAdapter>,
@@ -42,6 +47,8 @@ impl Default for Session {
             model: None,
             images: Vec::new(),
             config: TrainConfig::default(),
+            settings_family: ModelFamily::Sd1,
+            sampler_chosen: false,
             output: String::new(),
             naming: Naming::Kohya,
             adapters: Vec::new(),
@@ -111,6 +118,8 @@ impl StudioApp {
             model: self.model.clone(),
             images: self.dataset.image_paths(),
             config: self.config.clone(),
+            settings_family: self.settings_family,
+            sampler_chosen: p.sampler_chosen,
             output: self.training.output.clone(),
             naming: self.training.naming,
             adapters: p
@@ -134,6 +143,7 @@ impl StudioApp {
             if model.exists() { self.set_model(model) } else { missing.push(model) }
         }
         self.config = s.config;
+        self.settings_family = s.settings_family;
         self.training.output = s.output;
         self.training.naming = s.naming;
         let (images, gone): (Vec<PathBuf>, Vec<PathBuf>) = s.images.into_iter().partition(|p| p.exists());
@@ -147,6 +157,7 @@ impl StudioApp {
             p.request = request;
         }
         p.size_chosen = s.size_chosen;
+        p.sampler_chosen = s.sampler_chosen;
         p.live = s.live;
         p.blend_rank = s.blend_rank.max(1);
         p.placement = s.placement.clone();

@@ -233,6 +233,25 @@ impl TrainConfig {
         }
         c
     }
+
+    /// Moves settings made for a `from` model to a `to` model: each family-dependent setting
+    /// (resolution, gradient checkpointing, training the text encoders and their rate) still at
+    /// `from`'s default takes `to`'s; what the user changed stays.
+    pub fn adopt_family(&mut self, from: ModelFamily, to: ModelFamily) {
+        let (old, new) = (Self::for_family(from), Self::for_family(to));
+        if self.dataset.resolution == old.dataset.resolution {
+            self.dataset.resolution = new.dataset.resolution;
+        }
+        if self.gradient_checkpointing == old.gradient_checkpointing {
+            self.gradient_checkpointing = new.gradient_checkpointing;
+        }
+        if self.train_text_encoder == old.train_text_encoder {
+            self.train_text_encoder = new.train_text_encoder;
+        }
+        if self.text_encoder_lr == old.text_encoder_lr {
+            self.text_encoder_lr = new.text_encoder_lr;
+        }
+    }
 }
 
 impl TrainConfig {

@@ -15,6 +15,7 @@ use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::device::Placement;
 use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::io::weights::WeightPrecision;
+use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::GenerateRequest;
 
 use super::DialogPurpose;
@@ -81,6 +82,10 @@ pub struct PlaygroundPanel {
     pub request: GenerateRequest,
     /// The user set the size; a newly loaded model does not change it.
     pub size_chosen: bool,
+    /// The user picked a sampler: a newly opened model's family does not change it.
+    pub sampler_chosen: bool,
+    /// The open model's family, once loaded (the status bar and the training defaults follow it).
+    pub loaded_family: Option<ModelFamily>,
     pub adapters: Vec<AdapterRow>,
     /// Files waiting for the user to read their check.
     pub pending: Vec<PendingAdapter>,
@@ -151,6 +156,15 @@ pub fn parse_weights(text: &str) -> Result<Vec<f64>, String> {
     }
 }
 
+/// The sampler the Playground starts with for a family: Euler a for SD 1.x / 2.x (A1111's
+/// default), Euler for SDXL (the scheduler SDXL's pipelines ship).
+pub fn window_sampler(family: ModelFamily) -> SamplerKind {
+    match family {
+        ModelFamily::Sdxl => SamplerKind::Euler,
+        ModelFamily::Sd1 | ModelFamily::Sd2 => SamplerKind::EulerAncestral,
+    }
+}
+
 impl PlaygroundPanel {
     pub fn new(ctx: &egui::Context) -> Self {
         Self {
@@ -160,11 +174,13 @@ impl PlaygroundPanel {
                 seed: 42,
                 steps: 20,
                 guidance: 7.5,
-                sampler: SamplerKind::EulerAncestral,
+                sampler: window_sampler(ModelFamily::Sd1),
                 width: 512,
                 height: 512,
             },
             size_chosen: false,
+            sampler_chosen: false,
+            loaded_family: None,
             adapters: Vec::new(),
             pending: Vec::new(),
             live: true,
@@ -211,6 +227,7 @@ impl PlaygroundPanel {
         self.sent_placement = self.placement.clone();
         self.model_state = ModelState::Loading;
         self.loaded_weights = None;
+        self.loaded_family = None;
         self.push(ModelCommand::Load { path: model, placement: self.placement.clone() });
         for i in 0..self.adapters.len() {
             self.send_add(i);
@@ -470,13 +487,18 @@ impl PlaygroundPanel {
     pub fn poll(&mut self, ctx: &egui::Context) {
         for event in self.worker.events.try_iter().collect::<Vec<_>>() {
             match event {
-                ModelEvent::Loaded { path, seconds, native_size, weights } => {
+                ModelEvent::Loaded { path, seconds, native_size, weights, family } => {
                     self.model_state = ModelState::Ready;
                     self.loaded_weights = Some(weights);
-                    // Start at the model's own size unless the user already chose one.
+                    self.loaded_family = Some(family);
+                    // Start at the model's own size and its family's sampler unless the user
+                    // already chose them.
                     if let Some(side) = native_size.filter(|_| !self.size_chosen) {
                         self.request.width = side;
                         self.request.height = side;
+                    }
+                    if !self.sampler_chosen {
+                        self.request.sampler = window_sampler(family);
                     }
                     self.image_info = format!("Loaded {} in {seconds:.1} s", path.display());
                 }

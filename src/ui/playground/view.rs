@@ -129,7 +129,7 @@ pub(super) fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             .selected_text(p.request.sampler.label())
             .show_ui(ui, |ui| {
                 for s in SamplerKind::ALL {
-                    ui.selectable_value(&mut p.request.sampler, s, s.label());
+                    p.sampler_chosen |= ui.selectable_value(&mut p.request.sampler, s, s.label()).clicked();
                 }
             })
             .response
