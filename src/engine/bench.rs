@@ -12,7 +12,8 @@ use super::rng::Rng;
 use crate::engine::io::weights::{WeightMap, WeightPrecision};
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 
-/// UNet shapes we benchmark by name; they match the peer's `tiny`, `small` and `sd15` configs.
+/// UNet shapes we benchmark by name; they match the peer's `tiny`, `small`, `sd15` and `sdxl`
+/// configs.
 pub fn named_unet_config(name: &str) -> Option<UNetConfig> {
     let json = match name {
         "sd1-tiny" | "tiny" => {
@@ -39,9 +40,31 @@ pub fn named_unet_config(name: &str) -> Option<UNetConfig> {
             "attention_head_dim":[5,10,20,20],"cross_attention_dim":1024,"norm_num_groups":32,
             "use_linear_projection":true,"sample_size":96}"#
         }
+        // Stable Diffusion XL base 1.0's unet/config.json (2.57 G parameters).
+        "sdxl" => {
+            r#"{"in_channels":4,"out_channels":4,"block_out_channels":[320,640,1280],"layers_per_block":2,
+            "down_block_types":["DownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"],
+            "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],
+            "attention_head_dim":[5,10,20],"cross_attention_dim":2048,"norm_num_groups":32,
+            "use_linear_projection":true,"transformer_layers_per_block":[1,2,10],
+            "addition_embed_type":"text_time","addition_time_embed_dim":256,
+            "projection_class_embeddings_input_dim":2816,"sample_size":128}"#
+        }
         _ => return None,
     };
     Some(serde_json::from_str(json).expect("built-in configs parse"))
+}
+
+/// SDXL's extra UNet inputs for a benchmark batch (a random pooled text embedding and the size
+/// numbers of an uncropped 1024 px picture, as the peer feeds them); `None` for SD 1.x / 2.x.
+fn added_inputs(config: &UNetConfig, batch: usize, rng: &mut Rng, device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+    let (Some(input), Some(time)) = (config.projection_class_embeddings_input_dim, config.addition_time_embed_dim)
+    else {
+        return Ok(None);
+    };
+    let pooled = rng.randn((batch, input - 6 * time), device)?;
+    let sizes = Tensor::new(&[1024f32, 1024., 0., 0., 1024., 1024.], device)?.unsqueeze(0)?.repeat((batch, 1))?;
+    Ok(Some((pooled, sizes)))
 }
 
 /// A named config, else a path to a `unet/config.json`.
@@ -54,7 +77,7 @@ fn unet_config(name_or_path: &str) -> Result<UNetConfig> {
 
 #[derive(Clone, Debug)]
 pub struct UnetBenchOptions {
-    /// A named config (`sd1-tiny`, `small`, `sd15`, `sd21`) or a path to a `unet/config.json`.
+    /// A named config (`sd1-tiny`, `small`, `sd15`, `sd21`, `sdxl`) or a path to a `unet/config.json`.
     pub config: String,
     pub latent: usize,
     pub batch: usize,
@@ -118,6 +141,8 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
     let mut rng = Rng::new(0);
     let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
     let context = rng.randn((opts.batch, 77, config.cross_attention_dim), device)?;
+    let added = added_inputs(&config, opts.batch, &mut rng, device)?;
+    let added = added.as_ref().map(|(p, s)| (p, s));
     let t = Tensor::new(&[500f32], device)?;
 
     let mut fwd = Vec::new();
@@ -125,7 +150,7 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
     // One untimed warm-up of each, then `runs` timed repetitions.
     for i in 0..=opts.runs {
         let start = Instant::now();
-        let out = model.forward(&sample, &t, &context)?;
+        let out = model.forward_with(&sample, &t, &context, added)?;
         let _ = out.sum_all()?.to_scalar::<f32>()?;
         let f = start.elapsed().as_secs_f64();
         if i > 0 {
@@ -135,7 +160,7 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
             continue;
         }
         let start = Instant::now();
-        let loss = model.forward(&sample, &t, &context)?.sqr()?.mean_all()?;
+        let loss = model.forward_with(&sample, &t, &context, added)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         drop(grads);
         device.synchronize()?; // a GPU runs asynchronously: time the work, not its queueing
@@ -266,11 +291,13 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
     let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
     let noise = rng.randn(sample.shape(), device)?;
     let context = rng.randn((opts.batch, 77, config.cross_attention_dim), device)?;
+    let added = added_inputs(&config, opts.batch, &mut rng, device)?;
+    let added = added.as_ref().map(|(p, s)| (p, s));
     let t = Tensor::new(&[500f32], device)?;
     let mut times = Vec::new();
     for i in 0..=opts.runs {
         let start = Instant::now();
-        let loss = (model.forward(&sample, &t, &context)? - &noise)?.sqr()?.mean_all()?;
+        let loss = (model.forward_with(&sample, &t, &context, added)? - &noise)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         for (v, (m, s)) in vars.iter().zip(moments.iter_mut()) {
             // Detached, as the trainer does: otherwise the moments keep each step's graph alive.
@@ -361,12 +388,14 @@ pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
     let mut rng = Rng::new(1);
     let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
     let context = rng.randn((opts.batch, 77, config.cross_attention_dim), device)?;
+    let added = added_inputs(&config, opts.batch, &mut rng, device)?;
+    let added = added.as_ref().map(|(p, s)| (p, s));
     let t = Tensor::new(&[500f32], device)?;
     let time_steps = |model: &UNet2DConditionModel| -> Result<f64> {
         let mut v = Vec::new();
         for i in 0..=opts.runs {
             let start = Instant::now();
-            let _ = model.forward(&sample, &t, &context)?.sum_all()?.to_scalar::<f32>()?;
+            let _ = model.forward_with(&sample, &t, &context, added)?.sum_all()?.to_scalar::<f32>()?;
             if i > 0 {
                 v.push(start.elapsed().as_secs_f64());
             }
