@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ours against the Python peer (diffusers + PEFT on torch, ../shared/peer), run alternately in one
 # session so the ratios mean something on a shared, noisy machine. Prints one JSON line a run.
-# Usage: docs/performance-race.sh [ROUNDS] (PEER=path/to/python, SD15=1 to include SD 1.5).
+# Usage: docs/performance-race.sh [ROUNDS] (PEER=path/to/python, SD15=1 to include SD 1.5, SDXL=1
+# for SDXL base's UNet: 10.3 GB of f32 weights a side, so each side runs alone, ~20 GB of memory).
 # SD 1.5 at 512 px with gradient checkpointing (memory; one run, ~2 min):
 #   target/release/lora-studio bench train --config sd15 --latent 64 --batch 1 --runs 1 --checkpointing
 set -euo pipefail
@@ -29,5 +30,14 @@ for round in $(seq "$rounds"); do
     # The peer's inference runs batch 1 then 2 (guidance) in one process: its peak is batch 2's.
     echo -n "ours sd15 infer b2, f16 weights: "; $studio bench unet --config sd15 --latent 64 --batch 2 --runs 2 --forward-only --weights f16
     echo -n "ours sd15 mix: "; $studio bench mix --config sd15 --latent 8 --batch 1 --adapters 8 --runs 3
+  fi
+  if [ "${SDXL:-0}" = 1 ]; then
+    # 512 px (latent 64), batch 1, LoRA rank 4 on attention, as the issue races it.
+    echo -n "ours sdxl train: "; $studio bench train --config sdxl --latent 64 --batch 1 --rank 4 --runs 2
+    echo -n "peer sdxl train: "; "${peer[@]}" --config sdxl --res 64 --batch 1 --mode train --steps 2 2>/dev/null
+    echo -n "ours sdxl train, f16 weights: "; $studio bench train --config sdxl --latent 64 --batch 1 --rank 4 --runs 2 --weights f16
+    echo -n "ours sdxl infer b1: "; $studio bench unet --config sdxl --latent 64 --batch 1 --runs 2 --forward-only
+    echo -n "peer sdxl infer: "; "${peer[@]}" --config sdxl --res 64 --mode infer --infer-reps 2 2>/dev/null
+    echo -n "ours sdxl infer b2, f16 weights: "; $studio bench unet --config sdxl --latent 64 --batch 2 --runs 2 --forward-only --weights f16
   fi
 done

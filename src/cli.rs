@@ -29,9 +29,11 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
          --weights auto|f16|bf16|f32: how the model's weights are kept in memory; auto keeps f16/bf16
          files in half precision, computing in f32 either way)
   lora-studio [--model PATH]       open the window (also: lora-studio gui --model PATH)
-                                   (without --model: the built-in model in assets/base, everywhere)
+                                   (without --model: the built-in model in assets/base, everywhere;
+                                   PATH: a diffusers folder or a .safetensors checkpoint, SD 1.x / 2.x / SDXL)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a|euler] [--width W --height H] --out FILE.png
+                       (defaults: the model's own size; euler for SDXL, ddim otherwise)
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
                       [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
@@ -42,16 +44,17 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
                      --format kohya|peft --resume CKPT --overwrite --config train.toml]
-                    (--algo full trains the model itself; --out is then a model folder)
+                    (--algo full trains the model itself; --out is then a model folder; without --config an
+                     SDXL model starts from SDXL's defaults: --resolution 1024, gradient checkpointing, UNet only)
   lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction] [--zero-terminal-snr]
                        the same job for kohya sd-scripts (dataset.toml + train.sh)
   lora-studio adapter info FILE [--model PATH]
   lora-studio adapter blend A.safetensors[:W] B.safetensors[:W]... [--model PATH] --rank N --out C.safetensors
                        [--format kohya|peft] [--f16] [--allow-partial]
   lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR [--allow-partial]
-  lora-studio bench unet --config sd1-tiny|sd15|sd21|PATH [--latent N] [--batch B] [--runs N] [--forward-only]
-  lora-studio bench train --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--rank R] [--runs N] [--checkpointing]
-  lora-studio bench mix --config sd1-tiny|small|sd15|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N]
+  lora-studio bench unet --config sd1-tiny|sd15|sd21|sdxl|PATH [--latent N] [--batch B] [--runs N] [--forward-only]
+  lora-studio bench train --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--rank R] [--runs N] [--checkpointing]
+  lora-studio bench mix --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N]
   lora-studio bench generate [--model PATH] [--steps N] [--guidance X] [--runs N]
 ";
 
