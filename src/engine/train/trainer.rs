@@ -527,8 +527,13 @@ impl Trainer {
             config.full_modules.is_empty() || config.full_modules.iter().any(|m| name.starts_with(m.as_str()))
         };
         let mut params = Vec::new();
-        for (component, map) in [("unet", &mut weights.unet), ("text_encoder", &mut weights.text_encoder)] {
-            if component == "text_encoder" && !config.train_text_encoder {
+        let mut maps = vec![("unet", &mut weights.unet), ("text_encoder", &mut weights.text_encoder)];
+        if let Some(second) = weights.text_encoder_2.as_mut() {
+            maps.push(("text_encoder_2", &mut second.weights));
+        }
+        for (component, map) in maps {
+            let text = component != "unet";
+            if text && !config.train_text_encoder {
                 continue;
             }
             for (name, var) in map.make_trainable(|n| wanted(&format!("{component}.{n}")))? {
@@ -537,7 +542,7 @@ impl Trainer {
                     m: var.zeros_like()?,
                     v: var.zeros_like()?,
                     var,
-                    text_encoder: component == "text_encoder",
+                    text_encoder: text,
                 });
             }
         }
