@@ -39,7 +39,7 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
                     [--rank N --alpha X --lokr-factor N --targets PRESET --lr X --steps N --batch N --resolution N
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
-                     --train-text-encoder --flip --buckets --min-snr G --noise-offset X
+                     --train-text-encoder --text-encoders both|te1|te2 (SDXL) --flip --buckets --min-snr G --noise-offset X
                      --timestep-bias none|earlier|later --timestep-bias-multiplier X --timestep-bias-portion X
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
@@ -644,6 +644,10 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "lr" => c.learning_rate = num(&v)?,
             "text-lr" => c.text_encoder_lr = Some(num(&v)?),
             "train-text-encoder" => c.train_text_encoder = true,
+            "text-encoders" => {
+                c.text_encoders = v.parse()?;
+                c.train_text_encoder = true;
+            }
             "steps" => c.steps = int(&v)?,
             "batch" => c.batch_size = int(&v)?,
             "grad-accum" => c.grad_accum = int(&v)?,

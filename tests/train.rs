@@ -375,6 +375,22 @@ fn sdxl_lora_trains_both_text_encoders_with_each_images_size() {
     let report = fresh.load_adapter("trained", &out, 1.0).unwrap();
     assert_eq!(report.matched, t.trained_layers());
 
+    // One of the two encoders, as sd-scripts' --network_te_train_targets; refused on a model with one.
+    use lora_studio::engine::adapters::formats::Component;
+    use lora_studio::engine::train::trainer::TextEncoders;
+    for (choice, wanted) in
+        [(TextEncoders::First, Component::TextEncoder), (TextEncoders::Second, Component::TextEncoder2)]
+    {
+        let model = StableDiffusion::load(&sdxl, &Device::Cpu).unwrap();
+        let t = Trainer::new(model, TrainConfig { text_encoders: choice, ..cfg.clone() }, &ds).unwrap();
+        let text: Vec<Component> =
+            t.export_layers().unwrap().into_iter().map(|l| l.component).filter(|c| *c != Component::Unet).collect();
+        assert!(!text.is_empty() && text.iter().all(|c| *c == wanted), "{choice:?}: {text:?}");
+    }
+    let sd1 = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let e = Trainer::new(sd1, TrainConfig { text_encoders: TextEncoders::Second, ..cfg.clone() }, &ds).err().unwrap();
+    assert!(format!("{e:#}").contains("this model has one"), "{e:#}");
+
     // The UNet alone: the text encoders run once per caption, however many steps.
     let unet_only = TrainConfig { train_text_encoder: false, ..cfg };
     let model = StableDiffusion::load(&sdxl, &Device::Cpu).unwrap();

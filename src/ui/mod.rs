@@ -406,6 +406,7 @@ impl StudioApp {
                     images: &images,
                     warnings,
                     sample_prompt,
+                    family: self.playground.loaded_family,
                 };
                 for action in training::ui_training(ui, &mut self.training, &mut self.config, &cx) {
                     match action {

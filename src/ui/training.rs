@@ -10,7 +10,10 @@ use egui::{Response, RichText};
 use crate::engine::adapters::formats::Naming;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::device::Placement;
-use crate::engine::train::trainer::{Algorithm, ExistingRun, LrSchedule, RunOutputs, TimestepBias, TrainConfig};
+use crate::engine::models::family::ModelFamily;
+use crate::engine::train::trainer::{
+    Algorithm, ExistingRun, LrSchedule, RunOutputs, TextEncoders, TimestepBias, TrainConfig,
+};
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
 use super::loss_plot::{LossHistory, loss_plot, plot_key};
@@ -357,6 +360,8 @@ pub(super) struct TrainingContext<'a> {
     pub warnings: Vec<String>,
     /// What "Sample now" draws: the sample prompt, else the first image's caption.
     pub sample_prompt: String,
+    /// The open model's family once loaded (SDXL offers a choice of text encoders).
+    pub family: Option<ModelFamily>,
 }
 
 pub(super) fn ui_training(
@@ -377,7 +382,7 @@ pub(super) fn ui_training(
             if panel.is_active() {
                 ui.label(RichText::new("Options are locked while a run is in progress.").weak());
             }
-            ui.add_enabled_ui(!panel.is_active(), |ui| settings(ui, panel, config, &mut actions));
+            ui.add_enabled_ui(!panel.is_active(), |ui| settings(ui, panel, config, cx.family, &mut actions));
         });
     });
     egui::CentralPanel::default().show(ui, |ui| {
@@ -426,7 +431,13 @@ fn sci(v: f64) -> String {
     format!("{v:.1e}")
 }
 
-fn settings(ui: &mut egui::Ui, panel: &mut TrainingPanel, c: &mut TrainConfig, actions: &mut Vec<TrainingAction>) {
+fn settings(
+    ui: &mut egui::Ui,
+    panel: &mut TrainingPanel,
+    c: &mut TrainConfig,
+    family: Option<ModelFamily>,
+    actions: &mut Vec<TrainingAction>,
+) {
     ui.strong("Preset");
     ui.horizontal(|ui| {
         for p in Preset::ALL {
@@ -493,7 +504,7 @@ fn settings(ui: &mut egui::Ui, panel: &mut TrainingPanel, c: &mut TrainConfig, a
         row(ui, "Batch size", "Images per step. Larger is smoother but uses more memory.", |ui| {
             ui.add(egui::DragValue::new(&mut c.batch_size).range(1..=64))
         });
-        row(ui, "Resolution", "Training size in pixels (the square's side). 512 for SD 1.x, 768 for SD 2.x.", |ui| {
+        row(ui, "Resolution", "Training size in pixels (the square's side). 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL.", |ui| {
             ui.add(egui::DragValue::new(&mut c.dataset.resolution).range(8..=2048).speed(8))
         });
         row(ui, "Seed", "Fixes the noise and the image order, so a run can be repeated exactly.", |ui| {
@@ -505,6 +516,18 @@ fn settings(ui: &mut egui::Ui, panel: &mut TrainingPanel, c: &mut TrainConfig, a
         row(ui, "Train text encoder", "Also adapt the CLIP text encoder: learns new words faster, overfits faster.", |ui| {
             ui.checkbox(&mut c.train_text_encoder, "also adapt CLIP")
         });
+        if family == Some(ModelFamily::Sdxl) && c.train_text_encoder {
+            row(ui, "Text encoders", "SDXL has two: CLIP-L (te1) and OpenCLIP-bigG (te2). Train both, or one of them.", |ui| {
+                egui::ComboBox::from_id_salt("text_encoders")
+                    .selected_text(c.text_encoders.label())
+                    .show_ui(ui, |ui| {
+                        for choice in TextEncoders::ALL {
+                            ui.selectable_value(&mut c.text_encoders, choice, choice.label());
+                        }
+                    })
+                    .response
+            });
+        }
         row(ui, "Min-SNR γ", "Re-weights the loss by noise level (Hang et al. 2023); 5 is usual. Often converges faster.", |ui| {
             ui.horizontal(|ui| {
                 let mut on = c.min_snr_gamma.is_some();

@@ -11,7 +11,7 @@ use crate::engine::Result;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::io::weights::write_atomic;
 use crate::engine::models::family::ModelFamily;
-use crate::engine::train::trainer::{Algorithm, LrSchedule, TrainConfig};
+use crate::engine::train::trainer::{Algorithm, LrSchedule, TextEncoders, TrainConfig};
 
 /// What to export: the job as our trainer would run it.
 pub struct KohyaJob<'a> {
@@ -158,6 +158,10 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     flag("unet_lr", c.learning_rate.to_string());
     if c.train_text_encoder {
         flag("text_encoder_lr", c.text_encoder_lr.unwrap_or(c.learning_rate).to_string());
+        if sdxl && c.text_encoders != TextEncoders::Both {
+            let target = if c.text_encoders == TextEncoders::First { "te1" } else { "te2" };
+            flag("network_te_train_targets", target.into());
+        }
     } else {
         flag("network_train_unet_only", String::new());
         flag("cache_latents", String::new());

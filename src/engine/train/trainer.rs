@@ -93,6 +93,52 @@ impl std::str::FromStr for Algorithm {
     }
 }
 
+/// SDXL has two text encoders; training either or both is common (sd-scripts'
+/// `--network_te_train_targets te1 te2`). SD 1.x / 2.x have only the first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextEncoders {
+    #[default]
+    Both,
+    /// CLIP ViT-L (`lora_te1_`).
+    First,
+    /// OpenCLIP ViT-bigG (`lora_te2_`).
+    Second,
+}
+
+impl TextEncoders {
+    pub const ALL: [TextEncoders; 3] = [TextEncoders::Both, TextEncoders::First, TextEncoders::Second];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TextEncoders::Both => "both",
+            TextEncoders::First => "CLIP-L (te1)",
+            TextEncoders::Second => "OpenCLIP-bigG (te2)",
+        }
+    }
+
+    /// Whether a text-encoder component is trained under this choice.
+    pub fn includes(self, component: Component) -> bool {
+        match component {
+            Component::Unet => false,
+            Component::TextEncoder => self != TextEncoders::Second,
+            Component::TextEncoder2 => self != TextEncoders::First,
+        }
+    }
+}
+
+impl std::str::FromStr for TextEncoders {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "both" => Ok(Self::Both),
+            "te1" | "first" => Ok(Self::First),
+            "te2" | "second" => Ok(Self::Second),
+            other => bail!("unknown text encoders `{other}` (both, te1 or te2)"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
@@ -129,6 +175,8 @@ pub struct TrainConfig {
     pub lokr_factor: i64,
     pub targets: TargetPreset,
     pub train_text_encoder: bool,
+    /// SDXL: which of its two text encoders `train_text_encoder` trains.
+    pub text_encoders: TextEncoders,
     pub learning_rate: f64,
     /// Defaults to `learning_rate`.
     pub text_encoder_lr: Option<f64>,
@@ -185,6 +233,7 @@ impl Default for TrainConfig {
             alpha: 4.0,
             targets: TargetPreset::Transformer,
             train_text_encoder: false,
+            text_encoders: TextEncoders::Both,
             learning_rate: 1e-4,
             text_encoder_lr: None,
             steps: 500,
@@ -250,6 +299,10 @@ impl TrainConfig {
         }
         if self.text_encoder_lr == old.text_encoder_lr {
             self.text_encoder_lr = new.text_encoder_lr;
+        }
+        // Only SDXL has a second text encoder to choose between.
+        if to != ModelFamily::Sdxl {
+            self.text_encoders = TextEncoders::Both;
         }
     }
 }
@@ -439,6 +492,7 @@ impl Trainer {
                 if dataset.skipped.is_empty() { "" } else { " (all were skipped)" }
             );
         }
+        check_text_encoders(&config, model.text_encoder_2.is_some())?;
         let mut rng = Rng::new(config.seed);
         let mut params = Vec::new();
         let mut layers = Vec::new();
@@ -455,7 +509,9 @@ impl Trainer {
                 }
                 // SDXL: both text encoders, as sd-scripts trains them unless told otherwise.
                 Component::TextEncoder | Component::TextEncoder2 => {
-                    cfg.train_text_encoder && TargetPreset::targets_text_encoder(layer.path())
+                    cfg.train_text_encoder
+                        && cfg.text_encoders.includes(component)
+                        && TargetPreset::targets_text_encoder(layer.path())
                 }
             };
             if !wanted {
@@ -523,6 +579,7 @@ impl Trainer {
         if config.algorithm != Algorithm::Full {
             bail!("new_full is for Algorithm::Full");
         }
+        check_text_encoders(&config, weights.text_encoder_2.is_some())?;
         let wanted = |name: &str| {
             config.full_modules.is_empty() || config.full_modules.iter().any(|m| name.starts_with(m.as_str()))
         };
@@ -533,7 +590,8 @@ impl Trainer {
         }
         for (component, map) in maps {
             let text = component != "unet";
-            if text && !config.train_text_encoder {
+            let which = if component == "text_encoder_2" { Component::TextEncoder2 } else { Component::TextEncoder };
+            if text && !(config.train_text_encoder && config.text_encoders.includes(which)) {
                 continue;
             }
             for (name, var) in map.make_trainable(|n| wanted(&format!("{component}.{n}")))? {
@@ -1017,6 +1075,18 @@ struct CheckpointState {
     /// When the run began (0 in checkpoints older than this field).
     #[serde(default)]
     started_at: u64,
+}
+
+/// Choosing one of SDXL's two text encoders means nothing on a model with one: refused, rather
+/// than training a different encoder than asked.
+fn check_text_encoders(config: &TrainConfig, two: bool) -> Result<()> {
+    if config.train_text_encoder && config.text_encoders != TextEncoders::Both && !two {
+        bail!(
+            "text encoders `{}` asks for one of SDXL's two text encoders, but this model has one; choose `both`",
+            config.text_encoders.label()
+        );
+    }
+    Ok(())
 }
 
 /// How many random crops of each image are encoded when random cropping is on: latents are
