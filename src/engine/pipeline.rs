@@ -213,10 +213,6 @@ impl ModelWeights {
         })
     }
 
-    pub fn family(&self) -> ModelFamily {
-        family_of(self.text_encoder_2.is_some(), self.unet_config.cross_attention_dim, self.text_config.hidden_size)
-    }
-
     /// A model's family without loading it (a folder's layout and configs, or a single file's
     /// tensor names): for choosing defaults before the model is read. `None` when it cannot tell.
     pub fn probe_family(path: &Path) -> Option<ModelFamily> {
@@ -377,14 +373,6 @@ pub struct TextConditioning {
 }
 
 impl TextConditioning {
-    /// Rows `start..start + len` of the batch.
-    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            context: self.context.narrow(0, start, len)?,
-            pooled: self.pooled.as_ref().map(|p| p.narrow(0, start, len)).transpose()?,
-        })
-    }
-
     /// Several conditionings as one batch, in order.
     pub fn cat(parts: &[&TextConditioning]) -> Result<Self> {
         let contexts: Vec<&Tensor> = parts.iter().map(|p| &p.context).collect();
