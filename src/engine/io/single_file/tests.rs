@@ -775,3 +775,22 @@ fn sdxl_single_file_runs_like_the_diffusers_folder() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The family is told before a model is loaded (the CLI picks SDXL's training defaults from it):
+/// from a folder's layout and configs, or a single file's tensor names.
+#[test]
+fn families_are_probed_without_loading() {
+    use crate::engine::pipeline::ModelWeights;
+    assert_eq!(ModelWeights::probe_family(&fixtures().join("sdxl-tiny/model")), Some(ModelFamily::Sdxl));
+    assert_eq!(ModelWeights::probe_family(&fixtures().join("sd1-tiny/model")), Some(ModelFamily::Sd1));
+    let dir = std::env::temp_dir().join(format!("lora-studio-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sdxl.safetensors");
+    crate::engine::io::weights::write_safetensors(&file, &sgm_checkpoint(), None).unwrap();
+    assert_eq!(ModelWeights::probe_family(&file), Some(ModelFamily::Sdxl));
+    let file = dir.join("sd1.safetensors");
+    crate::engine::io::weights::write_safetensors(&file, &ldm_checkpoint(&fixture()), None).unwrap();
+    assert_eq!(ModelWeights::probe_family(&file), Some(ModelFamily::Sd1));
+    assert_eq!(ModelWeights::probe_family(&dir.join("missing.safetensors")), None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
