@@ -27,7 +27,7 @@ impl PerBlock {
     }
 }
 
-/// diffusers' `unet/config.json` (the fields SD 1.x / 2.x use).
+/// diffusers' `unet/config.json` (the fields SD 1.x / 2.x and SDXL use).
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 pub struct UNetConfig {
     pub in_channels: usize,
@@ -441,7 +441,7 @@ pub struct UNetBlock {
     pub resample: Option<Conv2d>,
 }
 
-/// diffusers' `UNet2DConditionModel` for SD 1.x / 2.x.
+/// diffusers' `UNet2DConditionModel` for SD 1.x / 2.x and SDXL.
 #[derive(Clone, Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,

@@ -67,7 +67,7 @@ fn agreed(values: impl Iterator<Item = usize>, what: &str) -> Result<Option<usiz
     }
 }
 
-/// GroupNorm's group count is not stored in any weight. Every published SD 1.x / 2.x model uses
+/// GroupNorm's group count is not stored in any weight. Every published SD 1.x / 2.x / SDXL model uses
 /// 32 (and has ≥ 128 channels per block); tiny test models (ours included) conventionally use 8.
 fn norm_groups(min_block: usize, norm_sizes: &[usize]) -> usize {
     if min_block >= 128 && norm_sizes.iter().all(|c| c % 32 == 0) {

@@ -54,10 +54,10 @@ pub fn detect<'a>(names: impl Iterator<Item = &'a str>) -> Result<ModelFamily> {
             );
         }
         if n.contains("joint_blocks.") {
-            bail!("not supported: SD3-style MMDiT checkpoints (`joint_blocks`); only SD 1.x / 2.x load");
+            bail!("not supported: SD3-style MMDiT checkpoints (`joint_blocks`); only SD 1.x / 2.x / SDXL load");
         }
         if n.contains("double_blocks.") || n.contains("single_blocks.") {
-            bail!("not supported: Flux-style checkpoints (`double_blocks`); only SD 1.x / 2.x load");
+            bail!("not supported: Flux-style checkpoints (`double_blocks`); only SD 1.x / 2.x / SDXL load");
         }
         label_emb |= n.starts_with("model.diffusion_model.label_emb.");
         unet |= n.starts_with("model.diffusion_model.input_blocks.");
