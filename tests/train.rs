@@ -399,4 +399,9 @@ fn sdxl_lora_trains_both_text_encoders_with_each_images_size() {
         t.train_step().unwrap();
     }
     assert!(t.model.text_encoder_runs() <= 4, "{} text encoder runs", t.model.text_encoder_runs());
+    // A UNet-only file on this custom-width model: `adapter info` names the family from its metadata.
+    let unet_only = dir.join("unet-only.safetensors");
+    t.save_adapter(&unet_only, lora_studio::engine::adapters::formats::Naming::Kohya).unwrap();
+    let parsed = lora_studio::engine::adapters::formats::read_adapter(&unet_only).unwrap();
+    assert_eq!(lora_studio::engine::adapters::formats::summarize(&parsed).family, "SDXL");
 }

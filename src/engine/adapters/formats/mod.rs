@@ -519,13 +519,29 @@ pub fn summarize(parsed: &ParsedAdapter) -> AdapterSummary {
             context_width = l.delta.input_width().or(context_width);
         }
     }
-    let family = match (adapter_family(parsed), context_width) {
-        (Some(f), _) => f.label(),
+    // What the file says (sd-scripts' `ss_base_model_version`) only where the shapes say nothing:
+    // a custom-width model's adapter, or one without cross-attention layers.
+    let declared = parsed.metadata.get("ss_base_model_version").and_then(|v| {
+        let v = v.to_ascii_lowercase();
+        if v.starts_with("sdxl") {
+            Some(ModelFamily::Sdxl)
+        } else if v.starts_with("sd_v2") {
+            Some(ModelFamily::Sd2)
+        } else if v.starts_with("sd_v1") {
+            Some(ModelFamily::Sd1)
+        } else {
+            None
+        }
+    });
+    let family = match (adapter_family(parsed), context_width, declared) {
+        (Some(f), _, _) => f.label(),
         // assets/base: the built-in model's text encoder is 128 wide.
-        (None, Some(128)) => "LoRA Studio built-in",
-        (None, Some(_)) => "other (custom cross-attention width)",
-        (None, None) => "unknown (no cross-attention layers)",
+        (None, Some(128), _) => "LoRA Studio built-in",
+        (None, _, Some(f)) => f.label(),
+        (None, Some(_), None) => "other (custom cross-attention width)",
+        (None, None, None) => "unknown (no cross-attention layers)",
     };
+
     let glora_layout = parsed.glora_layout.map(|l| match l {
         GloraLayout::Current => "current (LyCORIS, ComfyUI)".to_string(),
         GloraLayout::Legacy => "legacy (A1111)".to_string(),
