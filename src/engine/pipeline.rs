@@ -394,13 +394,12 @@ impl TextConditioning {
     }
 }
 
-/// SDXL's six size numbers for each image of a batch: original height and width, crop top and
-/// left, target height and width, in pixels (B, 6), as diffusers' `add_time_ids`.
-pub fn size_conditioning(
-    rows: &[([usize; 2], [usize; 2], [usize; 2])],
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+/// One image's SDXL size numbers, in pixels: original (height, width), crop (top, left), target
+/// (height, width).
+pub type ImageSizes = ([usize; 2], [usize; 2], [usize; 2]);
+
+/// SDXL's six size numbers for each image of a batch (B, 6), as diffusers' `add_time_ids`.
+pub fn size_conditioning(rows: &[ImageSizes], dtype: DType, device: &Device) -> Result<Tensor> {
     let values: Vec<f32> = rows
         .iter()
         .flat_map(|(original, crop, target)| [original, crop, target])

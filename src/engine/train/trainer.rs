@@ -18,7 +18,7 @@ use crate::engine::io::weights::{read_safetensors_with_metadata, write_safetenso
 use crate::engine::kernels::recompute::GradSink;
 use crate::engine::models::family::ModelFamily;
 use crate::engine::models::nn::LayerMut;
-use crate::engine::pipeline::{ModelWeights, StableDiffusion, TextConditioning, size_conditioning};
+use crate::engine::pipeline::{ImageSizes, ModelWeights, StableDiffusion, TextConditioning, size_conditioning};
 use crate::engine::rng::Rng;
 use crate::engine::train::dataset::{Dataset, DatasetOptions, crop_window, decode_image, prepare_image, target_size};
 use crate::engine::train::fresh::fresh_update;
@@ -422,7 +422,7 @@ struct Example {
     latents: Vec<Tensor>,
     /// Per latent: SDXL's size numbers (original height and width, crop top and left, target
     /// height and width), as kohya fills them from each image's real size and crop.
-    sizes: Vec<([usize; 2], [usize; 2], [usize; 2])>,
+    sizes: Vec<ImageSizes>,
     caption: String,
     /// The image's folder name (kohya counts caption tags per folder).
     folder: String,
@@ -670,7 +670,7 @@ impl Trainer {
 
     /// Example `i`'s SDXL size numbers for each of its crop × mirror variants: (original height
     /// and width, crop top and left, target height and width), as the UNet is told them.
-    pub fn size_numbers_of(&self, i: usize) -> &[([usize; 2], [usize; 2], [usize; 2])] {
+    pub fn size_numbers_of(&self, i: usize) -> &[ImageSizes] {
         &self.examples[i].sizes
     }
 
@@ -748,11 +748,7 @@ impl Trainer {
     }
 
     /// SDXL's size numbers for a batch (when the text conditioning has a pooled embedding).
-    fn size_numbers(
-        &self,
-        text: &TextConditioning,
-        rows: &[([usize; 2], [usize; 2], [usize; 2])],
-    ) -> Result<Option<Tensor>> {
+    fn size_numbers(&self, text: &TextConditioning, rows: &[ImageSizes]) -> Result<Option<Tensor>> {
         match text.pooled {
             Some(_) => Ok(Some(size_conditioning(rows, self.model.dtype, &self.model.device)?)),
             None => Ok(None),
