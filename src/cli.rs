@@ -309,8 +309,9 @@ fn forward(p: &mut lexopt::Parser) -> Result<()> {
         // SDXL's size numbers: `add_time_ids` (diffusers' name) or an uncropped picture of the
         // sample's size.
         let sizes = match ["add_time_ids", "time_ids"].iter().find_map(|k| inputs.get(*k)) {
-            Some(s) if text.pooled.is_some() => Some(as_f32(s)?),
-            _ => {
+            // Given to a model that is not SDXL, `predict` refuses them rather than ignore them.
+            Some(s) => Some(as_f32(s)?),
+            None => {
                 let f = sd.vae.config.downscale();
                 sd.uncropped_sizes(&text, sample.dim(2)? * f, sample.dim(3)? * f)?
             }

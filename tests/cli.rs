@@ -121,6 +121,14 @@ fn forward_and_generate_run_an_sdxl_folder() {
     assert_close("pooled from the merged model", &got["pooled_prompt_embeds"], &r["pooled_kohya07"]);
     assert_close("noise_pred from the merged model", &got["noise_pred"], &r["noise_pred_kohya07"]);
 
+    // SDXL's size numbers given for an SD 1.x model are refused, not ignored.
+    let mut sd1_inputs = read_safetensors(&sd1_tiny().join("inputs.safetensors")).unwrap();
+    sd1_inputs.insert("add_time_ids".into(), r["add_time_ids"].clone());
+    let odd = dir.join("sd1-with-sizes.safetensors");
+    lora_studio::engine::io::weights::write_safetensors(&odd, &sd1_inputs, None).unwrap();
+    let run = studio(&["forward", "--model", p(&sd1_tiny().join("model")), "--inputs", p(&odd), "--output", p(&out)]);
+    assert_one_line_error(&run, "no pooled text embedding");
+
     let png = dir.join("sdxl.png");
     let run = studio(&[
         "generate",
