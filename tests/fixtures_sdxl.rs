@@ -236,3 +236,23 @@ fn an_sdxl_lora_on_an_sd1_model_is_refused_naming_both_families() {
         assert_eq!(summary.family, "SDXL", "{file}");
     }
 }
+
+/// An SDXL model written as a diffusers folder (full fine-tuning's output) reads back as the same
+/// pipeline: both encoders and tokenizers, and diffusers' outputs.
+#[test]
+fn an_sdxl_model_written_as_a_folder_reads_back() {
+    use lora_studio::engine::io::diffusers_folder::write_model_folder;
+    use lora_studio::engine::io::weights::WeightPrecision;
+    use lora_studio::engine::pipeline::ModelWeights;
+    let r = reference();
+    let w = ModelWeights::load(&sdxl_tiny().join("model"), DType::F32, WeightPrecision::Auto, &Device::Cpu).unwrap();
+    let out = tempdir("sdxl-written").join("model");
+    write_model_folder(&w, &out, DType::F32, None, false).unwrap();
+    for part in ["text_encoder_2/config.json", "tokenizer_2/tokenizer_config.json", "model_index.json"] {
+        assert!(out.join(part).is_file(), "{part}");
+    }
+    let sd = StableDiffusion::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(sd.text_encoder_2.as_ref().unwrap().1.pad_id(), 0, "the second tokenizer pads with `!`");
+    assert!(sd.force_zeros_for_empty_prompt);
+    assert_pipeline_matches(&sd, &r, "prompt_embeds", "pooled_prompt_embeds", "noise_pred");
+}

@@ -75,9 +75,7 @@ pub fn write_model_folder(
             index["tokenizer_2"] = serde_json::json!(["transformers", "CLIPTokenizer"]);
             index["force_zeros_for_empty_prompt"] = weights.force_zeros_for_empty_prompt.into();
             index["scheduler"] = serde_json::json!(["diffusers", "EulerDiscreteScheduler"]);
-            let mut text = serde_json::to_value(&second.config)?;
-            text["architectures"] = serde_json::json!(["CLIPTextModelWithProjection"]);
-            text["model_type"] = "clip_text_model".into();
+            let mut text = clip_config_json(&second.config, "CLIPTextModelWithProjection")?;
             if let Some(projection) = second.weights.tensor("text_projection.weight") {
                 text["projection_dim"] = projection.dim(0)?.into();
             }
@@ -91,9 +89,7 @@ pub fn write_model_folder(
             config_json(&weights.unet_config, "UNet2DConditionModel")?.as_bytes(),
         )?;
         write_atomic(&tmp.join("vae/config.json"), vae_config_json(&weights.vae_config)?.as_bytes())?;
-        let mut text = serde_json::to_value(&weights.text_config)?;
-        text["architectures"] = serde_json::json!(["CLIPTextModel"]);
-        text["model_type"] = "clip_text_model".into();
+        let text = clip_config_json(&weights.text_config, "CLIPTextModel")?;
         write_atomic(&tmp.join("text_encoder/config.json"), serde_json::to_string_pretty(&text)?.as_bytes())?;
         write_atomic(
             &tmp.join("scheduler/scheduler_config.json"),
@@ -155,6 +151,14 @@ pub fn write_model_folder(
 
 /// Copies a diffusers model folder to `out` with the live mix folded into the UNet and text
 /// encoder weights. Written to a temporary folder first and renamed, so `out` is whole or absent.
+/// A text encoder's `config.json` as transformers reads it, for `architecture`.
+fn clip_config_json(config: &crate::engine::models::clip::ClipConfig, architecture: &str) -> Result<serde_json::Value> {
+    let mut text = serde_json::to_value(config)?;
+    text["architectures"] = serde_json::json!([architecture]);
+    text["model_type"] = "clip_text_model".into();
+    Ok(text)
+}
+
 /// A tokenizer folder's `tokenizer_config.json`: CLIP's, padding with `!` (id 0) or end-of-text.
 fn write_tokenizer_config(dir: &Path, pad_id: u32) -> Result<()> {
     let pad = if pad_id == 0 { "!" } else { "<|endoftext|>" };
