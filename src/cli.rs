@@ -54,7 +54,7 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
   lora-studio adapter merge A.safetensors[:W]... [--model DIR] --out NEW_MODEL_DIR [--allow-partial]
   lora-studio bench unet --config sd1-tiny|sd15|sd21|sdxl|PATH [--latent N] [--batch B] [--runs N] [--forward-only]
   lora-studio bench train --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--rank R] [--runs N] [--checkpointing]
-  lora-studio bench mix --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N]
+  lora-studio bench mix --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N] [--weights f16]
   lora-studio bench generate [--model PATH] [--steps N] [--guidance X] [--runs N]
 ";
 
@@ -951,7 +951,7 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
         return Ok(());
     }
     if what == "mix" {
-        let mut opts = bench::MixBenchOptions::default();
+        let mut opts = bench::MixBenchOptions { weights: weights(), ..Default::default() };
         while let Some(arg) = p.next()? {
             match arg {
                 Long("config") => opts.config = p.value()?.string()?,

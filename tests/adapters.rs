@@ -143,6 +143,67 @@ fn check_modes_agree(w: Tensor, delta: Delta, conv: bool) {
     );
 }
 
+/// A stack of plain LoRAs merges as one GEMM, and its drive comes from the factors: both must equal
+/// W + Σ c·U·D and ‖Σ c·U·D‖ / ‖W‖ written as loops, for linear and conv layers, a base kept in f16,
+/// and a mix with another kind (which takes the materialised route).
+#[test]
+fn merged_lora_stack_and_its_drive_match_the_sum_written_as_loops() {
+    let mut rng = Rng::new(11);
+    let (out, inp, r) = (24, 16, 3);
+    for (kk, half, with_loha) in [(1, false, false), (9, false, false), (1, true, false), (1, false, true)] {
+        let shape: Vec<usize> = if kk == 1 { vec![out, inp] } else { vec![out, inp, 3, 3] };
+        let w = randn(&mut rng, &shape);
+        let base = if half { w.to_dtype(DType::F16).unwrap() } else { w.clone() };
+        let w_values = values(&base.to_dtype(DType::F32).unwrap());
+        let mut stack = AdapterStack::new(base);
+        let mut expect_delta = vec![0f32; out * inp * kk];
+        for (i, (scale, multiplier)) in [(0.5, 0.7), (2.0, -0.3), (1.0, 1.2)].into_iter().enumerate() {
+            let (up, down) = (randn(&mut rng, &[out, r]), randn(&mut rng, &[r, inp * kk]));
+            let product = matmul(&values(&up), &values(&down), out, r, inp * kk);
+            for (e, p) in expect_delta.iter_mut().zip(product) {
+                *e += (scale * multiplier) as f32 * p;
+            }
+            let (up, down) = if kk == 1 {
+                (up, down)
+            } else {
+                (up.reshape((out, r, 1, 1)).unwrap(), down.reshape((r, inp, 3, 3)).unwrap())
+            };
+            let delta = Delta::Lora { down, up };
+            stack.attach(LayerAdapter { name: format!("lora{i}"), delta, scale, multiplier }).unwrap();
+        }
+        if with_loha {
+            let (w1a, w1b) = (randn(&mut rng, &[out, 2]), randn(&mut rng, &[2, inp]));
+            let (w2a, w2b) = (randn(&mut rng, &[out, 2]), randn(&mut rng, &[2, inp]));
+            let p1 = matmul(&values(&w1a), &values(&w1b), out, 2, inp);
+            let p2 = matmul(&values(&w2a), &values(&w2b), out, 2, inp);
+            for ((e, a), b) in expect_delta.iter_mut().zip(p1).zip(p2) {
+                *e += 0.25 * a * b;
+            }
+            let delta = Delta::Loha { w1a, w1b, w2a, w2b, tucker: None };
+            stack.attach(LayerAdapter { name: "loha".into(), delta, scale: 0.5, multiplier: 0.5 }).unwrap();
+        }
+        assert!(stack.refresh().unwrap());
+        let merged = stack.merged_weight().unwrap();
+        assert_eq!(merged.dtype(), stack.base.dtype(), "a merged weight is stored like the base");
+        let expect: Vec<f32> = w_values.iter().zip(&expect_delta).map(|(w, d)| w + d).collect();
+        let scale = expect.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let tolerance = if half { 1e-3 * scale } else { 1e-5 * scale };
+        let got = values(&merged.to_dtype(DType::F32).unwrap());
+        assert!(
+            max_diff(&got, &expect) <= tolerance,
+            "merged weight off by {} ({kk}, {half}, {with_loha})",
+            max_diff(&got, &expect)
+        );
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let expect_drive = norm(&expect_delta) / norm(&w_values);
+        let drive = stack.drive().unwrap();
+        assert!(
+            (drive - expect_drive).abs() <= 1e-5 * expect_drive,
+            "drive {drive} vs {expect_drive} ({kk}, {half}, {with_loha})"
+        );
+    }
+}
+
 fn sample_layers(rng: &mut Rng) -> Vec<ExportLayer> {
     vec![
         ExportLayer {

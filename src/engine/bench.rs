@@ -344,11 +344,21 @@ pub struct MixBenchOptions {
     pub adapters: usize,
     pub rank: usize,
     pub runs: usize,
+    /// How the frozen weights are kept (`--weights`); `Auto` is f32 here (the made-up weights are).
+    pub weights: WeightPrecision,
 }
 
 impl Default for MixBenchOptions {
     fn default() -> Self {
-        Self { config: "sd1-tiny".into(), latent: 16, batch: 2, adapters: 8, rank: 4, runs: 5 }
+        Self {
+            config: "sd1-tiny".into(),
+            latent: 16,
+            batch: 2,
+            adapters: 8,
+            rank: 4,
+            runs: 5,
+            weights: WeightPrecision::Auto,
+        }
     }
 }
 
@@ -371,6 +381,8 @@ pub struct MixBenchReport {
     pub layers_remerged: usize,
     pub peak_rss_mib: f64,
     pub threads: usize,
+    /// The frozen weights' precision (`f32`, `f16`, `bf16`).
+    pub weights: &'static str,
 }
 
 /// Sampling cost with `adapters` random LoRAs merged into a random UNet, and the cost of
@@ -383,8 +395,9 @@ pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
         bail!("--runs, --batch, --latent and --rank must be positive");
     }
     let config = unet_config(&opts.config)?;
-    let synthetic = WeightMap::synthetic(DType::F32, device);
+    let synthetic = WeightMap::synthetic_with_precision(DType::F32, opts.weights, device);
     let mut model = UNet2DConditionModel::load(&config, &synthetic)?;
+    let weights_kept = kept_precision(&model);
     let mut rng = Rng::new(1);
     let sample = rng.randn((opts.batch, config.in_channels, opts.latent, opts.latent), device)?;
     let context = rng.randn((opts.batch, 77, config.cross_attention_dim), device)?;
@@ -460,6 +473,7 @@ pub fn mix(opts: &MixBenchOptions, device: &Device) -> Result<MixBenchReport> {
         layers_remerged,
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
+        weights: weights_kept,
     })
 }
 

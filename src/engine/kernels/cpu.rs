@@ -8,7 +8,7 @@
 //! splitting, storage access and f32/f64 dispatch our own CPU kernels share.
 
 use candle_core::backend::BackendStorage as _;
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, WithDType};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -218,6 +218,8 @@ pub(crate) fn with_cpu_slices<T: WithDType, R, const N: usize>(
 pub(crate) trait Widen: WithDType + Float {
     fn widen_f16(src: &[half::f16], dst: &mut [Self]);
     fn widen_bf16(src: &[half::bf16], dst: &mut [Self]);
+    fn narrow_f16(src: &[Self], dst: &mut [half::f16]);
+    fn narrow_bf16(src: &[Self], dst: &mut [half::bf16]);
 }
 
 impl Widen for f32 {
@@ -227,6 +229,12 @@ impl Widen for f32 {
     fn widen_bf16(src: &[half::bf16], dst: &mut [Self]) {
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
     }
+    fn narrow_f16(src: &[Self], dst: &mut [half::f16]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+    }
+    fn narrow_bf16(src: &[Self], dst: &mut [half::bf16]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+    }
 }
 
 impl Widen for f64 {
@@ -235,6 +243,53 @@ impl Widen for f64 {
     }
     fn widen_bf16(src: &[half::bf16], dst: &mut [Self]) {
         half::slice::HalfFloatSliceExt::convert_to_f64_slice(src, dst)
+    }
+    fn narrow_f16(src: &[Self], dst: &mut [half::f16]) {
+        half::slice::HalfFloatSliceExt::convert_from_f64_slice(dst, src)
+    }
+    fn narrow_bf16(src: &[Self], dst: &mut [half::bf16]) {
+        half::slice::HalfFloatSliceExt::convert_from_f64_slice(dst, src)
+    }
+}
+
+/// Elements per parallel chunk of a whole-tensor conversion.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// `f(src chunk, dst chunk)` over two equally long slices, in parallel.
+fn convert_par<S: Sync, D: Send + Copy + num_traits::Zero>(src: &[S], f: fn(&[S], &mut [D])) -> Vec<D> {
+    let mut out = vec![D::zero(); src.len()];
+    out.par_chunks_mut(CONVERT_CHUNK).zip(src.par_chunks(CONVERT_CHUNK)).for_each(|(d, s)| f(s, d));
+    out
+}
+
+/// A CPU tensor's elements as a new `Vec<T>`: widened in parallel when stored in half precision,
+/// else copied (it must already be `T`).
+pub(crate) fn to_vec_widened<T: Widen>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("a CPU op got a tensor on another device");
+    };
+    let name = "widen";
+    Ok(match cpu.dtype() {
+        DType::F16 => convert_par(contiguous_slice::<half::f16>(cpu, layout, name)?, T::widen_f16),
+        DType::BF16 => convert_par(contiguous_slice::<half::bf16>(cpu, layout, name)?, T::widen_bf16),
+        _ => contiguous_slice::<T>(cpu, layout, name)?.to_vec(),
+    })
+}
+
+/// `v` as a CPU tensor of `dtype`: `T` itself, or narrowed to f16 / bf16 in parallel (candle's
+/// cast runs on one thread).
+pub(crate) fn from_vec_narrowed<T: Widen>(
+    v: Vec<T>,
+    dtype: DType,
+    shape: &Shape,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    match dtype {
+        DType::F16 => Tensor::from_vec(convert_par(&v, T::narrow_f16), shape, device),
+        DType::BF16 => Tensor::from_vec(convert_par(&v, T::narrow_bf16), shape, device),
+        _ => Tensor::from_vec(v, shape, device)?.to_dtype(dtype),
     }
 }
 
@@ -311,26 +366,10 @@ impl<'a, T: Widen> FrozenRows<'a, T> {
 /// layer's weight in full (adapter kinds whose change depends on it, candle's fallback ops); the
 /// GEMMs read half-precision weights through `FrozenRows` instead.
 pub(crate) fn widen_to(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-    fn widen<H: Copy + Sync, T: Widen>(src: &[H], convert: fn(&[H], &mut [T])) -> Vec<T> {
-        const CHUNK: usize = 1 << 16;
-        let mut out = vec![T::zero(); src.len()];
-        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| convert(s, d));
-        out
-    }
     if !(is_half(t) && t.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64)) {
         return t.to_dtype(dtype);
     }
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { unreachable!("checked: a CPU tensor") };
-    let name = "widen";
-    float_dispatch!(dtype, name, |T| {
-        let v: Vec<T> = match cpu.dtype() {
-            DType::F16 => widen(contiguous_slice::<half::f16>(cpu, layout, name)?, T::widen_f16),
-            _ => widen(contiguous_slice::<half::bf16>(cpu, layout, name)?, T::widen_bf16),
-        };
-        Tensor::from_vec(v, t.shape(), t.device())
-    })
+    float_dispatch!(dtype, "widen", |T| Tensor::from_vec(to_vec_widened::<T>(t)?, t.shape(), t.device()))
 }
 
 /// Whether a tensor is stored in half precision (a frozen weight our ops widen as they read it).

@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use crate::engine::Result;
 use crate::engine::kernels::cpu::{
-    Shared, Widen, contiguous_slice, cpu_float, float_dispatch, for_each_item, gemm, is_half, split_threads,
-    with_cpu_data, with_cpu_slices, with_frozen_rows,
+    Shared, Widen, contiguous_slice, cpu_float, float_dispatch, for_each_item, from_vec_narrowed, gemm, is_half,
+    split_threads, to_vec_widened, with_cpu_data, with_cpu_slices, with_frozen_rows,
 };
 
 /// Elements below which the element-wise pass runs on one thread.
@@ -69,6 +69,46 @@ pub(crate) fn autocast(
         return op(&x.to_dtype(w.dtype())?, w)?.to_dtype(x.dtype());
     }
     op(x, &w.to_dtype(x.dtype())?)
+}
+
+/// `W + U·D` stored like W, for a frozen weight W (out, …) perhaps stored in half precision, U
+/// (out, r) and D (r, the rest of W's size), summed in U's dtype: the merge of low-rank adapters
+/// into a layer. On the CPU one GEMM accumulates onto a (widened) copy of W, so the only
+/// weight-sized buffer made is the result; elsewhere candle's ops.
+pub fn plus_low_rank(w: &Tensor, u: &Tensor, d: &Tensor) -> Result<Tensor> {
+    let (out, r) = u.dims2()?;
+    let (dr, rest) = d.dims2()?;
+    let fits = dr == r && w.dim(0)? == out && w.elem_count() == out * rest;
+    let kernel = fits && cpu_float(u) && d.dtype() == u.dtype() && w.device().is_cpu();
+    if !kernel || !(w.dtype() == u.dtype() || is_half(w)) {
+        let w2 = w.to_dtype(u.dtype())?.reshape((out, rest))?;
+        return Ok((w2 + u.matmul(d)?)?.reshape(w.shape())?.to_dtype(w.dtype())?);
+    }
+    let (u, d) = (u.contiguous()?, d.contiguous()?);
+    let name = "plus-low-rank";
+    let run = || -> candle_core::Result<Tensor> {
+        float_dispatch!(u.dtype(), name, |T| {
+            let mut sum: Vec<T> = to_vec_widened(w)?;
+            with_cpu_slices::<T, _, 2>([&u, &d], name, |[u, d]| {
+                let threads = candle_core::utils::get_num_threads().max(1);
+                // SAFETY: `sum` is (out, rest), U (out, r) and D (r, rest), all contiguous and
+                // row-major; `sum` is ours alone.
+                unsafe {
+                    gemm(
+                        (out, rest, r),
+                        (sum.as_mut_ptr(), rest as isize, 1),
+                        true,
+                        (u.as_ptr(), r as isize, 1),
+                        (d.as_ptr(), rest as isize, 1),
+                        1.0,
+                        threads,
+                    )
+                }
+            })?;
+            from_vec_narrowed(sum, w.dtype(), w.shape(), w.device())
+        })
+    };
+    Ok(run()?)
 }
 
 /// Whether `linear`/`pointwise` can take the frozen path: W (out, `inp`) and the bias untrained;
