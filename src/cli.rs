@@ -56,6 +56,7 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
   lora-studio bench train --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--rank R] [--runs N] [--checkpointing]
   lora-studio bench mix --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--adapters N] [--rank R] [--runs N] [--weights f16]
   lora-studio bench generate [--model PATH] [--steps N] [--guidance X] [--runs N]
+  lora-studio bench gemm --config sd1-tiny|small|sd15|sdxl|PATH [--latent N] [--batch B] [--runs N]
 ";
 
 pub fn main() -> i32 {
@@ -950,6 +951,20 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
         println!("{}", serde_json::to_string(&bench::generate(&model, steps, guidance, runs, &device())?)?);
         return Ok(());
     }
+    if what == "gemm" {
+        let (mut config, mut latent, mut batch, mut runs) = ("sd15".to_string(), 64, 1, 3);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("config") => config = p.value()?.string()?,
+                Long("latent") => latent = p.value()?.parse()?,
+                Long("batch") => batch = p.value()?.parse()?,
+                Long("runs") => runs = p.value()?.parse()?,
+                _ => return Err(arg.unexpected().into()),
+            }
+        }
+        println!("{}", serde_json::to_string(&bench::gemm(&config, latent, batch, runs, &device())?)?);
+        return Ok(());
+    }
     if what == "mix" {
         let mut opts = bench::MixBenchOptions { weights: weights(), ..Default::default() };
         while let Some(arg) = p.next()? {
@@ -967,7 +982,7 @@ fn bench_command(p: &mut lexopt::Parser) -> Result<()> {
         return Ok(());
     }
     if what != "unet" {
-        bail!("unknown benchmark `{what}` (available: unet, train, mix, generate)");
+        bail!("unknown benchmark `{what}` (available: unet, train, mix, generate, gemm)");
     }
     let mut opts = bench::UnetBenchOptions { weights: weights(), ..Default::default() };
     while let Some(arg) = p.next()? {

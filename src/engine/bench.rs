@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::Result;
 use super::rng::Rng;
 use crate::engine::io::weights::{WeightMap, WeightPrecision};
+use crate::engine::kernels::flops::{self, Work};
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 
 /// UNet shapes we benchmark by name; they match the peer's `tiny`, `small`, `sd15` and `sdxl`
@@ -117,6 +118,13 @@ pub struct UnetBenchReport {
     pub threads: usize,
     /// The frozen weights' precision (`f32`, `f16`, `bf16`).
     pub weights: &'static str,
+    /// The forward's nominal work (`kernels::flops`), what the median forward achieved, and the
+    /// best rate an f32 GEMM of the forward's largest shapes reaches alone on this machine.
+    pub forward_gflop: f64,
+    pub forward_gflops_achieved: f64,
+    pub best_gemm_gflops: f64,
+    /// achieved / best GEMM rate.
+    pub forward_of_best_gemm: f64,
 }
 
 /// Times the UNet with random weights of the configured shape.
@@ -147,11 +155,15 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
 
     let mut fwd = Vec::new();
     let mut fwd_bwd = Vec::new();
-    // One untimed warm-up of each, then `runs` timed repetitions.
+    let mut work = Work::default();
+    // One untimed warm-up of each (which also counts the work), then `runs` timed repetitions.
     for i in 0..=opts.runs {
         let start = Instant::now();
-        let out = model.forward_with(&sample, &t, &context, added)?;
-        let _ = out.sum_all()?.to_scalar::<f32>()?;
+        let (out, counted) = flops::count(|| model.forward_with(&sample, &t, &context, added));
+        if i == 0 {
+            work = counted;
+        }
+        let _ = out?.sum_all()?.to_scalar::<f32>()?;
         let f = start.elapsed().as_secs_f64();
         if i > 0 {
             fwd.push(f);
@@ -168,17 +180,25 @@ pub fn unet(opts: &UnetBenchOptions, device: &Device) -> Result<UnetBenchReport>
             fwd_bwd.push(start.elapsed().as_secs_f64());
         }
     }
+    drop(model);
+    let forward_s_median = median(&mut fwd);
+    let best_gemm = best_gemm_gflops(&work, device)?;
+    let achieved = work.forward() / 1e9 / forward_s_median;
     Ok(UnetBenchReport {
         config: opts.config.clone(),
         latent: opts.latent,
         batch: opts.batch,
         runs: opts.runs,
         params_millions: params as f64 / 1e6,
-        forward_s_median: median(&mut fwd),
+        forward_s_median,
         forward_backward_s_median: (!fwd_bwd.is_empty()).then(|| median(&mut fwd_bwd)),
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
         weights: weights_kept,
+        forward_gflop: work.forward() / 1e9,
+        forward_gflops_achieved: achieved,
+        best_gemm_gflops: best_gemm,
+        forward_of_best_gemm: achieved / best_gemm,
     })
 }
 
@@ -245,6 +265,12 @@ pub struct TrainBenchReport {
     pub checkpointing: bool,
     /// The frozen weights' precision (`f32`, `f16`, `bf16`).
     pub weights: &'static str,
+    /// The step's nominal work (`flops::Work::frozen_training_step`), what the median step
+    /// achieved, and the best f32 GEMM rate of its largest shapes here.
+    pub step_gflop: f64,
+    pub step_gflops_achieved: f64,
+    pub best_gemm_gflops: f64,
+    pub step_of_best_gemm: f64,
 }
 
 /// A LoRA training step on attention projections (to_q/k/v/out.0), random frozen weights of
@@ -295,9 +321,14 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
     let added = added.as_ref().map(|(p, s)| (p, s));
     let t = Tensor::new(&[500f32], device)?;
     let mut times = Vec::new();
+    let mut work = Work::default();
     for i in 0..=opts.runs {
         let start = Instant::now();
-        let loss = (model.forward_with(&sample, &t, &context, added)? - &noise)?.sqr()?.mean_all()?;
+        let (out, counted) = flops::count(|| model.forward_with(&sample, &t, &context, added));
+        if i == 0 {
+            work = counted;
+        }
+        let loss = (out? - &noise)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         for (v, (m, s)) in vars.iter().zip(moments.iter_mut()) {
             // Detached, as the trainer does: otherwise the moments keep each step's graph alive.
@@ -319,6 +350,10 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
             times.push(start.elapsed().as_secs_f64());
         }
     }
+    drop((model, moments, vars));
+    let train_step_s_median = median(&mut times);
+    let best_gemm = best_gemm_gflops(&work, device)?;
+    let achieved = work.frozen_training_step() / 1e9 / train_step_s_median;
     Ok(TrainBenchReport {
         config: opts.config.clone(),
         latent: opts.latent,
@@ -326,11 +361,15 @@ pub fn train_step(opts: &TrainBenchOptions, device: &Device) -> Result<TrainBenc
         rank: opts.rank,
         runs: opts.runs,
         lora_parameters: params,
-        train_step_s_median: median(&mut times),
+        train_step_s_median,
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
         checkpointing: opts.checkpointing,
         weights: weights_kept,
+        step_gflop: work.frozen_training_step() / 1e9,
+        step_gflops_achieved: achieved,
+        best_gemm_gflops: best_gemm,
+        step_of_best_gemm: achieved / best_gemm,
     })
 }
 
@@ -534,4 +573,124 @@ pub fn generate(
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
     })
+}
+
+/// One GEMM shape of a forward pass, timed alone.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmShapeRate {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// How many times the forward runs it, and its share of the forward's FLOPs.
+    pub count: usize,
+    pub share: f64,
+    /// The best of the timed runs, f32, every thread on the one GEMM.
+    pub gflops: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmBenchReport {
+    pub config: String,
+    pub latent: usize,
+    pub batch: usize,
+    pub forward_gflop: f64,
+    /// The fastest shape's rate: the machine's f32 GEMM limit on this model's shapes.
+    pub best_gflops: f64,
+    /// The forward's FLOPs over the time its GEMMs take when each runs alone at its best: the rate
+    /// a forward would reach with nothing but GEMMs.
+    pub gemm_only_forward_gflops: f64,
+    pub shapes: Vec<GemmShapeRate>,
+    pub threads: usize,
+}
+
+/// The f32 GEMM rate of every shape a UNet forward runs (`lora-studio bench gemm`), through the
+/// same GEMM call our kernels make (the `gemm` crate, its AVX-512 kernels where the CPU has them).
+pub fn gemm(config_name: &str, latent: usize, batch: usize, runs: usize, device: &Device) -> Result<GemmBenchReport> {
+    let work = forward_work(config_name, latent, batch, device)?;
+    let total = work.forward();
+    let mut shapes = Vec::new();
+    let mut gemm_time = 0.0;
+    for (&(m, n, k), &count) in &work.shapes {
+        let gflops = time_gemm((m, n, k), runs)?;
+        gemm_time += 2.0 * (m * n * k * count) as f64 / 1e9 / gflops;
+        let share = 2.0 * (m * n * k * count) as f64 / total;
+        shapes.push(GemmShapeRate { m, n, k, count, share, gflops });
+    }
+    shapes.sort_by(|a, b| b.share.total_cmp(&a.share));
+    Ok(GemmBenchReport {
+        config: config_name.into(),
+        latent,
+        batch,
+        forward_gflop: total / 1e9,
+        best_gflops: shapes.iter().map(|s| s.gflops).fold(0.0, f64::max),
+        gemm_only_forward_gflops: total / 1e9 / gemm_time,
+        shapes,
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+/// The work of one frozen forward of a random-weight UNet of the named config.
+fn forward_work(config_name: &str, latent: usize, batch: usize, device: &Device) -> Result<Work> {
+    if latent == 0 || batch == 0 {
+        bail!("--batch and --latent must be positive");
+    }
+    let config = unet_config(config_name)?;
+    let model = UNet2DConditionModel::load(&config, &WeightMap::synthetic(DType::F32, device))?;
+    let mut rng = Rng::new(0);
+    let sample = rng.randn((batch, config.in_channels, latent, latent), device)?;
+    let context = rng.randn((batch, 77, config.cross_attention_dim), device)?;
+    let added = added_inputs(&config, batch, &mut rng, device)?;
+    let t = Tensor::new(&[500f32], device)?;
+    let (out, work) = flops::count(|| model.forward_with(&sample, &t, &context, added.as_ref().map(|(p, s)| (p, s))));
+    out?;
+    Ok(work)
+}
+
+/// Shapes timed for a bench run's "best GEMM rate": the forward's largest by FLOPs.
+const BEST_GEMM_SHAPES: usize = 4;
+
+/// The best f32 GEMM rate among the forward's largest shapes (0 off the CPU, where our GEMM call
+/// is not the one that runs).
+fn best_gemm_gflops(work: &Work, device: &Device) -> Result<f64> {
+    if !device.is_cpu() {
+        return Ok(0.0);
+    }
+    let mut by_flops: Vec<_> = work.shapes.iter().map(|(s, c)| (s.0 * s.1 * s.2 * c, *s)).collect();
+    by_flops.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut best = 0f64;
+    for (_, shape) in by_flops.into_iter().take(BEST_GEMM_SHAPES) {
+        best = best.max(time_gemm(shape, 3)?);
+    }
+    Ok(best)
+}
+
+/// GFLOP/s of the best of `runs` (after one warm-up) f32 GEMMs C = A·B of shape (m, n, k),
+/// row-major, every thread on it.
+fn time_gemm((m, n, k): (usize, usize, usize), runs: usize) -> Result<f64> {
+    let mut rng = Rng::new(7);
+    let values =
+        |len: usize, rng: &mut Rng| -> Result<Vec<f32>> { Ok(rng.randn(len, &Device::Cpu)?.to_vec1::<f32>()?) };
+    let (a, b) = (values(m * k, &mut rng)?, values(k * n, &mut rng)?);
+    let mut c = vec![0f32; m * n];
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let mut best = f64::INFINITY;
+    for i in 0..=runs.max(1) {
+        let start = Instant::now();
+        // SAFETY: a, b and c are row-major buffers of exactly these sizes, c ours alone.
+        unsafe {
+            crate::engine::kernels::cpu::gemm(
+                (m, n, k),
+                (c.as_mut_ptr(), n as isize, 1),
+                false,
+                (a.as_ptr(), k as isize, 1),
+                (b.as_ptr(), n as isize, 1),
+                1.0,
+                threads,
+            )
+        };
+        if i > 0 {
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (m * n * k) as f64 / 1e9 / best)
 }

@@ -23,6 +23,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     if causal && m != n {
         anyhow::bail!("attention: a causal mask needs as many keys as queries ({m} vs {n})");
     }
+    crate::engine::kernels::flops::attention(b * heads, n, m, inner / heads);
     let fusable = cpu_float(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
     if !fusable {
         return attention_reference(q, k, v, heads, causal);

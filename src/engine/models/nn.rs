@@ -7,6 +7,7 @@ use candle_core::{D, DType, Tensor};
 use crate::engine::Result;
 use crate::engine::adapters::stack::AdapterStack;
 use crate::engine::io::weights::WeightScope;
+use crate::engine::kernels::flops;
 use crate::engine::kernels::frozen::affine;
 use crate::engine::kernels::normalise::normalise;
 
@@ -39,6 +40,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        flops::linear(x.elem_count() / self.in_dim().max(1), self.in_dim(), self.out_dim());
         self.stack.forward_linear(x, self.bias.as_ref())
     }
 }
@@ -76,6 +78,10 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Ok((b, _, h, w)), &[o, c, kh, kw]) = (x.dims4(), self.weight().dims()) {
+            let side = |n: usize, k: usize| (n + 2 * self.padding).saturating_sub(k) / self.stride + 1;
+            flops::conv(b, o, c * kh * kw, side(h, kh) * side(w, kw));
+        }
         self.stack.forward_conv(x, self.bias.as_ref(), self.padding, self.stride)
     }
 }
