@@ -32,7 +32,7 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
                                    (without --model: the built-in model in assets/base, everywhere;
                                    PATH: a diffusers folder or a .safetensors checkpoint, SD 1.x / 2.x / SDXL)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
-                       [--guidance X] [--sampler ddim|euler-a|euler] [--width W --height H] --out FILE.png
+                       [--guidance X] [--sampler ddim|euler-a|euler|lcm|tcd] [--width W --height H] --out FILE.png
                        (defaults: the model's own size; euler for SDXL, ddim otherwise)
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
                       [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
