@@ -419,12 +419,19 @@ fn playground_generates_blends_live_and_exports() {
     h.get_by_label_contains(&format!("Overdrive {ratio:.2}: overdriven"));
     h.get_by_label("Weights add up to 1.00: images may burn.");
     h.get_by_label_contains("Warning: stacked adapters overdrive the model");
-    // Live mode: moving a slider re-renders the same seed once it rests, re-merging its layers.
+    // Live mode: moving a slider re-renders the same seed once it rests, re-merging its layers,
+    // as a quick preview (at most 8 steps; this 32 px model keeps its size) named as one.
+    h.state_mut().playground.request.steps = 10;
     h.state_mut().playground.set_weight(0, -1.0);
     h.step();
     assert_eq!(h.state().playground.images_made, 1, "not before the slider rests");
+    run_until(&mut h, SCAN, "live re-render", |a| a.playground.progress.is_some());
+    assert_eq!(h.state().playground.progress.map(|p| p.1), Some(8), "the preview's steps");
     run_until(&mut h, SCAN, "live re-render", |a| a.playground.images_made >= 2);
     run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    let info = h.state().playground.image_info.clone();
+    assert!(info.starts_with("preview 32×32") && info.contains("Generate renders it in full"), "{info}");
+    h.state_mut().playground.request.steps = 3;
     let row = &h.state().playground.adapters[0];
     assert!(row.remerged.is_some_and(|n| n > 0), "re-merged {:?} layers", row.remerged);
     assert_ne!(h.state().playground.image.as_ref().unwrap(), &first, "weight −1 changes the image");
@@ -468,6 +475,50 @@ fn playground_generates_blends_live_and_exports() {
     h.get_by_label("Remove").click();
     h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     assert!(h.state().playground.adapters.is_empty());
+}
+
+/// Quick previews halve large sides (not below 256 px, on the model's size step) and cap the steps
+/// at 8; LCM and TCD keep theirs. Picking LCM sets it up as its users expect (4 steps, guidance 1),
+/// and leaving it puts back 20 steps and guidance 7.5.
+#[test]
+fn previews_and_few_step_samplers_are_set_up_as_users_expect() {
+    use lora_studio::engine::diffusion::sampler::SamplerKind;
+    use lora_studio::ui::preview_of;
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    run_until(&mut h, SCAN, "the model", |a| a.playground.model_state == ModelState::Ready);
+    let p = &mut h.state_mut().playground;
+    (p.request.width, p.request.height, p.request.steps) = (512, 768, 20);
+    let live = p.live_request();
+    assert_eq!((live.width, live.height, live.steps), (256, 384, 8));
+    assert_eq!(
+        (live.prompt.as_str(), live.seed, live.guidance),
+        (p.request.prompt.as_str(), p.request.seed, p.request.guidance)
+    );
+    p.preview = false;
+    assert_eq!(p.live_request(), p.request, "previews off: live renders in full");
+    // SDXL's 1024 at a 32 px step, a 200 px side left alone, and a few-step sampler's steps kept.
+    let mut r = p.request.clone();
+    (r.width, r.height, r.steps, r.sampler) = (1024, 200, 6, SamplerKind::Lcm);
+    let preview = preview_of(&r, 32);
+    assert_eq!((preview.width, preview.height, preview.steps), (512, 200, 6));
+    (r.width, r.steps, r.sampler) = (600, 30, SamplerKind::Ddim);
+    assert_eq!((preview_of(&r, 64).width, preview_of(&r, 64).steps), (256, 8), "300 is not a multiple of 64");
+    h.run_steps(2);
+
+    h.get_by_label("Sampler").click();
+    h.run_steps(2);
+    h.get_by_label("LCM").click();
+    h.run_steps(2);
+    let request = &h.state().playground.request;
+    assert_eq!((request.sampler, request.steps, request.guidance), (SamplerKind::Lcm, 4, 1.0));
+    assert!(h.state().playground.sampler_chosen);
+    h.get_by_label("Sampler").click();
+    h.run_steps(2);
+    h.get_by_label("Euler a").click();
+    h.run_steps(2);
+    let request = &h.state().playground.request;
+    assert_eq!((request.sampler, request.steps, request.guidance), (SamplerKind::EulerAncestral, 20, 7.5));
 }
 
 #[test]

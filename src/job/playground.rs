@@ -122,6 +122,8 @@ pub enum ModelEvent {
         path: PathBuf,
         seconds: f64,
         native_size: Option<usize>,
+        /// What a picture's sides must be a multiple of (`StableDiffusion::size_multiple`).
+        size_step: usize,
         weights: &'static str,
         family: ModelFamily,
     },
@@ -286,10 +288,18 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
                 Ok(mut m) => {
                     m.cache_text_embeddings = true; // only this worker changes its adapters
                     let native_size = Some(m.native_side());
+                    let size_step = m.size_multiple();
                     let weights = dtype_name(m.unet.conv_in.weight().dtype());
                     let family = m.family();
                     *sd = Some(m);
-                    send(ModelEvent::Loaded { path, seconds: t.elapsed().as_secs_f64(), native_size, weights, family });
+                    send(ModelEvent::Loaded {
+                        path,
+                        seconds: t.elapsed().as_secs_f64(),
+                        native_size,
+                        size_step,
+                        weights,
+                        family,
+                    });
                 }
                 Err(e) => send(ModelEvent::LoadFailed { error: format!("{e:#}") }),
             }

@@ -20,7 +20,10 @@ use std::path::{Path, PathBuf};
 pub use dataset::DatasetPanel;
 pub use dialogs::DialogPurpose;
 pub use loss_plot::LossHistory;
-pub use playground::{AdapterRow, GridSettings, MixMode, ModelState, PlaygroundPanel, parse_weights};
+pub use playground::{
+    AdapterRow, GridSettings, MixMode, ModelState, PREVIEW_MIN_SIDE, PREVIEW_STEPS, PlaygroundPanel, parse_weights,
+    preview_of,
+};
 pub use session::{SavedAdapter, Session};
 pub use status::{MemorySampler, format_bytes, resident_memory_bytes};
 pub use training::{Preset, RunState, TrainingPanel};

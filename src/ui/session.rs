@@ -35,6 +35,8 @@ pub struct Session {
     pub request: Option<GenerateRequest>,
     pub size_chosen: bool,
     pub live: bool,
+    /// Live re-renders are quick previews.
+    pub preview: bool,
     pub mix_mode: MixMode,
     pub blend_rank: usize,
     /// The device and weight precision picked in the window.
@@ -55,6 +57,7 @@ impl Default for Session {
             request: None,
             size_chosen: false,
             live: true,
+            preview: true,
             mix_mode: MixMode::Sum,
             blend_rank: 16,
             placement: Placement::default(),
@@ -130,6 +133,7 @@ impl StudioApp {
             request: Some(p.request.clone()),
             size_chosen: p.size_chosen,
             live: p.live,
+            preview: p.preview,
             mix_mode: p.mix_mode,
             blend_rank: p.blend_rank,
             placement: p.placement.clone(),
@@ -159,6 +163,7 @@ impl StudioApp {
         p.size_chosen = s.size_chosen;
         p.sampler_chosen = s.sampler_chosen;
         p.live = s.live;
+        p.preview = s.preview;
         p.blend_rank = s.blend_rank.max(1);
         p.placement = s.placement.clone();
         p.set_mix_mode(s.mix_mode);

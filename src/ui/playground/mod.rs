@@ -32,6 +32,24 @@ pub(in crate::ui) use view::ui_playground;
 /// How long a slider must rest before Live mode re-renders.
 pub const LIVE_DEBOUNCE: Duration = Duration::from_millis(300);
 
+/// Quick previews: sides above this are halved (down to it), and at most `PREVIEW_STEPS` steps.
+/// SD 1.5's 512 px at 20 guided steps is ~4 minutes on two cores; its preview, 256 px at 8 steps,
+/// is a fifth of the UNet work per step and 8 steps instead of 20.
+pub const PREVIEW_MIN_SIDE: usize = 256;
+pub const PREVIEW_STEPS: usize = 8;
+
+/// The preview of `request` for a model whose sides must be multiples of `size_step`: each side
+/// above `PREVIEW_MIN_SIDE` halved (not below it), and at most `PREVIEW_STEPS` steps (few-step
+/// samplers keep theirs). Prompt, seed, guidance and sampler stay, so it shows the same picture.
+pub fn preview_of(request: &GenerateRequest, size_step: usize) -> GenerateRequest {
+    let step = size_step.max(1);
+    let side = |s: usize| {
+        if s <= PREVIEW_MIN_SIDE { s } else { ((s / 2).max(PREVIEW_MIN_SIDE) / step * step).max(step) }
+    };
+    let steps = if request.sampler.is_few_step() { request.steps } else { request.steps.min(PREVIEW_STEPS) };
+    GenerateRequest { width: side(request.width), height: side(request.height), steps, ..request.clone() }
+}
+
 pub struct AdapterRow {
     /// Unique within the list; the adapter's name in the model's stacks.
     pub name: String,
@@ -90,6 +108,12 @@ pub struct PlaygroundPanel {
     /// Files waiting for the user to read their check.
     pub pending: Vec<PendingAdapter>,
     pub live: bool,
+    /// Live re-renders are quick previews (`preview_of`); Generate always renders in full.
+    pub preview: bool,
+    /// The open model's size step, once loaded (previews round to it).
+    size_step: Option<usize>,
+    /// For each render sent and not yet drawn: whether it is a preview (shown in the image's line).
+    renders_sent: std::collections::VecDeque<bool>,
     pub image: Option<image::RgbImage>,
     texture: Option<egui::TextureHandle>,
     /// "seed 42 · 3.1 s".
@@ -184,6 +208,9 @@ impl PlaygroundPanel {
             adapters: Vec::new(),
             pending: Vec::new(),
             live: true,
+            preview: true,
+            size_step: None,
+            renders_sent: std::collections::VecDeque::new(),
             image: None,
             texture: None,
             image_info: String::new(),
@@ -441,7 +468,20 @@ impl PlaygroundPanel {
         self.progress = Some((0, total));
     }
 
+    /// Renders the request in full (the Generate button).
     pub fn generate(&mut self) {
+        self.render(false);
+    }
+
+    /// What a live re-render draws: the preview when previews are on, else the full request.
+    pub fn live_request(&self) -> GenerateRequest {
+        match self.size_step {
+            Some(step) if self.preview => preview_of(&self.request, step),
+            _ => self.request.clone(),
+        }
+    }
+
+    fn render(&mut self, live: bool) {
         if self.model.is_none() {
             self.message = Some("Open a base model first.".into());
             return;
@@ -449,8 +489,35 @@ impl PlaygroundPanel {
         self.message = None;
         self.last_change = None;
         self.flush_weights();
-        self.send(ModelCommand::Generate(self.request.clone()));
-        self.progress = Some((0, self.request.steps));
+        let request = if live { self.live_request() } else { self.request.clone() };
+        let preview = request != self.request;
+        self.progress = Some((0, request.steps));
+        self.renders_sent.push_back(preview);
+        self.send(ModelCommand::Generate(request));
+    }
+
+    /// Picks a sampler as a user of A1111 / ComfyUI would set it up: LCM and TCD (for LCM-LoRA and
+    /// TCD-LoRA) at 4 steps without guidance, unless steps and guidance are already in their
+    /// range; back to 20 steps and guidance 7.5 when leaving them from there.
+    pub fn choose_sampler(&mut self, sampler: SamplerKind) {
+        let (was, now) = (self.request.sampler.is_few_step(), sampler.is_few_step());
+        self.request.sampler = sampler;
+        self.sampler_chosen = true;
+        if now && !was {
+            if self.request.steps > PREVIEW_STEPS {
+                self.request.steps = 4;
+            }
+            if self.request.guidance > 2.0 {
+                self.request.guidance = 1.0;
+            }
+        } else if was && !now {
+            if self.request.steps <= PREVIEW_STEPS {
+                self.request.steps = 20;
+            }
+            if self.request.guidance <= 2.0 {
+                self.request.guidance = 7.5;
+            }
+        }
     }
 
     pub fn export_blend(&mut self, path: PathBuf) {
@@ -487,8 +554,9 @@ impl PlaygroundPanel {
     pub fn poll(&mut self, ctx: &egui::Context) {
         for event in self.worker.events.try_iter().collect::<Vec<_>>() {
             match event {
-                ModelEvent::Loaded { path, seconds, native_size, weights, family } => {
+                ModelEvent::Loaded { path, seconds, native_size, size_step, weights, family } => {
                     self.model_state = ModelState::Ready;
+                    self.size_step = Some(size_step);
                     self.loaded_weights = Some(weights);
                     self.loaded_family = Some(family);
                     // Start at the model's own size and its family's sampler unless the user
@@ -542,15 +610,22 @@ impl PlaygroundPanel {
                     self.model_state = ModelState::None;
                     self.overdrive = None;
                     self.progress = None;
+                    self.renders_sent.clear();
                 }
                 ModelEvent::Image { image, seconds, seed } => {
                     self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
+                    self.image_info = if self.renders_sent.pop_front().unwrap_or(false) {
+                        let (w, h) = image.dimensions();
+                        format!("preview {w}×{h} · seed {seed} · {seconds:.1} s · Generate renders it in full")
+                    } else {
+                        format!("seed {seed} · {seconds:.1} s")
+                    };
                     self.image = Some(image);
-                    self.image_info = format!("seed {seed} · {seconds:.1} s");
                     self.images_made += 1;
                     self.progress = None;
                 }
                 ModelEvent::GenerateFailed { error } => {
+                    self.renders_sent.pop_front();
                     self.message = Some(format!("Could not generate: {error}"));
                     self.progress = None;
                 }
@@ -578,7 +653,7 @@ impl PlaygroundPanel {
             if !self.live || self.model.is_none() || self.images_made == 0 {
                 self.last_change = None;
             } else if rested >= LIVE_DEBOUNCE {
-                self.generate();
+                self.render(true);
             } else {
                 ctx.request_repaint_after(LIVE_DEBOUNCE - rested);
             }

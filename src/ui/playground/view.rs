@@ -124,12 +124,15 @@ pub(super) fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             ui.label("Guidance").on_hover_text("How strongly the image follows the prompt (CFG scale); 1 turns it off");
         ui.add(egui::DragValue::new(&mut p.request.guidance).range(1.0..=30.0).speed(0.1)).labelled_by(label.id);
         ui.end_row();
-        let label = ui.label("Sampler");
+        let label =
+            ui.label("Sampler").on_hover_text("LCM and TCD are for LCM-LoRA / TCD-LoRA: 4–8 steps, guidance 1 (off)");
         egui::ComboBox::from_id_salt("sampler")
             .selected_text(p.request.sampler.label())
             .show_ui(ui, |ui| {
                 for s in SamplerKind::ALL {
-                    p.sampler_chosen |= ui.selectable_value(&mut p.request.sampler, s, s.label()).clicked();
+                    if ui.selectable_label(p.request.sampler == s, s.label()).clicked() {
+                        p.choose_sampler(s);
+                    }
                 }
             })
             .response
@@ -152,6 +155,10 @@ pub(super) fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             p.generate();
         }
         ui.checkbox(&mut p.live, "Live").on_hover_text("Re-render with the same seed when a slider stops moving");
+        ui.add_enabled(p.live, egui::Checkbox::new(&mut p.preview, "Quick preview")).on_hover_text(format!(
+            "Live re-renders at half size (sides above {PREVIEW_MIN_SIDE} px) and at most {PREVIEW_STEPS} steps; \
+             Generate renders in full"
+        ));
         if let Some((step, total)) = p.progress {
             ui.spinner();
             ui.label(format!("step {step}/{total}"));
