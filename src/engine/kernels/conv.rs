@@ -485,6 +485,9 @@ mod tests {
             // 144 tiles, 128 to a block (512 channels): a block ends inside a row of tiles.
             (1, 512, 16, 24, 24, 1, true),
             (2, 16, 512, 23, 23, 1, false),
+            // SD 1.5 widths (F32 errors 5e-7 of the scale here; F(4×4, 3×3) gave 1e-5).
+            (1, 320, 320, 32, 32, 1, true),
+            (1, 1280, 64, 16, 16, 1, true),
         ] {
             let x = rng.randn((b, c, h, w), &Device::Cpu).unwrap();
             let k = (rng.randn((o, c, 3, 3), &Device::Cpu).unwrap() / (9.0 * c as f64).sqrt()).unwrap();
