@@ -1,7 +1,8 @@
 //! CPU kernels with their own backward passes where candle's are missing, wrong or slow:
-//! fused attention, convolution, frozen-weight ops, GEGLU, SiLU, normalisation, and gradient
-//! recomputation; `cpu` holds the thread settings and the GEMM and storage helpers they share;
-//! `flops` counts the nominal work of a forward pass for the benchmarks.
+//! fused attention, convolution (im2col, and Winograd for large 3×3 layers), frozen-weight ops,
+//! GEGLU, SiLU, normalisation, and gradient recomputation; `cpu` holds the thread settings and the
+//! GEMM and storage helpers they share; `flops` counts the nominal work of a forward pass for the
+//! benchmarks.
 
 pub mod attention;
 pub mod conv;
@@ -12,3 +13,4 @@ pub mod geglu;
 pub mod normalise;
 pub mod recompute;
 pub mod silu;
+mod winograd;
