@@ -22,6 +22,9 @@ for round in $(seq "$rounds"); do
   echo -n "peer built-in lora infer: "; "${peer[@]}" --model-dir assets/base --res 16 --mode lora 2>/dev/null
   echo -n "ours built-in image: "; $studio bench generate --steps 20 --guidance 7.5 --runs 5
   if [ "${SD15:-0}" = 1 ]; then
+    # The machine's f32 GEMM rate on the SD 1.5 forward's own shapes (bench unet/train also
+    # report their achieved FLOP/s against the best of the largest shapes, timed in the same run).
+    echo -n "ours sd15 gemm: "; $studio bench gemm --config sd15 --latent 64 --runs 3
     echo -n "ours sd15 train: "; $studio bench train --config sd15 --latent 32 --batch 1 --rank 4 --runs 2
     echo -n "peer sd15 train: "; "${peer[@]}" --config sd15 --res 32 --batch 1 --mode train 2>/dev/null
     echo -n "ours sd15 train, f16 weights: "; $studio bench train --config sd15 --latent 32 --batch 1 --rank 4 --runs 2 --weights f16
@@ -30,6 +33,7 @@ for round in $(seq "$rounds"); do
     # The peer's inference runs batch 1 then 2 (guidance) in one process: its peak is batch 2's.
     echo -n "ours sd15 infer b2, f16 weights: "; $studio bench unet --config sd15 --latent 64 --batch 2 --runs 2 --forward-only --weights f16
     echo -n "ours sd15 mix: "; $studio bench mix --config sd15 --latent 8 --batch 1 --adapters 8 --runs 3
+    echo -n "ours sd15 mix, f16 weights: "; $studio bench mix --config sd15 --latent 8 --batch 1 --adapters 8 --runs 3 --weights f16
   fi
   if [ "${SDXL:-0}" = 1 ]; then
     # 512 px (latent 64), batch 1, LoRA rank 4 on attention, as the issue races it.
