@@ -656,7 +656,7 @@ fn best_gemm_gflops(work: &Work, device: &Device) -> Result<f64> {
         return Ok(0.0);
     }
     let mut by_flops: Vec<_> = work.shapes.iter().map(|(s, c)| (s.0 * s.1 * s.2 * c, *s)).collect();
-    by_flops.sort_by(|a, b| b.0.cmp(&a.0));
+    by_flops.sort_by_key(|s| std::cmp::Reverse(s.0));
     let mut best = 0f64;
     for (_, shape) in by_flops.into_iter().take(BEST_GEMM_SHAPES) {
         best = best.max(time_gemm(shape, 3)?);

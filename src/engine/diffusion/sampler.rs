@@ -323,7 +323,7 @@ impl Sampler {
     /// f32 (half-precision latents drift otherwise) and returned in `x`'s dtype. `rng` supplies
     /// the fresh noise of Euler ancestral, LCM and TCD; DDIM (η = 0) and Euler draw nothing.
     pub fn step(&self, model_output: &Tensor, i: usize, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        self.step_with(model_output, i, x, |shape, device| Ok(rng.randn(shape, device)?))
+        self.step_with(model_output, i, x, |shape, device| rng.randn(shape, device))
     }
 
     /// `step`, with the fresh noise (when the step adds any) from `noise`.
