@@ -418,7 +418,9 @@ fn playground_generates_blends_live_and_exports() {
     assert!(ratio > 0.5, "{ratio}");
     h.get_by_label_contains(&format!("Overdrive {ratio:.2}: overdriven"));
     h.get_by_label("Weights add up to 1.00: images may burn.");
-    h.get_by_label_contains("Warning: stacked adapters overdrive the model");
+    // One adapter is not a stack.
+    h.get_by_label_contains("Warning: the adapter overdrives the model");
+    assert!(h.query_by_label_contains("stacked adapters").is_none());
     // Live mode: moving a slider re-renders the same seed once it rests, re-merging its layers,
     // as a quick preview (at most 8 steps; this 32 px model keeps its size) named as one.
     h.state_mut().playground.request.steps = 10;
@@ -446,6 +448,8 @@ fn playground_generates_blends_live_and_exports() {
     assert!(blend.is_file(), "{:?}", h.state().playground.message);
     let parsed = lora_studio::engine::adapters::formats::read_adapter(&blend).unwrap();
     assert!(!parsed.layers.is_empty());
+    // What was mixed, with each weight as its slider shows it.
+    assert_eq!(parsed.metadata.get("lora_studio_blend").map(String::as_str), Some("lora_a_kohya × -1.00"));
     // Merge into base writes a new model folder that loads.
     let merged = dir.join("merged-model");
     h.state_mut().on_paths_chosen(DialogPurpose::MergeIntoBase, vec![merged.clone()]);

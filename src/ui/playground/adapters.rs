@@ -194,12 +194,14 @@ pub(super) fn mix_controls(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             p.set_mix_mode(mode);
         }
     });
-    overdrive_meter(ui, p.total_strength(), p.overdrive);
+    let enabled = p.adapters.iter().filter(|r| r.effective_weight() != 0.0).count();
+    overdrive_meter(ui, p.total_strength(), p.overdrive, enabled);
 }
 
 /// How hard the adapters push the model. Measured as ‖Σ wᵢ·ΔWᵢ‖ / ‖W‖ at the worst layer the
 /// adapters touch (the worker computes it after each change); until then, the sum of |weight|.
-pub(super) fn overdrive_meter(ui: &mut egui::Ui, total: f64, measured: Option<f64>) {
+/// `enabled`: adapters with a weight (the warning speaks of one adapter or of a stack).
+pub(super) fn overdrive_meter(ui: &mut egui::Ui, total: f64, measured: Option<f64>, enabled: usize) {
     // Around 0.1 styles blend; past about 0.5 the weights are more adapter than model.
     let level = measured.map_or(total / 1.5 * 0.25, |r| r);
     let (color, word, advice) = if level <= 0.25 {
@@ -214,15 +216,19 @@ pub(super) fn overdrive_meter(ui: &mut egui::Ui, total: f64, measured: Option<f6
         Some(r) => format!("Overdrive {r:.2}: {word}"),
         None => format!("Overdrive: {word}"),
     };
+    // Plain words: the UI font has no ‖ or Σ glyphs (they drew as boxes).
     ui.add(egui::ProgressBar::new((level / 0.75).min(1.0) as f32).fill(color).text(text)).on_hover_text(
-        "‖Σ weight × ΔW‖ / ‖W‖ at the layer the adapters change most: around 0.1 styles blend, \
-         past 0.5 images tend to burn. Lower the weights or use a budget.",
+        "How big the adapters' combined change to a layer's weights is, relative to the weights \
+         themselves, at the layer they change most: around 0.1 styles blend, past 0.5 images tend \
+         to burn. Lower the weights or use a budget.",
     );
     ui.small(format!("Weights add up to {total:.2}: {advice}."));
     if level > 0.5 {
-        ui.colored_label(
-            ui.visuals().warn_fg_color,
-            "Warning: stacked adapters overdrive the model; lower the weights or switch Mix to a budget.",
-        );
+        let warning = if enabled <= 1 {
+            "Warning: the adapter overdrives the model; lower its weight."
+        } else {
+            "Warning: stacked adapters overdrive the model; lower the weights or switch Mix to a budget."
+        };
+        ui.colored_label(ui.visuals().warn_fg_color, warning);
     }
 }

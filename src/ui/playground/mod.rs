@@ -526,7 +526,8 @@ impl PlaygroundPanel {
             .adapters
             .iter()
             .filter(|r| r.effective_weight() != 0.0)
-            .map(|r| format!("{} × {}", r.name, r.effective_weight()))
+            // As the slider shows it (two decimals), not f64 noise like 0.6000000000000001.
+            .map(|r| format!("{} × {:.2}", r.name, r.effective_weight()))
             .collect();
         let inputs = self.adapters.iter().filter(|r| r.effective_weight() != 0.0).map(|r| r.path.clone()).collect();
         self.send(ModelCommand::ExportBlend { path, rank: self.blend_rank, sources, inputs });
