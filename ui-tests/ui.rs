@@ -525,6 +525,23 @@ fn previews_and_few_step_samplers_are_set_up_as_users_expect() {
     assert_eq!((request.sampler, request.steps, request.guidance), (SamplerKind::EulerAncestral, 20, 7.5));
 }
 
+/// Ctrl+Enter generates, also while the prompt box has the keyboard (A1111's shortcut), and adds
+/// no new line to the prompt.
+#[test]
+fn ctrl_enter_generates_from_the_prompt_box() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    quick_request(&mut h.state_mut().playground);
+    run_until(&mut h, SCAN, "the model", |a| a.playground.model_state == ModelState::Ready);
+    h.get_by_label("Prompt").click();
+    h.run_steps(2);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Enter);
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "an image", |a| a.playground.images_made >= 1);
+    assert_eq!(h.state().playground.request.prompt, "a gradient", "no new line typed");
+}
+
 #[test]
 fn dice_picks_a_new_seed() {
     let mut h = harness_with_model();

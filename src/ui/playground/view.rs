@@ -16,6 +16,12 @@ pub(in crate::ui) fn ui_playground(
     );
     ui.add_space(6.0);
     p.ensure_model();
+    // Ctrl+Enter (⌘+Enter on a Mac) generates from anywhere in the area, the prompt box included,
+    // as in A1111. Plain Enter in the prompt still starts a new line.
+    let generate = egui::KeyboardShortcut::new(egui::Modifiers::COMMAND, egui::Key::Enter);
+    if p.model.is_some() && ui.ctx().input_mut(|i| i.consume_shortcut(&generate)) {
+        p.generate();
+    }
     egui::Panel::left("playground_settings").resizable(true).default_size(380.0).show(ui, |ui| {
         egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
             model_row(ui, p, model_label, &mut actions);
@@ -151,7 +157,10 @@ pub(super) fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
     });
     ui.horizontal(|ui| {
         let can = p.model.is_some();
-        if ui.add_enabled(can, egui::Button::new(RichText::new("Generate").strong())).clicked() {
+        let shortcut =
+            ui.ctx().format_shortcut(&egui::KeyboardShortcut::new(egui::Modifiers::COMMAND, egui::Key::Enter));
+        let button = ui.add_enabled(can, egui::Button::new(RichText::new("Generate").strong()));
+        if button.on_hover_text(format!("Render in full ({shortcut})")).clicked() {
             p.generate();
         }
         ui.checkbox(&mut p.live, "Live").on_hover_text("Re-render with the same seed when a slider stops moving");
