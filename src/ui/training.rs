@@ -171,13 +171,23 @@ impl TrainingPanel {
         matches!(self.run, RunState::Starting | RunState::Running | RunState::Paused { .. } | RunState::Stopping)
     }
 
-    /// The adapter file a run will write: the chosen one, or `<folder>-lora.safetensors` beside
-    /// the first image's folder.
+    /// The adapter file a run will write: the typed name (`.safetensors` added when it has
+    /// another or no extension; a relative name is in the dataset's folder, not wherever the app
+    /// was launched), or `<folder>-lora.safetensors` beside the first image's folder.
     pub fn output_path(&self, images: &[PathBuf]) -> Option<PathBuf> {
-        if !self.output.trim().is_empty() {
-            return Some(PathBuf::from(self.output.trim()));
+        let typed = self.output.trim();
+        let dataset_folder = images.first().and_then(|p| p.parent());
+        if !typed.is_empty() {
+            let mut path = PathBuf::from(typed);
+            if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+                path.as_mut_os_string().push(".safetensors");
+            }
+            return Some(match dataset_folder {
+                Some(folder) if path.is_relative() => folder.join(path),
+                _ => path,
+            });
         }
-        let folder = images.first()?.parent()?;
+        let folder = dataset_folder?;
         let name = folder.file_name().map_or("my".into(), |n| n.to_string_lossy().into_owned());
         Some(folder.parent().unwrap_or(folder).join(format!("{name}-lora.safetensors")))
     }
@@ -847,5 +857,24 @@ mod tests {
         let p = TrainingPanel::default();
         let out = p.output_path(&[PathBuf::from("/data/cats/a.png")]).unwrap();
         assert_eq!(out, PathBuf::from("/data/cats-lora.safetensors"));
+    }
+
+    /// A typed name gets `.safetensors` unless it has it, and a relative one lands in the dataset's
+    /// folder (not the folder the app was launched from); an absolute one stays.
+    #[test]
+    fn typed_output_names_get_the_extension_and_the_dataset_folder() {
+        let images = [PathBuf::from("/data/cats/a.png")];
+        let mut p = TrainingPanel::default();
+        for (typed, expect) in [
+            ("my-style", "/data/cats/my-style.safetensors"),
+            ("my.v2", "/data/cats/my.v2.safetensors"),
+            (" out/Style.SAFETENSORS ", "/data/cats/out/Style.SAFETENSORS"),
+            ("/elsewhere/x", "/elsewhere/x.safetensors"),
+        ] {
+            p.output = typed.into();
+            assert_eq!(p.output_path(&images).unwrap(), PathBuf::from(expect), "{typed:?}");
+        }
+        p.output = "loose".into();
+        assert_eq!(p.output_path(&[]).unwrap(), PathBuf::from("loose.safetensors"), "no dataset yet");
     }
 }
