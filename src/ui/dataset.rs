@@ -173,7 +173,7 @@ impl DatasetPanel {
         let pf = self.preflight(opts);
         let duplicates: usize = pf.duplicates.iter().map(|g| g.len() - 1).sum();
         let small = pf.upscaled.len();
-        let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let plural = crate::engine::train::dataset::counted;
         format!(
             "{} · {} · {} · {}",
             plural(images, "image", "images"),

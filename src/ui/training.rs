@@ -622,10 +622,12 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
     // What will happen on Start, in one glance.
     let model = cx.model.map_or("no model open".to_owned(), |m| m.display().to_string());
     let out = panel.output_path(cx.images).map_or("—".to_owned(), |p| p.display().to_string());
-    ui.label(format!("{} images · model: {model}", cx.images.len()));
+    let images = crate::engine::train::dataset::counted(cx.images.len(), "image", "images");
+    ui.label(format!("{images} · model: {model}"));
     ui.label(RichText::new(format!("Writes {out}")).weak());
     if !cx.warnings.is_empty() && !panel.is_active() {
-        egui::CollapsingHeader::new(format!("Pre-flight: {} warnings", cx.warnings.len())).show(ui, |ui| {
+        let warnings = crate::engine::train::dataset::counted(cx.warnings.len(), "warning", "warnings");
+        egui::CollapsingHeader::new(format!("Pre-flight: {warnings}")).show(ui, |ui| {
             for w in &cx.warnings {
                 ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
             }

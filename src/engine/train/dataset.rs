@@ -119,9 +119,11 @@ impl Preflight {
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         if !self.without_caption.is_empty() {
+            let n = self.without_caption.len();
+            let (has, they) = if n == 1 { ("has", "it uses") } else { ("have", "they use") };
             w.push(format!(
-                "{} images have no caption file (.txt or .caption); they use the default caption",
-                self.without_caption.len()
+                "{} {has} no caption file (.txt or .caption); {they} the default caption",
+                counted(n, "image", "images")
             ));
         }
         for (p, n) in &self.long_captions {
@@ -132,7 +134,12 @@ impl Preflight {
             w.push(format!("identical images: {}", names.join(", ")));
         }
         if !self.upscaled.is_empty() {
-            w.push(format!("{} images are smaller than the training size and will be upscaled", self.upscaled.len()));
+            let n = self.upscaled.len();
+            let is = if n == 1 { "is" } else { "are" };
+            w.push(format!(
+                "{} {is} smaller than the training size and will be upscaled",
+                counted(n, "image", "images")
+            ));
         }
         for s in &self.skipped {
             w.push(format!("{}: skipped: {}", s.path.display(), s.reason));
@@ -397,4 +404,40 @@ pub fn prepare_image(
     }
     let data: Vec<f32> = crop.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
     Ok(Tensor::from_vec(data, (h, w, 3), device)?.permute((2, 0, 1))?.contiguous()?)
+}
+
+/// A count in words: "1 image", "2 images".
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+#[cfg(test)]
+mod wording_tests {
+    use std::path::PathBuf;
+
+    use super::{Preflight, counted};
+
+    /// Counts read as words: "1 image has", "2 images have".
+    #[test]
+    fn warnings_count_in_words() {
+        assert_eq!(
+            (counted(1, "image", "images"), counted(0, "image", "images")),
+            ("1 image".into(), "0 images".into())
+        );
+        let one = Preflight {
+            without_caption: vec![PathBuf::from("a.png")],
+            upscaled: vec![PathBuf::from("a.png")],
+            ..Default::default()
+        };
+        assert_eq!(
+            one.warnings(),
+            [
+                "1 image has no caption file (.txt or .caption); it uses the default caption",
+                "1 image is smaller than the training size and will be upscaled"
+            ]
+        );
+        let two =
+            Preflight { without_caption: vec![PathBuf::from("a.png"), PathBuf::from("b.png")], ..Default::default() };
+        assert_eq!(two.warnings(), ["2 images have no caption file (.txt or .caption); they use the default caption"]);
+    }
 }
