@@ -782,6 +782,10 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                     ));
                 }
             }
+            TrainEvent::Cancelled => {
+                eprintln!();
+                failed = Some("stopped before the first step; nothing was written".into());
+            }
             TrainEvent::Failed { error } => failed = Some(error),
         }
     }

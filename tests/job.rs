@@ -122,15 +122,53 @@ fn a_nan_loss_pauses_with_the_reason_and_never_writes_a_nan_adapter() {
     assert!(reason.contains("lower the learning rate"), "{reason}");
     assert!(reason.contains("rolled back"), "{reason}");
     job.send(TrainCommand::Stop);
-    while job.events.recv_timeout(Duration::from_secs(60)).is_ok() {}
-    job.join();
-    let adapter = read_adapter(&dir.join("out/adapter.safetensors")).unwrap();
-    for l in adapter.layers {
-        for t in l.delta.tensors() {
-            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(v.iter().all(|x| x.is_finite()), "{} holds non-finite values", l.key);
+    let mut ended = None;
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(60)) {
+        if matches!(e, TrainEvent::Finished { .. } | TrainEvent::Cancelled) {
+            ended = Some(e);
         }
     }
+    job.join();
+    let adapter = dir.join("out/adapter.safetensors");
+    match ended.expect("the stop ends the run") {
+        // Rolled back to step 0 (the first step's loss was not finite): a stop there writes
+        // nothing, not an untrained adapter and its step-0 checkpoint.
+        TrainEvent::Cancelled => {
+            assert!(reason.contains("at step 0"), "{reason}");
+            assert!(!adapter.exists() && !dir.join("out/adapter.checkpoint.safetensors").exists());
+        }
+        _ => {
+            for l in read_adapter(&adapter).unwrap().layers {
+                for t in l.delta.tensors() {
+                    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                    assert!(v.iter().all(|x| x.is_finite()), "{} holds non-finite values", l.key);
+                }
+            }
+        }
+    }
+}
+
+/// Stop while the model and images load is honoured: the run ends as cancelled, writing nothing
+/// (no adapter, no step-0 checkpoint).
+#[test]
+fn a_stop_before_the_first_step_writes_nothing() {
+    let dir = tempdir("cancel");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    make_images(&dir.join("data"));
+    let job = TrainJob::start(spec(&dir, 50, 1e-3), || {}).unwrap();
+    job.send(TrainCommand::Stop);
+    let mut events = Vec::new();
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(60)) {
+        events.push(e);
+    }
+    job.join();
+    assert!(matches!(events.last(), Some(TrainEvent::Cancelled)), "{events:?}");
+    // Honoured while loading: it never got as far as starting (nor encoding the images).
+    let started = |e: &TrainEvent| matches!(e, TrainEvent::Started { .. } | TrainEvent::Encoding { .. });
+    assert!(!events.iter().any(started), "{events:?}");
+    let out = dir.join("out");
+    let written: Vec<_> = std::fs::read_dir(&out).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(written.is_empty(), "{written:?}");
 }
 
 #[test]

@@ -107,6 +107,8 @@ pub enum TrainEvent {
         step: usize,
         adapter: PathBuf,
     },
+    /// Stopped before the first step (while loading, or before it ran): nothing was written.
+    Cancelled,
     Failed {
         error: String,
     },
@@ -195,6 +197,9 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
     }
     .check()?;
     let weights = ModelWeights::load(&spec.model, DType::F32, spec.weights, &spec.device)?;
+    if stop_asked(commands) {
+        return cancelled(events);
+    }
     // The weights are in memory now; what the step needs beyond them must fit in what is left
     // (system memory: on a GPU the activations live elsewhere, and this estimate does not apply).
     if matches!(spec.device, Device::Cpu)
@@ -203,6 +208,9 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         crate::engine::train::memory::check_training_fits(&weights.unet_config, &weights.vae_config, cfg, available)?;
     }
     let dataset = Dataset::scan(&spec.data, &cfg.dataset)?;
+    if stop_asked(commands) {
+        return cancelled(events);
+    }
     let preflight = dataset.preflight(&cfg.dataset, &|c| weights.tokenizer.count_tokens(c));
     events.send(TrainEvent::Preflight {
         images: dataset.images.len(),
@@ -222,6 +230,9 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
     } else {
         Trainer::new_reporting(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset, &encoded)?
     };
+    if stop_asked(commands) {
+        return cancelled(events);
+    }
     let ckpt = checkpoint_path(&spec.out);
     // What a killed earlier run may have left half-written under a temporary name.
     crate::engine::io::weights::tidy_temporaries_beside(&spec.out);
@@ -244,6 +255,7 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         // A checkpoint at step 0 means a NaN can always be rolled back.
         trainer.save_checkpoint(&ckpt)?;
     }
+    let fresh_checkpoint = spec.resume.is_none();
     let total = trainer.config.steps;
     events.send(TrainEvent::Started {
         total_steps: total,
@@ -332,8 +344,33 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
             sample(&trainer, &cfg.sample_prompt, events)?;
         }
     }
+    if trainer.step == first_step {
+        // Stopped before a step ran: nothing to save, and the step-0 checkpoint this run wrote
+        // goes too (an untrained adapter marked best would only mislead).
+        if fresh_checkpoint {
+            let _ = std::fs::remove_file(&ckpt);
+        }
+        return cancelled(events);
+    }
     save(&mut trainer, spec, &ckpt, events)?;
     events.send(TrainEvent::Finished { step: trainer.step, adapter: spec.out.clone() });
+    Ok(())
+}
+
+/// Whether Stop was sent (or the caller is gone) while the run was loading; other commands make
+/// no sense before the first step and are dropped.
+fn stop_asked(commands: &Receiver<TrainCommand>) -> bool {
+    loop {
+        match commands.try_recv() {
+            Ok(TrainCommand::Stop) | Err(TryRecvError::Disconnected) => return true,
+            Ok(_) => {}
+            Err(TryRecvError::Empty) => return false,
+        }
+    }
+}
+
+fn cancelled(events: &Events) -> Result<()> {
+    events.send(TrainEvent::Cancelled);
     Ok(())
 }
 

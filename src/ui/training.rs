@@ -80,7 +80,11 @@ pub enum RunState {
     Stopping,
     Finished {
         adapter: PathBuf,
+        /// (step, total) when Stop ended the run early.
+        stopped_at: Option<(usize, usize)>,
     },
+    /// Stopped before the first step: nothing was written.
+    Cancelled,
     Failed {
         error: String,
     },
@@ -335,10 +339,12 @@ impl TrainingPanel {
                 TrainEvent::Resumed { .. } => self.run = RunState::Running,
                 // The playground reloads the adapter file written with each checkpoint instead.
                 TrainEvent::Snapshot { .. } => {}
-                TrainEvent::Finished { adapter, .. } => {
+                TrainEvent::Finished { adapter, step } => {
                     written.push(adapter.clone());
-                    self.run = RunState::Finished { adapter };
+                    let stopped_at = (step < self.total).then_some((step, self.total));
+                    self.run = RunState::Finished { adapter, stopped_at };
                 }
+                TrainEvent::Cancelled => self.run = RunState::Cancelled,
                 TrainEvent::Failed { error } => self.run = RunState::Failed { error },
             }
         }
@@ -351,7 +357,7 @@ impl TrainingPanel {
 }
 
 fn job_done(run: &RunState) -> bool {
-    matches!(run, RunState::Finished { .. } | RunState::Failed { .. })
+    matches!(run, RunState::Finished { .. } | RunState::Cancelled | RunState::Failed { .. })
 }
 
 /// "1:02:03" or "2:05".
@@ -725,7 +731,11 @@ fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
             format!("Paused: {r}. Resume continues from there; Stop saves and ends the run.")
         }
         RunState::Stopping => "Stopping: saving the adapter…".to_owned(),
-        RunState::Finished { adapter } => format!("Finished: wrote {}", adapter.display()),
+        RunState::Finished { adapter, stopped_at: None } => format!("Finished: wrote {}", adapter.display()),
+        RunState::Finished { adapter, stopped_at: Some((step, total)) } => {
+            format!("Stopped at {step}/{total}: wrote {}", adapter.display())
+        }
+        RunState::Cancelled => "Stopped before the first step: nothing was written.".to_owned(),
         RunState::Failed { error } => format!("Training failed: {error}"),
     };
     let color = match panel.run {
