@@ -265,6 +265,15 @@ fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
     h.step();
     assert_eq!(h.state().training.step, paused_at, "no steps while paused");
     assert!(text_of(&h, "Job: ").contains("paused"));
+    // Save now, while paused, says what it did.
+    h.get_by_label("Save now").click();
+    h.step();
+    h.get_by_label("Saving…");
+    run_until(&mut h, TRAIN, "the saved checkpoint", |a| {
+        a.training.save_notice.as_deref().is_some_and(|n| n.starts_with("Saved"))
+    });
+    h.run_steps(2);
+    h.get_by_label_contains(&format!("Saved step {paused_at}: "));
 
     h.get_by_label("Resume").click();
     h.step();

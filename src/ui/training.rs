@@ -123,6 +123,8 @@ pub struct TrainingPanel {
     pub job_warnings: Vec<String>,
     /// Why Start did nothing (no model, no images…).
     pub message: Option<String>,
+    /// What *Save now* did ("Saving…", then "Saved step N: FILE").
+    pub save_notice: Option<String>,
     /// An earlier run's checkpoint where Start would write: the panel asks whether to resume it
     /// or start again over it.
     pub existing_run: Option<ExistingRun>,
@@ -149,6 +151,7 @@ impl Default for TrainingPanel {
             checkpoints: Vec::new(),
             job_warnings: Vec::new(),
             message: None,
+            save_notice: None,
             existing_run: None,
             encoding: None,
             sample_prompt_now: String::new(),
@@ -213,6 +216,7 @@ impl TrainingPanel {
         overwrite: bool,
     ) {
         self.message = None;
+        self.save_notice = None;
         self.existing_run = None;
         let Some(model) = model else {
             self.message = Some("Open a base model first (Playground → Open model…, or --model).".into());
@@ -325,6 +329,9 @@ impl TrainingPanel {
                     self.samples.push(Sample { step, prompt, texture });
                 }
                 TrainEvent::Checkpoint { step, adapter, step_adapter, validation_loss, .. } => {
+                    if self.save_notice.is_some() {
+                        self.save_notice = Some(format!("Saved step {step}: {}", step_adapter.display()));
+                    }
                     self.loss.push_validation(step, validation_loss);
                     // A stop right after a scheduled save saves the same step again: one row.
                     self.checkpoints.retain(|c| c.step != step);
@@ -671,6 +678,7 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
             .clicked()
         {
             panel.send(TrainCommand::SaveNow);
+            panel.save_notice = Some("Saving…".into());
         }
         if ui
             .add_enabled(running || paused, egui::Button::new("Sample now"))
@@ -689,6 +697,9 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
     });
     if let Some(msg) = &panel.message {
         ui.colored_label(ui.visuals().error_fg_color, msg);
+    }
+    if let Some(notice) = panel.save_notice.as_ref().filter(|_| panel.is_active()) {
+        ui.label(notice);
     }
     if let Some(existing) = &panel.existing_run {
         let checkpoint = existing.checkpoint.clone();
