@@ -227,6 +227,13 @@ impl Sampler {
         }
         let acp = schedule.alphas_cumprod();
         let jump = schedule.len() / DISTILLED_STEPS;
+        if jump == 0 {
+            bail!(
+                "{} needs a schedule of at least {DISTILLED_STEPS} training timesteps; this model's has {}",
+                kind.label(),
+                schedule.len()
+            );
+        }
         let origin: Vec<usize> = (1..=DISTILLED_STEPS).rev().map(|i| i * jump - 1).collect();
         // np.floor(np.linspace(0, 50, steps, endpoint=False)).
         let timesteps: Vec<usize> = (0..steps).map(|i| origin[i * DISTILLED_STEPS / steps]).collect();
@@ -524,6 +531,9 @@ mod tests {
                 assert_eq!(sampler.init_noise_sigma(), 1.0);
             }
             assert!(Sampler::new(kind, &schedule, 51).is_err(), "{name} beyond its distilled 50 steps");
+            let mut short = SchedulerConfig::stable_diffusion(Prediction::Epsilon);
+            short.num_train_timesteps = 20;
+            assert!(Sampler::new(kind, &NoiseSchedule::new(&short)?, 4).is_err(), "{name} on 20 timesteps");
             for (prediction, pname) in [(Prediction::Epsilon, "epsilon"), (Prediction::V, "v_prediction")] {
                 let sampler = Sampler::new(kind, &sd1_schedule(prediction, TimestepSpacing::Leading), 4)?;
                 for i in 0..4 {
