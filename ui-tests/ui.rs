@@ -377,6 +377,58 @@ fn a_nan_loss_pause_is_explained_in_words() {
 }
 
 #[test]
+fn a_first_run_takes_its_defaults_from_the_model() {
+    let builtin = lora_studio::engine::builtin::model_dir().expect("the built-in model");
+    let mut h = harness("");
+    {
+        let c = &h.state().config;
+        // Before any model: SD 1.x's size, and a sample and a checkpoint every quarter of the run.
+        assert_eq!(c.dataset.resolution, 512);
+        assert_eq!((c.save_every, c.sample_every), (c.steps / 4, c.steps / 4));
+        assert!(c.save_every > 0);
+    }
+    // Opening a model sets its size at once, read from its configs before it is loaded.
+    h.state_mut().set_model(builtin.clone());
+    assert_eq!(h.state().config.dataset.resolution, 64);
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    h.get_by_label("Quick").click();
+    h.run();
+    let c = &h.state().config;
+    assert_eq!((c.dataset.resolution, c.steps, c.save_every, c.sample_every), (64, 400, 100, 100));
+    // Another model's size replaces the default, but not a size the user chose.
+    h.state_mut().set_model(sd1_tiny().join("model"));
+    assert_eq!(h.state().config.dataset.resolution, 32);
+    h.state_mut().config.dataset.resolution = 48;
+    h.state_mut().set_model(builtin);
+    assert_eq!(h.state().config.dataset.resolution, 48);
+
+    // With no sample prompt typed, samples use the first image's caption with the trigger word,
+    // and the field shows it.
+    let dir = tempdir("first-run");
+    make_images(&dir.join("data"));
+    h.state_mut().config.dataset.trigger = "zxq style".into();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    let prompt = h.state().sample_prompt();
+    assert!(prompt.starts_with("zxq style") && prompt.contains("a gradient"), "{prompt}");
+    // A run started so shows that prompt's samples.
+    {
+        let app = h.state_mut();
+        app.set_model(sd1_tiny().join("model"));
+        app.config.dataset.resolution = 32;
+        (app.config.steps, app.config.sample_every, app.config.save_every) = (2, 1, 0);
+        app.training.output = dir.join("first.safetensors").display().to_string();
+    }
+    h.run();
+    h.get_by_label("Start training").click();
+    h.step();
+    run_until(&mut h, TRAIN, "a sample", |a| !a.training.samples.is_empty());
+    assert_eq!(h.state().training.samples[0].prompt, prompt);
+    run_until(&mut h, TRAIN, "finished", |a| matches!(a.training.run, RunState::Finished { .. }));
+}
+
+#[test]
 fn start_without_images_says_why() {
     let mut h = harness_with_model();
     h.get_by_role_and_label(Role::Button, "Training").click();
@@ -868,10 +920,10 @@ fn an_sdxl_model_opens_with_its_familys_defaults_and_draws_with_an_sdxl_lora() {
     h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     h.get_by_label_contains("· SDXL");
     let a = h.state();
-    // The UNet's sample_size (8) × the VAE's factor (2).
+    // The UNet's sample_size (8) × the VAE's factor (2), for generation and training alike.
     assert_eq!((a.playground.request.width, a.playground.request.height), (16, 16));
     assert_eq!(a.playground.request.sampler, lora_studio::engine::diffusion::sampler::SamplerKind::Euler);
-    assert_eq!(a.config.dataset.resolution, 1024);
+    assert_eq!(a.config.dataset.resolution, 16);
     assert!(a.config.gradient_checkpointing && !a.config.train_text_encoder);
 
     h.state_mut().playground.add_adapter(&sdxl.join("lora_kohya.safetensors"));

@@ -29,6 +29,7 @@ pub use status::{MemorySampler, format_bytes, resident_memory_bytes};
 pub use training::{Preset, RunState, TrainingPanel};
 
 use crate::engine::builtin;
+use crate::engine::pipeline::ModelWeights;
 use crate::engine::train::trainer::TrainConfig;
 
 /// What the caller knows when it opens the window.
@@ -123,6 +124,8 @@ pub struct StudioApp {
     pub config: TrainConfig,
     /// The model family `config`'s family-dependent defaults were made for.
     pub settings_family: ModelFamily,
+    /// The native side (px) of the model `config`'s resolution default was made for.
+    pub settings_side: usize,
     pub dataset: DatasetPanel,
     pub training: TrainingPanel,
     pub playground: PlaygroundPanel,
@@ -151,8 +154,9 @@ impl StudioApp {
             model_label: options.model_label,
             model: None,
             memory: MemorySampler::default(),
-            config: TrainConfig::default(),
+            config: training::first_run_config(ModelFamily::Sd1, 512),
             settings_family: ModelFamily::Sd1,
+            settings_side: 512,
             dataset: DatasetPanel::new(ctx),
             training: TrainingPanel::default(),
             playground: PlaygroundPanel::new(ctx),
@@ -189,8 +193,23 @@ impl StudioApp {
         } else {
             crate::engine::models::tokenizer::ClipTokenizer::with_pad_id(crate::engine::models::tokenizer::END_OF_TEXT)
         });
+        // The training defaults follow the model at once (read from its configs, not loaded),
+        // so a first run on the 64 px built-in model trains at 64 px, not at SD's 512.
+        if let Some(family) = ModelWeights::probe_family(&path)
+            && let Some(side) = ModelWeights::probe_native_side(&path)
+        {
+            self.adopt_model_defaults(family, side);
+        }
         self.playground.set_model(Some(path.clone()));
         self.model = Some(path);
+    }
+
+    /// The training settings still at the previous model's defaults take this model's.
+    fn adopt_model_defaults(&mut self, family: ModelFamily, side: usize) {
+        if (family, side) != (self.settings_family, self.settings_side) {
+            self.config.adopt_model((self.settings_family, self.settings_side), (family, side));
+            (self.settings_family, self.settings_side) = (family, side);
+        }
     }
 
     /// The status bar's device: the one the window's model runs on, and what its weights are kept
@@ -238,13 +257,11 @@ impl StudioApp {
             self.playground.add_adapter(&adapter);
         }
         self.playground.poll(ctx);
-        // A model of another family: the training settings still at the old family's defaults
-        // take the new one's (SDXL: 1024 px, gradient checkpointing, UNet only).
-        if let Some(family) = self.playground.loaded_family
-            && family != self.settings_family
-        {
-            self.config.adopt_family(self.settings_family, family);
-            self.settings_family = family;
+        // A model of another family or size (when the probe could not tell): the training
+        // settings still at the old model's defaults take the new one's (SDXL: 1024 px, gradient
+        // checkpointing, UNet only).
+        if let (Some(family), Some(side)) = (self.playground.loaded_family, self.playground.loaded_side) {
+            self.adopt_model_defaults(family, side);
         }
         if self.start_training_when_scanned && !self.dataset.is_scanning() {
             self.start_training_when_scanned = false;
@@ -329,16 +346,20 @@ impl StudioApp {
         let images = self.dataset.image_paths();
         let in_use = self.playground.adapter_paths();
         let placement = self.playground.placement.clone();
-        self.training.start(
-            &self.ctx,
-            self.model.as_deref(),
-            &placement,
-            images,
-            &self.config,
-            resume,
-            in_use,
-            overwrite,
-        );
+        let mut config = self.config.clone();
+        config.sample_prompt = self.sample_prompt();
+        self.training.start(&self.ctx, self.model.as_deref(), &placement, images, &config, resume, in_use, overwrite);
+    }
+
+    /// The prompt of the run's samples: the one typed, or else the first image's caption with
+    /// the trigger word (what the adapter is being taught to answer to).
+    pub fn sample_prompt(&self) -> String {
+        if self.config.sample_prompt.trim().is_empty() {
+            let trigger = &self.config.dataset.trigger;
+            self.dataset.dataset.images.first().map_or(trigger.clone(), |i| i.full_caption(trigger))
+        } else {
+            self.config.sample_prompt.clone()
+        }
     }
 
     /// Draws the whole window into `ui`: tab bar, status bar, then the selected area.
@@ -398,12 +419,7 @@ impl StudioApp {
             Area::Training => {
                 let images = self.dataset.image_paths();
                 let warnings = self.dataset.preflight(&self.config.dataset).warnings();
-                let sample_prompt = if self.config.sample_prompt.trim().is_empty() {
-                    let trigger = &self.config.dataset.trigger;
-                    self.dataset.dataset.images.first().map_or(trigger.clone(), |i| i.full_caption(trigger))
-                } else {
-                    self.config.sample_prompt.clone()
-                };
+                let sample_prompt = self.sample_prompt();
                 let cx = training::TrainingContext {
                     model: self.model.as_deref(),
                     images: &images,

@@ -268,13 +268,20 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The defaults for a model family. SDXL's follow sd-scripts' SDXL guide: 1024 px, gradient
-    /// checkpointing on, the UNet alone (`--network_train_unet_only`, so the text embeddings are
-    /// computed once and cached) at 1e-4, and 1e-5 for the text encoders when they are trained.
+    /// The defaults for a model family at its usual side (SDXL 1024 px, SD 1.x / 2.x 512 px).
+    /// SDXL's follow sd-scripts' SDXL guide: gradient checkpointing on, the UNet alone
+    /// (`--network_train_unet_only`, so the text embeddings are computed once and cached) at 1e-4,
+    /// and 1e-5 for the text encoders when they are trained.
     pub fn for_family(family: ModelFamily) -> Self {
+        Self::for_model(family, if family == ModelFamily::Sdxl { 1024 } else { 512 })
+    }
+
+    /// The defaults for a model of `family` trained at `native_side` pixels: a run trains at the
+    /// model's own size (64 px on the built-in model, 768 on SD 2.x-v), not at a fixed 512.
+    pub fn for_model(family: ModelFamily, native_side: usize) -> Self {
         let mut c = Self::default();
+        c.dataset.resolution = native_side;
         if family == ModelFamily::Sdxl {
-            c.dataset.resolution = 1024;
             c.gradient_checkpointing = true;
             c.train_text_encoder = false;
             c.learning_rate = 1e-4;
@@ -283,11 +290,11 @@ impl TrainConfig {
         c
     }
 
-    /// Moves settings made for a `from` model to a `to` model: each family-dependent setting
-    /// (resolution, gradient checkpointing, training the text encoders and their rate) still at
-    /// `from`'s default takes `to`'s; what the user changed stays.
-    pub fn adopt_family(&mut self, from: ModelFamily, to: ModelFamily) {
-        let (old, new) = (Self::for_family(from), Self::for_family(to));
+    /// Moves settings made for a `from` model to a `to` model (each a family and its native
+    /// side): each model-dependent setting (resolution, gradient checkpointing, training the text
+    /// encoders and their rate) still at `from`'s default takes `to`'s; what the user changed stays.
+    pub fn adopt_model(&mut self, from: (ModelFamily, usize), to: (ModelFamily, usize)) {
+        let (old, new) = (Self::for_model(from.0, from.1), Self::for_model(to.0, to.1));
         if self.dataset.resolution == old.dataset.resolution {
             self.dataset.resolution = new.dataset.resolution;
         }
@@ -301,7 +308,7 @@ impl TrainConfig {
             self.text_encoder_lr = new.text_encoder_lr;
         }
         // Only SDXL has a second text encoder to choose between.
-        if to != ModelFamily::Sdxl {
+        if to.0 != ModelFamily::Sdxl {
             self.text_encoders = TextEncoders::Both;
         }
     }

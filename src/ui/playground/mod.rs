@@ -104,6 +104,8 @@ pub struct PlaygroundPanel {
     pub sampler_chosen: bool,
     /// The open model's family, once loaded (the status bar and the training defaults follow it).
     pub loaded_family: Option<ModelFamily>,
+    /// The open model's native side (px), once loaded (the training defaults follow it).
+    pub loaded_side: Option<usize>,
     pub adapters: Vec<AdapterRow>,
     /// Files waiting for the user to read their check.
     pub pending: Vec<PendingAdapter>,
@@ -205,6 +207,7 @@ impl PlaygroundPanel {
             size_chosen: false,
             sampler_chosen: false,
             loaded_family: None,
+            loaded_side: None,
             adapters: Vec::new(),
             pending: Vec::new(),
             live: true,
@@ -255,6 +258,7 @@ impl PlaygroundPanel {
         self.model_state = ModelState::Loading;
         self.loaded_weights = None;
         self.loaded_family = None;
+        self.loaded_side = None;
         self.push(ModelCommand::Load { path: model, placement: self.placement.clone() });
         for i in 0..self.adapters.len() {
             self.send_add(i);
@@ -560,6 +564,7 @@ impl PlaygroundPanel {
                     self.size_step = Some(size_step);
                     self.loaded_weights = Some(weights);
                     self.loaded_family = Some(family);
+                    self.loaded_side = native_size;
                     // Start at the model's own size and its family's sampler unless the user
                     // already chose them.
                     if let Some(side) = native_size.filter(|_| !self.size_chosen) {
