@@ -172,6 +172,36 @@ fn a_stop_before_the_first_step_writes_nothing() {
 }
 
 #[test]
+fn a_stop_while_the_images_are_encoded_ends_the_encoding() {
+    let dir = tempdir("cancel-encoding");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..40u8 {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([i * 6, (x * 4) as u8, (y * 4) as u8]));
+        img.save(data.join(format!("img{i:02}.png"))).unwrap();
+    }
+    let job = TrainJob::start(spec(&dir, 50, 1e-3), || {}).unwrap();
+    let mut events = Vec::new();
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
+        // Stop as soon as the encoding says where it is ("encoding image 0/40").
+        if matches!(e, TrainEvent::Encoding { .. }) && !events.iter().any(|e| matches!(e, TrainEvent::Encoding { .. }))
+        {
+            job.send(TrainCommand::Stop);
+        }
+        events.push(e);
+    }
+    job.join();
+    assert!(matches!(events.last(), Some(TrainEvent::Cancelled)), "{events:?}");
+    // Ended inside the encoding: the last progress is short of all 40 images, and no step ran.
+    let done = events.iter().filter_map(|e| if let TrainEvent::Encoding { done, .. } = e { Some(*done) } else { None });
+    assert!(done.max().is_some_and(|d| d < 40), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, TrainEvent::Started { .. } | TrainEvent::Step { .. })));
+    let written: Vec<_> =
+        std::fs::read_dir(dir.join("out")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(written.is_empty(), "{written:?}");
+}
+
+#[test]
 fn bad_data_fails_with_a_message() {
     let dir = tempdir("empty");
     std::fs::create_dir_all(dir.join("data")).unwrap();

@@ -217,18 +217,27 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         buckets: preflight.bucket_summary(),
         warnings: preflight.warnings(),
     });
-    // A progress event a second at most: thousands of images take a minute to encode.
+    // A progress event a second at most: thousands of images take a minute to encode. A Stop
+    // is looked for between images, so it ends the encoding within one image.
     let last = std::cell::Cell::new(None::<Instant>);
-    let encoded = |done: usize, total: usize| {
+    let encoded = |done: usize, total: usize| -> Result<()> {
         if done == total || last.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last.set(Some(Instant::now()));
             events.send(TrainEvent::Encoding { done, total });
         }
+        if stop_asked(commands) {
+            return Err(StoppedWhileLoading.into());
+        }
+        Ok(())
     };
-    let mut trainer = if cfg.algorithm == Algorithm::Full {
-        Trainer::new_full_reporting(weights, cfg.clone(), &dataset, &encoded)?
+    let trainer = if cfg.algorithm == Algorithm::Full {
+        Trainer::new_full_reporting(weights, cfg.clone(), &dataset, &encoded)
     } else {
-        Trainer::new_reporting(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset, &encoded)?
+        Trainer::new_reporting(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset, &encoded)
+    };
+    let mut trainer = match trainer {
+        Err(e) if e.is::<StoppedWhileLoading>() => return cancelled(events),
+        other => other?,
     };
     if stop_asked(commands) {
         return cancelled(events);
@@ -368,6 +377,18 @@ fn stop_asked(commands: &Receiver<TrainCommand>) -> bool {
         }
     }
 }
+
+/// The encoding of the images ended by a Stop.
+#[derive(Debug)]
+struct StoppedWhileLoading;
+
+impl std::fmt::Display for StoppedWhileLoading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped while the images were being encoded")
+    }
+}
+
+impl std::error::Error for StoppedWhileLoading {}
 
 fn cancelled(events: &Events) -> Result<()> {
     events.send(TrainEvent::Cancelled);

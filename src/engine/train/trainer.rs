@@ -481,16 +481,16 @@ fn unix_now() -> u64 {
 impl Trainer {
     /// Attaches a fresh adapter to `model` per the config and loads the dataset's latents.
     pub fn new(model: StableDiffusion, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
-        Self::new_reporting(model, config, dataset, &|_, _| {})
+        Self::new_reporting(model, config, dataset, &|_, _| Ok(()))
     }
 
     /// As `new`, calling `encoded(done, total)` as the images' latents are encoded (the slow part
-    /// of starting a run on a large dataset).
+    /// of starting a run on a large dataset); an error from it ends the encoding there (a Stop).
     pub fn new_reporting(
         mut model: StableDiffusion,
         config: TrainConfig,
         dataset: &Dataset,
-        encoded: &dyn Fn(usize, usize),
+        encoded: &dyn Fn(usize, usize) -> Result<()>,
     ) -> Result<Self> {
         config.validate()?;
         if dataset.images.is_empty() {
@@ -572,7 +572,7 @@ impl Trainer {
 
     /// Full fine-tuning of `weights`: the selected tensors become variables.
     pub fn new_full(weights: ModelWeights, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
-        Self::new_full_reporting(weights, config, dataset, &|_, _| {})
+        Self::new_full_reporting(weights, config, dataset, &|_, _| Ok(()))
     }
 
     /// As `new_full`, reporting the encoding of the images as `new_reporting` does.
@@ -580,7 +580,7 @@ impl Trainer {
         mut weights: ModelWeights,
         config: TrainConfig,
         dataset: &Dataset,
-        encoded: &dyn Fn(usize, usize),
+        encoded: &dyn Fn(usize, usize) -> Result<()>,
     ) -> Result<Self> {
         config.validate()?;
         if config.algorithm != Algorithm::Full {
@@ -628,7 +628,7 @@ impl Trainer {
         full: Option<ModelWeights>,
         rng: Rng,
         dataset: &Dataset,
-        encoded: &dyn Fn(usize, usize),
+        encoded: &dyn Fn(usize, usize) -> Result<()>,
     ) -> Result<Self> {
         if dataset.images.is_empty() {
             bail!(
@@ -1103,14 +1103,14 @@ fn encode_examples(
     model: &StableDiffusion,
     config: &TrainConfig,
     dataset: &Dataset,
-    encoded: &dyn Fn(usize, usize),
+    encoded: &dyn Fn(usize, usize) -> Result<()>,
 ) -> Result<Vec<Example>> {
     let opts = &config.dataset;
     let f = model.vae.config.downscale();
     let vae_key = model.vae.fingerprint()?;
     let mut out = Vec::with_capacity(dataset.images.len());
     for (i, e) in dataset.images.iter().enumerate() {
-        encoded(i, dataset.images.len());
+        encoded(i, dataset.images.len())?;
         let (w, h) = target_size(e.width, e.height, opts);
         let (w, h) = ((w / f * f).max(f), (h / f * f).max(f));
         let crops: Vec<(f64, f64)> = if opts.center_crop {
@@ -1171,7 +1171,7 @@ fn encode_examples(
             e.path.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         out.push(Example { latents, sizes, caption: e.full_caption(&opts.trigger), folder });
     }
-    encoded(dataset.images.len(), dataset.images.len());
+    encoded(dataset.images.len(), dataset.images.len())?;
     Ok(out)
 }
 
