@@ -813,6 +813,51 @@ fn an_earlier_run_is_replaced_only_when_asked_and_closing_mid_run_asks_first() {
     assert!(!h.state().quit_after_stop, "the close went ahead once the run had stopped");
 }
 
+/// Resuming takes the checkpoint's options into the form and says so; a file that is not a
+/// checkpoint is refused before anything loads.
+#[test]
+fn resume_from_checkpoint_uses_and_shows_the_checkpoints_options() {
+    let dir = tempdir("resume-form");
+    make_images(&dir.join("data"));
+    let ckpt = dir.join("style.checkpoint.safetensors");
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        (app.config.steps, app.config.rank, app.config.dataset.resolution) = (2, 2, 32);
+        app.training.output = dir.join("style.safetensors").display().to_string();
+    }
+    h.state_mut().start_training(false);
+    run_until(&mut h, TRAIN, "the first run", |a| matches!(a.training.run, RunState::Finished { .. }));
+
+    // Not a checkpoint: refused in words, nothing started.
+    h.state_mut().on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![sd1_tiny().join("lora_a_kohya.safetensors")]);
+    h.run();
+    let refusal = text_of(&h, "Cannot resume");
+    assert!(refusal.contains("not a LoRA Studio training checkpoint"), "{refusal}");
+    assert!(matches!(h.state().training.run, RunState::Finished { .. }));
+
+    // The run finished its 2 steps: resuming it needs a higher total.
+    h.state_mut().on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![ckpt.clone()]);
+    h.run();
+    assert!(text_of(&h, "finished all its 2 steps").contains("set Steps above 2"));
+
+    // The form has moved on (rank 12, 4 steps); the resume goes on at the checkpoint's rank 2, to
+    // the form's 4 steps.
+    (h.state_mut().config.rank, h.state_mut().config.steps) = (12, 4);
+    h.state_mut().on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![ckpt]);
+    h.run_steps(2);
+    assert_eq!((h.state().config.rank, h.state().config.steps), (2, 4));
+    h.get_by_label_contains(
+        "Resuming with the checkpoint's options: LoRA, rank 2, alpha 4, attention + feed-forward, step 2 of 4",
+    );
+    run_until(&mut h, TRAIN, "the resumed run", |a| !a.training.is_active());
+    assert!(matches!(h.state().training.run, RunState::Finished { .. }), "{:?}", h.state().training.run);
+    assert_eq!(h.state().training.step, 4);
+}
+
 /// The algorithm list offers every kind we train; LoHa and LoKr bring kohya_ss' rank, alpha and
 /// rate with them, and LoKr shows its factor.
 #[test]

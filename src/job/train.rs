@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
@@ -14,7 +14,9 @@ use crate::engine::adapters::formats::{ExportLayer, Naming};
 use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::train::dataset::Dataset;
-use crate::engine::train::trainer::{Algorithm, NonFiniteLoss, RunOutputs, TrainConfig, Trainer, checkpoint_path};
+use crate::engine::train::trainer::{
+    Algorithm, CheckpointSummary, NonFiniteLoss, RunOutputs, TrainConfig, Trainer, checkpoint_path,
+};
 
 /// What to train, on what, and where to put it.
 #[derive(Clone, Debug)]
@@ -183,7 +185,29 @@ impl Events {
 }
 
 fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) -> Result<()> {
-    let cfg = &spec.config;
+    // A resumed run takes its checkpoint's options (the adapter's kind, rank and targets must be
+    // the ones it was made with, and the data and optimiser settings for an exact resume), all
+    // but the total of steps, which may be raised to train on; the model is checked before the
+    // slow loading.
+    let resumed = match &spec.resume {
+        Some(resume) => {
+            let summary = CheckpointSummary::read(resume)?;
+            if let (Some(theirs), Some(ours)) = (summary.family, ModelWeights::probe_family(&spec.model))
+                && theirs != ours
+            {
+                bail!(
+                    "{}: this checkpoint was trained on an {} model, and {} is an {} model: open the model it was trained on",
+                    resume.display(),
+                    theirs.label(),
+                    spec.model.display(),
+                    ours.label()
+                );
+            }
+            Some(TrainConfig { steps: spec.config.steps, ..summary.config })
+        }
+        None => None,
+    };
+    let cfg = resumed.as_ref().unwrap_or(&spec.config);
     cfg.validate()?;
     // Before the slow loading: a run that could not write its outputs fails now, not at the end.
     RunOutputs {

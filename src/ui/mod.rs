@@ -30,7 +30,7 @@ pub use training::{Preset, RunState, TrainingPanel};
 
 use crate::engine::builtin;
 use crate::engine::pipeline::ModelWeights;
-use crate::engine::train::trainer::TrainConfig;
+use crate::engine::train::trainer::{CheckpointSummary, TrainConfig};
 
 /// What the caller knows when it opens the window.
 #[derive(Debug, Clone, Default)]
@@ -326,12 +326,40 @@ impl StudioApp {
 
     /// Continues an earlier run from its checkpoint, writing to the adapter it belongs to
     /// (`style.checkpoint.safetensors` → `style.safetensors`), never over another run's adapter.
+    /// The run goes on with the checkpoint's own options (adapter kind, rank, targets, steps…),
+    /// which the form then shows; a checkpoint that cannot be read is refused before any loading.
     pub fn resume_training(&mut self, checkpoint: PathBuf) {
+        let summary = match CheckpointSummary::read(&checkpoint) {
+            Ok(s) => s,
+            Err(e) => {
+                self.training.message = Some(format!("Cannot resume: {e:#}"));
+                return;
+            }
+        };
         let name = checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Some(stem) = name.strip_suffix(".checkpoint.safetensors") {
             self.training.output = checkpoint.with_file_name(format!("{stem}.safetensors")).display().to_string();
         }
+        // A run that finished all its steps goes on to the form's total, when that is more.
+        let mut config = summary.config.clone();
+        if summary.step >= config.steps {
+            if self.config.steps <= summary.step {
+                self.training.message = Some(format!(
+                    "{}: this run finished all its {} steps; set Steps above {} to train on",
+                    checkpoint.display(),
+                    summary.step,
+                    summary.step
+                ));
+                return;
+            }
+            config.steps = self.config.steps;
+        }
+        self.config = config;
         self.start_run(Some(checkpoint), false);
+        if self.training.is_active() {
+            let summary = CheckpointSummary { config: self.config.clone(), ..summary };
+            self.training.resume_note = Some(format!("Resuming with the checkpoint's options: {}", summary.describe()));
+        }
     }
 
     /// Starts training with the current options on the dataset's images. `overwrite`: replace an

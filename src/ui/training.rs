@@ -139,6 +139,8 @@ pub struct TrainingPanel {
     pub message: Option<String>,
     /// What *Save now* did ("Saving…", then "Saved step N: FILE").
     pub save_notice: Option<String>,
+    /// A resumed run's options, as its checkpoint gave them.
+    pub resume_note: Option<String>,
     /// An earlier run's checkpoint where Start would write: the panel asks whether to resume it
     /// or start again over it.
     pub existing_run: Option<ExistingRun>,
@@ -166,6 +168,7 @@ impl Default for TrainingPanel {
             job_warnings: Vec::new(),
             message: None,
             save_notice: None,
+            resume_note: None,
             existing_run: None,
             encoding: None,
             sample_prompt_now: String::new(),
@@ -231,6 +234,7 @@ impl TrainingPanel {
     ) {
         self.message = None;
         self.save_notice = None;
+        self.resume_note = None;
         self.existing_run = None;
         let Some(model) = model else {
             self.message = Some("Open a base model first (Playground → Open model…, or --model).".into());
@@ -713,6 +717,9 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
     });
     if let Some(msg) = &panel.message {
         ui.colored_label(ui.visuals().error_fg_color, msg);
+    }
+    if let Some(note) = &panel.resume_note {
+        ui.label(note);
     }
     if let Some(notice) = panel.save_notice.as_ref().filter(|_| panel.is_active()) {
         ui.label(notice);

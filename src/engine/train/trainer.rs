@@ -992,6 +992,7 @@ impl Trainer {
             losses: self.losses.clone(),
             started_at: self.started_at,
             config: self.config.clone(),
+            family: Some(self.model.family()),
         };
         let mut metadata = HashMap::new();
         metadata.insert("lora_studio_checkpoint".into(), serde_json::to_string(&state)?);
@@ -1078,6 +1079,47 @@ struct CheckpointState {
     /// When the run began (0 in checkpoints older than this field).
     #[serde(default)]
     started_at: u64,
+    /// The family of the model it trains (absent in checkpoints older than this field).
+    #[serde(default)]
+    family: Option<ModelFamily>,
+}
+
+/// What a checkpoint says about its run, read from its header alone (no tensors), so a resume
+/// can take its options and be checked before the slow loading.
+#[derive(Clone, Debug)]
+pub struct CheckpointSummary {
+    pub step: usize,
+    pub config: TrainConfig,
+    /// The family of the model it was trained on (`None` from older checkpoints).
+    pub family: Option<ModelFamily>,
+}
+
+impl CheckpointSummary {
+    pub fn read(path: &Path) -> Result<Self> {
+        let metadata = crate::engine::io::weights::read_metadata(path)?.unwrap_or_default();
+        let state: CheckpointState =
+            serde_json::from_str(metadata.get("lora_studio_checkpoint").with_context(|| {
+                format!("{}: not a LoRA Studio training checkpoint (`NAME.checkpoint.safetensors`)", path.display())
+            })?)
+            .with_context(|| format!("{}: damaged checkpoint state", path.display()))?;
+        Ok(Self { step: state.step, config: state.config, family: state.family })
+    }
+
+    /// The run's adapter options in words: "LoRA, rank 8, alpha 4, attention + feed-forward,
+    /// step 120 of 400".
+    pub fn describe(&self) -> String {
+        let c = &self.config;
+        format!(
+            "{}, rank {}, alpha {}, {}{}, step {} of {}",
+            c.algorithm.label(),
+            c.rank,
+            c.alpha,
+            c.targets.label(),
+            if c.train_text_encoder { ", text encoder too" } else { "" },
+            self.step,
+            c.steps
+        )
+    }
 }
 
 /// Choosing one of SDXL's two text encoders means nothing on a model with one: refused, rather
