@@ -813,6 +813,42 @@ fn an_earlier_run_is_replaced_only_when_asked_and_closing_mid_run_asks_first() {
     assert!(!h.state().quit_after_stop, "the close went ahead once the run had stopped");
 }
 
+/// A model that cannot be opened leaves the one that worked in place (and in the session), says
+/// why on a wrapped line, and *Open model…* offers the built-in model.
+#[test]
+fn a_model_that_fails_to_open_leaves_the_working_one_in_place() {
+    let dir = tempdir("bad-model");
+    let mut h = harness_with_model();
+    let good = sd1_tiny().join("model");
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+
+    // A file with a long name that is not a model at all.
+    let broken = dir.join(format!("{}.safetensors", "a-very-long-checkpoint-name-".repeat(6)));
+    std::fs::write(&broken, b"these bytes are not a safetensors file").unwrap();
+    h.state_mut().on_paths_chosen(DialogPurpose::OpenModelFile, vec![broken.clone()]);
+    run_until(&mut h, SCAN, "the failure", |a| a.notice.is_some());
+    run_until(&mut h, SCAN, "the working model again", |a| a.playground.model_state == ModelState::Ready);
+    let a = h.state();
+    assert_eq!(a.model.as_deref(), Some(good.as_path()));
+    assert_eq!(a.session().model.as_deref(), Some(good.as_path()), "the session keeps the working model");
+    let notice = a.notice.clone().unwrap();
+    assert!(notice.starts_with("Could not open") && notice.contains("Back to"), "{notice}");
+    // The line wraps inside the window instead of widening it.
+    let shown = h.get_by_label_contains("Could not open");
+    assert!(shown.rect().width() <= 1100.0, "{:?}", shown.rect());
+
+    // Open model… → Built-in model.
+    h.get_by_label("Open model…").click();
+    h.run();
+    h.get_by_label("Built-in model").click();
+    h.run_steps(2);
+    let builtin = lora_studio::engine::builtin::model_dir().unwrap();
+    assert_eq!(h.state().model.as_deref(), Some(builtin.as_path()));
+    run_until(&mut h, SCAN, "the built-in model", |a| a.playground.model_state == ModelState::Ready);
+}
+
 /// Resuming takes the checkpoint's options into the form and says so; a file that is not a
 /// checkpoint is refused before anything loads.
 #[test]

@@ -176,13 +176,18 @@ impl StudioApp {
         app
     }
 
-    /// Opens a base model: a diffusers folder or a single `.safetensors` checkpoint.
-    pub fn set_model(&mut self, path: PathBuf) {
-        self.model_label = if builtin::model_dir().is_some_and(|d| crate::engine::io::weights::same_file(&d, &path)) {
+    /// What the status bar calls a model.
+    fn model_label_of(&self, path: &Path) -> String {
+        if builtin::model_dir().is_some_and(|d| crate::engine::io::weights::same_file(&d, path)) {
             BUILTIN_LABEL.to_owned()
         } else {
             path.display().to_string()
-        };
+        }
+    }
+
+    /// Opens a base model: a diffusers folder or a single `.safetensors` checkpoint.
+    pub fn set_model(&mut self, path: PathBuf) {
+        self.model_label = self.model_label_of(&path);
         let tokenizer_dir = path.join("tokenizer");
         self.dataset.tokenizer = Some(if tokenizer_dir.is_dir() {
             crate::engine::models::tokenizer::ClipTokenizer::from_folder(&tokenizer_dir).unwrap_or_else(|_| {
@@ -257,6 +262,28 @@ impl StudioApp {
             self.playground.add_adapter(&adapter);
         }
         self.playground.poll(ctx);
+        // A model that failed to open: the window goes back to the one that worked (or the
+        // built-in one), so it stays usable and the session never keeps the broken path.
+        if let Some((failed, error)) = self.playground.failed_model.take() {
+            let fallback = self
+                .playground
+                .working_model
+                .clone()
+                .or_else(builtin::model_dir)
+                .filter(|m| !crate::engine::io::weights::same_file(m, &failed));
+            let back = match &fallback {
+                Some(m) => format!(" Back to {}.", self.model_label_of(m)),
+                None => String::new(),
+            };
+            self.notice = Some(format!("Could not open {}: {error}.{back}", failed.display()));
+            if let Some(model) = fallback {
+                self.set_model(model);
+            } else if self.model.as_deref() == Some(failed.as_path()) {
+                self.model = None;
+                self.model_label.clear();
+                self.playground.set_model(None);
+            }
+        }
         // A model of another family or size (when the probe could not tell): the training
         // settings still at the old model's defaults take the new one's (SDXL: 1024 px, gradient
         // checkpointing, UNet only).
@@ -423,11 +450,12 @@ impl StudioApp {
         let margin = egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(20, 12));
         egui::CentralPanel::default().frame(margin).show(ui, |ui| {
             if let Some(notice) = self.notice.clone() {
-                ui.horizontal(|ui| {
-                    ui.colored_label(ui.visuals().warn_fg_color, notice);
+                // Wrapped: a long path or error must not widen the window.
+                ui.horizontal_top(|ui| {
                     if ui.small_button("Dismiss").clicked() {
                         self.notice = None;
                     }
+                    ui.add(egui::Label::new(egui::RichText::new(notice).color(ui.visuals().warn_fg_color)).wrap());
                 });
             }
             self.area_panel(ui);
@@ -468,8 +496,15 @@ impl StudioApp {
             }
             Area::Playground => {
                 for action in playground::ui_playground(ui, &mut self.playground, &self.model_label) {
-                    let playground::PlaygroundAction::OpenDialog(p) = action;
-                    dialogs.push(p);
+                    match action {
+                        playground::PlaygroundAction::OpenDialog(p) => dialogs.push(p),
+                        playground::PlaygroundAction::OpenBuiltin => match builtin::model_dir() {
+                            Some(dir) => self.set_model(dir),
+                            None => {
+                                self.notice = Some("The built-in model is not installed beside this program.".into())
+                            }
+                        },
+                    }
                 }
             }
         }

@@ -127,6 +127,11 @@ pub struct PlaygroundPanel {
     model: Option<PathBuf>,
     /// The model the worker was last told to load.
     sent_model: Option<PathBuf>,
+    /// The last model that loaded: where the window goes back to when another fails to open.
+    pub working_model: Option<PathBuf>,
+    /// A model that failed to open, with why, for the window to go back from (taken by
+    /// `StudioApp::poll`).
+    pub failed_model: Option<(PathBuf, String)>,
     /// Where models run and how their weights are kept (the window's device and weights
     /// settings; training runs use them too).
     pub placement: Placement,
@@ -221,6 +226,8 @@ impl PlaygroundPanel {
             model_state: ModelState::None,
             model: None,
             sent_model: None,
+            working_model: None,
+            failed_model: None,
             placement: Placement::default(),
             sent_placement: Placement::default(),
             loaded_weights: None,
@@ -565,6 +572,7 @@ impl PlaygroundPanel {
                     self.loaded_weights = Some(weights);
                     self.loaded_family = Some(family);
                     self.loaded_side = native_size;
+                    self.working_model = Some(path.clone());
                     // Start at the model's own size and its family's sampler unless the user
                     // already chose them.
                     if let Some(side) = native_size.filter(|_| !self.size_chosen) {
@@ -576,7 +584,10 @@ impl PlaygroundPanel {
                     }
                     self.image_info = format!("Loaded {} in {seconds:.1} s", path.display());
                 }
-                ModelEvent::LoadFailed { error } => self.model_state = ModelState::Failed(error),
+                ModelEvent::LoadFailed { path, error } => {
+                    self.model_state = ModelState::Failed(error.clone());
+                    self.failed_model = Some((path, error));
+                }
                 ModelEvent::AdapterAdded { name, info, warning } => {
                     if let Some(row) = self.adapters.iter_mut().find(|r| r.name == name) {
                         row.info = Some(info);
@@ -670,4 +681,6 @@ impl PlaygroundPanel {
 /// What the panel asks of the rest of the window.
 pub enum PlaygroundAction {
     OpenDialog(DialogPurpose),
+    /// Open the built-in model again.
+    OpenBuiltin,
 }
