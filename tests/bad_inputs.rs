@@ -1234,6 +1234,13 @@ fn training_never_writes_over_its_inputs_or_an_earlier_run() {
     unchanged(&ckpt, &saved);
     let over = train_run(&model, &data, &style, &["--overwrite"]);
     assert!(over.status.success(), "{}", stderr(&over));
+
+    // An earlier run's adapter without its checkpoint is still not replaced without asking.
+    std::fs::remove_file(&ckpt).unwrap();
+    let adapter = std::fs::read(&style).unwrap();
+    let again = train_run(&model, &data, &style, &[]);
+    assert_one_line_error(&again, &["style.safetensors", "an adapter from an earlier run", "--overwrite"]);
+    unchanged(&style, &adapter);
 }
 
 // ---------------------------------------------------------------------------------------------

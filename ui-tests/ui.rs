@@ -166,6 +166,76 @@ fn dropped_folder_is_scanned_with_thumbnails_captions_and_warnings() {
     assert!(text_of(&h, "3 images ·").contains("0 duplicates"));
 }
 
+/// Nothing typed or gathered is lost by a click: a caption edit is saved when another image is
+/// picked, *Clear* can be undone, a file where the adapter would go is replaced only when asked,
+/// and an error line goes once the next scan works.
+#[test]
+fn nothing_is_lost_by_a_click() {
+    let dir = tempdir("no-loss");
+    let data = dir.join("data");
+    make_images(&data);
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![data.clone()]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    h.run();
+
+    // Type into img0's caption, then click img2 without saving: the edit is kept on disk.
+    h.get_by_label("img0.png").click();
+    h.run();
+    h.get_by_role_and_label(Role::MultilineTextInput, "Caption text:").focus();
+    h.run();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.run();
+    h.get_by_role_and_label(Role::MultilineTextInput, "Caption text:").type_text("a blue gradient");
+    h.run();
+    h.get_by_label("img2.png").click();
+    h.run();
+    assert_eq!(std::fs::read_to_string(data.join("img0.txt")).unwrap(), "a blue gradient");
+    assert_eq!(h.state().dataset.caption_edit, "a gradient", "img2's own caption is shown");
+
+    // Clear, then Undo: the set comes back whole.
+    h.get_by_label("Clear").click();
+    h.run();
+    assert!(h.state().dataset.dataset.images.is_empty());
+    h.get_by_label_contains("Cleared 3 images from the set");
+    h.get_by_label("Undo").click();
+    h.run();
+    assert_eq!(h.state().dataset.image_paths().len(), 3);
+    assert!(h.query_by_label("Undo").is_none());
+
+    // A file of the user's where the adapter would be written: asked about, untouched until then.
+    let theirs = dir.join("mine.safetensors");
+    std::fs::write(&theirs, b"the user's own file").unwrap();
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        (app.config.steps, app.config.dataset.resolution) = (1, 32);
+        app.training.output = theirs.display().to_string();
+    }
+    h.run();
+    h.get_by_label("Start training").click();
+    h.run();
+    assert!(text_of(&h, "already exists").contains("a file LoRA Studio did not write"));
+    assert_eq!(h.state().training.run, RunState::Idle);
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"the user's own file");
+    h.get_by_label("Cancel").click();
+    h.run();
+    assert!(h.query_by_label_contains("already exists").is_none());
+    h.get_by_label("Start training").click();
+    h.run();
+    h.get_by_label("Replace it").click();
+    h.run_steps(2);
+    run_until(&mut h, TRAIN, "the run", |a| matches!(a.training.run, RunState::Finished { .. }));
+    assert!(lora_studio::engine::adapters::formats::read_adapter(&theirs).is_ok(), "replaced by the adapter");
+
+    // A failed scan's red line goes when the next scan works.
+    h.state_mut().area = Area::Dataset;
+    h.state_mut().dataset.message = Some("an earlier error".into());
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImages, vec![data.join("img1.png")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    assert!(h.state().dataset.message.is_none());
+}
+
 /// A big folder: the grid asks for the thumbnails in view, not for all of them, and scrolling
 /// down brings the rest.
 #[test]

@@ -33,6 +33,8 @@ pub struct DatasetPanel {
     preflight: Option<(PreflightKey, Preflight)>,
     /// Bumped whenever the image set or a caption changes.
     generation: u64,
+    /// The set as it was before *Clear*, while *Undo* can bring it back.
+    pub cleared: Option<Dataset>,
 }
 
 #[derive(PartialEq)]
@@ -59,6 +61,7 @@ impl DatasetPanel {
             tokenizer: None,
             preflight: None,
             generation: 0,
+            cleared: None,
         }
     }
 
@@ -83,7 +86,11 @@ impl DatasetPanel {
         let mut still = Vec::new();
         for rx in std::mem::take(&mut self.scans) {
             match rx.try_recv() {
-                Ok(Ok(found)) => self.merge(found),
+                Ok(Ok(found)) => {
+                    // A scan that worked clears the error an earlier one left.
+                    self.message = None;
+                    self.merge(found)
+                }
                 Ok(Err(e)) => self.message = Some(e),
                 Err(crossbeam_channel::TryRecvError::Empty) => still.push(rx),
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -96,6 +103,9 @@ impl DatasetPanel {
     }
 
     fn merge(&mut self, found: Dataset) {
+        if !found.images.is_empty() {
+            self.cleared = None;
+        }
         let known: HashSet<PathBuf> = self.dataset.images.iter().map(|e| e.path.clone()).collect();
         self.dataset.images.extend(found.images.into_iter().filter(|e| !known.contains(&e.path)));
         for s in found.skipped {
@@ -111,11 +121,26 @@ impl DatasetPanel {
         self.dataset.images.iter().map(|e| e.path.clone()).collect()
     }
 
+    /// Selects another image; an edited caption of the one before is saved first (a click
+    /// elsewhere must not throw typing away). If it cannot be saved, the selection stays.
     pub fn select(&mut self, index: usize) {
+        if self.selected != Some(index) && self.caption_edited() {
+            self.save_caption();
+            if self.caption_edited() {
+                return;
+            }
+        }
         if let Some(entry) = self.dataset.images.get(index) {
             self.selected = Some(index);
             self.caption_edit = entry.caption.clone();
         }
+    }
+
+    /// The selected image's caption box differs from its saved caption.
+    pub fn caption_edited(&self) -> bool {
+        self.selected
+            .and_then(|i| self.dataset.images.get(i))
+            .is_some_and(|e| e.caption.trim() != self.caption_edit.trim())
     }
 
     /// Takes the image out of the set (the file stays on disk).
@@ -128,11 +153,22 @@ impl DatasetPanel {
         }
     }
 
+    /// Empties the set; *Undo* brings it back until the set changes again.
     pub fn clear(&mut self) {
-        self.dataset = Dataset::default();
+        if self.caption_edited() {
+            self.save_caption();
+        }
+        self.cleared = Some(std::mem::take(&mut self.dataset));
         self.selected = None;
         self.caption_edit.clear();
         self.generation += 1;
+    }
+
+    pub fn undo_clear(&mut self) {
+        if let Some(before) = self.cleared.take() {
+            let added = std::mem::replace(&mut self.dataset, before);
+            self.merge(added);
+        }
     }
 
     /// Writes the edited caption to the image's sidecar (`.txt` unless it already has a
@@ -188,6 +224,15 @@ pub(super) fn ui_dataset(ui: &mut egui::Ui, panel: &mut DatasetPanel, opts: &mut
     let mut actions = Vec::new();
     super::area_heading(ui, "Your training images", "Gather the pictures an adapter should learn from.");
     ui.add_space(8.0);
+    if let Some(before) = &panel.cleared {
+        let n = crate::engine::train::dataset::counted(before.images.len(), "image", "images");
+        ui.horizontal(|ui| {
+            ui.label(format!("Cleared {n} from the set (the files stay on disk)."));
+            if ui.button("Undo").on_hover_text("Put the images back in the set").clicked() {
+                panel.undo_clear();
+            }
+        });
+    }
     ui.horizontal(|ui| {
         if ui.button("Add images…").on_hover_text("Pick image files to add").clicked() {
             actions.push(DatasetAction::OpenDialog(super::DialogPurpose::AddImages));

@@ -12,7 +12,7 @@ use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::device::Placement;
 use crate::engine::models::family::ModelFamily;
 use crate::engine::train::trainer::{
-    Algorithm, ExistingRun, LrSchedule, RunOutputs, TextEncoders, TimestepBias, TrainConfig,
+    Algorithm, ExistingOutput, ExistingRun, LrSchedule, RunOutputs, TextEncoders, TimestepBias, TrainConfig,
 };
 use crate::job::{TrainCommand, TrainEvent, TrainJob, TrainJobSpec};
 
@@ -144,6 +144,8 @@ pub struct TrainingPanel {
     /// An earlier run's checkpoint where Start would write: the panel asks whether to resume it
     /// or start again over it.
     pub existing_run: Option<ExistingRun>,
+    /// A file already where Start would write the adapter: the panel asks before replacing it.
+    pub existing_output: Option<ExistingOutput>,
     /// Images encoded so far while a run starts (done, total).
     pub encoding: Option<(usize, usize)>,
     pub sample_prompt_now: String,
@@ -170,6 +172,7 @@ impl Default for TrainingPanel {
             save_notice: None,
             resume_note: None,
             existing_run: None,
+            existing_output: None,
             encoding: None,
             sample_prompt_now: String::new(),
         }
@@ -236,6 +239,7 @@ impl TrainingPanel {
         self.save_notice = None;
         self.resume_note = None;
         self.existing_run = None;
+        self.existing_output = None;
         let Some(model) = model else {
             self.message = Some("Open a base model first (Playground → Open model…, or --model).".into());
             return;
@@ -265,7 +269,10 @@ impl TrainingPanel {
         if let Err(e) = outputs.check() {
             match e.downcast::<ExistingRun>() {
                 Ok(existing) => self.existing_run = Some(existing),
-                Err(e) => self.message = Some(format!("{e:#}")),
+                Err(e) => match e.downcast::<ExistingOutput>() {
+                    Ok(existing) => self.existing_output = Some(existing),
+                    Err(e) => self.message = Some(format!("{e:#}")),
+                },
             }
             return;
         }
@@ -723,6 +730,21 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
     }
     if let Some(notice) = panel.save_notice.as_ref().filter(|_| panel.is_active()) {
         ui.label(notice);
+    }
+    if let Some(existing) = &panel.existing_output {
+        let what = if existing.ours { "an adapter from an earlier run" } else { "a file LoRA Studio did not write" };
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            format!("{} already exists ({what}). Replace it with this run's adapter?", existing.path.display()),
+        );
+        ui.horizontal(|ui| {
+            if ui.button("Replace it").on_hover_text("Train, and write the adapter over that file").clicked() {
+                actions.push(TrainingAction::StartOver);
+            }
+            if ui.button("Cancel").on_hover_text("Keep the file; choose another output name").clicked() {
+                panel.existing_output = None;
+            }
+        });
     }
     if let Some(existing) = &panel.existing_run {
         let checkpoint = existing.checkpoint.clone();

@@ -1259,6 +1259,28 @@ impl std::fmt::Display for ExistingRun {
 
 impl std::error::Error for ExistingRun {}
 
+/// A file where a run would write its adapter, with no run to resume: replaced only when the
+/// caller says so (`--overwrite`, or the window's question).
+#[derive(Debug)]
+pub struct ExistingOutput {
+    pub path: PathBuf,
+    /// An adapter LoRA Studio wrote (else any other file).
+    pub ours: bool,
+}
+
+impl std::fmt::Display for ExistingOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.ours { "an adapter from an earlier run" } else { "a file LoRA Studio did not write" };
+        write!(
+            f,
+            "{}: already exists ({what}); choose another output, or --overwrite to replace it",
+            self.path.display()
+        )
+    }
+}
+
+impl std::error::Error for ExistingOutput {}
+
 /// The step an existing checkpoint file reached, if it is one of ours.
 pub fn checkpoint_step(path: &Path) -> Option<usize> {
     let metadata = crate::engine::io::weights::read_metadata(path).ok()??;
@@ -1345,13 +1367,15 @@ impl RunOutputs<'_> {
                 );
             }
             if out.exists() && !self.overwrite && !is_our_adapter(out) {
-                bail!(
-                    "{shown}: already exists and is not an adapter LoRA Studio wrote; choose another output, or --overwrite to replace it"
-                );
+                return Err(ExistingOutput { path: out.to_path_buf(), ours: false }.into());
             }
             if self.resume.is_none() && !self.overwrite && ckpt.exists() {
                 let step = checkpoint_step(&ckpt).unwrap_or(0);
                 return Err(ExistingRun { checkpoint: ckpt, step }.into());
+            }
+            // An adapter of an earlier run without its checkpoint is still the user's file.
+            if self.resume.is_none() && !self.overwrite && out.exists() {
+                return Err(ExistingOutput { path: out.to_path_buf(), ours: true }.into());
             }
         } else if out.exists() && !self.overwrite && self.resume.is_none() {
             bail!("{shown}: already exists; choose a new folder, or --overwrite to replace it");
