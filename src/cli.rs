@@ -16,6 +16,7 @@ use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::bench;
 use crate::engine::builtin;
 use crate::engine::diffusion::sampler::SamplerKind;
+use crate::engine::io::infotext::{AdapterUse, GenerationParameters, adapter_short_hash, save_png_with_parameters};
 use crate::engine::io::weights::{WeightPrecision, all_finite, read_safetensors, write_safetensors};
 use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, TextConditioning};
@@ -33,7 +34,8 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
                                    PATH: a diffusers folder or a .safetensors checkpoint, SD 1.x / 2.x / SDXL)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a|euler|lcm|tcd] [--width W --height H] --out FILE.png
-                       (defaults: the model's own size; euler for SDXL, ddim otherwise)
+                       (defaults: the model's own size; euler for SDXL, ddim otherwise; the PNG carries
+                        the settings in A1111's `parameters` text, which A1111, ComfyUI and civitai read)
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
                       [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
@@ -236,11 +238,24 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         eprintln!(); // end the progress line before a result or an error
     }
     let img = img?;
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    crate::engine::io::weights::write_atomic(&out, &png)?;
+    let used = adapters
+        .iter()
+        .map(|spec| {
+            let (file, weight) = parse_adapter_spec(spec)?;
+            let hash = file.extension().is_some_and(|e| e == "safetensors").then(|| adapter_short_hash(&file)).transpose()?;
+            Ok(AdapterUse { name: file_stem(&file), weight, hash })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Every image carries its parameters, as A1111 writes them, so it can be remade or shared.
+    let params = GenerationParameters::from_request(&req, used, Some(file_stem(&model)));
+    save_png_with_parameters(&out, &img, &params)?;
     println!("wrote {} ({}×{}, {:.2} s)", out.display(), req.width, req.height, started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// A file's or folder's name without its extension: how A1111 names models and adapters.
+fn file_stem(path: &std::path::Path) -> String {
+    path.file_stem().unwrap_or(path.as_os_str()).to_string_lossy().into_owned()
 }
 
 fn forward(p: &mut lexopt::Parser) -> Result<()> {
