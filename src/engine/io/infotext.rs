@@ -200,6 +200,10 @@ impl GenerationParameters {
             ..Default::default()
         };
         for (key, value) in pairs {
+            // A1111 drops a pair with an empty value (its `v[0]` fails and the pair is skipped).
+            if value.is_empty() {
+                continue;
+            }
             let v = value.trim();
             let used = match key.as_str() {
                 "Steps" => v.parse().map(|s| p.steps = Some(s)).is_ok(),
@@ -315,17 +319,23 @@ fn key_value_at(line: &str, start: usize) -> Option<(String, String, usize)> {
     let after_colon = &line[key_end + 1..];
     let value_start = key_end + 1 + (after_colon.len() - after_colon.trim_start().len());
     let value_text = &line[value_start..];
-    if let Some(len) = quoted_len(value_text) {
-        let tail = &value_text[len..];
-        if tail.is_empty() || tail.starts_with(',') {
-            let raw = &value_text[..len];
-            let value = serde_json::from_str::<String>(raw).unwrap_or_else(|_| raw.to_string());
-            return Some((key, value, value_start + len + usize::from(!tail.is_empty())));
+    let len = match quoted_len(value_text) {
+        Some(len) if value_text[len..].is_empty() || value_text[len..].starts_with(',') => len,
+        _ => value_text.find(',').unwrap_or(value_text.len()),
+    };
+    let end = value_start + len + usize::from(len < value_text.len());
+    Some((key, unquote(&value_text[..len]), end))
+}
+
+/// A value in double quotes read as the JSON string it is (A1111's `unquote`); anything else,
+/// including a quoted value that is not valid JSON, as written.
+fn unquote(v: &str) -> String {
+    if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') {
+        if let Ok(s) = serde_json::from_str::<String>(v) {
+            return s;
         }
     }
-    let len = value_text.find(',').unwrap_or(value_text.len());
-    let end = value_start + len + usize::from(len < value_text.len());
-    Some((key, value_text[..len].to_string(), end))
+    v.to_string()
 }
 
 /// The length of a `"…"` string at the start of `s` (backslash escapes inside; at least one
@@ -651,8 +661,8 @@ mod tests {
             p.other,
             vec![("Schedule type".into(), "Karras".into()), ("Hires resize".into(), "2048x1152".into())]
         );
-        // A size that is not WxH stays a value of its own.
-        let p = GenerationParameters::parse("x\nSteps: 3, Seed: 1, Size: big");
+        // A size that is not WxH stays a value of its own; an empty value is dropped, as in A1111.
+        let p = GenerationParameters::parse("x\nSteps: 3, Seed: 1, Size: big, Denoising strength: ");
         assert_eq!((p.width, p.other.clone()), (None, vec![("Size".into(), "big".into())]));
     }
 
