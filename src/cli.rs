@@ -242,7 +242,8 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         .iter()
         .map(|spec| {
             let (file, weight) = parse_adapter_spec(spec)?;
-            let hash = file.extension().is_some_and(|e| e == "safetensors").then(|| adapter_short_hash(&file)).transpose()?;
+            let hash =
+                file.extension().is_some_and(|e| e == "safetensors").then(|| adapter_short_hash(&file)).transpose()?;
             Ok(AdapterUse { name: file_stem(&file), weight, hash })
         })
         .collect::<Result<Vec<_>>>()?;

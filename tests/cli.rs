@@ -598,9 +598,27 @@ fn generate_writes_its_parameters_into_the_png() {
     let style = &lora_studio::engine::builtin::example_adapters()[0];
     let adapter = format!("{}:0.8", p(style));
     let out = studio(&[
-        "generate", "--prompt", "a red circle, on blue", "--negative", "green", "--seed", "77", "--steps", "2",
-        "--sampler", "euler-a", "--guidance", "6.5", "--width", "32", "--height", "48", "--adapter", &adapter,
-        "--out", p(&png),
+        "generate",
+        "--prompt",
+        "a red circle, on blue",
+        "--negative",
+        "green",
+        "--seed",
+        "77",
+        "--steps",
+        "2",
+        "--sampler",
+        "euler-a",
+        "--guidance",
+        "6.5",
+        "--width",
+        "32",
+        "--height",
+        "48",
+        "--adapter",
+        &adapter,
+        "--out",
+        p(&png),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let params = lora_studio::engine::io::infotext::read_png_parameters(&png).unwrap();
@@ -613,11 +631,14 @@ fn generate_writes_its_parameters_into_the_png() {
     let name = style.file_stem().unwrap().to_str().unwrap();
     let hash = lora_studio::engine::io::infotext::adapter_short_hash(style).unwrap();
     assert_eq!(hash.len(), 12);
-    assert_eq!(params.adapters, vec![lora_studio::engine::io::infotext::AdapterUse {
-        name: name.into(),
-        weight: 0.8,
-        hash: Some(hash.clone())
-    }]);
+    assert_eq!(
+        params.adapters,
+        vec![lora_studio::engine::io::infotext::AdapterUse {
+            name: name.into(),
+            weight: 0.8,
+            hash: Some(hash.clone())
+        }]
+    );
     let text = lora_studio::engine::io::infotext::read_png_parameters_text(&png).unwrap();
     assert!(text.starts_with(&format!("a red circle, on blue, <lora:{name}:0.8>\nNegative prompt: green\n")), "{text}");
     assert!(text.ends_with(&format!("Lora hashes: \"{name}: {hash}\"")), "{text}");

@@ -330,12 +330,8 @@ fn key_value_at(line: &str, start: usize) -> Option<(String, String, usize)> {
 /// A value in double quotes read as the JSON string it is (A1111's `unquote`); anything else,
 /// including a quoted value that is not valid JSON, as written.
 fn unquote(v: &str) -> String {
-    if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') {
-        if let Ok(s) = serde_json::from_str::<String>(v) {
-            return s;
-        }
-    }
-    v.to_string()
+    let quoted = v.len() >= 2 && v.starts_with('"') && v.ends_with('"');
+    quoted.then(|| serde_json::from_str::<String>(v).ok()).flatten().unwrap_or_else(|| v.to_string())
 }
 
 /// The length of a `"…"` string at the start of `s` (backslash escapes inside; at least one
@@ -509,7 +505,8 @@ pub fn encode_png_with_parameters(image: &image::RgbImage, params: &GenerationPa
 /// Saves `image` as a PNG at `path` with its generation parameters, atomically (a temporary
 /// name, then a rename): what the CLI's `generate --out` and the window's Save write.
 pub fn save_png_with_parameters(path: &Path, image: &image::RgbImage, params: &GenerationParameters) -> Result<()> {
-    let bytes = encode_png_with_parameters(image, params).with_context(|| format!("{}: cannot encode", path.display()))?;
+    let bytes =
+        encode_png_with_parameters(image, params).with_context(|| format!("{}: cannot encode", path.display()))?;
     write_atomic(path, &bytes)
 }
 
@@ -641,10 +638,13 @@ mod tests {
             key_values(r#"Note: "a" b, Steps: 2"#),
             vec![("Note".into(), "\"a\" b".into()), ("Steps".into(), "2".into())]
         );
-        assert_eq!(key_values("x: 1, Hires upscaler: Latent (nearest-exact), Token merging/ratio: 0.5"), vec![
-            ("Hires upscaler".into(), "Latent (nearest-exact)".into()),
-            ("Token merging/ratio".into(), "0.5".into())
-        ]);
+        assert_eq!(
+            key_values("x: 1, Hires upscaler: Latent (nearest-exact), Token merging/ratio: 0.5"),
+            vec![
+                ("Hires upscaler".into(), "Latent (nearest-exact)".into()),
+                ("Token merging/ratio".into(), "0.5".into())
+            ]
+        );
         assert_eq!(key_values("Empty: , Seed: 5"), vec![("Empty".into(), "".into()), ("Seed".into(), "5".into())]);
     }
 
@@ -734,14 +734,17 @@ mod tests {
             "<lora:a>, a cat <lora:b:0.7>, <lora:c:0.5:1>, <lora:d:te=0.2:unet=0.9>, <lyco:e:0.6>, <lora:f:0.3:0.3>",
         );
         assert_eq!(t.prompt, "a cat");
-        assert_eq!(t.adapters, vec![
-            tag("a", 1.0, None),
-            tag("b", 0.7, None),
-            tag("c", 1.0, Some(0.5)),
-            tag("d", 0.9, Some(0.2)),
-            tag("e", 0.6, None),
-            tag("f", 0.3, None),
-        ]);
+        assert_eq!(
+            t.adapters,
+            vec![
+                tag("a", 1.0, None),
+                tag("b", 0.7, None),
+                tag("c", 1.0, Some(0.5)),
+                tag("d", 0.9, Some(0.2)),
+                tag("e", 0.6, None),
+                tag("f", 0.3, None),
+            ]
+        );
         assert!(t.ignored.is_empty());
         // Names may hold spaces and dots; a tag in the middle leaves one space.
         let t = extract_prompt_tags("a <lora:film grain v1.5:-0.25> b");
