@@ -28,7 +28,7 @@ pub struct AdapterUse {
 
 /// An image's generation parameters, as A1111's infotext holds them. Fields a file did not carry
 /// are `None`; keys we have no field for are kept, in order, in `other`, and written back.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParameters {
     /// The prompt without its `<lora:…>` tags (they are in `adapters`).
     pub prompt: String,
@@ -54,6 +54,28 @@ pub struct GenerationParameters {
     pub other: Vec<(String, String)>,
 }
 
+impl Default for GenerationParameters {
+    /// Nothing known: empty prompts, no settings, A1111's clip skip of 1.
+    fn default() -> Self {
+        GenerationParameters {
+            prompt: String::new(),
+            negative: String::new(),
+            steps: None,
+            sampler: None,
+            cfg_scale: None,
+            seed: None,
+            width: None,
+            height: None,
+            model: None,
+            model_hash: None,
+            adapters: Vec::new(),
+            clip_skip: 1,
+            ignored_tags: Vec::new(),
+            other: Vec::new(),
+        }
+    }
+}
+
 impl GenerationParameters {
     /// The parameters of a generation we ran; `adapters` are the loaded adapters with their
     /// weights, `model` the checkpoint's name.
@@ -68,11 +90,8 @@ impl GenerationParameters {
             width: Some(req.width),
             height: Some(req.height),
             model,
-            model_hash: None,
             adapters,
-            clip_skip: 1,
-            ignored_tags: Vec::new(),
-            other: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -108,7 +127,7 @@ impl GenerationParameters {
             (req.width, req.height) = (w, h);
         }
         if self.clip_skip > 1 {
-            notes.push(format!("clip skip {} is not supported; the last text-encoder layer is used", self.clip_skip));
+            notes.push(format!("clip skip {} is not supported; the model's own text-encoder layer is used", self.clip_skip));
         }
         notes.extend(self.ignored_tags.iter().cloned());
         notes
@@ -162,7 +181,8 @@ impl GenerationParameters {
     /// `Key: value` pairs when it has at least three (otherwise it is part of the prompt); lines
     /// up to one starting `Negative prompt:` are the prompt, the rest the negative prompt, each
     /// line trimmed; `Size: WxH` gives width and height. `<lora:…>` tags leave the prompt for
-    /// `adapters`, with their hashes from `Lora hashes`.
+    /// `adapters`, with their hashes from `Lora hashes` (hashes of adapters the prompt does not
+    /// name are dropped; a tag's own text-encoder weight is not kept, see `extract_prompt_tags`).
     pub fn parse(text: &str) -> Self {
         let text = text.trim();
         let mut lines: Vec<&str> = text.split('\n').collect();
@@ -190,7 +210,6 @@ impl GenerationParameters {
         let mut p = GenerationParameters {
             prompt: tags.prompt,
             negative,
-            clip_skip: 1,
             adapters: tags
                 .adapters
                 .into_iter()
