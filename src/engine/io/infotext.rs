@@ -127,7 +127,10 @@ impl GenerationParameters {
             (req.width, req.height) = (w, h);
         }
         if self.clip_skip > 1 {
-            notes.push(format!("clip skip {} is not supported; the model's own text-encoder layer is used", self.clip_skip));
+            notes.push(format!(
+                "clip skip {} is not supported; the model's own text-encoder layer is used",
+                self.clip_skip
+            ));
         }
         notes.extend(self.ignored_tags.iter().cloned());
         notes
