@@ -114,3 +114,12 @@ fn adapter_short_hash_is_a1111s_addnet_hash() {
     let e = format!("{:#}", adapter_short_hash(&fixture("make_reference.py")).unwrap_err());
     assert!(e.contains("make_reference.py: not a safetensors file"), "{e}");
 }
+
+/// `Model hash` is A1111's checkpoint short hash: SHA-256 of the whole file, 10 hex digits (the
+/// value computed with Python's hashlib over the fixture file).
+#[test]
+fn checkpoint_short_hash_is_a1111s_model_hash() {
+    use lora_studio::engine::io::infotext::checkpoint_short_hash;
+    let unet = sd1_tiny().join("model/unet/diffusion_pytorch_model.safetensors");
+    assert_eq!(checkpoint_short_hash(&unet).unwrap(), "8dcc6e5414");
+}

@@ -583,6 +583,25 @@ pub fn adapter_short_hash(path: &Path) -> Result<String> {
     Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
 }
 
+/// A1111's short hash of a checkpoint file, its `Model hash:` field: the first 10 hex digits of
+/// the whole file's SHA-256. Reads the whole file (seconds for a multi-gigabyte model), so a caller
+/// computes it once per model, off the window's thread.
+pub fn checkpoint_short_hash(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut block).with_context(|| format!("{}: cannot read", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&block[..n]);
+    }
+    Ok(hasher.finalize().iter().take(5).map(|b| format!("{b:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
