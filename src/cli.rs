@@ -16,6 +16,9 @@ use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::bench;
 use crate::engine::builtin;
 use crate::engine::diffusion::sampler::SamplerKind;
+use crate::engine::io::infotext::{
+    AdapterUse, GenerationParameters, adapter_short_hash, extract_prompt_tags, save_png_with_parameters,
+};
 use crate::engine::io::weights::{WeightPrecision, all_finite, read_safetensors, write_safetensors};
 use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion, TextConditioning};
@@ -33,7 +36,11 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
                                    PATH: a diffusers folder or a .safetensors checkpoint, SD 1.x / 2.x / SDXL)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
                        [--guidance X] [--sampler ddim|euler-a|euler|lcm|tcd] [--width W --height H] --out FILE.png
-                       (defaults: the model's own size; euler for SDXL, ddim otherwise)
+                       [--lora-dir DIR]
+                       (defaults: the model's own size; euler for SDXL, ddim otherwise; <lora:NAME:WEIGHT> in
+                        the prompt loads DIR/NAME.safetensors, or without --lora-dir the example style NAME;
+                        the PNG carries the settings in A1111's `parameters` text, which A1111, ComfyUI and
+                        civitai read)
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
                       [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
@@ -195,6 +202,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
     };
     let mut sampler: Option<SamplerKind> = None;
     let mut allow_partial = false;
+    let mut lora_dir: Option<PathBuf> = None;
     while let Some(arg) = p.next()? {
         match arg {
             Long("model") => model = Some(p.value()?.into()),
@@ -209,9 +217,27 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
             Long("out") => out = Some(p.value()?.into()),
             Long("adapter") => adapters.push(p.value()?.string()?),
             Long("allow-partial") => allow_partial = true,
+            Long("lora-dir") => lora_dir = Some(p.value()?.into()),
             _ => return Err(arg.unexpected().into()),
         }
     }
+    // `<lora:NAME:WEIGHT>` in the prompt, as A1111 users write it: out of the text the model
+    // reads (A1111 removes them too), and loaded as adapters, so a pasted A1111 prompt works.
+    let tags = extract_prompt_tags(&req.prompt);
+    for note in &tags.ignored {
+        eprintln!("note: {note}");
+    }
+    for tag in &tags.adapters {
+        let file = tagged_adapter_file(&tag.name, lora_dir.as_deref())?;
+        if let Some(te) = tag.text_encoder_weight {
+            eprintln!(
+                "note: <lora:{}>: one weight per adapter here: the UNet's {} (the text encoder's {te} is not used)",
+                tag.name, tag.weight
+            );
+        }
+        adapters.push(format!("{}:{}", file.display(), tag.weight));
+    }
+    req.prompt = tags.prompt;
     let model = builtin::resolve_model(model)?;
     let out = out.context("--out FILE.png is required")?;
     let mut sd = load_model(&model)?;
@@ -236,11 +262,43 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         eprintln!(); // end the progress line before a result or an error
     }
     let img = img?;
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    crate::engine::io::weights::write_atomic(&out, &png)?;
+    let used = adapters
+        .iter()
+        .map(|spec| {
+            let (file, weight) = parse_adapter_spec(spec)?;
+            let hash =
+                file.extension().is_some_and(|e| e == "safetensors").then(|| adapter_short_hash(&file)).transpose()?;
+            Ok(AdapterUse { name: file_stem(&file), weight, hash })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Every image carries its parameters, as A1111 writes them, so it can be remade or shared.
+    let params = GenerationParameters::from_request(&req, used, Some(file_stem(&model)));
+    save_png_with_parameters(&out, &img, &params)?;
     println!("wrote {} ({}×{}, {:.2} s)", out.display(), req.width, req.height, started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The file a prompt's `<lora:NAME:…>` means: `NAME.safetensors` in `dir`, or without one among
+/// the built-in example styles.
+fn tagged_adapter_file(name: &str, dir: Option<&std::path::Path>) -> Result<PathBuf> {
+    let found = match dir {
+        Some(dir) => Some(dir.join(format!("{name}.safetensors"))).filter(|f| f.is_file()),
+        None => builtin::example_adapters().into_iter().find(|f| file_stem(f) == name),
+    };
+    let looked = match dir {
+        Some(dir) => dir.display().to_string(),
+        None => "the built-in example styles; --lora-dir DIR looks in DIR".to_string(),
+    };
+    found.with_context(|| {
+        format!(
+            "<lora:{name}> in --prompt: no {name}.safetensors in {looked} (or pass the file: --adapter FILE:WEIGHT)"
+        )
+    })
+}
+
+/// A file's or folder's name without its extension: how A1111 names models and adapters.
+fn file_stem(path: &std::path::Path) -> String {
+    path.file_stem().unwrap_or(path.as_os_str()).to_string_lossy().into_owned()
 }
 
 fn forward(p: &mut lexopt::Parser) -> Result<()> {

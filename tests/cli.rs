@@ -588,3 +588,91 @@ fn export_job_writes_the_sdxl_script_for_an_sdxl_model() {
     let script = std::fs::read_to_string(dir.join("job1/train.sh")).unwrap();
     assert!(script.contains("/train_network.py") && !script.contains("sdxl_"), "{script}");
 }
+
+/// `generate --out x.png` writes the request's parameters into the PNG as A1111 does, adapters as
+/// `<lora:name:weight>` with their A1111 short hash.
+#[test]
+fn generate_writes_its_parameters_into_the_png() {
+    let dir = tempdir("generate-parameters");
+    let png = dir.join("x.png");
+    let style = &lora_studio::engine::builtin::example_adapters()[0];
+    let adapter = format!("{}:0.8", p(style));
+    let out = studio(&[
+        "generate",
+        "--prompt",
+        "a red circle, on blue",
+        "--negative",
+        "green",
+        "--seed",
+        "77",
+        "--steps",
+        "2",
+        "--sampler",
+        "euler-a",
+        "--guidance",
+        "6.5",
+        "--width",
+        "32",
+        "--height",
+        "48",
+        "--adapter",
+        &adapter,
+        "--out",
+        p(&png),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let params = lora_studio::engine::io::infotext::read_png_parameters(&png).unwrap();
+    assert_eq!(params.prompt, "a red circle, on blue");
+    assert_eq!(params.negative, "green");
+    assert_eq!((params.seed, params.steps, params.cfg_scale), (Some(77), Some(2), Some(6.5)));
+    assert_eq!(params.sampler.as_deref(), Some("Euler a"));
+    assert_eq!((params.width, params.height), (Some(32), Some(48)));
+    assert_eq!(params.model.as_deref(), Some("base"));
+    let name = style.file_stem().unwrap().to_str().unwrap();
+    let hash = lora_studio::engine::io::infotext::adapter_short_hash(style).unwrap();
+    assert_eq!(hash.len(), 12);
+    assert_eq!(
+        params.adapters,
+        vec![lora_studio::engine::io::infotext::AdapterUse {
+            name: name.into(),
+            weight: 0.8,
+            hash: Some(hash.clone())
+        }]
+    );
+    let text = lora_studio::engine::io::infotext::read_png_parameters_text(&png).unwrap();
+    assert!(text.starts_with(&format!("a red circle, on blue, <lora:{name}:0.8>\nNegative prompt: green\n")), "{text}");
+    assert!(text.ends_with(&format!("Lora hashes: \"{name}: {hash}\"")), "{text}");
+}
+
+/// A pasted A1111 prompt works: `<lora:NAME:WEIGHT>` is taken out of the text and loads
+/// NAME.safetensors (the example styles, or `--lora-dir`), drawing exactly what `--adapter` does;
+/// a name that is nowhere is refused in one line.
+#[test]
+fn generate_loads_the_lora_tags_of_its_prompt() {
+    let dir = tempdir("generate-tags");
+    let style = &lora_studio::engine::builtin::example_adapters()[0];
+    let name = style.file_stem().unwrap().to_str().unwrap();
+    let common = ["generate", "--steps", "2", "--width", "32", "--height", "32", "--seed", "5"];
+    let run = |extra: &[&str], png: &Path| {
+        let out = studio(&[&common[..], extra, &["--out", p(png)]].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        image::open(png).unwrap().to_rgb8()
+    };
+    let (tagged, flag, other_dir) = (dir.join("tagged.png"), dir.join("flag.png"), dir.join("dir.png"));
+    let prompt = format!("a red circle, <lora:{name}:0.5>");
+    let by_tag = run(&["--prompt", &prompt], &tagged);
+    let by_flag = run(&["--prompt", "a red circle", "--adapter", &format!("{}:0.5", p(style))], &flag);
+    assert!(by_tag == by_flag, "the tag draws what --adapter draws");
+    let params = lora_studio::engine::io::infotext::read_png_parameters(&tagged).unwrap();
+    assert_eq!(params.prompt, "a red circle");
+    assert_eq!((params.adapters.len(), params.adapters[0].name.as_str(), params.adapters[0].weight), (1, name, 0.5));
+
+    let lora_dir = dir.join("loras");
+    std::fs::create_dir(&lora_dir).unwrap();
+    std::fs::copy(style, lora_dir.join("mine.safetensors")).unwrap();
+    let by_dir = run(&["--prompt", "a red circle, <lora:mine:0.5>", "--lora-dir", p(&lora_dir)], &other_dir);
+    assert!(by_dir == by_flag, "--lora-dir");
+
+    let out = studio(&[&common[..], &["--prompt", "x <lora:nowhere:1>", "--out", p(&dir.join("no.png"))]].concat());
+    assert_one_line_error(&out, "<lora:nowhere> in --prompt: no nowhere.safetensors in the built-in example styles");
+}

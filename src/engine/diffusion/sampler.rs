@@ -58,6 +58,18 @@ impl SamplerKind {
         }
     }
 
+    /// The name AUTOMATIC1111 writes in an image's `Sampler:` field (its menu names, which are
+    /// also ours; A1111 has no TCD, so that one is ComfyUI's and the TCD extensions' spelling).
+    pub fn a1111_name(self) -> &'static str {
+        self.label()
+    }
+
+    /// The sampler an A1111 `Sampler:` field names, if it is one of ours (also ComfyUI's
+    /// `euler_ancestral` and our own ids); `DPM++ 2M` and the rest are not.
+    pub fn from_a1111_name(name: &str) -> Option<SamplerKind> {
+        name.trim().parse().ok()
+    }
+
     /// Short name for the command line and saved settings.
     pub fn id(self) -> &'static str {
         match self {
