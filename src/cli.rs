@@ -192,6 +192,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         sampler: SamplerKind::Ddim,
         width: 0,
         height: 0,
+        clip_skip: 1,
     };
     let mut sampler: Option<SamplerKind> = None;
     let mut allow_partial = false;

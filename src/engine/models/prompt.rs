@@ -2,6 +2,9 @@
 //! `BREAK` (`parse_prompt_attention`), and the token chunks a prompt of any length becomes
 //! (`PromptTokens`): 75 tokens each, cut after a nearby comma, each one 77-token text-encoder input.
 
+use candle_core::{D, DType, Tensor};
+
+use crate::engine::Result;
 use crate::engine::models::tokenizer::{CONTEXT_LENGTH, ClipTokenizer, END_OF_TEXT, MAX_PROMPT_TOKENS, START_OF_TEXT};
 
 /// A1111's `comma_padding_backtrack` default: a chunk that fills up within this many tokens of a
@@ -257,6 +260,19 @@ impl PromptTokens {
     pub fn is_emphasised(&self) -> bool {
         self.chunks.iter().any(PromptChunk::is_emphasised)
     }
+}
+
+/// A1111's emphasis ("Original"): each token's hidden state times its weight, then each chunk
+/// scaled back to the mean it had, so emphasis shifts attention between tokens without changing
+/// the embedding's overall size. `z` (N, T, d), `weights` (N, T); the means in f32, since a
+/// half-precision sum over 77·768 values would round badly.
+pub fn apply_emphasis(z: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let x = z.to_dtype(DType::F32)?;
+    let mean = |t: &Tensor| t.flatten_from(1)?.mean_keepdim(D::Minus1)?.unsqueeze(2);
+    let before = mean(&x)?;
+    let weighted = x.broadcast_mul(&weights.to_dtype(DType::F32)?.unsqueeze(2)?)?;
+    let after = mean(&weighted)?;
+    Ok(weighted.broadcast_mul(&(before / after)?)?.to_dtype(z.dtype())?)
 }
 
 #[cfg(test)]
