@@ -25,8 +25,10 @@ fn sd1() -> StableDiffusion {
 }
 
 /// (case, clip skip) of the sd1-tiny cases: the long one is cut at a comma, `emphasis` nests
-/// brackets with escapes and an unclosed one, `break` has a BREAK.
-const CASES: [(&str, usize); 4] = [("long", 1), ("emphasis", 1), ("break", 1), ("clip_skip", 2)];
+/// brackets with escapes and an unclosed one, `break` has a BREAK, `comma_20` and `comma_21` fill
+/// a chunk 20 and 21 tokens after a comma (A1111's backtrack cuts the first only).
+const CASES: [(&str, usize); 6] =
+    [("long", 1), ("emphasis", 1), ("break", 1), ("clip_skip", 2), ("comma_20", 1), ("comma_21", 1)];
 
 /// max|ours − ref| ≤ 1e-5 · max|ref|.
 fn assert_very_close(name: &str, ours: &Tensor, reference: &Tensor) {
