@@ -153,3 +153,34 @@ fn generation_reads_long_prompts_and_clip_skip() {
     json.as_object_mut().unwrap().remove("clip_skip");
     assert_eq!(serde_json::from_value::<GenerateRequest>(json).unwrap().clip_skip, 1);
 }
+
+/// The trainer reads captions at its clip skip, and refuses one the model cannot take: beyond
+/// the text encoder's layers, or any on SDXL.
+#[test]
+fn training_reads_captions_at_its_clip_skip() {
+    use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
+    use lora_studio::engine::train::trainer::Trainer;
+    let dir = tempdir("prompts-train");
+    for i in 0..2u8 {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([60 * i, (x * 7) as u8, (y * 7) as u8]));
+        img.save(dir.join(format!("p{i}.png"))).unwrap();
+        std::fs::write(dir.join(format!("p{i}.txt")), format!("a picture, number {i}")).unwrap();
+    }
+    let config = |clip_skip| TrainConfig {
+        clip_skip,
+        steps: 1,
+        validation_images: 2,
+        dataset: DatasetOptions { resolution: 32, ..Default::default() },
+        ..TrainConfig::default()
+    };
+    let dataset = Dataset::scan(std::slice::from_ref(&dir), &config(1).dataset).unwrap();
+    let loss = |clip_skip| Trainer::new(sd1(), config(clip_skip), &dataset).unwrap().validation_loss().unwrap();
+    let (last, penultimate) = (loss(1), loss(2));
+    assert!(last.is_finite() && penultimate.is_finite());
+    assert_ne!(last, penultimate, "clip skip 2 changes what the UNet is conditioned on");
+    let e = format!("{:#}", Trainer::new(sd1(), config(3), &dataset).err().unwrap());
+    assert!(e.contains("clip skip 3"), "{e}");
+    let sdxl = StableDiffusion::load(&fixtures_dir().join("sdxl-tiny/model"), &Device::Cpu).unwrap();
+    let e = format!("{:#}", Trainer::new(sdxl, config(2), &dataset).err().unwrap());
+    assert!(e.contains("SDXL"), "{e}");
+}
