@@ -708,14 +708,21 @@ impl StableDiffusion {
     }
 
     /// The clip skip the text encoding uses when `clip_skip` is asked for: as asked for SD 1.x /
-    /// 2.x; 1 for SDXL, which already reads its encoders' penultimate layer (A1111 and kohya
-    /// ignore clip skip there too). 0 and more than the encoder's layers are refused.
+    /// 2.x (kohya applies it to 2.x too; A1111 only to 1.x); 1 for SDXL, which already reads its
+    /// encoders' penultimate layer (A1111 and kohya ignore clip skip there too). 0 and more than
+    /// the encoder's layers are refused.
     pub fn effective_clip_skip(&self, clip_skip: usize) -> Result<usize> {
         let layers = self.text_encoder.layers.len();
         if clip_skip == 0 || clip_skip > layers {
             bail!("clip skip {clip_skip} is out of range: 1 (the last layer) to {layers} for this text encoder");
         }
         Ok(if self.family() == ModelFamily::Sdxl { 1 } else { clip_skip })
+    }
+
+    /// A prompt as generation reads it (its chunks; `token_count` / `capacity` make A1111's
+    /// "80/150" counter for a prompt box).
+    pub fn prompt_tokens(&self, prompt: &str) -> PromptTokens {
+        PromptTokens::new(&self.tokenizer, prompt)
     }
 
     /// What to tell the user when `clip_skip` is not used as asked (SDXL); `None` when it is.

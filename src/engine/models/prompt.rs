@@ -256,6 +256,11 @@ impl PromptTokens {
         out
     }
 
+    /// The tokens the chunks hold, 75 each: A1111's counter shows `token_count`/`capacity`.
+    pub fn capacity(&self) -> usize {
+        self.chunks.len() * MAX_PROMPT_TOKENS
+    }
+
     /// Whether any token weighs other than 1 (then the encoder's output is reweighted).
     pub fn is_emphasised(&self) -> bool {
         self.chunks.iter().any(PromptChunk::is_emphasised)
@@ -323,8 +328,9 @@ mod tests {
         // A weight that is no number stays text, inside the still-open bracket (A1111 stops with
         // an error there).
         assert_eq!(parsed("(a:1.2.3)"), spans(&[("a:1.2.3)", 1.1)]));
-        // Unclosed: round brackets first, then square ones.
-        assert_eq!(parsed("[(a"), spans(&[("a", 1.0 * 1.1 * (1.0 / 1.1))]));
+        // Unclosed: round brackets first, then square ones (the other order rounds differently:
+        // 1.2100000000000002).
+        assert_eq!(parsed("[(((a"), spans(&[("a", 1.2100000000000004)]));
         assert_eq!(parsed(r"a \\ b \ c \:"), spans(&[(r"a \ b  c :", 1.0)]));
         assert_eq!(
             parsed("a BREAK b\tBREAK\nc BREAKFAST xBREAK"),
@@ -364,7 +370,7 @@ mod tests {
         assert_eq!(t.chunks[0].ids[71], COMMA);
         assert_eq!(&t.chunks[0].ids[72..], &[END_OF_TEXT; 5]);
         assert_eq!(t.chunks[1].ids[1..11], [tok.tokens("blue")[0]; 10]);
-        assert_eq!(t.token_count, 75 + 10);
+        assert_eq!((t.token_count, t.capacity()), (75 + 10, 150));
         // Without backtrack the first chunk is full.
         let t = PromptTokens::with_backtrack(&tok, &long, 0);
         assert_eq!(t.chunks[0].ids[75], tok.tokens("blue")[0]);
