@@ -360,10 +360,17 @@ pub struct StableDiffusion {
 struct TextCache {
     /// Bumped whenever an adapter change reaches a text-encoder layer.
     revision: u64,
-    /// (revision, prompts, clip skip, their conditioning).
-    entry: std::sync::Mutex<Option<(u64, Vec<String>, usize, TextConditioning)>>,
+    entry: std::sync::Mutex<Option<CachedText>>,
     /// How many times the text encoder ran (diagnostics and tests).
     runs: std::sync::atomic::AtomicUsize,
+}
+
+/// One batch of prompts' conditioning, with what it was made from.
+struct CachedText {
+    revision: u64,
+    prompts: Vec<String>,
+    clip_skip: usize,
+    text: TextConditioning,
 }
 
 /// What the UNet is conditioned on for a batch of prompts.
@@ -449,10 +456,8 @@ struct ChunkedPrompts {
 impl ChunkedPrompts {
     fn new(tokens: &[PromptTokens], pad_id: u32, chunks: usize, device: &Device) -> Result<Self> {
         let empty = PromptChunk::empty(pad_id);
-        let rows: Vec<&PromptChunk> = tokens
-            .iter()
-            .flat_map(|t| t.chunks.iter().chain(std::iter::repeat(&empty)).take(chunks))
-            .collect();
+        let rows: Vec<&PromptChunk> =
+            tokens.iter().flat_map(|t| t.chunks.iter().chain(std::iter::repeat(&empty)).take(chunks)).collect();
         let ids: Vec<u32> = rows.iter().flat_map(|c| c.ids.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, (rows.len(), CONTEXT_LENGTH), device)?;
         let weights = if tokens.iter().any(PromptTokens::is_emphasised) {
@@ -694,17 +699,18 @@ impl StableDiffusion {
             return self.encode_weighted_prompts(prompts, clip_skip);
         }
         let key: Vec<String> = prompts.iter().map(|p| p.to_string()).collect();
+        let revision = self.text_cache.revision;
         let mut entry = self.text_cache.entry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((rev, k, skip, t)) = entry.as_ref()
-            && *rev == self.text_cache.revision
-            && *k == key
-            && *skip == clip_skip
+        if let Some(cached) = entry.as_ref()
+            && cached.revision == revision
+            && cached.prompts == key
+            && cached.clip_skip == clip_skip
         {
-            return Ok(t.clone());
+            return Ok(cached.text.clone());
         }
-        let t = self.encode_weighted_prompts(prompts, clip_skip)?;
-        *entry = Some((self.text_cache.revision, key, clip_skip, t.clone()));
-        Ok(t)
+        let text = self.encode_weighted_prompts(prompts, clip_skip)?;
+        *entry = Some(CachedText { revision, prompts: key, clip_skip, text: text.clone() });
+        Ok(text)
     }
 
     /// The clip skip the text encoding uses when `clip_skip` is asked for: as asked for SD 1.x /
