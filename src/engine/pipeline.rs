@@ -765,8 +765,10 @@ impl StableDiffusion {
     /// Prompts as AUTOMATIC1111 reads them: emphasis and `BREAK` (`prompt::parse_prompt_attention`),
     /// any length in chunks of 75 tokens each encoded alone, its emphasis applied to each chunk,
     /// the chunks side by side: (B, 77·k, d), every prompt padded with empty-prompt chunks to the
-    /// longest's k, so a prompt and its negative batch together. SDXL's pooled embedding is the
-    /// first chunk's. A plain prompt of at most 75 tokens gives exactly `encode_prompts`' numbers.
+    /// longest's k, so a prompt and its negative batch together (A1111's "Pad prompt/negative
+    /// prompt" option; without it A1111 runs the two through the UNet apart). SDXL's pooled
+    /// embedding is the first chunk's. A plain prompt of at most 75 tokens gives exactly
+    /// `encode_prompts`' numbers.
     pub fn encode_weighted_prompts(&self, prompts: &[&str], clip_skip: usize) -> Result<TextConditioning> {
         let clip_skip = self.effective_clip_skip(clip_skip)?;
         self.text_cache.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
