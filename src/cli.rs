@@ -35,12 +35,14 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
                                    (without --model: the built-in model in assets/base, everywhere;
                                    PATH: a diffusers folder or a .safetensors checkpoint, SD 1.x / 2.x / SDXL)
   lora-studio generate [--model PATH] --prompt TEXT [--adapter FILE[:WEIGHT]]... [--allow-partial] [--negative TEXT] [--seed N] [--steps N]
-                       [--guidance X] [--sampler ddim|euler-a|euler|lcm|tcd] [--width W --height H] --out FILE.png
+                       [--guidance X] [--sampler ddim|euler-a|euler|lcm|tcd] [--width W --height H] [--clip-skip N] --out FILE.png
                        [--lora-dir DIR]
-                       (defaults: the model's own size; euler for SDXL, ddim otherwise; <lora:NAME:WEIGHT> in
-                        the prompt loads DIR/NAME.safetensors, or without --lora-dir the example style NAME;
-                        the PNG carries the settings in A1111's `parameters` text, which A1111, ComfyUI and
-                        civitai read)
+                       (defaults: the model's own size; euler for SDXL, ddim otherwise; clip skip 1, the last layer;
+                        <lora:NAME:WEIGHT> in the prompt loads DIR/NAME.safetensors, or without --lora-dir the
+                        example style NAME; the PNG carries the settings in A1111's `parameters` text, which
+                        A1111, ComfyUI and civitai read)
+                       (prompts as in A1111: (word) ×1.1, [word] ÷1.1, (word:1.3), \\( for a bracket, BREAK,
+                        any length in chunks of 75 tokens; clip skip 2 reads the penultimate layer, SD 1.x / 2.x only)
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
                       [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
@@ -48,7 +50,7 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
                      --train-text-encoder --text-encoders both|te1|te2 (SDXL) --flip --buckets --min-snr G --noise-offset X
                      --timestep-bias none|earlier|later --timestep-bias-multiplier X --timestep-bias-portion X
-                     --lr-schedule constant|cosine|linear --warmup N --grad-accum N
+                     --lr-schedule constant|cosine|linear --warmup N --grad-accum N --clip-skip N (SD 1.x / 2.x)
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
                      --format kohya|peft --resume CKPT --overwrite --config train.toml]
                     (--algo full trains the model itself; --out is then a model folder; without --config an
@@ -199,6 +201,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
         sampler: SamplerKind::Ddim,
         width: 0,
         height: 0,
+        clip_skip: 1,
     };
     let mut sampler: Option<SamplerKind> = None;
     let mut allow_partial = false;
@@ -218,6 +221,7 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
             Long("adapter") => adapters.push(p.value()?.string()?),
             Long("allow-partial") => allow_partial = true,
             Long("lora-dir") => lora_dir = Some(p.value()?.into()),
+            Long("clip-skip") => req.clip_skip = p.value()?.parse()?,
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -242,6 +246,9 @@ fn generate(p: &mut lexopt::Parser) -> Result<()> {
     let out = out.context("--out FILE.png is required")?;
     let mut sd = load_model(&model)?;
     load_adapters(&mut sd, &adapters, allow_partial)?;
+    if let Some(note) = sd.clip_skip_note(req.clip_skip) {
+        eprintln!("note: {note}");
+    }
     req.sampler = sampler.unwrap_or_else(|| sd.default_sampler());
     let default_side = sd.native_side();
     if req.width == 0 {
@@ -722,6 +729,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "random-crop" => c.dataset.center_crop = false,
             "min-snr" => c.min_snr_gamma = Some(num(&v)?),
             "noise-offset" => c.noise_offset = num(&v)?,
+            "clip-skip" => c.clip_skip = int(&v)?,
             "timestep-bias" => {
                 c.timestep_bias = serde_json::from_value(serde_json::Value::String(v.clone()))
                     .map_err(|_| anyhow::anyhow!("--timestep-bias: `{v}` (none, earlier or later)"))?

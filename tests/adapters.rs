@@ -317,6 +317,7 @@ fn text_embeddings_are_reused_while_only_unet_weights_move() {
         sampler: SamplerKind::Ddim,
         width: 32,
         height: 32,
+        clip_skip: 1,
     };
     let mut sd = StableDiffusion::load(&model, &Device::Cpu).unwrap();
     sd.cache_text_embeddings = true;

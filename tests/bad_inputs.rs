@@ -658,6 +658,7 @@ fn non_finite_output_is_refused_by_the_engine() {
         sampler: lora_studio::engine::diffusion::sampler::SamplerKind::Ddim,
         width: 32,
         height: 32,
+        clip_skip: 1,
     };
     let e = format!("{:#}", sd.generate(&req, &mut |_, _| {}).unwrap_err());
     assert!(e.contains("VAE decoder produced NaN or infinite values"), "{e}");

@@ -123,6 +123,7 @@ fn sdxl_generates_with_and_without_a_negative_prompt() {
         sampler: SamplerKind::Euler,
         width: 32,
         height: 32,
+        clip_skip: 1,
     };
     let plain = sd.generate(&req, &mut |_, _| {}).unwrap();
     assert_eq!(plain.dimensions(), (32, 32));

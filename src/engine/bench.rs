@@ -555,6 +555,7 @@ pub fn generate(
             sampler: crate::engine::diffusion::sampler::SamplerKind::Ddim,
             width: side,
             height: side,
+            clip_skip: 1,
         };
         let start = Instant::now();
         sd.generate(&req, &mut |_, _| {})?;

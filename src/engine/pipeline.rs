@@ -2,6 +2,8 @@
 //! from a diffusers folder or a single-file checkpoint, and text-to-image generation with it.
 //! SD 1.x / 2.x have one text encoder; SDXL has two, a pooled text embedding and the size
 //! micro-conditioning, which `TextConditioning` and `encode_prompts` carry for every caller.
+//! Generation reads prompts as AUTOMATIC1111 does (`encode_weighted_prompts`: emphasis, any length,
+//! clip skip); training reads captions as kohya does (`encode_captions`: 77 tokens, clip skip).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,8 @@ use crate::engine::io::weights::{WeightMap, WeightPrecision, all_finite, read_sa
 use crate::engine::models::clip::{ClipConfig, ClipTextModel};
 use crate::engine::models::family::ModelFamily;
 use crate::engine::models::nn::LayerMut;
-use crate::engine::models::tokenizer::ClipTokenizer;
+use crate::engine::models::prompt::{PromptChunk, PromptTokens, apply_emphasis};
+use crate::engine::models::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
 
@@ -375,16 +378,25 @@ pub struct StableDiffusion {
 struct TextCache {
     /// Bumped whenever an adapter change reaches a text-encoder layer.
     revision: u64,
-    entry: std::sync::Mutex<Option<(u64, Vec<String>, TextConditioning)>>,
+    entry: std::sync::Mutex<Option<CachedText>>,
     /// How many times the text encoder ran (diagnostics and tests).
     runs: std::sync::atomic::AtomicUsize,
+}
+
+/// One batch of prompts' conditioning, with what it was made from.
+struct CachedText {
+    revision: u64,
+    prompts: Vec<String>,
+    clip_skip: usize,
+    text: TextConditioning,
 }
 
 /// What the UNet is conditioned on for a batch of prompts.
 #[derive(Clone, Debug)]
 pub struct TextConditioning {
-    /// The text embeddings the UNet's cross-attention reads, (B, 77, cross_attention_dim): the
-    /// text encoder's output, or SDXL's two penultimate hidden states side by side.
+    /// The text embeddings the UNet's cross-attention reads, (B, 77·k, cross_attention_dim) for
+    /// prompts of k chunks: the text encoder's output, or SDXL's two penultimate hidden states side
+    /// by side.
     pub context: Tensor,
     /// SDXL's pooled text embedding (B, projection_dim), from the second encoder.
     pub pooled: Option<Tensor>,
@@ -438,6 +450,51 @@ pub struct GenerateRequest {
     pub sampler: SamplerKind,
     pub width: usize,
     pub height: usize,
+    /// A1111's "Clip skip": 1 reads the text encoder's last layer, 2 the penultimate, …
+    /// (SD 1.x / 2.x; SDXL ignores it, see `StableDiffusion::clip_skip_note`).
+    #[serde(default = "default_clip_skip")]
+    pub clip_skip: usize,
+}
+
+/// Clip skip 1: the text encoder's last layer, as every model was read before clip skip existed.
+pub fn default_clip_skip() -> usize {
+    1
+}
+
+/// A batch of prompts cut into chunks, every prompt padded with empty chunks to the longest's
+/// count: ids (B·k, 77), row `b·k + c` prompt b's chunk c, and their weights.
+struct ChunkedPrompts {
+    ids: Tensor,
+    /// (B·k, 77) f32, `None` when every weight is 1 (the encoder's output is then used as it is).
+    weights: Option<Tensor>,
+    prompts: usize,
+    chunks: usize,
+}
+
+impl ChunkedPrompts {
+    fn new(tokens: &[PromptTokens], pad_id: u32, chunks: usize, device: &Device) -> Result<Self> {
+        let empty = PromptChunk::empty(pad_id);
+        let rows: Vec<&PromptChunk> =
+            tokens.iter().flat_map(|t| t.chunks.iter().chain(std::iter::repeat(&empty)).take(chunks)).collect();
+        let ids: Vec<u32> = rows.iter().flat_map(|c| c.ids.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, (rows.len(), CONTEXT_LENGTH), device)?;
+        let weights = if tokens.iter().any(PromptTokens::is_emphasised) {
+            let w: Vec<f32> = rows.iter().flat_map(|c| c.weights.iter().map(|&w| w as f32)).collect();
+            Some(Tensor::from_vec(w, (rows.len(), CONTEXT_LENGTH), device)?)
+        } else {
+            None
+        };
+        Ok(Self { ids, weights, prompts: tokens.len(), chunks })
+    }
+
+    /// An encoder's output for the rows (B·k, 77, d), emphasised, as (B, 77·k, d).
+    fn per_prompt(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match &self.weights {
+            Some(w) => apply_emphasis(z, w)?,
+            None => z.clone(),
+        };
+        Ok(z.reshape((self.prompts, self.chunks * CONTEXT_LENGTH, z.dim(2)?))?)
+    }
 }
 
 impl StableDiffusion {
@@ -653,45 +710,128 @@ impl StableDiffusion {
         self.text_cache.runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// `encode_prompts`, from the cache when the prompts and the text encoder are unchanged.
-    fn prompt_context(&self, prompts: &[&str]) -> Result<TextConditioning> {
+    /// `encode_weighted_prompts`, from the cache when the prompts, the clip skip and the text
+    /// encoder are unchanged.
+    fn prompt_context(&self, prompts: &[&str], clip_skip: usize) -> Result<TextConditioning> {
         if !self.cache_text_embeddings {
-            return self.encode_prompts(prompts);
+            return self.encode_weighted_prompts(prompts, clip_skip);
         }
         let key: Vec<String> = prompts.iter().map(|p| p.to_string()).collect();
+        let revision = self.text_cache.revision;
         let mut entry = self.text_cache.entry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((rev, k, t)) = entry.as_ref()
-            && *rev == self.text_cache.revision
-            && *k == key
+        if let Some(cached) = entry.as_ref()
+            && cached.revision == revision
+            && cached.prompts == key
+            && cached.clip_skip == clip_skip
         {
-            return Ok(t.clone());
+            return Ok(cached.text.clone());
         }
-        let t = self.encode_prompts(prompts)?;
-        *entry = Some((self.text_cache.revision, key, t.clone()));
-        Ok(t)
+        let text = self.encode_weighted_prompts(prompts, clip_skip)?;
+        *entry = Some(CachedText { revision, prompts: key, clip_skip, text: text.clone() });
+        Ok(text)
+    }
+
+    /// The clip skip the text encoding uses when `clip_skip` is asked for: as asked for SD 1.x /
+    /// 2.x (kohya applies it to 2.x too; A1111 only to 1.x); 1 for SDXL, which already reads its
+    /// encoders' penultimate layer (A1111 and kohya ignore clip skip there too). 0 and more than
+    /// the encoder's layers are refused.
+    pub fn effective_clip_skip(&self, clip_skip: usize) -> Result<usize> {
+        let layers = self.text_encoder.layers.len();
+        if clip_skip == 0 || clip_skip > layers {
+            bail!("clip skip {clip_skip} is out of range: 1 (the last layer) to {layers} for this text encoder");
+        }
+        Ok(if self.family() == ModelFamily::Sdxl { 1 } else { clip_skip })
+    }
+
+    /// A prompt as generation reads it (its chunks; `token_count` / `capacity` make A1111's
+    /// "80/150" counter for a prompt box).
+    pub fn prompt_tokens(&self, prompt: &str) -> PromptTokens {
+        PromptTokens::new(&self.tokenizer, prompt)
+    }
+
+    /// What to tell the user when `clip_skip` is not used as asked (SDXL); `None` when it is.
+    pub fn clip_skip_note(&self, clip_skip: usize) -> Option<String> {
+        (clip_skip > 1 && self.family() == ModelFamily::Sdxl).then(|| {
+            format!(
+                "clip skip {clip_skip} is ignored: SDXL already reads its text encoders' penultimate layer (A1111 and kohya ignore clip skip for SDXL too)"
+            )
+        })
     }
 
     pub fn prediction(&self) -> Prediction {
         self.schedule.prediction()
     }
 
-    /// What the UNet is conditioned on for the prompts: text embeddings (B, 77, d), and SDXL's
-    /// pooled embedding.
+    /// What the UNet is conditioned on for the prompts, read as plain text cut to 75 tokens: text
+    /// embeddings (B, 77, d), and SDXL's pooled embedding. `encode_captions` at clip skip 1.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<TextConditioning> {
+        self.encode_captions(prompts, 1)
+    }
+
+    /// Training captions as kohya reads them (its default `max_token_length` of 75): plain text
+    /// cut to 75 tokens, one 77-token row each, at `clip_skip` (see `effective_clip_skip`).
+    pub fn encode_captions(&self, captions: &[&str], clip_skip: usize) -> Result<TextConditioning> {
         self.text_cache.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ids = self.tokenizer.input_ids(prompts, &self.device)?;
+        let ids = self.tokenizer.input_ids(captions, &self.device)?;
         let ids_2 = match &self.text_encoder_2 {
-            Some((_, tokenizer)) => Some(tokenizer.input_ids(prompts, &self.device)?),
+            Some((_, tokenizer)) => Some(tokenizer.input_ids(captions, &self.device)?),
             None => None,
         };
-        self.encode_ids(&ids, ids_2.as_ref())
+        self.encode_ids_at_clip_skip(&ids, ids_2.as_ref(), clip_skip)
+    }
+
+    /// Prompts as AUTOMATIC1111 reads them: emphasis and `BREAK` (`prompt::parse_prompt_attention`),
+    /// any length in chunks of 75 tokens each encoded alone, its emphasis applied to each chunk,
+    /// the chunks side by side: (B, 77·k, d), every prompt padded with empty-prompt chunks to the
+    /// longest's k, so a prompt and its negative batch together (A1111's "Pad prompt/negative
+    /// prompt" option; without it A1111 runs the two through the UNet apart). SDXL's pooled
+    /// embedding is the first chunk's. A plain prompt of at most 75 tokens gives exactly
+    /// `encode_prompts`' numbers.
+    pub fn encode_weighted_prompts(&self, prompts: &[&str], clip_skip: usize) -> Result<TextConditioning> {
+        let clip_skip = self.effective_clip_skip(clip_skip)?;
+        self.text_cache.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tokens: Vec<PromptTokens> = prompts.iter().map(|p| PromptTokens::new(&self.tokenizer, p)).collect();
+        let tokens_2: Option<Vec<PromptTokens>> = self
+            .text_encoder_2
+            .as_ref()
+            .map(|(_, tokenizer)| prompts.iter().map(|p| PromptTokens::new(tokenizer, p)).collect());
+        // Both tokenizers cut alike (the same tokens); the most chunks of either, to be sure.
+        let chunks = tokens.iter().chain(tokens_2.iter().flatten()).map(|t| t.chunks.len()).max().unwrap_or(1);
+        let first = ChunkedPrompts::new(&tokens, self.tokenizer.pad_id(), chunks, &self.device)?;
+        match (&self.text_encoder_2, tokens_2) {
+            (Some((second, tokenizer)), Some(tokens_2)) => {
+                let other = ChunkedPrompts::new(&tokens_2, tokenizer.pad_id(), chunks, &self.device)?;
+                let (a, _) = self.text_encoder.penultimate_and_pooled(&first.ids)?;
+                let (b, pooled) = second.penultimate_and_pooled(&other.ids)?;
+                let context = Tensor::cat(&[&first.per_prompt(&a)?, &other.per_prompt(&b)?.to_dtype(a.dtype())?], 2)?;
+                let pooled = pooled.reshape((prompts.len(), chunks, pooled.dim(1)?))?.narrow(1, 0, 1)?.squeeze(1)?;
+                Ok(TextConditioning { context, pooled: Some(pooled) })
+            }
+            _ => {
+                let z = self.text_encoder.forward_clip_skip(&first.ids, clip_skip)?;
+                Ok(TextConditioning { context: first.per_prompt(&z)?, pooled: None })
+            }
+        }
     }
 
     /// `encode_prompts` from token ids: `ids` for the first text encoder, `ids_2` for SDXL's
     /// second (its tokenizer pads differently).
     pub fn encode_ids(&self, ids: &Tensor, ids_2: Option<&Tensor>) -> Result<TextConditioning> {
+        self.encode_ids_at_clip_skip(ids, ids_2, 1)
+    }
+
+    /// `encode_ids` at `clip_skip` (see `effective_clip_skip`).
+    pub fn encode_ids_at_clip_skip(
+        &self,
+        ids: &Tensor,
+        ids_2: Option<&Tensor>,
+        clip_skip: usize,
+    ) -> Result<TextConditioning> {
+        let clip_skip = self.effective_clip_skip(clip_skip)?;
         match (&self.text_encoder_2, ids_2) {
-            (None, None) => Ok(TextConditioning { context: self.text_encoder.forward(ids)?, pooled: None }),
+            (None, None) => {
+                Ok(TextConditioning { context: self.text_encoder.forward_clip_skip(ids, clip_skip)?, pooled: None })
+            }
             // SDXL reads both encoders at their penultimate layer, side by side on the channel
             // axis; the pooled embedding is the second's.
             (Some((second, _)), Some(ids_2)) => {
@@ -757,14 +897,15 @@ impl StableDiffusion {
             bail!("guidance must be a finite number, not {}", req.guidance);
         }
         let guided = req.guidance > 1.0;
+        let skip = req.clip_skip;
         let text = if !guided {
-            self.prompt_context(&[req.prompt.as_str()])?
+            self.prompt_context(&[req.prompt.as_str()], skip)?
         } else if self.force_zeros_for_empty_prompt && req.negative.trim().is_empty() {
             // SDXL (as diffusers' pipeline): no negative prompt is zeros, not the encoding of "".
-            let positive = self.prompt_context(&[req.prompt.as_str()])?;
+            let positive = self.prompt_context(&[req.prompt.as_str()], skip)?;
             TextConditioning::cat(&[&positive.zeros_like()?, &positive])?
         } else {
-            self.prompt_context(&[req.negative.as_str(), req.prompt.as_str()])?
+            self.prompt_context(&[req.negative.as_str(), req.prompt.as_str()], skip)?
         };
         let sizes = self.uncropped_sizes(&text, req.height, req.width)?;
         let f = self.vae.config.downscale();

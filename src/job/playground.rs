@@ -638,6 +638,7 @@ mod tests {
             sampler: crate::engine::diffusion::sampler::SamplerKind::EulerAncestral,
             width: 32,
             height: 32,
+            clip_skip: 1,
         };
         let axis = |name: &str| GridAxis { name: name.into(), values: vec![0.0, 2.0], blocks: BlockWeights::default() };
         b.run(ModelCommand::XyGrid { request, x: axis("a"), y: axis("b") });

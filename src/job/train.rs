@@ -457,6 +457,7 @@ fn sample(trainer: &Trainer, prompt: &str, events: &Events) -> Result<()> {
         sampler: SamplerKind::Ddim,
         width: side.max(sd.size_multiple()),
         height: side.max(sd.size_multiple()),
+        clip_skip: trainer.config.clip_skip,
     };
     let image = sd.generate(&req, &mut |_, _| {})?;
     events.send(TrainEvent::Sample { step: trainer.step, prompt: prompt.to_string(), image });

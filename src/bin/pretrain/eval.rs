@@ -61,6 +61,7 @@ pub(super) fn evaluate(o: &Options) -> Result<EvalStats> {
             sampler: SamplerKind::Ddim,
             width: o.size as usize,
             height: o.size as usize,
+            clip_skip: 1,
         };
         let t0 = Instant::now();
         let img = model.generate(&req, &mut |_, _| {})?;

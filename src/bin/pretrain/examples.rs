@@ -129,6 +129,7 @@ pub(super) fn make_examples(o: &Options) -> Result<()> {
                     sampler: SamplerKind::Ddim,
                     width: o.size as usize,
                     height: o.size as usize,
+                    clip_skip: 1,
                 };
                 let img = sd.generate(&req, &mut |_, _| {})?;
                 if i < 8 {

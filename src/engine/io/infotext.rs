@@ -91,6 +91,7 @@ impl GenerationParameters {
             height: Some(req.height),
             model,
             adapters,
+            clip_skip: req.clip_skip,
             ..Default::default()
         }
     }
@@ -102,7 +103,7 @@ impl GenerationParameters {
 
     /// Sets the fields of `req` these parameters carry (prompt and negative always; the others
     /// when present and usable) and returns, in words, what could not be applied: a sampler that
-    /// is not ours, a clip skip, ignored tags. The adapters are the caller's to load.
+    /// is not ours, ignored tags. The adapters are the caller's to load.
     pub fn apply_to(&self, req: &mut GenerateRequest) -> Vec<String> {
         let mut notes = Vec::new();
         req.prompt = self.prompt.clone();
@@ -126,12 +127,7 @@ impl GenerationParameters {
         if let (Some(w), Some(h)) = (self.width, self.height) {
             (req.width, req.height) = (w, h);
         }
-        if self.clip_skip > 1 {
-            notes.push(format!(
-                "clip skip {} is not supported; the model's own text-encoder layer is used",
-                self.clip_skip
-            ));
-        }
+        req.clip_skip = self.clip_skip.max(1);
         notes.extend(self.ignored_tags.iter().cloned());
         notes
     }
@@ -718,6 +714,7 @@ mod tests {
             sampler: SamplerKind::EulerAncestral,
             width: 512,
             height: 512,
+            clip_skip: 2,
         };
         let adapters = vec![
             AdapterUse { name: "neon".into(), weight: 0.8f32 as f64, hash: Some("1a2b3c4d5e6f".into()) },
@@ -730,7 +727,7 @@ mod tests {
             "a photo of a cat, <lora:neon:0.8>, <lora:grain:1>\n\
              Negative prompt: blurry, lowres\n\
              Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x512, Model hash: 6ce0161689, \
-             Model: v1-5-pruned-emaonly, Lora hashes: \"neon: 1a2b3c4d5e6f\""
+             Model: v1-5-pruned-emaonly, Clip skip: 2, Lora hashes: \"neon: 1a2b3c4d5e6f\""
         );
         // Read back, the f32 slider weight is the 0.8 the text says.
         let mut expected = p.clone();
@@ -738,7 +735,7 @@ mod tests {
         assert_eq!(GenerationParameters::parse(&p.infotext()), expected);
 
         let mut q = GenerateRequest { prompt: String::new(), negative: String::new(), ..req.clone() };
-        (q.seed, q.steps, q.sampler) = (0, 1, SamplerKind::Ddim);
+        (q.seed, q.steps, q.sampler, q.clip_skip) = (0, 1, SamplerKind::Ddim, 1);
         assert!(p.apply_to(&mut q).is_empty());
         assert_eq!(q, req);
     }
@@ -756,13 +753,14 @@ mod tests {
             sampler: SamplerKind::Euler,
             width: 64,
             height: 64,
+            clip_skip: 1,
         };
         let notes = p.apply_to(&mut req);
         assert_eq!((req.prompt.as_str(), req.steps, req.sampler, req.seed), ("a cat", 30, SamplerKind::Euler, 9));
-        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert_eq!(req.clip_skip, 2, "clip skip is applied");
+        assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(notes[0].contains("`DPM++ 2M` is not one of ours"), "{notes:?}");
-        assert!(notes[1].contains("clip skip 2"), "{notes:?}");
-        assert!(notes[2].contains("hypernetworks are not supported"), "{notes:?}");
+        assert!(notes[1].contains("hypernetworks are not supported"), "{notes:?}");
     }
 
     fn tag(name: &str, weight: f64, te: Option<f64>) -> AdapterTag {

@@ -161,7 +161,18 @@ impl ClipTextModel {
 
     /// `input_ids` (B, T) of integer token ids → hidden states (B, T, hidden).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (last, _) = self.run(input_ids, self.layers.len())?;
+        self.forward_clip_skip(input_ids, 1)
+    }
+
+    /// As `forward`, stopping `clip_skip` − 1 layers before the last (A1111's "Clip skip", kohya's
+    /// `--clip_skip`: 1 is the last layer, 2 the penultimate): transformers'
+    /// `hidden_states[-clip_skip]`, then the final layer norm.
+    pub fn forward_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let n = self.layers.len();
+        if clip_skip == 0 || clip_skip > n {
+            bail!("clip skip {clip_skip} is out of range: this text encoder has {n} layers (1 is the last layer)");
+        }
+        let (last, _) = self.run(input_ids, n + 1 - clip_skip)?;
         self.final_layer_norm.forward(&last)
     }
 

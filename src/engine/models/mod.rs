@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod family;
 pub mod nn;
+pub mod prompt;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -171,7 +171,8 @@ impl ClipTokenizer {
         }
     }
 
-    /// How many tokens the prompt takes; over `MAX_PROMPT_TOKENS` the rest is cut off.
+    /// How many tokens the prompt takes; over `MAX_PROMPT_TOKENS` `encode` cuts the rest off
+    /// (generation reads on in chunks instead: `prompt::PromptTokens`).
     pub fn count_tokens(&self, text: &str) -> usize {
         self.tokens(text).len()
     }

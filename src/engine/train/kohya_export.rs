@@ -170,6 +170,10 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
             flag("cache_text_encoder_outputs", String::new());
         }
     }
+    // Absent means the last layer, as our clip skip 1.
+    if c.clip_skip > 1 {
+        flag("clip_skip", c.clip_skip.to_string());
+    }
     flag("max_train_steps", c.steps.to_string());
     flag("gradient_accumulation_steps", c.grad_accum.to_string());
     flag("seed", c.seed.to_string());
@@ -284,6 +288,7 @@ const MAPPING: &str = "\
 | AdamW betas, weight decay, eps | `--optimizer_type AdamW --optimizer_args` |
 | gradient clipping | `--max_grad_norm` |
 | min-SNR γ, noise offset, gradient checkpointing | `--min_snr_gamma`, `--noise_offset`, `--gradient_checkpointing` |
+| clip skip (above 1) | `--clip_skip` |
 | caption dropout, tag shuffle, keep tokens | `caption_dropout_rate`, `shuffle_caption`, `keep_tokens` in dataset.toml |
 | resolution, buckets, flip, random crop | dataset.toml |
 | trigger word | `class_tokens` (kohya uses it for images without captions; put it in your captions too) |
@@ -293,3 +298,28 @@ const MAPPING: &str = "\
 Differences: kohya's sampler, mixed precision (bf16 here) and data loader order differ from
 ours, so the two runs are the same recipe, not the same numbers.
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_skip_becomes_kohyas_option() {
+        let run = |clip_skip| {
+            let config = TrainConfig { clip_skip, ..TrainConfig::default() };
+            let job = KohyaJob {
+                model: Path::new("model"),
+                data: &[],
+                output_name: "x",
+                config: &config,
+                gpus: 1,
+                family: ModelFamily::Sd1,
+                v_prediction: false,
+                zero_terminal_snr: false,
+            };
+            command_line(&job).unwrap().join(" ")
+        };
+        assert!(!run(1).contains("--clip_skip"));
+        assert!(run(2).contains(" --clip_skip 2 "), "{}", run(2));
+    }
+}

@@ -115,6 +115,10 @@ impl RunRecord<'_> {
             put("ss_max_grad_norm", n.to_string());
         }
         put("ss_v2", py_bool(self.family.model == ModelFamily::Sd2));
+        // sd-scripts writes `str(args.clip_skip)`: "None" when the option is not given, which is
+        // clip skip 1; and "None" for `max_token_length`, its 75 tokens, which our captions have.
+        put("ss_clip_skip", if c.clip_skip > 1 { c.clip_skip.to_string() } else { "None".to_string() });
+        put("ss_max_token_length", "None".to_string());
         put("ss_base_model_version", self.family.base_model_version());
         put("ss_tag_frequency", serde_json::json!(self.tag_frequency).to_string());
         // The model spec, as sd-scripts fills it for a LoRA.
@@ -160,6 +164,21 @@ mod tests {
         assert_eq!(iso_date(1_689_811_200), "2023-07-20T00:00:00");
         assert_eq!(iso_date(1_796_428_800 + 3661), "2026-12-05T01:01:01");
         assert_eq!(iso_date(951_782_400), "2000-02-29T00:00:00");
+    }
+
+    #[test]
+    fn clip_skip_is_recorded_as_sd_scripts_writes_it() {
+        let tags = BTreeMap::new();
+        let family = Family { model: ModelFamily::Sd1, v_prediction: false };
+        let mut config = TrainConfig::default();
+        let record = |c: &TrainConfig| {
+            RunRecord { config: c, family, step: 1, images: 1, tag_frequency: &tags, started_at: 0, output_name: "x" }
+                .metadata()
+        };
+        assert_eq!(record(&config)["ss_clip_skip"], "None");
+        assert_eq!(record(&config)["ss_max_token_length"], "None");
+        config.clip_skip = 2;
+        assert_eq!(record(&config)["ss_clip_skip"], "2");
     }
 
     #[test]

@@ -205,6 +205,10 @@ pub struct TrainConfig {
     /// Shuffle comma-separated tags, keeping the first `keep_tokens` in place.
     pub shuffle_tags: bool,
     pub keep_tokens: usize,
+    /// kohya's `--clip_skip` (A1111's "Clip skip"): the captions are read 1 layer (the last) or
+    /// more from the text encoder's end. SD 1.x / 2.x only; refused above 1 for SDXL, whose
+    /// encoders are read at the penultimate layer anyway (kohya ignores it there).
+    pub clip_skip: usize,
     pub dataset: DatasetOptions,
     /// Checkpoint every N steps (0: only at the end).
     pub save_every: usize,
@@ -255,6 +259,7 @@ impl Default for TrainConfig {
             caption_dropout: 0.0,
             shuffle_tags: false,
             keep_tokens: 1,
+            clip_skip: 1,
             dataset: DatasetOptions::default(),
             save_every: 0,
             sample_every: 0,
@@ -338,6 +343,9 @@ impl TrainConfig {
             {
                 bail!("{name} must be a finite number, not {v}");
             }
+        }
+        if self.clip_skip == 0 {
+            bail!("clip skip must be at least 1 (1 reads the text encoder's last layer)");
         }
         if self.rank == 0 {
             bail!("rank must be at least 1");
@@ -500,6 +508,7 @@ impl Trainer {
             );
         }
         check_text_encoders(&config, model.text_encoder_2.is_some())?;
+        check_clip_skip(&config, &model)?;
         let mut rng = Rng::new(config.seed);
         let mut params = Vec::new();
         let mut layers = Vec::new();
@@ -719,12 +728,12 @@ impl Trainer {
 
     fn text_embedding(&mut self, caption: &str) -> Result<TextConditioning> {
         if self.config.train_text_encoder {
-            return self.model.encode_prompts(&[caption]);
+            return self.model.encode_captions(&[caption], self.config.clip_skip);
         }
         if let Some(e) = self.embeddings.get(caption) {
             return Ok(e.clone());
         }
-        let e = self.model.encode_prompts(&[caption])?.detach();
+        let e = self.model.encode_captions(&[caption], self.config.clip_skip)?.detach();
         self.embeddings.insert(caption.to_string(), e.clone());
         Ok(e)
     }
@@ -893,7 +902,7 @@ impl Trainer {
             let size_row = self.examples[i].sizes[0];
             let caption = self.examples[i].caption.clone();
             let ctx = if self.config.train_text_encoder {
-                self.model.encode_prompts(&[caption.as_str()])?
+                self.model.encode_captions(&[caption.as_str()], self.config.clip_skip)?
             } else {
                 self.text_embedding(&caption)?
             };
@@ -1132,6 +1141,18 @@ fn check_text_encoders(config: &TrainConfig, two: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Clip skip must fit the text encoder; on SDXL it would be silently ignored (as kohya does), so
+/// it is refused in words instead.
+fn check_clip_skip(config: &TrainConfig, model: &StableDiffusion) -> Result<()> {
+    if config.clip_skip > 1 && model.family() == ModelFamily::Sdxl {
+        bail!(
+            "clip skip {} does not apply to SDXL, whose text encoders are read at the penultimate layer already (kohya ignores it there); set it to 1",
+            config.clip_skip
+        );
+    }
+    model.effective_clip_skip(config.clip_skip).map(|_| ())
 }
 
 /// How many random crops of each image are encoded when random cropping is on: latents are

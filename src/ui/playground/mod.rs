@@ -208,6 +208,7 @@ impl PlaygroundPanel {
                 sampler: window_sampler(ModelFamily::Sd1),
                 width: 512,
                 height: 512,
+                clip_skip: 1,
             },
             size_chosen: false,
             sampler_chosen: false,
