@@ -52,6 +52,15 @@ impl Optimizer {
         }
     }
 
+    /// The learning rate it is usually given for a LoRA (Prodigy's is a multiplier of its own
+    /// estimate, so 1): what a window may fill in when the choice changes.
+    pub fn usual_learning_rate(self) -> f64 {
+        match self {
+            Optimizer::AdamW | Optimizer::Adafactor => 1e-4,
+            Optimizer::Prodigy => 1.0,
+        }
+    }
+
     /// The name on the command line and in train.toml.
     pub fn name(self) -> &'static str {
         match self {
