@@ -36,8 +36,8 @@ fn the_copied_fixtures_match_the_shared_originals() {
         if rel == Path::new("README.md") {
             continue; // ours adds a header to the shared README
         }
-        if rel.starts_with("unet_names") || rel.starts_with("few_step") {
-            continue; // made for this repository from diffusers' code (their scripts), not copies
+        if rel.starts_with("unet_names") || rel.starts_with("few_step") || rel.starts_with("optimisers") {
+            continue; // made for this repository with diffusers', torch's, prodigyopt's code (their scripts), not copies
         }
         let original = shared.join(rel);
         match std::fs::read(&original) {

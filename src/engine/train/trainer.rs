@@ -1415,6 +1415,53 @@ mod tests {
     }
 
     #[test]
+    fn configs_without_an_optimizer_load_as_adamw_and_others_name_theirs() {
+        // A train.toml or checkpoint from before the choice existed.
+        let old: TrainConfig = serde_json::from_str(r#"{"rank": 8, "learning_rate": 0.0002}"#).unwrap();
+        assert_eq!((old.optimizer, old.rank), (Optimizer::AdamW, 8));
+        let new: TrainConfig =
+            toml::from_str("optimizer = \"prodigy\"\nlearning_rate = 1.0\n[prodigy]\nd_coef = 0.5\ngrowth_rate = 1.02\n")
+                .unwrap();
+        assert_eq!(new.optimizer, Optimizer::Prodigy);
+        assert_eq!((new.prodigy.d_coef, new.prodigy.growth_rate, new.prodigy.d0), (0.5, Some(1.02), 1e-6));
+        new.validate().unwrap();
+        // Through a checkpoint's JSON and back, unchanged.
+        let back: TrainConfig = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+        let adafactor: TrainConfig = toml::from_str("optimizer = \"adafactor\"").unwrap();
+        assert_eq!(adafactor.adafactor, AdafactorSettings::default());
+        assert!(!adafactor.adafactor.relative_step && !adafactor.adafactor.scale_parameter);
+    }
+
+    #[test]
+    fn optimiser_settings_that_cannot_work_are_refused_in_words() {
+        let relative = |schedule, warmup| TrainConfig {
+            optimizer: Optimizer::Adafactor,
+            adafactor: AdafactorSettings { relative_step: true, ..Default::default() },
+            lr_schedule: schedule,
+            warmup_steps: warmup,
+            ..Default::default()
+        };
+        relative(LrSchedule::Constant, 0).validate().unwrap();
+        for config in [relative(LrSchedule::Cosine, 0), relative(LrSchedule::Constant, 10)] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("sets its own rate from the step count"), "{err}");
+        }
+        let warmup_init = TrainConfig {
+            optimizer: Optimizer::Adafactor,
+            adafactor: AdafactorSettings { warmup_init: true, ..Default::default() },
+            ..Default::default()
+        };
+        assert!(warmup_init.validate().unwrap_err().to_string().contains("needs relative_step"));
+        let mut prodigy = TrainConfig { optimizer: Optimizer::Prodigy, ..Default::default() };
+        prodigy.prodigy.growth_rate = Some(0.5);
+        assert!(prodigy.validate().unwrap_err().to_string().contains("growth rate must be at least 1"));
+        prodigy.prodigy.growth_rate = None;
+        prodigy.prodigy.d0 = 0.0;
+        assert!(prodigy.validate().unwrap_err().to_string().contains("d0 and d_coef must be positive"));
+    }
+
+    #[test]
     fn timestep_bias_draws_the_chosen_end_more_often() {
         // Last 20 % drawn 4× as often: 0.8 / (0.8 + 0.8) = one half of all draws.
         assert!((share_of_late_steps(TimestepBias::Later, 4.0) - 0.5).abs() < 0.015);
