@@ -433,7 +433,11 @@ fn the_optimizer_is_chosen_on_the_command_line_and_in_train_toml() {
     assert_one_line_error(&run, "unknown optimizer `sgd` (adamw, prodigy or adafactor)");
     let job = |name: &str, body: &str| {
         let toml_file = dir.join(format!("{name}.toml"));
-        let head = format!("model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n", p(&sd1_tiny().join("model")), p(&dir));
+        let head = format!(
+            "model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n",
+            p(&sd1_tiny().join("model")),
+            p(&dir)
+        );
         std::fs::write(&toml_file, head + body).unwrap();
         let out = dir.join(name);
         (studio(&["export-job", "--config", p(&toml_file), "--out", p(&out)]), out)

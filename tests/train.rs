@@ -266,7 +266,8 @@ fn prodigy_and_adafactor_runs_resume_exactly() {
             let mut wrong = trainer(&dir, optimizer_config(6, other));
             let err = wrong.load_checkpoint(&ckpt).unwrap_err().to_string();
             assert!(
-                err.contains(&format!("trained with {}", optimizer.label())) && err.contains(&format!("resume with {optimizer}")),
+                err.contains(&format!("trained with {}", optimizer.label()))
+                    && err.contains(&format!("resume with {optimizer}")),
                 "{err}"
             );
             assert_eq!(wrong.step, 0);
@@ -289,7 +290,10 @@ fn each_optimizer_trains_and_names_itself_in_the_metadata() {
         }
         let after = t.validation_loss().unwrap();
         let moved = adapter_gap(&t, &untrained);
-        eprintln!("{optimizer}: validation loss {before:.5} → {after:.5}, adapter moved {moved:.3e}, lr {:.3e}", t.current_lr());
+        eprintln!(
+            "{optimizer}: validation loss {before:.5} → {after:.5}, adapter moved {moved:.3e}, lr {:.3e}",
+            t.current_lr()
+        );
         assert!(moved > 0.0 && after.is_finite() && after != before, "{optimizer}: {before} → {after}");
         let scheduled = t.config.learning_rate * t.config.lr_factor(3);
         if optimizer == Optimizer::Prodigy {
@@ -303,7 +307,9 @@ fn each_optimizer_trains_and_names_itself_in_the_metadata() {
         let expected = match optimizer {
             Optimizer::AdamW => "AdamW(betas=(0.9, 0.999)",
             Optimizer::Prodigy => "prodigyopt.prodigy.Prodigy(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08,d0=1e-06",
-            Optimizer::Adafactor => "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,warmup_init=False",
+            Optimizer::Adafactor => {
+                "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,warmup_init=False"
+            }
         };
         assert!(m["ss_optimizer"].starts_with(expected), "{optimizer}: {}", m["ss_optimizer"]);
     }

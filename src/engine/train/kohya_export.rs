@@ -329,7 +329,9 @@ mod tests {
     #[test]
     fn each_optimiser_is_written_as_sd_scripts_takes_it() {
         let adamw = args(&TrainConfig::default()).unwrap();
-        assert!(adamw.contains("--optimizer_type AdamW --optimizer_args weight_decay=0.01 betas=0.9,0.999 eps=0.00000001"));
+        assert!(
+            adamw.contains("--optimizer_type AdamW --optimizer_args weight_decay=0.01 betas=0.9,0.999 eps=0.00000001")
+        );
         let prodigy = TrainConfig { optimizer: Optimizer::Prodigy, learning_rate: 1.0, ..Default::default() };
         let line = args(&prodigy).unwrap();
         assert!(

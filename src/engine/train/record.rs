@@ -231,7 +231,13 @@ pub fn kohya_optimizer(c: &TrainConfig) -> KohyaOptimizer {
 /// exponent form below 1e-4 and from 1e16 (`1e-06`, `1e+16`).
 pub fn py_float(x: f64) -> String {
     if !x.is_finite() {
-        return if x.is_nan() { "nan".into() } else if x > 0.0 { "inf".into() } else { "-inf".into() };
+        return if x.is_nan() {
+            "nan".into()
+        } else if x > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
     }
     let sci = format!("{x:e}");
     let (mantissa, exp) = sci.split_once('e').expect("`{:e}` has an exponent");

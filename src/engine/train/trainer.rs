@@ -894,7 +894,8 @@ impl Trainer {
         let c = &self.config;
         let factor = c.lr_factor(self.step);
         let lrs: Vec<f64> = self.params.iter().map(|p| c.group_lr(p.text_encoder) * factor).collect();
-        let grads: Vec<Option<Tensor>> = grads.into_iter().map(|g| g.map(|g| g * clip).transpose()).collect::<candle_core::Result<_>>()?;
+        let grads: Vec<Option<Tensor>> =
+            grads.into_iter().map(|g| g.map(|g| g * clip).transpose()).collect::<candle_core::Result<_>>()?;
         let weights: Vec<Tensor> = self.params.iter().map(|p| p.var.as_tensor().detach()).collect();
         // Compute every update first and commit only if all are finite, so a blow-up leaves the
         // weights and the optimiser's state exactly as they were.
@@ -1419,9 +1420,10 @@ mod tests {
         // A train.toml or checkpoint from before the choice existed.
         let old: TrainConfig = serde_json::from_str(r#"{"rank": 8, "learning_rate": 0.0002}"#).unwrap();
         assert_eq!((old.optimizer, old.rank), (Optimizer::AdamW, 8));
-        let new: TrainConfig =
-            toml::from_str("optimizer = \"prodigy\"\nlearning_rate = 1.0\n[prodigy]\nd_coef = 0.5\ngrowth_rate = 1.02\n")
-                .unwrap();
+        let new: TrainConfig = toml::from_str(
+            "optimizer = \"prodigy\"\nlearning_rate = 1.0\n[prodigy]\nd_coef = 0.5\ngrowth_rate = 1.02\n",
+        )
+        .unwrap();
         assert_eq!(new.optimizer, Optimizer::Prodigy);
         assert_eq!((new.prodigy.d_coef, new.prodigy.growth_rate, new.prodigy.d0), (0.5, Some(1.02), 1e-6));
         new.validate().unwrap();

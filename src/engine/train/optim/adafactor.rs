@@ -42,7 +42,10 @@ pub struct Adafactor {
 #[derive(Clone, Debug)]
 pub enum SecondMoment {
     /// Means over the last dim (shape[..-1]) and over the one before it (shape[..-2] + shape[-1]).
-    Factored { row: Tensor, col: Tensor },
+    Factored {
+        row: Tensor,
+        col: Tensor,
+    },
     Full(Tensor),
 }
 

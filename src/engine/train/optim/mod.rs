@@ -42,7 +42,9 @@ impl Optimizer {
     /// One sentence on when to pick it.
     pub fn tooltip(self) -> &'static str {
         match self {
-            Optimizer::AdamW => "The usual choice: Adam with decoupled weight decay; needs a learning rate such as 1e-4.",
+            Optimizer::AdamW => {
+                "The usual choice: Adam with decoupled weight decay; needs a learning rate such as 1e-4."
+            }
             Optimizer::Prodigy => {
                 "Finds its own step size as it trains: set the learning rate to 1 and lower it only if training is unstable."
             }
