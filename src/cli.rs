@@ -702,6 +702,15 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         file.config.latent_cache =
             directories::ProjectDirs::from("", "", "lora-studio").map(|d| d.cache_dir().join("latents"));
     }
+    if let Some(ckpt) = &resume {
+        // The job takes the checkpoint's options (all but the total of steps): say which.
+        let summary = crate::engine::train::trainer::CheckpointSummary::read(ckpt)?;
+        let summary = crate::engine::train::trainer::CheckpointSummary {
+            config: crate::engine::train::trainer::TrainConfig { steps: file.config.steps, ..summary.config.clone() },
+            ..summary
+        };
+        eprintln!("resuming with the checkpoint's options: {}", summary.describe());
+    }
     let spec = TrainJobSpec {
         model,
         data: file.data,

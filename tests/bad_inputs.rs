@@ -422,10 +422,16 @@ fn bad_safetensors() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         (
             "header-100mb.safetensors",
             with_len(100 * 1024 * 1024, br#"{"w":{}}"#),
-            "truncated safetensors file (header says 104857600 bytes",
+            "truncated safetensors file, cut short inside its header (header says 104857600 bytes",
         ),
-        ("header-1gb.safetensors", with_len(1 << 30, br#"{"w":{}}"#), "header claims 1073741824 bytes (limit"),
-        ("header-u64max.safetensors", with_len(u64::MAX, b"{}"), "limit"),
+        (
+            "header-1gb.safetensors",
+            with_len(1 << 30, br#"{"w":{}}"#),
+            "this is not a safetensors file (it does not start",
+        ),
+        ("header-u64max.safetensors", with_len(u64::MAX, b"{}"), "this is not a safetensors file"),
+        ("pickle.safetensors", [&[0x80u8, 2, b']', b'q'][..], &[0u8; 40]].concat(), "it is a Python pickle"),
+        ("zip.safetensors", [&b"PK\x03\x04"[..], &[0u8; 40]].concat(), "it is a PyTorch zip archive"),
         ("not-json.safetensors", st("this is not JSON at all", &[]), "invalid safetensors file"),
         ("truncated-data.safetensors", st(one, &[0u8; 8]), "tensor `w` claims bytes 0..16 of a 8-byte data section"),
         (

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use lora_studio::engine::adapters::delta::Delta;
 use lora_studio::engine::adapters::formats::{Naming, read_adapter};
 use lora_studio::engine::train::dataset::DatasetOptions;
 use lora_studio::engine::train::trainer::TrainConfig;
@@ -169,6 +170,85 @@ fn a_stop_before_the_first_step_writes_nothing() {
     let out = dir.join("out");
     let written: Vec<_> = std::fs::read_dir(&out).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(written.is_empty(), "{written:?}");
+}
+
+#[test]
+fn a_stop_while_the_images_are_encoded_ends_the_encoding() {
+    let dir = tempdir("cancel-encoding");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..40u8 {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([i * 6, (x * 4) as u8, (y * 4) as u8]));
+        img.save(data.join(format!("img{i:02}.png"))).unwrap();
+    }
+    let job = TrainJob::start(spec(&dir, 50, 1e-3), || {}).unwrap();
+    let mut events = Vec::new();
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
+        // Stop as soon as the encoding says where it is ("encoding image 0/40").
+        if matches!(e, TrainEvent::Encoding { .. }) && !events.iter().any(|e| matches!(e, TrainEvent::Encoding { .. }))
+        {
+            job.send(TrainCommand::Stop);
+        }
+        events.push(e);
+    }
+    job.join();
+    assert!(matches!(events.last(), Some(TrainEvent::Cancelled)), "{events:?}");
+    // Ended inside the encoding: the last progress is short of all 40 images, and no step ran.
+    let done = events.iter().filter_map(|e| if let TrainEvent::Encoding { done, .. } = e { Some(*done) } else { None });
+    assert!(done.max().is_some_and(|d| d < 40), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, TrainEvent::Started { .. } | TrainEvent::Step { .. })));
+    let written: Vec<_> =
+        std::fs::read_dir(dir.join("out")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(written.is_empty(), "{written:?}");
+}
+
+#[test]
+fn a_resume_takes_the_checkpoints_options_and_refuses_another_family_before_loading() {
+    let dir = tempdir("resume-options");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    make_images(&dir.join("data"));
+    let mut first = spec(&dir, 3, 1e-3);
+    first.config.rank = 2;
+    let job = TrainJob::start(first, || {}).unwrap();
+    while job.events.recv_timeout(Duration::from_secs(120)).is_ok() {}
+    job.join();
+    let checkpoint = dir.join("out/adapter.checkpoint.safetensors");
+
+    // The form says rank 8 and LoCon; the checkpoint's rank 2 LoRA goes on, to the new total.
+    let mut again = spec(&dir, 5, 1e-3);
+    again.config.rank = 8;
+    again.config.algorithm = lora_studio::engine::train::trainer::Algorithm::Locon;
+    again.resume = Some(checkpoint.clone());
+    let job = TrainJob::start(again, || {}).unwrap();
+    let mut finished = None;
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
+        match e {
+            TrainEvent::Failed { error } => panic!("{error}"),
+            TrainEvent::Finished { step, .. } => finished = Some(step),
+            _ => {}
+        }
+    }
+    job.join();
+    assert_eq!(finished, Some(5));
+    let adapter = read_adapter(&dir.join("out/adapter.safetensors")).unwrap();
+    assert!(adapter.layers.iter().all(|l| l.delta.rank() == 2 && matches!(l.delta, Delta::Lora { .. })));
+
+    // An SDXL model for an SD 1.x checkpoint: refused in words, before the model is read.
+    let mut wrong = spec(&dir, 6, 1e-3);
+    wrong.model = fixtures_dir().join("sdxl-tiny/model");
+    wrong.resume = Some(checkpoint);
+    let job = TrainJob::start(wrong, || {}).unwrap();
+    let mut events = Vec::new();
+    while let Ok(e) = job.events.recv_timeout(Duration::from_secs(120)) {
+        events.push(e);
+    }
+    job.join();
+    match events.as_slice() {
+        [TrainEvent::Failed { error }] => {
+            assert!(error.contains("trained on an SD 1.x model") && error.contains("SDXL"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -377,6 +377,58 @@ fn a_nan_loss_pause_is_explained_in_words() {
 }
 
 #[test]
+fn a_first_run_takes_its_defaults_from_the_model() {
+    let builtin = lora_studio::engine::builtin::model_dir().expect("the built-in model");
+    let mut h = harness("");
+    {
+        let c = &h.state().config;
+        // Before any model: SD 1.x's size, and a sample and a checkpoint every quarter of the run.
+        assert_eq!(c.dataset.resolution, 512);
+        assert_eq!((c.save_every, c.sample_every), (c.steps / 4, c.steps / 4));
+        assert!(c.save_every > 0);
+    }
+    // Opening a model sets its size at once, read from its configs before it is loaded.
+    h.state_mut().set_model(builtin.clone());
+    assert_eq!(h.state().config.dataset.resolution, 64);
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    h.get_by_label("Quick").click();
+    h.run();
+    let c = &h.state().config;
+    assert_eq!((c.dataset.resolution, c.steps, c.save_every, c.sample_every), (64, 400, 100, 100));
+    // Another model's size replaces the default, but not a size the user chose.
+    h.state_mut().set_model(sd1_tiny().join("model"));
+    assert_eq!(h.state().config.dataset.resolution, 32);
+    h.state_mut().config.dataset.resolution = 48;
+    h.state_mut().set_model(builtin);
+    assert_eq!(h.state().config.dataset.resolution, 48);
+
+    // With no sample prompt typed, samples use the first image's caption with the trigger word,
+    // and the field shows it.
+    let dir = tempdir("first-run");
+    make_images(&dir.join("data"));
+    h.state_mut().config.dataset.trigger = "zxq style".into();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    let prompt = h.state().sample_prompt();
+    assert!(prompt.starts_with("zxq style") && prompt.contains("a gradient"), "{prompt}");
+    // A run started so shows that prompt's samples.
+    {
+        let app = h.state_mut();
+        app.set_model(sd1_tiny().join("model"));
+        app.config.dataset.resolution = 32;
+        (app.config.steps, app.config.sample_every, app.config.save_every) = (2, 1, 0);
+        app.training.output = dir.join("first.safetensors").display().to_string();
+    }
+    h.run();
+    h.get_by_label("Start training").click();
+    h.step();
+    run_until(&mut h, TRAIN, "a sample", |a| !a.training.samples.is_empty());
+    assert_eq!(h.state().training.samples[0].prompt, prompt);
+    run_until(&mut h, TRAIN, "finished", |a| matches!(a.training.run, RunState::Finished { .. }));
+}
+
+#[test]
 fn start_without_images_says_why() {
     let mut h = harness_with_model();
     h.get_by_role_and_label(Role::Button, "Training").click();
@@ -761,6 +813,87 @@ fn an_earlier_run_is_replaced_only_when_asked_and_closing_mid_run_asks_first() {
     assert!(!h.state().quit_after_stop, "the close went ahead once the run had stopped");
 }
 
+/// A model that cannot be opened leaves the one that worked in place (and in the session), says
+/// why on a wrapped line, and *Open model…* offers the built-in model.
+#[test]
+fn a_model_that_fails_to_open_leaves_the_working_one_in_place() {
+    let dir = tempdir("bad-model");
+    let mut h = harness_with_model();
+    let good = sd1_tiny().join("model");
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+
+    // A file with a long name that is not a model at all.
+    let broken = dir.join(format!("{}.safetensors", "a-very-long-checkpoint-name-".repeat(6)));
+    std::fs::write(&broken, b"these bytes are not a safetensors file").unwrap();
+    h.state_mut().on_paths_chosen(DialogPurpose::OpenModelFile, vec![broken.clone()]);
+    run_until(&mut h, SCAN, "the failure", |a| a.notice.is_some());
+    run_until(&mut h, SCAN, "the working model again", |a| a.playground.model_state == ModelState::Ready);
+    let a = h.state();
+    assert_eq!(a.model.as_deref(), Some(good.as_path()));
+    assert_eq!(a.session().model.as_deref(), Some(good.as_path()), "the session keeps the working model");
+    let notice = a.notice.clone().unwrap();
+    assert!(notice.starts_with("Could not open") && notice.contains("Back to"), "{notice}");
+    // The line wraps inside the window instead of widening it.
+    let shown = h.get_by_label_contains("Could not open");
+    assert!(shown.rect().width() <= 1100.0, "{:?}", shown.rect());
+
+    // Open model… → Built-in model.
+    h.get_by_label("Open model…").click();
+    h.run();
+    h.get_by_label("Built-in model").click();
+    h.run_steps(2);
+    let builtin = lora_studio::engine::builtin::model_dir().unwrap();
+    assert_eq!(h.state().model.as_deref(), Some(builtin.as_path()));
+    run_until(&mut h, SCAN, "the built-in model", |a| a.playground.model_state == ModelState::Ready);
+}
+
+/// Resuming takes the checkpoint's options into the form and says so; a file that is not a
+/// checkpoint is refused before anything loads.
+#[test]
+fn resume_from_checkpoint_uses_and_shows_the_checkpoints_options() {
+    let dir = tempdir("resume-form");
+    make_images(&dir.join("data"));
+    let ckpt = dir.join("style.checkpoint.safetensors");
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        (app.config.steps, app.config.rank, app.config.dataset.resolution) = (2, 2, 32);
+        app.training.output = dir.join("style.safetensors").display().to_string();
+    }
+    h.state_mut().start_training(false);
+    run_until(&mut h, TRAIN, "the first run", |a| matches!(a.training.run, RunState::Finished { .. }));
+
+    // Not a checkpoint: refused in words, nothing started.
+    h.state_mut().on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![sd1_tiny().join("lora_a_kohya.safetensors")]);
+    h.run();
+    let refusal = text_of(&h, "Cannot resume");
+    assert!(refusal.contains("not a LoRA Studio training checkpoint"), "{refusal}");
+    assert!(matches!(h.state().training.run, RunState::Finished { .. }));
+
+    // The run finished its 2 steps: resuming it needs a higher total.
+    h.state_mut().on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![ckpt.clone()]);
+    h.run();
+    assert!(text_of(&h, "finished all its 2 steps").contains("set Steps above 2"));
+
+    // The form has moved on (rank 12, 4 steps); the resume goes on at the checkpoint's rank 2, to
+    // the form's 4 steps.
+    (h.state_mut().config.rank, h.state_mut().config.steps) = (12, 4);
+    h.state_mut().on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![ckpt]);
+    h.run_steps(2);
+    assert_eq!((h.state().config.rank, h.state().config.steps), (2, 4));
+    h.get_by_label_contains(
+        "Resuming with the checkpoint's options: LoRA, rank 2, alpha 4, attention + feed-forward, step 2 of 4",
+    );
+    run_until(&mut h, TRAIN, "the resumed run", |a| !a.training.is_active());
+    assert!(matches!(h.state().training.run, RunState::Finished { .. }), "{:?}", h.state().training.run);
+    assert_eq!(h.state().training.step, 4);
+}
+
 /// The algorithm list offers every kind we train; LoHa and LoKr bring kohya_ss' rank, alpha and
 /// rate with them, and LoKr shows its factor.
 #[test]
@@ -868,10 +1001,10 @@ fn an_sdxl_model_opens_with_its_familys_defaults_and_draws_with_an_sdxl_lora() {
     h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     h.get_by_label_contains("· SDXL");
     let a = h.state();
-    // The UNet's sample_size (8) × the VAE's factor (2).
+    // The UNet's sample_size (8) × the VAE's factor (2), for generation and training alike.
     assert_eq!((a.playground.request.width, a.playground.request.height), (16, 16));
     assert_eq!(a.playground.request.sampler, lora_studio::engine::diffusion::sampler::SamplerKind::Euler);
-    assert_eq!(a.config.dataset.resolution, 1024);
+    assert_eq!(a.config.dataset.resolution, 16);
     assert!(a.config.gradient_checkpointing && !a.config.train_text_encoder);
 
     h.state_mut().playground.add_adapter(&sdxl.join("lora_kohya.safetensors"));

@@ -231,6 +231,24 @@ impl ModelWeights {
         let names = crate::engine::io::weights::read_tensor_names(path).ok()??;
         single_file::detect(names.iter().map(String::as_str)).ok()
     }
+
+    /// The side (px) a model was trained at, without loading it: a folder's UNet `sample_size`
+    /// times its VAE's downscale; a single file's family's usual size (what loading infers).
+    /// `None` when it cannot tell.
+    pub fn probe_native_side(path: &Path) -> Option<usize> {
+        let family = Self::probe_family(path)?;
+        let latent_fallback = if family == ModelFamily::Sdxl { 128 } else { 64 };
+        if !path.is_dir() {
+            return Some(latent_fallback * 8);
+        }
+        let config = |c: &str| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(path.join(c).join("config.json")).ok()?).ok()
+        };
+        let sample_size =
+            config("unet").and_then(|u| u.get("sample_size")?.as_u64()).map_or(latent_fallback, |v| v as usize);
+        let vae_blocks = config("vae").and_then(|v| Some(v.get("block_out_channels")?.as_array()?.len())).unwrap_or(4);
+        Some(sample_size << vae_blocks.saturating_sub(1))
+    }
 }
 
 /// SD 2.x has a 1024-wide text encoder or cross-attention; SDXL has a second text encoder.

@@ -128,6 +128,7 @@ pub enum ModelEvent {
         family: ModelFamily,
     },
     LoadFailed {
+        path: PathBuf,
         error: String,
     },
     AdapterAdded {
@@ -301,7 +302,7 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
                         family,
                     });
                 }
-                Err(e) => send(ModelEvent::LoadFailed { error: format!("{e:#}") }),
+                Err(e) => send(ModelEvent::LoadFailed { path, error: format!("{e:#}") }),
             }
         }
         ModelCommand::Inspect(path) => {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
@@ -14,7 +14,9 @@ use crate::engine::adapters::formats::{ExportLayer, Naming};
 use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
 use crate::engine::train::dataset::Dataset;
-use crate::engine::train::trainer::{Algorithm, NonFiniteLoss, RunOutputs, TrainConfig, Trainer, checkpoint_path};
+use crate::engine::train::trainer::{
+    Algorithm, CheckpointSummary, NonFiniteLoss, RunOutputs, TrainConfig, Trainer, checkpoint_path,
+};
 
 /// What to train, on what, and where to put it.
 #[derive(Clone, Debug)]
@@ -183,7 +185,29 @@ impl Events {
 }
 
 fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) -> Result<()> {
-    let cfg = &spec.config;
+    // A resumed run takes its checkpoint's options (the adapter's kind, rank and targets must be
+    // the ones it was made with, and the data and optimiser settings for an exact resume), all
+    // but the total of steps, which may be raised to train on; the model is checked before the
+    // slow loading.
+    let resumed = match &spec.resume {
+        Some(resume) => {
+            let summary = CheckpointSummary::read(resume)?;
+            if let (Some(theirs), Some(ours)) = (summary.family, ModelWeights::probe_family(&spec.model))
+                && theirs != ours
+            {
+                bail!(
+                    "{}: this checkpoint was trained on an {} model, and {} is an {} model: open the model it was trained on",
+                    resume.display(),
+                    theirs.label(),
+                    spec.model.display(),
+                    ours.label()
+                );
+            }
+            Some(TrainConfig { steps: spec.config.steps, ..summary.config })
+        }
+        None => None,
+    };
+    let cfg = resumed.as_ref().unwrap_or(&spec.config);
     cfg.validate()?;
     // Before the slow loading: a run that could not write its outputs fails now, not at the end.
     RunOutputs {
@@ -217,18 +241,27 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
         buckets: preflight.bucket_summary(),
         warnings: preflight.warnings(),
     });
-    // A progress event a second at most: thousands of images take a minute to encode.
+    // A progress event a second at most: thousands of images take a minute to encode. A Stop
+    // is looked for between images, so it ends the encoding within one image.
     let last = std::cell::Cell::new(None::<Instant>);
-    let encoded = |done: usize, total: usize| {
+    let encoded = |done: usize, total: usize| -> Result<()> {
         if done == total || last.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last.set(Some(Instant::now()));
             events.send(TrainEvent::Encoding { done, total });
         }
+        if stop_asked(commands) {
+            return Err(StoppedWhileLoading.into());
+        }
+        Ok(())
     };
-    let mut trainer = if cfg.algorithm == Algorithm::Full {
-        Trainer::new_full_reporting(weights, cfg.clone(), &dataset, &encoded)?
+    let trainer = if cfg.algorithm == Algorithm::Full {
+        Trainer::new_full_reporting(weights, cfg.clone(), &dataset, &encoded)
     } else {
-        Trainer::new_reporting(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset, &encoded)?
+        Trainer::new_reporting(StableDiffusion::from_weights(weights)?, cfg.clone(), &dataset, &encoded)
+    };
+    let mut trainer = match trainer {
+        Err(e) if e.is::<StoppedWhileLoading>() => return cancelled(events),
+        other => other?,
     };
     if stop_asked(commands) {
         return cancelled(events);
@@ -368,6 +401,18 @@ fn stop_asked(commands: &Receiver<TrainCommand>) -> bool {
         }
     }
 }
+
+/// The encoding of the images ended by a Stop.
+#[derive(Debug)]
+struct StoppedWhileLoading;
+
+impl std::fmt::Display for StoppedWhileLoading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped while the images were being encoded")
+    }
+}
+
+impl std::error::Error for StoppedWhileLoading {}
 
 fn cancelled(events: &Events) -> Result<()> {
     events.send(TrainEvent::Cancelled);

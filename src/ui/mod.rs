@@ -29,7 +29,8 @@ pub use status::{MemorySampler, format_bytes, resident_memory_bytes};
 pub use training::{Preset, RunState, TrainingPanel};
 
 use crate::engine::builtin;
-use crate::engine::train::trainer::TrainConfig;
+use crate::engine::pipeline::ModelWeights;
+use crate::engine::train::trainer::{CheckpointSummary, TrainConfig};
 
 /// What the caller knows when it opens the window.
 #[derive(Debug, Clone, Default)]
@@ -123,6 +124,8 @@ pub struct StudioApp {
     pub config: TrainConfig,
     /// The model family `config`'s family-dependent defaults were made for.
     pub settings_family: ModelFamily,
+    /// The native side (px) of the model `config`'s resolution default was made for.
+    pub settings_side: usize,
     pub dataset: DatasetPanel,
     pub training: TrainingPanel,
     pub playground: PlaygroundPanel,
@@ -151,8 +154,9 @@ impl StudioApp {
             model_label: options.model_label,
             model: None,
             memory: MemorySampler::default(),
-            config: TrainConfig::default(),
+            config: training::first_run_config(ModelFamily::Sd1, 512),
             settings_family: ModelFamily::Sd1,
+            settings_side: 512,
             dataset: DatasetPanel::new(ctx),
             training: TrainingPanel::default(),
             playground: PlaygroundPanel::new(ctx),
@@ -172,13 +176,18 @@ impl StudioApp {
         app
     }
 
-    /// Opens a base model: a diffusers folder or a single `.safetensors` checkpoint.
-    pub fn set_model(&mut self, path: PathBuf) {
-        self.model_label = if builtin::model_dir().is_some_and(|d| crate::engine::io::weights::same_file(&d, &path)) {
+    /// What the status bar calls a model.
+    fn model_label_of(&self, path: &Path) -> String {
+        if builtin::model_dir().is_some_and(|d| crate::engine::io::weights::same_file(&d, path)) {
             BUILTIN_LABEL.to_owned()
         } else {
             path.display().to_string()
-        };
+        }
+    }
+
+    /// Opens a base model: a diffusers folder or a single `.safetensors` checkpoint.
+    pub fn set_model(&mut self, path: PathBuf) {
+        self.model_label = self.model_label_of(&path);
         let tokenizer_dir = path.join("tokenizer");
         self.dataset.tokenizer = Some(if tokenizer_dir.is_dir() {
             crate::engine::models::tokenizer::ClipTokenizer::from_folder(&tokenizer_dir).unwrap_or_else(|_| {
@@ -189,8 +198,23 @@ impl StudioApp {
         } else {
             crate::engine::models::tokenizer::ClipTokenizer::with_pad_id(crate::engine::models::tokenizer::END_OF_TEXT)
         });
+        // The training defaults follow the model at once (read from its configs, not loaded),
+        // so a first run on the 64 px built-in model trains at 64 px, not at SD's 512.
+        if let Some(family) = ModelWeights::probe_family(&path)
+            && let Some(side) = ModelWeights::probe_native_side(&path)
+        {
+            self.adopt_model_defaults(family, side);
+        }
         self.playground.set_model(Some(path.clone()));
         self.model = Some(path);
+    }
+
+    /// The training settings still at the previous model's defaults take this model's.
+    fn adopt_model_defaults(&mut self, family: ModelFamily, side: usize) {
+        if (family, side) != (self.settings_family, self.settings_side) {
+            self.config.adopt_model((self.settings_family, self.settings_side), (family, side));
+            (self.settings_family, self.settings_side) = (family, side);
+        }
     }
 
     /// The status bar's device: the one the window's model runs on, and what its weights are kept
@@ -238,13 +262,33 @@ impl StudioApp {
             self.playground.add_adapter(&adapter);
         }
         self.playground.poll(ctx);
-        // A model of another family: the training settings still at the old family's defaults
-        // take the new one's (SDXL: 1024 px, gradient checkpointing, UNet only).
-        if let Some(family) = self.playground.loaded_family
-            && family != self.settings_family
-        {
-            self.config.adopt_family(self.settings_family, family);
-            self.settings_family = family;
+        // A model that failed to open: the window goes back to the one that worked (or the
+        // built-in one), so it stays usable and the session never keeps the broken path.
+        if let Some((failed, error)) = self.playground.failed_model.take() {
+            let fallback = self
+                .playground
+                .working_model
+                .clone()
+                .or_else(builtin::model_dir)
+                .filter(|m| !crate::engine::io::weights::same_file(m, &failed));
+            let back = match &fallback {
+                Some(m) => format!(" Back to {}.", self.model_label_of(m)),
+                None => String::new(),
+            };
+            self.notice = Some(format!("Could not open {}: {error}.{back}", failed.display()));
+            if let Some(model) = fallback {
+                self.set_model(model);
+            } else if self.model.as_deref() == Some(failed.as_path()) {
+                self.model = None;
+                self.model_label.clear();
+                self.playground.set_model(None);
+            }
+        }
+        // A model of another family or size (when the probe could not tell): the training
+        // settings still at the old model's defaults take the new one's (SDXL: 1024 px, gradient
+        // checkpointing, UNet only).
+        if let (Some(family), Some(side)) = (self.playground.loaded_family, self.playground.loaded_side) {
+            self.adopt_model_defaults(family, side);
         }
         if self.start_training_when_scanned && !self.dataset.is_scanning() {
             self.start_training_when_scanned = false;
@@ -309,12 +353,40 @@ impl StudioApp {
 
     /// Continues an earlier run from its checkpoint, writing to the adapter it belongs to
     /// (`style.checkpoint.safetensors` → `style.safetensors`), never over another run's adapter.
+    /// The run goes on with the checkpoint's own options (adapter kind, rank, targets, steps…),
+    /// which the form then shows; a checkpoint that cannot be read is refused before any loading.
     pub fn resume_training(&mut self, checkpoint: PathBuf) {
+        let summary = match CheckpointSummary::read(&checkpoint) {
+            Ok(s) => s,
+            Err(e) => {
+                self.training.message = Some(format!("Cannot resume: {e:#}"));
+                return;
+            }
+        };
         let name = checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Some(stem) = name.strip_suffix(".checkpoint.safetensors") {
             self.training.output = checkpoint.with_file_name(format!("{stem}.safetensors")).display().to_string();
         }
+        // A run that finished all its steps goes on to the form's total, when that is more.
+        let mut config = summary.config.clone();
+        if summary.step >= config.steps {
+            if self.config.steps <= summary.step {
+                self.training.message = Some(format!(
+                    "{}: this run finished all its {} steps; set Steps above {} to train on",
+                    checkpoint.display(),
+                    summary.step,
+                    summary.step
+                ));
+                return;
+            }
+            config.steps = self.config.steps;
+        }
+        self.config = config;
         self.start_run(Some(checkpoint), false);
+        if self.training.is_active() {
+            let summary = CheckpointSummary { config: self.config.clone(), ..summary };
+            self.training.resume_note = Some(format!("Resuming with the checkpoint's options: {}", summary.describe()));
+        }
     }
 
     /// Starts training with the current options on the dataset's images. `overwrite`: replace an
@@ -329,16 +401,20 @@ impl StudioApp {
         let images = self.dataset.image_paths();
         let in_use = self.playground.adapter_paths();
         let placement = self.playground.placement.clone();
-        self.training.start(
-            &self.ctx,
-            self.model.as_deref(),
-            &placement,
-            images,
-            &self.config,
-            resume,
-            in_use,
-            overwrite,
-        );
+        let mut config = self.config.clone();
+        config.sample_prompt = self.sample_prompt();
+        self.training.start(&self.ctx, self.model.as_deref(), &placement, images, &config, resume, in_use, overwrite);
+    }
+
+    /// The prompt of the run's samples: the one typed, or else the first image's caption with
+    /// the trigger word (what the adapter is being taught to answer to).
+    pub fn sample_prompt(&self) -> String {
+        if self.config.sample_prompt.trim().is_empty() {
+            let trigger = &self.config.dataset.trigger;
+            self.dataset.dataset.images.first().map_or(trigger.clone(), |i| i.full_caption(trigger))
+        } else {
+            self.config.sample_prompt.clone()
+        }
     }
 
     /// Draws the whole window into `ui`: tab bar, status bar, then the selected area.
@@ -374,11 +450,12 @@ impl StudioApp {
         let margin = egui::Frame::central_panel(ui.style()).inner_margin(egui::Margin::symmetric(20, 12));
         egui::CentralPanel::default().frame(margin).show(ui, |ui| {
             if let Some(notice) = self.notice.clone() {
-                ui.horizontal(|ui| {
-                    ui.colored_label(ui.visuals().warn_fg_color, notice);
+                // Wrapped: a long path or error must not widen the window.
+                ui.horizontal_top(|ui| {
                     if ui.small_button("Dismiss").clicked() {
                         self.notice = None;
                     }
+                    ui.add(egui::Label::new(egui::RichText::new(notice).color(ui.visuals().warn_fg_color)).wrap());
                 });
             }
             self.area_panel(ui);
@@ -398,12 +475,7 @@ impl StudioApp {
             Area::Training => {
                 let images = self.dataset.image_paths();
                 let warnings = self.dataset.preflight(&self.config.dataset).warnings();
-                let sample_prompt = if self.config.sample_prompt.trim().is_empty() {
-                    let trigger = &self.config.dataset.trigger;
-                    self.dataset.dataset.images.first().map_or(trigger.clone(), |i| i.full_caption(trigger))
-                } else {
-                    self.config.sample_prompt.clone()
-                };
+                let sample_prompt = self.sample_prompt();
                 let cx = training::TrainingContext {
                     model: self.model.as_deref(),
                     images: &images,
@@ -424,8 +496,15 @@ impl StudioApp {
             }
             Area::Playground => {
                 for action in playground::ui_playground(ui, &mut self.playground, &self.model_label) {
-                    let playground::PlaygroundAction::OpenDialog(p) = action;
-                    dialogs.push(p);
+                    match action {
+                        playground::PlaygroundAction::OpenDialog(p) => dialogs.push(p),
+                        playground::PlaygroundAction::OpenBuiltin => match builtin::model_dir() {
+                            Some(dir) => self.set_model(dir),
+                            None => {
+                                self.notice = Some("The built-in model is not installed beside this program.".into())
+                            }
+                        },
+                    }
                 }
             }
         }

@@ -27,6 +27,8 @@ pub struct Session {
     pub config: TrainConfig,
     /// The model family `config`'s family-dependent defaults were made for.
     pub settings_family: ModelFamily,
+    /// The native side (px) of the model `config`'s resolution default was made for.
+    pub settings_side: usize,
     /// The user picked the Playground's sampler.
     pub sampler_chosen: bool,
     pub output: String,
@@ -48,8 +50,9 @@ impl Default for Session {
         Self {
             model: None,
             images: Vec::new(),
-            config: TrainConfig::default(),
+            config: super::training::first_run_config(ModelFamily::Sd1, 512),
             settings_family: ModelFamily::Sd1,
+            settings_side: 512,
             sampler_chosen: false,
             output: String::new(),
             naming: Naming::Kohya,
@@ -122,6 +125,7 @@ impl StudioApp {
             images: self.dataset.image_paths(),
             config: self.config.clone(),
             settings_family: self.settings_family,
+            settings_side: self.settings_side,
             sampler_chosen: p.sampler_chosen,
             output: self.training.output.clone(),
             naming: self.training.naming,
@@ -147,7 +151,7 @@ impl StudioApp {
             if model.exists() { self.set_model(model) } else { missing.push(model) }
         }
         self.config = s.config;
-        self.settings_family = s.settings_family;
+        (self.settings_family, self.settings_side) = (s.settings_family, s.settings_side);
         self.training.output = s.output;
         self.training.naming = s.naming;
         let (images, gone): (Vec<PathBuf>, Vec<PathBuf>) = s.images.into_iter().partition(|p| p.exists());

@@ -432,11 +432,39 @@ fn read_tensors<R: std::io::Read + std::io::Seek>(
     let mut len_bytes = [0u8; 8];
     r.read_exact(&mut len_bytes).with_context(|| format!("{source}: cannot read"))?;
     let header_len = u64::from_le_bytes(len_bytes);
+    // The first 8 bytes are the header's length: numbers beyond the file mean another format.
+    // Say which, when it is one users meet (PyTorch's pickles and zips), in words.
+    if header_len > file_len {
+        let mut first = [0u8; 1];
+        if r.read_exact(&mut first).is_ok() && first[0] == b'{' && header_len <= MAX_HEADER_BYTES {
+            bail!(
+                "{source}: truncated safetensors file, cut short inside its header (header says {header_len} bytes, \
+                 file has {file_len}): the download or copy did not finish"
+            );
+        }
+        let what = match len_bytes {
+            [b'P', b'K', ..] => "it is a PyTorch zip archive (.ckpt / .pt / .bin)",
+            [0x80, 2..=5, ..] => "it is a Python pickle (.ckpt / .pt / .bin)",
+            [0x89, b'P', b'N', b'G', ..] => "it is a PNG image",
+            [0xFF, 0xD8, ..] => "it is a JPEG image",
+            _ => "it does not start with a safetensors header",
+        };
+        bail!(
+            "{source}: this is not a safetensors file ({what}); LoRA Studio reads .safetensors files only (convert \
+             .ckpt / .pt files with the tool that made them, or download the .safetensors version)"
+        );
+    }
     if header_len > MAX_HEADER_BYTES {
-        bail!("{source}: safetensors header claims {header_len} bytes (limit {MAX_HEADER_BYTES})");
+        bail!(
+            "{source}: not a usable safetensors file: its header claims {header_len} bytes, more than the \
+             {MAX_HEADER_BYTES}-byte limit"
+        );
     }
     if 8 + header_len > file_len {
-        bail!("{source}: truncated safetensors file (header says {header_len} bytes, file has {file_len})");
+        bail!(
+            "{source}: truncated safetensors file, cut short (header says {header_len} bytes, file has {file_len}): \
+             the download or copy did not finish"
+        );
     }
     let mut header_bytes = vec![0u8; header_len as usize];
     r.read_exact(&mut header_bytes).with_context(|| format!("{source}: cannot read"))?;

@@ -279,13 +279,20 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// The defaults for a model family. SDXL's follow sd-scripts' SDXL guide: 1024 px, gradient
-    /// checkpointing on, the UNet alone (`--network_train_unet_only`, so the text embeddings are
-    /// computed once and cached) at 1e-4, and 1e-5 for the text encoders when they are trained.
+    /// The defaults for a model family at its usual side (SDXL 1024 px, SD 1.x / 2.x 512 px).
+    /// SDXL's follow sd-scripts' SDXL guide: gradient checkpointing on, the UNet alone
+    /// (`--network_train_unet_only`, so the text embeddings are computed once and cached) at 1e-4,
+    /// and 1e-5 for the text encoders when they are trained.
     pub fn for_family(family: ModelFamily) -> Self {
+        Self::for_model(family, if family == ModelFamily::Sdxl { 1024 } else { 512 })
+    }
+
+    /// The defaults for a model of `family` trained at `native_side` pixels: a run trains at the
+    /// model's own size (64 px on the built-in model, 768 on SD 2.x-v), not at a fixed 512.
+    pub fn for_model(family: ModelFamily, native_side: usize) -> Self {
         let mut c = Self::default();
+        c.dataset.resolution = native_side;
         if family == ModelFamily::Sdxl {
-            c.dataset.resolution = 1024;
             c.gradient_checkpointing = true;
             c.train_text_encoder = false;
             c.learning_rate = 1e-4;
@@ -294,11 +301,11 @@ impl TrainConfig {
         c
     }
 
-    /// Moves settings made for a `from` model to a `to` model: each family-dependent setting
-    /// (resolution, gradient checkpointing, training the text encoders and their rate) still at
-    /// `from`'s default takes `to`'s; what the user changed stays.
-    pub fn adopt_family(&mut self, from: ModelFamily, to: ModelFamily) {
-        let (old, new) = (Self::for_family(from), Self::for_family(to));
+    /// Moves settings made for a `from` model to a `to` model (each a family and its native
+    /// side): each model-dependent setting (resolution, gradient checkpointing, training the text
+    /// encoders and their rate) still at `from`'s default takes `to`'s; what the user changed stays.
+    pub fn adopt_model(&mut self, from: (ModelFamily, usize), to: (ModelFamily, usize)) {
+        let (old, new) = (Self::for_model(from.0, from.1), Self::for_model(to.0, to.1));
         if self.dataset.resolution == old.dataset.resolution {
             self.dataset.resolution = new.dataset.resolution;
         }
@@ -312,7 +319,7 @@ impl TrainConfig {
             self.text_encoder_lr = new.text_encoder_lr;
         }
         // Only SDXL has a second text encoder to choose between.
-        if to != ModelFamily::Sdxl {
+        if to.0 != ModelFamily::Sdxl {
             self.text_encoders = TextEncoders::Both;
         }
     }
@@ -541,16 +548,16 @@ fn unix_now() -> u64 {
 impl Trainer {
     /// Attaches a fresh adapter to `model` per the config and loads the dataset's latents.
     pub fn new(model: StableDiffusion, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
-        Self::new_reporting(model, config, dataset, &|_, _| {})
+        Self::new_reporting(model, config, dataset, &|_, _| Ok(()))
     }
 
     /// As `new`, calling `encoded(done, total)` as the images' latents are encoded (the slow part
-    /// of starting a run on a large dataset).
+    /// of starting a run on a large dataset); an error from it ends the encoding there (a Stop).
     pub fn new_reporting(
         mut model: StableDiffusion,
         config: TrainConfig,
         dataset: &Dataset,
-        encoded: &dyn Fn(usize, usize),
+        encoded: &dyn Fn(usize, usize) -> Result<()>,
     ) -> Result<Self> {
         config.validate()?;
         if dataset.images.is_empty() {
@@ -626,7 +633,7 @@ impl Trainer {
 
     /// Full fine-tuning of `weights`: the selected tensors become variables.
     pub fn new_full(weights: ModelWeights, config: TrainConfig, dataset: &Dataset) -> Result<Self> {
-        Self::new_full_reporting(weights, config, dataset, &|_, _| {})
+        Self::new_full_reporting(weights, config, dataset, &|_, _| Ok(()))
     }
 
     /// As `new_full`, reporting the encoding of the images as `new_reporting` does.
@@ -634,7 +641,7 @@ impl Trainer {
         mut weights: ModelWeights,
         config: TrainConfig,
         dataset: &Dataset,
-        encoded: &dyn Fn(usize, usize),
+        encoded: &dyn Fn(usize, usize) -> Result<()>,
     ) -> Result<Self> {
         config.validate()?;
         if config.algorithm != Algorithm::Full {
@@ -676,7 +683,7 @@ impl Trainer {
         full: Option<ModelWeights>,
         rng: Rng,
         dataset: &Dataset,
-        encoded: &dyn Fn(usize, usize),
+        encoded: &dyn Fn(usize, usize) -> Result<()>,
     ) -> Result<Self> {
         if dataset.images.is_empty() {
             bail!(
@@ -1042,6 +1049,7 @@ impl Trainer {
             losses: self.losses.clone(),
             started_at: self.started_at,
             config: self.config.clone(),
+            family: Some(self.model.family()),
         };
         let mut metadata = HashMap::new();
         metadata.insert("lora_studio_checkpoint".into(), serde_json::to_string(&state)?);
@@ -1147,9 +1155,52 @@ struct CheckpointState {
     /// When the run began (0 in checkpoints older than this field).
     #[serde(default)]
     started_at: u64,
+    /// The family of the model it trains (absent in checkpoints older than this field).
+    #[serde(default)]
+    family: Option<ModelFamily>,
     /// The optimiser's state that is not tensors (none before there was a choice: AdamW's is all tensors).
     #[serde(default)]
     optimizer: optim::Scalars,
+}
+
+/// What a checkpoint says about its run, read from its header alone (no tensors), so a resume
+/// can take its options and be checked before the slow loading.
+#[derive(Clone, Debug)]
+pub struct CheckpointSummary {
+    pub step: usize,
+    pub config: TrainConfig,
+    /// The family of the model it was trained on (`None` from older checkpoints).
+    pub family: Option<ModelFamily>,
+}
+
+impl CheckpointSummary {
+    pub fn read(path: &Path) -> Result<Self> {
+        let metadata = crate::engine::io::weights::read_metadata(path)?.unwrap_or_default();
+        let state: CheckpointState =
+            serde_json::from_str(metadata.get("lora_studio_checkpoint").with_context(|| {
+                format!("{}: not a LoRA Studio training checkpoint (`NAME.checkpoint.safetensors`)", path.display())
+            })?)
+            .with_context(|| format!("{}: damaged checkpoint state", path.display()))?;
+        Ok(Self { step: state.step, config: state.config, family: state.family })
+    }
+
+    /// The run's adapter options in words: "LoRA, rank 8, alpha 4, attention + feed-forward,
+    /// step 120 of 400" (", Prodigy (learning-rate free)" before the step when not AdamW).
+    pub fn describe(&self) -> String {
+        let c = &self.config;
+        format!(
+            "{}, rank {}, alpha {}, {}{}{}, step {} of {}",
+            c.algorithm.label(),
+            c.rank,
+            c.alpha,
+            c.targets.label(),
+            if c.train_text_encoder { ", text encoder too" } else { "" },
+            // AdamW, the usual one, goes without saying.
+            if c.optimizer == Optimizer::AdamW { String::new() } else { format!(", {}", c.optimizer.label()) },
+            self.step,
+            c.steps
+        )
+    }
 }
 
 /// Choosing one of SDXL's two text encoders means nothing on a model with one: refused, rather
@@ -1175,14 +1226,14 @@ fn encode_examples(
     model: &StableDiffusion,
     config: &TrainConfig,
     dataset: &Dataset,
-    encoded: &dyn Fn(usize, usize),
+    encoded: &dyn Fn(usize, usize) -> Result<()>,
 ) -> Result<Vec<Example>> {
     let opts = &config.dataset;
     let f = model.vae.config.downscale();
     let vae_key = model.vae.fingerprint()?;
     let mut out = Vec::with_capacity(dataset.images.len());
     for (i, e) in dataset.images.iter().enumerate() {
-        encoded(i, dataset.images.len());
+        encoded(i, dataset.images.len())?;
         let (w, h) = target_size(e.width, e.height, opts);
         let (w, h) = ((w / f * f).max(f), (h / f * f).max(f));
         let crops: Vec<(f64, f64)> = if opts.center_crop {
@@ -1243,7 +1294,7 @@ fn encode_examples(
             e.path.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         out.push(Example { latents, sizes, caption: e.full_caption(&opts.trigger), folder });
     }
-    encoded(dataset.images.len(), dataset.images.len());
+    encoded(dataset.images.len(), dataset.images.len())?;
     Ok(out)
 }
 

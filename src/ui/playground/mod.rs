@@ -104,6 +104,8 @@ pub struct PlaygroundPanel {
     pub sampler_chosen: bool,
     /// The open model's family, once loaded (the status bar and the training defaults follow it).
     pub loaded_family: Option<ModelFamily>,
+    /// The open model's native side (px), once loaded (the training defaults follow it).
+    pub loaded_side: Option<usize>,
     pub adapters: Vec<AdapterRow>,
     /// Files waiting for the user to read their check.
     pub pending: Vec<PendingAdapter>,
@@ -125,6 +127,11 @@ pub struct PlaygroundPanel {
     model: Option<PathBuf>,
     /// The model the worker was last told to load.
     sent_model: Option<PathBuf>,
+    /// The last model that loaded: where the window goes back to when another fails to open.
+    pub working_model: Option<PathBuf>,
+    /// A model that failed to open, with why, for the window to go back from (taken by
+    /// `StudioApp::poll`).
+    pub failed_model: Option<(PathBuf, String)>,
     /// Where models run and how their weights are kept (the window's device and weights
     /// settings; training runs use them too).
     pub placement: Placement,
@@ -205,6 +212,7 @@ impl PlaygroundPanel {
             size_chosen: false,
             sampler_chosen: false,
             loaded_family: None,
+            loaded_side: None,
             adapters: Vec::new(),
             pending: Vec::new(),
             live: true,
@@ -218,6 +226,8 @@ impl PlaygroundPanel {
             model_state: ModelState::None,
             model: None,
             sent_model: None,
+            working_model: None,
+            failed_model: None,
             placement: Placement::default(),
             sent_placement: Placement::default(),
             loaded_weights: None,
@@ -255,6 +265,7 @@ impl PlaygroundPanel {
         self.model_state = ModelState::Loading;
         self.loaded_weights = None;
         self.loaded_family = None;
+        self.loaded_side = None;
         self.push(ModelCommand::Load { path: model, placement: self.placement.clone() });
         for i in 0..self.adapters.len() {
             self.send_add(i);
@@ -560,6 +571,8 @@ impl PlaygroundPanel {
                     self.size_step = Some(size_step);
                     self.loaded_weights = Some(weights);
                     self.loaded_family = Some(family);
+                    self.loaded_side = native_size;
+                    self.working_model = Some(path.clone());
                     // Start at the model's own size and its family's sampler unless the user
                     // already chose them.
                     if let Some(side) = native_size.filter(|_| !self.size_chosen) {
@@ -571,7 +584,10 @@ impl PlaygroundPanel {
                     }
                     self.image_info = format!("Loaded {} in {seconds:.1} s", path.display());
                 }
-                ModelEvent::LoadFailed { error } => self.model_state = ModelState::Failed(error),
+                ModelEvent::LoadFailed { path, error } => {
+                    self.model_state = ModelState::Failed(error.clone());
+                    self.failed_model = Some((path, error));
+                }
                 ModelEvent::AdapterAdded { name, info, warning } => {
                     if let Some(row) = self.adapters.iter_mut().find(|r| r.name == name) {
                         row.info = Some(info);
@@ -665,4 +681,6 @@ impl PlaygroundPanel {
 /// What the panel asks of the rest of the window.
 pub enum PlaygroundAction {
     OpenDialog(DialogPurpose),
+    /// Open the built-in model again.
+    OpenBuiltin,
 }

@@ -49,6 +49,10 @@ pub(super) fn model_row(
     });
     ui.horizontal(|ui| {
         ui.menu_button("Open model…", |ui| {
+            if ui.button("Built-in model").on_hover_text("The small model that comes with LoRA Studio").clicked() {
+                actions.push(PlaygroundAction::OpenBuiltin);
+                ui.close();
+            }
             if ui.button("Diffusers folder…").clicked() {
                 actions.push(PlaygroundAction::OpenDialog(DialogPurpose::OpenModelFolder));
                 ui.close();
@@ -59,7 +63,7 @@ pub(super) fn model_row(
             }
         });
         match &p.model_state {
-            ModelState::None => {}
+            ModelState::None | ModelState::Failed(_) => {}
             ModelState::Loading => {
                 ui.spinner();
                 ui.label("loading…");
@@ -67,11 +71,14 @@ pub(super) fn model_row(
             ModelState::Ready => {
                 ui.label(RichText::new("ready").weak());
             }
-            ModelState::Failed(e) => {
-                ui.colored_label(ui.visuals().error_fg_color, format!("could not load: {e}"));
-            }
         }
     });
+    // On its own line and wrapped: a long error must not widen the panel.
+    if let ModelState::Failed(e) = &p.model_state {
+        ui.add(
+            egui::Label::new(RichText::new(format!("could not load: {e}")).color(ui.visuals().error_fg_color)).wrap(),
+        );
+    }
 }
 
 /// Where the model runs and how its weights are kept; a change reloads the model (and applies to
