@@ -275,6 +275,35 @@ fn prodigy_and_adafactor_runs_resume_exactly() {
     }
 }
 
+/// A checkpoint written before the optimiser could be chosen (no `optimizer` in its state or its
+/// config) is AdamW's, and resumes as one.
+#[test]
+fn an_adamw_checkpoint_from_before_the_choice_still_resumes() {
+    let dir = tempdir("old-checkpoint");
+    make_images(&dir);
+    let mut first = trainer(&dir, config(4, Algorithm::Lora));
+    for _ in 0..2 {
+        first.train_step().unwrap();
+    }
+    let ckpt = dir.join("run.checkpoint.safetensors");
+    first.save_checkpoint(&ckpt).unwrap();
+    let (tensors, mut metadata) = lora_studio::engine::io::weights::read_safetensors_with_metadata(&ckpt).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&metadata["lora_studio_checkpoint"]).unwrap();
+    state.as_object_mut().unwrap().remove("optimizer").unwrap();
+    for key in ["optimizer", "prodigy", "adafactor"] {
+        state["config"].as_object_mut().unwrap().remove(key).unwrap();
+    }
+    metadata.insert("lora_studio_checkpoint".into(), state.to_string());
+    write_safetensors(&ckpt, &tensors, Some(metadata)).unwrap();
+    let mut resumed = trainer(&dir, config(4, Algorithm::Lora));
+    resumed.load_checkpoint(&ckpt).unwrap();
+    for _ in 0..2 {
+        first.train_step().unwrap();
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(adapter_gap(&first, &resumed), 0.0);
+}
+
 /// A few steps of each optimiser on the fixture model: the adapter moves, the loss changes, the
 /// reported rate is the one the optimiser takes (Prodigy's d·lr), and the file says which one.
 #[test]
