@@ -322,6 +322,8 @@ mod tests {
             assert!(!o.label().is_empty() && o.tooltip().ends_with('.'));
         }
         assert_eq!("AdamW".parse::<Optimizer>().unwrap(), Optimizer::AdamW);
+        assert_eq!(Optimizer::default(), Optimizer::AdamW);
+        assert_eq!(Optimizer::Prodigy.usual_learning_rate(), 1.0);
         assert!("sgd".parse::<Optimizer>().unwrap_err().to_string().contains("adamw, prodigy or adafactor"));
     }
 }
