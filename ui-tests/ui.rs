@@ -677,6 +677,75 @@ fn ctrl_enter_generates_from_the_prompt_box() {
     assert_eq!(h.state().playground.request.prompt, "a gradient", "no new line typed");
 }
 
+/// A1111's habits: `<lora:name:weight>` in the prompt sets that slider (adding the file from the
+/// adapters' folder), a saved PNG carries its settings in A1111's `parameters` text, and dropping
+/// such a PNG (ours, or one A1111 wrote) on the Playground puts them back.
+#[test]
+fn prompts_pngs_and_lora_tags_work_as_in_a1111() {
+    use lora_studio::engine::io::infotext::read_png_parameters;
+    let dir = tempdir("a1111");
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    h.state_mut().playground.add_adapter(&sd1_tiny().join("lora_b_peft.safetensors"));
+    quick_request(&mut h.state_mut().playground);
+    h.state_mut().playground.request.prompt = "a gradient <lora:lora_a_kohya:0.6>, (soft:1.2)".into();
+    h.state_mut().playground.request.clip_skip = 2;
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.step();
+    run_until(&mut h, SCAN, "an image", |a| a.playground.images_made >= 1);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    {
+        let p = &h.state().playground;
+        // The tag left the prompt box and became the slider of the adapter it names.
+        assert_eq!(p.request.prompt, "a gradient, (soft:1.2)");
+        let row = p.adapters.iter().find(|r| r.name == "lora_a_kohya").expect("added from the folder");
+        assert!((row.weight - 0.6).abs() < 1e-9 && row.enabled);
+        assert!(row.error.is_none(), "{:?}", row.error);
+    }
+
+    // Saved with its settings, in A1111's words.
+    let png = dir.join("made.png");
+    h.state_mut().playground.save_image(&png);
+    let saved = read_png_parameters(&png).unwrap();
+    let text = saved.infotext();
+    assert!(text.starts_with("a gradient, (soft:1.2), <lora:lora_b_peft:1>, <lora:lora_a_kohya:0.6>\n"), "{text}");
+    assert!(text.contains("Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 32x32"), "{text}");
+    assert!(text.contains("Clip skip: 2") && text.contains("Lora hashes:"), "{text}");
+
+    // Everything changed since; dropping the PNG on the Playground brings it all back.
+    {
+        let p = &mut h.state_mut().playground;
+        (p.request.prompt, p.request.seed, p.request.steps, p.request.clip_skip) = ("other".into(), 99, 9, 1);
+        p.set_weight(1, 0.1);
+    }
+    drop_paths(&mut h, std::slice::from_ref(&png));
+    h.run_steps(2);
+    {
+        let a = h.state();
+        let p = &a.playground;
+        assert_eq!(a.area, Area::Playground, "a PNG on the Playground is not a training image");
+        assert_eq!((p.request.prompt.as_str(), p.request.seed, p.request.steps), ("a gradient, (soft:1.2)", 7, 3));
+        assert_eq!(p.request.clip_skip, 2);
+        assert!((p.adapters[1].weight - 0.6).abs() < 1e-9);
+        assert!(p.message.as_deref().is_some_and(|m| m.starts_with("Settings restored")), "{:?}", p.message);
+    }
+
+    // A PNG A1111 saved: its settings, and its adapters named where they are not found here.
+    drop_paths(&mut h, &[fixtures_dir().join("infotext/a1111.png")]);
+    h.run_steps(2);
+    let p = &h.state().playground;
+    assert_eq!((p.request.width, p.request.height, p.request.seed), (512, 768, 1234567890));
+    assert_eq!(p.request.sampler, lora_studio::engine::diffusion::sampler::SamplerKind::EulerAncestral);
+    assert!(p.request.prompt.starts_with("masterpiece, a photo of a cat on a windowsill"));
+    assert_eq!(p.request.negative, "blurry, lowres,\nbad anatomy, watermark");
+    let message = p.message.clone().unwrap();
+    assert!(message.contains("<lora:neon_style> was not found"), "{message}");
+    assert!(p.adapters.iter().all(|r| !r.enabled), "the image used none of the adapters in the list");
+}
+
 #[test]
 fn dice_picks_a_new_seed() {
     let mut h = harness_with_model();

@@ -11,6 +11,7 @@ use crate::engine::adapters::formats::Naming;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::device::Placement;
 use crate::engine::models::family::ModelFamily;
+use crate::engine::train::optim::Optimizer;
 use crate::engine::train::trainer::{
     Algorithm, ExistingOutput, ExistingRun, LrSchedule, RunOutputs, TextEncoders, TimestepBias, TrainConfig,
 };
@@ -550,9 +551,31 @@ fn settings(
                     .custom_parser(|s| s.trim().parse().ok()),
             )
         });
+        row(ui, "Optimizer", "AdamW: the usual choice. Prodigy finds its own step size (learning rate 1). Adafactor: less memory, kohya's choice for large models.", |ui| {
+            let before = c.optimizer;
+            let response = egui::ComboBox::from_id_salt("optimizer")
+                .selected_text(c.optimizer.label())
+                .show_ui(ui, |ui| {
+                    for o in Optimizer::ALL {
+                        ui.selectable_value(&mut c.optimizer, o, o.label()).on_hover_text(o.tooltip());
+                    }
+                })
+                .response;
+            if c.optimizer != before {
+                // Each optimiser's rate means something else (Prodigy's is a multiplier of its own).
+                c.learning_rate = c.optimizer.usual_learning_rate();
+                if c.optimizer == Optimizer::Prodigy {
+                    c.text_encoder_lr = None;
+                }
+            }
+            response
+        });
         row(ui, "Steps", "How many optimiser steps to take in total.", |ui| ui.add(egui::DragValue::new(&mut c.steps).range(1..=100_000).speed(10)));
         row(ui, "Batch size", "Images per step. Larger is smoother but uses more memory.", |ui| {
             ui.add(egui::DragValue::new(&mut c.batch_size).range(1..=64))
+        });
+        row(ui, "Gradient accumulation", "Add up the gradients of this many batches before each step: a larger effective batch without the memory.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.grad_accum).range(1..=64).suffix(" batches"))
         });
         row(ui, "Resolution", "Training size in pixels (the square's side). 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL.", |ui| {
             ui.add(egui::DragValue::new(&mut c.dataset.resolution).range(8..=2048).speed(8))
@@ -563,9 +586,49 @@ fn settings(
         row(ui, "Flip images", "Mirror images left-right at random: doubles the variety, but not for text or asymmetric subjects.", |ui| {
             ui.checkbox(&mut c.dataset.flip, "mirror at random")
         });
+        row(ui, "Aspect-ratio buckets", "Train each image at a size near its own shape (sides in steps of 64 px, about the resolution's area) instead of a square crop, as kohya's enable_bucket.", |ui| {
+            ui.checkbox(&mut c.dataset.buckets, "keep each image's shape")
+        });
+        row(ui, "Caption dropout", "The share of steps trained on an empty caption: helps the adapter work without its trigger and with guidance. 0.05–0.1 is usual.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.caption_dropout).range(0.0..=1.0).speed(0.01))
+        });
+        row(ui, "Shuffle tags", "Shuffle the comma-separated tags of each caption every time (booru-style captions), keeping the first N in place (your trigger word).", |ui| {
+            ui.horizontal(|ui| {
+                let r = ui.checkbox(&mut c.shuffle_tags, "shuffle, keep first");
+                ui.add_enabled(c.shuffle_tags, egui::DragValue::new(&mut c.keep_tokens).range(0..=16)).labelled_by(r.id);
+                r
+            })
+            .inner
+        });
+        if family != Some(ModelFamily::Sdxl) {
+            row(ui, "Clip skip", "Read the text encoder this many layers from its end: 1 is the last layer, 2 the penultimate (what anime SD 1.x models expect, as A1111's Clip skip). Written to the adapter as ss_clip_skip.", |ui| {
+                ui.add(egui::DragValue::new(&mut c.clip_skip).range(1..=12))
+            });
+        }
         row(ui, "Train text encoder", "Also adapt the CLIP text encoder: learns new words faster, overfits faster.", |ui| {
             ui.checkbox(&mut c.train_text_encoder, "also adapt CLIP")
         });
+        if c.train_text_encoder && c.optimizer != Optimizer::Prodigy {
+            row(ui, "Text encoder rate", "The text encoder's own learning rate; kohya users often set it lower than the UNet's (e.g. half). Unticked: the same as the learning rate.", |ui| {
+                ui.horizontal(|ui| {
+                    let mut own = c.text_encoder_lr.is_some();
+                    let r = ui.checkbox(&mut own, "own rate");
+                    let mut rate = c.text_encoder_lr.unwrap_or(c.learning_rate / 2.0);
+                    ui.add_enabled(
+                        own,
+                        egui::DragValue::new(&mut rate)
+                            .range(1e-7..=1e-1)
+                            .speed(1e-6)
+                            .custom_formatter(|v, _| sci(v))
+                            .custom_parser(|s| s.trim().parse().ok()),
+                    )
+                    .labelled_by(r.id);
+                    c.text_encoder_lr = own.then_some(rate);
+                    r
+                })
+                .inner
+            });
+        }
         if family == Some(ModelFamily::Sdxl) && c.train_text_encoder {
             row(ui, "Text encoders", "SDXL has two: CLIP-L (te1) and OpenCLIP-bigG (te2). Train both, or one of them.", |ui| {
                 egui::ComboBox::from_id_salt("text_encoders")

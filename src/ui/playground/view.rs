@@ -151,6 +151,13 @@ pub(super) fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             .response
             .labelled_by(label.id);
         ui.end_row();
+        if p.loaded_family != Some(ModelFamily::Sdxl) {
+            let label = ui.label("Clip skip").on_hover_text(
+                "Read the text encoder this many layers from its end: 2 for anime SD 1.x models (A1111's Clip skip)",
+            );
+            ui.add(egui::DragValue::new(&mut p.request.clip_skip).range(1..=12)).labelled_by(label.id);
+            ui.end_row();
+        }
         let label = ui
             .label("Size")
             .on_hover_text("Width × height in pixels; a multiple of the model's size step (8 × 2^levels)");
