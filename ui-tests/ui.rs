@@ -1061,6 +1061,48 @@ fn choosing_loha_or_lokr_sets_kohya_ss_defaults() {
     assert_eq!(h.state().config.rank, 64, "DoRA keeps the rank it had");
 }
 
+/// The options kohya users set every day are in the form: the optimiser (its usual rate comes
+/// with it), gradient accumulation, buckets, caption dropout, tag shuffle with keep-N, clip skip
+/// and the text encoder's own rate.
+#[test]
+fn kohya_training_options_are_in_the_form() {
+    use lora_studio::engine::train::optim::Optimizer;
+    // Tall enough for the whole form (rows scrolled out of view are not in the tree).
+    let ctx = egui::Context::default();
+    let app = StudioApp::new(&ctx, WindowOptions { model_label: "built-in".into(), model: None });
+    let mut h =
+        Harness::builder().with_size([960.0, 1600.0]).build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    h.run();
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    h.get_by_value("AdamW").click();
+    h.run();
+    h.get_by_label("Prodigy (learning-rate free)").click();
+    h.run();
+    assert_eq!((h.state().config.optimizer, h.state().config.learning_rate), (Optimizer::Prodigy, 1.0));
+    h.get_by_value("Prodigy (learning-rate free)").click();
+    h.run();
+    h.get_by_label("Adafactor").click();
+    h.run();
+    assert_eq!((h.state().config.optimizer, h.state().config.learning_rate), (Optimizer::Adafactor, 1e-4));
+    h.get_by_role_and_label(Role::CheckBox, "Aspect-ratio buckets").click();
+    h.run();
+    assert!(h.state().config.dataset.buckets);
+    h.get_by_role_and_label(Role::CheckBox, "Shuffle tags").click();
+    h.run();
+    assert!(h.state().config.shuffle_tags);
+    for name in ["Gradient accumulation", "Caption dropout", "Clip skip"] {
+        h.get_by_label(name);
+    }
+    assert!(h.query_by_label("Text encoder rate").is_none(), "shown only when the text encoder trains");
+    h.get_by_role_and_label(Role::CheckBox, "Train text encoder").click();
+    h.run();
+    h.get_by_role_and_label(Role::CheckBox, "Text encoder rate").click();
+    h.run();
+    let c = &h.state().config;
+    assert_eq!(c.text_encoder_lr, Some(c.learning_rate / 2.0));
+}
+
 /// A file only part of which fits the model is never loaded unasked: the doctor says so and offers
 /// to add only the layers that fit; once asked, the row loads and says it is partial.
 #[test]

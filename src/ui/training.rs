@@ -542,10 +542,11 @@ fn settings(
             })
             .inner
         });
-        row(ui, "Learning rate", "How big each update is. 1e-4 is the usual LoRA rate; lower it if the loss jumps or samples fry.", |ui| {
+        row(ui, "Learning rate", "How big each update is. 1e-4 is the usual LoRA rate (Prodigy: 1); lower it if the loss jumps or samples fry.", |ui| {
             ui.add(
+                // Up to 10: Prodigy's rate is a multiplier of its own estimate (1 is usual).
                 egui::DragValue::new(&mut c.learning_rate)
-                    .range(1e-7..=1e-1)
+                    .range(1e-7..=10.0)
                     .speed(1e-6)
                     .custom_formatter(|v, _| sci(v))
                     .custom_parser(|s| s.trim().parse().ok()),
