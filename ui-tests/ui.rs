@@ -746,6 +746,46 @@ fn prompts_pngs_and_lora_tags_work_as_in_a1111() {
     assert!(p.adapters.iter().all(|r| !r.enabled), "the image used none of the adapters in the list");
 }
 
+/// *Cancel* stops an image and an XY grid being drawn; the window is ready for the next one.
+#[test]
+fn cancel_stops_an_image_and_a_grid() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    {
+        let p = &mut h.state_mut().playground;
+        p.add_adapter(&sd1_tiny().join("lora_a_kohya.safetensors"));
+        p.add_adapter(&sd1_tiny().join("lora_b_peft.safetensors"));
+        quick_request(p);
+        p.request.steps = 150;
+        p.live = false;
+    }
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.step();
+    h.get_by_label("Cancel").click();
+    h.step();
+    run_until(&mut h, SCAN, "cancelled", |a| a.playground.message.as_deref() == Some("Cancelled."));
+    assert_eq!(h.state().playground.images_made, 0);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    assert!(h.state().playground.progress.is_none());
+
+    h.state_mut().playground.grid = GridSettings { x: 0, y: 1, x_values: "0, 1".into(), y_values: "0, 1".into() };
+    h.state_mut().playground.render_grid();
+    h.step();
+    h.get_by_label("Cancel").click();
+    h.step();
+    run_until(&mut h, SCAN, "grid cancelled", |a| a.playground.message.as_deref() == Some("Grid cancelled."));
+    assert_eq!(h.state().playground.images_made, 0);
+
+    // The next image draws as usual.
+    h.state_mut().playground.request.steps = 2;
+    h.get_by_label("Generate").click();
+    h.step();
+    run_until(&mut h, SCAN, "an image", |a| a.playground.images_made == 1);
+}
+
 #[test]
 fn dice_picks_a_new_seed() {
     let mut h = harness_with_model();

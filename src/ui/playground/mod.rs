@@ -493,6 +493,12 @@ impl PlaygroundPanel {
         self.render(false);
     }
 
+    /// Stops the image or grid being drawn (at its next step) and any render queued behind it.
+    pub fn cancel(&mut self) {
+        self.last_change = None;
+        self.worker.cancel_through(self.next_id);
+    }
+
     /// What a live re-render draws: the preview when previews are on, else the full request.
     pub fn live_request(&self) -> GenerateRequest {
         match self.size_step {
@@ -757,6 +763,13 @@ impl PlaygroundPanel {
                     };
                     self.image = Some(image);
                     self.images_made += 1;
+                    self.progress = None;
+                }
+                ModelEvent::Cancelled { grid } => {
+                    if !grid {
+                        self.renders_sent.pop_front();
+                    }
+                    self.message = Some(if grid { "Grid cancelled." } else { "Cancelled." }.into());
                     self.progress = None;
                 }
                 ModelEvent::GenerateFailed { error } => {

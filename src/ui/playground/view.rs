@@ -201,7 +201,12 @@ pub(super) fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &m
     });
     if let Some((step, total)) = p.progress {
         let fraction = if total == 0 { 0.0 } else { step as f32 / total as f32 };
-        ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
+        ui.horizontal(|ui| {
+            if ui.button("Cancel").on_hover_text("Stop drawing this image or grid").clicked() {
+                p.cancel();
+            }
+            ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
+        });
     }
     match &p.texture {
         Some(tex) => {
