@@ -786,6 +786,34 @@ fn cancel_stops_an_image_and_a_grid() {
     run_until(&mut h, SCAN, "an image", |a| a.playground.images_made == 1);
 }
 
+/// The strip of this session's images: a click shows one again and puts back its settings.
+#[test]
+fn the_gallery_strip_brings_back_an_image_and_its_settings() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    quick_request(&mut h.state_mut().playground);
+    h.state_mut().playground.live = false;
+    for (n, (seed, prompt)) in [(11, "a red gradient"), (22, "a blue gradient")].into_iter().enumerate() {
+        (h.state_mut().playground.request.seed, h.state_mut().playground.request.prompt) = (seed, prompt.into());
+        h.run_steps(2);
+        h.get_by_label("Generate").click();
+        h.step();
+        run_until(&mut h, SCAN, "an image", |a| a.playground.images_made == n + 1);
+    }
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    h.run_steps(2);
+    let second = h.state().playground.image.clone().unwrap();
+    h.get_by_label("Image 1 of this session").click();
+    h.run_steps(2);
+    let p = &h.state().playground;
+    assert_eq!((p.request.seed, p.request.prompt.as_str()), (11, "a red gradient"));
+    assert!(p.image_info.starts_with("seed 11"), "{}", p.image_info);
+    assert_ne!(p.image.as_ref().unwrap(), &second, "the first image is shown again");
+    assert_eq!(p.gallery.len(), 2);
+}
+
 #[test]
 fn dice_picks_a_new_seed() {
     let mut h = harness_with_model();

@@ -123,6 +123,8 @@ pub struct PlaygroundPanel {
     renders_sent: std::collections::VecDeque<(bool, GenerationParameters)>,
     /// The settings that drew the image shown.
     pub image_parameters: Option<GenerationParameters>,
+    /// This session's images, newest last.
+    pub gallery: Vec<GalleryItem>,
     pub image: Option<image::RgbImage>,
     texture: Option<egui::TextureHandle>,
     /// "seed 42 · 3.1 s".
@@ -163,6 +165,18 @@ pub struct PlaygroundPanel {
     pub overdrive: Option<f64>,
     pub grid: GridSettings,
 }
+
+/// One image of this session, kept with the settings that drew it (the Playground's strip).
+pub struct GalleryItem {
+    pub image: image::RgbImage,
+    pub texture: egui::TextureHandle,
+    pub params: GenerationParameters,
+    /// The image's line ("seed 42 · 3.1 s").
+    pub info: String,
+}
+
+/// How many of the session's images the strip keeps (the oldest go first).
+pub const GALLERY_SIZE: usize = 32;
 
 /// The XY grid: two adapters (rows of `adapters`) and the weights to try for each.
 #[derive(Clone, Debug, PartialEq)]
@@ -228,6 +242,7 @@ impl PlaygroundPanel {
             size_step: None,
             renders_sent: std::collections::VecDeque::new(),
             image_parameters: None,
+            gallery: Vec::new(),
             image: None,
             texture: None,
             image_info: String::new(),
@@ -493,6 +508,15 @@ impl PlaygroundPanel {
         self.render(false);
     }
 
+    /// The image just drawn joins the strip, with its texture, line and settings.
+    fn keep_in_gallery(&mut self, image: &image::RgbImage) {
+        let (Some(texture), Some(params)) = (self.texture.clone(), self.image_parameters.clone()) else { return };
+        if self.gallery.len() == GALLERY_SIZE {
+            self.gallery.remove(0);
+        }
+        self.gallery.push(GalleryItem { image: image.clone(), texture, params, info: self.image_info.clone() });
+    }
+
     /// Stops the image or grid being drawn (at its next step) and any render queued behind it.
     pub fn cancel(&mut self) {
         self.last_change = None;
@@ -656,10 +680,26 @@ impl PlaygroundPanel {
     /// A PNG's saved settings (A1111's, or ours) put back: prompt, sizes, sampler, seed, and
     /// each adapter's slider (added from `adapter_folders` when it is not in the list).
     pub fn restore_parameters(&mut self, png: &Path) {
-        let params = match read_png_parameters(png) {
-            Ok(p) => p,
-            Err(e) => return self.message = Some(format!("{e:#}")),
-        };
+        match read_png_parameters(png) {
+            Ok(params) => self.restore_settings(&params, &png.display().to_string()),
+            Err(e) => self.message = Some(format!("{e:#}")),
+        }
+    }
+
+    /// Shows the gallery's image `i` again and puts back the settings that drew it.
+    pub fn open_from_gallery(&mut self, i: usize) {
+        let Some(item) = self.gallery.get(i) else { return };
+        let (image, texture, info, params) =
+            (item.image.clone(), item.texture.clone(), item.info.clone(), item.params.clone());
+        self.image = Some(image);
+        self.texture = Some(texture);
+        self.image_info = info;
+        self.image_parameters = Some(params.clone());
+        self.restore_settings(&params, "this image");
+    }
+
+    /// Puts `params` back: prompt, sizes, sampler, seed, clip skip and each adapter's slider.
+    fn restore_settings(&mut self, params: &GenerationParameters, source: &str) {
         let mut notes = params.apply_to(&mut self.request);
         self.size_chosen = true;
         self.sampler_chosen = true;
@@ -677,9 +717,9 @@ impl PlaygroundPanel {
             notes.extend(self.message.take());
         }
         self.message = Some(if notes.is_empty() {
-            format!("Settings restored from {}", png.display())
+            format!("Settings restored from {source}")
         } else {
-            format!("Settings restored from {} ({})", png.display(), notes.join("; "))
+            format!("Settings restored from {source} ({})", notes.join("; "))
         });
     }
 
@@ -735,8 +775,9 @@ impl PlaygroundPanel {
                 ModelEvent::Grid { image, seconds, caption } => {
                     self.image_parameters = Some(self.parameters(&self.request));
                     self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
-                    self.image = Some(image);
                     self.image_info = format!("grid · {caption} · {seconds:.1} s");
+                    self.keep_in_gallery(&image);
+                    self.image = Some(image);
                     self.images_made += 1;
                     self.progress = None;
                 }
@@ -755,12 +796,16 @@ impl PlaygroundPanel {
                     self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
                     let (preview, params) = self.renders_sent.pop_front().unzip();
                     self.image_parameters = params;
-                    self.image_info = if preview.unwrap_or(false) {
+                    let preview = preview.unwrap_or(false);
+                    self.image_info = if preview {
                         let (w, h) = image.dimensions();
                         format!("preview {w}×{h} · seed {seed} · {seconds:.1} s · Generate renders it in full")
                     } else {
                         format!("seed {seed} · {seconds:.1} s")
                     };
+                    if !preview {
+                        self.keep_in_gallery(&image);
+                    }
                     self.image = Some(image);
                     self.images_made += 1;
                     self.progress = None;

@@ -208,9 +208,11 @@ pub(super) fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &m
             ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
         });
     }
+    // The session's images, newest first: a click shows one again with the settings that drew it.
+    let strip = if p.gallery.len() > 1 { GALLERY_THUMB + 22.0 } else { 0.0 };
     match &p.texture {
         Some(tex) => {
-            let side = ui.available_width().min(ui.available_height()).max(64.0);
+            let side = ui.available_width().min(ui.available_height() - strip).max(64.0);
             ui.add(
                 egui::Image::from_texture(tex).fit_to_exact_size(egui::vec2(side, side)).maintain_aspect_ratio(true),
             );
@@ -219,6 +221,34 @@ pub(super) fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &m
             ui.add_space(20.0);
             ui.label(RichText::new("The image appears here.").weak());
         }
+    }
+    if p.gallery.len() > 1 {
+        gallery_strip(ui, p);
+    }
+}
+
+/// The side of a gallery thumbnail, in points.
+const GALLERY_THUMB: f32 = 56.0;
+
+fn gallery_strip(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    let mut open = None;
+    egui::ScrollArea::horizontal().id_salt("gallery").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            for (i, item) in p.gallery.iter().enumerate().rev() {
+                let size = egui::vec2(GALLERY_THUMB, GALLERY_THUMB);
+                let button = egui::Button::image(egui::Image::from_texture(&item.texture).fit_to_exact_size(size));
+                let tip = format!("{}\n{}", item.params.prompt_with_tags(), item.info);
+                let name = format!("Image {} of this session", i + 1);
+                let response = ui.add(button);
+                response.widget_info(|| egui::WidgetInfo::labeled(egui::WidgetType::Button, true, &name));
+                if response.on_hover_text(tip).clicked() {
+                    open = Some(i);
+                }
+            }
+        });
+    });
+    if let Some(i) = open {
+        p.open_from_gallery(i);
     }
 }
 
