@@ -240,7 +240,7 @@ fn gallery_strip(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
                 let tip = format!("{}\n{}", item.params.prompt_with_tags(), item.info);
                 let name = format!("Image {} of this session", i + 1);
                 let response = ui.add(button);
-                response.widget_info(|| egui::WidgetInfo::labeled(egui::WidgetType::Button, true, &name));
+                response.widget_info(|| egui::WidgetInfo::labeled(egui::accesskit::Role::Button, true, &name));
                 if response.on_hover_text(tip).clicked() {
                     open = Some(i);
                 }
