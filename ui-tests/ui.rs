@@ -496,6 +496,13 @@ fn a_first_run_takes_its_defaults_from_the_model() {
     run_until(&mut h, TRAIN, "a sample", |a| !a.training.samples.is_empty());
     assert_eq!(h.state().training.samples[0].prompt, prompt);
     run_until(&mut h, TRAIN, "finished", |a| matches!(a.training.run, RunState::Finished { .. }));
+    // A sample opens larger on a click.
+    h.run_steps(2);
+    h.get_by_label("Sample at step 1").click();
+    h.run_steps(2);
+    assert_eq!(h.state().training.sample_open, Some(0));
+    let shown = h.get_all_by_role(Role::Image).map(|n| n.rect().width()).fold(0.0f32, f32::max);
+    assert!(shown >= 500.0, "the larger view is {shown} points wide");
 }
 
 #[test]

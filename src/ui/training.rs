@@ -150,6 +150,8 @@ pub struct TrainingPanel {
     /// Images encoded so far while a run starts (done, total).
     pub encoding: Option<(usize, usize)>,
     pub sample_prompt_now: String,
+    /// The sample shown larger (an index into `samples`).
+    pub sample_open: Option<usize>,
 }
 
 impl Default for TrainingPanel {
@@ -176,6 +178,7 @@ impl Default for TrainingPanel {
             existing_output: None,
             encoding: None,
             sample_prompt_now: String::new(),
+            sample_open: None,
         }
     }
 }
@@ -311,6 +314,7 @@ impl TrainingPanel {
         self.eta = Duration::ZERO;
         self.loss = LossHistory::default();
         self.samples.clear();
+        self.sample_open = None;
         self.checkpoints.clear();
         self.job_warnings.clear();
         self.encoding = None;
@@ -466,6 +470,7 @@ pub(super) fn ui_training(
             }
         });
     });
+    enlarged_sample(ui.ctx(), panel);
     actions
 }
 
@@ -893,7 +898,7 @@ fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
 const STRIP_HEIGHT: f32 = 140.0;
 const SAMPLE_SIDE: f32 = 96.0;
 
-fn samples(ui: &mut egui::Ui, panel: &TrainingPanel) {
+fn samples(ui: &mut egui::Ui, panel: &mut TrainingPanel) {
     ui.vertical(|ui| {
         ui.strong("Samples");
         if panel.samples.is_empty() {
@@ -903,20 +908,47 @@ fn samples(ui: &mut egui::Ui, panel: &TrainingPanel) {
     });
 }
 
-fn samples_row(ui: &mut egui::Ui, panel: &TrainingPanel) {
+fn samples_row(ui: &mut egui::Ui, panel: &mut TrainingPanel) {
+    let mut open = None;
     egui::ScrollArea::horizontal().id_salt("samples").show(ui, |ui| {
         ui.horizontal(|ui| {
-            for s in panel.samples.iter().rev() {
+            for (i, s) in panel.samples.iter().enumerate().rev() {
                 ui.vertical(|ui| {
-                    ui.add(
-                        egui::Image::from_texture(&s.texture).fit_to_exact_size(egui::vec2(SAMPLE_SIDE, SAMPLE_SIDE)),
-                    )
-                    .on_hover_text(&s.prompt);
+                    let image = egui::Image::from_texture(&s.texture)
+                        .fit_to_exact_size(egui::vec2(SAMPLE_SIDE, SAMPLE_SIDE))
+                        .sense(egui::Sense::click());
+                    let response = ui.add(image);
+                    let name = format!("Sample at step {}", s.step);
+                    response.widget_info(|| egui::WidgetInfo::labeled(egui::accesskit::Role::Button, true, &name));
+                    if response.on_hover_text(format!("{}\n(click to see it larger)", s.prompt)).clicked() {
+                        open = Some(i);
+                    }
                     ui.label(format!("step {}", s.step));
                 });
             }
         });
     });
+    if open.is_some() {
+        panel.sample_open = open;
+    }
+}
+
+/// A sample clicked in the strip, at up to 512 points in a window of its own.
+fn enlarged_sample(ctx: &egui::Context, panel: &mut TrainingPanel) {
+    let Some(s) = panel.sample_open.and_then(|i| panel.samples.get(i)) else { return };
+    let mut open = true;
+    let [w, h] = s.texture.size();
+    let size = egui::vec2(w as f32, h as f32) * (512.0 / w.max(h).max(1) as f32);
+    egui::Window::new(format!("Sample at step {}", s.step)).open(&mut open).collapsible(false).resizable(false).show(
+        ctx,
+        |ui| {
+            ui.add(egui::Image::from_texture(&s.texture).fit_to_exact_size(size));
+            ui.label(RichText::new(&s.prompt).weak());
+        },
+    );
+    if !open {
+        panel.sample_open = None;
+    }
 }
 
 fn checkpoints(ui: &mut egui::Ui, panel: &TrainingPanel, actions: &mut Vec<TrainingAction>) {
