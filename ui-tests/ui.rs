@@ -166,6 +166,49 @@ fn dropped_folder_is_scanned_with_thumbnails_captions_and_warnings() {
     assert!(text_of(&h, "3 images ·").contains("0 duplicates"));
 }
 
+/// The pre-flight warnings are listed once, before and during a run, and the run's buttons stay
+/// where they are as lines come and go.
+#[test]
+fn warnings_show_once_and_the_buttons_stay_put() {
+    let dir = tempdir("warn-once");
+    make_images(&dir.join("data"));
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        // 40 px images trained at 64 px: each is upscaled, which the pre-flight check warns of.
+        (app.config.steps, app.config.dataset.resolution, app.config.sample_every) = (100_000, 64, 0);
+        app.training.output = dir.join("w.safetensors").display().to_string();
+    }
+    h.run();
+    let warnings = |h: &Harness<'_, StudioApp>| h.query_all_by_label_contains("Warning:").count();
+    h.get_by_label_contains("Pre-flight:").click();
+    h.run();
+    let before = warnings(&h);
+    assert!(before >= 1, "the upscaling is warned of");
+    let start_at = h.get_by_label("Start training").rect().top();
+    h.get_by_label("Start training").click();
+    h.step();
+    run_until(&mut h, TRAIN, "steps", |a| a.training.step >= 1);
+    h.run_steps(3);
+    assert_eq!(h.get_by_label("Start training").rect().top(), start_at, "the buttons did not move");
+    if h.query_by_label_contains("Warning:").is_none() {
+        h.get_by_label_contains("Pre-flight:").click();
+        h.run_steps(2);
+    }
+    assert_eq!(warnings(&h), before, "each warning once while the run goes");
+    h.get_by_label("Stop").click();
+    run_until(&mut h, TRAIN, "stopped", |a| !a.training.is_active());
+    h.run_steps(3);
+    if h.query_by_label_contains("Warning:").is_none() {
+        h.get_by_label_contains("Pre-flight:").click();
+        h.run_steps(2);
+    }
+    assert_eq!(warnings(&h), before, "each warning once after the run");
+}
+
 /// Nothing typed or gathered is lost by a click: a caption edit is saved when another image is
 /// picked, *Clear* can be undone, a file where the adapter would go is replaced only when asked,
 /// and an error line goes once the next scan works.

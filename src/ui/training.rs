@@ -728,20 +728,6 @@ fn settings(
 }
 
 fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'_>, actions: &mut Vec<TrainingAction>) {
-    // What will happen on Start, in one glance.
-    let model = cx.model.map_or("no model open".to_owned(), |m| m.display().to_string());
-    let out = panel.output_path(cx.images).map_or("—".to_owned(), |p| p.display().to_string());
-    let images = crate::engine::train::dataset::counted(cx.images.len(), "image", "images");
-    ui.label(format!("{images} · model: {model}"));
-    ui.label(RichText::new(format!("Writes {out}")).weak());
-    if !cx.warnings.is_empty() && !panel.is_active() {
-        let warnings = crate::engine::train::dataset::counted(cx.warnings.len(), "warning", "warnings");
-        egui::CollapsingHeader::new(format!("Pre-flight: {warnings}")).show(ui, |ui| {
-            for w in &cx.warnings {
-                ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
-            }
-        });
-    }
     ui.horizontal(|ui| {
         let can_start = !panel.is_active();
         if ui
@@ -791,6 +777,22 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
             actions.push(TrainingAction::ChooseResume);
         }
     });
+    // Below the buttons, so that lines coming and going never move them.
+    let model = cx.model.map_or("no model open".to_owned(), |m| m.display().to_string());
+    let out = panel.output_path(cx.images).map_or("—".to_owned(), |p| p.display().to_string());
+    let images = crate::engine::train::dataset::counted(cx.images.len(), "image", "images");
+    ui.label(format!("{images} · model: {model}"));
+    ui.label(RichText::new(format!("Writes {out}")).weak());
+    // One list: the Dataset area's check before a run, the worker's own once it has started.
+    let warnings = if panel.is_active() { &panel.job_warnings } else { &cx.warnings };
+    if !warnings.is_empty() {
+        let counted = crate::engine::train::dataset::counted(warnings.len(), "warning", "warnings");
+        egui::CollapsingHeader::new(format!("Pre-flight: {counted}")).id_salt("preflight").show(ui, |ui| {
+            for w in warnings {
+                ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
+            }
+        });
+    }
     if let Some(msg) = &panel.message {
         ui.colored_label(ui.visuals().error_fg_color, msg);
     }
@@ -888,9 +890,6 @@ fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
         }
         parts.push(format!("lr {}", sci(panel.lr)));
         ui.label(parts.join(" · "));
-    }
-    for w in &panel.job_warnings {
-        ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
     }
 }
 
