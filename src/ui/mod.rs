@@ -444,9 +444,12 @@ impl StudioApp {
         egui::Panel::bottom("status_bar").show(ui, |ui| {
             let now = ui.input(|i| i.time);
             self.memory.refresh(now);
-            // Keep the memory figure fresh while the app is otherwise idle.
-            ui.ctx().request_repaint_after(MemorySampler::INTERVAL);
-            let job = self.job().label();
+            // Keep the memory figure fresh: each second while work runs, every few seconds when
+            // nothing does (each frame costs CPU; an idle window should cost next to none).
+            let job = self.job();
+            let idle = matches!(job, JobState::Idle);
+            ui.ctx().request_repaint_after(if idle { MemorySampler::IDLE_INTERVAL } else { MemorySampler::INTERVAL });
+            let job = job.label();
             let device = self.device_status();
             let model = match self.playground.loaded_family {
                 Some(family) if !self.model_label.is_empty() => format!("{} · {}", self.model_label, family.label()),
