@@ -424,7 +424,7 @@ impl Dataset {
     /// The run length of `epochs` epochs, as sd-scripts turns `--max_train_epochs` into steps:
     /// epochs × steps per epoch (24 images × 10 repeats, batch 2, 10 epochs: 1200 steps).
     pub fn steps_for_epochs(&self, epochs: usize, batch: usize, grad_accum: usize) -> usize {
-        epochs * self.steps_per_epoch(batch, grad_accum)
+        steps_for_epochs(epochs, self.images_per_epoch(), batch, grad_accum)
     }
 
     /// The pre-flight report; `count_tokens` is the model's tokenizer.
@@ -466,6 +466,12 @@ impl Dataset {
 /// trainer does not end an epoch with a short batch: the extra places take the next epoch's first.
 pub fn steps_per_epoch(images_per_epoch: usize, batch: usize, grad_accum: usize) -> usize {
     images_per_epoch.div_ceil(batch.max(1)).div_ceil(grad_accum.max(1)).max(1)
+}
+
+/// sd-scripts' `max_train_epochs × steps per epoch`: each epoch rounded up on its own, so 10
+/// epochs of 25 images at batch 2 are 130 steps, not ⌈250 / 2⌉ = 125.
+pub fn steps_for_epochs(epochs: usize, images_per_epoch: usize, batch: usize, grad_accum: usize) -> usize {
+    epochs * steps_per_epoch(images_per_epoch, batch, grad_accum)
 }
 
 /// Images under `dir`, recursively. Each folder is read once (by its real path), so a link that
@@ -600,7 +606,7 @@ mod wording_tests {
 mod repeats_tests {
     use std::path::{Path, PathBuf};
 
-    use super::{Dataset, DatasetOptions, MAX_REPEATS, folder_repeats, steps_per_epoch};
+    use super::{Dataset, DatasetOptions, MAX_REPEATS, folder_repeats, steps_for_epochs, steps_per_epoch};
 
     #[test]
     fn folder_names_read_as_kohya_reads_them() {
@@ -667,11 +673,11 @@ mod repeats_tests {
     #[test]
     fn epochs_become_steps_as_sd_scripts_counts_them() {
         // 24 images × 10 repeats, batch 2, 10 epochs: sd-scripts prints 1200 steps.
-        assert_eq!(10 * steps_per_epoch(24 * 10, 2, 1), 1200);
-        // A ragged batch is a whole step each epoch: 25 images, batch 2 → 13 a epoch, not 12.5.
-        assert_eq!(10 * steps_per_epoch(25, 2, 1), 130);
-        // Accumulation rounds the batches up again: ⌈⌈25 / 2⌉ / 4⌉ = 4.
-        assert_eq!(steps_per_epoch(25, 2, 4), 4);
+        assert_eq!(steps_for_epochs(10, 24 * 10, 2, 1), 1200);
+        // A ragged batch is a whole step each epoch: 25 images, batch 2 → 13 an epoch, not 12.5.
+        assert_eq!(steps_for_epochs(10, 25, 2, 1), 130);
+        // Accumulation rounds the batches up again: ⌈⌈25 / 2⌉ / 4⌉ = 4 an epoch.
+        assert_eq!(steps_for_epochs(3, 25, 2, 4), 12);
         assert_eq!(steps_per_epoch(0, 2, 1), 1);
     }
 }
