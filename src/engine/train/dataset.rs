@@ -153,7 +153,8 @@ fn folder_name(path: &Path) -> String {
 }
 
 /// The image folders under `paths` with their repeats, from a listing alone (nothing decoded; a
-/// folder kohya leaves out, `0_x`, is left out): what a kohya job's subsets are.
+/// folder kohya leaves out, `0_x`, is left out): what a kohya job's subsets are. A given folder
+/// with no images under it here (they may be on the machine the job runs on) is one itself.
 pub fn image_folders(paths: &[PathBuf]) -> Result<Vec<DatasetFolder>> {
     let (mut files, mut visited, mut skipped) = (Vec::new(), HashSet::new(), Vec::new());
     for p in paths {
@@ -165,7 +166,16 @@ pub fn image_folders(paths: &[PathBuf]) -> Result<Vec<DatasetFolder>> {
     }
     files.sort();
     files.dedup();
-    Ok(group_by_folder(files.iter().map(PathBuf::as_path)).into_iter().filter(|f| f.repeats > 0).collect())
+    let mut folders = group_by_folder(files.iter().map(PathBuf::as_path));
+    for p in paths.iter().filter(|p| !is_image(p)) {
+        if !folders.iter().any(|f| f.path.starts_with(p)) {
+            let name = p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            let (repeats, class_tokens) = folder_repeats(&name).unwrap_or((1, ""));
+            let class_tokens = class_tokens.to_string();
+            folders.push(DatasetFolder { path: p.clone(), name, repeats, images: 0, class_tokens });
+        }
+    }
+    Ok(folders.into_iter().filter(|f| f.repeats > 0).collect())
 }
 
 #[derive(Clone, Debug, Default)]
@@ -667,6 +677,24 @@ mod repeats_tests {
         assert_eq!(pf.epochs_summary(33, 2, 1), "33 steps = 3.0 epochs of 11 steps");
         // Only the plain folder's image falls back to the default caption.
         assert_eq!(pf.without_caption.len(), 1);
+    }
+
+    /// A kohya job's subsets: each image folder (nested ones too) with its repeats, `0_x` left out,
+    /// and a given folder with no images here as itself.
+    #[test]
+    fn image_folders_list_each_folder_with_its_repeats() {
+        let root: PathBuf = std::env::temp_dir().join(format!("lora-studio-repeats-list-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        png(&root.join("train/10_sks dog/a.png"));
+        png(&root.join("train/10_sks dog/b.png"));
+        png(&root.join("train/0_unused/c.png"));
+        png(&root.join("train/plain/more/d.png"));
+        std::fs::create_dir_all(root.join("3_elsewhere")).unwrap();
+        let folders = super::image_folders(&[root.join("train"), root.join("3_elsewhere")]).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+        let seen: Vec<(&str, usize, usize, &str)> =
+            folders.iter().map(|f| (f.name.as_str(), f.repeats, f.images, f.class_tokens.as_str())).collect();
+        assert_eq!(seen, [("10_sks dog", 10, 2, "sks dog"), ("more", 1, 1, ""), ("3_elsewhere", 3, 0, "elsewhere")]);
     }
 
     /// sd-scripts' `--max_train_epochs`: epochs × ⌈⌈images × repeats / batch⌉ / accumulation⌉.
