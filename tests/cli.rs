@@ -425,7 +425,8 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
     // train.toml's `epochs` goes to sd-scripts as epochs, and a `N_words` folder as its repeats.
     let data = dir.join("4_red disc");
     std::fs::create_dir_all(&data).unwrap();
-    let text = std::fs::read_to_string(&toml_file).unwrap().replace(&format!("{:?}", p(&dir)), &format!("{:?}", p(&data)));
+    let text =
+        std::fs::read_to_string(&toml_file).unwrap().replace(&format!("{:?}", p(&dir)), &format!("{:?}", p(&data)));
     std::fs::write(&toml_file, text.replace("steps = 300\n", "epochs = 10\n")).unwrap();
     let by_epochs = dir.join("kohya-epochs");
     let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&by_epochs)]);

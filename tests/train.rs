@@ -206,7 +206,8 @@ fn make_repeat_folders(dir: &Path) {
     for (i, folder) in ["3_disc", "3_disc", "plain", "plain"].iter().enumerate() {
         std::fs::create_dir_all(dir.join(folder)).unwrap();
         for ext in ["png", "txt"] {
-            std::fs::rename(dir.join(format!("disc{i}.{ext}")), dir.join(folder).join(format!("disc{i}.{ext}"))).unwrap();
+            std::fs::rename(dir.join(format!("disc{i}.{ext}")), dir.join(folder).join(format!("disc{i}.{ext}")))
+                .unwrap();
         }
     }
 }
@@ -269,14 +270,17 @@ fn resume_with_repeats_follows_the_same_trajectory() {
     let (a, b) = (straight.export_layers().unwrap(), resumed.export_layers().unwrap());
     for (x, y) in a.iter().zip(&b) {
         for (tx, ty) in x.delta.tensors().iter().zip(y.delta.tensors()) {
-            assert_eq!(values(tx), values(&ty), "{}", x.path);
+            assert_eq!(values(tx), values(ty), "{}", x.path);
         }
     }
     // The record counts the repeats: 8 images an epoch, 2 epochs, the 3_disc folder's 3 repeats.
     let out = dir.join("trained.safetensors");
     resumed.save_adapter(&out, lora_studio::engine::adapters::formats::Naming::Kohya).unwrap();
     let (_, m) = lora_studio::engine::io::weights::read_safetensors_with_metadata(&out).unwrap();
-    assert_eq!((m["ss_num_train_images"].as_str(), m["ss_num_epochs"].as_str(), m["ss_epoch"].as_str()), ("8", "2", "2"));
+    assert_eq!(
+        (m["ss_num_train_images"].as_str(), m["ss_num_epochs"].as_str(), m["ss_epoch"].as_str()),
+        ("8", "2", "2")
+    );
     let dirs: serde_json::Value = serde_json::from_str(&m["ss_dataset_dirs"]).unwrap();
     assert_eq!(dirs["3_disc"], serde_json::json!({"n_repeats": 3, "img_count": 2}), "{dirs}");
 }

@@ -223,7 +223,14 @@ impl Preflight {
         let parts: Vec<String> = self
             .folders
             .iter()
-            .map(|f| format!("{}: {} × {}", f.name, counted(f.images, "image", "images"), counted(f.repeats, "repeat", "repeats")))
+            .map(|f| {
+                format!(
+                    "{}: {} × {}",
+                    f.name,
+                    counted(f.images, "image", "images"),
+                    counted(f.repeats, "repeat", "repeats")
+                )
+            })
             .collect();
         format!("{}; {} per epoch", parts.join(", "), counted(self.images_per_epoch(), "image", "images"))
     }
@@ -672,7 +679,10 @@ mod repeats_tests {
         assert!(ds.skipped[0].reason.contains("0 repeats"), "{:?}", ds.skipped);
         assert_eq!(ds.images_per_epoch(), 21);
         let pf = ds.preflight(&opts, &|_| 1);
-        assert_eq!(pf.repeats_summary(), "10_sks dog: 2 images × 10 repeats, plain: 1 image × 1 repeat; 21 images per epoch");
+        assert_eq!(
+            pf.repeats_summary(),
+            "10_sks dog: 2 images × 10 repeats, plain: 1 image × 1 repeat; 21 images per epoch"
+        );
         // batch 2: ⌈21 / 2⌉ = 11 steps an epoch.
         assert_eq!(pf.epochs_summary(33, 2, 1), "33 steps = 3.0 epochs of 11 steps");
         // Only the plain folder's image falls back to the default caption.

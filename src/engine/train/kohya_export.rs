@@ -82,7 +82,8 @@ pub fn dataset_toml(job: &KohyaJob) -> String {
         // kohya uses class_tokens only for images without a caption file: an `N_words` folder's
         // words, as our scan uses them; else the trigger, which we prepend to every caption, so
         // MAPPING.md asks users to put it in their captions.
-        let class_tokens = if folder.class_tokens.trim().is_empty() { d.trigger.as_str() } else { folder.class_tokens.trim() };
+        let class_tokens =
+            if folder.class_tokens.trim().is_empty() { d.trigger.as_str() } else { folder.class_tokens.trim() };
         if !class_tokens.is_empty() {
             t += &format!("  class_tokens = {}\n", toml_string(class_tokens));
         }
