@@ -488,7 +488,7 @@ pub fn steps_per_epoch(images_per_epoch: usize, batch: usize, grad_accum: usize)
 /// sd-scripts' `max_train_epochs × steps per epoch`: each epoch rounded up on its own, so 10
 /// epochs of 25 images at batch 2 are 130 steps, not ⌈250 / 2⌉ = 125.
 pub fn steps_for_epochs(epochs: usize, images_per_epoch: usize, batch: usize, grad_accum: usize) -> usize {
-    epochs * steps_per_epoch(images_per_epoch, batch, grad_accum)
+    epochs.saturating_mul(steps_per_epoch(images_per_epoch, batch, grad_accum))
 }
 
 /// Images under `dir`, recursively. Each folder is read once (by its real path), so a link that
