@@ -51,12 +51,15 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
                      --train-text-encoder --text-encoders both|te1|te2 (SDXL) --flip --buckets --min-snr G --noise-offset X
                      --timestep-bias none|earlier|later --timestep-bias-multiplier X --timestep-bias-portion X
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N --clip-skip N (SD 1.x / 2.x)
+                     --optimizer adamw|prodigy|adafactor
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
                      --format kohya|peft --resume CKPT --overwrite --config train.toml]
                     (--epochs N: N passes over the data instead of --steps, each image as often as its folder's
                      kohya name `N_words` says (N repeats; `words` captions images without a caption file);
                      --algo full trains the model itself; --out is then a model folder; without --config an
-                     SDXL model starts from SDXL's defaults: --resolution 1024, gradient checkpointing, UNet only)
+                     SDXL model starts from SDXL's defaults: --resolution 1024, gradient checkpointing, UNet only;
+                     --optimizer prodigy wants --lr 1; Prodigy's and Adafactor's own settings are the
+                     [prodigy] and [adafactor] tables of train.toml)
   lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction] [--zero-terminal-snr]
                        the same job for kohya sd-scripts (dataset.toml + train.sh)
   lora-studio adapter info FILE [--model PATH]
@@ -741,6 +744,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "timestep-bias-portion" => c.timestep_bias_portion = num(&v)?,
             "gradient-checkpointing" => c.gradient_checkpointing = true,
             "warmup" => c.warmup_steps = int(&v)?,
+            "optimizer" => c.optimizer = v.parse().map_err(|e| anyhow::anyhow!("--optimizer: {e}"))?,
             "lr-schedule" => {
                 c.lr_schedule = serde_json::from_value(serde_json::Value::String(v.clone()))
                     .map_err(|_| anyhow::anyhow!("--lr-schedule: `{v}` (constant, cosine or linear)"))?

@@ -337,6 +337,13 @@ impl StudioApp {
                     Some(format!("{}: drop adapters on the Playground; to open a model use Open model…", w.display()));
             }
         }
+        // A PNG dropped on the Playground brings back the settings saved in it (A1111's or ours).
+        let (settings, images): (Vec<PathBuf>, Vec<PathBuf>) = images.into_iter().partition(|p| {
+            self.area == Area::Playground && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"))
+        });
+        if let Some(png) = settings.last() {
+            self.playground.restore_parameters(png);
+        }
         if !images.is_empty() {
             self.area = Area::Dataset;
             let ctx = self.ctx.clone();

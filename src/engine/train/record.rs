@@ -8,6 +8,7 @@ use crate::engine::diffusion::schedule::Prediction;
 use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::StableDiffusion;
 use crate::engine::train::dataset::DatasetFolder;
+use crate::engine::train::optim::Optimizer;
 use crate::engine::train::trainer::{LrSchedule, TrainConfig};
 
 /// Which Stable Diffusion a model is, as adapter metadata names it.
@@ -92,16 +93,26 @@ impl RunRecord<'_> {
         put("ss_unet_lr", c.learning_rate.to_string());
         let te_lr = if c.train_text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { 0.0 };
         put("ss_text_encoder_lr", te_lr.to_string());
-        put(
-            "ss_optimizer",
-            format!("AdamW(betas=({}, {}), eps={}, weight_decay={})", c.beta1, c.beta2, c.eps, c.weight_decay),
-        );
-        let schedule = match c.lr_schedule {
-            LrSchedule::Constant => "constant",
-            LrSchedule::Cosine => "cosine",
-            LrSchedule::Linear => "linear",
+        let optimizer = kohya_optimizer(c);
+        let ss_optimizer = match c.optimizer {
+            Optimizer::AdamW => {
+                format!("AdamW(betas=({}, {}), eps={}, weight_decay={})", c.beta1, c.beta2, c.eps, c.weight_decay)
+            }
+            // sd-scripts: the class's module path and the arguments it was given, as Python prints them.
+            _ => {
+                let args: Vec<String> = optimizer.args.iter().map(|a| format!("{}={}", a.key, a.python)).collect();
+                format!("{}({})", optimizer.class, args.join(","))
+            }
         };
-        put("ss_lr_scheduler", schedule.to_string());
+        put("ss_optimizer", ss_optimizer);
+        let schedule = match c.lr_schedule {
+            // sd-scripts replaces the schedule by Adafactor's own, named with the initial rate.
+            _ if optimizer.own_schedule => format!("adafactor:{}", py_float(c.learning_rate)),
+            LrSchedule::Constant => "constant".into(),
+            LrSchedule::Cosine => "cosine".into(),
+            LrSchedule::Linear => "linear".into(),
+        };
+        put("ss_lr_scheduler", schedule);
         put("ss_lr_warmup_steps", c.warmup_steps.to_string());
         put("ss_batch_size_per_device", c.batch_size.to_string());
         put("ss_gradient_accumulation_steps", c.grad_accum.to_string());
@@ -160,6 +171,111 @@ pub fn dataset_dirs(folders: &[DatasetFolder]) -> serde_json::Value {
     serde_json::Value::Object(dirs)
 }
 
+/// One keyword argument of the optimiser in sd-scripts' terms.
+pub struct KohyaArg {
+    pub key: &'static str,
+    /// As `--optimizer_args` takes it (`ast.literal_eval`).
+    pub literal: String,
+    /// As Python prints the value (`ss_optimizer`).
+    pub python: String,
+}
+
+/// A run's optimiser as sd-scripts names and builds it.
+pub struct KohyaOptimizer {
+    /// `--optimizer_type`.
+    pub optimizer_type: &'static str,
+    /// The optimiser class's module path (how `ss_optimizer` begins).
+    pub class: &'static str,
+    /// `--optimizer_args`, in order.
+    pub args: Vec<KohyaArg>,
+    /// Adafactor with `relative_step`: sd-scripts switches to its `adafactor` schedule.
+    pub own_schedule: bool,
+}
+
+/// The optimiser of `c` as sd-scripts' `get_optimizer` takes it: `--optimizer_type` and the
+/// arguments that give our settings (`prodigyopt.Prodigy`, `transformers.optimization.Adafactor`).
+pub fn kohya_optimizer(c: &TrainConfig) -> KohyaOptimizer {
+    let float = |key: &'static str, x: f64| KohyaArg { key, literal: py_float(x), python: py_float(x) };
+    let flag = |key: &'static str, b: bool| KohyaArg { key, literal: py_bool(b), python: py_bool(b) };
+    // `betas=0.9,0.999` reads as a tuple, which Python prints in parentheses.
+    let betas = KohyaArg {
+        key: "betas",
+        literal: format!("{},{}", py_float(c.beta1), py_float(c.beta2)),
+        python: format!("({}, {})", py_float(c.beta1), py_float(c.beta2)),
+    };
+    match c.optimizer {
+        Optimizer::AdamW => KohyaOptimizer {
+            optimizer_type: "AdamW",
+            class: "torch.optim.adamw.AdamW",
+            args: vec![
+                KohyaArg { key: "weight_decay", literal: c.weight_decay.to_string(), python: py_float(c.weight_decay) },
+                KohyaArg {
+                    key: "betas",
+                    literal: format!("{},{}", c.beta1, c.beta2),
+                    python: format!("({}, {})", py_float(c.beta1), py_float(c.beta2)),
+                },
+                KohyaArg { key: "eps", literal: c.eps.to_string(), python: py_float(c.eps) },
+            ],
+            own_schedule: false,
+        },
+        Optimizer::Prodigy => {
+            let p = &c.prodigy;
+            let mut args = vec![
+                float("weight_decay", c.weight_decay),
+                betas,
+                float("eps", c.eps),
+                float("d0", p.d0),
+                float("d_coef", p.d_coef),
+                flag("use_bias_correction", p.use_bias_correction),
+                flag("safeguard_warmup", p.safeguard_warmup),
+            ];
+            if let Some(g) = p.growth_rate {
+                args.push(float("growth_rate", g));
+            }
+            KohyaOptimizer { optimizer_type: "Prodigy", class: "prodigyopt.prodigy.Prodigy", args, own_schedule: false }
+        }
+        Optimizer::Adafactor => {
+            let a = &c.adafactor;
+            let mut args = vec![
+                flag("scale_parameter", a.scale_parameter),
+                flag("relative_step", a.relative_step),
+                flag("warmup_init", a.warmup_init),
+            ];
+            if c.weight_decay != 0.0 {
+                args.push(float("weight_decay", c.weight_decay));
+            }
+            KohyaOptimizer {
+                optimizer_type: "Adafactor",
+                class: "transformers.optimization.Adafactor",
+                args,
+                own_schedule: a.relative_step,
+            }
+        }
+    }
+}
+
+/// A float as Python's `repr` writes it: shortest round trip, `1.0` for whole numbers,
+/// exponent form below 1e-4 and from 1e16 (`1e-06`, `1e+16`).
+pub fn py_float(x: f64) -> String {
+    if !x.is_finite() {
+        return if x.is_nan() {
+            "nan".into()
+        } else if x > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
+    }
+    let sci = format!("{x:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("`{:e}` has an exponent");
+    let exp: i32 = exp.parse().expect("a whole exponent");
+    if x != 0.0 && !(-4..16).contains(&exp) {
+        return format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let plain = x.to_string();
+    if plain.contains('.') { plain } else { format!("{plain}.0") }
+}
+
 /// `YYYY-MM-DDTHH:MM:SS` (UTC) for Unix seconds: the model spec's ISO-8601 date.
 pub fn iso_date(unix: u64) -> String {
     let (days, secs) = ((unix / 86_400) as i64, unix % 86_400);
@@ -179,6 +295,42 @@ pub fn iso_date(unix: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floats_print_as_python_prints_them() {
+        // `repr` in Python 3.11.
+        for (x, py) in [
+            (1e-8, "1e-08"),
+            (1e-6, "1e-06"),
+            (0.0001, "0.0001"),
+            (1.5e-5, "1.5e-05"),
+            (0.01, "0.01"),
+            (1.0, "1.0"),
+            (0.0, "0.0"),
+            (0.999, "0.999"),
+            (-2.5, "-2.5"),
+            (1e16, "1e+16"),
+            (123456.0, "123456.0"),
+        ] {
+            assert_eq!(py_float(x), py, "{x}");
+        }
+    }
+
+    #[test]
+    fn optimisers_are_named_as_sd_scripts_names_them() {
+        let prodigy = TrainConfig { optimizer: Optimizer::Prodigy, learning_rate: 1.0, ..Default::default() };
+        let k = kohya_optimizer(&prodigy);
+        let args: Vec<String> = k.args.iter().map(|a| format!("{}={}", a.key, a.python)).collect();
+        assert_eq!(
+            format!("{}({})", k.class, args.join(",")),
+            "prodigyopt.prodigy.Prodigy(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08,d0=1e-06,d_coef=1.0,use_bias_correction=False,safeguard_warmup=False)"
+        );
+        let adafactor = TrainConfig { optimizer: Optimizer::Adafactor, weight_decay: 0.0, ..Default::default() };
+        let k = kohya_optimizer(&adafactor);
+        let args: Vec<String> = k.args.iter().map(|a| format!("{}={}", a.key, a.literal)).collect();
+        assert_eq!((k.optimizer_type, k.own_schedule), ("Adafactor", false));
+        assert_eq!(args.join(" "), "scale_parameter=False relative_step=False warmup_init=False");
+    }
 
     #[test]
     fn iso_dates_match_known_instants() {
