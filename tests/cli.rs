@@ -422,6 +422,22 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
     assert_eq!(subset["flip_aug"].as_bool(), Some(true));
     assert_eq!(subset["class_tokens"].as_str(), Some("sks"));
     assert!(out.join("MAPPING.md").exists());
+    // train.toml's `epochs` goes to sd-scripts as epochs, and a `N_words` folder as its repeats.
+    let data = dir.join("4_red disc");
+    std::fs::create_dir_all(&data).unwrap();
+    let text =
+        std::fs::read_to_string(&toml_file).unwrap().replace(&format!("{:?}", p(&dir)), &format!("{:?}", p(&data)));
+    std::fs::write(&toml_file, text.replace("steps = 300\n", "epochs = 10\n")).unwrap();
+    let by_epochs = dir.join("kohya-epochs");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&by_epochs)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(by_epochs.join("train.sh")).unwrap();
+    assert!(script.contains("--max_train_epochs 10") && !script.contains("--max_train_steps"), "{script}");
+    let dataset: toml::Value =
+        toml::from_str(&std::fs::read_to_string(by_epochs.join("dataset.toml")).unwrap()).unwrap();
+    let subset = &dataset["datasets"][0]["subsets"][0];
+    assert_eq!(subset["num_repeats"].as_integer(), Some(4));
+    assert_eq!(subset["class_tokens"].as_str(), Some("red disc"));
 }
 
 /// The optimiser is chosen with `--optimizer` or train.toml's `optimizer` key (its own settings in

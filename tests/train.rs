@@ -345,6 +345,91 @@ fn each_optimizer_trains_and_names_itself_in_the_metadata() {
     }
 }
 
+/// Two discs in `3_disc` (each shown 3 times an epoch) and two in `plain` (once), captioned.
+fn make_repeat_folders(dir: &Path) {
+    make_images(dir);
+    for (i, folder) in ["3_disc", "3_disc", "plain", "plain"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(folder)).unwrap();
+        for ext in ["png", "txt"] {
+            std::fs::rename(dir.join(format!("disc{i}.{ext}")), dir.join(folder).join(format!("disc{i}.{ext}")))
+                .unwrap();
+        }
+    }
+}
+
+/// An epoch over `2_a` (one image) and `b` (one image) visits a's image twice and b's once, in
+/// every epoch, and a run set in epochs is as many steps as sd-scripts counts.
+#[test]
+fn an_epoch_shows_each_image_as_often_as_its_folder_repeats() {
+    let dir = tempdir("repeats-epoch");
+    make_images(&dir);
+    for (i, folder) in [(0, "2_a"), (1, "b")] {
+        std::fs::create_dir_all(dir.join(folder)).unwrap();
+        std::fs::rename(dir.join(format!("disc{i}.png")), dir.join(folder).join("disc.png")).unwrap();
+    }
+    let cfg = TrainConfig { batch_size: 1, epochs: Some(5), ..config(1, Algorithm::Lora) };
+    let ds = Dataset::scan(&[dir.join("2_a"), dir.join("b")], &cfg.dataset).unwrap();
+    let a = ds.images.iter().position(|e| e.folder == "2_a").unwrap();
+    let b = ds.images.iter().position(|e| e.folder == "b").unwrap();
+    assert_eq!(ds.images[a].caption, "a", "the folder's words caption an image without a caption file");
+    let model = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let mut t = Trainer::new(model, cfg, &ds).unwrap();
+    // 5 epochs of 3 images, batch 1.
+    assert_eq!(t.config.steps, 15);
+    for epoch in 0..2 {
+        let order = t.epoch_order().to_vec();
+        let count = |i| order.iter().filter(|&&j| j == i).count();
+        assert_eq!((order.len(), count(a), count(b)), (3, 2, 1), "epoch {epoch}: {order:?}");
+        for _ in 0..3 {
+            t.train_step().unwrap();
+        }
+    }
+}
+
+/// A checkpoint taken mid-epoch over folders with repeats resumes on the same trajectory: the
+/// epoch's order (with its repeated images) is restored, not drawn again.
+#[test]
+fn resume_with_repeats_follows_the_same_trajectory() {
+    let dir = tempdir("resume-repeats");
+    make_repeat_folders(&dir);
+    // 2 × 3 + 2 = 8 images an epoch, batch 2: 4 steps an epoch, 2 epochs = 8 steps.
+    let cfg = TrainConfig { epochs: Some(2), ..config(1, Algorithm::Lora) };
+    let mut straight = trainer(&dir, cfg.clone());
+    assert_eq!(straight.config.steps, 8);
+    for _ in 0..8 {
+        straight.train_step().unwrap();
+    }
+    let mut first = trainer(&dir, cfg.clone());
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    let ckpt = dir.join("run.checkpoint.safetensors");
+    first.save_checkpoint(&ckpt).unwrap();
+    drop(first);
+    let mut resumed = trainer(&dir, cfg);
+    resumed.load_checkpoint(&ckpt).unwrap();
+    for _ in 0..5 {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(straight.losses, resumed.losses);
+    let (a, b) = (straight.export_layers().unwrap(), resumed.export_layers().unwrap());
+    for (x, y) in a.iter().zip(&b) {
+        for (tx, ty) in x.delta.tensors().iter().zip(y.delta.tensors()) {
+            assert_eq!(values(tx), values(ty), "{}", x.path);
+        }
+    }
+    // The record counts the repeats: 8 images an epoch, 2 epochs, the 3_disc folder's 3 repeats.
+    let out = dir.join("trained.safetensors");
+    resumed.save_adapter(&out, lora_studio::engine::adapters::formats::Naming::Kohya).unwrap();
+    let (_, m) = lora_studio::engine::io::weights::read_safetensors_with_metadata(&out).unwrap();
+    assert_eq!(
+        (m["ss_num_train_images"].as_str(), m["ss_num_epochs"].as_str(), m["ss_epoch"].as_str()),
+        ("8", "2", "2")
+    );
+    let dirs: serde_json::Value = serde_json::from_str(&m["ss_dataset_dirs"]).unwrap();
+    assert_eq!(dirs["3_disc"], serde_json::json!({"n_repeats": 3, "img_count": 2}), "{dirs}");
+}
+
 #[test]
 fn a_blow_up_stops_the_step_and_keeps_the_weights() {
     let dir = tempdir("nan");

@@ -11,6 +11,7 @@ use crate::engine::Result;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::io::weights::write_atomic;
 use crate::engine::models::family::ModelFamily;
+use crate::engine::train::dataset::DatasetFolder;
 use crate::engine::train::optim::Optimizer;
 use crate::engine::train::record::kohya_optimizer;
 use crate::engine::train::trainer::{Algorithm, LrSchedule, TextEncoders, TrainConfig};
@@ -19,6 +20,9 @@ use crate::engine::train::trainer::{Algorithm, LrSchedule, TextEncoders, TrainCo
 pub struct KohyaJob<'a> {
     pub model: &'a Path,
     pub data: &'a [PathBuf],
+    /// The image folders under `data` with their repeats (`dataset::image_folders`): one kohya
+    /// subset each, since kohya reads a subset's `image_dir` without its subfolders.
+    pub folders: &'a [DatasetFolder],
     pub output_name: &'a str,
     pub config: &'a TrainConfig,
     pub gpus: usize,
@@ -70,13 +74,20 @@ pub fn dataset_toml(job: &KohyaJob) -> String {
     if d.buckets {
         t += &format!("bucket_reso_steps = {}\nbucket_no_upscale = false\n", d.bucket_step);
     }
-    for dir in job.data {
+    for folder in job.folders {
         t += "\n  [[datasets.subsets]]\n";
-        t += &format!("  image_dir = {}\n  num_repeats = 1\n", toml_string(&dir.display().to_string()));
-        if !d.trigger.is_empty() {
-            // kohya uses class_tokens only for images without a caption file; we prepend the
-            // trigger to every caption, so MAPPING.md asks users to put it in their captions.
-            t += &format!("  class_tokens = {}\n", toml_string(&d.trigger));
+        t += &format!(
+            "  image_dir = {}\n  num_repeats = {}\n",
+            toml_string(&folder.path.display().to_string()),
+            folder.repeats
+        );
+        // kohya uses class_tokens only for images without a caption file: an `N_words` folder's
+        // words, as our scan uses them; else the trigger, which we prepend to every caption, so
+        // MAPPING.md asks users to put it in their captions.
+        let class_tokens =
+            if folder.class_tokens.trim().is_empty() { d.trigger.as_str() } else { folder.class_tokens.trim() };
+        if !class_tokens.is_empty() {
+            t += &format!("  class_tokens = {}\n", toml_string(class_tokens));
         }
         t += &format!("  flip_aug = {}\n  random_crop = {}\n", d.flip, !d.center_crop);
     }
@@ -187,7 +198,11 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     if c.clip_skip > 1 {
         flag("clip_skip", c.clip_skip.to_string());
     }
-    flag("max_train_steps", c.steps.to_string());
+    // sd-scripts turns epochs into steps itself, from its own count of images × repeats.
+    match c.epochs {
+        Some(epochs) => flag("max_train_epochs", epochs.to_string()),
+        None => flag("max_train_steps", c.steps.to_string()),
+    }
     flag("gradient_accumulation_steps", c.grad_accum.to_string());
     flag("seed", c.seed.to_string());
     flag(
@@ -295,7 +310,8 @@ const MAPPING: &str = "\
 | LoCon, or LoRA + convolutions | `lycoris.kohya`, `algo=locon` |
 | GLoRA | `lycoris.kohya`, `algo=glora` |
 | learning rate, text encoder lr | `--unet_lr`, `--text_encoder_lr`; UNet only: `--network_train_unet_only` |
-| steps, batch, gradient accumulation | `--max_train_steps`, `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
+| steps (or epochs), batch, gradient accumulation | `--max_train_steps` (`--max_train_epochs`), `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
+| an `N_words` folder: N repeats, `words` for images without a caption file | a subset per image folder, `num_repeats = N`, `class_tokens = \"words\"` |
 | LR schedule, warmup | `--lr_scheduler`, `--lr_warmup_steps` |
 | optimiser: AdamW, Prodigy, Adafactor; betas, weight decay, eps, their own settings | `--optimizer_type AdamW` / `Prodigy` (prodigyopt) / `Adafactor` (transformers), `--optimizer_args` |
 | Adafactor with relative step | `--lr_scheduler adafactor` (the rate follows the step count in both) |
@@ -321,6 +337,7 @@ mod tests {
         let job = KohyaJob {
             model: Path::new("/models/sd15"),
             data: &[],
+            folders: &[],
             output_name: "style",
             config,
             gpus: 1,
@@ -383,5 +400,46 @@ mod tests {
         let run = |clip_skip| args(&TrainConfig { clip_skip, ..TrainConfig::default() }).unwrap();
         assert!(!run(1).contains("--clip_skip"));
         assert!(run(2).contains(" --clip_skip 2 "), "{}", run(2));
+    }
+
+    /// Each image folder is a subset with its repeats; an `N_words` folder's words are its class
+    /// tokens (the trigger elsewhere); epochs go to sd-scripts as epochs.
+    #[test]
+    fn folders_become_subsets_with_their_repeats() {
+        let folder = |path: &str, repeats, class_tokens: &str| DatasetFolder {
+            path: path.into(),
+            name: path.rsplit('/').next().unwrap().into(),
+            repeats,
+            images: 4,
+            class_tokens: class_tokens.into(),
+        };
+        let folders = [folder("/data/10_sks dog", 10, "sks dog"), folder("/data/extra", 1, "")];
+        let mut config = TrainConfig::default();
+        config.dataset.trigger = "sks".into();
+        // The job's files for a config: dataset.toml and the command line.
+        let files = |config: &TrainConfig| {
+            let job = KohyaJob {
+                model: Path::new("model"),
+                data: &[],
+                folders: &folders,
+                output_name: "x",
+                config,
+                gpus: 1,
+                family: ModelFamily::Sd1,
+                v_prediction: false,
+                zero_terminal_snr: false,
+            };
+            (dataset_toml(&job), command_line(&job).unwrap().join(" "))
+        };
+        let (toml, steps) = files(&config);
+        let subsets: Vec<&str> = toml.split("[[datasets.subsets]]").skip(1).collect();
+        assert_eq!(subsets.len(), 2, "{toml}");
+        assert!(subsets[0].contains("image_dir = \"/data/10_sks dog\"\n  num_repeats = 10\n"), "{toml}");
+        assert!(subsets[0].contains("class_tokens = \"sks dog\""), "{toml}");
+        assert!(subsets[1].contains("num_repeats = 1\n") && subsets[1].contains("class_tokens = \"sks\""), "{toml}");
+        assert!(steps.contains(" --max_train_steps 500 ") && !steps.contains("epochs"), "{steps}");
+        config.epochs = Some(10);
+        let (_, epochs) = files(&config);
+        assert!(epochs.contains(" --max_train_epochs 10 ") && !epochs.contains("max_train_steps"), "{epochs}");
     }
 }

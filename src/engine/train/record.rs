@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::engine::diffusion::schedule::Prediction;
 use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::StableDiffusion;
+use crate::engine::train::dataset::DatasetFolder;
 use crate::engine::train::optim::Optimizer;
 use crate::engine::train::trainer::{LrSchedule, TrainConfig};
 
@@ -51,7 +52,10 @@ pub struct RunRecord<'a> {
     pub family: Family,
     /// Optimiser steps done.
     pub step: usize,
-    pub images: usize,
+    /// The dataset's folders with their images and repeats.
+    pub folders: &'a [DatasetFolder],
+    /// Optimiser steps per epoch (`dataset::steps_per_epoch`).
+    pub steps_per_epoch: usize,
     /// Caption tags counted per image folder, as kohya's `ss_tag_frequency` keys them.
     pub tag_frequency: &'a BTreeMap<String, BTreeMap<String, usize>>,
     /// Unix seconds when the run (not this resumption of it) began.
@@ -73,7 +77,9 @@ impl RunRecord<'_> {
             m.insert(k.to_string(), v);
         };
         let per_step = c.batch_size * c.grad_accum;
-        let epoch = (self.step * per_step).div_ceil(self.images.max(1)).max(1);
+        // sd-scripts: the epoch a step falls in, and ⌈max steps / steps per epoch⌉ epochs.
+        let per_epoch = self.steps_per_epoch.max(1);
+        let epoch = self.step.div_ceil(per_epoch).max(1);
         put("ss_output_name", self.output_name.to_string());
         put("ss_training_started_at", self.started_at.to_string());
         put("ss_network_dim", c.rank.to_string());
@@ -82,7 +88,7 @@ impl RunRecord<'_> {
         put("ss_steps", self.step.to_string());
         put("ss_max_train_steps", c.steps.to_string());
         put("ss_epoch", epoch.to_string());
-        put("ss_num_epochs", (c.steps * per_step).div_ceil(self.images.max(1)).max(1).to_string());
+        put("ss_num_epochs", c.steps.div_ceil(per_epoch).max(1).to_string());
         put("ss_learning_rate", c.learning_rate.to_string());
         put("ss_unet_lr", c.learning_rate.to_string());
         let te_lr = if c.train_text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { 0.0 };
@@ -116,7 +122,8 @@ impl RunRecord<'_> {
         put("ss_flip_aug", py_bool(c.dataset.flip));
         put("ss_mixed_precision", "no".to_string());
         put("ss_seed", c.seed.to_string());
-        put("ss_num_train_images", self.images.to_string());
+        put("ss_num_train_images", self.folders.iter().map(DatasetFolder::per_epoch).sum::<usize>().to_string());
+        put("ss_dataset_dirs", dataset_dirs(self.folders).to_string());
         put("ss_noise_offset", c.noise_offset.to_string());
         put("ss_caption_dropout_rate", c.caption_dropout.to_string());
         if let Some(g) = c.min_snr_gamma {
@@ -146,6 +153,22 @@ impl RunRecord<'_> {
         }
         m
     }
+}
+
+/// sd-scripts' `ss_dataset_dirs`: `{"10_sks dog": {"n_repeats": 10, "img_count": 24}}`, keyed by
+/// each folder's name; a name met again becomes `name (2)`, `name (3)`, as sd-scripts numbers it.
+pub fn dataset_dirs(folders: &[DatasetFolder]) -> serde_json::Value {
+    let mut dirs = serde_json::Map::new();
+    for f in folders {
+        let mut key = f.name.clone();
+        let mut i = 2;
+        while dirs.contains_key(&key) {
+            key = format!("{} ({i})", f.name);
+            i += 1;
+        }
+        dirs.insert(key, serde_json::json!({"n_repeats": f.repeats, "img_count": f.images}));
+    }
+    serde_json::Value::Object(dirs)
 }
 
 /// One keyword argument of the optimiser in sd-scripts' terms.
@@ -324,13 +347,60 @@ mod tests {
         let family = Family { model: ModelFamily::Sd1, v_prediction: false };
         let mut config = TrainConfig::default();
         let record = |c: &TrainConfig| {
-            RunRecord { config: c, family, step: 1, images: 1, tag_frequency: &tags, started_at: 0, output_name: "x" }
-                .metadata()
+            RunRecord {
+                config: c,
+                family,
+                step: 1,
+                folders: &[],
+                steps_per_epoch: 1,
+                tag_frequency: &tags,
+                started_at: 0,
+                output_name: "x",
+            }
+            .metadata()
         };
         assert_eq!(record(&config)["ss_clip_skip"], "None");
         assert_eq!(record(&config)["ss_max_token_length"], "None");
         config.clip_skip = 2;
         assert_eq!(record(&config)["ss_clip_skip"], "2");
+    }
+
+    /// `ss_dataset_dirs`, `ss_num_train_images` and the epochs count repeats as sd-scripts does.
+    #[test]
+    fn dataset_folders_are_recorded_with_their_repeats() {
+        let tags = BTreeMap::new();
+        let folder = |path: &str, repeats, images| DatasetFolder {
+            path: path.into(),
+            name: path.rsplit('/').next().unwrap().into(),
+            repeats,
+            images,
+            class_tokens: String::new(),
+        };
+        let folders = [folder("a/10_sks dog", 10, 24), folder("a/extra", 1, 3), folder("b/extra", 1, 2)];
+        // 24 × 10 + 3 + 2 = 245 images an epoch; batch 2: 123 steps an epoch.
+        let config = TrainConfig { batch_size: 2, steps: 1230, ..TrainConfig::default() };
+        let m = RunRecord {
+            config: &config,
+            family: Family { model: ModelFamily::Sd1, v_prediction: false },
+            step: 124,
+            folders: &folders,
+            steps_per_epoch: 123,
+            tag_frequency: &tags,
+            started_at: 0,
+            output_name: "x",
+        }
+        .metadata();
+        let dirs: serde_json::Value = serde_json::from_str(&m["ss_dataset_dirs"]).unwrap();
+        assert_eq!(
+            dirs,
+            serde_json::json!({
+                "10_sks dog": {"n_repeats": 10, "img_count": 24},
+                "extra": {"n_repeats": 1, "img_count": 3},
+                "extra (2)": {"n_repeats": 1, "img_count": 2},
+            })
+        );
+        assert_eq!(m["ss_num_train_images"], "245");
+        assert_eq!((m["ss_epoch"].as_str(), m["ss_num_epochs"].as_str()), ("2", "10"));
     }
 
     #[test]

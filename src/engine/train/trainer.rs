@@ -20,7 +20,9 @@ use crate::engine::models::family::ModelFamily;
 use crate::engine::models::nn::LayerMut;
 use crate::engine::pipeline::{ImageSizes, ModelWeights, StableDiffusion, TextConditioning, size_conditioning};
 use crate::engine::rng::Rng;
-use crate::engine::train::dataset::{Dataset, DatasetOptions, crop_window, decode_image, prepare_image, target_size};
+use crate::engine::train::dataset::{
+    Dataset, DatasetFolder, DatasetOptions, crop_window, decode_image, prepare_image, target_size,
+};
 use crate::engine::train::fresh::fresh_update;
 use crate::engine::train::optim::{self, AdafactorSettings, Optimizer, ProdigySettings};
 use crate::engine::train::record::{Family, RunRecord};
@@ -181,6 +183,9 @@ pub struct TrainConfig {
     /// Defaults to `learning_rate`.
     pub text_encoder_lr: Option<f64>,
     pub steps: usize,
+    /// kohya's `--max_train_epochs`: when set, the run is this many epochs (each image × its
+    /// folder's repeats, per epoch) and `steps` is computed from the dataset (`steps_for_epochs`).
+    pub epochs: Option<usize>,
     pub batch_size: usize,
     pub grad_accum: usize,
     pub seed: u64,
@@ -249,6 +254,7 @@ impl Default for TrainConfig {
             learning_rate: 1e-4,
             text_encoder_lr: None,
             steps: 500,
+            epochs: None,
             batch_size: 1,
             grad_accum: 1,
             seed: 0,
@@ -370,8 +376,8 @@ impl TrainConfig {
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!("alpha must be positive");
         }
-        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("steps, batch size and gradient accumulation must be at least 1");
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.epochs == Some(0) {
+            bail!("steps, epochs, batch size and gradient accumulation must be at least 1");
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             bail!("learning rate must be a positive number");
@@ -446,6 +452,17 @@ impl TrainConfig {
         }
     }
 
+    /// The steps of `epochs` epochs over `dataset` at this batch and accumulation, as sd-scripts
+    /// counts them ("10 epochs = 1200 steps"); see `Dataset::steps_for_epochs`.
+    pub fn steps_for_epochs(&self, dataset: &Dataset, epochs: usize) -> usize {
+        dataset.steps_for_epochs(epochs, self.batch_size, self.grad_accum)
+    }
+
+    /// This run's total of steps over `dataset`: from `epochs` when set, else `steps`.
+    pub fn total_steps(&self, dataset: &Dataset) -> usize {
+        self.epochs.map_or(self.steps, |e| self.steps_for_epochs(dataset, e))
+    }
+
     /// The optimiser with this run's constants.
     pub fn optimizer_rule(&self) -> optim::Rule {
         match self.optimizer {
@@ -513,6 +530,8 @@ struct Example {
     caption: String,
     /// The image's folder name (kohya counts caption tags per folder).
     folder: String,
+    /// How many times an epoch shows it (its folder's repeats).
+    repeats: usize,
 }
 
 /// Why a step did not update the weights.
@@ -541,8 +560,12 @@ pub struct Trainer {
     /// Cached text embeddings per caption while the text encoder is frozen.
     embeddings: HashMap<String, TextConditioning>,
     rng: Rng,
+    /// This epoch's examples in the order drawn: each as many times as its repeats.
     order: Vec<usize>,
     cursor: usize,
+    /// The dataset's folders with their repeats, and kohya's steps per epoch (for the record).
+    folders: Vec<DatasetFolder>,
+    steps_per_epoch: usize,
     /// Full fine-tuning: the model's weights (trainable ones are variables shared with `model`).
     full: Option<ModelWeights>,
     /// The optimiser's state, one slot per entry of `params`.
@@ -708,6 +731,9 @@ impl Trainer {
             );
         }
         let examples = encode_examples(&model, &config, dataset, encoded)?;
+        let mut config = config;
+        config.steps = config.total_steps(dataset);
+        let steps_per_epoch = dataset.steps_per_epoch(config.batch_size, config.grad_accum);
         let mut model = model;
         if config.gradient_checkpointing {
             model.unet.checkpointing = Some(GradSink::new(params.iter().map(|p| p.var.clone()).collect()));
@@ -725,6 +751,8 @@ impl Trainer {
             rng,
             order: Vec::new(),
             cursor: 0,
+            folders: dataset.folders(),
+            steps_per_epoch,
             full,
             step: 0,
             losses: Vec::new(),
@@ -763,8 +791,14 @@ impl Trainer {
         self.layers.len()
     }
 
+    /// The dataset's image indices in the order this epoch visits them: each image as many times
+    /// as its folder's repeats, shuffled together (as kohya repeats them within an epoch).
+    pub fn epoch_order(&self) -> &[usize] {
+        &self.order
+    }
+
     fn new_epoch(&mut self) {
-        self.order = (0..self.examples.len()).collect();
+        self.order = self.examples.iter().enumerate().flat_map(|(i, e)| std::iter::repeat_n(i, e.repeats)).collect();
         self.rng.shuffle(&mut self.order);
         self.cursor = 0;
     }
@@ -1017,7 +1051,8 @@ impl Trainer {
             config: &self.config,
             family: Family::of(&self.model),
             step: self.step,
-            images: self.examples.len(),
+            folders: &self.folders,
+            steps_per_epoch: self.steps_per_epoch,
             tag_frequency: &tag_frequency,
             started_at: self.started_at,
             output_name,
@@ -1139,7 +1174,9 @@ impl Trainer {
         self.optim = restored;
         self.step = state.step;
         self.rng = Rng::from_state(state.rng);
-        if state.order.len() == self.examples.len() {
+        // An order for another dataset (images added or repeats changed) is drawn afresh.
+        let epoch_len: usize = self.examples.iter().map(|e| e.repeats).sum();
+        if state.order.len() == epoch_len && state.order.iter().all(|&i| i < self.examples.len()) {
             self.order = state.order;
             self.cursor = state.cursor;
         }
@@ -1148,9 +1185,9 @@ impl Trainer {
             self.started_at = state.started_at;
         }
         // Only the schedule-independent settings are kept from the checkpoint's config: a user
-        // may resume with more steps.
-        let steps = self.config.steps;
-        self.config = TrainConfig { steps, ..state.config };
+        // may resume with more steps (or epochs).
+        let (steps, epochs) = (self.config.steps, self.config.epochs);
+        self.config = TrainConfig { steps, epochs, ..state.config };
         Ok(())
     }
 }
@@ -1318,9 +1355,8 @@ fn encode_examples(
                 latents.push(lat);
             }
         }
-        let folder =
-            e.path.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        out.push(Example { latents, sizes, caption: e.full_caption(&opts.trigger), folder });
+        let folder = e.folder.clone();
+        out.push(Example { latents, sizes, caption: e.full_caption(&opts.trigger), folder, repeats: e.repeats });
     }
     encoded(dataset.images.len(), dataset.images.len())?;
     Ok(out)
