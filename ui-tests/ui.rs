@@ -1221,6 +1221,31 @@ fn kohya_training_options_are_in_the_form() {
     assert_eq!(c.text_encoder_lr, Some(c.learning_rate / 2.0));
 }
 
+/// kohya's `N_name` folders repeat their images; the run can be counted in epochs of them.
+#[test]
+fn folder_repeats_and_epochs_are_shown_and_set_the_steps() {
+    let dir = tempdir("repeats");
+    make_images(&dir.join("data/3_sks dog"));
+    make_images(&dir.join("data/plain"));
+    let ctx = egui::Context::default();
+    let app = StudioApp::new(&ctx, WindowOptions { model_label: "built-in".into(), model: None });
+    let mut h =
+        Harness::builder().with_size([960.0, 1600.0]).build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    h.run();
+    let repeats = text_of(&h, "Repeats:");
+    assert!(repeats.contains("3_sks dog: 3 images × 3") && repeats.contains("12 images per epoch"), "{repeats}");
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    h.get_by_role_and_label(Role::CheckBox, "Epochs").click();
+    h.run_steps(2);
+    let c = &h.state().config;
+    // 10 epochs (the default) of 3 × 3 + 3 images at batch 1.
+    assert_eq!((c.epochs, c.steps), (Some(10), 120));
+    h.get_by_label_contains("12 images an epoch");
+}
+
 /// A file only part of which fits the model is never loaded unasked: the doctor says so and offers
 /// to add only the layers that fit; once asked, the row loads and says it is partial.
 #[test]

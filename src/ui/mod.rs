@@ -492,6 +492,7 @@ impl StudioApp {
                     warnings,
                     sample_prompt,
                     family: self.playground.loaded_family,
+                    images_per_epoch: self.dataset.dataset.images_per_epoch(),
                 };
                 for action in training::ui_training(ui, &mut self.training, &mut self.config, &cx) {
                     match action {

@@ -415,6 +415,8 @@ pub(super) struct TrainingContext<'a> {
     pub sample_prompt: String,
     /// The open model's family once loaded (SDXL offers a choice of text encoders).
     pub family: Option<ModelFamily>,
+    /// The dataset's images per epoch: each image times its folder's repeats (kohya's `N_name`).
+    pub images_per_epoch: usize,
 }
 
 pub(super) fn ui_training(
@@ -576,7 +578,25 @@ fn settings(
             }
             response
         });
-        row(ui, "Steps", "How many optimiser steps to take in total.", |ui| ui.add(egui::DragValue::new(&mut c.steps).range(1..=100_000).speed(10)));
+        row(ui, "Epochs", "Count the run in epochs, as kohya does: one epoch shows each image once for every repeat its folder asks (a folder named 10_name: 10 times).", |ui| {
+            ui.horizontal(|ui| {
+                let mut on = c.epochs.is_some();
+                let r = ui.checkbox(&mut on, "count in epochs");
+                let mut epochs = c.epochs.unwrap_or(10);
+                ui.add_enabled(on, egui::DragValue::new(&mut epochs).range(1..=10_000)).labelled_by(r.id);
+                c.epochs = on.then_some(epochs);
+                if let Some(e) = c.epochs {
+                    let per_epoch = crate::engine::train::dataset::steps_per_epoch(cx.images_per_epoch, c.batch_size, c.grad_accum);
+                    c.steps = (e * per_epoch).max(1);
+                    ui.label(RichText::new(format!("{} images an epoch", cx.images_per_epoch)).weak());
+                }
+                r
+            })
+            .inner
+        });
+        row(ui, "Steps", "How many optimiser steps to take in total (set by the epochs when they are counted).", |ui| {
+            ui.add_enabled(c.epochs.is_none(), egui::DragValue::new(&mut c.steps).range(1..=100_000).speed(10))
+        });
         row(ui, "Batch size", "Images per step. Larger is smoother but uses more memory.", |ui| {
             ui.add(egui::DragValue::new(&mut c.batch_size).range(1..=64))
         });
