@@ -32,12 +32,12 @@ fn main() -> anyhow::Result<()> {
                 app.playground.check_adapter(file);
             }
         }
+        // The model's own size and the samples' prompt (the first caption with the trigger word)
+        // come from the window's defaults, as for a user.
         if let Some(steps) = train {
             app.config.steps = steps;
-            app.config.dataset.resolution = 32;
             app.config.save_every = (steps / 10).max(1);
             app.config.sample_every = (steps / 10).max(1);
-            app.config.sample_prompt = "a gradient".into();
             app.area = lora_studio::ui::Area::Training;
             app.start_training_when_scanned = true;
         }

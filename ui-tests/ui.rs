@@ -435,15 +435,19 @@ fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
     h.state_mut().area = Area::Training;
     h.run();
 
-    // Resume from the checkpoint file: the run continues where it stopped and finishes.
+    // Resume from the checkpoint file: the run continues where it stopped, toward its own total.
     let stopped_at = h.state().training.step;
-    h.state_mut().config.steps = stopped_at + 2;
+    h.state_mut().config.steps = 10;
     h.state_mut()
         .on_paths_chosen(DialogPurpose::ResumeCheckpoint, vec![dir.join("out/trained.checkpoint.safetensors")]);
     h.step();
-    run_until(&mut h, TRAIN, "the resumed run", |a| matches!(a.training.run, RunState::Finished { .. }));
-    assert_eq!(h.state().training.step, stopped_at + 2);
-    assert!(h.state().training.loss.raw.len() == 2, "a resumed run plots its own steps");
+    assert_eq!(h.state().config.steps, 2000, "the checkpoint's total, not the form's");
+    run_until(&mut h, TRAIN, "the resumed run", |a| a.training.step >= stopped_at + 2);
+    h.get_by_label("Stop").click();
+    h.step();
+    run_until(&mut h, TRAIN, "stopped again", |a| matches!(a.training.run, RunState::Finished { .. }));
+    let resumed_steps = h.state().training.step - stopped_at;
+    assert_eq!(h.state().training.loss.raw.len(), resumed_steps, "a resumed run plots its own steps");
 
     // Opening the Playground loads the model there and the trained adapter onto it.
     run_until(&mut h, TRAIN, "trained adapter loaded", |a| {
@@ -579,7 +583,8 @@ fn playground_generates_blends_live_and_exports() {
     h.get_by_label("Dismiss").click();
     h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     assert_eq!(h.state().playground.pending.len(), 1);
-    h.get_by_label("Add to list").click();
+    // Below the settings, which have grown to the window's foot: clicked as a screen reader does.
+    h.get_by_label("Add to list").click_accesskit();
     h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     assert!(h.state().playground.pending.is_empty());
     run_until(&mut h, SCAN, "model and adapter", |a| {
@@ -862,6 +867,15 @@ fn the_gallery_strip_brings_back_an_image_and_its_settings() {
     assert!(p.image_info.starts_with("seed 11"), "{}", p.image_info);
     assert_ne!(p.image.as_ref().unwrap(), &second, "the first image is shown again");
     assert_eq!(p.gallery.len(), 2);
+    // Shown as it was drawn, not drawn again by Live mode.
+    h.state_mut().playground.live = true;
+    h.get_by_label("Image 2 of this session").click();
+    h.run_steps(2);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    h.run_steps(3);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    assert_eq!(h.state().playground.images_made, 2, "no re-render");
+    assert_eq!(h.state().playground.image.as_ref(), Some(&second));
 }
 
 #[test]

@@ -696,6 +696,8 @@ impl PlaygroundPanel {
         self.image_info = info;
         self.image_parameters = Some(params.clone());
         self.restore_settings(&params, "this image");
+        // The image these settings drew is already on screen: no live re-render of it.
+        self.last_change = None;
     }
 
     /// Puts `params` back: prompt, sizes, sampler, seed, clip skip and each adapter's slider.
