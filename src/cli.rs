@@ -46,15 +46,20 @@ usage:  (every command takes --device cpu|cuda[:N]|metal[:N] (LORA_STUDIO_DEVICE
   lora-studio forward [--model PATH] [--adapter FILE[:WEIGHT]]... [--allow-partial] --inputs IN.safetensors --output OUT.safetensors
                       [--check REFERENCE.safetensors [--tolerance X]]   (max|ours - ref| / max|ref| per output; default 1e-4)
   lora-studio train [--model PATH] --data DIR --out FILE.safetensors [--algo lora|locon|loha|lokr|dora|glora]
-                    [--rank N --alpha X --lokr-factor N --targets PRESET --lr X --steps N --batch N --resolution N
+                    [--rank N --alpha X --lokr-factor N --targets PRESET --lr X --steps N --epochs N --batch N --resolution N
                      --seed N --save-every N --sample-every N --sample-prompt TEXT --trigger WORD
                      --train-text-encoder --text-encoders both|te1|te2 (SDXL) --flip --buckets --min-snr G --noise-offset X
                      --timestep-bias none|earlier|later --timestep-bias-multiplier X --timestep-bias-portion X
                      --lr-schedule constant|cosine|linear --warmup N --grad-accum N --clip-skip N (SD 1.x / 2.x)
+                     --optimizer adamw|prodigy|adafactor
                      --random-crop --latent-cache DIR --no-latent-cache --gradient-checkpointing
                      --format kohya|peft --resume CKPT --overwrite --config train.toml]
-                    (--algo full trains the model itself; --out is then a model folder; without --config an
-                     SDXL model starts from SDXL's defaults: --resolution 1024, gradient checkpointing, UNet only)
+                    (--epochs N: N passes over the data instead of --steps, each image as often as its folder's
+                     kohya name `N_words` says (N repeats; `words` captions images without a caption file);
+                     --algo full trains the model itself; --out is then a model folder; without --config an
+                     SDXL model starts from SDXL's defaults: --resolution 1024, gradient checkpointing, UNet only;
+                     --optimizer prodigy wants --lr 1; Prodigy's and Adafactor's own settings are the
+                     [prodigy] and [adafactor] tables of train.toml)
   lora-studio export-job --config train.toml --out DIR [--gpus N] [--v2] [--v-prediction] [--zero-terminal-snr]
                        the same job for kohya sd-scripts (dataset.toml + train.sh)
   lora-studio adapter info FILE [--model PATH]
@@ -716,6 +721,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
                 c.train_text_encoder = true;
             }
             "steps" => c.steps = int(&v)?,
+            "epochs" => c.epochs = Some(int(&v)?),
             "batch" => c.batch_size = int(&v)?,
             "grad-accum" => c.grad_accum = int(&v)?,
             "resolution" => c.dataset.resolution = int(&v)?,
@@ -738,6 +744,7 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             "timestep-bias-portion" => c.timestep_bias_portion = num(&v)?,
             "gradient-checkpointing" => c.gradient_checkpointing = true,
             "warmup" => c.warmup_steps = int(&v)?,
+            "optimizer" => c.optimizer = v.parse().map_err(|e| anyhow::anyhow!("--optimizer: {e}"))?,
             "lr-schedule" => {
                 c.lr_schedule = serde_json::from_value(serde_json::Value::String(v.clone()))
                     .map_err(|_| anyhow::anyhow!("--lr-schedule: `{v}` (constant, cosine or linear)"))?
@@ -769,7 +776,11 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
         // The job takes the checkpoint's options (all but the total of steps): say which.
         let summary = crate::engine::train::trainer::CheckpointSummary::read(ckpt)?;
         let summary = crate::engine::train::trainer::CheckpointSummary {
-            config: crate::engine::train::trainer::TrainConfig { steps: file.config.steps, ..summary.config.clone() },
+            config: crate::engine::train::trainer::TrainConfig {
+                steps: file.config.steps,
+                epochs: file.config.epochs,
+                ..summary.config.clone()
+            },
             ..summary
         };
         eprintln!("resuming with the checkpoint's options: {}", summary.describe());
@@ -807,8 +818,9 @@ fn train(p: &mut lexopt::Parser) -> Result<()> {
             }
         };
         match event {
-            TrainEvent::Preflight { images, buckets, warnings } => {
+            TrainEvent::Preflight { images, buckets, repeats, epochs, warnings } => {
                 eprintln!("{images} images; {buckets}");
+                eprintln!("{repeats}; {epochs}");
                 for w in warnings {
                     eprintln!("warning: {w}");
                 }
@@ -921,9 +933,11 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         .and_then(|o| o.file_stem())
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "adapter".into());
+    let folders = crate::engine::train::dataset::image_folders(&file.data)?;
     let job = crate::engine::train::kohya_export::KohyaJob {
         model: &model,
         data: &file.data,
+        folders: &folders,
         output_name: &name,
         config: &file.config,
         gpus,

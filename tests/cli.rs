@@ -422,6 +422,52 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
     assert_eq!(subset["flip_aug"].as_bool(), Some(true));
     assert_eq!(subset["class_tokens"].as_str(), Some("sks"));
     assert!(out.join("MAPPING.md").exists());
+    // train.toml's `epochs` goes to sd-scripts as epochs, and a `N_words` folder as its repeats.
+    let data = dir.join("4_red disc");
+    std::fs::create_dir_all(&data).unwrap();
+    let text =
+        std::fs::read_to_string(&toml_file).unwrap().replace(&format!("{:?}", p(&dir)), &format!("{:?}", p(&data)));
+    std::fs::write(&toml_file, text.replace("steps = 300\n", "epochs = 10\n")).unwrap();
+    let by_epochs = dir.join("kohya-epochs");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&by_epochs)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(by_epochs.join("train.sh")).unwrap();
+    assert!(script.contains("--max_train_epochs 10") && !script.contains("--max_train_steps"), "{script}");
+    let dataset: toml::Value =
+        toml::from_str(&std::fs::read_to_string(by_epochs.join("dataset.toml")).unwrap()).unwrap();
+    let subset = &dataset["datasets"][0]["subsets"][0];
+    assert_eq!(subset["num_repeats"].as_integer(), Some(4));
+    assert_eq!(subset["class_tokens"].as_str(), Some("red disc"));
+}
+
+/// The optimiser is chosen with `--optimizer` or train.toml's `optimizer` key (its own settings in
+/// `[prodigy]` / `[adafactor]`): the choice reaches the kohya job; a wrong name is refused in one line.
+#[test]
+fn the_optimizer_is_chosen_on_the_command_line_and_in_train_toml() {
+    let dir = tempdir("optimizer-choice");
+    let run = studio(&["train", "--optimizer", "sgd", "--data", p(&dir), "--out", p(&dir.join("x.safetensors"))]);
+    assert_one_line_error(&run, "unknown optimizer `sgd` (adamw, prodigy or adafactor)");
+    let job = |name: &str, body: &str| {
+        let toml_file = dir.join(format!("{name}.toml"));
+        let head = format!(
+            "model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n",
+            p(&sd1_tiny().join("model")),
+            p(&dir)
+        );
+        std::fs::write(&toml_file, head + body).unwrap();
+        let out = dir.join(name);
+        (studio(&["export-job", "--config", p(&toml_file), "--out", p(&out)]), out)
+    };
+    let (run, out) = job("prodigy", "optimizer = \"prodigy\"\nlearning_rate = 1.0\n[prodigy]\nd_coef = 0.5\n");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    assert!(script.contains("--optimizer_type Prodigy") && script.contains(" d_coef=0.5 "), "{script}");
+    let (run, out) = job("adafactor", "optimizer = \"adafactor\"\n[adafactor]\nrelative_step = true\n");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let script = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    assert!(script.contains("--lr_scheduler adafactor") && script.contains(" relative_step=True "), "{script}");
+    let (run, _) = job("typo", "optimizer = \"prodigy\"\n[prodigy]\nd_coeff = 0.5\n");
+    assert_one_line_error(&run, "did you mean `prodigy.d_coef`?");
 }
 
 #[test]

@@ -40,8 +40,9 @@ fn the_copied_fixtures_match_the_shared_originals() {
             || rel.starts_with("few_step")
             || rel.starts_with("infotext")
             || rel.starts_with("prompts")
+            || rel.starts_with("optimisers")
         {
-            continue; // made for this repository with diffusers', transformers' or Pillow's code (their scripts), not copies
+            continue; // made for this repository with diffusers', transformers', torch's, prodigyopt's or Pillow's code (their scripts), not copies
         }
         let original = shared.join(rel);
         match std::fs::read(&original) {

@@ -12,6 +12,7 @@ use lora_studio::engine::adapters::stack::TargetPreset;
 use lora_studio::engine::io::weights::{read_safetensors, write_safetensors};
 use lora_studio::engine::pipeline::{ModelWeights, StableDiffusion};
 use lora_studio::engine::train::dataset::{Dataset, DatasetOptions};
+use lora_studio::engine::train::optim::Optimizer;
 use lora_studio::engine::train::trainer::{Algorithm, NonFiniteLoss, TrainConfig, Trainer};
 
 /// Four 48×48 pictures of a coloured disc on a plain background, with captions.
@@ -200,6 +201,235 @@ fn resume_follows_the_same_trajectory() {
     }
 }
 
+/// The largest difference between two trainers' adapters.
+fn adapter_gap(a: &Trainer, b: &Trainer) -> f32 {
+    let (a, b) = (a.export_layers().unwrap(), b.export_layers().unwrap());
+    let mut worst = 0f32;
+    for (x, y) in a.iter().zip(&b) {
+        for (tx, ty) in x.delta.tensors().iter().zip(y.delta.tensors()) {
+            for (p, q) in values(tx).iter().zip(values(ty)) {
+                worst = worst.max((p - q).abs());
+            }
+        }
+    }
+    worst
+}
+
+/// A config for `optimizer` at its usual rate, with a warmup and cosine schedule and a text
+/// encoder at its own rate (Prodigy: at the one rate it finds for all), so every part of the step
+/// is in play.
+fn optimizer_config(steps: usize, optimizer: Optimizer) -> TrainConfig {
+    let lr = if optimizer == Optimizer::Prodigy { 1.0 } else { 3e-3 };
+    TrainConfig {
+        optimizer,
+        learning_rate: lr,
+        train_text_encoder: true,
+        text_encoder_lr: if optimizer == Optimizer::Prodigy { None } else { Some(lr / 2.0) },
+        warmup_steps: 2,
+        lr_schedule: lora_studio::engine::train::trainer::LrSchedule::Cosine,
+        ..config(steps, Algorithm::Lora)
+    }
+}
+
+/// Prodigy's and Adafactor's state (Prodigy's d and sums, Adafactor's row and column means and
+/// step counts) survive a checkpoint: stopped at step 3 and resumed, the run ends where an
+/// uninterrupted one does, bit for bit.
+#[test]
+fn prodigy_and_adafactor_runs_resume_exactly() {
+    for optimizer in [Optimizer::Prodigy, Optimizer::Adafactor] {
+        let dir = tempdir(&format!("resume-{optimizer}"));
+        make_images(&dir);
+        let mut straight = trainer(&dir, optimizer_config(6, optimizer));
+        for _ in 0..6 {
+            straight.train_step().unwrap();
+        }
+        let mut first = trainer(&dir, optimizer_config(6, optimizer));
+        for _ in 0..3 {
+            first.train_step().unwrap();
+        }
+        let ckpt = dir.join("run.checkpoint.safetensors");
+        first.save_checkpoint(&ckpt).unwrap();
+        let lr_at_stop = first.current_lr();
+        drop(first);
+        let mut resumed = trainer(&dir, optimizer_config(6, optimizer));
+        resumed.load_checkpoint(&ckpt).unwrap();
+        assert_eq!(resumed.current_lr(), lr_at_stop, "{optimizer}: the reported rate carries over");
+        for _ in 0..3 {
+            resumed.train_step().unwrap();
+        }
+        assert_eq!(adapter_gap(&straight, &resumed), 0.0, "{optimizer}: the resumed run differs");
+        assert_eq!(straight.losses, resumed.losses);
+        let state: Vec<String> = resumed.optimizer_tensors().map(|(name, _)| name).collect();
+        let kind = if optimizer == Optimizer::Prodigy { "prodigy_p0/" } else { "adafactor_row/" };
+        assert!(state.iter().any(|n| n.starts_with(kind)), "{optimizer}: {state:?}");
+        // The checkpoint names its optimiser; another one cannot take its state over.
+        for other in Optimizer::ALL.into_iter().filter(|&o| o != optimizer) {
+            let mut wrong = trainer(&dir, optimizer_config(6, other));
+            let err = wrong.load_checkpoint(&ckpt).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("trained with {}", optimizer.label()))
+                    && err.contains(&format!("resume with {optimizer}")),
+                "{err}"
+            );
+            assert_eq!(wrong.step, 0);
+        }
+    }
+}
+
+/// A checkpoint written before the optimiser could be chosen (no `optimizer` in its state or its
+/// config) is AdamW's, and resumes as one.
+#[test]
+fn an_adamw_checkpoint_from_before_the_choice_still_resumes() {
+    let dir = tempdir("old-checkpoint");
+    make_images(&dir);
+    let mut first = trainer(&dir, config(4, Algorithm::Lora));
+    for _ in 0..2 {
+        first.train_step().unwrap();
+    }
+    let ckpt = dir.join("run.checkpoint.safetensors");
+    first.save_checkpoint(&ckpt).unwrap();
+    let (tensors, mut metadata) = lora_studio::engine::io::weights::read_safetensors_with_metadata(&ckpt).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&metadata["lora_studio_checkpoint"]).unwrap();
+    state.as_object_mut().unwrap().remove("optimizer").unwrap();
+    for key in ["optimizer", "prodigy", "adafactor"] {
+        state["config"].as_object_mut().unwrap().remove(key).unwrap();
+    }
+    metadata.insert("lora_studio_checkpoint".into(), state.to_string());
+    write_safetensors(&ckpt, &tensors, Some(metadata)).unwrap();
+    let mut resumed = trainer(&dir, config(4, Algorithm::Lora));
+    resumed.load_checkpoint(&ckpt).unwrap();
+    for _ in 0..2 {
+        first.train_step().unwrap();
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(adapter_gap(&first, &resumed), 0.0);
+}
+
+/// A few steps of each optimiser on the fixture model: the adapter moves, the loss changes, the
+/// reported rate is the one the optimiser takes (Prodigy's d·lr), and the file says which one.
+#[test]
+fn each_optimizer_trains_and_names_itself_in_the_metadata() {
+    let dir = tempdir("optimizers");
+    make_images(&dir);
+    for optimizer in Optimizer::ALL {
+        let mut t = trainer(&dir, optimizer_config(4, optimizer));
+        let before = t.validation_loss().unwrap();
+        let untrained = trainer(&dir, optimizer_config(4, optimizer));
+        for _ in 0..4 {
+            t.train_step().unwrap();
+        }
+        let after = t.validation_loss().unwrap();
+        let moved = adapter_gap(&t, &untrained);
+        eprintln!(
+            "{optimizer}: validation loss {before:.5} → {after:.5}, adapter moved {moved:.3e}, lr {:.3e}",
+            t.current_lr()
+        );
+        assert!(moved > 0.0 && after.is_finite() && after != before, "{optimizer}: {before} → {after}");
+        let scheduled = t.config.learning_rate * t.config.lr_factor(3);
+        if optimizer == Optimizer::Prodigy {
+            assert!(t.current_lr() > 0.0 && t.current_lr() < scheduled, "d·lr {} vs lr {scheduled}", t.current_lr());
+        } else {
+            assert_eq!(t.current_lr(), scheduled);
+        }
+        let out = dir.join(format!("{optimizer}.safetensors"));
+        t.save_adapter(&out, lora_studio::engine::adapters::formats::Naming::Kohya).unwrap();
+        let (_, m) = lora_studio::engine::io::weights::read_safetensors_with_metadata(&out).unwrap();
+        let expected = match optimizer {
+            Optimizer::AdamW => "AdamW(betas=(0.9, 0.999)",
+            Optimizer::Prodigy => "prodigyopt.prodigy.Prodigy(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08,d0=1e-06",
+            Optimizer::Adafactor => {
+                "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,warmup_init=False"
+            }
+        };
+        assert!(m["ss_optimizer"].starts_with(expected), "{optimizer}: {}", m["ss_optimizer"]);
+    }
+}
+
+/// Two discs in `3_disc` (each shown 3 times an epoch) and two in `plain` (once), captioned.
+fn make_repeat_folders(dir: &Path) {
+    make_images(dir);
+    for (i, folder) in ["3_disc", "3_disc", "plain", "plain"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(folder)).unwrap();
+        for ext in ["png", "txt"] {
+            std::fs::rename(dir.join(format!("disc{i}.{ext}")), dir.join(folder).join(format!("disc{i}.{ext}")))
+                .unwrap();
+        }
+    }
+}
+
+/// An epoch over `2_a` (one image) and `b` (one image) visits a's image twice and b's once, in
+/// every epoch, and a run set in epochs is as many steps as sd-scripts counts.
+#[test]
+fn an_epoch_shows_each_image_as_often_as_its_folder_repeats() {
+    let dir = tempdir("repeats-epoch");
+    make_images(&dir);
+    for (i, folder) in [(0, "2_a"), (1, "b")] {
+        std::fs::create_dir_all(dir.join(folder)).unwrap();
+        std::fs::rename(dir.join(format!("disc{i}.png")), dir.join(folder).join("disc.png")).unwrap();
+    }
+    let cfg = TrainConfig { batch_size: 1, epochs: Some(5), ..config(1, Algorithm::Lora) };
+    let ds = Dataset::scan(&[dir.join("2_a"), dir.join("b")], &cfg.dataset).unwrap();
+    let a = ds.images.iter().position(|e| e.folder == "2_a").unwrap();
+    let b = ds.images.iter().position(|e| e.folder == "b").unwrap();
+    assert_eq!(ds.images[a].caption, "a", "the folder's words caption an image without a caption file");
+    let model = StableDiffusion::load(&sd1_tiny().join("model"), &Device::Cpu).unwrap();
+    let mut t = Trainer::new(model, cfg, &ds).unwrap();
+    // 5 epochs of 3 images, batch 1.
+    assert_eq!(t.config.steps, 15);
+    for epoch in 0..2 {
+        let order = t.epoch_order().to_vec();
+        let count = |i| order.iter().filter(|&&j| j == i).count();
+        assert_eq!((order.len(), count(a), count(b)), (3, 2, 1), "epoch {epoch}: {order:?}");
+        for _ in 0..3 {
+            t.train_step().unwrap();
+        }
+    }
+}
+
+/// A checkpoint taken mid-epoch over folders with repeats resumes on the same trajectory: the
+/// epoch's order (with its repeated images) is restored, not drawn again.
+#[test]
+fn resume_with_repeats_follows_the_same_trajectory() {
+    let dir = tempdir("resume-repeats");
+    make_repeat_folders(&dir);
+    // 2 × 3 + 2 = 8 images an epoch, batch 2: 4 steps an epoch, 2 epochs = 8 steps.
+    let cfg = TrainConfig { epochs: Some(2), ..config(1, Algorithm::Lora) };
+    let mut straight = trainer(&dir, cfg.clone());
+    assert_eq!(straight.config.steps, 8);
+    for _ in 0..8 {
+        straight.train_step().unwrap();
+    }
+    let mut first = trainer(&dir, cfg.clone());
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    let ckpt = dir.join("run.checkpoint.safetensors");
+    first.save_checkpoint(&ckpt).unwrap();
+    drop(first);
+    let mut resumed = trainer(&dir, cfg);
+    resumed.load_checkpoint(&ckpt).unwrap();
+    for _ in 0..5 {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(straight.losses, resumed.losses);
+    let (a, b) = (straight.export_layers().unwrap(), resumed.export_layers().unwrap());
+    for (x, y) in a.iter().zip(&b) {
+        for (tx, ty) in x.delta.tensors().iter().zip(y.delta.tensors()) {
+            assert_eq!(values(tx), values(ty), "{}", x.path);
+        }
+    }
+    // The record counts the repeats: 8 images an epoch, 2 epochs, the 3_disc folder's 3 repeats.
+    let out = dir.join("trained.safetensors");
+    resumed.save_adapter(&out, lora_studio::engine::adapters::formats::Naming::Kohya).unwrap();
+    let (_, m) = lora_studio::engine::io::weights::read_safetensors_with_metadata(&out).unwrap();
+    assert_eq!(
+        (m["ss_num_train_images"].as_str(), m["ss_num_epochs"].as_str(), m["ss_epoch"].as_str()),
+        ("8", "2", "2")
+    );
+    let dirs: serde_json::Value = serde_json::from_str(&m["ss_dataset_dirs"]).unwrap();
+    assert_eq!(dirs["3_disc"], serde_json::json!({"n_repeats": 3, "img_count": 2}), "{dirs}");
+}
+
 #[test]
 fn a_blow_up_stops_the_step_and_keeps_the_weights() {
     let dir = tempdir("nan");
@@ -243,8 +473,8 @@ fn full_fine_tuning_changes_the_model_and_writes_a_loadable_folder() {
     assert_ne!(values(t.model.unet.up_blocks[0].resnets[0].conv1.weight()), before, "selected weights train");
     // Full training: moments that still referenced a step's graph would keep every step's activations alive
     // (here a run grows by the activations' size each step until the machine runs out of memory).
-    for (name, m, v) in t.moments() {
-        assert!(!m.track_op() && !v.track_op(), "{name}: AdamW moments hold on to the autograd graph");
+    for (name, state) in t.optimizer_tensors() {
+        assert!(!state.track_op(), "{name}: the optimiser's state holds on to the autograd graph");
     }
 
     assert_eq!(values(t.model.unet.down_blocks[0].resnets[0].conv1.weight()), frozen_before, "others stay frozen");

@@ -167,6 +167,49 @@ fn dropped_folder_is_scanned_with_thumbnails_captions_and_warnings() {
     assert!(text_of(&h, "3 images ·").contains("0 duplicates"));
 }
 
+/// The pre-flight warnings are listed once, before and during a run, and the run's buttons stay
+/// where they are as lines come and go.
+#[test]
+fn warnings_show_once_and_the_buttons_stay_put() {
+    let dir = tempdir("warn-once");
+    make_images(&dir.join("data"));
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    {
+        let app = h.state_mut();
+        app.area = Area::Training;
+        // 40 px images trained at 64 px: each is upscaled, which the pre-flight check warns of.
+        (app.config.steps, app.config.dataset.resolution, app.config.sample_every) = (100_000, 64, 0);
+        app.training.output = dir.join("w.safetensors").display().to_string();
+    }
+    h.run();
+    let warnings = |h: &Harness<'_, StudioApp>| h.query_all_by_label_contains("Warning:").count();
+    h.get_by_label_contains("Pre-flight:").click();
+    h.run();
+    let before = warnings(&h);
+    assert!(before >= 1, "the upscaling is warned of");
+    let start_at = h.get_by_label("Start training").rect().top();
+    h.get_by_label("Start training").click();
+    h.step();
+    run_until(&mut h, TRAIN, "steps", |a| a.training.step >= 1);
+    h.run_steps(3);
+    assert_eq!(h.get_by_label("Start training").rect().top(), start_at, "the buttons did not move");
+    if h.query_by_label_contains("Warning:").is_none() {
+        h.get_by_label_contains("Pre-flight:").click();
+        h.run_steps(2);
+    }
+    assert_eq!(warnings(&h), before, "each warning once while the run goes");
+    h.get_by_label("Stop").click();
+    run_until(&mut h, TRAIN, "stopped", |a| !a.training.is_active());
+    h.run_steps(3);
+    if h.query_by_label_contains("Warning:").is_none() {
+        h.get_by_label_contains("Pre-flight:").click();
+        h.run_steps(2);
+    }
+    assert_eq!(warnings(&h), before, "each warning once after the run");
+}
+
 /// Nothing typed or gathered is lost by a click: a caption edit is saved when another image is
 /// picked, *Clear* can be undone, a file where the adapter would go is replaced only when asked,
 /// and an error line goes once the next scan works.
@@ -497,6 +540,13 @@ fn a_first_run_takes_its_defaults_from_the_model() {
     run_until(&mut h, TRAIN, "a sample", |a| !a.training.samples.is_empty());
     assert_eq!(h.state().training.samples[0].prompt, prompt);
     run_until(&mut h, TRAIN, "finished", |a| matches!(a.training.run, RunState::Finished { .. }));
+    // A sample opens larger on a click.
+    h.run_steps(2);
+    h.get_by_label("Sample at step 1").click();
+    h.run_steps(2);
+    assert_eq!(h.state().training.sample_open, Some(0));
+    let shown = h.get_all_by_role(Role::Image).map(|n| n.rect().width()).fold(0.0f32, f32::max);
+    assert!(shown >= 500.0, "the larger view is {shown} points wide");
 }
 
 #[test]
@@ -676,6 +726,143 @@ fn ctrl_enter_generates_from_the_prompt_box() {
     h.run_steps(2);
     run_until(&mut h, SCAN, "an image", |a| a.playground.images_made >= 1);
     assert_eq!(h.state().playground.request.prompt, "a gradient", "no new line typed");
+}
+
+/// A1111's habits: `<lora:name:weight>` in the prompt sets that slider (adding the file from the
+/// adapters' folder), a saved PNG carries its settings in A1111's `parameters` text, and dropping
+/// such a PNG (ours, or one A1111 wrote) on the Playground puts them back.
+#[test]
+fn prompts_pngs_and_lora_tags_work_as_in_a1111() {
+    use lora_studio::engine::io::infotext::read_png_parameters;
+    let dir = tempdir("a1111");
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    h.state_mut().playground.add_adapter(&sd1_tiny().join("lora_b_peft.safetensors"));
+    quick_request(&mut h.state_mut().playground);
+    h.state_mut().playground.request.prompt = "a gradient <lora:lora_a_kohya:0.6>, (soft:1.2)".into();
+    h.state_mut().playground.request.clip_skip = 2;
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.step();
+    run_until(&mut h, SCAN, "an image", |a| a.playground.images_made >= 1);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    {
+        let p = &h.state().playground;
+        // The tag left the prompt box and became the slider of the adapter it names.
+        assert_eq!(p.request.prompt, "a gradient, (soft:1.2)");
+        let row = p.adapters.iter().find(|r| r.name == "lora_a_kohya").expect("added from the folder");
+        assert!((row.weight - 0.6).abs() < 1e-9 && row.enabled);
+        assert!(row.error.is_none(), "{:?}", row.error);
+    }
+
+    // Saved with its settings, in A1111's words.
+    let png = dir.join("made.png");
+    h.state_mut().playground.save_image(&png);
+    let saved = read_png_parameters(&png).unwrap();
+    let text = saved.infotext();
+    assert!(text.starts_with("a gradient, (soft:1.2), <lora:lora_b_peft:1>, <lora:lora_a_kohya:0.6>\n"), "{text}");
+    assert!(text.contains("Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 32x32"), "{text}");
+    assert!(text.contains("Clip skip: 2") && text.contains("Lora hashes:"), "{text}");
+
+    // Everything changed since; dropping the PNG on the Playground brings it all back.
+    {
+        let p = &mut h.state_mut().playground;
+        (p.request.prompt, p.request.seed, p.request.steps, p.request.clip_skip) = ("other".into(), 99, 9, 1);
+        p.set_weight(1, 0.1);
+    }
+    drop_paths(&mut h, std::slice::from_ref(&png));
+    h.run_steps(2);
+    {
+        let a = h.state();
+        let p = &a.playground;
+        assert_eq!(a.area, Area::Playground, "a PNG on the Playground is not a training image");
+        assert_eq!((p.request.prompt.as_str(), p.request.seed, p.request.steps), ("a gradient, (soft:1.2)", 7, 3));
+        assert_eq!(p.request.clip_skip, 2);
+        assert!((p.adapters[1].weight - 0.6).abs() < 1e-9);
+        assert!(p.message.as_deref().is_some_and(|m| m.starts_with("Settings restored")), "{:?}", p.message);
+    }
+
+    // A PNG A1111 saved: its settings, and its adapters named where they are not found here.
+    drop_paths(&mut h, &[fixtures_dir().join("infotext/a1111.png")]);
+    h.run_steps(2);
+    let p = &h.state().playground;
+    assert_eq!((p.request.width, p.request.height, p.request.seed), (512, 768, 1234567890));
+    assert_eq!(p.request.sampler, lora_studio::engine::diffusion::sampler::SamplerKind::EulerAncestral);
+    assert!(p.request.prompt.starts_with("masterpiece, a photo of a cat on a windowsill"));
+    assert_eq!(p.request.negative, "blurry, lowres,\nbad anatomy, watermark");
+    let message = p.message.clone().unwrap();
+    assert!(message.contains("<lora:neon_style> was not found"), "{message}");
+    assert!(p.adapters.iter().all(|r| !r.enabled), "the image used none of the adapters in the list");
+}
+
+/// *Cancel* stops an image and an XY grid being drawn; the window is ready for the next one.
+#[test]
+fn cancel_stops_an_image_and_a_grid() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    {
+        let p = &mut h.state_mut().playground;
+        p.add_adapter(&sd1_tiny().join("lora_a_kohya.safetensors"));
+        p.add_adapter(&sd1_tiny().join("lora_b_peft.safetensors"));
+        quick_request(p);
+        p.request.steps = 150;
+        p.live = false;
+    }
+    h.run_steps(2);
+    h.get_by_label("Generate").click();
+    h.step();
+    h.get_by_label("Cancel").click();
+    h.step();
+    run_until(&mut h, SCAN, "cancelled", |a| a.playground.message.as_deref() == Some("Cancelled."));
+    assert_eq!(h.state().playground.images_made, 0);
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    assert!(h.state().playground.progress.is_none());
+
+    h.state_mut().playground.grid = GridSettings { x: 0, y: 1, x_values: "0, 1".into(), y_values: "0, 1".into() };
+    h.state_mut().playground.render_grid();
+    h.step();
+    h.get_by_label("Cancel").click();
+    h.step();
+    run_until(&mut h, SCAN, "grid cancelled", |a| a.playground.message.as_deref() == Some("Grid cancelled."));
+    assert_eq!(h.state().playground.images_made, 0);
+
+    // The next image draws as usual.
+    h.state_mut().playground.request.steps = 2;
+    h.get_by_label("Generate").click();
+    h.step();
+    run_until(&mut h, SCAN, "an image", |a| a.playground.images_made == 1);
+}
+
+/// The strip of this session's images: a click shows one again and puts back its settings.
+#[test]
+fn the_gallery_strip_brings_back_an_image_and_its_settings() {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    quick_request(&mut h.state_mut().playground);
+    h.state_mut().playground.live = false;
+    for (n, (seed, prompt)) in [(11, "a red gradient"), (22, "a blue gradient")].into_iter().enumerate() {
+        (h.state_mut().playground.request.seed, h.state_mut().playground.request.prompt) = (seed, prompt.into());
+        h.run_steps(2);
+        h.get_by_label("Generate").click();
+        h.step();
+        run_until(&mut h, SCAN, "an image", |a| a.playground.images_made == n + 1);
+    }
+    run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
+    h.run_steps(2);
+    let second = h.state().playground.image.clone().unwrap();
+    h.get_by_label("Image 1 of this session").click();
+    h.run_steps(2);
+    let p = &h.state().playground;
+    assert_eq!((p.request.seed, p.request.prompt.as_str()), (11, "a red gradient"));
+    assert!(p.image_info.starts_with("seed 11"), "{}", p.image_info);
+    assert_ne!(p.image.as_ref().unwrap(), &second, "the first image is shown again");
+    assert_eq!(p.gallery.len(), 2);
 }
 
 #[test]
@@ -998,6 +1185,73 @@ fn choosing_loha_or_lokr_sets_kohya_ss_defaults() {
     h.run();
     assert_eq!(h.state().config.algorithm, Algorithm::Dora);
     assert_eq!(h.state().config.rank, 64, "DoRA keeps the rank it had");
+}
+
+/// The options kohya users set every day are in the form: the optimiser (its usual rate comes
+/// with it), gradient accumulation, buckets, caption dropout, tag shuffle with keep-N, clip skip
+/// and the text encoder's own rate.
+#[test]
+fn kohya_training_options_are_in_the_form() {
+    use lora_studio::engine::train::optim::Optimizer;
+    // Tall enough for the whole form (rows scrolled out of view are not in the tree).
+    let ctx = egui::Context::default();
+    let app = StudioApp::new(&ctx, WindowOptions { model_label: "built-in".into(), model: None });
+    let mut h =
+        Harness::builder().with_size([960.0, 1600.0]).build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    h.run();
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    h.get_by_value("AdamW").click();
+    h.run();
+    h.get_by_label("Prodigy (learning-rate free)").click();
+    h.run();
+    assert_eq!((h.state().config.optimizer, h.state().config.learning_rate), (Optimizer::Prodigy, 1.0));
+    h.get_by_value("Prodigy (learning-rate free)").click();
+    h.run();
+    h.get_by_label("Adafactor").click();
+    h.run();
+    assert_eq!((h.state().config.optimizer, h.state().config.learning_rate), (Optimizer::Adafactor, 1e-4));
+    h.get_by_role_and_label(Role::CheckBox, "Aspect-ratio buckets").click();
+    h.run();
+    assert!(h.state().config.dataset.buckets);
+    h.get_by_role_and_label(Role::CheckBox, "Shuffle tags").click();
+    h.run();
+    assert!(h.state().config.shuffle_tags);
+    for name in ["Gradient accumulation", "Caption dropout", "Clip skip"] {
+        h.get_by_label(name);
+    }
+    assert!(h.query_by_label("Text encoder rate").is_none(), "shown only when the text encoder trains");
+    h.get_by_role_and_label(Role::CheckBox, "Train text encoder").click();
+    h.run();
+    h.get_by_role_and_label(Role::CheckBox, "Text encoder rate").click();
+    h.run();
+    let c = &h.state().config;
+    assert_eq!(c.text_encoder_lr, Some(c.learning_rate / 2.0));
+}
+
+/// kohya's `N_name` folders repeat their images; the run can be counted in epochs of them.
+#[test]
+fn folder_repeats_and_epochs_are_shown_and_set_the_steps() {
+    let dir = tempdir("repeats");
+    make_images(&dir.join("data/3_sks dog"));
+    make_images(&dir.join("data/plain"));
+    let ctx = egui::Context::default();
+    let app = StudioApp::new(&ctx, WindowOptions { model_label: "built-in".into(), model: None });
+    let mut h =
+        Harness::builder().with_size([960.0, 1600.0]).build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    h.run();
+    let repeats = text_of(&h, "Repeats:");
+    assert!(repeats.contains("3_sks dog: 3 images × 3") && repeats.contains("12 images per epoch"), "{repeats}");
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    h.get_by_role_and_label(Role::CheckBox, "Epochs").click();
+    h.run_steps(2);
+    let c = &h.state().config;
+    // 10 epochs (the default) of 3 × 3 + 3 images at batch 1.
+    assert_eq!((c.epochs, c.steps), (Some(10), 120));
+    h.get_by_label_contains("12 images an epoch");
 }
 
 /// A file only part of which fits the model is never loaded unasked: the doctor says so and offers

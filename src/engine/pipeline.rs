@@ -879,6 +879,19 @@ impl StableDiffusion {
 
     /// Runs the sampler and decodes; `on_step(i, total)` reports progress.
     pub fn generate(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(usize, usize)) -> Result<image::RgbImage> {
+        self.generate_until(req, &mut |i, total| {
+            on_step(i, total);
+            true
+        })
+    }
+
+    /// As `generate`, stopping with [`GenerationCancelled`] after a step where `on_step` returns
+    /// false (a Cancel button).
+    pub fn generate_until(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<image::RgbImage> {
         let m = self.size_multiple();
         if req.width == 0 || req.height == 0 || !req.width.is_multiple_of(m) || !req.height.is_multiple_of(m) {
             bail!("image size {}×{} must be a positive multiple of {m} for this model", req.width, req.height);
@@ -922,7 +935,9 @@ impl StableDiffusion {
             let out = self.predict(&input, &t_tensor, &text, sizes.as_ref())?;
             let out = if guided { guidance(&out.narrow(0, 0, 1)?, &out.narrow(0, 1, 1)?, req.guidance)? } else { out };
             x = sampler.step(&out, i, &x, &mut rng)?;
-            on_step(i + 1, total);
+            if !on_step(i + 1, total) {
+                return Err(GenerationCancelled.into());
+            }
         }
         // NaN or ∞ would clamp to a flat, meaningless picture; refuse instead of writing one.
         if !all_finite(&x)? {
@@ -941,6 +956,18 @@ impl StableDiffusion {
         to_image(&decoded.get(0)?)
     }
 }
+
+/// A generation its caller stopped between two steps.
+#[derive(Debug)]
+pub struct GenerationCancelled;
+
+impl std::fmt::Display for GenerationCancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled")
+    }
+}
+
+impl std::error::Error for GenerationCancelled {}
 
 /// The text encoders' widths must add up to the UNet's cross-attention width, and an SDXL UNet's
 /// `add_embedding` must take the second encoder's pooled width plus the six size embeddings: a

@@ -18,7 +18,7 @@ use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::grid::{GridLayout, axis_labels};
 use crate::engine::io::weights::dtype_name;
 use crate::engine::models::family::ModelFamily;
-use crate::engine::pipeline::{GenerateRequest, ModelWeights, StableDiffusion};
+use crate::engine::pipeline::{GenerateRequest, GenerationCancelled, ModelWeights, StableDiffusion};
 
 pub enum ModelCommand {
     Load {
@@ -172,6 +172,10 @@ pub enum ModelEvent {
     GenerateFailed {
         error: String,
     },
+    /// A generation or (`grid`) an XY grid stopped by *Cancel* (nothing drawn).
+    Cancelled {
+        grid: bool,
+    },
     Exported {
         path: PathBuf,
         report: BlendReport,
@@ -208,6 +212,8 @@ pub struct AdapterCheck {
 pub struct ModelWorker {
     tx: Sender<(u64, ModelCommand)>,
     pub events: Receiver<ModelEvent>,
+    /// Drawing for any command up to this id stops at its next step (*Cancel*).
+    cancel_through: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ModelWorker {
@@ -215,6 +221,8 @@ impl ModelWorker {
     pub fn start(wake: impl Fn() + Send + 'static) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+        let cancel_through = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let cancel = cancel_through.clone();
         // The thread ends when the sender is dropped; it is not joined, so closing the window
         // never waits for a generation to finish.
         let _ = std::thread::Builder::new().name("playground model".into()).spawn(move || {
@@ -222,9 +230,14 @@ impl ModelWorker {
                 let _ = ev_tx.send(e);
                 wake();
             };
-            worker(&rx, &send);
+            worker(&rx, &send, &cancel);
         });
-        Self { tx, events: ev_rx }
+        Self { tx, events: ev_rx, cancel_through }
+    }
+
+    /// Stops the drawing of every command sent up to `id` (the one running, and queued ones).
+    pub fn cancel_through(&self, id: u64) {
+        self.cancel_through.fetch_max(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn send(&self, id: u64, command: ModelCommand) {
@@ -232,7 +245,7 @@ impl ModelWorker {
     }
 }
 
-fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
+fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent), cancel: &std::sync::atomic::AtomicU64) {
     let mut sd: Option<StableDiffusion> = None;
     // The panel's, not the model's: it outlives a crash and is re-applied to a reloaded model.
     let mut mix = Mix::default();
@@ -243,15 +256,16 @@ fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
         let last_id = batch.last().map_or(0, |(id, _)| *id);
         let mut generate = None;
         let mut mix_changed = false;
-        for (_, cmd) in batch {
+        for (id, cmd) in batch {
+            let stop = || cancel.load(std::sync::atomic::Ordering::Relaxed) >= id;
             match cmd {
-                ModelCommand::Generate(req) => generate = Some(req),
+                ModelCommand::Generate(req) => generate = Some((id, req)),
                 other => {
                     mix_changed |= matches!(
                         other,
                         ModelCommand::AddAdapter { .. } | ModelCommand::SetMix(_) | ModelCommand::Remove(_)
                     );
-                    guarded(&mut sd, send, |sd| handle(sd, &mut mix, other, send));
+                    guarded(&mut sd, send, |sd| handle(sd, &mut mix, other, send, &stop));
                 }
             }
         }
@@ -262,8 +276,9 @@ fn worker(rx: &Receiver<(u64, ModelCommand)>, send: &dyn Fn(ModelEvent)) {
                 }
             });
         }
-        if let Some(req) = generate {
-            guarded(&mut sd, send, |sd| run_generate(sd.as_ref(), &req, send));
+        if let Some((id, req)) = generate {
+            let stop = || cancel.load(std::sync::atomic::Ordering::Relaxed) >= id;
+            guarded(&mut sd, send, |sd| run_generate(sd.as_ref(), &req, send, &stop));
         }
         send(ModelEvent::Done { id: last_id });
     }
@@ -278,7 +293,14 @@ fn guarded(sd: &mut Option<StableDiffusion>, send: &dyn Fn(ModelEvent), f: impl 
     }
 }
 
-fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, send: &dyn Fn(ModelEvent)) {
+/// Runs one command; `stop` says when *Cancel* has asked a drawing to end.
+fn handle(
+    sd: &mut Option<StableDiffusion>,
+    mix: &mut Mix,
+    cmd: ModelCommand,
+    send: &dyn Fn(ModelEvent),
+    stop: &dyn Fn() -> bool,
+) {
     match cmd {
         ModelCommand::Load { path, placement } => {
             let t = Instant::now();
@@ -392,7 +414,7 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
                 return send(ModelEvent::GenerateFailed { error: "no model is open".into() });
             };
             let t = Instant::now();
-            let grid = xy_grid(model, &request, &x, &y, send);
+            let grid = xy_grid(model, &request, &x, &y, send, stop);
             apply_mix(model, mix, send);
             match grid {
                 Ok(image) => {
@@ -406,6 +428,7 @@ fn handle(sd: &mut Option<StableDiffusion>, mix: &mut Mix, cmd: ModelCommand, se
                     );
                     send(ModelEvent::Grid { image, seconds: t.elapsed().as_secs_f64(), caption })
                 }
+                Err(e) if e.is::<GenerationCancelled>() => send(ModelEvent::Cancelled { grid: true }),
                 Err(e) => send(ModelEvent::GenerateFailed { error: format!("{e:#}") }),
             }
         }
@@ -455,6 +478,7 @@ fn xy_grid(
     x: &GridAxis,
     y: &GridAxis,
     send: &dyn Fn(ModelEvent),
+    stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<image::RgbImage> {
     if x.name == y.name || x.values.is_empty() || y.values.is_empty() {
         anyhow::bail!("pick two different adapters and at least one weight for each");
@@ -472,22 +496,33 @@ fn xy_grid(
         for (c, &wx) in x.values.iter().enumerate() {
             model.set_adapter_mix(&x.name, wx, &x.blocks)?;
             let done = (r * x.values.len() + c) * request.steps;
-            let img =
-                model.generate(request, &mut |step, _| send(ModelEvent::Progress { step: done + step, total }))?;
+            let img = model.generate_until(request, &mut |step, _| {
+                send(ModelEvent::Progress { step: done + step, total });
+                !stop()
+            })?;
             layout.place(&mut grid, c, r, &img);
         }
     }
     Ok(grid)
 }
 
-fn run_generate(sd: Option<&StableDiffusion>, req: &GenerateRequest, send: &dyn Fn(ModelEvent)) {
+fn run_generate(
+    sd: Option<&StableDiffusion>,
+    req: &GenerateRequest,
+    send: &dyn Fn(ModelEvent),
+    stop: &dyn Fn() -> bool,
+) {
     let Some(model) = sd else {
         return send(ModelEvent::GenerateFailed { error: "no model is open".into() });
     };
     let t = Instant::now();
-    let mut on_step = |step, total| send(ModelEvent::Progress { step, total });
-    match model.generate(req, &mut on_step) {
+    let mut on_step = |step, total| {
+        send(ModelEvent::Progress { step, total });
+        !stop()
+    };
+    match model.generate_until(req, &mut on_step) {
         Ok(image) => send(ModelEvent::Image { image, seconds: t.elapsed().as_secs_f64(), seed: req.seed }),
+        Err(e) if e.is::<GenerationCancelled>() => send(ModelEvent::Cancelled { grid: false }),
         Err(e) => send(ModelEvent::GenerateFailed { error: format!("{e:#}") }),
     }
 }
@@ -546,7 +581,7 @@ mod tests {
 
         fn run(&mut self, cmd: ModelCommand) {
             let events = &self.events;
-            handle(&mut self.sd, &mut self.mix, cmd, &|e| events.borrow_mut().push(e));
+            handle(&mut self.sd, &mut self.mix, cmd, &|e| events.borrow_mut().push(e), &|| false);
         }
 
         fn add(&mut self, file: &str, name: &str, weight: f64) {

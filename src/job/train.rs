@@ -56,6 +56,10 @@ pub enum TrainEvent {
         images: usize,
         /// How many images go to each training size.
         buckets: String,
+        /// Each folder's images and repeats, and the images per epoch.
+        repeats: String,
+        /// How many epochs the run's steps are.
+        epochs: String,
         warnings: Vec<String>,
     },
     /// The images' latents being encoded before the first step (`done` of `total` images).
@@ -203,7 +207,7 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
                     ours.label()
                 );
             }
-            Some(TrainConfig { steps: spec.config.steps, ..summary.config })
+            Some(TrainConfig { steps: spec.config.steps, epochs: spec.config.epochs, ..summary.config })
         }
         None => None,
     };
@@ -235,10 +239,14 @@ fn run(spec: &TrainJobSpec, commands: &Receiver<TrainCommand>, events: &Events) 
     if stop_asked(commands) {
         return cancelled(events);
     }
+    // A run set in epochs is as many steps as they are over this dataset.
+    let cfg = &TrainConfig { steps: cfg.total_steps(&dataset), ..cfg.clone() };
     let preflight = dataset.preflight(&cfg.dataset, &|c| weights.tokenizer.count_tokens(c));
     events.send(TrainEvent::Preflight {
         images: dataset.images.len(),
         buckets: preflight.bucket_summary(),
+        repeats: preflight.repeats_summary(),
+        epochs: preflight.epochs_summary(cfg.steps, cfg.batch_size, cfg.grad_accum),
         warnings: preflight.warnings(),
     });
     // A progress event a second at most: thousands of images take a minute to encode. A Stop

@@ -369,6 +369,10 @@ fn preflight_report(ui: &mut egui::Ui, panel: &mut DatasetPanel, opts: &DatasetO
         let sizes: Vec<String> = pf.buckets.iter().map(|(size, n)| format!("{size}: {n}")).collect();
         ui.label(format!("Training sizes: {}", sizes.join(", ")));
     }
+    // kohya's `N_name` folders: each image N times an epoch.
+    if pf.folders.iter().any(|f| f.repeats > 1) {
+        ui.label(format!("Repeats: {}", pf.repeats_summary()));
+    }
     let warnings = pf.warnings();
     if warnings.is_empty() {
         ui.label("No problems found.");

@@ -337,6 +337,13 @@ impl StudioApp {
                     Some(format!("{}: drop adapters on the Playground; to open a model use Open model…", w.display()));
             }
         }
+        // A PNG dropped on the Playground brings back the settings saved in it (A1111's or ours).
+        let (settings, images): (Vec<PathBuf>, Vec<PathBuf>) = images.into_iter().partition(|p| {
+            self.area == Area::Playground && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"))
+        });
+        if let Some(png) = settings.last() {
+            self.playground.restore_parameters(png);
+        }
         if !images.is_empty() {
             self.area = Area::Dataset;
             let ctx = self.ctx.clone();
@@ -437,9 +444,12 @@ impl StudioApp {
         egui::Panel::bottom("status_bar").show(ui, |ui| {
             let now = ui.input(|i| i.time);
             self.memory.refresh(now);
-            // Keep the memory figure fresh while the app is otherwise idle.
-            ui.ctx().request_repaint_after(MemorySampler::INTERVAL);
-            let job = self.job().label();
+            // Keep the memory figure fresh: each second while work runs, every few seconds when
+            // nothing does (each frame costs CPU; an idle window should cost next to none).
+            let job = self.job();
+            let idle = matches!(job, JobState::Idle);
+            ui.ctx().request_repaint_after(if idle { MemorySampler::IDLE_INTERVAL } else { MemorySampler::INTERVAL });
+            let job = job.label();
             let device = self.device_status();
             let model = match self.playground.loaded_family {
                 Some(family) if !self.model_label.is_empty() => format!("{} · {}", self.model_label, family.label()),
@@ -482,6 +492,7 @@ impl StudioApp {
                     warnings,
                     sample_prompt,
                     family: self.playground.loaded_family,
+                    images_per_epoch: self.dataset.dataset.images_per_epoch(),
                 };
                 for action in training::ui_training(ui, &mut self.training, &mut self.config, &cx) {
                     match action {

@@ -12,6 +12,8 @@ pub struct MemorySampler {
 
 impl MemorySampler {
     pub const INTERVAL: Duration = Duration::from_secs(1);
+    /// How often an idle window redraws to refresh the figure.
+    pub const IDLE_INTERVAL: Duration = Duration::from_secs(5);
 
     /// Re-reads the figure if `now` (egui's `input.time`, seconds) is an interval past the last read.
     pub fn refresh(&mut self, now: f64) {

@@ -11,6 +11,7 @@ use crate::engine::adapters::formats::Naming;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::device::Placement;
 use crate::engine::models::family::ModelFamily;
+use crate::engine::train::optim::Optimizer;
 use crate::engine::train::trainer::{
     Algorithm, ExistingOutput, ExistingRun, LrSchedule, RunOutputs, TextEncoders, TimestepBias, TrainConfig,
 };
@@ -149,6 +150,8 @@ pub struct TrainingPanel {
     /// Images encoded so far while a run starts (done, total).
     pub encoding: Option<(usize, usize)>,
     pub sample_prompt_now: String,
+    /// The sample shown larger (an index into `samples`).
+    pub sample_open: Option<usize>,
 }
 
 impl Default for TrainingPanel {
@@ -175,6 +178,7 @@ impl Default for TrainingPanel {
             existing_output: None,
             encoding: None,
             sample_prompt_now: String::new(),
+            sample_open: None,
         }
     }
 }
@@ -310,6 +314,7 @@ impl TrainingPanel {
         self.eta = Duration::ZERO;
         self.loss = LossHistory::default();
         self.samples.clear();
+        self.sample_open = None;
         self.checkpoints.clear();
         self.job_warnings.clear();
         self.encoding = None;
@@ -410,6 +415,8 @@ pub(super) struct TrainingContext<'a> {
     pub sample_prompt: String,
     /// The open model's family once loaded (SDXL offers a choice of text encoders).
     pub family: Option<ModelFamily>,
+    /// The dataset's images per epoch: each image times its folder's repeats (kohya's `N_name`).
+    pub images_per_epoch: usize,
 }
 
 pub(super) fn ui_training(
@@ -465,6 +472,7 @@ pub(super) fn ui_training(
             }
         });
     });
+    enlarged_sample(ui.ctx(), panel);
     actions
 }
 
@@ -541,18 +549,59 @@ fn settings(
             })
             .inner
         });
-        row(ui, "Learning rate", "How big each update is. 1e-4 is the usual LoRA rate; lower it if the loss jumps or samples fry.", |ui| {
+        row(ui, "Learning rate", "How big each update is. 1e-4 is the usual LoRA rate (Prodigy: 1); lower it if the loss jumps or samples fry.", |ui| {
             ui.add(
+                // Up to 10: Prodigy's rate is a multiplier of its own estimate (1 is usual).
                 egui::DragValue::new(&mut c.learning_rate)
-                    .range(1e-7..=1e-1)
+                    .range(1e-7..=10.0)
                     .speed(1e-6)
                     .custom_formatter(|v, _| sci(v))
                     .custom_parser(|s| s.trim().parse().ok()),
             )
         });
-        row(ui, "Steps", "How many optimiser steps to take in total.", |ui| ui.add(egui::DragValue::new(&mut c.steps).range(1..=100_000).speed(10)));
+        row(ui, "Optimizer", "AdamW: the usual choice. Prodigy finds its own step size (learning rate 1). Adafactor: less memory, kohya's choice for large models.", |ui| {
+            let before = c.optimizer;
+            let response = egui::ComboBox::from_id_salt("optimizer")
+                .selected_text(c.optimizer.label())
+                .show_ui(ui, |ui| {
+                    for o in Optimizer::ALL {
+                        ui.selectable_value(&mut c.optimizer, o, o.label()).on_hover_text(o.tooltip());
+                    }
+                })
+                .response;
+            if c.optimizer != before {
+                // Each optimiser's rate means something else (Prodigy's is a multiplier of its own).
+                c.learning_rate = c.optimizer.usual_learning_rate();
+                if c.optimizer == Optimizer::Prodigy {
+                    c.text_encoder_lr = None;
+                }
+            }
+            response
+        });
+        row(ui, "Epochs", "Count the run in epochs, as kohya does: one epoch shows each image once for every repeat its folder asks (a folder named 10_name: 10 times).", |ui| {
+            ui.horizontal(|ui| {
+                let mut on = c.epochs.is_some();
+                let r = ui.checkbox(&mut on, "count in epochs");
+                let mut epochs = c.epochs.unwrap_or(10);
+                ui.add_enabled(on, egui::DragValue::new(&mut epochs).range(1..=10_000)).labelled_by(r.id);
+                c.epochs = on.then_some(epochs);
+                if let Some(e) = c.epochs {
+                    let per_epoch = crate::engine::train::dataset::steps_per_epoch(cx.images_per_epoch, c.batch_size, c.grad_accum);
+                    c.steps = (e * per_epoch).max(1);
+                    ui.label(RichText::new(format!("{} images an epoch", cx.images_per_epoch)).weak());
+                }
+                r
+            })
+            .inner
+        });
+        row(ui, "Steps", "How many optimiser steps to take in total (set by the epochs when they are counted).", |ui| {
+            ui.add_enabled(c.epochs.is_none(), egui::DragValue::new(&mut c.steps).range(1..=100_000).speed(10))
+        });
         row(ui, "Batch size", "Images per step. Larger is smoother but uses more memory.", |ui| {
             ui.add(egui::DragValue::new(&mut c.batch_size).range(1..=64))
+        });
+        row(ui, "Gradient accumulation", "Add up the gradients of this many batches before each step: a larger effective batch without the memory.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.grad_accum).range(1..=64).suffix(" batches"))
         });
         row(ui, "Resolution", "Training size in pixels (the square's side). 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL.", |ui| {
             ui.add(egui::DragValue::new(&mut c.dataset.resolution).range(8..=2048).speed(8))
@@ -563,9 +612,49 @@ fn settings(
         row(ui, "Flip images", "Mirror images left-right at random: doubles the variety, but not for text or asymmetric subjects.", |ui| {
             ui.checkbox(&mut c.dataset.flip, "mirror at random")
         });
+        row(ui, "Aspect-ratio buckets", "Train each image at a size near its own shape (sides in steps of 64 px, about the resolution's area) instead of a square crop, as kohya's enable_bucket.", |ui| {
+            ui.checkbox(&mut c.dataset.buckets, "keep each image's shape")
+        });
+        row(ui, "Caption dropout", "The share of steps trained on an empty caption: helps the adapter work without its trigger and with guidance. 0.05–0.1 is usual.", |ui| {
+            ui.add(egui::DragValue::new(&mut c.caption_dropout).range(0.0..=1.0).speed(0.01))
+        });
+        row(ui, "Shuffle tags", "Shuffle the comma-separated tags of each caption every time (booru-style captions), keeping the first N in place (your trigger word).", |ui| {
+            ui.horizontal(|ui| {
+                let r = ui.checkbox(&mut c.shuffle_tags, "shuffle, keep first");
+                ui.add_enabled(c.shuffle_tags, egui::DragValue::new(&mut c.keep_tokens).range(0..=16)).labelled_by(r.id);
+                r
+            })
+            .inner
+        });
+        if family != Some(ModelFamily::Sdxl) {
+            row(ui, "Clip skip", "Read the text encoder this many layers from its end: 1 is the last layer, 2 the penultimate (what anime SD 1.x models expect, as A1111's Clip skip). Written to the adapter as ss_clip_skip.", |ui| {
+                ui.add(egui::DragValue::new(&mut c.clip_skip).range(1..=12))
+            });
+        }
         row(ui, "Train text encoder", "Also adapt the CLIP text encoder: learns new words faster, overfits faster.", |ui| {
             ui.checkbox(&mut c.train_text_encoder, "also adapt CLIP")
         });
+        if c.train_text_encoder && c.optimizer != Optimizer::Prodigy {
+            row(ui, "Text encoder rate", "The text encoder's own learning rate; kohya users often set it lower than the UNet's (e.g. half). Unticked: the same as the learning rate.", |ui| {
+                ui.horizontal(|ui| {
+                    let mut own = c.text_encoder_lr.is_some();
+                    let r = ui.checkbox(&mut own, "own rate");
+                    let mut rate = c.text_encoder_lr.unwrap_or(c.learning_rate / 2.0);
+                    ui.add_enabled(
+                        own,
+                        egui::DragValue::new(&mut rate)
+                            .range(1e-7..=1e-1)
+                            .speed(1e-6)
+                            .custom_formatter(|v, _| sci(v))
+                            .custom_parser(|s| s.trim().parse().ok()),
+                    )
+                    .labelled_by(r.id);
+                    c.text_encoder_lr = own.then_some(rate);
+                    r
+                })
+                .inner
+            });
+        }
         if family == Some(ModelFamily::Sdxl) && c.train_text_encoder {
             row(ui, "Text encoders", "SDXL has two: CLIP-L (te1) and OpenCLIP-bigG (te2). Train both, or one of them.", |ui| {
                 egui::ComboBox::from_id_salt("text_encoders")
@@ -659,20 +748,6 @@ fn settings(
 }
 
 fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'_>, actions: &mut Vec<TrainingAction>) {
-    // What will happen on Start, in one glance.
-    let model = cx.model.map_or("no model open".to_owned(), |m| m.display().to_string());
-    let out = panel.output_path(cx.images).map_or("—".to_owned(), |p| p.display().to_string());
-    let images = crate::engine::train::dataset::counted(cx.images.len(), "image", "images");
-    ui.label(format!("{images} · model: {model}"));
-    ui.label(RichText::new(format!("Writes {out}")).weak());
-    if !cx.warnings.is_empty() && !panel.is_active() {
-        let warnings = crate::engine::train::dataset::counted(cx.warnings.len(), "warning", "warnings");
-        egui::CollapsingHeader::new(format!("Pre-flight: {warnings}")).show(ui, |ui| {
-            for w in &cx.warnings {
-                ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
-            }
-        });
-    }
     ui.horizontal(|ui| {
         let can_start = !panel.is_active();
         if ui
@@ -722,6 +797,22 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
             actions.push(TrainingAction::ChooseResume);
         }
     });
+    // Below the buttons, so that lines coming and going never move them.
+    let model = cx.model.map_or("no model open".to_owned(), |m| m.display().to_string());
+    let out = panel.output_path(cx.images).map_or("—".to_owned(), |p| p.display().to_string());
+    let images = crate::engine::train::dataset::counted(cx.images.len(), "image", "images");
+    ui.label(format!("{images} · model: {model}"));
+    ui.label(RichText::new(format!("Writes {out}")).weak());
+    // One list: the Dataset area's check before a run, the worker's own once it has started.
+    let warnings = if panel.is_active() { &panel.job_warnings } else { &cx.warnings };
+    if !warnings.is_empty() {
+        let counted = crate::engine::train::dataset::counted(warnings.len(), "warning", "warnings");
+        egui::CollapsingHeader::new(format!("Pre-flight: {counted}")).id_salt("preflight").show(ui, |ui| {
+            for w in warnings {
+                ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
+            }
+        });
+    }
     if let Some(msg) = &panel.message {
         ui.colored_label(ui.visuals().error_fg_color, msg);
     }
@@ -820,16 +911,13 @@ fn progress(ui: &mut egui::Ui, panel: &TrainingPanel) {
         parts.push(format!("lr {}", sci(panel.lr)));
         ui.label(parts.join(" · "));
     }
-    for w in &panel.job_warnings {
-        ui.label(RichText::new(format!("Warning: {w}")).color(ui.visuals().warn_fg_color));
-    }
 }
 
 /// Height of the row of samples and checkpoints under the plot.
 const STRIP_HEIGHT: f32 = 140.0;
 const SAMPLE_SIDE: f32 = 96.0;
 
-fn samples(ui: &mut egui::Ui, panel: &TrainingPanel) {
+fn samples(ui: &mut egui::Ui, panel: &mut TrainingPanel) {
     ui.vertical(|ui| {
         ui.strong("Samples");
         if panel.samples.is_empty() {
@@ -839,20 +927,47 @@ fn samples(ui: &mut egui::Ui, panel: &TrainingPanel) {
     });
 }
 
-fn samples_row(ui: &mut egui::Ui, panel: &TrainingPanel) {
+fn samples_row(ui: &mut egui::Ui, panel: &mut TrainingPanel) {
+    let mut open = None;
     egui::ScrollArea::horizontal().id_salt("samples").show(ui, |ui| {
         ui.horizontal(|ui| {
-            for s in panel.samples.iter().rev() {
+            for (i, s) in panel.samples.iter().enumerate().rev() {
                 ui.vertical(|ui| {
-                    ui.add(
-                        egui::Image::from_texture(&s.texture).fit_to_exact_size(egui::vec2(SAMPLE_SIDE, SAMPLE_SIDE)),
-                    )
-                    .on_hover_text(&s.prompt);
+                    let image = egui::Image::from_texture(&s.texture)
+                        .fit_to_exact_size(egui::vec2(SAMPLE_SIDE, SAMPLE_SIDE))
+                        .sense(egui::Sense::click());
+                    let response = ui.add(image);
+                    let name = format!("Sample at step {}", s.step);
+                    response.widget_info(|| egui::WidgetInfo::labeled(egui::accesskit::Role::Button, true, &name));
+                    if response.on_hover_text(format!("{}\n(click to see it larger)", s.prompt)).clicked() {
+                        open = Some(i);
+                    }
                     ui.label(format!("step {}", s.step));
                 });
             }
         });
     });
+    if open.is_some() {
+        panel.sample_open = open;
+    }
+}
+
+/// A sample clicked in the strip, at up to 512 points in a window of its own.
+fn enlarged_sample(ctx: &egui::Context, panel: &mut TrainingPanel) {
+    let Some(s) = panel.sample_open.and_then(|i| panel.samples.get(i)) else { return };
+    let mut open = true;
+    let [w, h] = s.texture.size();
+    let size = egui::vec2(w as f32, h as f32) * (512.0 / w.max(h).max(1) as f32);
+    egui::Window::new(format!("Sample at step {}", s.step)).open(&mut open).collapsible(false).resizable(false).show(
+        ctx,
+        |ui| {
+            ui.add(egui::Image::from_texture(&s.texture).fit_to_exact_size(size));
+            ui.label(RichText::new(&s.prompt).weak());
+        },
+    );
+    if !open {
+        panel.sample_open = None;
+    }
 }
 
 fn checkpoints(ui: &mut egui::Ui, panel: &TrainingPanel, actions: &mut Vec<TrainingAction>) {

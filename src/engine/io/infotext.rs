@@ -489,12 +489,13 @@ fn adapter_tag(args: &str) -> std::result::Result<AdapterTag, String> {
 /// The separators removed tags leave behind: `a, , b` → `a, b`, and none at either end.
 fn tidy_separators(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
+    // `a <lora:x>, b` leaves `a , b`: no space before a comma.
     for piece in s.split(',').filter(|p| !p.trim().is_empty()) {
         if out.is_empty() {
-            out.push_str(piece.trim_start());
+            out.push_str(piece.trim());
         } else {
             out.push(',');
-            out.push_str(piece);
+            out.push_str(piece.trim_end());
         }
     }
     out.trim_end().to_string()

@@ -1,5 +1,6 @@
 //! Training images as kohya users lay them out: image files and folders, captions in same-name
-//! `.txt` / `.caption` sidecars, a trigger word, resize + crop (or aspect-ratio buckets), flips.
+//! `.txt` / `.caption` sidecars, a trigger word, kohya's `N_words` folders (repeats per epoch and
+//! class tokens), resize + crop (or aspect-ratio buckets), flips.
 //! Unreadable or tiny images are skipped with the reason; nothing here panics on bad files.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -32,7 +33,7 @@ pub struct DatasetOptions {
     pub flip: bool,
     /// Prepended to every caption (kohya's "trigger word" / class token).
     pub trigger: String,
-    /// Used for images without a sidecar caption.
+    /// Used for images without a sidecar caption (and, in an `N_words` folder, without `words`).
     pub default_caption: String,
     /// Images whose short side is below this are skipped.
     pub min_side: u32,
@@ -64,6 +65,10 @@ pub struct ImageEntry {
     pub height: u32,
     /// FNV-1a of the file's bytes: duplicate detection and latent cache keys.
     pub content_hash: u64,
+    /// The name of the folder the image is in (kohya keys its per-folder records by it).
+    pub folder: String,
+    /// How many times an epoch shows this image: N for a folder named `N_words`, else 1.
+    pub repeats: usize,
 }
 
 impl ImageEntry {
@@ -82,6 +87,95 @@ impl ImageEntry {
 pub struct Skipped {
     pub path: PathBuf,
     pub reason: String,
+}
+
+/// The most repeats a folder name can ask for. kohya reads any number; above this a leading number
+/// is far likelier a date or an ID (`20240101_holiday`) than a wish, so such a folder repeats once.
+pub const MAX_REPEATS: usize = 1000;
+
+/// kohya's DreamBooth folder name `N_words`: each image in it is shown N times per epoch, and
+/// `words` (everything after the first `_`, possibly empty) are its class tokens. kohya splits at
+/// `_` and reads the first part with Python's `int`; here N is ASCII digits (a `+` allowed), the
+/// `_` is required (a folder named `2023` is a name, not 2023 repeats), and N above
+/// `MAX_REPEATS` or too big to read is a name too: `None` for all of those. `Some((0, …))` is a
+/// folder kohya leaves out (its `num_repeats < 1`); the scan skips its images.
+pub fn folder_repeats(name: &str) -> Option<(usize, &str)> {
+    let (count, words) = name.split_once('_')?;
+    let digits = count.strip_prefix('+').unwrap_or(count);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: usize = digits.parse().ok()?;
+    (n <= MAX_REPEATS).then_some((n, words))
+}
+
+/// One folder of a dataset as kohya records it (`ss_dataset_dirs`, a dataset.toml subset).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetFolder {
+    pub path: PathBuf,
+    /// The folder's own name (`10_sks dog`).
+    pub name: String,
+    pub repeats: usize,
+    /// Usable images in it (without repeats: kohya's `img_count`).
+    pub images: usize,
+    /// kohya's class tokens: the `words` of an `N_words` name (empty otherwise).
+    pub class_tokens: String,
+}
+
+impl DatasetFolder {
+    /// Images an epoch shows from this folder.
+    pub fn per_epoch(&self) -> usize {
+        self.images * self.repeats
+    }
+}
+
+/// Groups image paths (sorted, so each folder's images are together) by their folder.
+fn group_by_folder<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<DatasetFolder> {
+    let mut out: Vec<DatasetFolder> = Vec::new();
+    for p in paths {
+        let dir = p.parent().unwrap_or(Path::new(""));
+        match out.last_mut() {
+            Some(f) if f.path == dir => f.images += 1,
+            _ => {
+                let name = folder_name(p);
+                let (repeats, class_tokens) = folder_repeats(&name).unwrap_or((1, ""));
+                let class_tokens = class_tokens.to_string();
+                out.push(DatasetFolder { path: dir.to_path_buf(), repeats, images: 1, class_tokens, name });
+            }
+        }
+    }
+    out
+}
+
+/// The name of the folder a file is in ("" when it has none).
+fn folder_name(path: &Path) -> String {
+    path.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
+/// The image folders under `paths` with their repeats, from a listing alone (nothing decoded; a
+/// folder kohya leaves out, `0_x`, is left out): what a kohya job's subsets are. A given folder
+/// with no images under it here (they may be on the machine the job runs on) is one itself.
+pub fn image_folders(paths: &[PathBuf]) -> Result<Vec<DatasetFolder>> {
+    let (mut files, mut visited, mut skipped) = (Vec::new(), HashSet::new(), Vec::new());
+    for p in paths {
+        if p.is_dir() {
+            collect_images(p, &mut visited, &mut files, &mut skipped)?;
+        } else if is_image(p) {
+            files.push(p.clone());
+        }
+    }
+    files.sort();
+    files.dedup();
+    let mut folders = group_by_folder(files.iter().map(PathBuf::as_path));
+    for p in paths.iter().filter(|p| !is_image(p)) {
+        if !folders.iter().any(|f| f.path.starts_with(p)) {
+            let name = p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            let (repeats, class_tokens) = folder_repeats(&name).unwrap_or((1, ""));
+            let class_tokens = class_tokens.to_string();
+            folders.push(DatasetFolder { path: p.clone(), name, repeats, images: 0, class_tokens });
+        }
+    }
+    Ok(folders.into_iter().filter(|f| f.repeats > 0).collect())
 }
 
 #[derive(Clone, Debug, Default)]
@@ -104,6 +198,8 @@ pub struct Preflight {
     /// Images per bucket "W×H".
     pub buckets: BTreeMap<String, usize>,
     pub skipped: Vec<Skipped>,
+    /// Each folder's images and repeats.
+    pub folders: Vec<DatasetFolder>,
 }
 
 impl Preflight {
@@ -114,6 +210,37 @@ impl Preflight {
         }
         let parts: Vec<String> = self.buckets.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         format!("training sizes: {}", parts.join(", "))
+    }
+
+    /// Images an epoch shows: every image × its folder's repeats.
+    pub fn images_per_epoch(&self) -> usize {
+        self.folders.iter().map(DatasetFolder::per_epoch).sum()
+    }
+
+    /// One line: each folder's images and repeats, and the images per epoch
+    /// ("10_sks dog: 24 images × 10 repeats, extra: 3 images × 1; 243 images per epoch").
+    pub fn repeats_summary(&self) -> String {
+        let parts: Vec<String> = self
+            .folders
+            .iter()
+            .map(|f| {
+                format!(
+                    "{}: {} × {}",
+                    f.name,
+                    counted(f.images, "image", "images"),
+                    counted(f.repeats, "repeat", "repeats")
+                )
+            })
+            .collect();
+        format!("{}; {} per epoch", parts.join(", "), counted(self.images_per_epoch(), "image", "images"))
+    }
+
+    /// One line: how many epochs `steps` optimiser steps of `batch` × `grad_accum` images are
+    /// ("500 steps = 4.2 epochs of 120 steps").
+    pub fn epochs_summary(&self, steps: usize, batch: usize, grad_accum: usize) -> String {
+        let per_epoch = steps_per_epoch(self.images_per_epoch(), batch, grad_accum);
+        let epochs = steps as f64 / per_epoch as f64;
+        format!("{} = {epochs:.1} epochs of {}", counted(steps, "step", "steps"), counted(per_epoch, "step", "steps"))
     }
 
     pub fn warnings(&self) -> Vec<String> {
@@ -259,6 +386,9 @@ impl Dataset {
         if !is_image(path) {
             return Err("not an image file (expected png, jpg, webp or bmp)".into());
         }
+        if let Some((0, _)) = folder_repeats(&folder_name(path)) {
+            return Err("its folder's name asks for 0 repeats (`0_…`); kohya leaves such folders out".into());
+        }
         let size = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?.len();
         if size == 0 {
             return Err("empty file".into());
@@ -281,19 +411,52 @@ impl Dataset {
             return Err(format!("{width}×{height} is too small (minimum side {})", opts.min_side));
         }
         decode_image(path, &bytes).map_err(|e| format!("{e:#}").replacen(&format!("{}: ", path.display()), "", 1))?;
+        let folder = folder_name(path);
+        let (repeats, class_tokens) = folder_repeats(&folder).unwrap_or((1, ""));
+        // kohya's order: the caption file, else the folder's class tokens, else (kohya: empty) ours.
         let (caption, caption_file) = match sidecar_caption(path)? {
             Some((c, f)) => (c, Some(f)),
+            None if !class_tokens.trim().is_empty() => (class_tokens.trim().to_string(), None),
             None => (opts.default_caption.clone(), None),
         };
-        Ok(ImageEntry { path: path.to_path_buf(), caption, caption_file, width, height, content_hash: fnv1a(&bytes) })
+        let content_hash = fnv1a(&bytes);
+        Ok(ImageEntry { path: path.to_path_buf(), caption, caption_file, width, height, content_hash, folder, repeats })
+    }
+
+    /// Each folder's images and repeats, in path order.
+    pub fn folders(&self) -> Vec<DatasetFolder> {
+        group_by_folder(self.images.iter().map(|e| e.path.as_path()))
+    }
+
+    /// Images an epoch shows: every image × its folder's repeats (kohya's `num_train_images`).
+    pub fn images_per_epoch(&self) -> usize {
+        self.images.iter().map(|e| e.repeats).sum()
+    }
+
+    /// Optimiser steps per epoch (`steps_per_epoch` of this dataset's images per epoch).
+    pub fn steps_per_epoch(&self, batch: usize, grad_accum: usize) -> usize {
+        steps_per_epoch(self.images_per_epoch(), batch, grad_accum)
+    }
+
+    /// The run length of `epochs` epochs, as sd-scripts turns `--max_train_epochs` into steps:
+    /// epochs × steps per epoch (24 images × 10 repeats, batch 2, 10 epochs: 1200 steps).
+    pub fn steps_for_epochs(&self, epochs: usize, batch: usize, grad_accum: usize) -> usize {
+        steps_for_epochs(epochs, self.images_per_epoch(), batch, grad_accum)
     }
 
     /// The pre-flight report; `count_tokens` is the model's tokenizer.
     pub fn preflight(&self, opts: &DatasetOptions, count_tokens: &dyn Fn(&str) -> usize) -> Preflight {
-        let mut pf = Preflight { images: self.images.len(), skipped: self.skipped.clone(), ..Default::default() };
+        let mut pf = Preflight {
+            images: self.images.len(),
+            skipped: self.skipped.clone(),
+            folders: self.folders(),
+            ..Default::default()
+        };
         let mut by_hash: HashMap<u64, Vec<PathBuf>> = HashMap::new();
         for e in &self.images {
-            if e.caption_file.is_none() {
+            // An `N_words` folder's words are its images' caption, kohya's DreamBooth way.
+            let class_tokens = folder_repeats(&e.folder).is_some_and(|(_, w)| !w.trim().is_empty());
+            if e.caption_file.is_none() && !class_tokens {
                 pf.without_caption.push(e.path.clone());
             }
             let n = count_tokens(&e.full_caption(&opts.trigger));
@@ -312,6 +475,20 @@ impl Dataset {
         pf.duplicates = dups;
         pf
     }
+}
+
+/// Optimiser steps per epoch, rounded as kohya rounds them: whole batches, then whole
+/// accumulation groups, ⌈⌈images per epoch / batch⌉ / accumulation⌉. (With buckets kohya rounds
+/// each bucket up to whole batches; our batches mix buckets, so they are counted together.) Our
+/// trainer does not end an epoch with a short batch: the extra places take the next epoch's first.
+pub fn steps_per_epoch(images_per_epoch: usize, batch: usize, grad_accum: usize) -> usize {
+    images_per_epoch.div_ceil(batch.max(1)).div_ceil(grad_accum.max(1)).max(1)
+}
+
+/// sd-scripts' `max_train_epochs × steps per epoch`: each epoch rounded up on its own, so 10
+/// epochs of 25 images at batch 2 are 130 steps, not ⌈250 / 2⌉ = 125.
+pub fn steps_for_epochs(epochs: usize, images_per_epoch: usize, batch: usize, grad_accum: usize) -> usize {
+    epochs.saturating_mul(steps_per_epoch(images_per_epoch, batch, grad_accum))
 }
 
 /// Images under `dir`, recursively. Each folder is read once (by its real path), so a link that
@@ -439,5 +616,106 @@ mod wording_tests {
         let two =
             Preflight { without_caption: vec![PathBuf::from("a.png"), PathBuf::from("b.png")], ..Default::default() };
         assert_eq!(two.warnings(), ["2 images have no caption file (.txt or .caption); they use the default caption"]);
+    }
+}
+
+#[cfg(test)]
+mod repeats_tests {
+    use std::path::{Path, PathBuf};
+
+    use super::{Dataset, DatasetOptions, MAX_REPEATS, folder_repeats, steps_for_epochs, steps_per_epoch};
+
+    #[test]
+    fn folder_names_read_as_kohya_reads_them() {
+        assert_eq!(folder_repeats("10_sks dog"), Some((10, "sks dog")));
+        // Only the first `_` splits: kohya joins the rest back with `_`.
+        assert_eq!(folder_repeats("3_red_car"), Some((3, "red_car")));
+        assert_eq!(folder_repeats("3_"), Some((3, "")));
+        assert_eq!(folder_repeats("10_"), Some((10, "")));
+        assert_eq!(folder_repeats("+2_x"), Some((2, "x")));
+        assert_eq!(folder_repeats("5_猫 ねこ"), Some((5, "猫 ねこ")));
+        // 0 is a folder kohya leaves out; the scan skips its images.
+        assert_eq!(folder_repeats("0_x"), Some((0, "x")));
+        assert_eq!(folder_repeats("abc"), None);
+        assert_eq!(folder_repeats("abc_def"), None);
+        assert_eq!(folder_repeats("_x"), None);
+        assert_eq!(folder_repeats("-3_x"), None);
+        // A number without `_`, a date, a number too big to read, non-ASCII digits: names.
+        assert_eq!(folder_repeats("2023"), None);
+        assert_eq!(folder_repeats("20240101_holiday"), None);
+        assert_eq!(folder_repeats("99999999999999999999999_x"), None);
+        assert_eq!(folder_repeats("１０_x"), None);
+        assert_eq!(folder_repeats(&format!("{MAX_REPEATS}_x")), Some((MAX_REPEATS, "x")));
+        assert_eq!(folder_repeats(&format!("{}_x", MAX_REPEATS + 1)), None);
+    }
+
+    fn png(path: &Path) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        image::RgbImage::from_pixel(40, 40, image::Rgb([10, 200, 30])).save(path).unwrap();
+    }
+
+    /// `10_sks dog`'s images repeat 10 times and, without a caption file, are captioned `sks dog`
+    /// (over the default caption); a caption file still wins; `0_x` is skipped; a plain folder
+    /// repeats once and takes the default caption.
+    #[test]
+    fn repeat_folders_give_repeats_and_class_tokens() {
+        let root: PathBuf = std::env::temp_dir().join(format!("lora-studio-repeats-scan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        png(&root.join("10_sks dog/a.png"));
+        png(&root.join("10_sks dog/b.png"));
+        std::fs::write(root.join("10_sks dog/b.txt"), "a dog on grass").unwrap();
+        png(&root.join("0_unused/c.png"));
+        png(&root.join("plain/d.png"));
+        let opts = DatasetOptions { default_caption: "a photo".into(), ..Default::default() };
+        let ds = Dataset::scan(std::slice::from_ref(&root), &opts).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+        let seen: Vec<(&str, usize, &str)> =
+            ds.images.iter().map(|e| (e.folder.as_str(), e.repeats, e.caption.as_str())).collect();
+        assert_eq!(
+            seen,
+            [("10_sks dog", 10, "sks dog"), ("10_sks dog", 10, "a dog on grass"), ("plain", 1, "a photo")]
+        );
+        assert_eq!(ds.skipped.len(), 1, "{:?}", ds.skipped);
+        assert!(ds.skipped[0].reason.contains("0 repeats"), "{:?}", ds.skipped);
+        assert_eq!(ds.images_per_epoch(), 21);
+        let pf = ds.preflight(&opts, &|_| 1);
+        assert_eq!(
+            pf.repeats_summary(),
+            "10_sks dog: 2 images × 10 repeats, plain: 1 image × 1 repeat; 21 images per epoch"
+        );
+        // batch 2: ⌈21 / 2⌉ = 11 steps an epoch.
+        assert_eq!(pf.epochs_summary(33, 2, 1), "33 steps = 3.0 epochs of 11 steps");
+        // Only the plain folder's image falls back to the default caption.
+        assert_eq!(pf.without_caption.len(), 1);
+    }
+
+    /// A kohya job's subsets: each image folder (nested ones too) with its repeats, `0_x` left out,
+    /// and a given folder with no images here as itself.
+    #[test]
+    fn image_folders_list_each_folder_with_its_repeats() {
+        let root: PathBuf = std::env::temp_dir().join(format!("lora-studio-repeats-list-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        png(&root.join("train/10_sks dog/a.png"));
+        png(&root.join("train/10_sks dog/b.png"));
+        png(&root.join("train/0_unused/c.png"));
+        png(&root.join("train/plain/more/d.png"));
+        std::fs::create_dir_all(root.join("3_elsewhere")).unwrap();
+        let folders = super::image_folders(&[root.join("train"), root.join("3_elsewhere")]).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+        let seen: Vec<(&str, usize, usize, &str)> =
+            folders.iter().map(|f| (f.name.as_str(), f.repeats, f.images, f.class_tokens.as_str())).collect();
+        assert_eq!(seen, [("10_sks dog", 10, 2, "sks dog"), ("more", 1, 1, ""), ("3_elsewhere", 3, 0, "elsewhere")]);
+    }
+
+    /// sd-scripts' `--max_train_epochs`: epochs × ⌈⌈images × repeats / batch⌉ / accumulation⌉.
+    #[test]
+    fn epochs_become_steps_as_sd_scripts_counts_them() {
+        // 24 images × 10 repeats, batch 2, 10 epochs: sd-scripts prints 1200 steps.
+        assert_eq!(steps_for_epochs(10, 24 * 10, 2, 1), 1200);
+        // A ragged batch is a whole step each epoch: 25 images, batch 2 → 13 an epoch, not 12.5.
+        assert_eq!(steps_for_epochs(10, 25, 2, 1), 130);
+        // Accumulation rounds the batches up again: ⌈⌈25 / 2⌉ / 4⌉ = 4 an epoch.
+        assert_eq!(steps_for_epochs(3, 25, 2, 4), 12);
+        assert_eq!(steps_per_epoch(0, 2, 1), 1);
     }
 }

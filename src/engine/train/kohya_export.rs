@@ -11,12 +11,18 @@ use crate::engine::Result;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::io::weights::write_atomic;
 use crate::engine::models::family::ModelFamily;
+use crate::engine::train::dataset::DatasetFolder;
+use crate::engine::train::optim::Optimizer;
+use crate::engine::train::record::kohya_optimizer;
 use crate::engine::train::trainer::{Algorithm, LrSchedule, TextEncoders, TrainConfig};
 
 /// What to export: the job as our trainer would run it.
 pub struct KohyaJob<'a> {
     pub model: &'a Path,
     pub data: &'a [PathBuf],
+    /// The image folders under `data` with their repeats (`dataset::image_folders`): one kohya
+    /// subset each, since kohya reads a subset's `image_dir` without its subfolders.
+    pub folders: &'a [DatasetFolder],
     pub output_name: &'a str,
     pub config: &'a TrainConfig,
     pub gpus: usize,
@@ -68,13 +74,20 @@ pub fn dataset_toml(job: &KohyaJob) -> String {
     if d.buckets {
         t += &format!("bucket_reso_steps = {}\nbucket_no_upscale = false\n", d.bucket_step);
     }
-    for dir in job.data {
+    for folder in job.folders {
         t += "\n  [[datasets.subsets]]\n";
-        t += &format!("  image_dir = {}\n  num_repeats = 1\n", toml_string(&dir.display().to_string()));
-        if !d.trigger.is_empty() {
-            // kohya uses class_tokens only for images without a caption file; we prepend the
-            // trigger to every caption, so MAPPING.md asks users to put it in their captions.
-            t += &format!("  class_tokens = {}\n", toml_string(&d.trigger));
+        t += &format!(
+            "  image_dir = {}\n  num_repeats = {}\n",
+            toml_string(&folder.path.display().to_string()),
+            folder.repeats
+        );
+        // kohya uses class_tokens only for images without a caption file: an `N_words` folder's
+        // words, as our scan uses them; else the trigger, which we prepend to every caption, so
+        // MAPPING.md asks users to put it in their captions.
+        let class_tokens =
+            if folder.class_tokens.trim().is_empty() { d.trigger.as_str() } else { folder.class_tokens.trim() };
+        if !class_tokens.is_empty() {
+            t += &format!("  class_tokens = {}\n", toml_string(class_tokens));
         }
         t += &format!("  flip_aug = {}\n  random_crop = {}\n", d.flip, !d.center_crop);
     }
@@ -154,6 +167,17 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
             a.push(v);
         }
     };
+    let optimizer = kohya_optimizer(c);
+    // prodigyopt refuses parameter groups with different rates (its d is one estimate for all).
+    if c.optimizer == Optimizer::Prodigy
+        && c.train_text_encoder
+        && c.text_encoder_lr.is_some_and(|te| te != c.learning_rate)
+    {
+        bail!(
+            "sd-scripts' Prodigy (prodigyopt) takes one learning rate for the UNet and the text encoders; set the text encoder's rate to the UNet's ({}) to export this job",
+            c.learning_rate
+        );
+    }
     flag("learning_rate", c.learning_rate.to_string());
     flag("unet_lr", c.learning_rate.to_string());
     if c.train_text_encoder {
@@ -174,12 +198,17 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     if c.clip_skip > 1 {
         flag("clip_skip", c.clip_skip.to_string());
     }
-    flag("max_train_steps", c.steps.to_string());
+    // sd-scripts turns epochs into steps itself, from its own count of images × repeats.
+    match c.epochs {
+        Some(epochs) => flag("max_train_epochs", epochs.to_string()),
+        None => flag("max_train_steps", c.steps.to_string()),
+    }
     flag("gradient_accumulation_steps", c.grad_accum.to_string());
     flag("seed", c.seed.to_string());
     flag(
         "lr_scheduler",
         match c.lr_schedule {
+            _ if optimizer.own_schedule => "adafactor",
             LrSchedule::Constant if c.warmup_steps > 0 => "constant_with_warmup",
             LrSchedule::Constant => "constant",
             LrSchedule::Cosine => "cosine",
@@ -190,11 +219,9 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     if c.warmup_steps > 0 {
         flag("lr_warmup_steps", c.warmup_steps.to_string());
     }
-    flag("optimizer_type", "AdamW".into());
+    flag("optimizer_type", optimizer.optimizer_type.into());
     a.push("--optimizer_args".into());
-    a.push(format!("weight_decay={}", c.weight_decay));
-    a.push(format!("betas={},{}", c.beta1, c.beta2));
-    a.push(format!("eps={}", c.eps));
+    a.extend(optimizer.args.iter().map(|arg| format!("{}={}", arg.key, arg.literal)));
     let mut flag = |k: &str, v: String| {
         a.push(format!("--{k}"));
         if !v.is_empty() {
@@ -283,9 +310,11 @@ const MAPPING: &str = "\
 | LoCon, or LoRA + convolutions | `lycoris.kohya`, `algo=locon` |
 | GLoRA | `lycoris.kohya`, `algo=glora` |
 | learning rate, text encoder lr | `--unet_lr`, `--text_encoder_lr`; UNet only: `--network_train_unet_only` |
-| steps, batch, gradient accumulation | `--max_train_steps`, `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
+| steps (or epochs), batch, gradient accumulation | `--max_train_steps` (`--max_train_epochs`), `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
+| an `N_words` folder: N repeats, `words` for images without a caption file | a subset per image folder, `num_repeats = N`, `class_tokens = \"words\"` |
 | LR schedule, warmup | `--lr_scheduler`, `--lr_warmup_steps` |
-| AdamW betas, weight decay, eps | `--optimizer_type AdamW --optimizer_args` |
+| optimiser: AdamW, Prodigy, Adafactor; betas, weight decay, eps, their own settings | `--optimizer_type AdamW` / `Prodigy` (prodigyopt) / `Adafactor` (transformers), `--optimizer_args` |
+| Adafactor with relative step | `--lr_scheduler adafactor` (the rate follows the step count in both) |
 | gradient clipping | `--max_grad_norm` |
 | min-SNR γ, noise offset, gradient checkpointing | `--min_snr_gamma`, `--noise_offset`, `--gradient_checkpointing` |
 | clip skip (above 1) | `--clip_skip` |
@@ -302,24 +331,115 @@ ours, so the two runs are the same recipe, not the same numbers.
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::train::optim::{AdafactorSettings, Optimizer};
+
+    fn args(config: &TrainConfig) -> Result<String> {
+        let job = KohyaJob {
+            model: Path::new("/models/sd15"),
+            data: &[],
+            folders: &[],
+            output_name: "style",
+            config,
+            gpus: 1,
+            family: ModelFamily::Sd1,
+            v_prediction: false,
+            zero_terminal_snr: false,
+        };
+        Ok(command_line(&job)?.join(" "))
+    }
+
+    #[test]
+    fn each_optimiser_is_written_as_sd_scripts_takes_it() {
+        let adamw = args(&TrainConfig::default()).unwrap();
+        assert!(
+            adamw.contains("--optimizer_type AdamW --optimizer_args weight_decay=0.01 betas=0.9,0.999 eps=0.00000001")
+        );
+        let prodigy = TrainConfig { optimizer: Optimizer::Prodigy, learning_rate: 1.0, ..Default::default() };
+        let line = args(&prodigy).unwrap();
+        assert!(
+            line.contains(
+                "--optimizer_type Prodigy --optimizer_args weight_decay=0.01 betas=0.9,0.999 eps=1e-08 d0=1e-06 d_coef=1.0 use_bias_correction=False safeguard_warmup=False --"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("--learning_rate 1 --unet_lr 1"), "{line}");
+        let adafactor = TrainConfig { optimizer: Optimizer::Adafactor, weight_decay: 0.0, ..Default::default() };
+        let line = args(&adafactor).unwrap();
+        assert!(line.contains("--lr_scheduler constant "), "{line}");
+        assert!(
+            line.contains("--optimizer_type Adafactor --optimizer_args scale_parameter=False relative_step=False warmup_init=False --"),
+            "{line}"
+        );
+        let relative = TrainConfig {
+            optimizer: Optimizer::Adafactor,
+            adafactor: AdafactorSettings { scale_parameter: true, relative_step: true, warmup_init: false },
+            ..Default::default()
+        };
+        let line = args(&relative).unwrap();
+        assert!(line.contains("--lr_scheduler adafactor "), "{line}");
+        assert!(line.contains("scale_parameter=True relative_step=True warmup_init=False weight_decay=0.01"), "{line}");
+    }
+
+    #[test]
+    fn prodigy_with_a_separate_text_encoder_rate_is_refused_in_words() {
+        let config = TrainConfig {
+            optimizer: Optimizer::Prodigy,
+            learning_rate: 1.0,
+            train_text_encoder: true,
+            text_encoder_lr: Some(0.5),
+            ..Default::default()
+        };
+        let err = args(&config).unwrap_err().to_string();
+        assert!(err.contains("one learning rate for the UNet and the text encoders"), "{err}");
+        let same = TrainConfig { text_encoder_lr: Some(1.0), ..config };
+        assert!(args(&same).is_ok());
+    }
 
     #[test]
     fn clip_skip_becomes_kohyas_option() {
-        let run = |clip_skip| {
-            let config = TrainConfig { clip_skip, ..TrainConfig::default() };
+        let run = |clip_skip| args(&TrainConfig { clip_skip, ..TrainConfig::default() }).unwrap();
+        assert!(!run(1).contains("--clip_skip"));
+        assert!(run(2).contains(" --clip_skip 2 "), "{}", run(2));
+    }
+
+    /// Each image folder is a subset with its repeats; an `N_words` folder's words are its class
+    /// tokens (the trigger elsewhere); epochs go to sd-scripts as epochs.
+    #[test]
+    fn folders_become_subsets_with_their_repeats() {
+        let folder = |path: &str, repeats, class_tokens: &str| DatasetFolder {
+            path: path.into(),
+            name: path.rsplit('/').next().unwrap().into(),
+            repeats,
+            images: 4,
+            class_tokens: class_tokens.into(),
+        };
+        let folders = [folder("/data/10_sks dog", 10, "sks dog"), folder("/data/extra", 1, "")];
+        let mut config = TrainConfig::default();
+        config.dataset.trigger = "sks".into();
+        // The job's files for a config: dataset.toml and the command line.
+        let files = |config: &TrainConfig| {
             let job = KohyaJob {
                 model: Path::new("model"),
                 data: &[],
+                folders: &folders,
                 output_name: "x",
-                config: &config,
+                config,
                 gpus: 1,
                 family: ModelFamily::Sd1,
                 v_prediction: false,
                 zero_terminal_snr: false,
             };
-            command_line(&job).unwrap().join(" ")
+            (dataset_toml(&job), command_line(&job).unwrap().join(" "))
         };
-        assert!(!run(1).contains("--clip_skip"));
-        assert!(run(2).contains(" --clip_skip 2 "), "{}", run(2));
+        let (toml, steps) = files(&config);
+        let subsets: Vec<&str> = toml.split("[[datasets.subsets]]").skip(1).collect();
+        assert_eq!(subsets.len(), 2, "{toml}");
+        assert!(subsets[0].contains("image_dir = \"/data/10_sks dog\"\n  num_repeats = 10\n"), "{toml}");
+        assert!(subsets[0].contains("class_tokens = \"sks dog\""), "{toml}");
+        assert!(subsets[1].contains("num_repeats = 1\n") && subsets[1].contains("class_tokens = \"sks\""), "{toml}");
+        assert!(steps.contains(" --max_train_steps 500 ") && !steps.contains("epochs"), "{steps}");
+        config.epochs = Some(10);
+        let (_, epochs) = files(&config);
+        assert!(epochs.contains(" --max_train_epochs 10 ") && !epochs.contains("max_train_steps"), "{epochs}");
     }
 }

@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use crate::engine::diffusion::schedule::Prediction;
 use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::StableDiffusion;
+use crate::engine::train::dataset::DatasetFolder;
+use crate::engine::train::optim::Optimizer;
 use crate::engine::train::trainer::{LrSchedule, TrainConfig};
 
 /// Which Stable Diffusion a model is, as adapter metadata names it.
@@ -50,7 +52,10 @@ pub struct RunRecord<'a> {
     pub family: Family,
     /// Optimiser steps done.
     pub step: usize,
-    pub images: usize,
+    /// The dataset's folders with their images and repeats.
+    pub folders: &'a [DatasetFolder],
+    /// Optimiser steps per epoch (`dataset::steps_per_epoch`).
+    pub steps_per_epoch: usize,
     /// Caption tags counted per image folder, as kohya's `ss_tag_frequency` keys them.
     pub tag_frequency: &'a BTreeMap<String, BTreeMap<String, usize>>,
     /// Unix seconds when the run (not this resumption of it) began.
@@ -72,7 +77,9 @@ impl RunRecord<'_> {
             m.insert(k.to_string(), v);
         };
         let per_step = c.batch_size * c.grad_accum;
-        let epoch = (self.step * per_step).div_ceil(self.images.max(1)).max(1);
+        // sd-scripts: the epoch a step falls in, and ⌈max steps / steps per epoch⌉ epochs.
+        let per_epoch = self.steps_per_epoch.max(1);
+        let epoch = self.step.div_ceil(per_epoch).max(1);
         put("ss_output_name", self.output_name.to_string());
         put("ss_training_started_at", self.started_at.to_string());
         put("ss_network_dim", c.rank.to_string());
@@ -81,21 +88,31 @@ impl RunRecord<'_> {
         put("ss_steps", self.step.to_string());
         put("ss_max_train_steps", c.steps.to_string());
         put("ss_epoch", epoch.to_string());
-        put("ss_num_epochs", (c.steps * per_step).div_ceil(self.images.max(1)).max(1).to_string());
+        put("ss_num_epochs", c.steps.div_ceil(per_epoch).max(1).to_string());
         put("ss_learning_rate", c.learning_rate.to_string());
         put("ss_unet_lr", c.learning_rate.to_string());
         let te_lr = if c.train_text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { 0.0 };
         put("ss_text_encoder_lr", te_lr.to_string());
-        put(
-            "ss_optimizer",
-            format!("AdamW(betas=({}, {}), eps={}, weight_decay={})", c.beta1, c.beta2, c.eps, c.weight_decay),
-        );
-        let schedule = match c.lr_schedule {
-            LrSchedule::Constant => "constant",
-            LrSchedule::Cosine => "cosine",
-            LrSchedule::Linear => "linear",
+        let optimizer = kohya_optimizer(c);
+        let ss_optimizer = match c.optimizer {
+            Optimizer::AdamW => {
+                format!("AdamW(betas=({}, {}), eps={}, weight_decay={})", c.beta1, c.beta2, c.eps, c.weight_decay)
+            }
+            // sd-scripts: the class's module path and the arguments it was given, as Python prints them.
+            _ => {
+                let args: Vec<String> = optimizer.args.iter().map(|a| format!("{}={}", a.key, a.python)).collect();
+                format!("{}({})", optimizer.class, args.join(","))
+            }
         };
-        put("ss_lr_scheduler", schedule.to_string());
+        put("ss_optimizer", ss_optimizer);
+        let schedule = match c.lr_schedule {
+            // sd-scripts replaces the schedule by Adafactor's own, named with the initial rate.
+            _ if optimizer.own_schedule => format!("adafactor:{}", py_float(c.learning_rate)),
+            LrSchedule::Constant => "constant".into(),
+            LrSchedule::Cosine => "cosine".into(),
+            LrSchedule::Linear => "linear".into(),
+        };
+        put("ss_lr_scheduler", schedule);
         put("ss_lr_warmup_steps", c.warmup_steps.to_string());
         put("ss_batch_size_per_device", c.batch_size.to_string());
         put("ss_gradient_accumulation_steps", c.grad_accum.to_string());
@@ -105,7 +122,8 @@ impl RunRecord<'_> {
         put("ss_flip_aug", py_bool(c.dataset.flip));
         put("ss_mixed_precision", "no".to_string());
         put("ss_seed", c.seed.to_string());
-        put("ss_num_train_images", self.images.to_string());
+        put("ss_num_train_images", self.folders.iter().map(DatasetFolder::per_epoch).sum::<usize>().to_string());
+        put("ss_dataset_dirs", dataset_dirs(self.folders).to_string());
         put("ss_noise_offset", c.noise_offset.to_string());
         put("ss_caption_dropout_rate", c.caption_dropout.to_string());
         if let Some(g) = c.min_snr_gamma {
@@ -137,6 +155,127 @@ impl RunRecord<'_> {
     }
 }
 
+/// sd-scripts' `ss_dataset_dirs`: `{"10_sks dog": {"n_repeats": 10, "img_count": 24}}`, keyed by
+/// each folder's name; a name met again becomes `name (2)`, `name (3)`, as sd-scripts numbers it.
+pub fn dataset_dirs(folders: &[DatasetFolder]) -> serde_json::Value {
+    let mut dirs = serde_json::Map::new();
+    for f in folders {
+        let mut key = f.name.clone();
+        let mut i = 2;
+        while dirs.contains_key(&key) {
+            key = format!("{} ({i})", f.name);
+            i += 1;
+        }
+        dirs.insert(key, serde_json::json!({"n_repeats": f.repeats, "img_count": f.images}));
+    }
+    serde_json::Value::Object(dirs)
+}
+
+/// One keyword argument of the optimiser in sd-scripts' terms.
+pub struct KohyaArg {
+    pub key: &'static str,
+    /// As `--optimizer_args` takes it (`ast.literal_eval`).
+    pub literal: String,
+    /// As Python prints the value (`ss_optimizer`).
+    pub python: String,
+}
+
+/// A run's optimiser as sd-scripts names and builds it.
+pub struct KohyaOptimizer {
+    /// `--optimizer_type`.
+    pub optimizer_type: &'static str,
+    /// The optimiser class's module path (how `ss_optimizer` begins).
+    pub class: &'static str,
+    /// `--optimizer_args`, in order.
+    pub args: Vec<KohyaArg>,
+    /// Adafactor with `relative_step`: sd-scripts switches to its `adafactor` schedule.
+    pub own_schedule: bool,
+}
+
+/// The optimiser of `c` as sd-scripts' `get_optimizer` takes it: `--optimizer_type` and the
+/// arguments that give our settings (`prodigyopt.Prodigy`, `transformers.optimization.Adafactor`).
+pub fn kohya_optimizer(c: &TrainConfig) -> KohyaOptimizer {
+    let float = |key: &'static str, x: f64| KohyaArg { key, literal: py_float(x), python: py_float(x) };
+    let flag = |key: &'static str, b: bool| KohyaArg { key, literal: py_bool(b), python: py_bool(b) };
+    // `betas=0.9,0.999` reads as a tuple, which Python prints in parentheses.
+    let betas = KohyaArg {
+        key: "betas",
+        literal: format!("{},{}", py_float(c.beta1), py_float(c.beta2)),
+        python: format!("({}, {})", py_float(c.beta1), py_float(c.beta2)),
+    };
+    match c.optimizer {
+        Optimizer::AdamW => KohyaOptimizer {
+            optimizer_type: "AdamW",
+            class: "torch.optim.adamw.AdamW",
+            args: vec![
+                KohyaArg { key: "weight_decay", literal: c.weight_decay.to_string(), python: py_float(c.weight_decay) },
+                KohyaArg {
+                    key: "betas",
+                    literal: format!("{},{}", c.beta1, c.beta2),
+                    python: format!("({}, {})", py_float(c.beta1), py_float(c.beta2)),
+                },
+                KohyaArg { key: "eps", literal: c.eps.to_string(), python: py_float(c.eps) },
+            ],
+            own_schedule: false,
+        },
+        Optimizer::Prodigy => {
+            let p = &c.prodigy;
+            let mut args = vec![
+                float("weight_decay", c.weight_decay),
+                betas,
+                float("eps", c.eps),
+                float("d0", p.d0),
+                float("d_coef", p.d_coef),
+                flag("use_bias_correction", p.use_bias_correction),
+                flag("safeguard_warmup", p.safeguard_warmup),
+            ];
+            if let Some(g) = p.growth_rate {
+                args.push(float("growth_rate", g));
+            }
+            KohyaOptimizer { optimizer_type: "Prodigy", class: "prodigyopt.prodigy.Prodigy", args, own_schedule: false }
+        }
+        Optimizer::Adafactor => {
+            let a = &c.adafactor;
+            let mut args = vec![
+                flag("scale_parameter", a.scale_parameter),
+                flag("relative_step", a.relative_step),
+                flag("warmup_init", a.warmup_init),
+            ];
+            if c.weight_decay != 0.0 {
+                args.push(float("weight_decay", c.weight_decay));
+            }
+            KohyaOptimizer {
+                optimizer_type: "Adafactor",
+                class: "transformers.optimization.Adafactor",
+                args,
+                own_schedule: a.relative_step,
+            }
+        }
+    }
+}
+
+/// A float as Python's `repr` writes it: shortest round trip, `1.0` for whole numbers,
+/// exponent form below 1e-4 and from 1e16 (`1e-06`, `1e+16`).
+pub fn py_float(x: f64) -> String {
+    if !x.is_finite() {
+        return if x.is_nan() {
+            "nan".into()
+        } else if x > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
+    }
+    let sci = format!("{x:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("`{:e}` has an exponent");
+    let exp: i32 = exp.parse().expect("a whole exponent");
+    if x != 0.0 && !(-4..16).contains(&exp) {
+        return format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let plain = x.to_string();
+    if plain.contains('.') { plain } else { format!("{plain}.0") }
+}
+
 /// `YYYY-MM-DDTHH:MM:SS` (UTC) for Unix seconds: the model spec's ISO-8601 date.
 pub fn iso_date(unix: u64) -> String {
     let (days, secs) = ((unix / 86_400) as i64, unix % 86_400);
@@ -158,6 +297,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn floats_print_as_python_prints_them() {
+        // `repr` in Python 3.11.
+        for (x, py) in [
+            (1e-8, "1e-08"),
+            (1e-6, "1e-06"),
+            (0.0001, "0.0001"),
+            (1.5e-5, "1.5e-05"),
+            (0.01, "0.01"),
+            (1.0, "1.0"),
+            (0.0, "0.0"),
+            (0.999, "0.999"),
+            (-2.5, "-2.5"),
+            (1e16, "1e+16"),
+            (123456.0, "123456.0"),
+        ] {
+            assert_eq!(py_float(x), py, "{x}");
+        }
+    }
+
+    #[test]
+    fn optimisers_are_named_as_sd_scripts_names_them() {
+        let prodigy = TrainConfig { optimizer: Optimizer::Prodigy, learning_rate: 1.0, ..Default::default() };
+        let k = kohya_optimizer(&prodigy);
+        let args: Vec<String> = k.args.iter().map(|a| format!("{}={}", a.key, a.python)).collect();
+        assert_eq!(
+            format!("{}({})", k.class, args.join(",")),
+            "prodigyopt.prodigy.Prodigy(weight_decay=0.01,betas=(0.9, 0.999),eps=1e-08,d0=1e-06,d_coef=1.0,use_bias_correction=False,safeguard_warmup=False)"
+        );
+        let adafactor = TrainConfig { optimizer: Optimizer::Adafactor, weight_decay: 0.0, ..Default::default() };
+        let k = kohya_optimizer(&adafactor);
+        let args: Vec<String> = k.args.iter().map(|a| format!("{}={}", a.key, a.literal)).collect();
+        assert_eq!((k.optimizer_type, k.own_schedule), ("Adafactor", false));
+        assert_eq!(args.join(" "), "scale_parameter=False relative_step=False warmup_init=False");
+    }
+
+    #[test]
     fn iso_dates_match_known_instants() {
         assert_eq!(iso_date(0), "1970-01-01T00:00:00");
         // `date -u -d @1689811200` and @1796428800.
@@ -172,13 +347,60 @@ mod tests {
         let family = Family { model: ModelFamily::Sd1, v_prediction: false };
         let mut config = TrainConfig::default();
         let record = |c: &TrainConfig| {
-            RunRecord { config: c, family, step: 1, images: 1, tag_frequency: &tags, started_at: 0, output_name: "x" }
-                .metadata()
+            RunRecord {
+                config: c,
+                family,
+                step: 1,
+                folders: &[],
+                steps_per_epoch: 1,
+                tag_frequency: &tags,
+                started_at: 0,
+                output_name: "x",
+            }
+            .metadata()
         };
         assert_eq!(record(&config)["ss_clip_skip"], "None");
         assert_eq!(record(&config)["ss_max_token_length"], "None");
         config.clip_skip = 2;
         assert_eq!(record(&config)["ss_clip_skip"], "2");
+    }
+
+    /// `ss_dataset_dirs`, `ss_num_train_images` and the epochs count repeats as sd-scripts does.
+    #[test]
+    fn dataset_folders_are_recorded_with_their_repeats() {
+        let tags = BTreeMap::new();
+        let folder = |path: &str, repeats, images| DatasetFolder {
+            path: path.into(),
+            name: path.rsplit('/').next().unwrap().into(),
+            repeats,
+            images,
+            class_tokens: String::new(),
+        };
+        let folders = [folder("a/10_sks dog", 10, 24), folder("a/extra", 1, 3), folder("b/extra", 1, 2)];
+        // 24 × 10 + 3 + 2 = 245 images an epoch; batch 2: 123 steps an epoch.
+        let config = TrainConfig { batch_size: 2, steps: 1230, ..TrainConfig::default() };
+        let m = RunRecord {
+            config: &config,
+            family: Family { model: ModelFamily::Sd1, v_prediction: false },
+            step: 124,
+            folders: &folders,
+            steps_per_epoch: 123,
+            tag_frequency: &tags,
+            started_at: 0,
+            output_name: "x",
+        }
+        .metadata();
+        let dirs: serde_json::Value = serde_json::from_str(&m["ss_dataset_dirs"]).unwrap();
+        assert_eq!(
+            dirs,
+            serde_json::json!({
+                "10_sks dog": {"n_repeats": 10, "img_count": 24},
+                "extra": {"n_repeats": 1, "img_count": 3},
+                "extra (2)": {"n_repeats": 1, "img_count": 2},
+            })
+        );
+        assert_eq!(m["ss_num_train_images"], "245");
+        assert_eq!((m["ss_epoch"].as_str(), m["ss_num_epochs"].as_str()), ("2", "10"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Training: LoRA / LoCon / GLoRA adapters (base weights frozen, run factored so W + BA is never
-//! materialised) and full fine-tuning, with AdamW, LR schedules, min-SNR weighting, gradient
-//! accumulation and clipping, exact checkpoints and resume, and validation loss.
+//! materialised) and full fine-tuning, with AdamW, Prodigy or Adafactor, LR schedules, min-SNR
+//! weighting, gradient accumulation and clipping, exact checkpoints and resume, and validation loss.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,9 +20,11 @@ use crate::engine::models::family::ModelFamily;
 use crate::engine::models::nn::LayerMut;
 use crate::engine::pipeline::{ImageSizes, ModelWeights, StableDiffusion, TextConditioning, size_conditioning};
 use crate::engine::rng::Rng;
-use crate::engine::train::dataset::{Dataset, DatasetOptions, crop_window, decode_image, prepare_image, target_size};
+use crate::engine::train::dataset::{
+    Dataset, DatasetFolder, DatasetOptions, crop_window, decode_image, prepare_image, target_size,
+};
 use crate::engine::train::fresh::fresh_update;
-use crate::engine::train::optim;
+use crate::engine::train::optim::{self, AdafactorSettings, Optimizer, ProdigySettings};
 use crate::engine::train::record::{Family, RunRecord};
 
 /// The adapter's name inside the model's adapter stacks while it trains.
@@ -181,15 +183,26 @@ pub struct TrainConfig {
     /// Defaults to `learning_rate`.
     pub text_encoder_lr: Option<f64>,
     pub steps: usize,
+    /// kohya's `--max_train_epochs`: when set, the run is this many epochs (each image × its
+    /// folder's repeats, per epoch) and `steps` is computed from the dataset (`steps_for_epochs`).
+    pub epochs: Option<usize>,
     pub batch_size: usize,
     pub grad_accum: usize,
     pub seed: u64,
     pub lr_schedule: LrSchedule,
     pub warmup_steps: usize,
+    /// AdamW (the default), Prodigy or Adafactor.
+    pub optimizer: Optimizer,
+    /// Decoupled weight decay, for every optimiser.
     pub weight_decay: f64,
+    /// AdamW's and Prodigy's moment decays and denominator epsilon.
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    /// Prodigy's own settings (its learning rate is usually 1).
+    pub prodigy: ProdigySettings,
+    /// Adafactor's switches (kohya's LoRA setting, an explicit learning rate, by default).
+    pub adafactor: AdafactorSettings,
     /// Clip the global gradient norm to this (none when absent).
     pub max_grad_norm: Option<f64>,
     /// Min-SNR-γ loss weighting (Hang et al. 2023); 5 is the usual choice.
@@ -241,15 +254,19 @@ impl Default for TrainConfig {
             learning_rate: 1e-4,
             text_encoder_lr: None,
             steps: 500,
+            epochs: None,
             batch_size: 1,
             grad_accum: 1,
             seed: 0,
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
+            optimizer: Optimizer::AdamW,
             weight_decay: 0.01,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            prodigy: ProdigySettings::default(),
+            adafactor: AdafactorSettings::default(),
             max_grad_norm: Some(1.0),
             min_snr_gamma: None,
             noise_offset: 0.0,
@@ -336,6 +353,9 @@ impl TrainConfig {
             ("timestep bias multiplier", Some(self.timestep_bias_multiplier)),
             ("timestep bias portion", Some(self.timestep_bias_portion)),
             ("caption dropout", Some(self.caption_dropout)),
+            ("Prodigy d0", Some(self.prodigy.d0)),
+            ("Prodigy d_coef", Some(self.prodigy.d_coef)),
+            ("Prodigy growth rate", self.prodigy.growth_rate),
         ];
         for (name, value) in numbers {
             if let Some(v) = value
@@ -356,8 +376,8 @@ impl TrainConfig {
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!("alpha must be positive");
         }
-        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("steps, batch size and gradient accumulation must be at least 1");
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.epochs == Some(0) {
+            bail!("steps, epochs, batch size and gradient accumulation must be at least 1");
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             bail!("learning rate must be a positive number");
@@ -378,6 +398,41 @@ impl TrainConfig {
         if !(self.timestep_bias_portion > 0.0 && self.timestep_bias_portion < 1.0) {
             bail!("timestep bias portion must be between 0 and 1");
         }
+        self.validate_optimizer()
+    }
+
+    /// The chosen optimiser's own settings.
+    fn validate_optimizer(&self) -> Result<()> {
+        match self.optimizer {
+            Optimizer::AdamW => {}
+            Optimizer::Prodigy => {
+                let p = &self.prodigy;
+                if !(p.d0 > 0.0 && p.d_coef > 0.0) {
+                    bail!("Prodigy's d0 and d_coef must be positive");
+                }
+                if p.growth_rate.is_some_and(|g| g < 1.0) {
+                    bail!("Prodigy's growth rate must be at least 1 (or left out: unlimited)");
+                }
+                // prodigyopt estimates one d for all parameters and refuses groups with other
+                // rates; a second rate would be our own rule, with no reference to check it.
+                if self.train_text_encoder && self.text_encoder_lr.is_some_and(|r| r != self.learning_rate) {
+                    bail!(
+                        "Prodigy finds one learning rate for the UNet and the text encoders together: leave the text encoder's rate unset (or equal to the learning rate), or choose AdamW or Adafactor"
+                    );
+                }
+            }
+            Optimizer::Adafactor => {
+                let a = &self.adafactor;
+                if a.warmup_init && !a.relative_step {
+                    bail!("Adafactor's warmup_init needs relative_step: its warmup is of the relative step size");
+                }
+                if a.relative_step && (self.lr_schedule != LrSchedule::Constant || self.warmup_steps > 0) {
+                    bail!(
+                        "Adafactor with relative_step sets its own rate from the step count; choose the constant schedule without warmup, or turn relative_step off"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -397,6 +452,42 @@ impl TrainConfig {
         }
     }
 
+    /// The steps of `epochs` epochs over `dataset` at this batch and accumulation, as sd-scripts
+    /// counts them ("10 epochs = 1200 steps"); see `Dataset::steps_for_epochs`.
+    pub fn steps_for_epochs(&self, dataset: &Dataset, epochs: usize) -> usize {
+        dataset.steps_for_epochs(epochs, self.batch_size, self.grad_accum)
+    }
+
+    /// This run's total of steps over `dataset`: from `epochs` when set, else `steps`.
+    pub fn total_steps(&self, dataset: &Dataset) -> usize {
+        self.epochs.map_or(self.steps, |e| self.steps_for_epochs(dataset, e))
+    }
+
+    /// The optimiser with this run's constants.
+    pub fn optimizer_rule(&self) -> optim::Rule {
+        match self.optimizer {
+            Optimizer::AdamW => optim::Rule::AdamW(optim::AdamW {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+            }),
+            Optimizer::Prodigy => optim::Rule::Prodigy(optim::Prodigy::new(
+                self.beta1,
+                self.beta2,
+                self.eps,
+                self.weight_decay,
+                self.prodigy,
+            )),
+            Optimizer::Adafactor => optim::Rule::Adafactor(optim::Adafactor::new(self.weight_decay, self.adafactor)),
+        }
+    }
+
+    /// The learning rate of the text encoders' (`true`) or the UNet's parameters, before the schedule.
+    pub fn group_lr(&self, text_encoder: bool) -> f64 {
+        if text_encoder { self.text_encoder_lr.unwrap_or(self.learning_rate) } else { self.learning_rate }
+    }
+
     /// Learning-rate factor at `step` (0-based): linear warmup, then the schedule.
     pub fn lr_factor(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
@@ -412,13 +503,11 @@ impl TrainConfig {
     }
 }
 
-/// One trainable tensor with its optimiser state.
+/// One trainable tensor (its optimiser state is the slot of the same index in `Trainer::optim`).
 struct Param {
     name: String,
     var: Var,
     text_encoder: bool,
-    m: Tensor,
-    v: Tensor,
 }
 
 /// A layer's trained factors, for export.
@@ -441,6 +530,8 @@ struct Example {
     caption: String,
     /// The image's folder name (kohya counts caption tags per folder).
     folder: String,
+    /// How many times an epoch shows it (its folder's repeats).
+    repeats: usize,
 }
 
 /// Why a step did not update the weights.
@@ -469,10 +560,16 @@ pub struct Trainer {
     /// Cached text embeddings per caption while the text encoder is frozen.
     embeddings: HashMap<String, TextConditioning>,
     rng: Rng,
+    /// This epoch's examples in the order drawn: each as many times as its repeats.
     order: Vec<usize>,
     cursor: usize,
+    /// The dataset's folders with their repeats, and kohya's steps per epoch (for the record).
+    folders: Vec<DatasetFolder>,
+    steps_per_epoch: usize,
     /// Full fine-tuning: the model's weights (trainable ones are variables shared with `model`).
     full: Option<ModelWeights>,
+    /// The optimiser's state, one slot per entry of `params`.
+    optim: optim::State,
     /// Optimiser steps done.
     pub step: usize,
     /// The loss of every step so far.
@@ -549,13 +646,7 @@ impl Trainer {
                     let name = format!("{}.{path}.{leaf}", component.label());
                     let var = Var::from_tensor(&t.to_dtype(model_dtype(&layer))?)?;
                     vars.push(var.as_tensor().clone());
-                    params.push(Param {
-                        name: name.clone(),
-                        m: var.zeros_like()?,
-                        v: var.zeros_like()?,
-                        var,
-                        text_encoder: component.is_text_encoder(),
-                    });
+                    params.push(Param { name: name.clone(), var, text_encoder: component.is_text_encoder() });
                     names.push(name);
                 }
                 let delta = fresh.with_tensors(&vars)?;
@@ -611,13 +702,7 @@ impl Trainer {
                 continue;
             }
             for (name, var) in map.make_trainable(|n| wanted(&format!("{component}.{n}")))? {
-                params.push(Param {
-                    name: format!("{component}.{name}"),
-                    m: var.zeros_like()?,
-                    v: var.zeros_like()?,
-                    var,
-                    text_encoder: text,
-                });
+                params.push(Param { name: format!("{component}.{name}"), var, text_encoder: text });
             }
         }
         if params.is_empty() {
@@ -646,11 +731,17 @@ impl Trainer {
             );
         }
         let examples = encode_examples(&model, &config, dataset, encoded)?;
+        let mut config = config;
+        config.steps = config.total_steps(dataset);
+        let steps_per_epoch = dataset.steps_per_epoch(config.batch_size, config.grad_accum);
         let mut model = model;
         if config.gradient_checkpointing {
             model.unet.checkpointing = Some(GradSink::new(params.iter().map(|p| p.var.clone()).collect()));
         }
+        let weights: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
+        let optim = config.optimizer_rule().start(&weights)?;
         let mut trainer = Self {
+            optim,
             config,
             model,
             params,
@@ -660,6 +751,8 @@ impl Trainer {
             rng,
             order: Vec::new(),
             cursor: 0,
+            folders: dataset.folders(),
+            steps_per_epoch,
             full,
             step: 0,
             losses: Vec::new(),
@@ -698,8 +791,14 @@ impl Trainer {
         self.layers.len()
     }
 
+    /// The dataset's image indices in the order this epoch visits them: each image as many times
+    /// as its folder's repeats, shuffled together (as kohya repeats them within an epoch).
+    pub fn epoch_order(&self) -> &[usize] {
+        &self.order
+    }
+
     fn new_epoch(&mut self) {
-        self.order = (0..self.examples.len()).collect();
+        self.order = self.examples.iter().enumerate().flat_map(|(i, e)| std::iter::repeat_n(i, e.repeats)).collect();
         self.rng.shuffle(&mut self.order);
         self.cursor = 0;
     }
@@ -839,7 +938,7 @@ impl Trainer {
         Ok(total)
     }
 
-    /// AdamW with decoupled weight decay and optional global-norm clipping.
+    /// The configured optimiser, after optional global-norm clipping.
     fn apply_gradients(&mut self, grads: Vec<Option<Tensor>>) -> Result<()> {
         let mut clip = 1.0;
         if let Some(max_norm) = self.config.max_grad_norm {
@@ -850,43 +949,40 @@ impl Trainer {
             clip = optim::clip_factor(norm, max_norm);
         }
         let c = &self.config;
-        let adamw = optim::AdamW { beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay };
         let factor = c.lr_factor(self.step);
+        let lrs: Vec<f64> = self.params.iter().map(|p| c.group_lr(p.text_encoder) * factor).collect();
+        let grads: Vec<Option<Tensor>> =
+            grads.into_iter().map(|g| g.map(|g| g * clip).transpose()).collect::<candle_core::Result<_>>()?;
+        let weights: Vec<Tensor> = self.params.iter().map(|p| p.var.as_tensor().detach()).collect();
         // Compute every update first and commit only if all are finite, so a blow-up leaves the
-        // weights and moments exactly as they were.
-        let mut updates = Vec::with_capacity(self.params.len());
-        for (p, g) in self.params.iter().zip(grads) {
-            let Some(g) = g else {
-                updates.push(None);
-                continue;
-            };
-            let g = (g * clip)?;
-            let lr =
-                if p.text_encoder { c.text_encoder_lr.unwrap_or(c.learning_rate) } else { c.learning_rate } * factor;
-            let u = adamw.update(&p.var.as_tensor().detach(), &g, &p.m, &p.v, self.step + 1, lr)?;
-            if !u.weight.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+        // weights and the optimiser's state exactly as they were.
+        let stepped = c.optimizer_rule().step(&self.optim, &weights, &grads, &lrs, self.step + 1)?;
+        for w in stepped.weights.iter().flatten() {
+            if !w.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
                 return Err(NonFiniteLoss { step: self.step + 1 }.into());
             }
-            updates.push(Some((u.m, u.v, u.weight)));
         }
-        for (p, u) in self.params.iter_mut().zip(updates) {
-            if let Some((m, v, next)) = u {
-                p.m = m;
-                p.v = v;
-                p.var.set(&next)?;
+        for (p, w) in self.params.iter().zip(&stepped.weights) {
+            if let Some(w) = w {
+                p.var.set(w)?;
             }
         }
+        self.optim = stepped.state;
         Ok(())
     }
 
-    /// AdamW's first and second moments of each trained parameter (what a checkpoint keeps).
-    pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
-        self.params.iter().map(|p| (p.name.as_str(), &p.m, &p.v))
+    /// Every tensor of the optimiser's state, by checkpoint name (`adam_m/…`, `prodigy_s/…`).
+    pub fn optimizer_tensors(&self) -> impl Iterator<Item = (String, &Tensor)> {
+        self.params.iter().zip(&self.optim.slots).flat_map(|(p, slot)| {
+            optim::slot_tensors(slot).into_iter().map(move |(kind, t)| (format!("{kind}/{}", p.name), t))
+        })
     }
 
-    /// The learning rate of the UNet group at the current step.
+    /// The learning rate of the UNet group at the current step, as the optimiser takes it:
+    /// Prodigy's d·lr, Adafactor's relative step when it sets its own.
     pub fn current_lr(&self) -> f64 {
-        self.config.learning_rate * self.config.lr_factor(self.step.saturating_sub(1))
+        let lr = self.config.learning_rate * self.config.lr_factor(self.step.saturating_sub(1));
+        self.config.optimizer_rule().effective_lr(&self.optim, lr, self.step)
     }
 
     /// Loss on the first `validation_images` examples with fixed timesteps and noise: comparable
@@ -955,7 +1051,8 @@ impl Trainer {
             config: &self.config,
             family: Family::of(&self.model),
             step: self.step,
-            images: self.examples.len(),
+            folders: &self.folders,
+            steps_per_epoch: self.steps_per_epoch,
             tag_frequency: &tag_frequency,
             started_at: self.started_at,
             output_name,
@@ -984,16 +1081,18 @@ impl Trainer {
         write_adapter(path, naming, &layers, self.metadata(&name), DType::F32, GloraLayout::Current)
     }
 
-    /// Everything needed to continue exactly: parameters, AdamW moments, step, RNG, epoch order,
-    /// config and losses. Written atomically.
+    /// Everything needed to continue exactly: parameters, the optimiser's state, step, RNG, epoch
+    /// order, config and losses. Written atomically.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let mut tensors = HashMap::new();
         for p in &self.params {
             tensors.insert(format!("param/{}", p.name), p.var.as_tensor().detach());
-            tensors.insert(format!("adam_m/{}", p.name), p.m.clone());
-            tensors.insert(format!("adam_v/{}", p.name), p.v.clone());
+        }
+        for (name, t) in self.optimizer_tensors() {
+            tensors.insert(name, t.clone());
         }
         let state = CheckpointState {
+            optimizer: self.optim.scalars(),
             step: self.step,
             rng: self.rng.state(),
             order: self.order.clone(),
@@ -1017,6 +1116,15 @@ impl Trainer {
                 .with_context(|| format!("{}: not a LoRA Studio checkpoint", path.display()))?,
         )
         .with_context(|| format!("{}: damaged checkpoint state", path.display()))?;
+        if state.config.optimizer != self.config.optimizer {
+            bail!(
+                "{}: this checkpoint was trained with {}, not {}: its optimiser state cannot carry over; resume with {}, or start a new run",
+                path.display(),
+                state.config.optimizer.label(),
+                self.config.optimizer.label(),
+                state.config.optimizer.name()
+            );
+        }
         if state.config.algorithm != self.config.algorithm
             || state.config.rank != self.config.rank
             || state.config.targets != self.config.targets
@@ -1040,6 +1148,17 @@ impl Trainer {
             );
         }
         let device = self.model.device.clone();
+        // The optimiser's state first: a damaged one leaves the run as it was.
+        let weights: Vec<&Tensor> = self.params.iter().map(|p| p.var.as_tensor()).collect();
+        let get = |i: usize, kind: &str| -> Result<Tensor> {
+            let name = &self.params[i].name;
+            let t = tensors
+                .get(&format!("{kind}/{name}"))
+                .with_context(|| format!("the optimiser's `{kind}` of `{name}` is missing"))?;
+            Ok(t.to_device(&device)?)
+        };
+        let restored = optim::State::restore(&state.config.optimizer_rule(), &weights, &state.optimizer, &get)
+            .with_context(|| format!("{}: damaged optimiser state", path.display()))?;
         for p in &mut self.params {
             let get = |kind: &str| -> Result<Tensor> {
                 let t = tensors
@@ -1051,12 +1170,13 @@ impl Trainer {
                 Ok(t.to_device(&device)?.to_dtype(p.var.dtype())?)
             };
             p.var.set(&get("param")?)?;
-            p.m = get("adam_m")?;
-            p.v = get("adam_v")?;
         }
+        self.optim = restored;
         self.step = state.step;
         self.rng = Rng::from_state(state.rng);
-        if state.order.len() == self.examples.len() {
+        // An order for another dataset (images added or repeats changed) is drawn afresh.
+        let epoch_len: usize = self.examples.iter().map(|e| e.repeats).sum();
+        if state.order.len() == epoch_len && state.order.iter().all(|&i| i < self.examples.len()) {
             self.order = state.order;
             self.cursor = state.cursor;
         }
@@ -1065,9 +1185,9 @@ impl Trainer {
             self.started_at = state.started_at;
         }
         // Only the schedule-independent settings are kept from the checkpoint's config: a user
-        // may resume with more steps.
-        let steps = self.config.steps;
-        self.config = TrainConfig { steps, ..state.config };
+        // may resume with more steps (or epochs).
+        let (steps, epochs) = (self.config.steps, self.config.epochs);
+        self.config = TrainConfig { steps, epochs, ..state.config };
         Ok(())
     }
 }
@@ -1091,6 +1211,9 @@ struct CheckpointState {
     /// The family of the model it trains (absent in checkpoints older than this field).
     #[serde(default)]
     family: Option<ModelFamily>,
+    /// The optimiser's state that is not tensors (none before there was a choice: AdamW's is all tensors).
+    #[serde(default)]
+    optimizer: optim::Scalars,
 }
 
 /// What a checkpoint says about its run, read from its header alone (no tensors), so a resume
@@ -1115,16 +1238,18 @@ impl CheckpointSummary {
     }
 
     /// The run's adapter options in words: "LoRA, rank 8, alpha 4, attention + feed-forward,
-    /// step 120 of 400".
+    /// step 120 of 400" (", Prodigy (learning-rate free)" before the step when not AdamW).
     pub fn describe(&self) -> String {
         let c = &self.config;
         format!(
-            "{}, rank {}, alpha {}, {}{}, step {} of {}",
+            "{}, rank {}, alpha {}, {}{}{}, step {} of {}",
             c.algorithm.label(),
             c.rank,
             c.alpha,
             c.targets.label(),
             if c.train_text_encoder { ", text encoder too" } else { "" },
+            // AdamW, the usual one, goes without saying.
+            if c.optimizer == Optimizer::AdamW { String::new() } else { format!(", {}", c.optimizer.label()) },
             self.step,
             c.steps
         )
@@ -1230,9 +1355,8 @@ fn encode_examples(
                 latents.push(lat);
             }
         }
-        let folder =
-            e.path.parent().and_then(|d| d.file_name()).map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        out.push(Example { latents, sizes, caption: e.full_caption(&opts.trigger), folder });
+        let folder = e.folder.clone();
+        out.push(Example { latents, sizes, caption: e.full_caption(&opts.trigger), folder, repeats: e.repeats });
     }
     encoded(dataset.images.len(), dataset.images.len())?;
     Ok(out)
@@ -1428,6 +1552,59 @@ mod tests {
         let draws = 40_000;
         let late = (0..draws).filter(|_| config.sample_timestep(&mut rng, 1000) >= 800).count();
         late as f64 / draws as f64
+    }
+
+    #[test]
+    fn configs_without_an_optimizer_load_as_adamw_and_others_name_theirs() {
+        // A train.toml or checkpoint from before the choice existed.
+        let old: TrainConfig = serde_json::from_str(r#"{"rank": 8, "learning_rate": 0.0002}"#).unwrap();
+        assert_eq!((old.optimizer, old.rank), (Optimizer::AdamW, 8));
+        let new: TrainConfig = toml::from_str(
+            "optimizer = \"prodigy\"\nlearning_rate = 1.0\n[prodigy]\nd_coef = 0.5\ngrowth_rate = 1.02\n",
+        )
+        .unwrap();
+        assert_eq!(new.optimizer, Optimizer::Prodigy);
+        assert_eq!((new.prodigy.d_coef, new.prodigy.growth_rate, new.prodigy.d0), (0.5, Some(1.02), 1e-6));
+        new.validate().unwrap();
+        // Through a checkpoint's JSON and back, unchanged.
+        let back: TrainConfig = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+        let adafactor: TrainConfig = toml::from_str("optimizer = \"adafactor\"").unwrap();
+        assert_eq!(adafactor.adafactor, AdafactorSettings::default());
+        assert!(!adafactor.adafactor.relative_step && !adafactor.adafactor.scale_parameter);
+    }
+
+    #[test]
+    fn optimiser_settings_that_cannot_work_are_refused_in_words() {
+        let relative = |schedule, warmup| TrainConfig {
+            optimizer: Optimizer::Adafactor,
+            adafactor: AdafactorSettings { relative_step: true, ..Default::default() },
+            lr_schedule: schedule,
+            warmup_steps: warmup,
+            ..Default::default()
+        };
+        relative(LrSchedule::Constant, 0).validate().unwrap();
+        for config in [relative(LrSchedule::Cosine, 0), relative(LrSchedule::Constant, 10)] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("sets its own rate from the step count"), "{err}");
+        }
+        let warmup_init = TrainConfig {
+            optimizer: Optimizer::Adafactor,
+            adafactor: AdafactorSettings { warmup_init: true, ..Default::default() },
+            ..Default::default()
+        };
+        assert!(warmup_init.validate().unwrap_err().to_string().contains("needs relative_step"));
+        let mut prodigy = TrainConfig { optimizer: Optimizer::Prodigy, ..Default::default() };
+        prodigy.prodigy.growth_rate = Some(0.5);
+        assert!(prodigy.validate().unwrap_err().to_string().contains("growth rate must be at least 1"));
+        prodigy.prodigy.growth_rate = None;
+        prodigy.prodigy.d0 = 0.0;
+        assert!(prodigy.validate().unwrap_err().to_string().contains("d0 and d_coef must be positive"));
+        prodigy.prodigy.d0 = 1e-6;
+        (prodigy.train_text_encoder, prodigy.learning_rate, prodigy.text_encoder_lr) = (true, 1.0, Some(0.5));
+        assert!(prodigy.validate().unwrap_err().to_string().contains("one learning rate for the UNet and the text"));
+        prodigy.text_encoder_lr = None;
+        prodigy.validate().unwrap();
     }
 
     #[test]

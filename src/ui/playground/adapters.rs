@@ -216,12 +216,16 @@ pub(super) fn overdrive_meter(ui: &mut egui::Ui, total: f64, measured: Option<f6
         Some(r) => format!("Overdrive {r:.2}: {word}"),
         None => format!("Overdrive: {word}"),
     };
-    // Plain words: the UI font has no ‖ or Σ glyphs (they drew as boxes).
-    ui.add(egui::ProgressBar::new((level / 0.75).min(1.0) as f32).fill(color).text(text)).on_hover_text(
-        "How big the adapters' combined change to a layer's weights is, relative to the weights \
-         themselves, at the layer they change most: around 0.1 styles blend, past 0.5 images tend \
-         to burn. Lower the weights or use a budget.",
-    );
+    // Plain words: the UI font has no ‖ or Σ glyphs (they drew as boxes). The words sit beside
+    // the bar, not on it: an empty bar's rounded end covered the first letter.
+    let tip = "How big the adapters' combined change to a layer's weights is, relative to the weights \
+               themselves, at the layer they change most: around 0.1 styles blend, past 0.5 images tend \
+               to burn. Lower the weights or use a budget.";
+    ui.horizontal(|ui| {
+        ui.add(egui::ProgressBar::new((level / 0.75).min(1.0) as f32).fill(color).desired_width(110.0))
+            .on_hover_text(tip);
+        ui.label(text).on_hover_text(tip);
+    });
     ui.small(format!("Weights add up to {total:.2}: {advice}."));
     if level > 0.5 {
         let warning = if enabled <= 1 {

@@ -14,6 +14,10 @@ pub use crate::engine::adapters::mix::MixMode;
 use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::device::Placement;
 use crate::engine::diffusion::sampler::SamplerKind;
+use crate::engine::io::infotext::{
+    AdapterUse, GenerationParameters, adapter_short_hash, extract_prompt_tags, format_weight, read_png_parameters,
+    save_png_with_parameters,
+};
 use crate::engine::io::weights::WeightPrecision;
 use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::GenerateRequest;
@@ -114,8 +118,13 @@ pub struct PlaygroundPanel {
     pub preview: bool,
     /// The open model's size step, once loaded (previews round to it).
     size_step: Option<usize>,
-    /// For each render sent and not yet drawn: whether it is a preview (shown in the image's line).
-    renders_sent: std::collections::VecDeque<bool>,
+    /// For each render sent and not yet drawn: whether it is a preview (shown in the image's
+    /// line), and its settings (saved with the image).
+    renders_sent: std::collections::VecDeque<(bool, GenerationParameters)>,
+    /// The settings that drew the image shown.
+    pub image_parameters: Option<GenerationParameters>,
+    /// This session's images, newest last.
+    pub gallery: Vec<GalleryItem>,
     pub image: Option<image::RgbImage>,
     texture: Option<egui::TextureHandle>,
     /// "seed 42 · 3.1 s".
@@ -156,6 +165,18 @@ pub struct PlaygroundPanel {
     pub overdrive: Option<f64>,
     pub grid: GridSettings,
 }
+
+/// One image of this session, kept with the settings that drew it (the Playground's strip).
+pub struct GalleryItem {
+    pub image: image::RgbImage,
+    pub texture: egui::TextureHandle,
+    pub params: GenerationParameters,
+    /// The image's line ("seed 42 · 3.1 s").
+    pub info: String,
+}
+
+/// How many of the session's images the strip keeps (the oldest go first).
+pub const GALLERY_SIZE: usize = 32;
 
 /// The XY grid: two adapters (rows of `adapters`) and the weights to try for each.
 #[derive(Clone, Debug, PartialEq)]
@@ -220,6 +241,8 @@ impl PlaygroundPanel {
             preview: true,
             size_step: None,
             renders_sent: std::collections::VecDeque::new(),
+            image_parameters: None,
+            gallery: Vec::new(),
             image: None,
             texture: None,
             image_info: String::new(),
@@ -485,6 +508,21 @@ impl PlaygroundPanel {
         self.render(false);
     }
 
+    /// The image just drawn joins the strip, with its texture, line and settings.
+    fn keep_in_gallery(&mut self, image: &image::RgbImage) {
+        let (Some(texture), Some(params)) = (self.texture.clone(), self.image_parameters.clone()) else { return };
+        if self.gallery.len() == GALLERY_SIZE {
+            self.gallery.remove(0);
+        }
+        self.gallery.push(GalleryItem { image: image.clone(), texture, params, info: self.image_info.clone() });
+    }
+
+    /// Stops the image or grid being drawn (at its next step) and any render queued behind it.
+    pub fn cancel(&mut self) {
+        self.last_change = None;
+        self.worker.cancel_through(self.next_id);
+    }
+
     /// What a live re-render draws: the preview when previews are on, else the full request.
     pub fn live_request(&self) -> GenerateRequest {
         match self.size_step {
@@ -499,12 +537,14 @@ impl PlaygroundPanel {
             return;
         }
         self.message = None;
+        self.apply_prompt_tags();
         self.last_change = None;
         self.flush_weights();
         let request = if live { self.live_request() } else { self.request.clone() };
         let preview = request != self.request;
         self.progress = Some((0, request.steps));
-        self.renders_sent.push_back(preview);
+        let params = self.parameters(&request);
+        self.renders_sent.push_back((preview, params));
         self.send(ModelCommand::Generate(request));
     }
 
@@ -555,11 +595,131 @@ impl PlaygroundPanel {
         self.send(ModelCommand::MergeIntoBase { model, out });
     }
 
+    /// Saves the image as a PNG carrying the settings that drew it, in A1111's `parameters`
+    /// text (A1111's PNG Info, ComfyUI and civitai read it; dropping it here restores them).
     pub fn save_image(&mut self, path: &Path) {
         let Some(img) = &self.image else { return };
-        self.message = Some(match img.save(path) {
-            Ok(()) => format!("Saved {}", path.display()),
-            Err(e) => format!("{}: cannot save: {e}", path.display()),
+        let mut params = self.image_parameters.clone().unwrap_or_else(|| self.parameters(&self.request));
+        // Hashed only now: a file's hash reads all of it, too slow for every render.
+        for a in &mut params.adapters {
+            let row = self.adapters.iter().find(|r| file_stem(&r.path) == a.name);
+            a.hash = row.and_then(|r| adapter_short_hash(&r.path).ok());
+        }
+        self.message = Some(match save_png_with_parameters(path, img, &params) {
+            Ok(()) => format!("Saved {} with its settings", path.display()),
+            Err(e) => format!("{}: cannot save: {e:#}", path.display()),
+        });
+    }
+
+    /// The settings of `request` with the sliders as they are, as A1111 writes them.
+    pub fn parameters(&self, request: &GenerateRequest) -> GenerationParameters {
+        let adapters = self
+            .adapters
+            .iter()
+            .filter(|r| r.effective_weight() != 0.0)
+            .map(|r| AdapterUse { name: file_stem(&r.path), weight: r.effective_weight(), hash: None })
+            .collect();
+        GenerationParameters::from_request(request, adapters, self.model.as_deref().map(file_stem))
+    }
+
+    /// Folders where a prompt's `<lora:NAME>` is looked for: those of the adapters in the list,
+    /// then the example styles.
+    fn adapter_folders(&self) -> Vec<PathBuf> {
+        let mut folders: Vec<PathBuf> = Vec::new();
+        let examples = crate::engine::builtin::example_adapters();
+        for dir in self.adapters.iter().map(|r| &r.path).chain(&examples).filter_map(|p| p.parent()) {
+            if !folders.iter().any(|f| f == dir) {
+                folders.push(dir.to_path_buf());
+            }
+        }
+        folders
+    }
+
+    /// Takes A1111's `<lora:name:weight>` tags out of the prompt box and sets those sliders (adding
+    /// an adapter found in `adapter_folders`), as typing them in A1111 does; what cannot be used is
+    /// said in the message line.
+    pub fn apply_prompt_tags(&mut self) {
+        let tags = extract_prompt_tags(&self.request.prompt);
+        if tags.adapters.is_empty() && tags.ignored.is_empty() {
+            return;
+        }
+        self.request.prompt = tags.prompt;
+        let mut notes = tags.ignored;
+        for tag in tags.adapters {
+            let found = self.adapters.iter().position(|r| r.name == tag.name || file_stem(&r.path) == tag.name);
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    let folders = self.adapter_folders();
+                    let file =
+                        folders.iter().map(|d| d.join(format!("{}.safetensors", tag.name))).find(|f| f.is_file());
+                    let Some(file) = file else {
+                        let looked: Vec<String> = folders.iter().map(|d| d.display().to_string()).collect();
+                        notes.push(format!("<lora:{}> was not found (looked in {})", tag.name, looked.join(", ")));
+                        continue;
+                    };
+                    self.add_adapter(&file);
+                    self.adapters.len() - 1
+                }
+            };
+            self.adapters[i].enabled = true;
+            self.set_weight(i, tag.weight);
+            if let Some(te) = tag.text_encoder_weight.filter(|&w| w != tag.weight) {
+                notes.push(format!(
+                    "{}: one weight per adapter here; {} is used (the text encoder's {te} is not)",
+                    tag.name,
+                    format_weight(tag.weight)
+                ));
+            }
+        }
+        if !notes.is_empty() {
+            self.message = Some(notes.join("; "));
+        }
+    }
+
+    /// A PNG's saved settings (A1111's, or ours) put back: prompt, sizes, sampler, seed, and
+    /// each adapter's slider (added from `adapter_folders` when it is not in the list).
+    pub fn restore_parameters(&mut self, png: &Path) {
+        match read_png_parameters(png) {
+            Ok(params) => self.restore_settings(&params, &png.display().to_string()),
+            Err(e) => self.message = Some(format!("{e:#}")),
+        }
+    }
+
+    /// Shows the gallery's image `i` again and puts back the settings that drew it.
+    pub fn open_from_gallery(&mut self, i: usize) {
+        let Some(item) = self.gallery.get(i) else { return };
+        let (image, texture, info, params) =
+            (item.image.clone(), item.texture.clone(), item.info.clone(), item.params.clone());
+        self.image = Some(image);
+        self.texture = Some(texture);
+        self.image_info = info;
+        self.image_parameters = Some(params.clone());
+        self.restore_settings(&params, "this image");
+    }
+
+    /// Puts `params` back: prompt, sizes, sampler, seed, clip skip and each adapter's slider.
+    fn restore_settings(&mut self, params: &GenerationParameters, source: &str) {
+        let mut notes = params.apply_to(&mut self.request);
+        self.size_chosen = true;
+        self.sampler_chosen = true;
+        // The adapters go through the prompt-tag path: one way to find and set them.
+        let tags: Vec<String> =
+            params.adapters.iter().map(|a| format!("<lora:{}:{}>", a.name, format_weight(a.weight))).collect();
+        // Adapters the image did not use are switched off, so the next render is the image's.
+        for row in &mut self.adapters {
+            row.enabled = params.adapters.iter().any(|a| a.name == row.name || a.name == file_stem(&row.path));
+        }
+        self.mix_changed();
+        if !tags.is_empty() {
+            self.request.prompt = format!("{} {}", self.request.prompt, tags.join(" "));
+            self.apply_prompt_tags();
+            notes.extend(self.message.take());
+        }
+        self.message = Some(if notes.is_empty() {
+            format!("Settings restored from {source}")
+        } else {
+            format!("Settings restored from {source} ({})", notes.join("; "))
         });
     }
 
@@ -613,9 +773,11 @@ impl PlaygroundPanel {
                 ModelEvent::Progress { step, total } => self.progress = Some((step, total)),
                 ModelEvent::Overdrive { ratio } => self.overdrive = Some(ratio),
                 ModelEvent::Grid { image, seconds, caption } => {
+                    self.image_parameters = Some(self.parameters(&self.request));
                     self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
-                    self.image = Some(image);
                     self.image_info = format!("grid · {caption} · {seconds:.1} s");
+                    self.keep_in_gallery(&image);
+                    self.image = Some(image);
                     self.images_made += 1;
                     self.progress = None;
                 }
@@ -632,14 +794,27 @@ impl PlaygroundPanel {
                 }
                 ModelEvent::Image { image, seconds, seed } => {
                     self.texture = Some(super::thumbnails::rgb_texture(ctx, "playground-image", &image));
-                    self.image_info = if self.renders_sent.pop_front().unwrap_or(false) {
+                    let (preview, params) = self.renders_sent.pop_front().unzip();
+                    self.image_parameters = params;
+                    let preview = preview.unwrap_or(false);
+                    self.image_info = if preview {
                         let (w, h) = image.dimensions();
                         format!("preview {w}×{h} · seed {seed} · {seconds:.1} s · Generate renders it in full")
                     } else {
                         format!("seed {seed} · {seconds:.1} s")
                     };
+                    if !preview {
+                        self.keep_in_gallery(&image);
+                    }
                     self.image = Some(image);
                     self.images_made += 1;
+                    self.progress = None;
+                }
+                ModelEvent::Cancelled { grid } => {
+                    if !grid {
+                        self.renders_sent.pop_front();
+                    }
+                    self.message = Some(if grid { "Grid cancelled." } else { "Cancelled." }.into());
                     self.progress = None;
                 }
                 ModelEvent::GenerateFailed { error } => {
@@ -677,6 +852,11 @@ impl PlaygroundPanel {
             }
         }
     }
+}
+
+/// "neon" for `…/neon.safetensors`: the name A1111's `<lora:…>` tags use.
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned())
 }
 
 /// What the panel asks of the rest of the window.

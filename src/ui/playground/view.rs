@@ -151,6 +151,13 @@ pub(super) fn prompt_settings(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
             .response
             .labelled_by(label.id);
         ui.end_row();
+        if p.loaded_family != Some(ModelFamily::Sdxl) {
+            let label = ui.label("Clip skip").on_hover_text(
+                "Read the text encoder this many layers from its end: 2 for anime SD 1.x models (A1111's Clip skip)",
+            );
+            ui.add(egui::DragValue::new(&mut p.request.clip_skip).range(1..=12)).labelled_by(label.id);
+            ui.end_row();
+        }
         let label = ui
             .label("Size")
             .on_hover_text("Width × height in pixels; a multiple of the model's size step (8 × 2^levels)");
@@ -194,11 +201,18 @@ pub(super) fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &m
     });
     if let Some((step, total)) = p.progress {
         let fraction = if total == 0 { 0.0 } else { step as f32 / total as f32 };
-        ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
+        ui.horizontal(|ui| {
+            if ui.button("Cancel").on_hover_text("Stop drawing this image or grid").clicked() {
+                p.cancel();
+            }
+            ui.add(egui::ProgressBar::new(fraction).text(format!("Drawing: step {step} / {total}")));
+        });
     }
+    // The session's images, newest first: a click shows one again with the settings that drew it.
+    let strip = if p.gallery.len() > 1 { GALLERY_THUMB + 22.0 } else { 0.0 };
     match &p.texture {
         Some(tex) => {
-            let side = ui.available_width().min(ui.available_height()).max(64.0);
+            let side = ui.available_width().min(ui.available_height() - strip).max(64.0);
             ui.add(
                 egui::Image::from_texture(tex).fit_to_exact_size(egui::vec2(side, side)).maintain_aspect_ratio(true),
             );
@@ -207,6 +221,34 @@ pub(super) fn image_view(ui: &mut egui::Ui, p: &mut PlaygroundPanel, actions: &m
             ui.add_space(20.0);
             ui.label(RichText::new("The image appears here.").weak());
         }
+    }
+    if p.gallery.len() > 1 {
+        gallery_strip(ui, p);
+    }
+}
+
+/// The side of a gallery thumbnail, in points.
+const GALLERY_THUMB: f32 = 56.0;
+
+fn gallery_strip(ui: &mut egui::Ui, p: &mut PlaygroundPanel) {
+    let mut open = None;
+    egui::ScrollArea::horizontal().id_salt("gallery").show(ui, |ui| {
+        ui.horizontal(|ui| {
+            for (i, item) in p.gallery.iter().enumerate().rev() {
+                let size = egui::vec2(GALLERY_THUMB, GALLERY_THUMB);
+                let button = egui::Button::image(egui::Image::from_texture(&item.texture).fit_to_exact_size(size));
+                let tip = format!("{}\n{}", item.params.prompt_with_tags(), item.info);
+                let name = format!("Image {} of this session", i + 1);
+                let response = ui.add(button);
+                response.widget_info(|| egui::WidgetInfo::labeled(egui::accesskit::Role::Button, true, &name));
+                if response.on_hover_text(tip).clicked() {
+                    open = Some(i);
+                }
+            }
+        });
+    });
+    if let Some(i) = open {
+        p.open_from_gallery(i);
     }
 }
 

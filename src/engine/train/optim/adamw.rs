@@ -1,12 +1,12 @@
-//! AdamW (decoupled weight decay, bias-corrected moments) and the global gradient norm used for
-//! clipping: the one copy of the optimiser, for the trainer and the built-in model's recipe.
+//! AdamW (Loshchilov & Hutter; PyTorch's `torch.optim.AdamW`): bias-corrected first and second
+//! moments, decoupled weight decay.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::engine::Result;
 
 /// AdamW's constants (PyTorch's defaults are 0.9, 0.999, 1e-8 and 0.01).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
@@ -36,25 +36,12 @@ impl AdamW {
     }
 }
 
-/// ‖g‖₂ over all gradients together (what gradient clipping compares with its limit).
-pub fn global_norm<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    }
-    Ok(sq.sqrt())
-}
-
-/// The factor that scales gradients of norm `norm` down to `max_norm` (1 when within it).
-pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
-}
-
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::engine::train::optim::{clip_factor, global_norm};
 
     /// Against PyTorch's `torch.optim.AdamW` formula written out by hand in f64, two steps.
     #[test]
