@@ -87,6 +87,7 @@ fn long_model_paths_keep_their_file_name() {
 
 use std::time::Duration;
 
+use lora_studio::engine::grid::{GridLayout, axis_labels};
 use lora_studio::ui::{DialogPurpose, GridSettings, MixMode, ModelState, RunState};
 
 // Generous: CI runs the window tests side by side on two cores.
@@ -953,7 +954,14 @@ fn a_failed_training_job_and_a_crashed_playground_worker_leave_the_window_usable
         p.render_grid();
     }
     run_until(&mut h, SCAN, "the grid", |a| a.playground.images_made >= 2);
-    assert_eq!(h.state().playground.image.as_ref().unwrap().dimensions(), (2 * 32 + 4, 3 * 32 + 2 * 4));
+    // The cells, 4 px apart, after the margins that label each column and row.
+    let (x_name, y_name) =
+        (h.state().playground.adapters[0].name.clone(), h.state().playground.adapters[1].name.clone());
+    let layout = GridLayout::new(32, 32, &axis_labels(&x_name, &[0.0, 1.0]), &axis_labels(&y_name, &[0.0, 0.5, 1.0]));
+    assert_eq!(
+        h.state().playground.image.as_ref().unwrap().dimensions(),
+        (layout.left + 2 * 32 + 4, layout.top + 3 * 32 + 2 * 4)
+    );
     run_until(&mut h, SCAN, "idle", |a| !a.playground.busy());
     h.run();
     h.get_by_label_contains("grid · columns");

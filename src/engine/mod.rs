@@ -8,6 +8,7 @@ pub mod bench;
 pub mod builtin;
 pub mod device;
 pub mod diffusion;
+pub mod grid;
 pub mod io;
 pub mod kernels;
 pub mod models;

@@ -15,6 +15,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::engine::adapters::formats::{Naming, match_layers, read_adapter, summarize};
 use crate::engine::adapters::mix::{BlendForm, BlendReport, MixMode, export_blend, overdrive};
 use crate::engine::adapters::stack::BlockWeights;
+use crate::engine::grid::{GridLayout, axis_labels};
 use crate::engine::io::weights::dtype_name;
 use crate::engine::models::family::ModelFamily;
 use crate::engine::pipeline::{GenerateRequest, GenerationCancelled, ModelWeights, StableDiffusion};
@@ -469,7 +470,8 @@ fn list(values: &[f64]) -> String {
     values.iter().map(|v| format!("{v}")).collect::<Vec<_>>().join(", ")
 }
 
-/// Renders `request` at every (x, y) weight pair into one image, 4 px apart.
+/// Renders `request` at every (x, y) weight pair into one image, labelled as A1111 labels its
+/// X/Y plot (`engine::grid`: each column's and row's "adapter: weight" in white margins).
 fn xy_grid(
     model: &mut StableDiffusion,
     request: &GenerateRequest,
@@ -481,11 +483,14 @@ fn xy_grid(
     if x.name == y.name || x.values.is_empty() || y.values.is_empty() {
         anyhow::bail!("pick two different adapters and at least one weight for each");
     }
-    let gap = 4u32;
-    let (w, h) = (request.width as u32, request.height as u32);
-    let (cols, rows) = (x.values.len() as u32, y.values.len() as u32);
-    let mut grid = image::RgbImage::from_pixel(cols * (w + gap) - gap, rows * (h + gap) - gap, image::Rgb([24; 3]));
-    let total = (cols * rows) as usize * request.steps;
+    let layout = GridLayout::new(
+        request.width as u32,
+        request.height as u32,
+        &axis_labels(&x.name, &x.values),
+        &axis_labels(&y.name, &y.values),
+    );
+    let mut grid = layout.canvas();
+    let total = x.values.len() * y.values.len() * request.steps;
     for (r, &wy) in y.values.iter().enumerate() {
         model.set_adapter_mix(&y.name, wy, &y.blocks)?;
         for (c, &wx) in x.values.iter().enumerate() {
@@ -495,7 +500,7 @@ fn xy_grid(
                 send(ModelEvent::Progress { step: done + step, total });
                 !stop()
             })?;
-            image::imageops::replace(&mut grid, &img, (c as u32 * (w + gap)) as i64, (r as u32 * (h + gap)) as i64);
+            layout.place(&mut grid, c, r, &img);
         }
     }
     Ok(grid)
@@ -677,7 +682,20 @@ mod tests {
         };
         let axis = |name: &str| GridAxis { name: name.into(), values: vec![0.0, 2.0], blocks: BlockWeights::default() };
         b.run(ModelCommand::XyGrid { request, x: axis("a"), y: axis("b") });
-        assert!(b.events.borrow().iter().any(|e| matches!(e, ModelEvent::Grid { .. })), "the grid is drawn");
+        let grid = b.events.borrow().iter().find_map(|e| match e {
+            ModelEvent::Grid { image, .. } => Some(image.clone()),
+            _ => None,
+        });
+        let grid = grid.expect("the grid is drawn");
+        // 2 × 2 cells of 32 px, 4 px apart, after the labels' margins (white, as A1111's).
+        let labels = |name: &str| crate::engine::grid::axis_labels(name, &[0.0, 2.0]);
+        let layout = GridLayout::new(32, 32, &labels("a"), &labels("b"));
+        assert!(layout.top > 0 && layout.left > 0);
+        assert_eq!(grid.dimensions(), (layout.left + 2 * 32 + 4, layout.top + 2 * 32 + 4));
+        assert_eq!(*grid.get_pixel(0, 0), image::Rgb([255; 3]), "the margins' corner is white");
+        if let Ok(path) = std::env::var("LORA_STUDIO_GRID_PNG") {
+            grid.save(path).unwrap();
+        }
         assert_eq!((b.multipliers("a"), b.multipliers("b")), (vec![0.5], vec![0.5]));
     }
 }
