@@ -601,7 +601,7 @@ fn settings(
             ui.add(egui::DragValue::new(&mut c.batch_size).range(1..=64))
         });
         row(ui, "Gradient accumulation", "Add up the gradients of this many batches before each step: a larger effective batch without the memory.", |ui| {
-            ui.add(egui::DragValue::new(&mut c.grad_accum).range(1..=64).suffix(" batches"))
+            ui.add(egui::DragValue::new(&mut c.grad_accum).range(1..=64))
         });
         row(ui, "Resolution", "Training size in pixels (the square's side). 512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL.", |ui| {
             ui.add(egui::DragValue::new(&mut c.dataset.resolution).range(8..=2048).speed(8))
