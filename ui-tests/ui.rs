@@ -45,6 +45,18 @@ fn each_tab_shows_its_panel() {
     assert!(h.query_by_label("Train an adapter").is_none());
 }
 
+/// In a small window the Training buttons wrap to a second line rather than run past the edge.
+#[test]
+fn nothing_runs_past_the_edge_of_a_small_window() {
+    let mut h = harness("built-in");
+    h.get_by_role_and_label(Role::Button, "Training").click();
+    h.run();
+    for button in ["Start training", "Sample now", "Resume from checkpoint…"] {
+        let right = h.get_by_label(button).rect().right();
+        assert!(right <= 960.0 - 20.0, "{button} ends at x = {right} in a 960 px window");
+    }
+}
+
 #[test]
 fn keyboard_shortcuts_switch_areas() {
     let mut h = harness("built-in");

@@ -488,6 +488,7 @@ impl StudioApp {
                 let sample_prompt = self.sample_prompt();
                 let cx = training::TrainingContext {
                     model: self.model.as_deref(),
+                    model_label: &self.model_label,
                     images: &images,
                     warnings,
                     sample_prompt,

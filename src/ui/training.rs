@@ -409,6 +409,8 @@ pub fn format_duration(d: Duration) -> String {
 
 pub(super) struct TrainingContext<'a> {
     pub model: Option<&'a Path>,
+    /// What the status bar calls the model ("built-in (…)", or its path).
+    pub model_label: &'a str,
     pub images: &'a [PathBuf],
     pub warnings: Vec<String>,
     /// What "Sample now" draws: the sample prompt, else the first image's caption.
@@ -748,7 +750,8 @@ fn settings(
 }
 
 fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'_>, actions: &mut Vec<TrainingAction>) {
-    ui.horizontal(|ui| {
+    // Wrapped: in a narrow window the last buttons go to a second line instead of past the edge.
+    ui.horizontal_wrapped(|ui| {
         let can_start = !panel.is_active();
         if ui
             .add_enabled(can_start, egui::Button::new(RichText::new("Start training").strong()))
@@ -798,7 +801,7 @@ fn controls(ui: &mut egui::Ui, panel: &mut TrainingPanel, cx: &TrainingContext<'
         }
     });
     // Below the buttons, so that lines coming and going never move them.
-    let model = cx.model.map_or("no model open".to_owned(), |m| m.display().to_string());
+    let model = if cx.model.is_none() { "no model open" } else { cx.model_label };
     let out = panel.output_path(cx.images).map_or("—".to_owned(), |p| p.display().to_string());
     let images = crate::engine::train::dataset::counted(cx.images.len(), "image", "images");
     ui.label(format!("{images} · model: {model}"));
