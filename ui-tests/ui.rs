@@ -116,6 +116,25 @@ fn harness_with_model() -> Harness<'static, StudioApp> {
     h
 }
 
+/// A window on the tiny fixture model with the Playground open and its model loaded.
+fn harness_on_playground() -> Harness<'static, StudioApp> {
+    let mut h = harness_with_model();
+    h.get_by_role_and_label(Role::Button, "Playground").click();
+    h.run_steps(2);
+    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    h
+}
+
+/// A window on the tiny fixture model with three captioned images (in `DIR/data`) scanned in.
+fn harness_with_dataset(name: &str) -> (std::path::PathBuf, Harness<'static, StudioApp>) {
+    let dir = tempdir(name);
+    make_images(&dir.join("data"));
+    let mut h = harness_with_model();
+    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
+    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    (dir, h)
+}
+
 fn text_of<S>(h: &Harness<'_, S>, contains: &str) -> String {
     let all: Vec<String> = h
         .query_all_by_label_contains(contains)
@@ -183,11 +202,7 @@ fn dropped_folder_is_scanned_with_thumbnails_captions_and_warnings() {
 /// where they are as lines come and go.
 #[test]
 fn warnings_show_once_and_the_buttons_stay_put() {
-    let dir = tempdir("warn-once");
-    make_images(&dir.join("data"));
-    let mut h = harness_with_model();
-    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
-    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    let (dir, mut h) = harness_with_dataset("warn-once");
     {
         let app = h.state_mut();
         app.area = Area::Training;
@@ -473,11 +488,7 @@ fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
 
 #[test]
 fn a_nan_loss_pause_is_explained_in_words() {
-    let dir = tempdir("nan");
-    make_images(&dir.join("data"));
-    let mut h = harness_with_model();
-    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
-    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
+    let (dir, mut h) = harness_with_dataset("nan");
     {
         let app = h.state_mut();
         app.area = Area::Training;
@@ -752,10 +763,7 @@ fn ctrl_enter_generates_from_the_prompt_box() {
 fn prompts_pngs_and_lora_tags_work_as_in_a1111() {
     use lora_studio::engine::io::infotext::read_png_parameters;
     let dir = tempdir("a1111");
-    let mut h = harness_with_model();
-    h.get_by_role_and_label(Role::Button, "Playground").click();
-    h.run_steps(2);
-    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    let mut h = harness_on_playground();
     h.state_mut().playground.add_adapter(&sd1_tiny().join("lora_b_peft.safetensors"));
     quick_request(&mut h.state_mut().playground);
     h.state_mut().playground.request.prompt = "a gradient <lora:lora_a_kohya:0.6>, (soft:1.2)".into();
@@ -817,10 +825,7 @@ fn prompts_pngs_and_lora_tags_work_as_in_a1111() {
 /// *Cancel* stops an image and an XY grid being drawn; the window is ready for the next one.
 #[test]
 fn cancel_stops_an_image_and_a_grid() {
-    let mut h = harness_with_model();
-    h.get_by_role_and_label(Role::Button, "Playground").click();
-    h.run_steps(2);
-    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    let mut h = harness_on_playground();
     {
         let p = &mut h.state_mut().playground;
         p.add_adapter(&sd1_tiny().join("lora_a_kohya.safetensors"));
@@ -857,10 +862,7 @@ fn cancel_stops_an_image_and_a_grid() {
 /// The strip of this session's images: a click shows one again and puts back its settings.
 #[test]
 fn the_gallery_strip_brings_back_an_image_and_its_settings() {
-    let mut h = harness_with_model();
-    h.get_by_role_and_label(Role::Button, "Playground").click();
-    h.run_steps(2);
-    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    let mut h = harness_on_playground();
     quick_request(&mut h.state_mut().playground);
     h.state_mut().playground.live = false;
     for (n, (seed, prompt)) in [(11, "a red gradient"), (22, "a blue gradient")].into_iter().enumerate() {
@@ -1322,10 +1324,7 @@ fn a_partly_fitting_adapter_is_added_only_when_asked() {
 /// its weights are kept in; choosing f16 reloads the model with half-precision weights.
 #[test]
 fn choosing_f16_weights_reloads_the_model_in_half_precision() {
-    let mut h = harness_with_model();
-    h.get_by_role_and_label(Role::Button, "Playground").click();
-    h.run_steps(2);
-    run_until(&mut h, SCAN, "model loaded", |a| a.playground.model_state == ModelState::Ready);
+    let mut h = harness_on_playground();
     h.run_steps(3); // the worker's events may repaint at any time: step, not settle
     h.get_by_label("Device: CPU · f32 weights");
     h.get_by_value("CPU");
