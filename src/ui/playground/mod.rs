@@ -15,8 +15,8 @@ use crate::engine::adapters::stack::BlockWeights;
 use crate::engine::device::Placement;
 use crate::engine::diffusion::sampler::SamplerKind;
 use crate::engine::io::infotext::{
-    AdapterUse, GenerationParameters, adapter_short_hash, extract_prompt_tags, format_weight, read_png_parameters,
-    save_png_with_parameters,
+    AdapterTag, AdapterUse, GenerationParameters, adapter_short_hash, extract_prompt_tags, format_weight,
+    read_png_parameters, save_png_with_parameters,
 };
 use crate::engine::io::weights::WeightPrecision;
 use crate::engine::models::family::ModelFamily;
@@ -645,7 +645,17 @@ impl PlaygroundPanel {
         }
         self.request.prompt = tags.prompt;
         let mut notes = tags.ignored;
-        for tag in tags.adapters {
+        notes.extend(self.set_sliders(&tags.adapters));
+        if !notes.is_empty() {
+            self.message = Some(notes.join("; "));
+        }
+    }
+
+    /// Sets each named adapter's slider (switching it on), adding the file from
+    /// `adapter_folders` when it is not in the list; returns what could not be done, in words.
+    fn set_sliders(&mut self, tags: &[AdapterTag]) -> Vec<String> {
+        let mut notes = Vec::new();
+        for tag in tags {
             let found = self.adapters.iter().position(|r| r.name == tag.name || file_stem(&r.path) == tag.name);
             let i = match found {
                 Some(i) => i,
@@ -672,9 +682,7 @@ impl PlaygroundPanel {
                 ));
             }
         }
-        if !notes.is_empty() {
-            self.message = Some(notes.join("; "));
-        }
+        notes
     }
 
     /// A PNG's saved settings (A1111's, or ours) put back: prompt, sizes, sampler, seed, and
@@ -705,19 +713,18 @@ impl PlaygroundPanel {
         let mut notes = params.apply_to(&mut self.request);
         self.size_chosen = true;
         self.sampler_chosen = true;
-        // The adapters go through the prompt-tag path: one way to find and set them.
-        let tags: Vec<String> =
-            params.adapters.iter().map(|a| format!("<lora:{}:{}>", a.name, format_weight(a.weight))).collect();
-        // Adapters the image did not use are switched off, so the next render is the image's.
+        // Adapters the image did not use are switched off, so the next render is the image's; the
+        // prompt is kept exactly as saved (its adapters were taken out of it when it was read).
         for row in &mut self.adapters {
             row.enabled = params.adapters.iter().any(|a| a.name == row.name || a.name == file_stem(&row.path));
         }
         self.mix_changed();
-        if !tags.is_empty() {
-            self.request.prompt = format!("{} {}", self.request.prompt, tags.join(" "));
-            self.apply_prompt_tags();
-            notes.extend(self.message.take());
-        }
+        let tags: Vec<AdapterTag> = params
+            .adapters
+            .iter()
+            .map(|a| AdapterTag { name: a.name.clone(), weight: a.weight, text_encoder_weight: None })
+            .collect();
+        notes.extend(self.set_sliders(&tags));
         self.message = Some(if notes.is_empty() {
             format!("Settings restored from {source}")
         } else {
