@@ -945,7 +945,9 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         v_prediction: v_pred,
         zero_terminal_snr: zero_snr,
     };
-    crate::engine::train::kohya_export::write(&job, &out)?;
+    for w in crate::engine::train::kohya_export::write(&job, &out)? {
+        eprintln!("warning: {w}");
+    }
     println!("wrote {} (dataset.toml, train.sh, sample_prompts.txt, MAPPING.md)", out.display());
     Ok(())
 }

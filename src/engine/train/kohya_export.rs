@@ -11,10 +11,10 @@ use crate::engine::Result;
 use crate::engine::adapters::stack::TargetPreset;
 use crate::engine::io::weights::write_atomic;
 use crate::engine::models::family::ModelFamily;
-use crate::engine::train::dataset::DatasetFolder;
+use crate::engine::train::dataset::{DatasetFolder, IMAGE_EXTENSIONS};
 use crate::engine::train::optim::Optimizer;
 use crate::engine::train::record::kohya_optimizer;
-use crate::engine::train::trainer::{Algorithm, LrSchedule, TextEncoders, TrainConfig};
+use crate::engine::train::trainer::{Algorithm, LrSchedule, TextEncoders, TimestepBias, TrainConfig};
 
 /// What to export: the job as our trainer would run it.
 pub struct KohyaJob<'a> {
@@ -43,19 +43,44 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The script's own variables, the only arguments written for the shell to expand.
-const SCRIPT_VARIABLES: [&str; 2] = ["$SD_SCRIPTS/", "$JOB_DIR/"];
+/// The script's own paths after the flag that takes each: the only arguments written for the
+/// shell to expand. Known by position, not by look, so a value that merely looks like one of them
+/// (a model path `$JOB_DIR/output`) is still quoted and arrives as written.
+const SCRIPT_PATHS: [(&str, &str); 3] = [
+    ("--dataset_config", "$JOB_DIR/dataset.toml"),
+    ("--output_dir", "$JOB_DIR/output"),
+    ("--sample_prompts", "$JOB_DIR/sample_prompts.txt"),
+];
 
-/// One argument of `train.sh`: our own `$SD_SCRIPTS/…` / `$JOB_DIR/…` paths in double quotes (the
-/// rest of such a path is ours too), every other value quoted so the shell runs nothing in it.
-fn shell_arg(arg: &str) -> String {
-    let ours = SCRIPT_VARIABLES.iter().any(|v| arg.starts_with(v))
-        && arg.chars().all(|c| c.is_ascii_alphanumeric() || "$_-./".contains(c));
-    if ours { format!("\"{arg}\"") } else { shell_quote(arg) }
+/// `train.sh`'s arguments: our own `$SD_SCRIPTS/…` script (the first such argument: every value
+/// from train.toml comes after it) and `$JOB_DIR/…` paths in double quotes, every other value
+/// quoted so the shell runs and expands nothing in it.
+fn shell_args(cmd: &[String]) -> Vec<String> {
+    let script = cmd.iter().position(|a| a.starts_with("$SD_SCRIPTS/"));
+    let ours = |i: usize| {
+        Some(i) == script || i > 0 && SCRIPT_PATHS.iter().any(|(flag, path)| cmd[i - 1] == *flag && cmd[i] == *path)
+    };
+    (0..cmd.len()).map(|i| if ours(i) { format!("\"{}\"", cmd[i]) } else { shell_quote(&cmd[i]) }).collect()
 }
 
+/// A TOML basic string: quote, backslash and every control character escaped (TOML forbids them
+/// raw, DEL included), so no value can end its string or its line early.
 fn toml_string(s: &str) -> String {
-    serde_json::to_string(s).expect("strings serialise")
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The dataset config file kohya's `--dataset_config` reads.
@@ -64,9 +89,13 @@ pub fn dataset_toml(job: &KohyaJob) -> String {
     let d = &c.dataset;
     let mut t = String::new();
     t += "# Written by LoRA Studio for kohya sd-scripts (--dataset_config).\n[general]\n";
+    // The trigger is the caption's first tag in both (caption_prefix below), so the same
+    // keep_tokens keeps it in place under shuffling.
     t += &format!(
-        "shuffle_caption = {}\nkeep_tokens = {}\ncaption_extension = \".txt\"\n",
-        c.shuffle_tags, c.keep_tokens
+        "shuffle_caption = {}\nkeep_tokens = {}\ncaption_extension = {}\n",
+        c.shuffle_tags,
+        c.keep_tokens,
+        toml_string(scan_captions(job.folders).extension())
     );
     t += &format!("caption_dropout_rate = {}\n\n[[datasets]]\n", c.caption_dropout);
     t += &format!("resolution = {}\nbatch_size = {}\n", d.resolution, c.batch_size);
@@ -81,18 +110,163 @@ pub fn dataset_toml(job: &KohyaJob) -> String {
             toml_string(&folder.path.display().to_string()),
             folder.repeats
         );
-        // kohya uses class_tokens only for images without a caption file: an `N_words` folder's
-        // words, as our scan uses them; else the trigger, which we prepend to every caption, so
-        // MAPPING.md asks users to put it in their captions.
+        // kohya uses class_tokens only for images without a caption file, as our scan uses an
+        // `N_words` folder's words, else the default caption.
         let class_tokens =
-            if folder.class_tokens.trim().is_empty() { d.trigger.as_str() } else { folder.class_tokens.trim() };
+            if folder.class_tokens.trim().is_empty() { d.default_caption.trim() } else { folder.class_tokens.trim() };
         if !class_tokens.is_empty() {
             t += &format!("  class_tokens = {}\n", toml_string(class_tokens));
+        }
+        // sd-scripts writes `prefix + " " + caption`: "sks," makes our "sks, a photo".
+        if !d.trigger.trim().is_empty() {
+            t += &format!("  caption_prefix = {}\n", toml_string(&format!("{},", d.trigger.trim())));
         }
         t += &format!("  flip_aug = {}\n  random_crop = {}\n", d.flip, !d.center_crop);
     }
     t
 }
+
+/// What the caption files beside the job's images are: which extension sd-scripts must read, and
+/// the files it would read differently from us.
+#[derive(Default)]
+struct CaptionScan {
+    txt: Vec<PathBuf>,
+    caption: Vec<PathBuf>,
+    /// Several lines: sd-scripts trains on the first only.
+    multi_line: Vec<PathBuf>,
+    /// No lines at all: sd-scripts stops at an assertion.
+    empty: Vec<PathBuf>,
+    /// Not UTF-8 (our UTF-16 with a byte-order mark): sd-scripts stops at a decode error.
+    not_utf8: Vec<PathBuf>,
+}
+
+impl CaptionScan {
+    /// `.caption` only when no image has a `.txt` one (ours reads `.txt` first, then `.caption`).
+    fn extension(&self) -> &'static str {
+        if self.txt.is_empty() && !self.caption.is_empty() { ".caption" } else { ".txt" }
+    }
+}
+
+/// The caption file of each image directly in each folder (folders not there are skipped: the
+/// data may live only on the machine that runs the job).
+fn scan_captions(folders: &[DatasetFolder]) -> CaptionScan {
+    let mut scan = CaptionScan::default();
+    for folder in folders {
+        let Ok(entries) = std::fs::read_dir(&folder.path) else { continue };
+        let mut images: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+            })
+            .collect();
+        images.sort();
+        for image in images {
+            let Some(file) = ["txt", "caption"].iter().map(|e| image.with_extension(e)).find(|p| p.is_file()) else {
+                continue;
+            };
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            match std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes)) {
+                Err(_) => scan.not_utf8.push(file.clone()),
+                Ok("") => scan.empty.push(file.clone()),
+                Ok(text) if text.trim().contains('\n') => scan.multi_line.push(file.clone()),
+                Ok(_) => {}
+            }
+            if file.extension().is_some_and(|e| e == "txt") { scan.txt.push(file) } else { scan.caption.push(file) }
+        }
+    }
+    scan
+}
+
+/// The SD UNet widths sd-scripts builds (SD 1.x / 2.x; SDXL): it loads weights into a fixed
+/// architecture, whatever the model's config says.
+const SD_UNET_WIDTHS: [&[u64]; 2] = [&[320, 640, 1280, 1280], &[320, 640, 1280]];
+
+fn file_list(files: &[PathBuf]) -> String {
+    let mut names: Vec<String> = files.iter().take(3).map(|f| f.display().to_string()).collect();
+    if files.len() > 3 {
+        names.push(format!("and {} more", files.len() - 3));
+    }
+    names.join(", ")
+}
+
+/// What stops the job from running under sd-scripts (an error naming the option or file, and what
+/// to do), and the warnings for what it would train differently.
+pub fn check(job: &KohyaJob) -> Result<Vec<String>> {
+    let c = job.config;
+    let d = &c.dataset;
+    let mut warnings = Vec::new();
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if crate::engine::builtin::model_dir().is_some_and(|b| same(&b, job.model)) {
+        bail!(
+            "{}: the built-in model cannot be trained by sd-scripts, which builds a fixed SD 1.x/2.x/SDXL UNet and cannot load this small one; export a job for an SD 1.5, SD 2.x or SDXL model",
+            job.model.display()
+        );
+    }
+    let unet_config = job.model.join("unet/config.json");
+    if let Ok(text) = std::fs::read_to_string(&unet_config) {
+        let widths: Option<Vec<u64>> = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["block_out_channels"].as_array().map(|a| a.iter().filter_map(|w| w.as_u64()).collect()));
+        if let Some(widths) = widths.filter(|w| !SD_UNET_WIDTHS.contains(&w.as_slice())) {
+            warnings.push(format!(
+                "{}: block_out_channels {widths:?} is not an SD 1.x/2.x/SDXL UNet; sd-scripts builds those shapes only and will fail to load this model",
+                unet_config.display()
+            ));
+        }
+    }
+    if d.buckets && d.resolution < 256 {
+        bail!(
+            "resolution {} with buckets: sd-scripts' smallest bucket is 256 pixels and it stops at an assertion below it; set `resolution` to 256 or more, or turn `buckets` off",
+            d.resolution
+        );
+    }
+    let scan = scan_captions(job.folders);
+    if !scan.empty.is_empty() {
+        bail!(
+            "empty caption files ({}): sd-scripts stops at an assertion on them; write a caption in each, or delete them",
+            file_list(&scan.empty)
+        );
+    }
+    if !scan.not_utf8.is_empty() {
+        bail!(
+            "caption files that are not UTF-8 ({}): sd-scripts reads UTF-8 only and stops at them; re-save them as UTF-8",
+            file_list(&scan.not_utf8)
+        );
+    }
+    if !scan.txt.is_empty() && !scan.caption.is_empty() {
+        warnings.push(format!(
+            "`.caption` files ({}) beside `.txt` ones: sd-scripts reads one extension (`.txt` here), so those images train without their captions; rename them to `.txt`",
+            file_list(&scan.caption)
+        ));
+    }
+    if !scan.multi_line.is_empty() {
+        warnings.push(format!(
+            "captions on several lines ({}): sd-scripts trains on the first line only; put each caption on one line",
+            file_list(&scan.multi_line)
+        ));
+    }
+    if c.timestep_bias != TimestepBias::None {
+        warnings.push(
+            "`timestep_bias`: sd-scripts has no timestep bias, so the job draws timesteps uniformly; remove it from train.toml to train the same recipe here".into(),
+        );
+    }
+    if job.zero_terminal_snr && c.min_snr_gamma.is_some() {
+        warnings.push(
+            "`min_snr_gamma` with a zero-terminal-SNR model: sd-scripts computes its SNR table before rescaling the schedule, so its weights differ from ours at high timesteps (t = 900: 0.0142 against our 0.0030; t = 999: 0.0047 against 0); see MAPPING.md".into(),
+        );
+    }
+    let prompt = &c.sample_prompt;
+    if c.sample_every > 0 && (prompt.contains('\n') || prompt.contains(" --")) {
+        warnings.push(
+            "`sample_prompt`: sd-scripts reads each line of sample_prompts.txt as a prompt and ` --x` inside one as an option (` --n`: the negative prompt), so this prompt is split; keep it on one line without ` --`".into(),
+        );
+    }
+    Ok(warnings)
+}
+
+/// The precision the job trains in, given to accelerate and to train_network.py alike.
+const PRECISION: &str = "bf16";
 
 /// The `accelerate launch train_network.py …` (SDXL: `sdxl_train_network.py`) command line.
 pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
@@ -103,13 +277,16 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
         a.extend(["--multi_gpu".into(), "--num_processes".into(), job.gpus.to_string()]);
     }
     let script = if sdxl { "$SD_SCRIPTS/sdxl_train_network.py" } else { "$SD_SCRIPTS/train_network.py" };
-    a.extend(["--mixed_precision".into(), "bf16".into(), script.into()]);
+    a.extend(["--mixed_precision".into(), PRECISION.into(), script.into()]);
     let mut flag = |k: &str, v: String| {
         a.push(format!("--{k}"));
         if !v.is_empty() {
             a.push(v);
         }
     };
+    // train_network.py's own `--mixed_precision` (default "no") is what its Accelerator gets,
+    // over accelerate launch's.
+    flag("mixed_precision", PRECISION.into());
     flag("pretrained_model_name_or_path", job.model.display().to_string());
     flag("dataset_config", "$JOB_DIR/dataset.toml".into());
     flag("output_dir", "$JOB_DIR/output".into());
@@ -188,7 +365,11 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
         }
     } else {
         flag("network_train_unet_only", String::new());
-        flag("cache_latents", String::new());
+        // sd-scripts cannot cache random crops (it refuses both together); ours caches a few, so
+        // not caching keeps the recipe.
+        if c.dataset.center_crop {
+            flag("cache_latents", String::new());
+        }
         if sdxl {
             // As our trainer: each caption through the frozen text encoders once.
             flag("cache_text_encoder_outputs", String::new());
@@ -263,14 +444,15 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     Ok(a)
 }
 
-/// Writes `dataset.toml`, `train.sh`, `sample_prompts.txt` and `MAPPING.md` into `dir`.
-pub fn write(job: &KohyaJob, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+/// Writes `dataset.toml`, `train.sh`, `sample_prompts.txt` and `MAPPING.md` into `dir`, or
+/// refuses a job sd-scripts cannot run; returns the warnings of `check` for the caller to show.
+pub fn write(job: &KohyaJob, dir: &Path) -> Result<Vec<String>> {
+    let warnings = check(job)?;
     let cmd = command_line(job)?;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
     // One flag and its values per line.
     let mut lines: Vec<String> = Vec::new();
-    for arg in &cmd {
-        let arg = shell_arg(arg);
+    for arg in shell_args(&cmd) {
         match lines.last_mut() {
             Some(line) if !arg.starts_with("--") || line == "accelerate" => {
                 line.push(' ');
@@ -296,7 +478,7 @@ pub fn write(job: &KohyaJob, dir: &Path) -> Result<()> {
     let prompt = format!("{} --w {res} --h {res} --d {} --s 20 --l 7.5\n", job.config.sample_prompt, job.config.seed);
     write_atomic(&dir.join("sample_prompts.txt"), prompt.as_bytes())?;
     write_atomic(&dir.join("MAPPING.md"), MAPPING.as_bytes())?;
-    Ok(())
+    Ok(warnings)
 }
 
 const MAPPING: &str = "\
@@ -436,10 +618,217 @@ mod tests {
         assert_eq!(subsets.len(), 2, "{toml}");
         assert!(subsets[0].contains("image_dir = \"/data/10_sks dog\"\n  num_repeats = 10\n"), "{toml}");
         assert!(subsets[0].contains("class_tokens = \"sks dog\""), "{toml}");
-        assert!(subsets[1].contains("num_repeats = 1\n") && subsets[1].contains("class_tokens = \"sks\""), "{toml}");
+        assert!(subsets[1].contains("num_repeats = 1\n") && !subsets[1].contains("class_tokens"), "{toml}");
         assert!(steps.contains(" --max_train_steps 500 ") && !steps.contains("epochs"), "{steps}");
         config.epochs = Some(10);
         let (_, epochs) = files(&config);
         assert!(epochs.contains(" --max_train_epochs 10 ") && !epochs.contains("max_train_steps"), "{epochs}");
+    }
+
+    /// A job over `folders` with `config`, as the CLI builds it.
+    fn job<'a>(config: &'a TrainConfig, folders: &'a [DatasetFolder], model: &'a Path) -> KohyaJob<'a> {
+        KohyaJob {
+            model,
+            data: &[],
+            folders,
+            output_name: "x",
+            config,
+            gpus: 1,
+            family: ModelFamily::Sd1,
+            v_prediction: false,
+            zero_terminal_snr: false,
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lora-studio-kohya-export-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn folder_at(path: &Path, class_tokens: &str) -> DatasetFolder {
+        DatasetFolder {
+            path: path.into(),
+            name: path.file_name().unwrap().to_string_lossy().into(),
+            repeats: 1,
+            images: 1,
+            class_tokens: class_tokens.into(),
+        }
+    }
+
+    /// sd-scripts' own `--mixed_precision` (default "no") is what its Accelerator gets: it must
+    /// say bf16 too, not only `accelerate launch`.
+    #[test]
+    fn kohya_export_gives_train_network_the_mixed_precision() {
+        let line = args(&TrainConfig::default()).unwrap();
+        assert!(line.contains("train_network.py --mixed_precision bf16 --"), "{line}");
+    }
+
+    /// sd-scripts refuses cached latents with random crops: a UNet-only job caches only centre crops.
+    #[test]
+    fn kohya_export_caches_latents_only_without_random_crop() {
+        let mut config = TrainConfig { train_text_encoder: false, ..Default::default() };
+        config.dataset.center_crop = true;
+        assert!(args(&config).unwrap().contains("--cache_latents"));
+        config.dataset.center_crop = false;
+        let line = args(&config).unwrap();
+        assert!(!line.contains("--cache_latents"), "{line}");
+    }
+
+    /// The trigger reaches every caption through `caption_prefix`; sd-scripts joins it as
+    /// `prefix + " " + caption`, which must give our `full_caption`. An `N_words` folder's words
+    /// (else the default caption) caption the images without a caption file, as in our scan.
+    #[test]
+    fn kohya_export_writes_the_trigger_as_a_caption_prefix() {
+        let mut config = TrainConfig { keep_tokens: 1, ..Default::default() };
+        config.dataset.trigger = " sks ".into();
+        config.dataset.default_caption = "a thing".into();
+        let folders = [folder_at(Path::new("/d/10_red disc"), "red disc"), folder_at(Path::new("/d/plain"), "")];
+        let text = dataset_toml(&job(&config, &folders, Path::new("m")));
+        let parsed: toml::Value = toml::from_str(&text).unwrap();
+        let subsets = parsed["datasets"][0]["subsets"].as_array().unwrap();
+        let prefix = subsets[0]["caption_prefix"].as_str().unwrap();
+        let entry = |caption: &str| crate::engine::train::dataset::ImageEntry {
+            path: "x.png".into(),
+            caption: caption.into(),
+            caption_file: None,
+            width: 1,
+            height: 1,
+            content_hash: 0,
+            folder: String::new(),
+            repeats: 1,
+        };
+        assert_eq!(format!("{prefix} a photo"), entry("a photo").full_caption(&config.dataset.trigger));
+        assert_eq!(subsets[1]["caption_prefix"].as_str(), Some(prefix));
+        assert_eq!(subsets[0]["class_tokens"].as_str(), Some("red disc"));
+        assert_eq!(subsets[1]["class_tokens"].as_str(), Some("a thing"));
+        // keep_tokens 1 keeps the trigger, the first tag, in both.
+        assert_eq!(parsed["general"]["keep_tokens"].as_integer(), Some(1));
+        config.dataset.trigger.clear();
+        assert!(!dataset_toml(&job(&config, &folders, Path::new("m"))).contains("caption_prefix"));
+    }
+
+    /// No value can end its TOML string early: quotes, backslashes, newlines, control characters.
+    #[test]
+    fn kohya_export_toml_strings_hold_any_value() {
+        let hostile = "a\"b\\c\nd'e\u{7f}\u{1}\ttail = 1\n[x]";
+        let mut config = TrainConfig::default();
+        config.dataset.trigger = hostile.into();
+        let folders = [folder_at(&PathBuf::from(format!("/d/{hostile}")), hostile)];
+        let text = dataset_toml(&job(&config, &folders, Path::new("m")));
+        let parsed: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let subset = &parsed["datasets"][0]["subsets"][0];
+        assert_eq!(subset["image_dir"].as_str().unwrap(), format!("/d/{hostile}"));
+        assert_eq!(subset["class_tokens"].as_str().unwrap(), hostile.trim());
+        assert_eq!(subset["caption_prefix"].as_str().unwrap(), format!("{},", hostile.trim()));
+    }
+
+    /// Only our own `$JOB_DIR/…` paths, in their place, are left for the shell to expand.
+    #[test]
+    fn kohya_export_expands_only_its_own_paths() {
+        let cmd: Vec<String> =
+            ["accelerate", "$SD_SCRIPTS/train_network.py", "--pretrained_model_name_or_path", "$JOB_DIR/output"]
+                .into_iter()
+                .chain(["--output_dir", "$JOB_DIR/output", "--output_name", "$SD_SCRIPTS/x"])
+                .map(String::from)
+                .collect();
+        let quoted = shell_args(&cmd);
+        assert_eq!(quoted[1], "\"$SD_SCRIPTS/train_network.py\"");
+        assert_eq!(quoted[3], "'$JOB_DIR/output'");
+        assert_eq!(quoted[5], "\"$JOB_DIR/output\"");
+        assert_eq!(quoted[7], "'$SD_SCRIPTS/x'");
+    }
+
+    /// The min-SNR weights differ from ours under zero terminal SNR: the export says so.
+    #[test]
+    fn kohya_export_warns_of_min_snr_under_zero_terminal_snr() {
+        let config = TrainConfig { min_snr_gamma: Some(5.0), ..Default::default() };
+        let mut j = job(&config, &[], Path::new("/nowhere"));
+        assert!(check(&j).unwrap().is_empty());
+        j.zero_terminal_snr = true;
+        let warnings = check(&j).unwrap();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("`min_snr_gamma` with a zero-terminal-SNR"),
+            "{warnings:?}"
+        );
+        let without = TrainConfig { min_snr_gamma: None, ..Default::default() };
+        assert!(check(&KohyaJob { config: &without, ..j }).unwrap().is_empty());
+    }
+
+    /// Jobs sd-scripts cannot run are refused in words naming what to change.
+    #[test]
+    fn kohya_export_refuses_what_sd_scripts_cannot_run() {
+        let mut config = TrainConfig::default();
+        config.dataset.buckets = true;
+        config.dataset.resolution = 128;
+        let err = check(&job(&config, &[], Path::new("/nowhere"))).unwrap_err().to_string();
+        assert!(err.contains("resolution 128 with buckets") && err.contains("256 or more"), "{err}");
+        config.dataset.resolution = 256;
+        assert!(check(&job(&config, &[], Path::new("/nowhere"))).is_ok());
+        config.dataset.buckets = false;
+        config.dataset.resolution = 128;
+        assert!(check(&job(&config, &[], Path::new("/nowhere"))).is_ok());
+
+        let builtin = crate::engine::builtin::model_dir().expect("the built-in model is in assets/base");
+        let err = check(&job(&TrainConfig::default(), &[], &builtin)).unwrap_err().to_string();
+        assert!(err.contains("the built-in model cannot be trained by sd-scripts"), "{err}");
+
+        let dir = scratch("refusals");
+        std::fs::write(dir.join("a.png"), b"").unwrap();
+        std::fs::write(dir.join("a.txt"), b"").unwrap();
+        let folders = [folder_at(&dir, "")];
+        let err = check(&job(&TrainConfig::default(), &folders, Path::new("/nowhere"))).unwrap_err().to_string();
+        assert!(err.contains("empty caption files") && err.contains("a.txt"), "{err}");
+        std::fs::write(dir.join("a.txt"), [0xFF, 0xFE, b'a', 0]).unwrap();
+        let err = check(&job(&TrainConfig::default(), &folders, Path::new("/nowhere"))).unwrap_err().to_string();
+        assert!(err.contains("not UTF-8") && err.contains("a.txt"), "{err}");
+        std::fs::write(dir.join("a.txt"), "fine\n").unwrap();
+        assert!(check(&job(&TrainConfig::default(), &folders, Path::new("/nowhere"))).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What sd-scripts would train differently is named in a warning; `.caption` captions are
+    /// read as such when no image has a `.txt` one.
+    #[test]
+    fn kohya_export_warns_of_what_would_train_differently() {
+        let dir = scratch("warnings");
+        let folders = [folder_at(&dir, "")];
+        std::fs::write(dir.join("a.png"), b"").unwrap();
+        std::fs::write(dir.join("a.caption"), "one\n").unwrap();
+        let config = TrainConfig::default();
+        let j = job(&config, &folders, Path::new("/nowhere"));
+        assert!(check(&j).unwrap().is_empty());
+        assert!(dataset_toml(&j).contains("caption_extension = \".caption\"\n"), "{}", dataset_toml(&j));
+        std::fs::write(dir.join("b.png"), b"").unwrap();
+        std::fs::write(dir.join("b.txt"), "first\nsecond\n").unwrap();
+        assert!(dataset_toml(&j).contains("caption_extension = \".txt\"\n"));
+        let warnings = check(&j).unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("`.caption` files") && warnings[0].contains("a.caption"), "{warnings:?}");
+        assert!(warnings[1].contains("several lines") && warnings[1].contains("b.txt"), "{warnings:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let bias = TrainConfig { timestep_bias: TimestepBias::Later, ..Default::default() };
+        let warnings = check(&job(&bias, &[], Path::new("/nowhere"))).unwrap();
+        assert!(warnings.len() == 1 && warnings[0].contains("`timestep_bias`"), "{warnings:?}");
+        for prompt in ["a cat --n dog", "a cat\na dog"] {
+            let sample = TrainConfig { sample_every: 10, sample_prompt: prompt.into(), ..Default::default() };
+            let warnings = check(&job(&sample, &[], Path::new("/nowhere"))).unwrap();
+            assert!(warnings.len() == 1 && warnings[0].contains("`sample_prompt`"), "{prompt:?}: {warnings:?}");
+        }
+        let sample = TrainConfig { sample_every: 10, sample_prompt: "a cat, --".into(), ..Default::default() };
+        assert!(!check(&job(&sample, &[], Path::new("/nowhere"))).unwrap().is_empty());
+        let fine = TrainConfig { sample_every: 10, sample_prompt: "a cat-dog".into(), ..Default::default() };
+        assert!(check(&job(&fine, &[], Path::new("/nowhere"))).unwrap().is_empty());
+        // A UNet whose widths are not SD's is named.
+        let model = scratch("unet");
+        std::fs::create_dir_all(model.join("unet")).unwrap();
+        std::fs::write(model.join("unet/config.json"), r#"{"block_out_channels": [32, 64, 128]}"#).unwrap();
+        let warnings = check(&job(&config, &[], &model)).unwrap();
+        assert!(warnings.len() == 1 && warnings[0].contains("block_out_channels [32, 64, 128]"), "{warnings:?}");
+        std::fs::write(model.join("unet/config.json"), r#"{"block_out_channels": [320, 640, 1280, 1280]}"#).unwrap();
+        assert!(check(&job(&config, &[], &model)).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&model);
     }
 }
