@@ -1260,6 +1260,15 @@ fn export_job_quotes_every_value_for_the_shell() {
         "line\nbreak && touch pwned4",
         "$SD_SCRIPTS/$(touch pwned5)",
         "$JOB_DIR/x'$(touch pwned6)'",
+        "$JOB_DIR/output",
+        "$SD_SCRIPTS/train_network.py",
+        "$HOME",
+        "$JOB_DIR/$(touch pwned7)",
+        "it's",
+        "'",
+        "`touch pwned8`'$(touch pwned9)'",
+        "multi\nline $(touch pwned10)\n`touch pwned11`",
+        "back\\slash \"quote\" ]\n[x]\n",
     ];
     for (i, value) in hostile.iter().enumerate() {
         let case = dir.join(format!("case{i}"));
@@ -1302,6 +1311,17 @@ fn export_job_quotes_every_value_for_the_shell() {
         let stem = Path::new(&format!("{value}.safetensors")).file_stem().unwrap().to_string_lossy().into_owned();
         assert_eq!(after("--output_name"), Some(stem), "{args:?}");
         assert!(args.contains(&"/sd-scripts/train_network.py".to_string()), "our own variables expand: {args:?}");
+        let job_dir = std::fs::canonicalize(&job).unwrap();
+        assert_eq!(after("--output_dir"), Some(format!("{}/output", p(&job_dir))), "{args:?}");
+        assert_eq!(after("--dataset_config"), Some(format!("{}/dataset.toml", p(&job_dir))), "{args:?}");
+        // dataset.toml holds the values exactly too: none ends its string early.
+        let dataset: toml::Value = toml::from_str(&std::fs::read_to_string(job.join("dataset.toml")).unwrap())
+            .unwrap_or_else(|e| panic!("{value:?}: dataset.toml does not parse: {e}"));
+        let subset = &dataset["datasets"][0]["subsets"][0];
+        assert_eq!(subset["image_dir"].as_str(), Some(*value), "{dataset:?}");
+        if !value.trim().is_empty() {
+            assert_eq!(subset["caption_prefix"].as_str(), Some(format!("{},", value.trim()).as_str()), "{dataset:?}");
+        }
         for entry in std::fs::read_dir(&case).unwrap() {
             let name = entry.unwrap().file_name().to_string_lossy().into_owned();
             assert!(!name.starts_with("pwned"), "{value:?}: the script ran code from a value ({name})");

@@ -420,7 +420,7 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
     let subset = &dataset["datasets"][0]["subsets"][0];
     assert_eq!(dataset["datasets"][0]["resolution"].as_integer(), Some(512));
     assert_eq!(subset["flip_aug"].as_bool(), Some(true));
-    assert_eq!(subset["class_tokens"].as_str(), Some("sks"));
+    assert_eq!(subset["caption_prefix"].as_str(), Some("sks,"));
     assert!(out.join("MAPPING.md").exists());
     // train.toml's `epochs` goes to sd-scripts as epochs, and a `N_words` folder as its repeats.
     let data = dir.join("4_red disc");
@@ -438,6 +438,33 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
     let subset = &dataset["datasets"][0]["subsets"][0];
     assert_eq!(subset["num_repeats"].as_integer(), Some(4));
     assert_eq!(subset["class_tokens"].as_str(), Some("red disc"));
+}
+
+/// export-job prints what sd-scripts would train differently as warnings and still writes the
+/// job; a job sd-scripts cannot run is refused in one line naming the option, and nothing is written.
+#[test]
+fn export_job_warns_and_refuses_in_words() {
+    let dir = tempdir("export-job-checks");
+    let toml_file = dir.join("train.toml");
+    let head = format!("model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n", p(&sd1_tiny().join("model")), p(&dir));
+    std::fs::write(&toml_file, format!("{head}min_snr_gamma = 5.0\n")).unwrap();
+    let out = dir.join("job");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&out), "--zero-terminal-snr"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("warning: `min_snr_gamma` with a zero-terminal-SNR model"), "{stderr}");
+    assert!(out.join("train.sh").exists());
+    std::fs::write(&toml_file, format!("{head}[dataset]\nresolution = 128\nbuckets = true\n")).unwrap();
+    let refused = dir.join("refused");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&refused)]);
+    assert_one_line_error(&run, "resolution 128 with buckets");
+    assert!(!refused.exists(), "a refused job writes nothing");
+    let builtin = lora_studio::engine::builtin::model_dir().expect("the built-in model");
+    let text = format!("model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n", p(&builtin), p(&dir));
+    std::fs::write(&toml_file, text).unwrap();
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&refused)]);
+    assert_one_line_error(&run, "the built-in model cannot be trained by sd-scripts");
+    assert!(!refused.exists(), "a refused job writes nothing");
 }
 
 /// The optimiser is chosen with `--optimizer` or train.toml's `optimizer` key (its own settings in
