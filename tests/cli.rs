@@ -446,7 +446,8 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
 fn export_job_warns_and_refuses_in_words() {
     let dir = tempdir("export-job-checks");
     let toml_file = dir.join("train.toml");
-    let head = format!("model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n", p(&sd1_tiny().join("model")), p(&dir));
+    let head =
+        format!("model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n", p(&sd1_tiny().join("model")), p(&dir));
     std::fs::write(&toml_file, format!("{head}min_snr_gamma = 5.0\n")).unwrap();
     let out = dir.join("job");
     let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&out), "--zero-terminal-snr"]);

@@ -253,7 +253,7 @@ pub fn check(job: &KohyaJob) -> Result<Vec<String>> {
     }
     if job.zero_terminal_snr && c.min_snr_gamma.is_some() {
         warnings.push(
-            "`min_snr_gamma` with a zero-terminal-SNR model: sd-scripts computes its SNR table before rescaling the schedule, so its weights differ from ours at high timesteps (t = 900: 0.0142 against our 0.0030; t = 999: 0.0047 against 0); see MAPPING.md".into(),
+            "`min_snr_gamma` with a zero-terminal-SNR model: sd-scripts computes its SNR table before rescaling the schedule, so its weights differ from ours at high timesteps (v-prediction, γ 5: t = 900, 0.0142 against our 0.0030; t = 999, 0.0047 against 0); see MAPPING.md".into(),
         );
     }
     let prompt = &c.sample_prompt;
@@ -481,8 +481,12 @@ pub fn write(job: &KohyaJob, dir: &Path) -> Result<Vec<String>> {
     Ok(warnings)
 }
 
+/// sd-scripts lines cited below are at commit 48d368fa557731ad0488c07304dfeba8c07910eb.
 const MAPPING: &str = "\
 # LoRA Studio → kohya sd-scripts
+
+Checked against kohya-ss/sd-scripts at commit 48d368fa557731ad0488c07304dfeba8c07910eb; `file:line`
+below are at that commit.
 
 | LoRA Studio | sd-scripts |
 |---|---|
@@ -493,21 +497,54 @@ const MAPPING: &str = "\
 | GLoRA | `lycoris.kohya`, `algo=glora` |
 | learning rate, text encoder lr | `--unet_lr`, `--text_encoder_lr`; UNet only: `--network_train_unet_only` |
 | steps (or epochs), batch, gradient accumulation | `--max_train_steps` (`--max_train_epochs`), `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
-| an `N_words` folder: N repeats, `words` for images without a caption file | a subset per image folder, `num_repeats = N`, `class_tokens = \"words\"` |
+| an `N_words` folder: N repeats, `words` for images without a caption file | a subset per image folder, `num_repeats = N`, `class_tokens = \"words\"` (sd-scripts uses class_tokens only for images without a caption file, library/train_util.py:2070-2078, as we do) |
+| default caption (images without a caption file outside `N_words` folders) | that subset's `class_tokens` |
+| trigger word, prepended to every caption as `sks, caption` | `caption_prefix = \"sks,\"` on every subset: sd-scripts writes `prefix + \" \" + caption` (library/train_util.py:823-824), the same `sks, caption` |
+| tag shuffle, keep tokens | `shuffle_caption`, the same `keep_tokens`: both split at commas and keep the first tags (library/train_util.py:884-888), so the trigger stays first |
+| caption dropout | `caption_dropout_rate` (the whole caption, trigger included, in both: library/train_util.py:829-837) |
+| `.txt` captions (or `.caption` when no image has a `.txt`) | `caption_extension`: sd-scripts reads that one extension only (library/train_util.py:1953) |
+| image folders, nested ones too | one subset per folder: sd-scripts does not look into a subset's subfolders (`glob_images`, library/train_util.py:2847-2852) |
 | LR schedule, warmup | `--lr_scheduler`, `--lr_warmup_steps` |
 | optimiser: AdamW, Prodigy, Adafactor; betas, weight decay, eps, their own settings | `--optimizer_type AdamW` / `Prodigy` (prodigyopt) / `Adafactor` (transformers), `--optimizer_args` |
 | Adafactor with relative step | `--lr_scheduler adafactor` (the rate follows the step count in both) |
 | gradient clipping | `--max_grad_norm` |
 | min-SNR γ, noise offset, gradient checkpointing | `--min_snr_gamma`, `--noise_offset`, `--gradient_checkpointing` |
 | clip skip (above 1) | `--clip_skip` |
-| caption dropout, tag shuffle, keep tokens | `caption_dropout_rate`, `shuffle_caption`, `keep_tokens` in dataset.toml |
 | resolution, buckets, flip, random crop | dataset.toml |
-| trigger word | `class_tokens` (kohya uses it for images without captions; put it in your captions too) |
+| latents cached (UNet only) | `--cache_latents` with centre crops only: sd-scripts refuses cached latents with random crops (train_network.py:581-584, library/train_util.py:1100). We cache a few random crops per image; sd-scripts cannot, so a random-crop job encodes each crop afresh: the same recipe, slower |
+| bf16 | `--mixed_precision bf16` to accelerate and to train_network.py: the script's own option (default \"no\", library/train_util.py:3980-3985) is what its Accelerator gets (library/train_util.py:5494-5496) |
 | several GPUs | `accelerate launch --multi_gpu --num_processes N` |
 | an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--cache_text_encoder_outputs`. Each image's size and crop feed SDXL's size conditioning in both |
 
-Differences: kohya's sampler, mixed precision (bf16 here) and data loader order differ from
-ours, so the two runs are the same recipe, not the same numbers.
+## Refused (the job could not run)
+
+- The built-in model: sd-scripts rebuilds a fixed SD UNet (library/train_util.py:5552-5559,
+  library/original_unet.py:123) and cannot load it. Other models whose `unet/config.json` widths
+  are not SD 1.x/2.x/SDXL's get a warning.
+- Buckets below 256 pixels: sd-scripts' smallest bucket is 256 (library/train_util.py:4591-4594)
+  and it asserts the resolution is not below it (library/train_util.py:766-768).
+- Empty caption files (library/train_util.py:1964 asserts) and captions that are not UTF-8
+  (library/train_util.py:1958-1963 stops).
+
+## Warned (the job runs, but trains differently)
+
+- `.caption` files beside `.txt` ones: those images train without their captions.
+- Captions on several lines: sd-scripts trains on the first line (library/train_util.py:1968); we
+  train on all of it.
+- Timestep bias: sd-scripts has none; it draws timesteps uniformly.
+- A sample prompt with a newline or ` --`: each line is a prompt and ` --n` starts its negative
+  prompt (library/train_util.py:6256).
+- Min-SNR on a zero-terminal-SNR schedule: sd-scripts computes its SNR table before it rescales
+  the schedule (train_network.py:249-251; library/custom_train_functions.py:16-27, 68-72), so its
+  weights are the unrescaled schedule's. With v-prediction and γ = 5, at t = 900 its weight is
+  0.0142 against our 0.0030, at t = 999 0.0047 against 0: sd-scripts trains the noisiest steps more.
+
+## Other differences
+
+- An image without a caption file, class tokens or default caption trains on `sks, ` in sd-scripts
+  (the prefix, a space and the empty caption) and on `sks` here.
+- kohya's sampler and data loader order differ from ours, so the two runs are the same recipe, not
+  the same numbers.
 ";
 
 #[cfg(test)]
