@@ -468,6 +468,30 @@ fn export_job_warns_and_refuses_in_words() {
     assert!(!refused.exists(), "a refused job writes nothing");
 }
 
+/// sd-scripts reads a subset's own folder, not its subfolders: a nested image folder is a subset
+/// of its own, with its own repeats.
+#[test]
+fn export_job_writes_a_subset_for_each_nested_folder() {
+    let dir = tempdir("export-job-nested");
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("3_red disc")).unwrap();
+    std::fs::write(data.join("a.png"), b"").unwrap();
+    std::fs::write(data.join("3_red disc/b.png"), b"").unwrap();
+    let toml_file = dir.join("train.toml");
+    let text =
+        format!("model = {:?}\ndata = [{:?}]\nout = \"style.safetensors\"\n", p(&sd1_tiny().join("model")), p(&data));
+    std::fs::write(&toml_file, text).unwrap();
+    let out = dir.join("job");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let dataset: toml::Value = toml::from_str(&std::fs::read_to_string(out.join("dataset.toml")).unwrap()).unwrap();
+    let subsets = dataset["datasets"][0]["subsets"].as_array().unwrap();
+    let dirs: Vec<(&str, i64)> =
+        subsets.iter().map(|s| (s["image_dir"].as_str().unwrap(), s["num_repeats"].as_integer().unwrap())).collect();
+    let nested = data.join("3_red disc");
+    assert_eq!(dirs, [(p(&nested), 3), (p(&data), 1)], "{dataset:?}");
+}
+
 /// The optimiser is chosen with `--optimizer` or train.toml's `optimizer` key (its own settings in
 /// `[prodigy]` / `[adafactor]`): the choice reaches the kohya job; a wrong name is refused in one line.
 #[test]

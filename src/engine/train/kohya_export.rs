@@ -246,6 +246,14 @@ pub fn check(job: &KohyaJob) -> Result<Vec<String>> {
             file_list(&scan.multi_line)
         ));
     }
+    // sd-scripts keeps a caption's first line only, prefix and class tokens included.
+    for (key, value) in [("trigger", &d.trigger), ("default_caption", &d.default_caption)] {
+        if value.trim().contains('\n') {
+            warnings.push(format!(
+                "`{key}` has several lines: sd-scripts trains on its first line only; put it on one line"
+            ));
+        }
+    }
     if c.timestep_bias != TimestepBias::None {
         warnings.push(
             "`timestep_bias`: sd-scripts has no timestep bias, so the job draws timesteps uniformly; remove it from train.toml to train the same recipe here".into(),
@@ -529,8 +537,8 @@ below are at that commit.
 ## Warned (the job runs, but trains differently)
 
 - `.caption` files beside `.txt` ones: those images train without their captions.
-- Captions on several lines: sd-scripts trains on the first line (library/train_util.py:1968); we
-  train on all of it.
+- Captions on several lines (caption files, the trigger, the default caption): sd-scripts trains on
+  the first line (library/train_util.py:1968, 865); we train on all of it.
 - Timestep bias: sd-scripts has none; it draws timesteps uniformly.
 - A sample prompt with a newline or ` --`: each line is a prompt and ` --n` starts its negative
   prompt (library/train_util.py:6256).
@@ -846,6 +854,14 @@ mod tests {
         assert!(warnings[1].contains("several lines") && warnings[1].contains("b.txt"), "{warnings:?}");
         let _ = std::fs::remove_dir_all(&dir);
 
+        let mut lines = TrainConfig::default();
+        lines.dataset.trigger = "sks\nstyle".into();
+        let warnings = check(&job(&lines, &[], Path::new("/nowhere"))).unwrap();
+        assert!(warnings.len() == 1 && warnings[0].contains("`trigger` has several lines"), "{warnings:?}");
+        lines.dataset.trigger = "sks".into();
+        lines.dataset.default_caption = "a\nb".into();
+        let warnings = check(&job(&lines, &[], Path::new("/nowhere"))).unwrap();
+        assert!(warnings.len() == 1 && warnings[0].contains("`default_caption` has several lines"), "{warnings:?}");
         let bias = TrainConfig { timestep_bias: TimestepBias::Later, ..Default::default() };
         let warnings = check(&job(&bias, &[], Path::new("/nowhere"))).unwrap();
         assert!(warnings.len() == 1 && warnings[0].contains("`timestep_bias`"), "{warnings:?}");
