@@ -203,6 +203,8 @@ pub fn check(job: &KohyaJob) -> Result<Vec<String>> {
             job.model.display()
         );
     }
+    // Other shapes only warn: a small stand-in model (the tests' fixtures) still writes a job to
+    // read, if not to run.
     let unet_config = job.model.join("unet/config.json");
     if let Ok(text) = std::fs::read_to_string(&unet_config) {
         let widths: Option<Vec<u64>> = serde_json::from_str::<serde_json::Value>(&text)
@@ -210,7 +212,7 @@ pub fn check(job: &KohyaJob) -> Result<Vec<String>> {
             .and_then(|v| v["block_out_channels"].as_array().map(|a| a.iter().filter_map(|w| w.as_u64()).collect()));
         if let Some(widths) = widths.filter(|w| !SD_UNET_WIDTHS.contains(&w.as_slice())) {
             warnings.push(format!(
-                "{}: block_out_channels {widths:?} is not an SD 1.x/2.x/SDXL UNet; sd-scripts builds those shapes only and will fail to load this model",
+                "{}: block_out_channels {widths:?} is not an SD 1.x/2.x/SDXL UNet; sd-scripts builds those shapes only and will fail to load this model; export the job for an SD 1.5, SD 2.x or SDXL model",
                 unet_config.display()
             ));
         }
