@@ -946,6 +946,9 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
         zero_terminal_snr: zero_snr,
     };
     crate::engine::train::kohya_export::write(&job, &out)?;
+    if let Some(note) = crate::engine::train::kohya_export::gpu_note(&job) {
+        println!("{note}");
+    }
     println!("wrote {} (dataset.toml, train.sh, sample_prompts.txt, MAPPING.md)", out.display());
     Ok(())
 }
