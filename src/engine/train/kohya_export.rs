@@ -112,16 +112,13 @@ fn network(c: &TrainConfig) -> Result<(&'static str, Vec<String>)> {
             bail!("full fine-tuning maps to kohya's train_db.py / fine_tune.py, not train_network.py")
         }
         Algorithm::Lora if c.targets == TargetPreset::Transformer => return Ok(("networks.lora", Vec::new())),
-        // LyCORIS builds GLoRA on whole transformer blocks whatever the preset says.
-        Algorithm::Glora if c.targets != TargetPreset::Transformer => bail!(
-            "LyCORIS trains GLoRA on every layer of the transformer blocks and nothing else; choose the targets \"{}\" to export this job",
-            TargetPreset::Transformer.label()
-        ),
-        Algorithm::Glora => return Ok(("lycoris.kohya", vec!["algo=glora".into(), "preset=attn-mlp".into()])),
         Algorithm::Lora | Algorithm::Dora => "algo=lora",
         Algorithm::Locon => "algo=locon",
         Algorithm::Loha => "algo=loha",
         Algorithm::Lokr => "algo=lokr",
+        // LyCORIS' "GLoRA: only train transformer" override never fires (it compares the algo's
+        // name with the module class), so GLoRA follows the preset like the others.
+        Algorithm::Glora => "algo=glora",
     };
     let mut args = vec![algo.to_string(), format!("preset=$JOB_DIR/{LYCORIS_PRESET}")];
     if c.algorithm == Algorithm::Lokr {
@@ -145,8 +142,8 @@ fn unet_targets(c: &TrainConfig) -> TargetPreset {
 /// classes (of sd-scripts' own UNet) and fnmatch names, our text-encoder targets as CLIP's
 /// attention and MLP modules (LyCORIS' `attn-only` preset would drop the MLP).
 pub fn lycoris_preset(c: &TrainConfig) -> Option<String> {
-    let (_, args) = network(c).ok()?;
-    if !args.iter().any(|a| a.starts_with("preset=$JOB_DIR/")) {
+    let (module, _) = network(c).ok()?;
+    if module != "lycoris.kohya" {
         return None;
     }
     let attention = |blocks: &[&str]| -> Vec<String> {
@@ -564,10 +561,10 @@ mod tests {
     /// - kohya `networks/lora.py` (L867-868, L963-1001, L1038-1040 at 48d368f): every Linear and
     ///   Conv2d inside a Transformer2DModel, plus ResnetBlock2D / Downsample2D / Upsample2D when
     ///   `conv_dim` is given; 3×3 convolutions only with `conv_dim`.
-    /// - LyCORIS `lycoris/kohya.py` (L95-101, L338-339, L385-401, L460-494, L497-504 at f49d30d):
-    ///   the preset's module classes (every Linear / Conv inside) and names (fnmatch); 3×3
-    ///   convolutions only with `enable_conv`; GLoRA replaces the modules with Transformer2DModel and
-    ///   Attention and the names with none.
+    /// - LyCORIS `lycoris/kohya.py` (L95-101, L338-339, L385-401, L460-494 at f49d30d): the
+    ///   preset's module classes (every Linear / Conv inside) and names (fnmatch); 3×3
+    ///   convolutions only with `enable_conv`. (Its GLoRA override at L498 compares the algo's name,
+    ///   a string, with `GLoRAModule`, so it never applies.)
     fn kohya_trains(c: &TrainConfig, layers: &[(String, &'static str)]) -> BTreeSet<String> {
         let (module, args) = network(c).unwrap();
         let has = |prefix: &str| args.iter().any(|a| a.starts_with(prefix));
@@ -577,10 +574,13 @@ mod tests {
                 m.extend(["ResnetBlock2D", "Downsample2D", "Upsample2D"].map(String::from));
             }
             (m, vec![], has("conv_dim="))
-        } else if has("preset=attn-mlp") {
-            // lycoris/config.py "attn-mlp": Transformer2DModel, enable_conv false.
-            (vec!["Transformer2DModel".into()], vec![], false)
+        } else if !has("preset=") {
+            // LyCORIS' default preset, "full" (lycoris/config.py L2-40).
+            let modules = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"];
+            let names = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"];
+            (modules.map(String::from).to_vec(), names.map(String::from).to_vec(), true)
         } else {
+            assert!(has(&format!("preset=$JOB_DIR/{LYCORIS_PRESET}")), "{args:?}");
             let preset: toml::Table = lycoris_preset(c).unwrap().parse().unwrap();
             let strings = |k: &str| -> Vec<String> {
                 preset[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
@@ -588,8 +588,6 @@ mod tests {
             assert_eq!(preset["use_fnmatch"].as_bool(), Some(true));
             (strings("unet_target_module"), strings("unet_target_name"), preset["enable_conv"].as_bool().unwrap())
         };
-        let (modules, names) =
-            if has("algo=glora") { (vec!["Transformer2DModel".into(), "Attention".into()], vec![]) } else { (modules, names) };
         let trainable = |class: &str| class == "Linear" || class == "Conv2d1x1" || (conv3x3 && class == "Conv2d3x3");
         let class_of: BTreeMap<&str, &str> = layers.iter().map(|(p, c)| (p.as_str(), *c)).collect();
         layers
@@ -637,8 +635,7 @@ mod tests {
     }
 
     /// For each adapter kind and target preset, on real SD 1.5 (proj_in/out 1×1 convolutions) and
-    /// SD 2.1 (linear) UNet names, kohya / LyCORIS train exactly the layers we train; GLoRA on a
-    /// preset LyCORIS cannot give is refused in words.
+    /// SD 2.1 (linear) UNet names, kohya / LyCORIS train exactly the layers we train.
     #[test]
     fn kohya_export_trains_our_layers_for_each_algorithm_and_preset() {
         for (file, proj_is_conv) in [("sd15.tsv", true), ("sd21.tsv", false)] {
@@ -646,11 +643,6 @@ mod tests {
             for algorithm in Algorithm::ADAPTERS {
                 for targets in TargetPreset::ALL {
                     let c = TrainConfig { algorithm, targets, ..TrainConfig::default() };
-                    if algorithm == Algorithm::Glora && targets != TargetPreset::Transformer {
-                        let err = network(&c).unwrap_err().to_string();
-                        assert!(err.contains("GLoRA"), "{err}");
-                        continue;
-                    }
                     let (ours, theirs) = (we_train(&c, &layers), kohya_trains(&c, &layers));
                     assert!(!ours.is_empty());
                     assert_eq!(
@@ -802,9 +794,6 @@ mod tests {
         for algorithm in Algorithm::ADAPTERS {
             for targets in TargetPreset::ALL {
                 let c = TrainConfig { algorithm, targets, ..frozen.clone() };
-                if network(&c).is_err() {
-                    continue;
-                }
                 let (ours, theirs) = (we_train(&c, &layers), kohya_trains(&c, &layers));
                 assert_eq!(ours, theirs, "SDXL {algorithm:?} {targets:?}");
                 assert_eq!(
