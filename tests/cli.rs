@@ -629,17 +629,14 @@ fn export_job_writes_the_lycoris_preset_of_our_targets() {
     let out = dir.join("kohya");
     let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&out)]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let preset: toml::Value = toml::from_str(&std::fs::read_to_string(out.join("lycoris_preset.toml")).unwrap()).unwrap();
+    let preset: toml::Value =
+        toml::from_str(&std::fs::read_to_string(out.join("lycoris_preset.toml")).unwrap()).unwrap();
     let names: Vec<&str> = preset["unet_target_name"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(names, ["*.attn2.to_q", "*.attn2.to_k", "*.attn2.to_v", "*.attn2.to_out.0"]);
     let script = std::fs::read_to_string(out.join("train.sh")).unwrap();
     let args = script.lines().find(|l| l.trim_start().starts_with("--network_args")).unwrap();
     let args = args.trim().trim_end_matches('\\');
-    let expanded = Command::new("bash")
-        .arg("-c")
-        .arg(format!("JOB_DIR=/job; printf '%s\\n' {args}"))
-        .output()
-        .unwrap();
+    let expanded = Command::new("bash").arg("-c").arg(format!("JOB_DIR=/job; printf '%s\\n' {args}")).output().unwrap();
     let expanded = String::from_utf8_lossy(&expanded.stdout);
     assert!(expanded.lines().any(|l| l == "preset=/job/lycoris_preset.toml"), "{args} gives:\n{expanded}");
 }

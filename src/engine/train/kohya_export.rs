@@ -158,9 +158,15 @@ pub fn lycoris_preset(c: &TrainConfig) -> Option<String> {
         // By name, not ResnetBlock2D as a class: that would train its time_emb_proj, which we don't.
         TargetPreset::TransformerAndConv => (
             vec!["Transformer2DModel"],
-            ["*.resnets.*.conv1", "*.resnets.*.conv2", "*.resnets.*.conv_shortcut", "*.downsamplers.*.conv", "*.upsamplers.*.conv"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "*.resnets.*.conv1",
+                "*.resnets.*.conv2",
+                "*.resnets.*.conv_shortcut",
+                "*.downsamplers.*.conv",
+                "*.upsamplers.*.conv",
+            ]
+            .map(String::from)
+            .to_vec(),
         ),
     };
     let list = |items: Vec<String>| items.iter().map(|i| toml_string(i)).collect::<Vec<_>>().join(", ");
@@ -330,7 +336,8 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     Ok(a)
 }
 
-/// Writes `dataset.toml`, `train.sh`, `sample_prompts.txt` and `MAPPING.md` into `dir`.
+/// Writes `dataset.toml`, `train.sh`, `sample_prompts.txt` and `MAPPING.md` into `dir` (and
+/// `lycoris_preset.toml` for a LyCORIS network).
 pub fn write(job: &KohyaJob, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
     let cmd = command_line(job)?;
@@ -374,11 +381,9 @@ const MAPPING: &str = "\
 
 | LoRA Studio | sd-scripts |
 |---|---|
-| rank, alpha | `--network_dim`, `--network_alpha` (LoCon also `conv_dim`/`conv_alpha`) |
+| rank, alpha | `--network_dim`, `--network_alpha` (with convolutions also `conv_dim`/`conv_alpha`) |
 | LoRA, targets attention + feed-forward | `--network_module networks.lora` (its default targets) |
-| LoRA, attention or cross-attention only | `lycoris.kohya` with `preset=attn-only` (kohya has no cross-attention-only switch: this trains self-attention too) |
-| LoCon, or LoRA + convolutions | `lycoris.kohya`, `algo=locon` |
-| GLoRA | `lycoris.kohya`, `algo=glora` |
+| any other algorithm or targets | `--network_module lycoris.kohya`, `algo=lora` / `locon` / `loha` / `lokr` / `glora` (DoRA: `algo=lora dora_wd=True`), `preset=$JOB_DIR/lycoris_preset.toml` |
 | learning rate, text encoder lr | `--unet_lr`, `--text_encoder_lr`; UNet only: `--network_train_unet_only` |
 | steps (or epochs), batch, gradient accumulation | `--max_train_steps` (`--max_train_epochs`), `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
 | an `N_words` folder: N repeats, `words` for images without a caption file | a subset per image folder, `num_repeats = N`, `class_tokens = \"words\"` |
@@ -391,8 +396,49 @@ const MAPPING: &str = "\
 | caption dropout, tag shuffle, keep tokens | `caption_dropout_rate`, `shuffle_caption`, `keep_tokens` in dataset.toml |
 | resolution, buckets, flip, random crop | dataset.toml |
 | trigger word | `class_tokens` (kohya uses it for images without captions; put it in your captions too) |
-| several GPUs | `accelerate launch --multi_gpu --num_processes N` |
-| an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--cache_text_encoder_outputs`. Each image's size and crop feed SDXL's size conditioning in both |
+| several GPUs | `accelerate launch --multi_gpu --num_processes N`; steps (and save / sample intervals) ÷ N, warmup as is (below) |
+| buckets | `bucket_reso_steps`, and sides from one step to twice the resolution (`min_bucket_reso`, `max_bucket_reso`; kohya's default 256..1024 would square off SDXL's) |
+| an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--network_train_unet_only --cache_text_encoder_outputs` (the text encoders run once per caption, as ours). Each image's size and crop feed SDXL's size conditioning in both |
+
+## The layers each job trains
+
+The same layers as LoRA Studio, checked by a test that applies kohya's and LyCORIS' selection
+rules (below) to real SD 1.5 and SD 2.1 UNet names and to SDXL's block layout. Counts are SD 1.5's
+UNet; in the text encoders (when trained) every `q/k/v/out_proj` and `fc1/fc2`, as kohya's
+`CLIPAttention` + `CLIPMLP` targets (networks/lora.py L869).
+
+| targets (algorithm) | trained UNet layers | SD 1.5 |
+|---|---|---|
+| cross-attention only | `attn2.to_q/to_k/to_v/to_out.0` | 64 |
+| all attention | `attn1` and `attn2` projections | 128 |
+| attention + feed-forward (LoRA's default) | those, `ff.net.0.proj`, `ff.net.2`, `proj_in`, `proj_out` (1×1 convolutions in SD 1.x, linear in SD 2.x and SDXL): every layer of each Transformer2DModel | 192 |
+| + convolutions (and LoCon with any targets) | those, each resnet's `conv1`, `conv2`, `conv_shortcut`, each down/upsampler's `conv` (not the resnets' `time_emb_proj`, `conv_in`/`conv_out` or the time embedding) | 256 |
+
+How, in sd-scripts 48d368fa and LyCORIS f49d30d6:
+- kohya's `networks.lora` trains every Linear and Conv2d inside a `Transformer2DModel`
+  (networks/lora.py L867, L963-1001): our attention + feed-forward, proj_in/out included (kohya
+  LoRAs of SD 1.x carry them, so ours trains them too). Its `conv_dim` would add whole
+  `ResnetBlock2D`s (L868, L1038-1040), their `time_emb_proj` included, so LoRA with convolutions
+  goes to LyCORIS instead.
+- LyCORIS' presets: the default, `full`, adds `conv_in`, `conv_out`, the time embedding and every
+  resnet's `time_emb_proj` (282 layers on SD 1.5; lycoris/config.py L2-41); `attn-only` drops the
+  text encoder's MLP (L107-124). So the job writes its own preset, `lycoris_preset.toml`, read by
+  `preset=` (lycoris/kohya.py L95-101): `Transformer2DModel` as a module class, or our attention
+  and convolution layers by name (`use_fnmatch`, L304-305, L478-494); `enable_conv` only with
+  convolutions (L338-339: 3×3 convolutions train only then; 1×1 ones always, L393).
+- GLoRA follows the preset too: LyCORIS' \"only train transformer\" override for GLoRA
+  (lycoris/kohya.py L498) compares the algorithm's name with the module class and never applies.
+
+## Several GPUs
+
+On N GPUs each step takes N batches (one per GPU), and sd-scripts steps its learning-rate
+scheduler N times per step: `get_scheduler_fix` counts `max_train_steps * num_processes` scheduler
+steps (library/train_util.py L5274-5277) and accelerate's prepared scheduler steps once per
+process. So the job divides our steps by N (rounded up) and keeps the warmup as it is: the rate
+after each image is the one-GPU run's, over the same images (a warmup divided by N would end N×
+too early). What does change: each update averages N× the images; the learning rate is not
+scaled. The export prints this. A run set in epochs needs nothing: sd-scripts divides an epoch's
+steps by the GPUs itself (train_network.py L800-802).
 
 Differences: kohya's sampler, mixed precision (bf16 here) and data loader order differ from
 ours, so the two runs are the same recipe, not the same numbers.
@@ -575,7 +621,7 @@ mod tests {
             }
             (m, vec![], has("conv_dim="))
         } else if !has("preset=") {
-            // LyCORIS' default preset, "full" (lycoris/config.py L2-40).
+            // LyCORIS' default preset, "full" (lycoris/config.py L2-41).
             let modules = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"];
             let names = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"];
             (modules.map(String::from).to_vec(), names.map(String::from).to_vec(), true)
@@ -670,7 +716,9 @@ mod tests {
             }
         }
         // transformers' CLIPAttention holds q/k/v/out_proj, CLIPMLP fc1/fc2: all ours.
-        for leaf in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"] {
+        for leaf in
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
+        {
             assert!(TargetPreset::targets_text_encoder(&format!("text_model.encoder.layers.0.{leaf}")));
         }
     }
@@ -733,7 +781,11 @@ mod tests {
             for step in 0..=steps {
                 let images = step * gpus * c.batch_size;
                 let theirs = scheduled_lr(c.lr_schedule, step * gpus, warmup, steps * gpus);
-                assert!((theirs - ours(images)).abs() < 1e-12, "{gpus} GPUs, step {step}: {theirs} vs {}", ours(images));
+                assert!(
+                    (theirs - ours(images)).abs() < 1e-12,
+                    "{gpus} GPUs, step {step}: {theirs} vs {}",
+                    ours(images)
+                );
             }
             assert_eq!(note.is_some(), gpus > 1);
         }
@@ -773,7 +825,10 @@ mod tests {
         let trained = TrainConfig { train_text_encoder: true, ..frozen.clone() };
         let (_, line) = files(&trained);
         assert!(line.contains(" --no_half_vae ") && line.contains(" --text_encoder_lr "), "{line}");
-        assert!(!line.contains("--cache_text_encoder_outputs") && !line.contains("--network_train_unet_only"), "{line}");
+        assert!(
+            !line.contains("--cache_text_encoder_outputs") && !line.contains("--network_train_unet_only"),
+            "{line}"
+        );
         // SDXL's block layout (diffusers' sdxl unet): 2 and 10 transformer blocks per attention,
         // linear proj_in/out, no attention in the first down block.
         let mut params = vec!["conv_in.weight".to_string(), "time_embedding.linear_1.weight".into()];
@@ -781,7 +836,9 @@ mod tests {
             params.extend(["proj_in", "proj_out", "norm"].map(|l| format!("{block}.{l}.weight")));
             for t in 0..depth {
                 let tb = format!("{block}.transformer_blocks.{t}");
-                for leaf in ["attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "ff.net.0.proj", "ff.net.2", "norm1"] {
+                for leaf in
+                    ["attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "ff.net.0.proj", "ff.net.2", "norm1"]
+                {
                     params.push(format!("{tb}.{leaf}.weight"));
                 }
             }
