@@ -212,6 +212,13 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     if job.gpus > 1 {
         a.extend(["--multi_gpu".into(), "--num_processes".into(), job.gpus.to_string()]);
     }
+    if sdxl && c.dataset.buckets && c.dataset.bucket_step % 32 != 0 {
+        // sdxl_train_network.py L42 (`verify_bucket_reso_steps(32)`).
+        bail!(
+            "sd-scripts' SDXL training takes bucket steps in multiples of 32; set the bucket step ({}) to 32 or 64 to export this job",
+            c.dataset.bucket_step
+        );
+    }
     let script = if sdxl { "$SD_SCRIPTS/sdxl_train_network.py" } else { "$SD_SCRIPTS/train_network.py" };
     a.extend(["--mixed_precision".into(), "bf16".into(), script.into()]);
     let mut flag = |k: &str, v: String| {
@@ -261,8 +268,10 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     } else {
         flag("network_train_unet_only", String::new());
         flag("cache_latents", String::new());
-        if sdxl {
-            // As our trainer: each caption through the frozen text encoders once.
+        // As our trainer: each caption through the frozen text encoders once. sd-scripts refuses the
+        // cache for captions that change from step to step (sdxl_train_network.py L34-37); then
+        // the encoders run each step, to the same numbers.
+        if sdxl && !c.shuffle_tags && c.caption_dropout <= 0.0 {
             flag("cache_text_encoder_outputs", String::new());
         }
     }
@@ -398,7 +407,7 @@ const MAPPING: &str = "\
 | trigger word | `class_tokens` (kohya uses it for images without captions; put it in your captions too) |
 | several GPUs | `accelerate launch --multi_gpu --num_processes N`; steps (and save / sample intervals) ÷ N, warmup as is (below) |
 | buckets | `bucket_reso_steps`, and sides from one step to twice the resolution (`min_bucket_reso`, `max_bucket_reso`; kohya's default 256..1024 would square off SDXL's) |
-| an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--network_train_unet_only --cache_text_encoder_outputs` (the text encoders run once per caption, as ours). Each image's size and crop feed SDXL's size conditioning in both |
+| an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--network_train_unet_only`, and `--cache_text_encoder_outputs` (the text encoders run once per caption, as ours) unless tags are shuffled or captions dropped, which sd-scripts refuses to cache; bucket steps in multiples of 32 (sd-scripts refuses others). Each image's size and crop feed SDXL's size conditioning in both |
 
 ## The layers each job trains
 
@@ -822,6 +831,28 @@ mod tests {
         assert!(toml.contains("resolution = 1024\n") && toml.contains("enable_bucket = true\n"), "{toml}");
         assert!(toml.contains("bucket_reso_steps = 64\n"), "{toml}");
         assert!(toml.contains("min_bucket_reso = 64\nmax_bucket_reso = 2048\n"), "{toml}");
+        // Captions that change per step cannot be cached in sd-scripts; odd bucket steps are refused.
+        let shuffled = TrainConfig { shuffle_tags: true, ..frozen.clone() };
+        let (_, line) = files(&shuffled);
+        assert!(
+            line.contains(" --network_train_unet_only ") && !line.contains("--cache_text_encoder_outputs"),
+            "{line}"
+        );
+        let mut odd = frozen.clone();
+        odd.dataset.bucket_step = 48;
+        let job = KohyaJob {
+            model: Path::new("/models/sdxl"),
+            data: &[],
+            folders: &[],
+            output_name: "x",
+            config: &odd,
+            gpus: 1,
+            family: ModelFamily::Sdxl,
+            v_prediction: false,
+            zero_terminal_snr: false,
+        };
+        let err = command_line(&job).unwrap_err().to_string();
+        assert!(err.contains("multiples of 32"), "{err}");
         let trained = TrainConfig { train_text_encoder: true, ..frozen.clone() };
         let (_, line) = files(&trained);
         assert!(line.contains(" --no_half_vae ") && line.contains(" --text_encoder_lr "), "{line}");
