@@ -212,7 +212,7 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     if job.gpus > 1 {
         a.extend(["--multi_gpu".into(), "--num_processes".into(), job.gpus.to_string()]);
     }
-    if sdxl && c.dataset.buckets && c.dataset.bucket_step % 32 != 0 {
+    if sdxl && c.dataset.buckets && !c.dataset.bucket_step.is_multiple_of(32) {
         // sdxl_train_network.py L42 (`verify_bucket_reso_steps(32)`).
         bail!(
             "sd-scripts' SDXL training takes bucket steps in multiples of 32; set the bucket step ({}) to 32 or 64 to export this job",
