@@ -948,6 +948,9 @@ fn export_job(p: &mut lexopt::Parser) -> Result<()> {
     for w in crate::engine::train::kohya_export::write(&job, &out)? {
         eprintln!("warning: {w}");
     }
+    if let Some(note) = crate::engine::train::kohya_export::gpu_note(&job) {
+        println!("{note}");
+    }
     println!("wrote {} (dataset.toml, train.sh, sample_prompts.txt, MAPPING.md)", out.display());
     Ok(())
 }

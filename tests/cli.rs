@@ -390,6 +390,8 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
     let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&out), "--gpus", "2"]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let script = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("2 GPUs: 150 steps of 2 images instead of 300 of 1"), "{stdout}");
     for expected in [
         "--multi_gpu",
         "--num_processes 2",
@@ -397,7 +399,8 @@ fn export_job_writes_a_kohya_job_with_the_same_settings() {
         "algo=glora",
         "--network_dim 8",
         "--network_alpha 4",
-        "--max_train_steps 300",
+        // Two GPUs take two batches a step: half the steps, the same images.
+        "--max_train_steps 150",
         "--lr_scheduler cosine",
         "--min_snr_gamma 5",
         "--output_name style",
@@ -660,6 +663,36 @@ fn weights_flag_and_forward_check() {
 
 /// `export-job` on an SDXL model writes sd-scripts' SDXL job: `sdxl_train_network.py`, the VAE
 /// kept out of half precision, cached text-encoder outputs for a UNet-only run, no `--v2`.
+/// A LyCORIS job reads a preset file naming our layers, from the job's folder, however the shell
+/// expands the script.
+#[test]
+fn export_job_writes_the_lycoris_preset_of_our_targets() {
+    let dir = tempdir("export-job-preset");
+    let toml_file = dir.join("train.toml");
+    std::fs::write(
+        &toml_file,
+        format!(
+            "model = {:?}\ndata = [{:?}]\nalgorithm = \"loha\"\ntargets = \"cross-attention\"\n",
+            p(&sd1_tiny().join("model")),
+            p(&dir)
+        ),
+    )
+    .unwrap();
+    let out = dir.join("kohya");
+    let run = studio(&["export-job", "--config", p(&toml_file), "--out", p(&out)]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let preset: toml::Value =
+        toml::from_str(&std::fs::read_to_string(out.join("lycoris_preset.toml")).unwrap()).unwrap();
+    let names: Vec<&str> = preset["unet_target_name"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(names, ["*.attn2.to_q", "*.attn2.to_k", "*.attn2.to_v", "*.attn2.to_out.0"]);
+    let script = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    let args = script.lines().find(|l| l.trim_start().starts_with("--network_args")).unwrap();
+    let args = args.trim().trim_end_matches('\\');
+    let expanded = Command::new("bash").arg("-c").arg(format!("JOB_DIR=/job; printf '%s\\n' {args}")).output().unwrap();
+    let expanded = String::from_utf8_lossy(&expanded.stdout);
+    assert!(expanded.lines().any(|l| l == "preset=/job/lycoris_preset.toml"), "{args} gives:\n{expanded}");
+}
+
 #[test]
 fn export_job_writes_the_sdxl_script_for_an_sdxl_model() {
     let dir = tempdir("export-sdxl");

@@ -333,7 +333,8 @@ pub enum TargetPreset {
     CrossAttention,
     /// attn1 and attn2 projections.
     Attention,
-    /// Attention, feed-forward and linear proj_in/proj_out: kohya's default LoRA targets.
+    /// Attention, feed-forward and proj_in/proj_out: kohya's default LoRA targets (every linear and
+    /// 1×1 convolution in a Transformer2DModel, so SD 1.x's 1×1-convolution proj_in/out too).
     Transformer,
     /// The transformer linears plus every resnet, downsampler and upsampler convolution (LoCon).
     TransformerAndConv,
@@ -360,14 +361,14 @@ impl TargetPreset {
         let transformer = in_attn(".attn1.")
             || in_attn(".attn2.")
             || leaf_in(&[".ff.net.0.proj", ".ff.net.2"])
-            || (!conv && leaf_in(&[".proj_in", ".proj_out"]));
+            || leaf_in(&[".proj_in", ".proj_out"]);
         match self {
             Self::CrossAttention => in_attn(".attn2."),
             Self::Attention => in_attn(".attn1.") || in_attn(".attn2."),
             Self::Transformer => transformer,
             Self::TransformerAndConv => {
                 transformer
-                    || (conv && leaf_in(&[".conv1", ".conv2", ".conv_shortcut", ".proj_in", ".proj_out"]))
+                    || (conv && leaf_in(&[".conv1", ".conv2", ".conv_shortcut"]))
                     || (conv && (path.contains(".downsamplers.") || path.contains(".upsamplers.")))
             }
         }

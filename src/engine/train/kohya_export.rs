@@ -52,13 +52,20 @@ const SCRIPT_PATHS: [(&str, &str); 3] = [
     ("--sample_prompts", "$JOB_DIR/sample_prompts.txt"),
 ];
 
+/// The LyCORIS preset argument: a `key=path` network argument whose path is ours.
+const PRESET_ARG: &str = "preset=$JOB_DIR/lycoris_preset.toml";
+
 /// `train.sh`'s arguments: our own `$SD_SCRIPTS/…` script (the first such argument: every value
-/// from train.toml comes after it) and `$JOB_DIR/…` paths in double quotes, every other value
-/// quoted so the shell runs and expands nothing in it.
+/// from train.toml comes after it), `$JOB_DIR/…` paths and the LyCORIS preset argument in double
+/// quotes, every other value quoted so the shell runs and expands nothing in it.
 fn shell_args(cmd: &[String]) -> Vec<String> {
     let script = cmd.iter().position(|a| a.starts_with("$SD_SCRIPTS/"));
+    // The flag a value belongs to: the nearest `--` argument before it.
+    let flag_of = |i: usize| cmd[..i].iter().rev().find(|a| a.starts_with("--")).map(String::as_str);
     let ours = |i: usize| {
-        Some(i) == script || i > 0 && SCRIPT_PATHS.iter().any(|(flag, path)| cmd[i - 1] == *flag && cmd[i] == *path)
+        Some(i) == script
+            || i > 0 && SCRIPT_PATHS.iter().any(|(flag, path)| cmd[i - 1] == *flag && cmd[i] == *path)
+            || cmd[i] == PRESET_ARG && flag_of(i) == Some("--network_args")
     };
     (0..cmd.len()).map(|i| if ours(i) { format!("\"{}\"", cmd[i]) } else { shell_quote(&cmd[i]) }).collect()
 }
@@ -102,6 +109,9 @@ pub fn dataset_toml(job: &KohyaJob) -> String {
     t += &format!("enable_bucket = {}\n", d.buckets);
     if d.buckets {
         t += &format!("bucket_reso_steps = {}\nbucket_no_upscale = false\n", d.bucket_step);
+        // Our buckets' sides run from one step to twice the resolution; kohya's default range is
+        // 256..1024, which would square off SDXL's (1024 px) buckets.
+        t += &format!("min_bucket_reso = {}\nmax_bucket_reso = {}\n", d.bucket_step.max(8), 2 * d.resolution);
     }
     for folder in job.folders {
         t += "\n  [[datasets.subsets]]\n";
@@ -278,6 +288,111 @@ pub fn check(job: &KohyaJob) -> Result<Vec<String>> {
 /// The precision the job trains in, given to accelerate and to train_network.py alike.
 const PRECISION: &str = "bf16";
 
+/// The LyCORIS preset file a `lycoris.kohya` job reads (`preset=` in `--network_args`).
+const LYCORIS_PRESET: &str = "lycoris_preset.toml";
+
+/// The network sd-scripts builds: `--network_module` and its `--network_args`, chosen so kohya or
+/// LyCORIS trains exactly the layers our trainer trains (`Algorithm::trains_unet_layer`; MAPPING.md
+/// lists them). Plain LoRA on our default targets is kohya's own `networks.lora`; the LyCORIS
+/// kinds read a preset file naming our layers, as no built-in preset equals each of our sets.
+fn network(c: &TrainConfig) -> Result<(&'static str, Vec<String>)> {
+    let algo = match c.algorithm {
+        Algorithm::Full => {
+            bail!("full fine-tuning maps to kohya's train_db.py / fine_tune.py, not train_network.py")
+        }
+        Algorithm::Lora if c.targets == TargetPreset::Transformer => return Ok(("networks.lora", Vec::new())),
+        Algorithm::Lora | Algorithm::Dora => "algo=lora",
+        Algorithm::Locon => "algo=locon",
+        Algorithm::Loha => "algo=loha",
+        Algorithm::Lokr => "algo=lokr",
+        // LyCORIS' "GLoRA: only train transformer" override never fires (it compares the algo's
+        // name with the module class), so GLoRA follows the preset like the others.
+        Algorithm::Glora => "algo=glora",
+    };
+    let mut args = vec![algo.to_string(), format!("preset=$JOB_DIR/{LYCORIS_PRESET}")];
+    if c.algorithm == Algorithm::Lokr {
+        args.push(format!("factor={}", c.lokr_factor));
+    }
+    if c.algorithm == Algorithm::Dora {
+        args.push("dora_wd=True".into());
+    }
+    if unet_targets(c) == TargetPreset::TransformerAndConv {
+        args.extend([format!("conv_dim={}", c.rank), format!("conv_alpha={}", c.alpha)]);
+    }
+    Ok(("lycoris.kohya", args))
+}
+
+/// The preset our trainer applies to the UNet: LoCon adds the convolutions to any preset.
+fn unet_targets(c: &TrainConfig) -> TargetPreset {
+    if c.algorithm == Algorithm::Locon { TargetPreset::TransformerAndConv } else { c.targets }
+}
+
+/// `lycoris_preset.toml`, or `None` when the job reads none: our UNet targets as LyCORIS module
+/// classes (of sd-scripts' own UNet) and fnmatch names, our text-encoder targets as CLIP's
+/// attention and MLP modules (LyCORIS' `attn-only` preset would drop the MLP).
+pub fn lycoris_preset(c: &TrainConfig) -> Option<String> {
+    let (module, _) = network(c).ok()?;
+    if module != "lycoris.kohya" {
+        return None;
+    }
+    let attention = |blocks: &[&str]| -> Vec<String> {
+        let leaves = ["to_q", "to_k", "to_v", "to_out.0"];
+        blocks.iter().flat_map(|b| leaves.map(|l| format!("*.{b}.{l}"))).collect()
+    };
+    let targets = unet_targets(c);
+    let (modules, names) = match targets {
+        TargetPreset::CrossAttention => (vec![], attention(&["attn2"])),
+        TargetPreset::Attention => (vec![], attention(&["attn1", "attn2"])),
+        TargetPreset::Transformer => (vec!["Transformer2DModel"], vec![]),
+        // By name, not ResnetBlock2D as a class: that would train its time_emb_proj, which we don't.
+        TargetPreset::TransformerAndConv => (
+            vec!["Transformer2DModel"],
+            [
+                "*.resnets.*.conv1",
+                "*.resnets.*.conv2",
+                "*.resnets.*.conv_shortcut",
+                "*.downsamplers.*.conv",
+                "*.upsamplers.*.conv",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    };
+    let list = |items: Vec<String>| items.iter().map(|i| toml_string(i)).collect::<Vec<_>>().join(", ");
+    Some(format!(
+        "# Written by LoRA Studio: the layers it trains, for LyCORIS (preset= in --network_args).\n\
+         enable_conv = {}\nuse_fnmatch = true\nunet_target_module = [{}]\nunet_target_name = [{}]\n\
+         text_encoder_target_module = [\"CLIPAttention\", \"CLIPSdpaAttention\", \"CLIPMLP\"]\n\
+         text_encoder_target_name = []\n",
+        targets == TargetPreset::TransformerAndConv,
+        list(modules.into_iter().map(String::from).collect()),
+        list(names),
+    ))
+}
+
+/// A count of our steps as steps on `gpus` GPUs, each of which takes `gpus` batches: the same
+/// images (rounded up to whole steps).
+fn per_gpus(steps: usize, gpus: usize) -> usize {
+    steps.div_ceil(gpus.max(1))
+}
+
+/// What several GPUs change, in words for the export to print; `None` on one GPU.
+pub fn gpu_note(job: &KohyaJob) -> Option<String> {
+    let (c, n) = (job.config, job.gpus);
+    if n <= 1 {
+        return None;
+    }
+    let batch = c.batch_size * c.grad_accum;
+    let length = match c.epochs {
+        Some(e) => format!("{e} epochs as set (sd-scripts divides each epoch's steps by the GPUs)"),
+        None => format!("{} steps of {} images instead of {} of {batch}", per_gpus(c.steps, n), n * batch, c.steps),
+    };
+    Some(format!(
+        "{n} GPUs: {length}; the learning rate schedule and its warmup follow the images, as on one GPU; \
+         each update averages {n}× the images (the learning rate is not scaled)"
+    ))
+}
+
 /// The `accelerate launch train_network.py …` (SDXL: `sdxl_train_network.py`) command line.
 pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     let c = job.config;
@@ -285,6 +400,13 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     let mut a: Vec<String> = vec!["accelerate".into(), "launch".into()];
     if job.gpus > 1 {
         a.extend(["--multi_gpu".into(), "--num_processes".into(), job.gpus.to_string()]);
+    }
+    if sdxl && c.dataset.buckets && !c.dataset.bucket_step.is_multiple_of(32) {
+        // sdxl_train_network.py L42 (`verify_bucket_reso_steps(32)`).
+        bail!(
+            "sd-scripts' SDXL training takes bucket steps in multiples of 32; set the bucket step ({}) to 32 or 64 to export this job",
+            c.dataset.bucket_step
+        );
     }
     let script = if sdxl { "$SD_SCRIPTS/sdxl_train_network.py" } else { "$SD_SCRIPTS/train_network.py" };
     a.extend(["--mixed_precision".into(), PRECISION.into(), script.into()]);
@@ -304,46 +426,8 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     flag("save_model_as", "safetensors".into());
     flag("network_dim", c.rank.to_string());
     flag("network_alpha", c.alpha.to_string());
-    let mut net_args: Vec<String> = Vec::new();
-    match (c.algorithm, c.targets) {
-        (Algorithm::Full, _) => {
-            bail!("full fine-tuning maps to kohya's train_db.py / fine_tune.py, not train_network.py")
-        }
-        (Algorithm::Lora, TargetPreset::Transformer) => flag("network_module", "networks.lora".into()),
-        (Algorithm::Lora, TargetPreset::TransformerAndConv) | (Algorithm::Locon, _) => {
-            flag("network_module", "lycoris.kohya".into());
-            net_args.extend(["algo=locon".into(), format!("conv_dim={}", c.rank), format!("conv_alpha={}", c.alpha)]);
-        }
-        (Algorithm::Glora, _) => {
-            flag("network_module", "lycoris.kohya".into());
-            net_args.push("algo=glora".into());
-        }
-        (Algorithm::Loha | Algorithm::Lokr | Algorithm::Dora, targets) => {
-            flag("network_module", "lycoris.kohya".into());
-            net_args.push(match c.algorithm {
-                Algorithm::Loha => "algo=loha".into(),
-                Algorithm::Lokr => "algo=lokr".into(),
-                _ => "algo=lora".into(),
-            });
-            if c.algorithm == Algorithm::Lokr {
-                net_args.push(format!("factor={}", c.lokr_factor));
-            }
-            if c.algorithm == Algorithm::Dora {
-                net_args.push("dora_wd=True".into());
-            }
-            if targets == TargetPreset::TransformerAndConv {
-                net_args.extend([format!("conv_dim={}", c.rank), format!("conv_alpha={}", c.alpha)]);
-            }
-        }
-        (Algorithm::Lora, _) => {
-            // LyCORIS' closest preset: attention only (kohya has no cross-attention-only switch).
-            flag("network_module", "lycoris.kohya".into());
-            net_args.extend(["algo=lora".into(), "preset=attn-only".into()]);
-        }
-    }
-    if c.algorithm == Algorithm::Glora && c.targets == TargetPreset::TransformerAndConv {
-        net_args.push(format!("conv_dim={}", c.rank));
-    }
+    let (module, net_args) = network(c)?;
+    flag("network_module", module.into());
     if !net_args.is_empty() {
         a.push("--network_args".into());
         a.extend(net_args);
@@ -380,8 +464,10 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
         if c.dataset.center_crop {
             flag("cache_latents", String::new());
         }
-        if sdxl {
-            // As our trainer: each caption through the frozen text encoders once.
+        // As our trainer: each caption through the frozen text encoders once. sd-scripts refuses the
+        // cache for captions that change from step to step (sdxl_train_network.py L34-37); then
+        // the encoders run each step, to the same numbers.
+        if sdxl && !c.shuffle_tags && c.caption_dropout <= 0.0 {
             flag("cache_text_encoder_outputs", String::new());
         }
     }
@@ -392,7 +478,7 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     // sd-scripts turns epochs into steps itself, from its own count of images × repeats.
     match c.epochs {
         Some(epochs) => flag("max_train_epochs", epochs.to_string()),
-        None => flag("max_train_steps", c.steps.to_string()),
+        None => flag("max_train_steps", per_gpus(c.steps, job.gpus).to_string()),
     }
     flag("gradient_accumulation_steps", c.grad_accum.to_string());
     flag("seed", c.seed.to_string());
@@ -407,6 +493,7 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
         }
         .into(),
     );
+    // Not divided by the GPUs: sd-scripts' scheduler already counts N steps per step on N GPUs.
     if c.warmup_steps > 0 {
         flag("lr_warmup_steps", c.warmup_steps.to_string());
     }
@@ -430,10 +517,10 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
         flag("gradient_checkpointing", String::new());
     }
     if c.save_every > 0 {
-        flag("save_every_n_steps", c.save_every.to_string());
+        flag("save_every_n_steps", per_gpus(c.save_every, job.gpus).to_string());
     }
     if c.sample_every > 0 && !c.sample_prompt.is_empty() {
-        flag("sample_every_n_steps", c.sample_every.to_string());
+        flag("sample_every_n_steps", per_gpus(c.sample_every, job.gpus).to_string());
         flag("sample_prompts", "$JOB_DIR/sample_prompts.txt".into());
         flag("sample_sampler", if sdxl { "euler" } else { "ddim" }.into());
     }
@@ -454,8 +541,9 @@ pub fn command_line(job: &KohyaJob) -> Result<Vec<String>> {
     Ok(a)
 }
 
-/// Writes `dataset.toml`, `train.sh`, `sample_prompts.txt` and `MAPPING.md` into `dir`, or
-/// refuses a job sd-scripts cannot run; returns the warnings of `check` for the caller to show.
+/// Writes `dataset.toml`, `train.sh`, `sample_prompts.txt` and `MAPPING.md` into `dir` (and
+/// `lycoris_preset.toml` for a LyCORIS network), or refuses a job sd-scripts cannot run; returns
+/// the warnings of `check` for the caller to show.
 pub fn write(job: &KohyaJob, dir: &Path) -> Result<Vec<String>> {
     let warnings = check(job)?;
     let cmd = command_line(job)?;
@@ -488,6 +576,9 @@ pub fn write(job: &KohyaJob, dir: &Path) -> Result<Vec<String>> {
     let prompt = format!("{} --w {res} --h {res} --d {} --s 20 --l 7.5\n", job.config.sample_prompt, job.config.seed);
     write_atomic(&dir.join("sample_prompts.txt"), prompt.as_bytes())?;
     write_atomic(&dir.join("MAPPING.md"), MAPPING.as_bytes())?;
+    if let Some(preset) = lycoris_preset(job.config) {
+        write_atomic(&dir.join(LYCORIS_PRESET), preset.as_bytes())?;
+    }
     Ok(warnings)
 }
 
@@ -500,11 +591,9 @@ below are at that commit.
 
 | LoRA Studio | sd-scripts |
 |---|---|
-| rank, alpha | `--network_dim`, `--network_alpha` (LoCon also `conv_dim`/`conv_alpha`) |
+| rank, alpha | `--network_dim`, `--network_alpha` (with convolutions also `conv_dim`/`conv_alpha`) |
 | LoRA, targets attention + feed-forward | `--network_module networks.lora` (its default targets) |
-| LoRA, attention or cross-attention only | `lycoris.kohya` with `preset=attn-only` (kohya has no cross-attention-only switch: this trains self-attention too) |
-| LoCon, or LoRA + convolutions | `lycoris.kohya`, `algo=locon` |
-| GLoRA | `lycoris.kohya`, `algo=glora` |
+| any other algorithm or targets | `--network_module lycoris.kohya`, `algo=lora` / `locon` / `loha` / `lokr` / `glora` (DoRA: `algo=lora dora_wd=True`), `preset=$JOB_DIR/lycoris_preset.toml` |
 | learning rate, text encoder lr | `--unet_lr`, `--text_encoder_lr`; UNet only: `--network_train_unet_only` |
 | steps (or epochs), batch, gradient accumulation | `--max_train_steps` (`--max_train_epochs`), `batch_size` in dataset.toml, `--gradient_accumulation_steps` |
 | an `N_words` folder: N repeats, `words` for images without a caption file | a subset per image folder, `num_repeats = N`, `class_tokens = \"words\"` (sd-scripts uses class_tokens only for images without a caption file, library/train_util.py:2070-2078, as we do) |
@@ -523,8 +612,49 @@ below are at that commit.
 | resolution, buckets, flip, random crop | dataset.toml |
 | latents cached (UNet only) | `--cache_latents` with centre crops only: sd-scripts refuses cached latents with random crops (train_network.py:581-584, library/train_util.py:1100). We cache a few random crops per image; sd-scripts cannot, so a random-crop job encodes each crop afresh: the same recipe, slower |
 | bf16 | `--mixed_precision bf16` to accelerate and to train_network.py: the script's own option (default \"no\", library/train_util.py:3980-3985) is what its Accelerator gets (library/train_util.py:5494-5496) |
-| several GPUs | `accelerate launch --multi_gpu --num_processes N` |
-| an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--cache_text_encoder_outputs`. Each image's size and crop feed SDXL's size conditioning in both |
+| several GPUs | `accelerate launch --multi_gpu --num_processes N`; steps (and save / sample intervals) ÷ N, warmup as is (below) |
+| buckets | `bucket_reso_steps`, and sides from one step to twice the resolution (`min_bucket_reso`, `max_bucket_reso`; kohya's default 256..1024 would square off SDXL's) |
+| an SDXL base | `sdxl_train_network.py`, `--no_half_vae`; UNet only also `--network_train_unet_only`, and `--cache_text_encoder_outputs` (the text encoders run once per caption, as ours) unless tags are shuffled or captions dropped, which sd-scripts refuses to cache; bucket steps in multiples of 32 (sd-scripts refuses others). Each image's size and crop feed SDXL's size conditioning in both |
+
+## The layers each job trains
+
+The same layers as LoRA Studio, checked by a test that applies kohya's and LyCORIS' selection
+rules (below) to real SD 1.5 and SD 2.1 UNet names and to SDXL's block layout. Counts are SD 1.5's
+UNet; in the text encoders (when trained) every `q/k/v/out_proj` and `fc1/fc2`, as kohya's
+`CLIPAttention` + `CLIPMLP` targets (networks/lora.py L869).
+
+| targets (algorithm) | trained UNet layers | SD 1.5 |
+|---|---|---|
+| cross-attention only | `attn2.to_q/to_k/to_v/to_out.0` | 64 |
+| all attention | `attn1` and `attn2` projections | 128 |
+| attention + feed-forward (LoRA's default) | those, `ff.net.0.proj`, `ff.net.2`, `proj_in`, `proj_out` (1×1 convolutions in SD 1.x, linear in SD 2.x and SDXL): every layer of each Transformer2DModel | 192 |
+| + convolutions (and LoCon with any targets) | those, each resnet's `conv1`, `conv2`, `conv_shortcut`, each down/upsampler's `conv` (not the resnets' `time_emb_proj`, `conv_in`/`conv_out` or the time embedding) | 256 |
+
+How, in sd-scripts 48d368fa and LyCORIS f49d30d6:
+- kohya's `networks.lora` trains every Linear and Conv2d inside a `Transformer2DModel`
+  (networks/lora.py L867, L963-1001): our attention + feed-forward, proj_in/out included (kohya
+  LoRAs of SD 1.x carry them, so ours trains them too). Its `conv_dim` would add whole
+  `ResnetBlock2D`s (L868, L1038-1040), their `time_emb_proj` included, so LoRA with convolutions
+  goes to LyCORIS instead.
+- LyCORIS' presets: the default, `full`, adds `conv_in`, `conv_out`, the time embedding and every
+  resnet's `time_emb_proj` (282 layers on SD 1.5; lycoris/config.py L2-41); `attn-only` drops the
+  text encoder's MLP (L107-124). So the job writes its own preset, `lycoris_preset.toml`, read by
+  `preset=` (lycoris/kohya.py L95-101): `Transformer2DModel` as a module class, or our attention
+  and convolution layers by name (`use_fnmatch`, L304-305, L478-494); `enable_conv` only with
+  convolutions (L338-339: 3×3 convolutions train only then; 1×1 ones always, L393).
+- GLoRA follows the preset too: LyCORIS' \"only train transformer\" override for GLoRA
+  (lycoris/kohya.py L498) compares the algorithm's name with the module class and never applies.
+
+## Several GPUs
+
+On N GPUs each step takes N batches (one per GPU), and sd-scripts steps its learning-rate
+scheduler N times per step: `get_scheduler_fix` counts `max_train_steps * num_processes` scheduler
+steps (library/train_util.py L5274-5277) and accelerate's prepared scheduler steps once per
+process. So the job divides our steps by N (rounded up) and keeps the warmup as it is: the rate
+after each image is the one-GPU run's, over the same images (a warmup divided by N would end N×
+too early). What does change: each update averages N× the images; the learning rate is not
+scaled. The export prints this. A run set in epochs needs nothing: sd-scripts divides an epoch's
+steps by the GPUs itself (train_network.py L800-802).
 
 ## Refused (the job could not run)
 
@@ -559,6 +689,8 @@ below are at that commit.
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
     use crate::engine::train::optim::{AdafactorSettings, Optimizer};
 
@@ -885,5 +1017,329 @@ mod tests {
         std::fs::write(model.join("unet/config.json"), r#"{"block_out_channels": [320, 640, 1280, 1280]}"#).unwrap();
         assert!(check(&job(&config, &[], &model)).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&model);
+    }
+
+    /// The class of the module at `path` in sd-scripts' own UNet (`library/original_unet.py`,
+    /// `sdxl_original_unet.py`, whose module names are diffusers'), from its place in the tree.
+    /// `holds_weights`: a layer with parameters of its own, not a container.
+    fn sd_scripts_class(path: &str, holds_weights: bool, proj_is_conv: bool) -> &'static str {
+        let segments: Vec<&str> = path.split('.').collect();
+        let (parent, leaf) = (segments.iter().rev().nth(1).copied().unwrap_or(""), *segments.last().unwrap());
+        match (parent, leaf) {
+            ("attentions", _) => "Transformer2DModel",
+            ("resnets", _) => "ResnetBlock2D",
+            ("downsamplers", _) => "Downsample2D",
+            ("upsamplers", _) => "Upsample2D",
+            (_, "attn1" | "attn2") => "CrossAttention",
+            _ if !holds_weights => "Module",
+            (_, "conv_shortcut") => "Conv2d1x1",
+            (_, "proj_in" | "proj_out") if proj_is_conv => "Conv2d1x1",
+            (_, "conv_in" | "conv_out" | "conv1" | "conv2" | "conv") => "Conv2d3x3",
+            _ if leaf.starts_with("norm") => "Norm",
+            _ => "Linear",
+        }
+    }
+
+    /// fnmatch with `*` only (what our preset's names use).
+    fn fnmatch(pattern: &str, name: &str) -> bool {
+        let parts: Vec<&str> = pattern.split('*').collect();
+        let (first, last) = (parts[0], parts[parts.len() - 1]);
+        if parts.len() == 1 {
+            return pattern == name;
+        }
+        let mut rest = match name.strip_prefix(first) {
+            Some(r) => r,
+            None => return false,
+        };
+        for mid in &parts[1..parts.len() - 1] {
+            match rest.find(mid) {
+                Some(i) => rest = &rest[i + mid.len()..],
+                None => return false,
+            }
+        }
+        rest.ends_with(last)
+    }
+
+    /// The UNet layers kohya or LyCORIS would train given our `--network_module` and
+    /// `--network_args` (and our preset file), by their published selection rules:
+    /// - kohya `networks/lora.py` (L867-868, L963-1001, L1038-1040 at 48d368f): every Linear and
+    ///   Conv2d inside a Transformer2DModel, plus ResnetBlock2D / Downsample2D / Upsample2D when
+    ///   `conv_dim` is given; 3×3 convolutions only with `conv_dim`.
+    /// - LyCORIS `lycoris/kohya.py` (L95-101, L338-339, L385-401, L460-494 at f49d30d): the
+    ///   preset's module classes (every Linear / Conv inside) and names (fnmatch); 3×3
+    ///   convolutions only with `enable_conv`. (Its GLoRA override at L498 compares the algo's name,
+    ///   a string, with `GLoRAModule`, so it never applies.)
+    fn kohya_trains(c: &TrainConfig, layers: &[(String, &'static str)]) -> BTreeSet<String> {
+        let (module, args) = network(c).unwrap();
+        let has = |prefix: &str| args.iter().any(|a| a.starts_with(prefix));
+        let (modules, names, conv3x3): (Vec<String>, Vec<String>, bool) = if module == "networks.lora" {
+            let mut m = vec!["Transformer2DModel".to_string()];
+            if has("conv_dim=") {
+                m.extend(["ResnetBlock2D", "Downsample2D", "Upsample2D"].map(String::from));
+            }
+            (m, vec![], has("conv_dim="))
+        } else if !has("preset=") {
+            // LyCORIS' default preset, "full" (lycoris/config.py L2-41).
+            let modules = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"];
+            let names = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"];
+            (modules.map(String::from).to_vec(), names.map(String::from).to_vec(), true)
+        } else {
+            assert!(has(&format!("preset=$JOB_DIR/{LYCORIS_PRESET}")), "{args:?}");
+            let preset: toml::Table = lycoris_preset(c).unwrap().parse().unwrap();
+            let strings = |k: &str| -> Vec<String> {
+                preset[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+            };
+            assert_eq!(preset["use_fnmatch"].as_bool(), Some(true));
+            (strings("unet_target_module"), strings("unet_target_name"), preset["enable_conv"].as_bool().unwrap())
+        };
+        let trainable = |class: &str| class == "Linear" || class == "Conv2d1x1" || (conv3x3 && class == "Conv2d3x3");
+        let class_of: BTreeMap<&str, &str> = layers.iter().map(|(p, c)| (p.as_str(), *c)).collect();
+        layers
+            .iter()
+            .filter(|(path, class)| {
+                let in_target_module = (1..path.split('.').count()).any(|n| {
+                    let ancestor = path.split('.').take(n).collect::<Vec<_>>().join(".");
+                    class_of.get(ancestor.as_str()).is_some_and(|c| modules.iter().any(|m| m == c))
+                });
+                let named = names.iter().any(|n| fnmatch(n, path));
+                (in_target_module || named) && trainable(class)
+            })
+            .map(|(path, _)| path.clone())
+            .collect()
+    }
+
+    /// Every module of a UNet with its sd-scripts class, from its parameter names.
+    fn unet_modules(params: impl Iterator<Item = String>, proj_is_conv: bool) -> Vec<(String, &'static str)> {
+        let (mut paths, mut layers) = (BTreeSet::new(), BTreeSet::new());
+        for p in params {
+            let path = p.strip_suffix(".weight").or(p.strip_suffix(".bias")).unwrap_or(&p).to_string();
+            let segments: Vec<&str> = path.split('.').collect();
+            for n in 1..=segments.len() {
+                paths.insert(segments[..n].join("."));
+            }
+            layers.insert(path);
+        }
+        paths.into_iter().map(|p| (p.clone(), sd_scripts_class(&p, layers.contains(&p), proj_is_conv))).collect()
+    }
+
+    /// Our trained set on those modules: the trainer's rule, a layer being a Linear or Conv.
+    fn we_train(c: &TrainConfig, layers: &[(String, &'static str)]) -> BTreeSet<String> {
+        layers
+            .iter()
+            .filter(|(_, class)| matches!(*class, "Linear" | "Conv2d1x1" | "Conv2d3x3"))
+            .filter(|(path, class)| c.algorithm.trains_unet_layer(c.targets, path, *class != "Linear"))
+            .map(|(path, _)| path.clone())
+            .collect()
+    }
+
+    fn fixture_unet(file: &str) -> Vec<String> {
+        let path = crate::engine::builtin::fixtures_dir().join("unet_names").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        text.lines().filter_map(|l| l.split('\t').nth(1)).map(String::from).collect()
+    }
+
+    /// For each adapter kind and target preset, on real SD 1.5 (proj_in/out 1×1 convolutions) and
+    /// SD 2.1 (linear) UNet names, kohya / LyCORIS train exactly the layers we train.
+    #[test]
+    fn kohya_export_trains_our_layers_for_each_algorithm_and_preset() {
+        for (file, proj_is_conv) in [("sd15.tsv", true), ("sd21.tsv", false)] {
+            let layers = unet_modules(fixture_unet(file).into_iter(), proj_is_conv);
+            for algorithm in Algorithm::ADAPTERS {
+                for targets in TargetPreset::ALL {
+                    let c = TrainConfig { algorithm, targets, ..TrainConfig::default() };
+                    let (ours, theirs) = (we_train(&c, &layers), kohya_trains(&c, &layers));
+                    assert!(!ours.is_empty());
+                    assert_eq!(
+                        ours,
+                        theirs,
+                        "{file} {algorithm:?} {targets:?}: only ours {:?}, only theirs {:?}",
+                        ours.difference(&theirs).collect::<Vec<_>>(),
+                        theirs.difference(&ours).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The text encoders: kohya's CLIPAttention + CLIPMLP (and so every LyCORIS preset we write)
+    /// train q/k/v/out_proj and fc1/fc2, as we do, whatever the UNet preset.
+    #[test]
+    fn kohya_export_text_encoder_targets_match_ours() {
+        for targets in TargetPreset::ALL {
+            let c = TrainConfig { algorithm: Algorithm::Loha, targets, ..TrainConfig::default() };
+            let preset: toml::Table = lycoris_preset(&c).unwrap().parse().unwrap();
+            let modules = preset["text_encoder_target_module"].as_array().unwrap();
+            for class in ["CLIPAttention", "CLIPMLP"] {
+                assert!(modules.iter().any(|m| m.as_str() == Some(class)), "{targets:?}: {modules:?}");
+            }
+        }
+        // transformers' CLIPAttention holds q/k/v/out_proj, CLIPMLP fc1/fc2: all ours.
+        for leaf in
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
+        {
+            assert!(TargetPreset::targets_text_encoder(&format!("text_model.encoder.layers.0.{leaf}")));
+        }
+    }
+
+    /// The learning rate sd-scripts' scheduler gives after `t` of its own steps (transformers'
+    /// constant-with-warmup and cosine-with-warmup formulas).
+    fn scheduled_lr(schedule: LrSchedule, t: usize, warmup: usize, total: usize) -> f64 {
+        if t < warmup {
+            return t as f64 / warmup.max(1) as f64;
+        }
+        match schedule {
+            LrSchedule::Cosine => {
+                let progress = (t - warmup) as f64 / (total - warmup).max(1) as f64;
+                0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+            _ => 1.0,
+        }
+    }
+
+    fn flag_value(line: &str, flag: &str) -> Option<usize> {
+        let rest = line.split(&format!("--{flag} ")).nth(1)?;
+        rest.split(' ').next()?.parse().ok()
+    }
+
+    /// On N GPUs each step takes N batches, and sd-scripts steps its scheduler N times per step
+    /// (`get_scheduler_fix` counts `max_train_steps * num_processes`; accelerate's prepared
+    /// scheduler steps once per process): so our steps are divided by N and the warmup is kept, and
+    /// the rate after each image matches the one-GPU run's, over the same number of images.
+    #[test]
+    fn kohya_export_gpus_keep_the_schedule_per_image() {
+        let c = TrainConfig {
+            steps: 500,
+            warmup_steps: 50,
+            save_every: 100,
+            lr_schedule: LrSchedule::Cosine,
+            batch_size: 2,
+            ..TrainConfig::default()
+        };
+        let line = |gpus| {
+            let job = KohyaJob {
+                model: Path::new("/models/sd15"),
+                data: &[],
+                folders: &[],
+                output_name: "style",
+                config: &c,
+                gpus,
+                family: ModelFamily::Sd1,
+                v_prediction: false,
+                zero_terminal_snr: false,
+            };
+            (command_line(&job).unwrap().join(" "), gpu_note(&job))
+        };
+        let ours = |images: usize| scheduled_lr(c.lr_schedule, images / c.batch_size, c.warmup_steps, c.steps);
+        for gpus in [1, 2, 4] {
+            let (line, note) = line(gpus);
+            let steps = flag_value(&line, "max_train_steps").unwrap();
+            let warmup = flag_value(&line, "lr_warmup_steps").unwrap();
+            assert_eq!(steps * gpus * c.batch_size, c.steps * c.batch_size, "{gpus} GPUs: same images");
+            assert_eq!(flag_value(&line, "save_every_n_steps"), Some(100 / gpus), "{line}");
+            for step in 0..=steps {
+                let images = step * gpus * c.batch_size;
+                let theirs = scheduled_lr(c.lr_schedule, step * gpus, warmup, steps * gpus);
+                assert!(
+                    (theirs - ours(images)).abs() < 1e-12,
+                    "{gpus} GPUs, step {step}: {theirs} vs {}",
+                    ours(images)
+                );
+            }
+            assert_eq!(note.is_some(), gpus > 1);
+        }
+        assert!(line(4).1.unwrap().contains("125 steps of 8 images instead of 500 of 2"), "{:?}", line(4).1);
+    }
+
+    /// An SDXL job runs sdxl_train_network.py with SDXL's arguments, caches the text encoders'
+    /// outputs only when they are frozen, trains at 1024 with buckets, and its targets (proj_in /
+    /// proj_out linear, as in SD 2.x) are kohya's.
+    #[test]
+    fn kohya_export_sdxl_job_has_sdxl_arguments_and_our_targets() {
+        let mut frozen = TrainConfig::for_family(ModelFamily::Sdxl);
+        frozen.dataset.buckets = true;
+        let files = |config: &TrainConfig| {
+            let job = KohyaJob {
+                model: Path::new("/models/sdxl"),
+                data: &[],
+                folders: &[],
+                output_name: "x",
+                config,
+                gpus: 1,
+                family: ModelFamily::Sdxl,
+                v_prediction: false,
+                zero_terminal_snr: false,
+            };
+            (dataset_toml(&job), command_line(&job).unwrap().join(" ") + " ")
+        };
+        let (toml, line) = files(&frozen);
+        assert!(line.contains("$SD_SCRIPTS/sdxl_train_network.py "), "{line}");
+        for arg in [" --no_half_vae ", " --network_train_unet_only ", " --cache_text_encoder_outputs "] {
+            assert!(line.contains(arg), "{arg}: {line}");
+        }
+        assert!(!line.contains("--v2 ") && !line.contains("--text_encoder_lr"), "{line}");
+        assert!(toml.contains("resolution = 1024\n") && toml.contains("enable_bucket = true\n"), "{toml}");
+        assert!(toml.contains("bucket_reso_steps = 64\n"), "{toml}");
+        assert!(toml.contains("min_bucket_reso = 64\nmax_bucket_reso = 2048\n"), "{toml}");
+        // Captions that change per step cannot be cached in sd-scripts; odd bucket steps are refused.
+        let shuffled = TrainConfig { shuffle_tags: true, ..frozen.clone() };
+        let (_, line) = files(&shuffled);
+        assert!(
+            line.contains(" --network_train_unet_only ") && !line.contains("--cache_text_encoder_outputs"),
+            "{line}"
+        );
+        let mut odd = frozen.clone();
+        odd.dataset.bucket_step = 48;
+        let job = KohyaJob {
+            model: Path::new("/models/sdxl"),
+            data: &[],
+            folders: &[],
+            output_name: "x",
+            config: &odd,
+            gpus: 1,
+            family: ModelFamily::Sdxl,
+            v_prediction: false,
+            zero_terminal_snr: false,
+        };
+        let err = command_line(&job).unwrap_err().to_string();
+        assert!(err.contains("multiples of 32"), "{err}");
+        let trained = TrainConfig { train_text_encoder: true, ..frozen.clone() };
+        let (_, line) = files(&trained);
+        assert!(line.contains(" --no_half_vae ") && line.contains(" --text_encoder_lr "), "{line}");
+        assert!(
+            !line.contains("--cache_text_encoder_outputs") && !line.contains("--network_train_unet_only"),
+            "{line}"
+        );
+        // SDXL's block layout (diffusers' sdxl unet): 2 and 10 transformer blocks per attention,
+        // linear proj_in/out, no attention in the first down block.
+        let mut params = vec!["conv_in.weight".to_string(), "time_embedding.linear_1.weight".into()];
+        for (block, depth) in [("down_blocks.1.attentions.0", 2), ("mid_block.attentions.0", 10)] {
+            params.extend(["proj_in", "proj_out", "norm"].map(|l| format!("{block}.{l}.weight")));
+            for t in 0..depth {
+                let tb = format!("{block}.transformer_blocks.{t}");
+                for leaf in
+                    ["attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "ff.net.0.proj", "ff.net.2", "norm1"]
+                {
+                    params.push(format!("{tb}.{leaf}.weight"));
+                }
+            }
+        }
+        for leaf in ["conv1", "conv2", "time_emb_proj", "conv_shortcut", "norm1"] {
+            params.push(format!("down_blocks.1.resnets.0.{leaf}.weight"));
+        }
+        params.push("down_blocks.0.downsamplers.0.conv.weight".into());
+        let layers = unet_modules(params.into_iter(), false);
+        for algorithm in Algorithm::ADAPTERS {
+            for targets in TargetPreset::ALL {
+                let c = TrainConfig { algorithm, targets, ..frozen.clone() };
+                let (ours, theirs) = (we_train(&c, &layers), kohya_trains(&c, &layers));
+                assert_eq!(ours, theirs, "SDXL {algorithm:?} {targets:?}");
+                assert_eq!(
+                    ours.contains("mid_block.attentions.0.proj_in"),
+                    targets != TargetPreset::CrossAttention && targets != TargetPreset::Attention
+                        || algorithm == Algorithm::Locon,
+                    "{algorithm:?} {targets:?}"
+                );
+            }
+        }
     }
 }

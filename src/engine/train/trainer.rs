@@ -51,6 +51,14 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Whether a new adapter of this kind trains the UNet layer at `path` (`conv`: a convolution).
+    /// LoCon means "LoRA on the convolutions too", whatever the preset says; the others follow the
+    /// preset (whose last option includes convolutions).
+    pub fn trains_unet_layer(self, targets: TargetPreset, path: &str, conv: bool) -> bool {
+        targets.targets_unet(path, conv)
+            || (self == Algorithm::Locon && TargetPreset::TransformerAndConv.targets_unet(path, conv))
+    }
+
     /// The adapter kinds offered for training, in the order the window lists them.
     pub const ADAPTERS: [Algorithm; 6] =
         [Algorithm::Lora, Algorithm::Locon, Algorithm::Loha, Algorithm::Lokr, Algorithm::Dora, Algorithm::Glora];
@@ -613,13 +621,7 @@ impl Trainer {
         model.try_visit_layers(&mut |component, mut layer| {
             let conv = matches!(layer, LayerMut::Conv(_));
             let wanted = match component {
-                // LoCon means "LoRA on the convolutions too", whatever the preset says; LoRA and
-                // GLoRA follow the preset (whose last option includes convolutions).
-                Component::Unet => {
-                    cfg.targets.targets_unet(layer.path(), conv)
-                        || (cfg.algorithm == Algorithm::Locon
-                            && TargetPreset::TransformerAndConv.targets_unet(layer.path(), conv))
-                }
+                Component::Unet => cfg.algorithm.trains_unet_layer(cfg.targets, layer.path(), conv),
                 // SDXL: both text encoders, as sd-scripts trains them unless told otherwise.
                 Component::TextEncoder | Component::TextEncoder2 => {
                     cfg.train_text_encoder
