@@ -361,12 +361,8 @@ fn add_images_dialog_result_joins_the_set() {
 
 #[test]
 fn training_runs_pauses_resumes_stops_and_writes_the_adapter() {
-    let dir = tempdir("train");
-    make_images(&dir.join("data"));
+    let (dir, mut h) = harness_with_dataset("train");
     let out = dir.join("out/trained.safetensors");
-    let mut h = harness_with_model();
-    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
-    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
 
     h.get_by_role_and_label(Role::Button, "Training").click();
     h.run();
@@ -988,12 +984,8 @@ fn a_failed_training_job_and_a_crashed_playground_worker_leave_the_window_usable
 #[test]
 fn the_session_is_saved_and_restored_and_a_broken_file_is_set_aside() {
     use lora_studio::ui::session;
-    let dir = tempdir("session");
-    make_images(&dir.join("data"));
+    let (dir, mut h) = harness_with_dataset("session");
     let file = dir.join("config/session.json");
-    let mut h = harness_with_model();
-    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
-    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
     {
         let app = h.state_mut();
         app.config.rank = 7;
@@ -1146,12 +1138,8 @@ fn a_model_that_fails_to_open_leaves_the_working_one_in_place() {
 /// checkpoint is refused before anything loads.
 #[test]
 fn resume_from_checkpoint_uses_and_shows_the_checkpoints_options() {
-    let dir = tempdir("resume-form");
-    make_images(&dir.join("data"));
+    let (dir, mut h) = harness_with_dataset("resume-form");
     let ckpt = dir.join("style.checkpoint.safetensors");
-    let mut h = harness_with_model();
-    h.state_mut().on_paths_chosen(DialogPurpose::AddImageFolder, vec![dir.join("data")]);
-    run_until(&mut h, SCAN, "scan", |a| !a.dataset.is_scanning());
     {
         let app = h.state_mut();
         app.area = Area::Training;

@@ -695,17 +695,7 @@ mod tests {
     use crate::engine::train::optim::{AdafactorSettings, Optimizer};
 
     fn args(config: &TrainConfig) -> Result<String> {
-        let job = KohyaJob {
-            model: Path::new("/models/sd15"),
-            data: &[],
-            folders: &[],
-            output_name: "style",
-            config,
-            gpus: 1,
-            family: ModelFamily::Sd1,
-            v_prediction: false,
-            zero_terminal_snr: false,
-        };
+        let job = KohyaJob { output_name: "style", ..job(config, &[], Path::new("/models/sd15")) };
         Ok(command_line(&job)?.join(" "))
     }
 
@@ -779,17 +769,7 @@ mod tests {
         config.dataset.trigger = "sks".into();
         // The job's files for a config: dataset.toml and the command line.
         let files = |config: &TrainConfig| {
-            let job = KohyaJob {
-                model: Path::new("model"),
-                data: &[],
-                folders: &folders,
-                output_name: "x",
-                config,
-                gpus: 1,
-                family: ModelFamily::Sd1,
-                v_prediction: false,
-                zero_terminal_snr: false,
-            };
+            let job = job(config, &folders, Path::new("model"));
             (dataset_toml(&job), command_line(&job).unwrap().join(" "))
         };
         let (toml, steps) = files(&config);
@@ -1216,17 +1196,7 @@ mod tests {
             ..TrainConfig::default()
         };
         let line = |gpus| {
-            let job = KohyaJob {
-                model: Path::new("/models/sd15"),
-                data: &[],
-                folders: &[],
-                output_name: "style",
-                config: &c,
-                gpus,
-                family: ModelFamily::Sd1,
-                v_prediction: false,
-                zero_terminal_snr: false,
-            };
+            let job = KohyaJob { output_name: "style", gpus, ..job(&c, &[], Path::new("/models/sd15")) };
             (command_line(&job).unwrap().join(" "), gpu_note(&job))
         };
         let ours = |images: usize| scheduled_lr(c.lr_schedule, images / c.batch_size, c.warmup_steps, c.steps);
@@ -1258,17 +1228,7 @@ mod tests {
         let mut frozen = TrainConfig::for_family(ModelFamily::Sdxl);
         frozen.dataset.buckets = true;
         let files = |config: &TrainConfig| {
-            let job = KohyaJob {
-                model: Path::new("/models/sdxl"),
-                data: &[],
-                folders: &[],
-                output_name: "x",
-                config,
-                gpus: 1,
-                family: ModelFamily::Sdxl,
-                v_prediction: false,
-                zero_terminal_snr: false,
-            };
+            let job = KohyaJob { family: ModelFamily::Sdxl, ..job(config, &[], Path::new("/models/sdxl")) };
             (dataset_toml(&job), command_line(&job).unwrap().join(" ") + " ")
         };
         let (toml, line) = files(&frozen);
@@ -1289,17 +1249,7 @@ mod tests {
         );
         let mut odd = frozen.clone();
         odd.dataset.bucket_step = 48;
-        let job = KohyaJob {
-            model: Path::new("/models/sdxl"),
-            data: &[],
-            folders: &[],
-            output_name: "x",
-            config: &odd,
-            gpus: 1,
-            family: ModelFamily::Sdxl,
-            v_prediction: false,
-            zero_terminal_snr: false,
-        };
+        let job = KohyaJob { family: ModelFamily::Sdxl, ..job(&odd, &[], Path::new("/models/sdxl")) };
         let err = command_line(&job).unwrap_err().to_string();
         assert!(err.contains("multiples of 32"), "{err}");
         let trained = TrainConfig { train_text_encoder: true, ..frozen.clone() };
